@@ -1,0 +1,368 @@
+//! Spool directories (`tmp/` + `new/`): atomic publish, polling, reading and removal that hold up on
+//! NFS and SMB.
+//!
+//! Network file system facts this code is built around:
+//! - Only `rename` is atomic; a file is visible in `new/` only once fully written and synced.
+//! - NFS reports write errors at `close`, so close is checked.
+//! - A retransmitted RENAME/REMOVE can report ENOENT/EEXIST although the first try worked: removal
+//!   treats ENOENT as done; publish confirms with `stat`.
+//! - ESTALE means the file went away under a cached handle: treated as gone.
+//! - smbnetfs can report EBUSY for a moment when unlinking a file just read: retried.
+//! - Other clients' writes are invisible to inotify: readers poll.
+
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, IntoRawFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::format::BATCH_BYTES_MAX;
+
+/// How many times a transient error (EBUSY, EINTR, EAGAIN) is retried before it is reported.
+const TRANSIENT_RETRIES_MAX: u32 = 50;
+/// Pause between retries of a transient error.
+const TRANSIENT_RETRY_PAUSE: Duration = Duration::from_millis(10);
+
+/// What went wrong in a spool operation; every variant names the path.
+#[derive(Debug, Error)]
+pub enum SpoolError {
+    /// Creating, writing or syncing the temporary file failed.
+    #[error("writing {path}: {source}")]
+    Write { path: PathBuf, source: io::Error },
+    /// `close` reported an error (NFS reports deferred write errors here).
+    #[error("closing {path}: {source}")]
+    Close { path: PathBuf, source: io::Error },
+    /// The rename from `tmp/` into `new/` failed.
+    #[error("publishing {path}: {source}")]
+    Rename { path: PathBuf, source: io::Error },
+    /// Syncing a directory failed.
+    #[error("syncing directory {path}: {source}")]
+    SyncDirectory { path: PathBuf, source: io::Error },
+    /// Listing, reading, moving or removing failed.
+    #[error("{operation} {path}: {source}")]
+    Io { operation: &'static str, path: PathBuf, source: io::Error },
+    /// The file is not a regular file (directory, symlink, device...).
+    #[error("{path} is not a regular file")]
+    NotRegular { path: PathBuf },
+    /// The file is larger than any batch may be.
+    #[error("{path} is {bytes} bytes, over the batch limit")]
+    TooLarge { path: PathBuf, bytes: u64 },
+}
+
+impl SpoolError {
+    /// The underlying OS error number, if any.
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            SpoolError::Write { source, .. }
+            | SpoolError::Close { source, .. }
+            | SpoolError::Rename { source, .. }
+            | SpoolError::SyncDirectory { source, .. }
+            | SpoolError::Io { source, .. } => source.raw_os_error(),
+            SpoolError::NotRegular { .. } => Some(libc::EINVAL),
+            SpoolError::TooLarge { .. } => Some(libc::EFBIG),
+        }
+    }
+}
+
+impl From<SpoolError> for io::Error {
+    fn from(error: SpoolError) -> io::Error {
+        let kind = match error.raw_os_error() {
+            Some(code) => io::Error::from_raw_os_error(code).kind(),
+            None => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, error)
+    }
+}
+
+/// One spool: a directory with `tmp/` and `new/`.
+#[derive(Clone, Debug)]
+pub struct Spool {
+    dir: PathBuf,
+}
+
+/// Is this error "the file is gone" (possibly under a stale NFS handle)?
+pub fn is_gone(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::ENOENT) | Some(libc::ESTALE))
+}
+
+fn is_transient(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EBUSY) | Some(libc::EINTR) | Some(libc::EAGAIN))
+}
+
+/// Runs `operation`, retrying transient errors a bounded number of times.
+fn retry_transient<T>(mut operation: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    let mut attempt = 0;
+    loop {
+        match operation() {
+            Err(error) if is_transient(&error) && attempt < TRANSIENT_RETRIES_MAX => {
+                attempt += 1;
+                thread::sleep(TRANSIENT_RETRY_PAUSE);
+            }
+            result => return result,
+        }
+    }
+}
+
+/// fsyncs a directory so that a create, rename or unlink in it is durable.
+pub fn sync_directory(path: &Path) -> Result<(), SpoolError> {
+    let directory = File::open(path).map_err(|source| SpoolError::SyncDirectory { path: path.into(), source })?;
+    match directory.sync_all() {
+        // Some FUSE and SMB file systems do not implement fsync on directories; their renames are
+        // synchronous on the server, so there is nothing more to do.
+        Err(error) if matches!(error.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EBADF)) => Ok(()),
+        result => result.map_err(|source| SpoolError::SyncDirectory { path: path.into(), source }),
+    }
+}
+
+/// Writes `bytes` to a new file at `path` (which must not exist), fsyncs it and checks close.
+pub fn write_file_durably(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
+    let write_error = |source| SpoolError::Write { path: path.into(), source };
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(write_error)?;
+    file.write_all(bytes).map_err(write_error)?;
+    file.sync_all().map_err(write_error)?;
+    let fd = file.into_raw_fd();
+    // SAFETY: we own fd (into_raw_fd) and close it exactly once.
+    if unsafe { libc::close(fd) } != 0 {
+        return Err(SpoolError::Close { path: path.into(), source: io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
+impl Spool {
+    pub fn new(dir: PathBuf) -> Spool {
+        Spool { dir }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn new_dir(&self) -> PathBuf {
+        self.dir.join("new")
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.dir.join("tmp")
+    }
+
+    /// Creates `tmp/` and `new/` if missing.
+    pub fn create(&self) -> Result<(), SpoolError> {
+        for dir in [self.tmp_dir(), self.new_dir()] {
+            fs::create_dir_all(&dir).map_err(|source| SpoolError::Io { operation: "creating", path: dir, source })?;
+        }
+        Ok(())
+    }
+
+    /// Atomically publishes `bytes` as `new/<name>`: write under `tmp/`, fsync, check close, rename,
+    /// fsync `new/`. `name` must be unique to this writer (see the module docs).
+    pub fn publish(&self, name: &str, bytes: &[u8]) -> Result<PathBuf, SpoolError> {
+        assert!(is_plain_name(name), "publish name {name:?} must be a plain file name");
+        let tmp = self.tmp_dir().join(name);
+        let target = self.new_dir().join(name);
+        if let Err(error) = write_file_durably(&tmp, bytes) {
+            let missing = matches!(&error, SpoolError::Write { source, .. } if source.kind() == io::ErrorKind::NotFound);
+            if !missing {
+                let _ = fs::remove_file(&tmp);
+                return Err(error);
+            }
+            // First publish into this spool: create it and try once more.
+            self.create()?;
+            write_file_durably(&tmp, bytes).inspect_err(|_| {
+                let _ = fs::remove_file(&tmp);
+            })?;
+        }
+        if let Err(source) = retry_transient(|| fs::rename(&tmp, &target)) {
+            // A retransmitted RENAME can fail although the first one worked: trust what stat says.
+            let landed = fs::metadata(&target).map(|meta| meta.len() == bytes.len() as u64).unwrap_or(false);
+            if !landed {
+                let _ = fs::remove_file(&tmp);
+                return Err(SpoolError::Rename { path: target, source });
+            }
+        }
+        sync_directory(&self.new_dir())?;
+        Ok(target)
+    }
+
+    /// Names in `new/`, sorted, at most `limit` of them (the smallest names). Dot-files are skipped.
+    pub fn list(&self, limit: usize) -> Result<Vec<String>, SpoolError> {
+        list_names(&self.new_dir(), limit)
+    }
+
+    /// Reads `new/<name>`. `Ok(None)` if it is gone (taken by someone else, or a stale handle).
+    pub fn read(&self, name: &str) -> Result<Option<Vec<u8>>, SpoolError> {
+        read_regular_file(&self.new_dir().join(name))
+    }
+
+    /// Removes `new/<name>`; a file that is already gone counts as removed. Syncs `new/`.
+    pub fn remove(&self, name: &str) -> Result<(), SpoolError> {
+        self.remove_unsynced(name)?;
+        sync_directory(&self.new_dir())
+    }
+
+    /// Removes `new/<name>` without syncing the directory; call [`Spool::sync`] after a group.
+    pub fn remove_unsynced(&self, name: &str) -> Result<(), SpoolError> {
+        remove_file_idempotent(&self.new_dir().join(name))
+    }
+
+    /// fsyncs `new/`.
+    pub fn sync(&self) -> Result<(), SpoolError> {
+        sync_directory(&self.new_dir())
+    }
+
+    /// Removes files in `tmp/` older than `age` (left by writers that died mid-publish).
+    pub fn sweep_tmp(&self, age: Duration) -> Result<usize, SpoolError> {
+        sweep_older_than(&self.tmp_dir(), age)
+    }
+}
+
+/// Is `name` one path component that is not hidden, `.` or `..`?
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && !name.starts_with('.') && !name.contains('/') && !name.contains('\0')
+}
+
+/// Sorted non-dot names in `dir`, at most `limit`. A missing directory lists as empty.
+pub fn list_names(dir: &Path, limit: usize) -> Result<Vec<String>, SpoolError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if is_gone(&error) => return Ok(Vec::new()),
+        Err(source) => return Err(SpoolError::Io { operation: "listing", path: dir.into(), source }),
+    };
+    let mut names: Vec<String> = Vec::new();
+    for entry in entries {
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(error) if is_gone(&error) => continue,
+            Err(source) => return Err(SpoolError::Io { operation: "listing", path: dir.into(), source }),
+        };
+        // Names that are not UTF-8 cannot have been written by ftss; show them escaped so the
+        // server can quarantine them.
+        let name = os_name(entry.file_name());
+        if !name.starts_with('.') {
+            names.push(name);
+        }
+    }
+    names.sort_unstable();
+    names.truncate(limit);
+    Ok(names)
+}
+
+fn os_name(name: OsString) -> String {
+    name.into_string().unwrap_or_else(|raw| raw.to_string_lossy().into_owned())
+}
+
+/// Reads a regular file without following a final symlink. `Ok(None)` if it is gone.
+pub fn read_regular_file(path: &Path) -> Result<Option<Vec<u8>>, SpoolError> {
+    let io_error = |source| SpoolError::Io { operation: "reading", path: path.into(), source };
+    let opened = retry_transient(|| {
+        OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK).open(path)
+    });
+    let mut file = match opened {
+        Ok(file) => file,
+        Err(error) if is_gone(&error) => return Ok(None),
+        // O_NOFOLLOW on a symlink gives ELOOP.
+        Err(error) if error.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(SpoolError::NotRegular { path: path.into() });
+        }
+        Err(error) => return Err(io_error(error)),
+    };
+    let meta = match file.metadata() {
+        Ok(meta) => meta,
+        Err(error) if is_gone(&error) => return Ok(None),
+        Err(error) => return Err(io_error(error)),
+    };
+    if !meta.file_type().is_file() {
+        return Err(SpoolError::NotRegular { path: path.into() });
+    }
+    if meta.size() > BATCH_BYTES_MAX as u64 {
+        return Err(SpoolError::TooLarge { path: path.into(), bytes: meta.size() });
+    }
+    let _ = file.as_raw_fd();
+    let mut bytes = Vec::with_capacity(meta.size() as usize);
+    // Read at most one byte past the limit, so a file that grows under us is still bounded.
+    match (&mut file).take(BATCH_BYTES_MAX as u64 + 1).read_to_end(&mut bytes) {
+        Ok(_) => Ok(Some(bytes)),
+        Err(error) if is_gone(&error) => Ok(None),
+        Err(error) => Err(io_error(error)),
+    }
+}
+
+/// Removes a file; ENOENT/ESTALE count as done, EBUSY is retried.
+pub fn remove_file_idempotent(path: &Path) -> Result<(), SpoolError> {
+    match retry_transient(|| fs::remove_file(path)) {
+        Ok(()) => Ok(()),
+        Err(error) if is_gone(&error) => Ok(()),
+        Err(source) => Err(SpoolError::Io { operation: "removing", path: path.into(), source }),
+    }
+}
+
+/// Removes regular files in `dir` whose mtime is older than `age`; returns how many.
+pub fn sweep_older_than(dir: &Path, age: Duration) -> Result<usize, SpoolError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if is_gone(&error) => return Ok(0),
+        Err(source) => return Err(SpoolError::Io { operation: "listing", path: dir.into(), source }),
+    };
+    let now = std::time::SystemTime::now();
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let Ok(meta) = entry.path().symlink_metadata() else { continue };
+        let old = meta.modified().ok().and_then(|mtime| now.duration_since(mtime).ok()).is_some_and(|elapsed| elapsed > age);
+        if old && !meta.is_dir() && remove_file_idempotent(&entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("fsbridge-{tag}-{}-{}", std::process::id(), crate::random_u64()));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn publish_list_read_remove() {
+        let root = temp_dir("spool");
+        let spool = Spool::new(root.join("s"));
+        spool.publish("0002.pkt", b"two").unwrap();
+        spool.publish("0001.pkt", b"one").unwrap();
+        fs::write(spool.new_dir().join(".nfs0001"), b"silly").unwrap();
+        assert_eq!(spool.list(10).unwrap(), vec!["0001.pkt", "0002.pkt"]);
+        assert_eq!(spool.list(1).unwrap(), vec!["0001.pkt"]);
+        assert_eq!(spool.read("0001.pkt").unwrap().unwrap(), b"one");
+        assert!(fs::read_dir(spool.tmp_dir()).unwrap().next().is_none(), "tmp/ left behind");
+        spool.remove("0001.pkt").unwrap();
+        spool.remove("0001.pkt").unwrap(); // idempotent, like a retransmitted REMOVE
+        assert_eq!(spool.read("0001.pkt").unwrap(), None);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn publish_never_overwrites_and_rejects_symlinks_and_directories() {
+        let root = temp_dir("spool-odd");
+        let spool = Spool::new(root.join("s"));
+        spool.create().unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", spool.new_dir().join("link")).unwrap();
+        assert!(matches!(spool.read("link"), Err(SpoolError::NotRegular { .. })));
+        fs::create_dir(spool.new_dir().join("dir")).unwrap();
+        assert!(matches!(spool.read("dir"), Err(SpoolError::NotRegular { .. })));
+        fs::write(spool.tmp_dir().join("taken"), b"x").unwrap();
+        assert!(spool.publish("taken", b"y").is_err(), "an existing tmp name must not be reused");
+        fs::remove_dir_all(root).unwrap();
+    }
+}
