@@ -40,10 +40,14 @@ pub const BATCH_RECORDS_MAX: usize = 1 << 20;
 /// Longest ack reason kept; longer reasons are cut.
 pub const REASON_BYTES_MAX: usize = 512;
 
-const TAG_PACKET: u8 = 1;
-const TAG_ACK: u8 = 2;
-const TAG_RECEIPT: u8 = 3;
-const TAG_END: u8 = 0xEE;
+/// Record tag of a packet.
+pub const TAG_PACKET: u8 = 1;
+/// Record tag of an ack.
+pub const TAG_ACK: u8 = 2;
+/// Record tag of a receipt (the server's queue log uses it for "done").
+pub const TAG_RECEIPT: u8 = 3;
+/// Record tag of the end record.
+pub const TAG_END: u8 = 0xEE;
 /// tag + body_len + crc.
 pub const RECORD_OVERHEAD_BYTES: usize = 1 + 4 + 4;
 
@@ -238,7 +242,8 @@ impl BatchEncoder {
     }
 }
 
-fn tag_kind(tag: u8) -> Option<BatchKind> {
+/// The batch kind a record tag belongs to.
+pub fn tag_kind(tag: u8) -> Option<BatchKind> {
     match tag {
         TAG_PACKET => Some(BatchKind::Packets),
         TAG_ACK => Some(BatchKind::Acks),
@@ -330,12 +335,14 @@ fn read_packet(reader: &mut Reader) -> Result<Packet, DecodeError> {
     Ok(Packet { id, source, destination, sent_unix_us, payload })
 }
 
-fn decode_body(tag: u8, body: &[u8], base: usize) -> Result<Record, DecodeError> {
+/// Decodes one record body by its tag (`base` is its offset in the file, for errors).
+pub fn decode_body(tag: u8, body: &[u8], base: usize) -> Result<Record, DecodeError> {
     let mut reader = Reader { bytes: body, offset: 0 };
     let record = match tag {
         TAG_PACKET => read_packet(&mut reader).map(Record::Packet),
         TAG_ACK => read_ack(&mut reader).map(Record::Ack),
-        _ => reader.id().map(Record::Receipt),
+        TAG_RECEIPT => reader.id().map(Record::Receipt),
+        _ => Err(DecodeError::InvalidField { offset: 0, field: "record tag" }),
     }
     .map_err(|error| shift(error, base))?;
     reader.finish().map_err(|error| shift(error, base))?;
