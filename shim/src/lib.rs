@@ -1,1 +1,82 @@
+//! libftss_shim.so: preload it into an unmodified UDP application and its datagrams to fabric
+//! addresses (`FTSS_ROUTES`) travel through the FTSS volume with guaranteed delivery; datagrams for
+//! this node arrive from the volume. All other traffic passes through untouched, and with
+//! `FTSS_VOLUME` unset the shim does nothing at all.
+//!
+//! Layers, as in Samba's socket_wrapper: `real` (the libc functions, resolved once), `socket` (the
+//! logic, starting every call with "is this fd ours?") and `hooks` (the exported symbols, one line
+//! each).
+//!
+//! A fabric socket is a real kernel object: the app's fd becomes one end of an AF_UNIX datagram
+//! socketpair, and the shim's receive thread writes each arriving datagram (with a small header
+//! carrying the fabric source address) into the other end. So poll, select, epoll, O_NONBLOCK and
+//! SO_RCVTIMEO all work natively on the app's fd, without hooking every wait call.
 
+pub mod config;
+mod hooks;
+pub mod outbox;
+mod pump;
+mod real;
+mod socket;
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Mutex, OnceLock};
+
+use config::Config;
+
+/// The shim's process-wide state; `None` inside means pass-through (FTSS_VOLUME unset or invalid).
+static SHIM: OnceLock<Option<socket::Shim>> = OnceLock::new();
+static LOG: Mutex<Option<File>> = Mutex::new(None);
+
+/// Writes one line to FTSS_LOG (never to the app's stdout/stderr).
+pub(crate) fn log_line(message: std::fmt::Arguments) {
+    let mut log = LOG.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(file) = log.as_mut() {
+        let _ = writeln!(file, "ftss-shim[{}] {message}", std::process::id());
+    }
+}
+
+macro_rules! log {
+    ($($arg:tt)*) => { $crate::log_line(format_args!($($arg)*)) };
+}
+pub(crate) use log;
+
+/// The shim, once initialized; `None` while initializing, when disabled, or before the constructor.
+pub(crate) fn shim() -> Option<&'static socket::Shim> {
+    SHIM.get().and_then(Option::as_ref)
+}
+
+fn open_log(config: &Config) {
+    if let Some(path) = &config.log {
+        if let Ok(file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            *LOG.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(file);
+        }
+    }
+}
+
+#[ctor::ctor(unsafe)]
+fn init() {
+    let shim = match Config::from_env() {
+        Ok(None) => None,
+        Ok(Some(config)) => {
+            open_log(&config);
+            match socket::Shim::start(config) {
+                Ok(shim) => Some(shim),
+                Err(error) => {
+                    log!("disabled, passing everything through: {error}");
+                    None
+                }
+            }
+        }
+        Err(error) => {
+            if let Ok(path) = std::env::var("FTSS_LOG") {
+                if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+                    let _ = writeln!(file, "ftss-shim[{}] disabled, passing everything through: {error}", std::process::id());
+                }
+            }
+            None
+        }
+    };
+    let _ = SHIM.set(shim);
+}

@@ -1,0 +1,119 @@
+//! The shim's settings, read once from the environment.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fsbridge::NodeName;
+
+/// When a send returns to the app.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckMode {
+    /// After the datagram is in the process's bounded in-memory ring; a flusher publishes it soon.
+    Async,
+    /// After the datagram's batch is fsync'd and published on the volume.
+    Volume,
+    /// After ftss-server's "stored" ack for the datagram is read from the volume.
+    Guaranteed,
+}
+
+/// An IPv4 network in CIDR notation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub network: u32,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let (addr, prefix) = text.trim().split_once('/').unwrap_or((text.trim(), "32"));
+        let addr: Ipv4Addr = addr.parse().map_err(|_| format!("bad address in CIDR {text:?}"))?;
+        let prefix: u8 = prefix.parse().ok().filter(|prefix| *prefix <= 32).ok_or(format!("bad prefix in CIDR {text:?}"))?;
+        Ok(Cidr { network: u32::from(addr) & mask(prefix), prefix })
+    }
+
+    pub fn contains(&self, addr: Ipv4Addr) -> bool {
+        u32::from(addr) & mask(self.prefix) == self.network
+    }
+}
+
+fn mask(prefix: u8) -> u32 {
+    if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) }
+}
+
+/// Everything the environment says.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub volume: PathBuf,
+    pub node: NodeName,
+    pub addr: Ipv4Addr,
+    pub routes: Vec<Cidr>,
+    pub ack: AckMode,
+    pub log: Option<PathBuf>,
+    /// How often the inbox is polled.
+    pub poll: Duration,
+    /// How long a send may wait for durability or an ack before it fails with ETIMEDOUT.
+    pub timeout: Duration,
+}
+
+/// Default `FTSS_ROUTES`.
+pub const DEFAULT_ROUTES: &str = "10.77.0.0/16";
+
+impl Config {
+    /// `Ok(None)` when `FTSS_VOLUME` is unset: the shim then passes everything through.
+    pub fn from_env() -> Result<Option<Config>, String> {
+        let var = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+        let Some(volume) = var("FTSS_VOLUME") else { return Ok(None) };
+        let node = var("FTSS_NODE").ok_or("FTSS_NODE is not set")?;
+        let node = NodeName::new(&node).map_err(|error| error.to_string())?;
+        let addr = var("FTSS_ADDR").ok_or("FTSS_ADDR is not set")?;
+        let addr: Ipv4Addr = addr.parse().map_err(|_| format!("FTSS_ADDR {addr:?} is not an IPv4 address"))?;
+        let routes = var("FTSS_ROUTES").unwrap_or_else(|| DEFAULT_ROUTES.to_owned());
+        let routes = routes.split(',').filter(|part| !part.trim().is_empty()).map(Cidr::parse).collect::<Result<Vec<_>, _>>()?;
+        let ack = match var("FTSS_ACK").as_deref() {
+            None | Some("volume") => AckMode::Volume,
+            Some("async") => AckMode::Async,
+            Some("guaranteed") => AckMode::Guaranteed,
+            Some(other) => return Err(format!("FTSS_ACK {other:?} is not one of async, volume, guaranteed")),
+        };
+        let poll = millis_var("FTSS_POLL_MS", 10)?;
+        let timeout = millis_var("FTSS_TIMEOUT_MS", 30_000)?;
+        let timeout = match var("FTSS_TIMEOUT") {
+            Some(seconds) => Duration::from_secs_f64(
+                seconds.parse::<f64>().ok().filter(|value| *value > 0.0).ok_or(format!("FTSS_TIMEOUT {seconds:?} is not seconds"))?,
+            ),
+            None => timeout,
+        };
+        Ok(Some(Config { volume: volume.into(), node, addr, routes, ack, log: var("FTSS_LOG").map(PathBuf::from), poll, timeout }))
+    }
+
+    /// Is `addr` carried by ftss?
+    pub fn is_fabric(&self, addr: Ipv4Addr) -> bool {
+        self.routes.iter().any(|route| route.contains(addr))
+    }
+}
+
+fn millis_var(name: &str, default: u64) -> Result<Duration, String> {
+    match std::env::var(name) {
+        Ok(text) if !text.is_empty() => {
+            text.parse().map(Duration::from_millis).map_err(|_| format!("{name} {text:?} is not a number of milliseconds"))
+        }
+        _ => Ok(Duration::from_millis(default)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_matching() {
+        let route = Cidr::parse("10.77.0.0/16").unwrap();
+        assert!(route.contains("10.77.3.4".parse().unwrap()));
+        assert!(!route.contains("10.78.0.1".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("1.2.3.4".parse().unwrap()));
+        assert!(Cidr::parse("10.1.2.3").unwrap().contains("10.1.2.3".parse().unwrap()));
+        assert!(Cidr::parse("10.0.0.0/33").is_err());
+        assert!(Cidr::parse("nope/8").is_err());
+    }
+}

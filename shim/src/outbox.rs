@@ -1,0 +1,242 @@
+//! The process's outbox writer: group commit of datagrams into batch files on the volume.
+//!
+//! Senders push packets into a bounded ring (`ringbuf`) and get a sequence number; one flusher thread
+//! takes everything in the ring, writes it as one batch file with one fsync, and then wakes every
+//! sender whose sequence number is now published. Concurrent senders therefore share one batch and
+//! one sync; a sender in `volume` mode returns only once its batch is published, in `async` mode as
+//! soon as the ring took it.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use fsbridge::format::{BatchEncoder, BATCH_BYTES_MAX, RECORD_OVERHEAD_BYTES};
+use fsbridge::layout::batch_file_name;
+use fsbridge::{BatchHeader, BatchKind, NodeName, Packet, Record, Spool};
+use ringbuf::traits::{Consumer, Observer, Producer, Split};
+use ringbuf::{HeapCons, HeapProd, HeapRb};
+
+use crate::log;
+
+/// Most packets waiting in the ring.
+pub const RING_PACKETS_MAX: usize = 8192;
+/// Most payload bytes waiting in the ring (the memory bound of the send path).
+pub const RING_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Most bytes in one batch file; a larger backlog is split.
+const BATCH_FILE_BYTES_MAX: usize = BATCH_BYTES_MAX / 4;
+/// Failed batches remembered so that their senders can be told; older ones have no waiter left.
+const FAILURES_MAX: usize = 64;
+/// Pause before the flusher retries a batch whose publish failed.
+const PUBLISH_RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// Publish attempts for one batch before its senders are failed with EIO.
+const PUBLISH_ATTEMPTS_MAX: u32 = 5;
+
+/// Why a send failed; each maps to the errno the app sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendError {
+    /// The ring is full and the socket is non-blocking.
+    WouldBlock,
+    /// Durability (or the ack) did not come within FTSS_TIMEOUT.
+    TimedOut,
+    /// The batch could not be published on the volume (errno of the cause).
+    Io(i32),
+}
+
+impl SendError {
+    pub fn errno(self) -> i32 {
+        match self {
+            SendError::WouldBlock => libc::EAGAIN,
+            SendError::TimedOut => libc::ETIMEDOUT,
+            SendError::Io(errno) => errno,
+        }
+    }
+}
+
+struct State {
+    producer: HeapProd<Packet>,
+    next_seq: u64,
+    /// Every seq ≤ this has been handled by the flusher (published or failed).
+    published_seq: u64,
+    queued_bytes: usize,
+    failures: VecDeque<(u64, u64, i32)>,
+    /// Seqs the server has acked as stored (only tracked while someone waits in guaranteed mode).
+    acked: BTreeSet<u64>,
+}
+
+/// The shared outbox of one process.
+pub struct Outbox {
+    state: Mutex<State>,
+    consumer: Mutex<HeapCons<Packet>>,
+    /// Signalled when the ring gains packets.
+    work: Condvar,
+    /// Signalled when a batch is published or fails, or an ack arrives.
+    progress: Condvar,
+    spool: Spool,
+    node: NodeName,
+    epoch: u64,
+}
+
+impl Outbox {
+    pub fn new(spool: Spool, node: NodeName, epoch: u64) -> Outbox {
+        let (producer, consumer) = HeapRb::<Packet>::new(RING_PACKETS_MAX).split();
+        Outbox {
+            state: Mutex::new(State {
+                producer,
+                next_seq: 1,
+                published_seq: 0,
+                queued_bytes: 0,
+                failures: VecDeque::new(),
+                acked: BTreeSet::new(),
+            }),
+            consumer: Mutex::new(consumer),
+            work: Condvar::new(),
+            progress: Condvar::new(),
+            spool,
+            node,
+            epoch,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues a packet built by `build(seq)`; returns its seq once it is in the ring.
+    pub fn enqueue(&self, payload_len: usize, nonblocking: bool, deadline: Instant, build: impl FnOnce(u64) -> Packet) -> Result<u64, SendError> {
+        let mut state = self.lock();
+        loop {
+            let fits = state.producer.vacant_len() > 0 && state.queued_bytes + payload_len <= RING_BYTES_MAX;
+            if fits {
+                break;
+            }
+            if nonblocking {
+                return Err(SendError::WouldBlock);
+            }
+            state = self.wait(state, deadline)?;
+        }
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        state.queued_bytes += payload_len;
+        let pushed = state.producer.try_push(build(seq));
+        assert!(pushed.is_ok(), "ring had room under the lock");
+        drop(state);
+        self.work.notify_one();
+        Ok(seq)
+    }
+
+    fn wait<'a>(&self, state: MutexGuard<'a, State>, deadline: Instant) -> Result<MutexGuard<'a, State>, SendError> {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(SendError::TimedOut);
+        }
+        let (state, _) = self.progress.wait_timeout(state, deadline - now).unwrap_or_else(|poisoned| poisoned.into_inner());
+        Ok(state)
+    }
+
+    /// Waits until `seq` is published (or its batch failed).
+    pub fn wait_published(&self, seq: u64, deadline: Instant) -> Result<(), SendError> {
+        let mut state = self.lock();
+        while state.published_seq < seq {
+            state = self.wait(state, deadline)?;
+        }
+        match state.failures.iter().find(|(first, last, _)| (*first..=*last).contains(&seq)) {
+            Some((_, _, errno)) => Err(SendError::Io(*errno)),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until the server's "stored" ack for `seq` has been seen.
+    pub fn wait_acked(&self, seq: u64, deadline: Instant) -> Result<(), SendError> {
+        let mut state = self.lock();
+        while !state.acked.remove(&seq) {
+            state = self.wait(state, deadline)?;
+        }
+        Ok(())
+    }
+
+    /// Records acks read from the volume (seqs of this process's epoch).
+    pub fn record_acks(&self, seqs: impl IntoIterator<Item = u64>) {
+        let mut state = self.lock();
+        let published = state.published_seq;
+        // Only seqs somebody may still wait for; bounded by what this process published.
+        state.acked.extend(seqs.into_iter().filter(|seq| *seq <= published));
+        drop(state);
+        self.progress.notify_all();
+    }
+
+    /// Is anything queued or being published? (The flusher's exit and the tests use it.)
+    pub fn idle(&self) -> bool {
+        let state = self.lock();
+        state.published_seq + 1 == state.next_seq
+    }
+
+    /// The flusher thread's body: publish batches forever.
+    pub fn run_flusher(&self) {
+        let mut batch_seq = 0u64;
+        loop {
+            let packets = self.take_batch();
+            batch_seq += 1;
+            let first = packets[0].id.seq;
+            let last = packets[packets.len() - 1].id.seq;
+            let bytes: usize = packets.iter().map(|packet| packet.payload.len()).sum();
+            let outcome = self.publish(batch_seq, &packets);
+            let mut state = self.lock();
+            if let Err(errno) = outcome {
+                state.failures.push_back((first, last, errno));
+                if state.failures.len() > FAILURES_MAX {
+                    state.failures.pop_front();
+                }
+            }
+            state.published_seq = last;
+            state.queued_bytes -= bytes;
+            drop(state);
+            self.progress.notify_all();
+        }
+    }
+
+    /// Blocks until the ring has packets; takes as many as fit one batch file.
+    fn take_batch(&self) -> Vec<Packet> {
+        let mut consumer = self.consumer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut state = self.lock();
+        while consumer.is_empty() {
+            state = self.work.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        drop(state);
+        let mut packets = Vec::new();
+        let mut bytes = 0;
+        while let Some(packet) = consumer.try_peek() {
+            let size = packet.payload.len() + RECORD_OVERHEAD_BYTES + 128;
+            if !packets.is_empty() && bytes + size > BATCH_FILE_BYTES_MAX {
+                break;
+            }
+            bytes += size;
+            packets.push(consumer.try_pop().expect("peeked"));
+        }
+        packets
+    }
+
+    fn publish(&self, batch_seq: u64, packets: &[Packet]) -> Result<(), i32> {
+        let header = BatchHeader { kind: BatchKind::Packets, node: self.node.clone(), epoch: self.epoch, batch_seq };
+        let mut encoder = BatchEncoder::new(&header);
+        for packet in packets {
+            encoder.push(&Record::Packet(packet.clone()));
+        }
+        let bytes = encoder.finish();
+        let name = batch_file_name(self.epoch, batch_seq, "pkt");
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.spool.publish(&name, &bytes) {
+                Ok(_) => return Ok(()),
+                Err(error) if attempt < PUBLISH_ATTEMPTS_MAX => {
+                    log!("publish of {name} failed (attempt {attempt}): {error}; retrying");
+                    std::thread::sleep(PUBLISH_RETRY_PAUSE);
+                }
+                Err(error) => {
+                    log!("publish of {name} failed, {} datagrams not sent: {error}", packets.len());
+                    return Err(error.raw_os_error().unwrap_or(libc::EIO));
+                }
+            }
+        }
+    }
+}
