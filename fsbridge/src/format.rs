@@ -265,11 +265,7 @@ pub fn write_record(out: &mut Vec<u8>, tag: u8, body: impl FnOnce(&mut Vec<u8>))
 }
 
 /// Reads one framed record at `offset`. Returns (tag, body, offset after the record).
-pub fn read_record(
-    bytes: &[u8],
-    offset: usize,
-    body_bytes_max: usize,
-) -> Result<(u8, &[u8], usize), DecodeError> {
+pub fn read_record(bytes: &[u8], offset: usize, body_bytes_max: usize) -> Result<(u8, &[u8], usize), DecodeError> {
     let mut reader = Reader { bytes, offset };
     let tag = reader.u8()?;
     let body_len = reader.u32()? as usize;

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::spool::{self, Spool, SpoolError};
 use crate::NodeName;
+use crate::spool::{self, Spool, SpoolError};
 
 /// What a node registers about itself in `nodes/<node>/node.toml`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,9 +132,14 @@ impl Volume {
     /// Returns the new path. The file is never deleted.
     pub fn quarantine(&self, path: &Path, origin: &str, reason: &str) -> Result<PathBuf, SpoolError> {
         let dir = self.quarantine_dir();
-        fs::create_dir_all(&dir).map_err(|source| SpoolError::Io { operation: "creating", path: dir.clone(), source })?;
+        fs::create_dir_all(&dir).map_err(|source| SpoolError::Io {
+            operation: "creating",
+            path: dir.clone(),
+            source,
+        })?;
         let base = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
-        let safe: String = base.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+        let safe: String =
+            base.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
         let name = format!("{}-{}-{}", crate::unix_now_us(), origin, safe.trim_start_matches('.'));
         let target = dir.join(&name);
         fs::rename(path, &target).map_err(|source| SpoolError::Rename { path: target.clone(), source })?;

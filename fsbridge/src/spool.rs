@@ -114,7 +114,9 @@ pub fn sync_directory(path: &Path) -> Result<(), SpoolError> {
     match directory.sync_all() {
         // Some FUSE and SMB file systems do not implement fsync on directories; their renames are
         // synchronous on the server, so there is nothing more to do.
-        Err(error) if matches!(error.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EBADF)) => Ok(()),
+        Err(error) if matches!(error.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EBADF)) => {
+            Ok(())
+        }
         result => result.map_err(|source| SpoolError::SyncDirectory { path: path.into(), source }),
     }
 }
@@ -171,7 +173,8 @@ impl Spool {
         let tmp = self.tmp_dir().join(name);
         let target = self.new_dir().join(name);
         if let Err(error) = write_file_durably(&tmp, bytes) {
-            let missing = matches!(&error, SpoolError::Write { source, .. } if source.kind() == io::ErrorKind::NotFound);
+            let missing =
+                matches!(&error, SpoolError::Write { source, .. } if source.kind() == io::ErrorKind::NotFound);
             if !missing {
                 let _ = fs::remove_file(&tmp);
                 return Err(error);
@@ -317,7 +320,8 @@ pub fn sweep_older_than(dir: &Path, age: Duration) -> Result<usize, SpoolError> 
     let mut removed = 0;
     for entry in entries.flatten() {
         let Ok(meta) = entry.path().symlink_metadata() else { continue };
-        let old = meta.modified().ok().and_then(|mtime| now.duration_since(mtime).ok()).is_some_and(|elapsed| elapsed > age);
+        let old =
+            meta.modified().ok().and_then(|mtime| now.duration_since(mtime).ok()).is_some_and(|elapsed| elapsed > age);
         if old && !meta.is_dir() && remove_file_idempotent(&entry.path()).is_ok() {
             removed += 1;
         }

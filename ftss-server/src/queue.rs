@@ -198,7 +198,8 @@ impl Queue {
         let header = segment_header(segment);
         for mirror in &mut self.mirrors {
             let path = mirror.dir.join(segment_name(segment));
-            let mut file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_error("opening", &path))?;
+            let mut file =
+                OpenOptions::new().create(true).append(true).open(&path).map_err(io_error("opening", &path))?;
             if size == 0 {
                 file.write_all(&header).map_err(io_error("writing", &path))?;
                 file.sync_data().map_err(io_error("syncing", &path))?;
@@ -286,7 +287,9 @@ impl Queue {
                 self.readers.remove(&(index, segment));
                 let path = mirror.dir.join(segment_name(segment));
                 match fs::remove_file(&path) {
-                    Err(error) if error.kind() != io::ErrorKind::NotFound => return Err(io_error("removing", &path)(error)),
+                    Err(error) if error.kind() != io::ErrorKind::NotFound => {
+                        return Err(io_error("removing", &path)(error));
+                    }
                     _ => {}
                 }
                 sync_dir(&mirror.dir)?;

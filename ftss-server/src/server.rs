@@ -31,8 +31,8 @@ const DELIVER_PACKETS_PER_CYCLE_MAX: usize = 65_536;
 const RECEIPT_FILES_PER_NODE_MAX: usize = 1024;
 /// How often the node registry (`node.toml` files) is re-read.
 const REGISTRY_REFRESH: Duration = Duration::from_secs(1);
-/// How often status.json is rewritten.
-const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// How often status.json is rewritten (`ftss-server status` reads it; NFS/SMB make it cheap enough).
+const STATUS_INTERVAL: Duration = Duration::from_millis(250);
 /// Ack files older than this are removed: acks are for processes waiting now, not a history.
 const ACK_FILE_AGE_MAX: Duration = Duration::from_secs(300);
 /// Files in `tmp/` older than this were left by a writer that died mid-publish.
@@ -203,7 +203,11 @@ impl Server {
         }
         let (nodes, invalid) = self.volume.list_nodes()?;
         for name in invalid {
-            self.quarantine_path(self.volume.nodes_dir().join(&name), "volume", "node directory name is not a valid node name");
+            self.quarantine_path(
+                self.volume.nodes_dir().join(&name),
+                "volume",
+                "node directory name is not a valid node name",
+            );
         }
         self.addr_to_node.clear();
         self.node_to_addr.clear();
@@ -228,7 +232,9 @@ impl Server {
                 self.counters.quarantined += 1;
                 eprintln!("ftss-server: quarantined {} as {}: {reason}", path.display(), target.display());
             }
-            Err(error) => eprintln!("ftss-server: cannot quarantine {}: {error} (reason was: {reason})", path.display()),
+            Err(error) => {
+                eprintln!("ftss-server: cannot quarantine {}: {error} (reason was: {reason})", path.display())
+            }
         }
     }
 
@@ -292,7 +298,11 @@ impl Server {
         for (node, batches) in by_node {
             let mut encoder = self.encoder(BatchKind::Acks);
             for packet in batches.iter().flat_map(|batch| &batch.packets) {
-                encoder.push(&Record::Ack(Ack { id: packet.id.clone(), state: AckState::Stored, reason: String::new() }));
+                encoder.push(&Record::Ack(Ack {
+                    id: packet.id.clone(),
+                    state: AckState::Stored,
+                    reason: String::new(),
+                }));
             }
             let count = encoder.record_count() as u64;
             let name = batch_file_name(self.epoch, self.batch_seq, "ack");

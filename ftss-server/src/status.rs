@@ -15,7 +15,9 @@ pub fn show(volume_dir: &Path, as_json: bool) -> Result<(), String> {
         return Err(format!("{} is not an FTSS volume (no nodes/ directory)", volume_dir.display()));
     }
     let mut status = match std::fs::read(volume.status_path()) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|error| format!("{}: {error}", volume.status_path().display()))?,
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).map_err(|error| format!("{}: {error}", volume.status_path().display()))?
+        }
         Err(_) => json!({ "running": false, "counters": {}, "queue": {}, "nodes": {} }),
     };
     let updated = status["updated_unix_ms"].as_u64().unwrap_or(0);
@@ -42,21 +44,28 @@ pub fn show(volume_dir: &Path, as_json: bool) -> Result<(), String> {
     Ok(())
 }
 
+fn number(value: &Value) -> String {
+    value.as_u64().map_or_else(|| "-".to_owned(), |number| number.to_string())
+}
+
 fn print_table(status: &Value) {
     let running = if status["running"].as_bool().unwrap_or(false) { "running" } else { "not running" };
-    println!("ftss-server: {running} (pid {})", status["pid"]);
+    println!("ftss-server: {running} (pid {})", number(&status["pid"]));
     println!("counters:");
     if let Some(counters) = status["counters"].as_object() {
         for (name, value) in counters {
-            println!("  {name:<14} {value}");
+            println!("  {name:<14} {}", number(value));
         }
     }
     let queue = &status["queue"];
     println!(
         "queue: {} packets ({} for unknown destinations), {} segments, {} bytes",
-        queue["packets"], queue["held_unknown_destination"], queue["segments"], queue["bytes"]
+        number(&queue["packets"]),
+        number(&queue["held_unknown_destination"]),
+        number(&queue["segments"]),
+        number(&queue["bytes"])
     );
-    println!("quarantine: {} files", status["quarantine_files"]);
+    println!("quarantine: {} files", number(&status["quarantine_files"]));
     println!("{:<20} {:<16} {:>10} {:>12}", "NODE", "ADDR", "QUEUED", "OUTBOX FILES");
     if let Some(nodes) = status["nodes"].as_object() {
         for (name, node) in nodes {
@@ -64,8 +73,8 @@ fn print_table(status: &Value) {
                 "{:<20} {:<16} {:>10} {:>12}",
                 name,
                 node["addr"].as_str().unwrap_or("-"),
-                node["queued"],
-                node["outbox_files"]
+                number(&node["queued"]),
+                number(&node["outbox_files"])
             );
         }
     }

@@ -28,7 +28,8 @@ impl Cidr {
     pub fn parse(text: &str) -> Result<Cidr, String> {
         let (addr, prefix) = text.trim().split_once('/').unwrap_or((text.trim(), "32"));
         let addr: Ipv4Addr = addr.parse().map_err(|_| format!("bad address in CIDR {text:?}"))?;
-        let prefix: u8 = prefix.parse().ok().filter(|prefix| *prefix <= 32).ok_or(format!("bad prefix in CIDR {text:?}"))?;
+        let prefix: u8 =
+            prefix.parse().ok().filter(|prefix| *prefix <= 32).ok_or(format!("bad prefix in CIDR {text:?}"))?;
         Ok(Cidr { network: u32::from(addr) & mask(prefix), prefix })
     }
 
@@ -69,7 +70,8 @@ impl Config {
         let addr = var("FTSS_ADDR").ok_or("FTSS_ADDR is not set")?;
         let addr: Ipv4Addr = addr.parse().map_err(|_| format!("FTSS_ADDR {addr:?} is not an IPv4 address"))?;
         let routes = var("FTSS_ROUTES").unwrap_or_else(|| DEFAULT_ROUTES.to_owned());
-        let routes = routes.split(',').filter(|part| !part.trim().is_empty()).map(Cidr::parse).collect::<Result<Vec<_>, _>>()?;
+        let routes =
+            routes.split(',').filter(|part| !part.trim().is_empty()).map(Cidr::parse).collect::<Result<Vec<_>, _>>()?;
         let ack = match var("FTSS_ACK").as_deref() {
             None | Some("volume") => AckMode::Volume,
             Some("async") => AckMode::Async,
@@ -80,11 +82,24 @@ impl Config {
         let timeout = millis_var("FTSS_TIMEOUT_MS", 30_000)?;
         let timeout = match var("FTSS_TIMEOUT") {
             Some(seconds) => Duration::from_secs_f64(
-                seconds.parse::<f64>().ok().filter(|value| *value > 0.0).ok_or(format!("FTSS_TIMEOUT {seconds:?} is not seconds"))?,
+                seconds
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|value| *value > 0.0)
+                    .ok_or(format!("FTSS_TIMEOUT {seconds:?} is not seconds"))?,
             ),
             None => timeout,
         };
-        Ok(Some(Config { volume: volume.into(), node, addr, routes, ack, log: var("FTSS_LOG").map(PathBuf::from), poll, timeout }))
+        Ok(Some(Config {
+            volume: volume.into(),
+            node,
+            addr,
+            routes,
+            ack,
+            log: var("FTSS_LOG").map(PathBuf::from),
+            poll,
+            timeout,
+        }))
     }
 
     /// Is `addr` carried by ftss?
@@ -95,9 +110,10 @@ impl Config {
 
 fn millis_var(name: &str, default: u64) -> Result<Duration, String> {
     match std::env::var(name) {
-        Ok(text) if !text.is_empty() => {
-            text.parse().map(Duration::from_millis).map_err(|_| format!("{name} {text:?} is not a number of milliseconds"))
-        }
+        Ok(text) if !text.is_empty() => text
+            .parse()
+            .map(Duration::from_millis)
+            .map_err(|_| format!("{name} {text:?} is not a number of milliseconds")),
         _ => Ok(Duration::from_millis(default)),
     }
 }

@@ -37,12 +37,23 @@ unsafe fn bytes<'a>(pointer: *const c_void, len: size_t) -> &'a [u8] {
 ///
 /// # Safety
 /// Arguments as for sendto(2).
-unsafe fn send_to(fd: c_int, buf: *const c_void, len: size_t, flags: c_int, addr: *const sockaddr, addr_len: socklen_t) -> ssize_t {
+unsafe fn send_to(
+    fd: c_int,
+    buf: *const c_void,
+    len: size_t,
+    flags: c_int,
+    addr: *const sockaddr,
+    addr_len: socklen_t,
+) -> ssize_t {
     match unsafe { logic::destination(addr, addr_len) } {
         Ok(dest) => logic::send(fd, unsafe { bytes(buf, len) }, flags, dest, (addr, addr_len)),
         // Not IPv4: never fabric traffic; the kernel (or the side socket) answers.
         Err(_) => {
-            let target = if is_fabric(fd) { crate::shim().and_then(|shim| shim.sock(fd)).map_or(fd, |sock| sock.side) } else { fd };
+            let target = if is_fabric(fd) {
+                crate::shim().and_then(|shim| shim.sock(fd)).map_or(fd, |sock| sock.side)
+            } else {
+                fd
+            };
             unsafe { (real().sendto)(target, buf, len, flags, addr, addr_len) }
         }
     }
@@ -52,7 +63,14 @@ unsafe fn send_to(fd: c_int, buf: *const c_void, len: size_t, flags: c_int, addr
 ///
 /// # Safety
 /// Arguments as for recvfrom(2).
-unsafe fn receive_into(fd: c_int, buf: *mut c_void, len: size_t, flags: c_int, addr: *mut sockaddr, addr_len: *mut socklen_t) -> ssize_t {
+unsafe fn receive_into(
+    fd: c_int,
+    buf: *mut c_void,
+    len: size_t,
+    flags: c_int,
+    addr: *mut sockaddr,
+    addr_len: *mut socklen_t,
+) -> ssize_t {
     let vector = iovec { iov_base: buf, iov_len: len };
     logic::receive(fd, std::slice::from_ref(&vector), flags, addr, addr_len, None)
 }

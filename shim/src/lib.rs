@@ -48,10 +48,10 @@ pub(crate) fn shim() -> Option<&'static socket::Shim> {
 }
 
 fn open_log(config: &Config) {
-    if let Some(path) = &config.log {
-        if let Ok(file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-            *LOG.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(file);
-        }
+    if let Some(path) = &config.log
+        && let Ok(file) = std::fs::OpenOptions::new().create(true).append(true).open(path)
+    {
+        *LOG.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(file);
     }
 }
 
@@ -70,10 +70,11 @@ fn init() {
             }
         }
         Err(error) => {
-            if let Ok(path) = std::env::var("FTSS_LOG") {
-                if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-                    let _ = writeln!(file, "ftss-shim[{}] disabled, passing everything through: {error}", std::process::id());
-                }
+            if let Ok(path) = std::env::var("FTSS_LOG")
+                && let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path)
+            {
+                let _ =
+                    writeln!(file, "ftss-shim[{}] disabled, passing everything through: {error}", std::process::id());
             }
             None
         }

@@ -10,7 +10,7 @@ use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use fsbridge::format::{BatchEncoder, BATCH_BYTES_MAX, RECORD_OVERHEAD_BYTES};
+use fsbridge::format::{BATCH_BYTES_MAX, BatchEncoder, RECORD_OVERHEAD_BYTES};
 use fsbridge::layout::batch_file_name;
 use fsbridge::{BatchHeader, BatchKind, NodeName, Packet, Record, Spool};
 use ringbuf::traits::{Consumer, Observer, Producer, Split};
@@ -102,7 +102,13 @@ impl Outbox {
     }
 
     /// Queues a packet built by `build(seq)`; returns its seq once it is in the ring.
-    pub fn enqueue(&self, payload_len: usize, nonblocking: bool, deadline: Instant, build: impl FnOnce(u64) -> Packet) -> Result<u64, SendError> {
+    pub fn enqueue(
+        &self,
+        payload_len: usize,
+        nonblocking: bool,
+        deadline: Instant,
+        build: impl FnOnce(u64) -> Packet,
+    ) -> Result<u64, SendError> {
         let mut state = self.lock();
         loop {
             let fits = state.producer.vacant_len() > 0 && state.queued_bytes + payload_len <= RING_BYTES_MAX;
@@ -129,7 +135,8 @@ impl Outbox {
         if now >= deadline {
             return Err(SendError::TimedOut);
         }
-        let (state, _) = self.progress.wait_timeout(state, deadline - now).unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (state, _) =
+            self.progress.wait_timeout(state, deadline - now).unwrap_or_else(|poisoned| poisoned.into_inner());
         Ok(state)
     }
 

@@ -14,7 +14,7 @@ use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
 
-use fsbridge::format::{decode_batch, BatchEncoder, PAYLOAD_BYTES_MAX};
+use fsbridge::format::{BatchEncoder, PAYLOAD_BYTES_MAX, decode_batch};
 use fsbridge::layout::batch_file_name;
 use fsbridge::{BatchHeader, BatchKind, Record};
 use libc::{c_int, sockaddr_in, socklen_t};
@@ -22,7 +22,7 @@ use libc::{c_int, sockaddr_in, socklen_t};
 use crate::config::AckMode;
 use crate::log;
 use crate::real::real;
-use crate::socket::{inject_header, Shim, Sock, INJECT_HEADER_BYTES};
+use crate::socket::{INJECT_HEADER_BYTES, Shim, Sock, inject_header};
 
 /// Inbox files read per socket per pass.
 const INBOX_FILES_PER_PASS: usize = 16;
@@ -85,7 +85,14 @@ fn relay(sock: &Sock) {
         let mut from_len = size_of::<sockaddr_in>() as socklen_t;
         let payload = &mut buffer[INJECT_HEADER_BYTES..];
         let received = unsafe {
-            (real().recvfrom)(sock.side, payload.as_mut_ptr().cast(), payload.len(), libc::MSG_DONTWAIT, (&mut from as *mut sockaddr_in).cast(), &mut from_len)
+            (real().recvfrom)(
+                sock.side,
+                payload.as_mut_ptr().cast(),
+                payload.len(),
+                libc::MSG_DONTWAIT,
+                (&mut from as *mut sockaddr_in).cast(),
+                &mut from_len,
+            )
         };
         if received < 0 {
             return;
@@ -100,7 +107,9 @@ fn relay(sock: &Sock) {
 /// Sends one datagram into the app's socket. False if there is no room now.
 fn inject(sock: &Sock, datagram: &[u8]) -> bool {
     // SAFETY: datagram is a live buffer; shim_end is our fd.
-    let sent = unsafe { libc::send(sock.shim_end, datagram.as_ptr().cast(), datagram.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+    let sent = unsafe {
+        libc::send(sock.shim_end, datagram.as_ptr().cast(), datagram.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    };
     sent >= 0
 }
 
@@ -132,7 +141,11 @@ fn fill(shim: &Shim, sock: &Arc<Sock>) -> bool {
         let batch = match batch {
             Ok(batch) if batch.header.kind == BatchKind::Packets => batch,
             Ok(batch) => {
-                quarantine(shim, &path, &format!("an inbox holds packet batches, found a {:?} batch", batch.header.kind));
+                quarantine(
+                    shim,
+                    &path,
+                    &format!("an inbox holds packet batches, found a {:?} batch", batch.header.kind),
+                );
                 continue;
             }
             Err(reason) => {
@@ -185,7 +198,12 @@ fn flush_receipts(shim: &Shim, receipt_seq: &mut u64) {
         return;
     }
     *receipt_seq += 1;
-    let header = BatchHeader { kind: BatchKind::Receipts, node: shim.config.node.clone(), epoch: shim.epoch, batch_seq: *receipt_seq };
+    let header = BatchHeader {
+        kind: BatchKind::Receipts,
+        node: shim.config.node.clone(),
+        epoch: shim.epoch,
+        batch_seq: *receipt_seq,
+    };
     let mut encoder = BatchEncoder::new(&header);
     for id in &ids {
         encoder.push(&Record::Receipt(id.clone()));
@@ -213,10 +231,10 @@ fn read_acks(shim: &Shim, seen: &mut (HashSet<String>, VecDeque<String>)) {
         }
         seen.0.insert(name.clone());
         seen.1.push_back(name);
-        if seen.1.len() > SEEN_ACK_FILES_MAX {
-            if let Some(oldest) = seen.1.pop_front() {
-                seen.0.remove(&oldest);
-            }
+        if seen.1.len() > SEEN_ACK_FILES_MAX
+            && let Some(oldest) = seen.1.pop_front()
+        {
+            seen.0.remove(&oldest);
         }
     }
 }

@@ -83,8 +83,6 @@ pub struct SockState {
 
 /// A fabric socket.
 pub struct Sock {
-    /// The app's fd (an AF_UNIX datagram socket).
-    pub fd: c_int,
     /// The shim's end of the socketpair: the receive thread writes datagrams here.
     pub shim_end: c_int,
     /// The original UDP socket, for non-fabric traffic.
@@ -128,10 +126,10 @@ impl Dedupe {
         if let Some(received) = self.seen.get(&key) {
             return Some(*received);
         }
-        if self.order.len() >= DEDUPE_IDS_MAX {
-            if let Some(oldest) = self.order.pop_front() {
-                self.seen.remove(&oldest);
-            }
+        if self.order.len() >= DEDUPE_IDS_MAX
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.seen.remove(&oldest);
         }
         self.seen.insert(key, false);
         self.order.push_back(key);
@@ -167,7 +165,13 @@ impl Shim {
         }
         let epoch = fsbridge::random_u64();
         let outbox = Outbox::new(volume.outbox(&config.node), config.node.clone(), epoch);
-        log!("node {} addr {} volume {} ack {:?} epoch {epoch:016x}", config.node, config.addr, config.volume.display(), config.ack);
+        log!(
+            "node {} addr {} volume {} ack {:?} epoch {epoch:016x}",
+            config.node,
+            config.addr,
+            config.volume.display(),
+            config.ack
+        );
         Ok(Shim {
             config,
             volume,
@@ -189,7 +193,8 @@ impl Shim {
             if let Err(error) = self.volume.register_node(&self.config.node, &config) {
                 log!("cannot register node {} on the volume: {error}", self.config.node);
             }
-            let spawned = std::thread::Builder::new().name("ftss-flusher".into()).spawn(move || self.outbox.run_flusher());
+            let spawned =
+                std::thread::Builder::new().name("ftss-flusher".into()).spawn(move || self.outbox.run_flusher());
             if let Err(error) = spawned {
                 log!("cannot start the flusher thread: {error}");
             }
@@ -241,7 +246,10 @@ impl Shim {
             0 => {
                 let any = sockaddr_v4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
                 // SAFETY: any is a valid sockaddr_in.
-                if unsafe { (real().bind)(sock.side, (&any as *const sockaddr_in).cast(), size_of::<sockaddr_in>() as socklen_t) } != 0 {
+                if unsafe {
+                    (real().bind)(sock.side, (&any as *const sockaddr_in).cast(), size_of::<sockaddr_in>() as socklen_t)
+                } != 0
+                {
                     return Err(errno());
                 }
                 real_local_port(sock.side)?
@@ -288,12 +296,20 @@ fn convert_fd(fd: c_int) -> Result<Sock, c_int> {
         for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
             let mut value: libc::timeval = zeroed();
             let mut len = size_of::<libc::timeval>() as socklen_t;
-            if (real().getsockopt)(side, libc::SOL_SOCKET, option, (&mut value as *mut libc::timeval).cast(), &mut len) == 0 {
+            if (real().getsockopt)(side, libc::SOL_SOCKET, option, (&mut value as *mut libc::timeval).cast(), &mut len)
+                == 0
+            {
                 (real().setsockopt)(app_end, libc::SOL_SOCKET, option, (&value as *const libc::timeval).cast(), len);
             }
         }
         let buffer = INJECT_BUFFER_BYTES;
-        (real().setsockopt)(shim_end, libc::SOL_SOCKET, libc::SO_SNDBUF, (&buffer as *const c_int).cast(), size_of::<c_int>() as socklen_t);
+        (real().setsockopt)(
+            shim_end,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&buffer as *const c_int).cast(),
+            size_of::<c_int>() as socklen_t,
+        );
         libc::fcntl(shim_end, libc::F_SETFL, libc::O_NONBLOCK);
         libc::fcntl(app_end, libc::F_SETFL, status_flags & libc::O_NONBLOCK);
         let cloexec = if fd_flags & libc::FD_CLOEXEC != 0 { libc::O_CLOEXEC } else { 0 };
@@ -306,7 +322,6 @@ fn convert_fd(fd: c_int) -> Result<Sock, c_int> {
         }
         (real().close)(app_end);
         Ok(Sock {
-            fd,
             shim_end,
             side,
             state: Mutex::new(SockState::default()),
@@ -439,7 +454,8 @@ pub fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     };
     // SAFETY: the app promises addr is valid for len.
     let target = unsafe { read_v4(addr, len) };
-    let unspecified = !addr.is_null() && len as usize >= size_of::<libc::sa_family_t>()
+    let unspecified = !addr.is_null()
+        && len as usize >= size_of::<libc::sa_family_t>()
         && unsafe { (*addr).sa_family } as c_int == libc::AF_UNSPEC;
     let sock = match (kind(fd), target) {
         (KIND_FABRIC, _) => shim.sock(fd).expect("fabric fd has an entry"),
@@ -470,7 +486,13 @@ pub fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
 }
 
 /// sendto/send/write/sendmsg on an fd of ours. `dest` is the explicit destination, if any.
-pub fn send(fd: c_int, payload: &[u8], flags: c_int, dest: Option<SocketAddrV4>, raw_dest: (*const sockaddr, socklen_t)) -> ssize_t {
+pub fn send(
+    fd: c_int,
+    payload: &[u8],
+    flags: c_int,
+    dest: Option<SocketAddrV4>,
+    raw_dest: (*const sockaddr, socklen_t),
+) -> ssize_t {
     let shim = crate::shim().expect("only called for our fds");
     let sock = match kind(fd) {
         KIND_FABRIC => shim.sock(fd).expect("fabric fd has an entry"),
@@ -479,7 +501,11 @@ pub fn send(fd: c_int, payload: &[u8], flags: c_int, dest: Option<SocketAddrV4>,
                 Ok(sock) => sock,
                 Err(errno) => return fail(errno),
             },
-            _ => return unsafe { (real().sendto)(fd, payload.as_ptr().cast(), payload.len(), flags, raw_dest.0, raw_dest.1) },
+            _ => {
+                return unsafe {
+                    (real().sendto)(fd, payload.as_ptr().cast(), payload.len(), flags, raw_dest.0, raw_dest.1)
+                };
+            }
         },
     };
     let peer = sock.lock().peer;
@@ -489,7 +515,14 @@ pub fn send(fd: c_int, payload: &[u8], flags: c_int, dest: Option<SocketAddrV4>,
     if !shim.config.is_fabric(*destination.ip()) {
         let raw = sockaddr_v4(destination);
         return unsafe {
-            (real().sendto)(sock.side, payload.as_ptr().cast(), payload.len(), flags, (&raw as *const sockaddr_in).cast(), size_of::<sockaddr_in>() as socklen_t)
+            (real().sendto)(
+                sock.side,
+                payload.as_ptr().cast(),
+                payload.len(),
+                flags,
+                (&raw as *const sockaddr_in).cast(),
+                size_of::<sockaddr_in>() as socklen_t,
+            )
         };
     }
     if payload.len() > PAYLOAD_BYTES_MAX {
@@ -500,7 +533,8 @@ pub fn send(fd: c_int, payload: &[u8], flags: c_int, dest: Option<SocketAddrV4>,
         Err(errno) => return fail(errno),
     };
     // SAFETY: fcntl on the app's fd.
-    let nonblocking = flags & libc::MSG_DONTWAIT != 0 || unsafe { libc::fcntl(fd, libc::F_GETFL) } & libc::O_NONBLOCK != 0;
+    let nonblocking =
+        flags & libc::MSG_DONTWAIT != 0 || unsafe { libc::fcntl(fd, libc::F_GETFL) } & libc::O_NONBLOCK != 0;
     let deadline = Instant::now() + shim.config.timeout;
     let node = &shim.config.node;
     let epoch = shim.epoch;
@@ -529,7 +563,14 @@ pub fn send(fd: c_int, payload: &[u8], flags: c_int, dest: Option<SocketAddrV4>,
 
 /// recvmsg on a fabric fd: strips the injection header, reports the fabric source, records the
 /// receipt. `iov` is the app's buffers.
-pub fn receive(fd: c_int, iov: &[iovec], flags: c_int, name: *mut sockaddr, name_len: *mut socklen_t, msg_flags: Option<&mut c_int>) -> ssize_t {
+pub fn receive(
+    fd: c_int,
+    iov: &[iovec],
+    flags: c_int,
+    name: *mut sockaddr,
+    name_len: *mut socklen_t,
+    msg_flags: Option<&mut c_int>,
+) -> ssize_t {
     let shim = crate::shim().expect("only called for our fds");
     let Some(sock) = shim.sock(fd) else { return fail(libc::EBADF) };
     if iov.len() >= IOV_MAX {
@@ -633,7 +674,15 @@ pub fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int
 /// Options that belong to the app's fd itself (timeouts, buffers); the rest go to the UDP socket.
 fn is_fd_option(level: c_int, name: c_int) -> bool {
     level == libc::SOL_SOCKET
-        && matches!(name, libc::SO_RCVTIMEO | libc::SO_SNDTIMEO | libc::SO_RCVBUF | libc::SO_RCVLOWAT | libc::SO_ERROR | libc::SO_TYPE)
+        && matches!(
+            name,
+            libc::SO_RCVTIMEO
+                | libc::SO_SNDTIMEO
+                | libc::SO_RCVBUF
+                | libc::SO_RCVLOWAT
+                | libc::SO_ERROR
+                | libc::SO_TYPE
+        )
 }
 
 pub fn getsockopt(fd: c_int, level: c_int, name: c_int, value: *mut c_void, len: *mut socklen_t) -> c_int {

@@ -1,0 +1,17 @@
+//! The quickstart example works as the README promises (CI also runs it through `cargo run`).
+
+mod common;
+
+use std::process::Command;
+
+#[test]
+fn quickstart_delivers_every_line() {
+    let example = common::artifact_dir().join("examples/quickstart");
+    assert!(example.exists(), "{} missing: build with --all-targets first (bash .ci/run does)", example.display());
+    let output = Command::new(&example).env("FTSS_BIN_DIR", common::artifact_dir()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "quickstart failed:\n{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("b got:   goodbye"), "{stdout}");
+    assert!(stdout.contains("all 5 lines delivered through the volume."), "{stdout}");
+    assert!(stdout.contains("receipted      5"), "status does not show the receipts:\n{stdout}");
+}
