@@ -453,6 +453,18 @@ fn put_name(out: &mut Vec<u8>, name: &NodeName) {
     out.extend_from_slice(name.as_str().as_bytes());
 }
 
+/// Encodes a packet id (origin, epoch, seq) as records do. Also used by the server's queue log.
+pub fn encode_packet_id(out: &mut Vec<u8>, id: &PacketId) {
+    put_id(out, id);
+}
+
+/// Decodes a packet id at the start of `bytes`; returns it and how many bytes it took.
+pub fn decode_packet_id_prefix(bytes: &[u8]) -> Result<(PacketId, usize), DecodeError> {
+    let mut reader = Reader { bytes, offset: 0 };
+    let id = reader.id()?;
+    Ok((id, reader.offset))
+}
+
 fn put_id(out: &mut Vec<u8>, id: &PacketId) {
     put_name(out, &id.origin);
     out.extend_from_slice(&id.epoch.to_le_bytes());

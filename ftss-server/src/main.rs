@@ -1,7 +1,9 @@
 //! ftss-server: the store-and-forward routing agent that runs on the storage array.
 
+mod dump;
 mod queue;
 mod server;
+mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,8 +13,13 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 /// Guaranteed delivery for UDP apps through a shared fault-tolerant volume.
+///
+/// Nodes run their unmodified UDP apps under libftss_shim.so with the FTSS volume mounted; this
+/// server drains every node's outbox into durable mirrored queues, acknowledges the source,
+/// delivers into the destination's inbox and deletes (or retains) each packet once the destination
+/// receipts it.
 #[derive(Parser)]
-#[command(name = "ftss-server", version, about, long_about = None)]
+#[command(name = "ftss-server", version, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -23,22 +30,37 @@ enum Command {
     /// Drain every node's outbox into the durable queue, ack, deliver, take receipts.
     ///
     /// Runs until SIGTERM or SIGINT. A packet is acknowledged to its source only after it is
-    /// fdatasync'd on every --queue-dir (mirror); it is deleted after the destination receipts it.
+    /// fdatasync'd on every healthy --queue-dir (mirror); it leaves the queue after the destination
+    /// receipts it. A full queue disk or a destination over its byte limit stops draining the
+    /// affected outboxes until there is room (backpressure); a failed mirror is dropped and the
+    /// server runs degraded on the others until the directory is usable again, then resyncs it.
     Run {
-        /// The mounted FTSS volume (the directory nodes mount over NFS/SMB).
+        /// The FTSS volume as a local directory (the directory nodes mount over NFS/SMB).
         #[arg(long)]
         volume: PathBuf,
         /// A queue directory; repeat to keep one mirror per directory (put them on different disks).
         #[arg(long = "queue-dir", required = true)]
         queue_dirs: Vec<PathBuf>,
-        /// How long to sleep when a cycle found nothing to do (e.g. 20ms).
+        /// How long to sleep when a cycle found nothing to do.
         #[arg(long, default_value = "20ms", value_parser = parse_duration)]
         poll: Duration,
         /// Deliver a packet again if it is not receipted within this time.
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         redeliver_after: Duration,
+        /// Keep receipted packets this long (listable with `dump`); 0 deletes them on receipt.
+        #[arg(long, default_value = "0s", value_parser = parse_duration)]
+        retain: Duration,
+        /// Hold packets for a destination no node has registered this long, then dead-letter them.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        hold: Duration,
+        /// Most queued payload bytes for one destination before its senders are pushed back.
+        #[arg(long, default_value_t = 1 << 30)]
+        destination_bytes_max: u64,
     },
-    /// Show the server's counters and per-node queue depth (read from the volume).
+    /// Show the server's counters, per-node queue depth, mirror health and backpressure.
+    ///
+    /// Reads what the server keeps on the volume (server/status.json, rewritten 4 times a second)
+    /// and adds the live outbox backlog, so it also works while the server is down.
     Status {
         #[arg(long)]
         volume: PathBuf,
@@ -48,10 +70,29 @@ enum Command {
     },
     /// Verify every queue segment in every mirror; truncate torn tails and repair bad mirrors.
     ///
-    /// Run it while the server is stopped.
+    /// Run it while the server is stopped (the server does the same at every start).
     Scrub {
         #[arg(long = "queue-dir", required = true)]
         queue_dirs: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the packets in the queue (queued, retained after receipt, dead-lettered), like postcat.
+    ///
+    /// Read-only: safe while the server runs.
+    Dump {
+        #[arg(long = "queue-dir", required = true)]
+        queue_dirs: Vec<PathBuf>,
+        /// Which packets: queued, receipted, dead-lettered or all.
+        #[arg(long, default_value = "all")]
+        state: dump::StateFilter,
+        /// Only packets sent by this node.
+        #[arg(long)]
+        origin: Option<String>,
+        /// Also print each payload (escaped text).
+        #[arg(long)]
+        payload: bool,
+        /// One JSON object per line.
         #[arg(long)]
         json: bool,
     },
@@ -89,11 +130,14 @@ fn install_stop_handlers() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { volume, queue_dirs, poll, redeliver_after } => {
-            run(server::Config { volume, queue_dirs, poll, redeliver_after })
+        Command::Run { volume, queue_dirs, poll, redeliver_after, retain, hold, destination_bytes_max } => {
+            run(server::Config { volume, queue_dirs, poll, redeliver_after, retain, hold, destination_bytes_max })
         }
         Command::Status { volume, json } => status::show(&volume, json),
         Command::Scrub { queue_dirs, json } => scrub(&queue_dirs, json),
+        Command::Dump { queue_dirs, state, origin, payload, json } => {
+            dump::dump(&queue_dirs, state, origin.as_deref(), payload, json)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -116,7 +160,8 @@ fn run(config: server::Config) -> Result<(), String> {
         recovery.torn_bytes_truncated,
         recovery.mirrors_repaired
     );
-    server.run(|| STOP.load(Ordering::SeqCst)).map_err(|error| error.to_string())
+    server.run(|| STOP.load(Ordering::SeqCst));
+    Ok(())
 }
 
 fn scrub(queue_dirs: &[PathBuf], json: bool) -> Result<(), String> {
@@ -135,5 +180,3 @@ fn scrub(queue_dirs: &[PathBuf], json: bool) -> Result<(), String> {
     }
     Ok(())
 }
-
-mod status;

@@ -5,23 +5,37 @@
 //! segment := header record*
 //! header  := magic "FTSQ" | version u16 | segment id u64 | crc32c u32
 //! record  := fsbridge record framing (tag u8 | len u32 | body | crc32c u32)
-//!            tag PACKET: a stored packet (fsbridge packet body)
-//!            tag RECEIPT: "done": the packet with this id was receipted and may be reclaimed
+//!   STORED: stored µs u64 | fsbridge packet body          a packet the server took responsibility for
+//!   DONE:   outcome u8 | at µs u64 | reason (u16 + bytes) | packet id
+//!                                                       receipted or dead-lettered: no longer delivered
 //! ```
 //!
-//! Appends go to every mirror at the same offset and are made durable together by [`Queue::sync`]
-//! (one fdatasync per mirror for the whole group). Recovery reads each mirror, keeps the longest valid
-//! prefix, truncates torn tails and copies the chosen bytes over mirrors that differ.
-//! Packets are read back from disk on delivery, so memory holds only the index, not payloads.
+//! Appends go to every healthy mirror at the same offset and are made durable together by
+//! [`Queue::sync`] (one write and one fdatasync per mirror for the whole group: group commit).
+//!
+//! Mirror failures, as a decision table:
+//! | what happened                              | decision                                             |
+//! |--------------------------------------------|------------------------------------------------------|
+//! | write/sync ENOSPC or EDQUOT on any mirror  | roll every mirror back to the last sync; `NoSpace`   |
+//! | other write/sync error, healthy ones left  | mark that mirror failed (degraded), keep going       |
+//! | segment file unlinked (directory removed)  | mark that mirror failed (degraded), keep going       |
+//! | no healthy mirror left                     | roll back; `NoHealthyMirror` (nothing is acked)      |
+//! | a failed mirror's directory is usable again| copy every segment from a healthy mirror; healthy    |
+//! | a record fails its CRC on read             | read it from another mirror, rewrite the bad copy    |
+//!
+//! Recovery reads each mirror, keeps the longest valid prefix of each segment, truncates torn tails
+//! and copies the chosen bytes over mirrors that differ. Payloads are read back from disk on
+//! delivery, so memory holds only the index.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use fsbridge::format::{self, DecodeError, PAYLOAD_BYTES_MAX, TAG_PACKET, TAG_RECEIPT};
-use fsbridge::{Packet, PacketId, Record};
+use fsbridge::format::{self, DecodeError, PAYLOAD_BYTES_MAX};
+use fsbridge::{Packet, PacketId};
+use serde::Serialize;
 use thiserror::Error;
 
 const SEGMENT_MAGIC: [u8; 4] = *b"FTSQ";
@@ -29,15 +43,25 @@ const SEGMENT_VERSION: u16 = 1;
 const SEGMENT_HEADER_BYTES: usize = 4 + 2 + 8 + 4;
 /// A segment is closed and a new one started past this size.
 pub const SEGMENT_BYTES_MAX: u64 = 64 * 1024 * 1024;
-/// Largest record body in the queue: a packet with its id and addresses.
-const RECORD_BODY_BYTES_MAX: usize = PAYLOAD_BYTES_MAX + 256;
+/// Largest record body in the queue: a packet with its id, addresses and reason text.
+const RECORD_BODY_BYTES_MAX: usize = PAYLOAD_BYTES_MAX + 1024;
+/// Record tag: a stored packet.
+const TAG_STORED: u8 = 0x11;
+/// Record tag: a packet that is done (receipted or dead-lettered).
+const TAG_DONE: u8 = 0x12;
 
 /// Errors of the queue; each names the file.
 #[derive(Debug, Error)]
 pub enum QueueError {
-    /// An I/O error on a queue file.
+    /// An I/O error on a queue file that is not a mirror failure (opening the queue).
     #[error("{operation} {path}: {source}")]
     Io { operation: &'static str, path: PathBuf, source: io::Error },
+    /// The queue disk is full: the group was rolled back; nothing of it may be acked.
+    #[error("queue disk full ({path}): {source}")]
+    NoSpace { path: PathBuf, source: io::Error },
+    /// Every mirror has failed: the group was rolled back; nothing of it may be acked.
+    #[error("no healthy queue mirror left; last error: {last_error}")]
+    NoHealthyMirror { last_error: String },
     /// A stored record failed its checksum in every mirror.
     #[error("packet at segment {segment} offset {offset} is unreadable in every mirror: {reason}")]
     Unreadable { segment: u64, offset: u64, reason: String },
@@ -57,14 +81,29 @@ pub struct Location {
     pub length: u32,
 }
 
-/// What recovery found, in log order.
-pub enum Recovered {
-    Stored { location: Location, packet: Packet },
-    Done { id: PacketId },
+/// Why a packet left the queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Receipted = 1,
+    DeadLettered = 2,
 }
 
-/// What recovery did, for the log and for status.
-#[derive(Debug, Default, Clone, serde::Serialize)]
+/// One queue record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QueueRecord {
+    Stored { stored_unix_us: u64, packet: Packet },
+    Done { id: PacketId, outcome: Outcome, at_unix_us: u64, reason: String },
+}
+
+/// What recovery found, in log order.
+pub struct Recovered {
+    pub location: Location,
+    pub record: QueueRecord,
+}
+
+/// What recovery or scrub did, for the log and for status.
+#[derive(Debug, Default, Clone, Serialize)]
 pub struct RecoveryReport {
     pub segments: usize,
     pub records: usize,
@@ -72,21 +111,32 @@ pub struct RecoveryReport {
     pub mirrors_repaired: usize,
 }
 
+/// Health of one mirror, for status.
+#[derive(Debug, Clone, Serialize)]
+pub struct MirrorStatus {
+    pub dir: String,
+    pub healthy: bool,
+    pub error: Option<String>,
+}
+
 struct Mirror {
     dir: PathBuf,
     active: Option<File>,
+    failure: Option<String>,
 }
 
 /// The mirrored segment log.
 pub struct Queue {
     mirrors: Vec<Mirror>,
-    /// Segment id → its size in bytes (identical in every mirror).
+    /// Segment id → its committed size in bytes (identical in every healthy mirror).
     segments: BTreeMap<u64, u64>,
     active_segment: u64,
     /// Bytes appended since the last sync, not yet written.
     pending: Vec<u8>,
-    /// Read handles, opened on demand.
+    /// Read handles, opened on demand, per (mirror, segment).
     readers: BTreeMap<(usize, u64), File>,
+    /// Records rewritten from a good mirror after a CRC failure.
+    pub read_repairs: u64,
 }
 
 fn io_error<'a>(operation: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> QueueError + 'a {
@@ -115,6 +165,61 @@ fn segment_header(segment: u64) -> Vec<u8> {
     header
 }
 
+fn is_no_space(error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// Encodes one queue record, framed, onto `out`.
+pub fn encode_record(out: &mut Vec<u8>, record: &QueueRecord) {
+    match record {
+        QueueRecord::Stored { stored_unix_us, packet } => format::write_record(out, TAG_STORED, |body| {
+            body.extend_from_slice(&stored_unix_us.to_le_bytes());
+            format::encode_packet(body, packet);
+        }),
+        QueueRecord::Done { id, outcome, at_unix_us, reason } => format::write_record(out, TAG_DONE, |body| {
+            body.push(*outcome as u8);
+            body.extend_from_slice(&at_unix_us.to_le_bytes());
+            let reason = &reason.as_bytes()[..reason.len().min(512)];
+            body.extend_from_slice(&(reason.len() as u16).to_le_bytes());
+            body.extend_from_slice(reason);
+            format::encode_packet_id(body, id);
+        }),
+    }
+}
+
+/// Reads and decodes one queue record at `offset`; returns it and the next offset.
+pub fn read_record(bytes: &[u8], offset: usize) -> Result<(QueueRecord, usize), DecodeError> {
+    let (tag, body, next) = format::read_record(bytes, offset, RECORD_BODY_BYTES_MAX)?;
+    let invalid = |field| DecodeError::InvalidField { offset, field };
+    let record = match tag {
+        TAG_STORED => {
+            let stamp = body.get(..8).ok_or(invalid("stored time"))?;
+            let stored_unix_us = u64::from_le_bytes(stamp.try_into().expect("8 bytes"));
+            QueueRecord::Stored { stored_unix_us, packet: format::decode_packet(&body[8..], offset + 13)? }
+        }
+        TAG_DONE => {
+            let outcome = match body.first() {
+                Some(1) => Outcome::Receipted,
+                Some(2) => Outcome::DeadLettered,
+                _ => return Err(invalid("done outcome")),
+            };
+            let at = body.get(1..9).ok_or(invalid("done time"))?;
+            let at_unix_us = u64::from_le_bytes(at.try_into().expect("8 bytes"));
+            let reason_len = body.get(9..11).map(|len| u16::from_le_bytes([len[0], len[1]]) as usize);
+            let reason_len = reason_len.ok_or(invalid("done reason"))?;
+            let reason = body.get(11..11 + reason_len).ok_or(invalid("done reason"))?;
+            let reason = String::from_utf8(reason.to_vec()).map_err(|_| invalid("done reason"))?;
+            let (id, used) = format::decode_packet_id_prefix(&body[11 + reason_len..])?;
+            if 11 + reason_len + used != body.len() {
+                return Err(invalid("done record length"));
+            }
+            QueueRecord::Done { id, outcome, at_unix_us, reason }
+        }
+        _ => return Err(invalid("queue record tag")),
+    };
+    Ok((record, next))
+}
+
 /// Length of the valid prefix of a segment's bytes (0 if even the header is bad).
 fn valid_prefix(bytes: &[u8], segment: u64) -> usize {
     if bytes.len() < SEGMENT_HEADER_BYTES || bytes[..SEGMENT_HEADER_BYTES] != segment_header(segment)[..] {
@@ -122,7 +227,7 @@ fn valid_prefix(bytes: &[u8], segment: u64) -> usize {
     }
     let mut offset = SEGMENT_HEADER_BYTES;
     while offset < bytes.len() {
-        match read_queue_record(bytes, offset) {
+        match read_record(bytes, offset) {
             Ok((_, next)) => offset = next,
             Err(_) => break,
         }
@@ -130,57 +235,91 @@ fn valid_prefix(bytes: &[u8], segment: u64) -> usize {
     offset
 }
 
-/// Reads and decodes one queue record at `offset`; returns it and the next offset.
-fn read_queue_record(bytes: &[u8], offset: usize) -> Result<(Record, usize), DecodeError> {
-    let (tag, body, next) = format::read_record(bytes, offset, RECORD_BODY_BYTES_MAX)?;
-    if tag != TAG_PACKET && tag != TAG_RECEIPT {
-        return Err(DecodeError::InvalidField { offset, field: "queue record tag" });
+/// Segment ids present in any of `dirs`.
+fn segment_ids(dirs: &[PathBuf]) -> Vec<u64> {
+    let mut ids = std::collections::BTreeSet::new();
+    for dir in dirs {
+        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+            if let Some(id) = entry.file_name().to_str().and_then(parse_segment_name) {
+                ids.insert(id);
+            }
+        }
     }
-    Ok((format::decode_body(tag, body, offset + 5)?, next))
+    ids.into_iter().collect()
+}
+
+/// Decodes every record of a valid segment prefix.
+fn records_of(bytes: &[u8], segment: u64) -> Vec<Recovered> {
+    let mut records = Vec::new();
+    let mut offset = SEGMENT_HEADER_BYTES;
+    while offset < bytes.len() {
+        let (record, next) = read_record(bytes, offset).expect("valid prefix decodes");
+        records.push(Recovered { location: Location { segment, offset: offset as u64, length: (next - offset) as u32 }, record });
+        offset = next;
+    }
+    records
+}
+
+/// Reads the queue without changing anything (for `dump` while the server runs): for each segment
+/// the longest valid prefix among the mirrors.
+pub fn read_only_scan(dirs: &[PathBuf]) -> Result<Vec<Recovered>, QueueError> {
+    let mut all = Vec::new();
+    for segment in segment_ids(dirs) {
+        let mut best: Vec<u8> = Vec::new();
+        for dir in dirs {
+            let path = dir.join(segment_name(segment));
+            let Ok(bytes) = fs::read(&path) else { continue };
+            let valid = valid_prefix(&bytes, segment);
+            if valid > best.len() {
+                best = bytes[..valid].to_vec();
+            }
+        }
+        if !best.is_empty() {
+            all.extend(records_of(&best, segment));
+        }
+    }
+    Ok(all)
 }
 
 impl Queue {
     /// Opens (creating if needed) the queue in `dirs`, recovers it and returns what it holds.
     pub fn open(dirs: &[PathBuf]) -> Result<(Queue, Vec<Recovered>, RecoveryReport), QueueError> {
         assert!(!dirs.is_empty(), "at least one queue dir");
-        let mut ids = std::collections::BTreeSet::new();
         for dir in dirs {
             fs::create_dir_all(dir).map_err(io_error("creating", dir))?;
-            for entry in fs::read_dir(dir).map_err(io_error("listing", dir))?.flatten() {
-                if let Some(id) = entry.file_name().to_str().and_then(parse_segment_name) {
-                    ids.insert(id);
-                }
-            }
         }
         let mut report = RecoveryReport::default();
         let mut recovered = Vec::new();
         let mut segments = BTreeMap::new();
-        for &segment in &ids {
+        for segment in segment_ids(dirs) {
             let bytes = recover_segment(dirs, segment, &mut report)?;
-            let mut offset = SEGMENT_HEADER_BYTES;
-            while offset < bytes.len() {
-                let (record, next) = read_queue_record(&bytes, offset).expect("valid prefix decodes");
-                let location = Location { segment, offset: offset as u64, length: (next - offset) as u32 };
-                recovered.push(match record {
-                    Record::Packet(packet) => Recovered::Stored { location, packet },
-                    Record::Receipt(id) => Recovered::Done { id },
-                    Record::Ack(_) => unreachable!("read_queue_record admits only packets and receipts"),
-                });
-                report.records += 1;
-                offset = next;
-            }
+            let records = records_of(&bytes, segment);
+            report.records += records.len();
+            recovered.extend(records);
             segments.insert(segment, bytes.len() as u64);
         }
         report.segments = segments.len();
-        let mirrors = dirs.iter().map(|dir| Mirror { dir: dir.clone(), active: None }).collect();
+        let mirrors = dirs.iter().map(|dir| Mirror { dir: dir.clone(), active: None, failure: None }).collect();
         let active_segment = segments.keys().next_back().copied().unwrap_or(0);
-        let mut queue = Queue { mirrors, segments, active_segment, pending: Vec::new(), readers: BTreeMap::new() };
+        let mut queue =
+            Queue { mirrors, segments, active_segment, pending: Vec::new(), readers: BTreeMap::new(), read_repairs: 0 };
         queue.open_active()?;
         Ok((queue, recovered, report))
     }
 
-    pub fn dirs(&self) -> Vec<PathBuf> {
-        self.mirrors.iter().map(|mirror| mirror.dir.clone()).collect()
+    pub fn mirror_status(&self) -> Vec<MirrorStatus> {
+        self.mirrors
+            .iter()
+            .map(|mirror| MirrorStatus {
+                dir: mirror.dir.display().to_string(),
+                healthy: mirror.failure.is_none(),
+                error: mirror.failure.clone(),
+            })
+            .collect()
+    }
+
+    pub fn degraded(&self) -> bool {
+        self.mirrors.iter().any(|mirror| mirror.failure.is_some())
     }
 
     pub fn segment_count(&self) -> usize {
@@ -191,21 +330,67 @@ impl Queue {
         self.segments.values().sum()
     }
 
-    /// Opens (creating with a header) the active segment in every mirror.
+    pub fn active_segment(&self) -> u64 {
+        self.active_segment
+    }
+
+    /// Does the active segment hold any record (beyond its header), with nothing pending?
+    pub fn active_has_records(&self) -> bool {
+        self.pending.is_empty() && self.segments[&self.active_segment] > SEGMENT_HEADER_BYTES as u64
+    }
+
+    /// Starts a new active segment (so the old one can be reclaimed once nothing lives in it). On
+    /// failure (e.g. a full disk) the current segment stays active and nothing changes.
+    pub fn rotate(&mut self) -> Result<(), QueueError> {
+        assert!(self.pending.is_empty(), "rotate only between syncs");
+        let next = self.active_segment + 1;
+        let header = segment_header(next);
+        let mut opened = Vec::new();
+        for index in self.healthy().collect::<Vec<_>>() {
+            let dir = self.mirrors[index].dir.clone();
+            match open_segment_for_append(&dir, next, Some(&header)) {
+                Ok(file) => opened.push((index, file)),
+                Err(error) => {
+                    for (opened_index, _) in opened {
+                        let _ = fs::remove_file(self.mirrors[opened_index].dir.join(segment_name(next)));
+                    }
+                    let _ = fs::remove_file(dir.join(segment_name(next)));
+                    return Err(error);
+                }
+            }
+        }
+        for (index, file) in opened {
+            self.mirrors[index].active = Some(file);
+        }
+        self.active_segment = next;
+        self.segments.insert(next, header.len() as u64);
+        Ok(())
+    }
+
+    fn healthy(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.mirrors.len()).filter(|index| self.mirrors[*index].failure.is_none())
+    }
+
+    fn fail_mirror(&mut self, index: usize, reason: String) {
+        eprintln!("ftss-server: queue mirror {} failed, running degraded: {reason}", self.mirrors[index].dir.display());
+        let mirror = &mut self.mirrors[index];
+        mirror.failure = Some(reason);
+        mirror.active = None;
+        self.readers.retain(|(mirror_index, _), _| *mirror_index != index);
+    }
+
+    /// Opens (creating with a header) the active segment in every healthy mirror.
     fn open_active(&mut self) -> Result<(), QueueError> {
         let segment = self.active_segment;
         let size = *self.segments.entry(segment).or_insert(0);
         let header = segment_header(segment);
-        for mirror in &mut self.mirrors {
-            let path = mirror.dir.join(segment_name(segment));
-            let mut file =
-                OpenOptions::new().create(true).append(true).open(&path).map_err(io_error("opening", &path))?;
-            if size == 0 {
-                file.write_all(&header).map_err(io_error("writing", &path))?;
-                file.sync_data().map_err(io_error("syncing", &path))?;
-                sync_dir(&mirror.dir)?;
+        for index in self.healthy().collect::<Vec<_>>() {
+            let dir = self.mirrors[index].dir.clone();
+            match open_segment_for_append(&dir, segment, if size == 0 { Some(&header) } else { None }) {
+                Ok(file) => self.mirrors[index].active = Some(file),
+                Err(error) if self.healthy().count() > 1 => self.fail_mirror(index, error.to_string()),
+                Err(error) => return Err(error),
             }
-            mirror.active = Some(file);
         }
         if size == 0 {
             self.segments.insert(segment, header.len() as u64);
@@ -213,30 +398,46 @@ impl Queue {
         Ok(())
     }
 
-    /// Appends a packet (buffered until [`Queue::sync`]); returns where it will live.
-    pub fn append(&mut self, record: &Record) -> Location {
-        let tag = match record {
-            Record::Packet(_) => TAG_PACKET,
-            Record::Receipt(_) => TAG_RECEIPT,
-            Record::Ack(_) => panic!("acks are not queued"),
-        };
+    /// Appends a record (buffered until [`Queue::sync`]); returns where it will live.
+    pub fn append(&mut self, record: &QueueRecord) -> Location {
         let start = self.pending.len();
-        format::write_record(&mut self.pending, tag, |body| format::encode_body(body, record));
+        encode_record(&mut self.pending, record);
         let offset = self.segments[&self.active_segment] + start as u64;
         Location { segment: self.active_segment, offset, length: (self.pending.len() - start) as u32 }
     }
 
-    /// Writes everything appended to every mirror and fdatasyncs each: after this returns Ok, every
-    /// appended record is durable on every mirror.
+    /// Writes everything appended to every healthy mirror and fdatasyncs each: after this returns
+    /// Ok, every appended record is durable on every healthy mirror. On Err nothing appended since
+    /// the last sync is kept (every mirror is rolled back), so nothing of it may be acked.
     pub fn sync(&mut self) -> Result<(), QueueError> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        for mirror in &mut self.mirrors {
-            let path = mirror.dir.join(segment_name(self.active_segment));
-            let file = mirror.active.as_mut().expect("active segment open");
-            file.write_all(&self.pending).map_err(io_error("writing", &path))?;
-            file.sync_data().map_err(io_error("syncing", &path))?;
+        let committed = self.segments[&self.active_segment];
+        let mut last_error = String::new();
+        for index in self.healthy().collect::<Vec<_>>() {
+            let path = self.mirrors[index].dir.join(segment_name(self.active_segment));
+            let file = self.mirrors[index].active.as_mut().expect("healthy mirror has its active segment open");
+            let result = file.write_all(&self.pending).and_then(|()| file.sync_data()).and_then(|()| file.metadata());
+            match result {
+                Ok(meta) if meta.nlink() == 0 => {
+                    last_error = format!("{} was removed", path.display());
+                    self.fail_mirror(index, last_error.clone());
+                }
+                Ok(_) => {}
+                Err(source) if is_no_space(&source) => {
+                    self.roll_back(committed);
+                    return Err(QueueError::NoSpace { path, source });
+                }
+                Err(source) => {
+                    last_error = format!("{}: {source}", path.display());
+                    self.fail_mirror(index, last_error.clone());
+                }
+            }
+        }
+        if self.healthy().next().is_none() {
+            self.roll_back(committed);
+            return Err(QueueError::NoHealthyMirror { last_error });
         }
         *self.segments.get_mut(&self.active_segment).expect("active segment") += self.pending.len() as u64;
         self.pending.clear();
@@ -247,19 +448,42 @@ impl Queue {
         Ok(())
     }
 
-    /// Reads a stored packet back, verifying its checksum; falls back to other mirrors.
-    pub fn read_packet(&mut self, location: Location) -> Result<Packet, QueueError> {
+    /// Truncates the active segment of every healthy mirror back to `committed` bytes.
+    fn roll_back(&mut self, committed: u64) {
+        self.pending.clear();
+        for index in self.healthy().collect::<Vec<_>>() {
+            if let Some(file) = &self.mirrors[index].active {
+                // A failed truncate leaves a tail that recovery would read as records that were never
+                // acked; they are then delivered (at least once), never lost.
+                let _ = file.set_len(committed);
+            }
+        }
+    }
+
+    /// Reads a stored packet back, verifying its checksum; falls back to other mirrors and rewrites
+    /// a bad copy from the good one (read-repair).
+    pub fn read_stored(&mut self, location: Location) -> Result<(u64, Packet), QueueError> {
+        let mut bad = Vec::new();
         let mut last_reason = String::new();
-        for index in 0..self.mirrors.len() {
+        for index in self.healthy().collect::<Vec<_>>() {
             match self.read_from_mirror(index, location) {
-                Ok(packet) => return Ok(packet),
-                Err(reason) => last_reason = reason,
+                Ok((bytes, QueueRecord::Stored { stored_unix_us, packet })) => {
+                    for bad_index in bad {
+                        self.repair(bad_index, location, &bytes);
+                    }
+                    return Ok((stored_unix_us, packet));
+                }
+                Ok(_) => last_reason = "record is not a stored packet".into(),
+                Err(reason) => {
+                    last_reason = reason;
+                    bad.push(index);
+                }
             }
         }
         Err(QueueError::Unreadable { segment: location.segment, offset: location.offset, reason: last_reason })
     }
 
-    fn read_from_mirror(&mut self, index: usize, location: Location) -> Result<Packet, String> {
+    fn read_from_mirror(&mut self, index: usize, location: Location) -> Result<(Vec<u8>, QueueRecord), String> {
         let key = (index, location.segment);
         if !self.readers.contains_key(&key) {
             let path = self.mirrors[index].dir.join(segment_name(location.segment));
@@ -268,41 +492,106 @@ impl Queue {
         }
         let mut bytes = vec![0u8; location.length as usize];
         self.readers[&key].read_exact_at(&mut bytes, location.offset).map_err(|error| error.to_string())?;
-        match read_queue_record(&bytes, 0) {
-            Ok((Record::Packet(packet), _)) => Ok(packet),
-            Ok(_) => Err("record is not a packet".into()),
-            Err(error) => Err(error.to_string()),
+        let (record, _) = read_record(&bytes, 0).map_err(|error| error.to_string())?;
+        Ok((bytes, record))
+    }
+
+    fn repair(&mut self, index: usize, location: Location, bytes: &[u8]) {
+        let path = self.mirrors[index].dir.join(segment_name(location.segment));
+        let result = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|file| file.write_all_at(bytes, location.offset).and_then(|()| file.sync_data()));
+        match result {
+            Ok(()) => {
+                self.read_repairs += 1;
+                eprintln!("ftss-server: repaired {} at offset {} from another mirror", path.display(), location.offset);
+            }
+            Err(error) => self.fail_mirror(index, format!("read-repair of {}: {error}", path.display())),
         }
+    }
+
+    /// Tries to bring failed mirrors back: when a failed mirror's directory is usable again, every
+    /// segment is copied from a healthy mirror and the mirror rejoins. Returns how many rejoined.
+    pub fn resync_failed(&mut self) -> usize {
+        let Some(source) = self.healthy().next() else { return 0 };
+        let mut rejoined = 0;
+        for index in 0..self.mirrors.len() {
+            if self.mirrors[index].failure.is_none() || !self.mirrors[index].dir.is_dir() {
+                continue;
+            }
+            match self.copy_mirror(source, index) {
+                Ok(()) => {
+                    eprintln!("ftss-server: queue mirror {} resynced and healthy again", self.mirrors[index].dir.display());
+                    self.mirrors[index].failure = None;
+                    rejoined += 1;
+                }
+                Err(error) => self.mirrors[index].failure = Some(format!("resync: {error}")),
+            }
+        }
+        rejoined
+    }
+
+    fn copy_mirror(&mut self, source: usize, target: usize) -> io::Result<()> {
+        let source_dir = self.mirrors[source].dir.clone();
+        let target_dir = self.mirrors[target].dir.clone();
+        for entry in fs::read_dir(&target_dir)?.flatten() {
+            let stale = entry.file_name().to_str().and_then(parse_segment_name).is_some_and(|id| !self.segments.contains_key(&id));
+            if stale {
+                fs::remove_file(entry.path())?;
+            }
+        }
+        for (&segment, &size) in &self.segments {
+            let mut bytes = vec![0u8; size as usize];
+            File::open(source_dir.join(segment_name(segment)))?.read_exact_at(&mut bytes, 0)?;
+            let tmp = target_dir.join(format!(".{}.resync", segment_name(segment)));
+            let mut file = File::create(&tmp)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+            fs::rename(&tmp, target_dir.join(segment_name(segment)))?;
+        }
+        File::open(&target_dir)?.sync_all()?;
+        let active = OpenOptions::new().append(true).open(target_dir.join(segment_name(self.active_segment)))?;
+        self.mirrors[target].active = Some(active);
+        Ok(())
     }
 
     /// Deletes the oldest segments while `is_live(segment)` is false for them and every older one.
     /// The active segment is never deleted. Returns how many were deleted.
-    pub fn reclaim(&mut self, is_live: impl Fn(u64) -> bool) -> Result<usize, QueueError> {
+    pub fn reclaim(&mut self, is_live: impl Fn(u64) -> bool) -> usize {
         let mut deleted = 0;
         while let Some((&segment, _)) = self.segments.iter().next() {
             if segment == self.active_segment || is_live(segment) {
                 break;
             }
-            for (index, mirror) in self.mirrors.iter().enumerate() {
+            for index in self.healthy().collect::<Vec<_>>() {
                 self.readers.remove(&(index, segment));
-                let path = mirror.dir.join(segment_name(segment));
-                match fs::remove_file(&path) {
-                    Err(error) if error.kind() != io::ErrorKind::NotFound => {
-                        return Err(io_error("removing", &path)(error));
-                    }
-                    _ => {}
+                let dir = self.mirrors[index].dir.clone();
+                let removed = match fs::remove_file(dir.join(segment_name(segment))) {
+                    Err(error) if error.kind() != io::ErrorKind::NotFound => Err(error),
+                    _ => File::open(&dir).and_then(|file| file.sync_all()),
+                };
+                if let Err(error) = removed {
+                    self.fail_mirror(index, format!("removing segment {segment}: {error}"));
                 }
-                sync_dir(&mirror.dir)?;
             }
             self.segments.remove(&segment);
             deleted += 1;
         }
-        Ok(deleted)
+        deleted
     }
 }
 
-fn sync_dir(dir: &Path) -> Result<(), QueueError> {
-    File::open(dir).and_then(|file| file.sync_all()).map_err(io_error("syncing", dir))
+fn open_segment_for_append(dir: &Path, segment: u64, header: Option<&[u8]>) -> Result<File, QueueError> {
+    let path = dir.join(segment_name(segment));
+    let mut file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_error("opening", &path))?;
+    if let Some(header) = header {
+        file.set_len(0).map_err(io_error("truncating", &path))?;
+        file.write_all(header).map_err(io_error("writing", &path))?;
+        file.sync_data().map_err(io_error("syncing", &path))?;
+        File::open(dir).and_then(|dir| dir.sync_all()).map_err(io_error("syncing", dir))?;
+    }
+    Ok(file)
 }
 
 /// Reads one segment from every mirror, picks the longest valid copy, truncates torn tails and
@@ -326,22 +615,26 @@ fn recover_segment(dirs: &[PathBuf], segment: u64, report: &mut RecoveryReport) 
     }
     report.torn_bytes_truncated += (best.1.len() - best.2) as u64;
     for (path, bytes, _) in &copies {
-        if *bytes != chosen {
-            if bytes.starts_with(&chosen) {
-                let file = OpenOptions::new().write(true).open(path).map_err(io_error("opening", path))?;
-                file.set_len(chosen.len() as u64).map_err(io_error("truncating", path))?;
-                file.sync_all().map_err(io_error("syncing", path))?;
-            } else {
-                fs::write(path, &chosen).map_err(io_error("repairing", path))?;
-                File::open(path).and_then(|file| file.sync_all()).map_err(io_error("syncing", path))?;
-                report.mirrors_repaired += 1;
-            }
+        if *bytes == chosen {
+            continue;
+        }
+        if bytes.starts_with(&chosen) {
+            let file = OpenOptions::new().write(true).open(path).map_err(io_error("opening", path))?;
+            file.set_len(chosen.len() as u64).map_err(io_error("truncating", path))?;
+            file.sync_all().map_err(io_error("syncing", path))?;
+        } else {
+            let tmp = path.with_extension("repair");
+            fs::write(&tmp, &chosen).map_err(io_error("repairing", path))?;
+            File::open(&tmp).and_then(|file| file.sync_all()).map_err(io_error("syncing", &tmp))?;
+            fs::rename(&tmp, path).map_err(io_error("repairing", path))?;
+            report.mirrors_repaired += 1;
         }
     }
     Ok(chosen)
 }
 
-/// Verifies every segment in every mirror; repairs mirrors from the longest valid copy.
+/// Verifies every segment in every mirror; truncates torn tails and repairs mirrors from the longest
+/// valid copy. Run it while the server is stopped.
 pub fn scrub(dirs: &[PathBuf]) -> Result<RecoveryReport, QueueError> {
     let (queue, _recovered, report) = Queue::open(dirs)?;
     drop(queue);
@@ -368,58 +661,108 @@ mod tests {
         }
     }
 
+    fn stored(seq: u64) -> QueueRecord {
+        QueueRecord::Stored { stored_unix_us: 1000 + seq, packet: packet(seq) }
+    }
+
+    fn done(seq: u64) -> QueueRecord {
+        QueueRecord::Done { id: packet(seq).id, outcome: Outcome::Receipted, at_unix_us: 77, reason: "ok".into() }
+    }
+
+    #[test]
+    fn records_round_trip() {
+        for record in [stored(1), done(2)] {
+            let mut bytes = Vec::new();
+            encode_record(&mut bytes, &record);
+            assert_eq!(read_record(&bytes, 0).unwrap(), (record, bytes.len()));
+        }
+    }
+
     #[test]
     fn append_sync_recover_and_read() {
         let dirs = temp_dirs(2);
         let (mut queue, recovered, _) = Queue::open(&dirs).unwrap();
         assert!(recovered.is_empty());
-        let locations: Vec<_> = (1..=10).map(|seq| queue.append(&Record::Packet(packet(seq)))).collect();
-        queue.append(&Record::Receipt(packet(3).id));
+        let locations: Vec<_> = (1..=10).map(|seq| queue.append(&stored(seq))).collect();
+        queue.append(&done(3));
         queue.sync().unwrap();
-        assert_eq!(queue.read_packet(locations[4]).unwrap(), packet(5));
+        assert_eq!(queue.read_stored(locations[4]).unwrap().1, packet(5));
         drop(queue);
         let (mut queue, recovered, report) = Queue::open(&dirs).unwrap();
         assert_eq!(report.records, 11);
-        assert_eq!(recovered.len(), 11);
-        assert!(matches!(&recovered[10], Recovered::Done { id } if *id == packet(3).id));
-        assert_eq!(queue.read_packet(locations[9]).unwrap(), packet(10));
+        assert_eq!(recovered[10].record, done(3));
+        assert_eq!(queue.read_stored(locations[9]).unwrap(), (1010, packet(10)));
     }
 
     #[test]
     fn torn_tail_is_truncated_and_bad_mirror_repaired() {
         let dirs = temp_dirs(2);
         let (mut queue, _, _) = Queue::open(&dirs).unwrap();
-        let location = queue.append(&Record::Packet(packet(1)));
-        queue.append(&Record::Packet(packet(2)));
+        let location = queue.append(&stored(1));
+        queue.append(&stored(2));
         queue.sync().unwrap();
         drop(queue);
         let path0 = dirs[0].join(segment_name(0));
         let path1 = dirs[1].join(segment_name(0));
         let full = fs::read(&path0).unwrap();
-        // Mirror 0: a torn tail (half of the last record). Mirror 1: a flipped byte in record 1.
+        // Mirror 0: a torn tail (part of the last record). Mirror 1: a flipped byte in record 1.
         fs::write(&path0, &full[..full.len() - 20]).unwrap();
         let mut flipped = full.clone();
         flipped[location.offset as usize + 30] ^= 0xFF;
         fs::write(&path1, &flipped).unwrap();
         let (mut queue, recovered, report) = Queue::open(&dirs).unwrap();
-        // Mirror 0 has the longer valid prefix (record 1 intact); record 2 is lost in both copies
-        // only because we tore it from the only good copy.
+        // Mirror 0's valid prefix (record 1) is the longest; record 2 was torn from the only good copy.
         assert_eq!(recovered.len(), 1);
         assert_eq!(report.mirrors_repaired, 1);
-        assert_eq!(queue.read_packet(location).unwrap(), packet(1));
+        assert!(report.torn_bytes_truncated > 0);
+        assert_eq!(queue.read_stored(location).unwrap().1, packet(1));
         assert_eq!(fs::read(&path0).unwrap(), fs::read(&path1).unwrap());
     }
 
     #[test]
-    fn read_falls_back_to_the_good_mirror() {
+    fn read_falls_back_to_the_good_mirror_and_repairs_the_bad_copy() {
         let dirs = temp_dirs(2);
         let (mut queue, _, _) = Queue::open(&dirs).unwrap();
-        let location = queue.append(&Record::Packet(packet(7)));
+        let location = queue.append(&stored(7));
         queue.sync().unwrap();
         let path0 = dirs[0].join(segment_name(0));
         let mut bytes = fs::read(&path0).unwrap();
         bytes[location.offset as usize + 40] ^= 0x01;
         fs::write(&path0, &bytes).unwrap();
-        assert_eq!(queue.read_packet(location).unwrap(), packet(7));
+        assert_eq!(queue.read_stored(location).unwrap().1, packet(7));
+        assert_eq!(queue.read_repairs, 1);
+        assert_eq!(fs::read(&path0).unwrap(), fs::read(dirs[1].join(segment_name(0))).unwrap());
+    }
+
+    #[test]
+    fn removed_mirror_degrades_and_resyncs_when_back() {
+        let dirs = temp_dirs(2);
+        let (mut queue, _, _) = Queue::open(&dirs).unwrap();
+        queue.append(&stored(1));
+        queue.sync().unwrap();
+        fs::remove_dir_all(&dirs[1]).unwrap();
+        queue.append(&stored(2));
+        queue.sync().unwrap();
+        assert!(queue.degraded());
+        let location = queue.append(&stored(3));
+        queue.sync().unwrap();
+        fs::create_dir_all(&dirs[1]).unwrap();
+        assert_eq!(queue.resync_failed(), 1);
+        assert!(!queue.degraded());
+        queue.append(&stored(4));
+        queue.sync().unwrap();
+        assert_eq!(fs::read(dirs[0].join(segment_name(0))).unwrap(), fs::read(dirs[1].join(segment_name(0))).unwrap());
+        assert_eq!(queue.read_stored(location).unwrap().1, packet(3));
+    }
+
+    #[test]
+    fn all_mirrors_failing_rolls_back() {
+        let dirs = temp_dirs(1);
+        let (mut queue, _, _) = Queue::open(&dirs).unwrap();
+        queue.append(&stored(1));
+        queue.sync().unwrap();
+        fs::remove_dir_all(&dirs[0]).unwrap();
+        queue.append(&stored(2));
+        assert!(matches!(queue.sync(), Err(QueueError::NoHealthyMirror { .. })));
     }
 }

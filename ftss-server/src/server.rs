@@ -1,23 +1,26 @@
 //! The routing agent: drain outboxes → store durably → ack the source → deliver to inboxes →
-//! take receipts → delete. One cycle does each step once with bounded work; `run` repeats cycles.
+//! take receipts → delete or retain. One cycle does each step once with bounded work; `run` repeats
+//! cycles until stopped. Operating errors (a full disk, a failed mirror, an unreachable volume) are
+//! logged and retried; they never stop the server.
 //!
 //! Invariants:
-//! - A packet is acked (`Stored`) only after `Queue::sync` returned for the group that holds it.
+//! - A packet is acked (`Stored`) only after `Queue::sync` returned Ok for the group that holds it.
 //! - An outbox file is removed only after its packets are durable and acked.
 //! - The source node of a packet is the outbox it was drained from, never the file's own claim.
-//! - A packet leaves the queue only after its destination node receipted it.
+//! - A packet leaves the queue only after its destination node receipted it (or it is
+//!   dead-lettered); with `--retain` its bytes stay for that long after.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use fsbridge::format::BatchEncoder;
 use fsbridge::layout::batch_file_name;
-use fsbridge::{Ack, AckState, BatchHeader, BatchKind, NodeName, Packet, PacketId, Record, SpoolError, Volume};
+use fsbridge::{Ack, AckState, BatchHeader, BatchKind, NodeName, Packet, PacketId, Record, Volume};
 use serde::Serialize;
 
-use crate::queue::{Location, Queue, QueueError, Recovered, RecoveryReport};
+use crate::queue::{Location, MirrorStatus, Outcome, Queue, QueueError, QueueRecord, RecoveryReport};
 
 /// Most outbox files drained from one node in one cycle; keeps one busy node from starving others.
 const DRAIN_FILES_PER_NODE_MAX: usize = 256;
@@ -25,18 +28,26 @@ const DRAIN_FILES_PER_NODE_MAX: usize = 256;
 const DRAIN_PACKETS_PER_CYCLE_MAX: usize = 65_536;
 /// Most packets written into one inbox batch file.
 const DELIVER_PACKETS_PER_FILE_MAX: usize = 4096;
+/// Most payload bytes written into one inbox batch file (bounds the receiving shim's memory).
+const DELIVER_FILE_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Most packets delivered in one cycle; bounds the time one cycle spends writing inboxes.
 const DELIVER_PACKETS_PER_CYCLE_MAX: usize = 65_536;
 /// Most receipt files read from one node in one cycle.
 const RECEIPT_FILES_PER_NODE_MAX: usize = 1024;
 /// How often the node registry (`node.toml` files) is re-read.
 const REGISTRY_REFRESH: Duration = Duration::from_secs(1);
-/// How often status.json is rewritten (`ftss-server status` reads it; NFS/SMB make it cheap enough).
+/// How often status.json is rewritten.
 const STATUS_INTERVAL: Duration = Duration::from_millis(250);
+/// How often failed mirrors are checked for a return.
+const RESYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// Ack files older than this are removed: acks are for processes waiting now, not a history.
 const ACK_FILE_AGE_MAX: Duration = Duration::from_secs(300);
 /// Files in `tmp/` older than this were left by a writer that died mid-publish.
 const TMP_FILE_AGE_MAX: Duration = Duration::from_secs(3600);
+/// Dead letters remembered for status.
+const DEAD_LETTERS_SHOWN_MAX: usize = 32;
+/// Window over which status computes rates.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
 
 /// Settings of `ftss-server run`.
 #[derive(Clone, Debug)]
@@ -45,17 +56,21 @@ pub struct Config {
     pub queue_dirs: Vec<PathBuf>,
     pub poll: Duration,
     pub redeliver_after: Duration,
+    /// Keep receipted packets this long (zero: delete on receipt).
+    pub retain: Duration,
+    /// Hold packets for unknown destinations this long, then dead-letter them.
+    pub hold: Duration,
+    /// Most queued payload bytes for one destination node before its senders are pushed back.
+    pub destination_bytes_max: u64,
 }
 
-/// Errors that stop the server. Per-file problems are not errors: those files are quarantined.
+/// Errors that stop the server at start. Once running, errors are retried, never fatal.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// The durable queue failed: nothing more can be acked safely.
     #[error("queue: {0}")]
     Queue(#[from] QueueError),
-    /// The volume itself is unusable (cannot list or write its directories).
     #[error("volume: {0}")]
-    Volume(#[from] SpoolError),
+    Volume(#[from] fsbridge::SpoolError),
 }
 
 /// Counters, as shown by `ftss-server status`.
@@ -69,8 +84,12 @@ pub struct Counters {
     pub delivered: u64,
     pub redelivered: u64,
     pub receipted: u64,
+    pub dead_lettered: u64,
     pub quarantined: u64,
     pub syncs: u64,
+    pub read_repairs: u64,
+    pub backpressure_events: u64,
+    pub errors: u64,
 }
 
 /// The state of one queued packet. Payloads stay on disk.
@@ -78,7 +97,26 @@ struct Entry {
     location: Location,
     destination: SocketAddrV4,
     order: u64,
-    delivered_at: Option<Instant>,
+    stored_unix_us: u64,
+    payload_bytes: u32,
+    /// When it was last written to an inbox, and the batch seq of that file (this server's epoch).
+    delivered: Option<(Instant, u64)>,
+}
+
+/// A dead letter, for status.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeadLetter {
+    pub id: String,
+    pub destination: String,
+    pub reason: String,
+    pub at_unix_ms: u64,
+}
+
+/// Why the server is not draining everything right now.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Backpressure {
+    pub active: bool,
+    pub reasons: Vec<String>,
 }
 
 /// The server's state and its I/O.
@@ -89,15 +127,26 @@ pub struct Server {
     entries: HashMap<PacketId, Entry>,
     /// Store order → packet id: delivery walks this in order.
     by_order: BTreeMap<u64, PacketId>,
-    /// Live packet count per segment, for reclaiming.
+    /// Live records per segment (queued, or receipted but retained), for reclaiming.
     live_per_segment: BTreeMap<u64, u64>,
+    /// Receipted packets kept for `--retain`: (until µs, segment), oldest first.
+    retained: VecDeque<(u64, u64)>,
+    /// Queued payload bytes per destination address.
+    bytes_per_destination: HashMap<Ipv4Addr, u64>,
     next_order: u64,
     nodes: Vec<NodeName>,
     addr_to_node: HashMap<Ipv4Addr, NodeName>,
     node_to_addr: HashMap<NodeName, Ipv4Addr>,
+    /// Acks to write at the end of the cycle, per source node.
+    pending_acks: BTreeMap<NodeName, Vec<Ack>>,
     registry_loaded_at: Option<Instant>,
     status_written_at: Option<Instant>,
+    resync_checked_at: Instant,
     counters: Counters,
+    samples: VecDeque<(Instant, u64, u64, u64)>,
+    dead_letters: VecDeque<DeadLetter>,
+    backpressure: Backpressure,
+    last_error: Option<String>,
     recovery: RecoveryReport,
     epoch: u64,
     batch_seq: u64,
@@ -109,6 +158,14 @@ struct Drained {
     node: NodeName,
     name: String,
     packets: Vec<Packet>,
+}
+
+fn now_us() -> u64 {
+    fsbridge::unix_now_us()
+}
+
+fn id_text(id: &PacketId) -> String {
+    format!("{}/{:016x}/{}", id.origin, id.epoch, id.seq)
 }
 
 impl Server {
@@ -124,24 +181,33 @@ impl Server {
             entries: HashMap::new(),
             by_order: BTreeMap::new(),
             live_per_segment: BTreeMap::new(),
+            retained: VecDeque::new(),
+            bytes_per_destination: HashMap::new(),
             next_order: 0,
             nodes: Vec::new(),
             addr_to_node: HashMap::new(),
             node_to_addr: HashMap::new(),
+            pending_acks: BTreeMap::new(),
             registry_loaded_at: None,
             status_written_at: None,
+            resync_checked_at: Instant::now(),
             counters: Counters::default(),
+            samples: VecDeque::new(),
+            dead_letters: VecDeque::new(),
+            backpressure: Backpressure::default(),
+            last_error: None,
             recovery,
             epoch: fsbridge::random_u64(),
             batch_seq: 0,
-            started_unix_ms: fsbridge::unix_now_us() / 1000,
+            started_unix_ms: now_us() / 1000,
         };
         for item in recovered {
-            match item {
-                Recovered::Stored { location, packet } => server.insert(packet.id, packet.destination, location),
-                Recovered::Done { id } => server.remove(&id),
+            match item.record {
+                QueueRecord::Stored { stored_unix_us, packet } => server.insert(&packet, item.location, stored_unix_us),
+                QueueRecord::Done { id, outcome, at_unix_us, .. } => server.finish(&id, outcome, at_unix_us),
             }
         }
+        server.expire_retained(now_us());
         Ok(server)
     }
 
@@ -149,65 +215,122 @@ impl Server {
         &self.recovery
     }
 
-    fn insert(&mut self, id: PacketId, destination: SocketAddrV4, location: Location) {
-        if self.entries.contains_key(&id) {
+    fn insert(&mut self, packet: &Packet, location: Location, stored_unix_us: u64) {
+        if self.entries.contains_key(&packet.id) {
             return;
         }
         let order = self.next_order;
         self.next_order += 1;
-        self.by_order.insert(order, id.clone());
+        self.by_order.insert(order, packet.id.clone());
         *self.live_per_segment.entry(location.segment).or_insert(0) += 1;
-        self.entries.insert(id, Entry { location, destination, order, delivered_at: None });
+        *self.bytes_per_destination.entry(*packet.destination.ip()).or_insert(0) += packet.payload.len() as u64;
+        let entry = Entry {
+            location,
+            destination: packet.destination,
+            order,
+            stored_unix_us,
+            payload_bytes: packet.payload.len() as u32,
+            delivered: None,
+        };
+        self.entries.insert(packet.id.clone(), entry);
     }
 
-    fn remove(&mut self, id: &PacketId) {
-        if let Some(entry) = self.entries.remove(id) {
-            self.by_order.remove(&entry.order);
-            let live = self.live_per_segment.get_mut(&entry.location.segment).expect("segment counted");
-            *live -= 1;
-            if *live == 0 {
-                self.live_per_segment.remove(&entry.location.segment);
-            }
+    /// The packet is receipted or dead-lettered: it leaves the queue (its bytes may be retained).
+    fn finish(&mut self, id: &PacketId, outcome: Outcome, at_unix_us: u64) {
+        let Some(entry) = self.entries.remove(id) else { return };
+        self.by_order.remove(&entry.order);
+        if let Some(bytes) = self.bytes_per_destination.get_mut(entry.destination.ip()) {
+            *bytes -= u64::from(entry.payload_bytes);
+        }
+        let retain_us = self.config.retain.as_micros() as u64;
+        if outcome == Outcome::Receipted && retain_us > 0 {
+            // Still live for reclaiming until the retention ends.
+            self.retained.push_back((at_unix_us + retain_us, entry.location.segment));
+        } else {
+            self.release_segment(entry.location.segment);
+        }
+    }
+
+    fn release_segment(&mut self, segment: u64) {
+        let live = self.live_per_segment.get_mut(&segment).expect("segment counted");
+        *live -= 1;
+        if *live == 0 {
+            self.live_per_segment.remove(&segment);
+        }
+    }
+
+    fn expire_retained(&mut self, now_unix_us: u64) {
+        while self.retained.front().is_some_and(|(until, _)| *until <= now_unix_us) {
+            let (_, segment) = self.retained.pop_front().expect("front exists");
+            self.release_segment(segment);
         }
     }
 
     /// Runs cycles until `stop` returns true.
-    pub fn run(&mut self, stop: impl Fn() -> bool) -> Result<(), ServerError> {
+    pub fn run(&mut self, stop: impl Fn() -> bool) {
         while !stop() {
-            let busy = self.cycle()?;
+            let busy = self.cycle();
             if !busy {
                 std::thread::sleep(self.config.poll);
             }
         }
         self.write_status(true);
-        Ok(())
+    }
+
+    /// Logs an operating error (once per distinct message in a row) and counts it.
+    fn report(&mut self, step: &str, error: impl std::fmt::Display) {
+        let message = format!("{step}: {error}");
+        if self.last_error.as_deref() != Some(message.as_str()) {
+            eprintln!("ftss-server: {message}");
+        }
+        self.counters.errors += 1;
+        self.last_error = Some(message);
     }
 
     /// One pass over every step. Returns whether anything was done.
-    pub fn cycle(&mut self) -> Result<bool, ServerError> {
-        self.refresh_registry()?;
-        let drained = self.drain()?;
-        let delivered = self.deliver()?;
-        let receipted = self.take_receipts()?;
-        self.queue.reclaim(|segment| self.live_per_segment.contains_key(&segment))?;
+    pub fn cycle(&mut self) -> bool {
+        let mut work = 0;
+        if let Err(error) = self.refresh_registry() {
+            self.report("reading the node registry", error);
+        }
+        self.backpressure = Backpressure::default();
+        match self.drain() {
+            Ok(count) => work += count,
+            Err(error) => self.report("draining", error),
+        }
+        match self.deliver() {
+            Ok(count) => work += count,
+            Err(error) => self.report("delivering", error),
+        }
+        match self.take_receipts() {
+            Ok(count) => work += count,
+            Err(error) => self.report("taking receipts", error),
+        }
+        self.dead_letter_expired();
+        self.flush_acks();
+        self.reclaim();
+        if self.resync_checked_at.elapsed() >= RESYNC_INTERVAL {
+            self.resync_checked_at = Instant::now();
+            if self.queue.degraded() {
+                self.queue.resync_failed();
+            }
+        }
         if self.status_written_at.is_none_or(|at| at.elapsed() >= STATUS_INTERVAL) {
             self.housekeeping();
             self.write_status(false);
         }
-        Ok(drained + delivered + receipted > 0)
+        work > 0
     }
 
-    fn refresh_registry(&mut self) -> Result<(), ServerError> {
+    fn refresh_registry(&mut self) -> Result<(), fsbridge::SpoolError> {
         if self.registry_loaded_at.is_some_and(|at| at.elapsed() < REGISTRY_REFRESH) {
             return Ok(());
         }
+        self.registry_loaded_at = Some(Instant::now());
         let (nodes, invalid) = self.volume.list_nodes()?;
         for name in invalid {
-            self.quarantine_path(
-                self.volume.nodes_dir().join(&name),
-                "volume",
-                "node directory name is not a valid node name",
-            );
+            let path = self.volume.nodes_dir().join(&name);
+            self.quarantine_path(path, "volume", "node directory name is not a valid node name");
         }
         self.addr_to_node.clear();
         self.node_to_addr.clear();
@@ -222,7 +345,6 @@ impl Server {
             }
         }
         self.nodes = nodes;
-        self.registry_loaded_at = Some(Instant::now());
         Ok(())
     }
 
@@ -232,14 +354,59 @@ impl Server {
                 self.counters.quarantined += 1;
                 eprintln!("ftss-server: quarantined {} as {}: {reason}", path.display(), target.display());
             }
-            Err(error) => {
-                eprintln!("ftss-server: cannot quarantine {}: {error} (reason was: {reason})", path.display())
-            }
+            Err(error) => self.report("quarantining", format!("{}: {error} (reason was: {reason})", path.display())),
         }
     }
 
     /// Reads outbox files, stores their packets with one sync, acks, removes the files.
-    fn drain(&mut self) -> Result<usize, ServerError> {
+    fn drain(&mut self) -> Result<usize, fsbridge::SpoolError> {
+        let drained = self.read_outboxes()?;
+        if drained.is_empty() {
+            return Ok(0);
+        }
+        let stored_unix_us = now_us();
+        let mut fresh = Vec::new();
+        for batch in &drained {
+            for packet in &batch.packets {
+                if self.entries.contains_key(&packet.id) {
+                    // Drained before a crash that came before the outbox file was removed.
+                    continue;
+                }
+                let location = self.queue.append(&QueueRecord::Stored { stored_unix_us, packet: packet.clone() });
+                fresh.push((packet, location));
+            }
+        }
+        if let Err(error) = self.queue.sync() {
+            // Nothing of this group is durable: no ack, the outbox files stay, retried next cycle.
+            self.push_back(format!("queue: {error}"));
+            return Ok(0);
+        }
+        self.counters.syncs += 1;
+        let total: usize = drained.iter().map(|batch| batch.packets.len()).sum();
+        self.counters.drained += total as u64;
+        self.counters.duplicates += (total - fresh.len()) as u64;
+        self.counters.stored += fresh.len() as u64;
+        for (packet, location) in fresh {
+            self.insert(packet, location, stored_unix_us);
+        }
+        self.ack_and_remove(&drained)?;
+        self.counters.drained_files += drained.len() as u64;
+        Ok(drained.len())
+    }
+
+    fn push_back(&mut self, reason: String) {
+        if !self.backpressure.reasons.contains(&reason) {
+            if self.backpressure.reasons.is_empty() {
+                self.counters.backpressure_events += 1;
+            }
+            self.backpressure.active = true;
+            self.backpressure.reasons.push(reason);
+        }
+    }
+
+    /// Reads and decodes up to the cycle's bound of outbox files, quarantining bad ones and leaving
+    /// files whose destination is over its byte limit.
+    fn read_outboxes(&mut self) -> Result<Vec<Drained>, fsbridge::SpoolError> {
         let mut drained: Vec<Drained> = Vec::new();
         let mut packets_total = 0;
         for node in self.nodes.clone() {
@@ -257,57 +424,43 @@ impl Server {
                         continue;
                     }
                 };
-                match decode_outbox_batch(&bytes, &node, self.node_to_addr.get(&node).copied()) {
-                    Ok(packets) => {
-                        packets_total += packets.len();
-                        drained.push(Drained { node: node.clone(), name, packets });
+                let packets = match decode_outbox_batch(&bytes, &node, self.node_to_addr.get(&node).copied()) {
+                    Ok(packets) => packets,
+                    Err(reason) => {
+                        self.quarantine_path(path, node.as_str(), &reason);
+                        continue;
                     }
-                    Err(reason) => self.quarantine_path(path, node.as_str(), &reason),
+                };
+                if let Some(full) = packets.iter().find(|packet| self.destination_full(packet.destination.ip())) {
+                    let reason = format!("queue for {} is over its limit", full.destination.ip());
+                    self.push_back(reason);
+                    // Files of one writer must stay in order: nothing after this one either.
+                    break;
                 }
+                packets_total += packets.len();
+                drained.push(Drained { node: node.clone(), name, packets });
             }
         }
-        if drained.is_empty() {
-            return Ok(0);
-        }
-        for batch in &drained {
-            for packet in &batch.packets {
-                self.counters.drained += 1;
-                if self.entries.contains_key(&packet.id) {
-                    // Drained before a crash that came before the outbox file was removed.
-                    self.counters.duplicates += 1;
-                    continue;
-                }
-                let location = self.queue.append(&Record::Packet(packet.clone()));
-                self.insert(packet.id.clone(), packet.destination, location);
-                self.counters.stored += 1;
-            }
-        }
-        self.queue.sync()?;
-        self.counters.syncs += 1;
-        self.ack_and_remove(&drained)?;
-        self.counters.drained_files += drained.len() as u64;
-        Ok(drained.len())
+        Ok(drained)
     }
 
-    /// Writes one ack file per source node for what was just stored, then removes the outbox files.
-    fn ack_and_remove(&mut self, drained: &[Drained]) -> Result<(), ServerError> {
+    fn destination_full(&self, destination: &Ipv4Addr) -> bool {
+        self.bytes_per_destination.get(destination).copied().unwrap_or(0) >= self.config.destination_bytes_max
+    }
+
+    /// Writes one "stored" ack file per source node, then removes the outbox files.
+    fn ack_and_remove(&mut self, drained: &[Drained]) -> Result<(), fsbridge::SpoolError> {
         let mut by_node: BTreeMap<&NodeName, Vec<&Drained>> = BTreeMap::new();
         for batch in drained {
             by_node.entry(&batch.node).or_default().push(batch);
         }
         for (node, batches) in by_node {
-            let mut encoder = self.encoder(BatchKind::Acks);
-            for packet in batches.iter().flat_map(|batch| &batch.packets) {
-                encoder.push(&Record::Ack(Ack {
-                    id: packet.id.clone(),
-                    state: AckState::Stored,
-                    reason: String::new(),
-                }));
-            }
-            let count = encoder.record_count() as u64;
-            let name = batch_file_name(self.epoch, self.batch_seq, "ack");
-            self.volume.acks(node).publish(&name, &encoder.finish())?;
-            self.counters.acked += count;
+            let acks: Vec<Ack> = batches
+                .iter()
+                .flat_map(|batch| &batch.packets)
+                .map(|packet| Ack { id: packet.id.clone(), state: AckState::Stored, reason: String::new() })
+                .collect();
+            self.publish_acks(node, &acks)?;
             let outbox = self.volume.outbox(node);
             for batch in batches {
                 outbox.remove_unsynced(&batch.name)?;
@@ -317,6 +470,31 @@ impl Server {
         Ok(())
     }
 
+    fn publish_acks(&mut self, node: &NodeName, acks: &[Ack]) -> Result<(), fsbridge::SpoolError> {
+        let mut encoder = self.encoder(BatchKind::Acks);
+        for ack in acks {
+            encoder.push(&Record::Ack(ack.clone()));
+        }
+        let name = batch_file_name(self.epoch, self.batch_seq, "ack");
+        self.volume.acks(node).publish(&name, &encoder.finish())?;
+        self.counters.acked += acks.len() as u64;
+        Ok(())
+    }
+
+    /// Queues an ack for the source at the end of this cycle.
+    fn ack_later(&mut self, id: &PacketId, state: AckState, reason: String) {
+        self.pending_acks.entry(id.origin.clone()).or_default().push(Ack { id: id.clone(), state, reason });
+    }
+
+    fn flush_acks(&mut self) {
+        for (node, acks) in std::mem::take(&mut self.pending_acks) {
+            // Acks after "stored" are informational: a lost one costs nothing but the source's view.
+            if let Err(error) = self.publish_acks(&node, &acks) {
+                self.report("writing acks", error);
+            }
+        }
+    }
+
     fn encoder(&mut self, kind: BatchKind) -> BatchEncoder {
         self.batch_seq += 1;
         let node = NodeName::new("ftss-server").expect("valid name");
@@ -324,55 +502,83 @@ impl Server {
     }
 
     /// Writes due packets into their destination inboxes, in store order, grouped per (node, port).
-    fn deliver(&mut self) -> Result<usize, ServerError> {
+    fn deliver(&mut self) -> Result<usize, QueueError> {
         let now = Instant::now();
         let mut due: BTreeMap<(NodeName, u16), Vec<PacketId>> = BTreeMap::new();
+        let mut still_in_inbox: HashMap<(NodeName, u16, u64), bool> = HashMap::new();
         let mut count = 0;
         for id in self.by_order.values() {
             let entry = &self.entries[id];
-            let ready = entry.delivered_at.is_none_or(|at| now.duration_since(at) >= self.config.redeliver_after);
-            if !ready {
-                continue;
-            }
             // Unknown destinations stay queued: the receiver may register later.
             let Some(node) = self.addr_to_node.get(entry.destination.ip()) else { continue };
-            due.entry((node.clone(), entry.destination.port())).or_default().push(id.clone());
+            let port = entry.destination.port();
+            if let Some((at, file)) = entry.delivered {
+                if now.duration_since(at) < self.config.redeliver_after {
+                    continue;
+                }
+                // Not picked up yet (no receiver bound): another copy would only pile up.
+                let key = (node.clone(), port, file);
+                let waiting = *still_in_inbox.entry(key).or_insert_with(|| {
+                    let name = batch_file_name(self.epoch, file, "pkt");
+                    self.volume.inbox(node, port).new_dir().join(name).exists()
+                });
+                if waiting {
+                    continue;
+                }
+            }
+            due.entry((node.clone(), port)).or_default().push(id.clone());
             count += 1;
             if count >= DELIVER_PACKETS_PER_CYCLE_MAX {
                 break;
             }
         }
         for ((node, port), ids) in due {
-            for chunk in ids.chunks(DELIVER_PACKETS_PER_FILE_MAX) {
-                self.deliver_file(&node, port, chunk, now)?;
+            let mut start = 0;
+            while start < ids.len() {
+                start += self.deliver_file(&node, port, &ids[start..], now)?;
             }
         }
         Ok(count)
     }
 
-    fn deliver_file(&mut self, node: &NodeName, port: u16, ids: &[PacketId], now: Instant) -> Result<(), ServerError> {
+    /// Writes one inbox file with a prefix of `ids`; returns how many it took.
+    fn deliver_file(&mut self, node: &NodeName, port: u16, ids: &[PacketId], now: Instant) -> Result<usize, QueueError> {
         let mut encoder = self.encoder(BatchKind::Packets);
-        for id in ids {
-            let location = self.entries[id].location;
-            let packet = self.queue.read_packet(location)?;
-            encoder.push(&Record::Packet(packet));
-        }
-        let name = batch_file_name(self.epoch, self.batch_seq, "pkt");
-        self.volume.inbox(node, port).publish(&name, &encoder.finish())?;
-        for id in ids {
-            let entry = self.entries.get_mut(id).expect("entry exists");
-            if entry.delivered_at.is_some() {
-                self.counters.redelivered += 1;
-            } else {
-                self.counters.delivered += 1;
+        let file_seq = self.batch_seq;
+        let mut bytes = 0;
+        let mut taken = 0;
+        for id in ids.iter().take(DELIVER_PACKETS_PER_FILE_MAX) {
+            let entry = &self.entries[id];
+            if taken > 0 && bytes + entry.payload_bytes as usize > DELIVER_FILE_BYTES_MAX {
+                break;
             }
-            entry.delivered_at = Some(now);
+            bytes += entry.payload_bytes as usize;
+            let (_, packet) = self.queue.read_stored(entry.location)?;
+            encoder.push(&Record::Packet(packet));
+            taken += 1;
         }
-        Ok(())
+        self.counters.read_repairs = self.queue.read_repairs;
+        let name = batch_file_name(self.epoch, file_seq, "pkt");
+        if let Err(error) = self.volume.inbox(node, port).publish(&name, &encoder.finish()) {
+            self.report("delivering", format!("inbox of {node}:{port}: {error}"));
+            return Ok(ids.len());
+        }
+        for id in &ids[..taken] {
+            let entry = self.entries.get_mut(id).expect("entry exists");
+            let first = entry.delivered.is_none();
+            entry.delivered = Some((now, file_seq));
+            if first {
+                self.counters.delivered += 1;
+                self.ack_later(id, AckState::Delivered, String::new());
+            } else {
+                self.counters.redelivered += 1;
+            }
+        }
+        Ok(taken)
     }
 
-    /// Reads receipts; a receipted packet is marked done in the queue (synced) and forgotten.
-    fn take_receipts(&mut self) -> Result<usize, ServerError> {
+    /// Reads receipts; a receipted packet is marked done in the queue (synced) and released.
+    fn take_receipts(&mut self) -> Result<usize, fsbridge::SpoolError> {
         let mut files = Vec::new();
         let mut done = Vec::new();
         for node in self.nodes.clone() {
@@ -389,16 +595,13 @@ impl Server {
                 };
                 match decode_receipts(&bytes) {
                     Ok(ids) => {
-                        for id in ids {
-                            // Only the destination node may receipt a packet.
-                            let from_destination = self
-                                .entries
-                                .get(&id)
-                                .is_some_and(|entry| self.addr_to_node.get(entry.destination.ip()) == Some(&node));
-                            if from_destination {
-                                done.push(id);
-                            }
-                        }
+                        // Only the destination node may receipt a packet.
+                        let own = ids.into_iter().filter(|id| {
+                            self.entries
+                                .get(id)
+                                .is_some_and(|entry| self.addr_to_node.get(entry.destination.ip()) == Some(&node))
+                        });
+                        done.extend(own);
                         files.push((node.clone(), name));
                     }
                     Err(reason) => self.quarantine_path(path, node.as_str(), &reason),
@@ -408,20 +611,90 @@ impl Server {
         if files.is_empty() {
             return Ok(0);
         }
+        let at_unix_us = now_us();
+        done.sort();
+        done.dedup();
         for id in &done {
-            self.queue.append(&Record::Receipt(id.clone()));
+            let record =
+                QueueRecord::Done { id: id.clone(), outcome: Outcome::Receipted, at_unix_us, reason: String::new() };
+            self.queue.append(&record);
         }
-        self.queue.sync()?;
+        if let Err(error) = self.queue.sync() {
+            // The receipt files stay; the packets stay queued. Retried next cycle.
+            self.push_back(format!("queue: {error}"));
+            return Ok(0);
+        }
         for id in &done {
-            if self.entries.contains_key(id) {
-                self.remove(id);
-                self.counters.receipted += 1;
-            }
+            self.finish(id, Outcome::Receipted, at_unix_us);
+            self.counters.receipted += 1;
+            self.ack_later(id, AckState::Receipted, String::new());
         }
         for (node, name) in &files {
             self.volume.receipts(node).remove(name)?;
         }
         Ok(files.len())
+    }
+
+    /// Dead-letters packets whose destination stayed unknown for longer than `--hold`.
+    fn dead_letter_expired(&mut self) {
+        let now = now_us();
+        let hold_us = self.config.hold.as_micros() as u64;
+        let expired: Vec<(PacketId, Ipv4Addr)> = self
+            .entries
+            .iter()
+            .filter(|(_, entry)| {
+                !self.addr_to_node.contains_key(entry.destination.ip()) && entry.stored_unix_us + hold_us <= now
+            })
+            .map(|(id, entry)| (id.clone(), *entry.destination.ip()))
+            .collect();
+        if expired.is_empty() {
+            return;
+        }
+        let mut letters = Vec::new();
+        for (id, destination) in &expired {
+            let reason = format!("no node registered for {destination} within {}s", self.config.hold.as_secs());
+            let record =
+                QueueRecord::Done { id: id.clone(), outcome: Outcome::DeadLettered, at_unix_us: now, reason: reason.clone() };
+            self.queue.append(&record);
+            letters.push((id.clone(), destination, reason));
+        }
+        if let Err(error) = self.queue.sync() {
+            self.push_back(format!("queue: {error}"));
+            return;
+        }
+        for (id, destination, reason) in letters {
+            self.finish(&id, Outcome::DeadLettered, now);
+            self.counters.dead_lettered += 1;
+            eprintln!("ftss-server: dead-lettered {}: {reason}", id_text(&id));
+            self.ack_later(&id, AckState::Rejected, reason.clone());
+            self.dead_letters.push_back(DeadLetter {
+                id: id_text(&id),
+                destination: destination.to_string(),
+                reason,
+                at_unix_ms: now / 1000,
+            });
+            if self.dead_letters.len() > DEAD_LETTERS_SHOWN_MAX {
+                self.dead_letters.pop_front();
+            }
+        }
+    }
+
+    /// Frees retained packets whose time is up and deletes segments nothing lives in. When the
+    /// active segment holds nothing live, a new one is started so the old one can go too: without
+    /// `--retain`, receipted bytes do not linger.
+    fn reclaim(&mut self) {
+        self.expire_retained(now_us());
+        let active_idle = !self.live_per_segment.contains_key(&self.active_segment_id());
+        if active_idle && self.queue.active_has_records() {
+            if let Err(error) = self.queue.rotate() {
+                self.report("starting a new segment", error);
+            }
+        }
+        self.queue.reclaim(|segment| self.live_per_segment.contains_key(&segment));
+    }
+
+    fn active_segment_id(&self) -> u64 {
+        self.queue.active_segment()
     }
 
     fn housekeeping(&mut self) {
@@ -433,48 +706,81 @@ impl Server {
         }
     }
 
+    fn rates(&mut self) -> Rates {
+        let now = Instant::now();
+        self.samples.push_back((now, self.counters.stored, self.counters.delivered, self.counters.receipted));
+        while self.samples.front().is_some_and(|(at, ..)| now.duration_since(*at) > RATE_WINDOW) {
+            self.samples.pop_front();
+        }
+        let (first, last) = (self.samples.front().expect("just pushed"), self.samples.back().expect("just pushed"));
+        let seconds = last.0.duration_since(first.0).as_secs_f64();
+        let rate = |from: u64, to: u64| if seconds > 0.0 { (to - from) as f64 / seconds } else { 0.0 };
+        Rates {
+            stored_per_second: rate(first.1, last.1),
+            delivered_per_second: rate(first.2, last.2),
+            receipted_per_second: rate(first.3, last.3),
+        }
+    }
+
     /// The status document (also what `status --json` prints).
-    pub fn status(&self, stopped: bool) -> Status {
+    pub fn status(&mut self, stopped: bool) -> Status {
+        let now = now_us();
         let mut nodes: BTreeMap<String, NodeStatus> = BTreeMap::new();
         for node in &self.nodes {
-            nodes.insert(
-                node.to_string(),
-                NodeStatus { addr: self.node_to_addr.get(node).map(|addr| addr.to_string()), queued: 0 },
-            );
+            let addr = self.node_to_addr.get(node).map(|addr| addr.to_string());
+            nodes.insert(node.to_string(), NodeStatus { addr, ..NodeStatus::default() });
         }
         let mut unknown_destination = 0;
         for entry in self.entries.values() {
-            match self.addr_to_node.get(entry.destination.ip()) {
-                Some(node) => nodes.get_mut(node.as_str()).expect("registered node listed").queued += 1,
-                None => unknown_destination += 1,
-            }
+            let Some(node) = self.addr_to_node.get(entry.destination.ip()) else {
+                unknown_destination += 1;
+                continue;
+            };
+            let status = nodes.get_mut(node.as_str()).expect("registered node listed");
+            status.queued += 1;
+            status.queued_bytes += u64::from(entry.payload_bytes);
+            status.oldest_age_ms = status.oldest_age_ms.max(now.saturating_sub(entry.stored_unix_us) / 1000);
         }
+        self.counters.read_repairs = self.queue.read_repairs;
         Status {
             running: !stopped,
             pid: std::process::id(),
             started_unix_ms: self.started_unix_ms,
-            updated_unix_ms: fsbridge::unix_now_us() / 1000,
+            updated_unix_ms: now / 1000,
+            degraded: self.queue.degraded(),
+            backpressure: self.backpressure.clone(),
             counters: self.counters.clone(),
+            rates: self.rates(),
             queue: QueueStatus {
                 packets: self.entries.len() as u64,
+                retained: self.retained.len() as u64,
                 held_unknown_destination: unknown_destination,
                 segments: self.queue.segment_count() as u64,
                 bytes: self.queue.bytes(),
-                dirs: self.queue.dirs().iter().map(|dir| dir.display().to_string()).collect(),
+                mirrors: self.queue.mirror_status(),
+            },
+            config: ConfigStatus {
+                retain_seconds: self.config.retain.as_secs(),
+                hold_seconds: self.config.hold.as_secs(),
+                redeliver_after_ms: self.config.redeliver_after.as_millis() as u64,
+                destination_bytes_max: self.config.destination_bytes_max,
             },
             recovery: self.recovery.clone(),
+            dead_letters: self.dead_letters.iter().cloned().collect(),
+            last_error: self.last_error.clone(),
             nodes,
         }
     }
 
     fn write_status(&mut self, stopped: bool) {
-        let text = serde_json::to_vec_pretty(&self.status(stopped)).expect("status serializes");
+        let status = self.status(stopped);
+        let text = serde_json::to_vec_pretty(&status).expect("status serializes");
         let path = self.volume.status_path();
         let tmp = path.with_extension(format!("json.tmp.{}", std::process::id()));
         // Status is advisory: a failed write is logged, never fatal.
         let result = std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, &path));
         if let Err(error) = result {
-            eprintln!("ftss-server: cannot write {}: {error}", path.display());
+            self.report("writing status", format!("{}: {error}", path.display()));
         }
         self.status_written_at = Some(Instant::now());
     }
@@ -520,23 +826,47 @@ pub struct Status {
     pub pid: u32,
     pub started_unix_ms: u64,
     pub updated_unix_ms: u64,
+    pub degraded: bool,
+    pub backpressure: Backpressure,
     pub counters: Counters,
+    pub rates: Rates,
     pub queue: QueueStatus,
+    pub config: ConfigStatus,
     pub recovery: RecoveryReport,
+    pub dead_letters: Vec<DeadLetter>,
+    pub last_error: Option<String>,
     pub nodes: BTreeMap<String, NodeStatus>,
 }
 
 #[derive(Debug, Default, Serialize)]
+pub struct Rates {
+    pub stored_per_second: f64,
+    pub delivered_per_second: f64,
+    pub receipted_per_second: f64,
+}
+
+#[derive(Debug, Serialize)]
 pub struct QueueStatus {
     pub packets: u64,
+    pub retained: u64,
     pub held_unknown_destination: u64,
     pub segments: u64,
     pub bytes: u64,
-    pub dirs: Vec<String>,
+    pub mirrors: Vec<MirrorStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConfigStatus {
+    pub retain_seconds: u64,
+    pub hold_seconds: u64,
+    pub redeliver_after_ms: u64,
+    pub destination_bytes_max: u64,
 }
 
 #[derive(Debug, Default, Serialize)]
 pub struct NodeStatus {
     pub addr: Option<String>,
     pub queued: u64,
+    pub queued_bytes: u64,
+    pub oldest_age_ms: u64,
 }

@@ -1,0 +1,149 @@
+//! `ftss-server dump`: what is in the queue, packet by packet (Postfix's postcat for ftss).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use fsbridge::{Packet, PacketId};
+use serde_json::json;
+
+use crate::queue::{self, Outcome, QueueRecord};
+
+/// Which packets `dump` lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StateFilter {
+    Queued,
+    Receipted,
+    DeadLettered,
+    All,
+}
+
+struct Item {
+    stored_unix_us: u64,
+    packet: Packet,
+    done: Option<(Outcome, u64, String)>,
+}
+
+pub fn dump(dirs: &[PathBuf], filter: StateFilter, origin: Option<&str>, payload: bool, json: bool) -> Result<(), String> {
+    let records = queue::read_only_scan(dirs).map_err(|error| error.to_string())?;
+    let mut order: Vec<PacketId> = Vec::new();
+    let mut items: HashMap<PacketId, Item> = HashMap::new();
+    for recovered in records {
+        match recovered.record {
+            QueueRecord::Stored { stored_unix_us, packet } => {
+                if !items.contains_key(&packet.id) {
+                    order.push(packet.id.clone());
+                    items.insert(packet.id.clone(), Item { stored_unix_us, packet, done: None });
+                }
+            }
+            QueueRecord::Done { id, outcome, at_unix_us, reason } => {
+                if let Some(item) = items.get_mut(&id) {
+                    item.done = Some((outcome, at_unix_us, reason));
+                }
+            }
+        }
+    }
+    let mut shown = 0;
+    for id in order {
+        let item = &items[&id];
+        let state = match &item.done {
+            None => StateFilter::Queued,
+            Some((Outcome::Receipted, ..)) => StateFilter::Receipted,
+            Some((Outcome::DeadLettered, ..)) => StateFilter::DeadLettered,
+        };
+        if (filter != StateFilter::All && filter != state) || origin.is_some_and(|origin| origin != id.origin.as_str()) {
+            continue;
+        }
+        shown += 1;
+        print_item(item, state, payload, json);
+    }
+    if !json {
+        println!("{shown} packets");
+    }
+    Ok(())
+}
+
+fn state_name(state: StateFilter) -> &'static str {
+    match state {
+        StateFilter::Queued => "queued",
+        StateFilter::Receipted => "receipted",
+        StateFilter::DeadLettered => "dead-lettered",
+        StateFilter::All => "all",
+    }
+}
+
+fn print_item(item: &Item, state: StateFilter, payload: bool, as_json: bool) {
+    let packet = &item.packet;
+    let id = format!("{}/{:016x}/{}", packet.id.origin, packet.id.epoch, packet.id.seq);
+    let (done_at, reason) = match &item.done {
+        Some((_, at, reason)) => (Some(rfc3339(*at)), reason.as_str()),
+        None => (None, ""),
+    };
+    let text = String::from_utf8_lossy(&packet.payload).escape_debug().to_string();
+    if as_json {
+        let mut object = json!({
+            "id": id,
+            "state": state_name(state),
+            "source": packet.source.to_string(),
+            "destination": packet.destination.to_string(),
+            "sent": rfc3339(packet.sent_unix_us),
+            "stored": rfc3339(item.stored_unix_us),
+            "done": done_at,
+            "reason": reason,
+            "bytes": packet.payload.len(),
+        });
+        if payload {
+            object["payload"] = json!(text);
+        }
+        println!("{object}");
+        return;
+    }
+    println!(
+        "{id} {} {} -> {} sent {} stored {} bytes {}{}{}",
+        state_name(state),
+        packet.source,
+        packet.destination,
+        rfc3339(packet.sent_unix_us),
+        rfc3339(item.stored_unix_us),
+        packet.payload.len(),
+        done_at.map(|at| format!(" done {at}")).unwrap_or_default(),
+        if reason.is_empty() { String::new() } else { format!(" reason {reason:?}") },
+    );
+    if payload {
+        println!("  payload \"{text}\"");
+    }
+}
+
+/// Microseconds since the Unix epoch as RFC 3339 UTC, e.g. 2026-11-25T12:00:00.123456Z.
+pub fn rfc3339(unix_us: u64) -> String {
+    let seconds = unix_us / 1_000_000;
+    let (days, second_of_day) = (seconds / 86_400, seconds % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        second_of_day / 3600,
+        second_of_day % 3600 / 60,
+        second_of_day % 60,
+        unix_us % 1_000_000
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339(951_782_400_000_001), "2000-02-29T00:00:00.000001Z");
+        assert_eq!(rfc3339(1_795_609_719_651_000), "2026-11-25T12:28:39.651000Z");
+    }
+}
