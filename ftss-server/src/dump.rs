@@ -23,7 +23,13 @@ struct Item {
     done: Option<(Outcome, u64, String)>,
 }
 
-pub fn dump(dirs: &[PathBuf], filter: StateFilter, origin: Option<&str>, payload: bool, json: bool) -> Result<(), String> {
+pub fn dump(
+    dirs: &[PathBuf],
+    filter: StateFilter,
+    origin: Option<&str>,
+    payload: bool,
+    json: bool,
+) -> Result<(), String> {
     let records = queue::read_only_scan(dirs).map_err(|error| error.to_string())?;
     let mut order: Vec<PacketId> = Vec::new();
     let mut items: HashMap<PacketId, Item> = HashMap::new();
@@ -50,7 +56,8 @@ pub fn dump(dirs: &[PathBuf], filter: StateFilter, origin: Option<&str>, payload
             Some((Outcome::Receipted, ..)) => StateFilter::Receipted,
             Some((Outcome::DeadLettered, ..)) => StateFilter::DeadLettered,
         };
-        if (filter != StateFilter::All && filter != state) || origin.is_some_and(|origin| origin != id.origin.as_str()) {
+        if (filter != StateFilter::All && filter != state) || origin.is_some_and(|origin| origin != id.origin.as_str())
+        {
             continue;
         }
         shown += 1;

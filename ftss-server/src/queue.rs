@@ -254,7 +254,10 @@ fn records_of(bytes: &[u8], segment: u64) -> Vec<Recovered> {
     let mut offset = SEGMENT_HEADER_BYTES;
     while offset < bytes.len() {
         let (record, next) = read_record(bytes, offset).expect("valid prefix decodes");
-        records.push(Recovered { location: Location { segment, offset: offset as u64, length: (next - offset) as u32 }, record });
+        records.push(Recovered {
+            location: Location { segment, offset: offset as u64, length: (next - offset) as u32 },
+            record,
+        });
         offset = next;
     }
     records
@@ -522,7 +525,10 @@ impl Queue {
             }
             match self.copy_mirror(source, index) {
                 Ok(()) => {
-                    eprintln!("ftss-server: queue mirror {} resynced and healthy again", self.mirrors[index].dir.display());
+                    eprintln!(
+                        "ftss-server: queue mirror {} resynced and healthy again",
+                        self.mirrors[index].dir.display()
+                    );
                     self.mirrors[index].failure = None;
                     rejoined += 1;
                 }
@@ -536,7 +542,11 @@ impl Queue {
         let source_dir = self.mirrors[source].dir.clone();
         let target_dir = self.mirrors[target].dir.clone();
         for entry in fs::read_dir(&target_dir)?.flatten() {
-            let stale = entry.file_name().to_str().and_then(parse_segment_name).is_some_and(|id| !self.segments.contains_key(&id));
+            let stale = entry
+                .file_name()
+                .to_str()
+                .and_then(parse_segment_name)
+                .is_some_and(|id| !self.segments.contains_key(&id));
             if stale {
                 fs::remove_file(entry.path())?;
             }

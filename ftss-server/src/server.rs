@@ -409,6 +409,8 @@ impl Server {
     fn read_outboxes(&mut self) -> Result<Vec<Drained>, fsbridge::SpoolError> {
         let mut drained: Vec<Drained> = Vec::new();
         let mut packets_total = 0;
+        // Bytes accepted this cycle, not yet in `bytes_per_destination`.
+        let mut accepted: HashMap<Ipv4Addr, u64> = HashMap::new();
         for node in self.nodes.clone() {
             let outbox = self.volume.outbox(&node);
             for name in outbox.list(DRAIN_FILES_PER_NODE_MAX)? {
@@ -431,11 +433,18 @@ impl Server {
                         continue;
                     }
                 };
-                if let Some(full) = packets.iter().find(|packet| self.destination_full(packet.destination.ip())) {
+                let full = packets.iter().find(|packet| {
+                    let ip = packet.destination.ip();
+                    self.queued_bytes(ip) + accepted.get(ip).copied().unwrap_or(0) >= self.config.destination_bytes_max
+                });
+                if let Some(full) = full {
                     let reason = format!("queue for {} is over its limit", full.destination.ip());
                     self.push_back(reason);
                     // Files of one writer must stay in order: nothing after this one either.
                     break;
+                }
+                for packet in &packets {
+                    *accepted.entry(*packet.destination.ip()).or_insert(0) += packet.payload.len() as u64;
                 }
                 packets_total += packets.len();
                 drained.push(Drained { node: node.clone(), name, packets });
@@ -444,8 +453,8 @@ impl Server {
         Ok(drained)
     }
 
-    fn destination_full(&self, destination: &Ipv4Addr) -> bool {
-        self.bytes_per_destination.get(destination).copied().unwrap_or(0) >= self.config.destination_bytes_max
+    fn queued_bytes(&self, destination: &Ipv4Addr) -> u64 {
+        self.bytes_per_destination.get(destination).copied().unwrap_or(0)
     }
 
     /// Writes one "stored" ack file per source node, then removes the outbox files.
@@ -542,7 +551,13 @@ impl Server {
     }
 
     /// Writes one inbox file with a prefix of `ids`; returns how many it took.
-    fn deliver_file(&mut self, node: &NodeName, port: u16, ids: &[PacketId], now: Instant) -> Result<usize, QueueError> {
+    fn deliver_file(
+        &mut self,
+        node: &NodeName,
+        port: u16,
+        ids: &[PacketId],
+        now: Instant,
+    ) -> Result<usize, QueueError> {
         let mut encoder = self.encoder(BatchKind::Packets);
         let file_seq = self.batch_seq;
         let mut bytes = 0;
@@ -653,8 +668,12 @@ impl Server {
         let mut letters = Vec::new();
         for (id, destination) in &expired {
             let reason = format!("no node registered for {destination} within {}s", self.config.hold.as_secs());
-            let record =
-                QueueRecord::Done { id: id.clone(), outcome: Outcome::DeadLettered, at_unix_us: now, reason: reason.clone() };
+            let record = QueueRecord::Done {
+                id: id.clone(),
+                outcome: Outcome::DeadLettered,
+                at_unix_us: now,
+                reason: reason.clone(),
+            };
             self.queue.append(&record);
             letters.push((id.clone(), destination, reason));
         }

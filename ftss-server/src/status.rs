@@ -51,29 +51,68 @@ fn number(value: &Value) -> String {
 fn print_table(status: &Value) {
     let running = if status["running"].as_bool().unwrap_or(false) { "running" } else { "not running" };
     println!("ftss-server: {running} (pid {})", number(&status["pid"]));
+    if status["degraded"].as_bool().unwrap_or(false) {
+        println!("DEGRADED: a queue mirror has failed; packets are kept on the healthy mirrors only");
+    }
+    if status["backpressure"]["active"].as_bool().unwrap_or(false) {
+        for reason in status["backpressure"]["reasons"].as_array().into_iter().flatten() {
+            println!("BACKPRESSURE: {}", reason.as_str().unwrap_or("?"));
+        }
+    }
+    if let Some(error) = status["last_error"].as_str() {
+        println!("last error: {error}");
+    }
     println!("counters:");
     if let Some(counters) = status["counters"].as_object() {
         for (name, value) in counters {
-            println!("  {name:<14} {}", number(value));
+            println!("  {name:<20} {}", number(value));
         }
+    }
+    let rates = &status["rates"];
+    if rates.is_object() {
+        println!(
+            "rates (10 s): stored {:.0}/s, delivered {:.0}/s, receipted {:.0}/s",
+            rates["stored_per_second"].as_f64().unwrap_or(0.0),
+            rates["delivered_per_second"].as_f64().unwrap_or(0.0),
+            rates["receipted_per_second"].as_f64().unwrap_or(0.0)
+        );
     }
     let queue = &status["queue"];
     println!(
-        "queue: {} packets ({} for unknown destinations), {} segments, {} bytes",
+        "queue: {} packets ({} retained, {} for unknown destinations), {} segments, {} bytes",
         number(&queue["packets"]),
+        number(&queue["retained"]),
         number(&queue["held_unknown_destination"]),
         number(&queue["segments"]),
         number(&queue["bytes"])
     );
+    for mirror in queue["mirrors"].as_array().into_iter().flatten() {
+        let health = if mirror["healthy"].as_bool().unwrap_or(false) { "healthy" } else { "FAILED" };
+        let error = mirror["error"].as_str().map(|error| format!(" ({error})")).unwrap_or_default();
+        println!("  mirror {} {health}{error}", mirror["dir"].as_str().unwrap_or("?"));
+    }
     println!("quarantine: {} files", number(&status["quarantine_files"]));
-    println!("{:<20} {:<16} {:>10} {:>12}", "NODE", "ADDR", "QUEUED", "OUTBOX FILES");
+    for letter in status["dead_letters"].as_array().into_iter().flatten() {
+        println!(
+            "dead letter {} to {}: {}",
+            letter["id"].as_str().unwrap_or("?"),
+            letter["destination"].as_str().unwrap_or("?"),
+            letter["reason"].as_str().unwrap_or("?")
+        );
+    }
+    println!(
+        "{:<20} {:<16} {:>10} {:>12} {:>12} {:>12}",
+        "NODE", "ADDR", "QUEUED", "BYTES", "OLDEST MS", "OUTBOX FILES"
+    );
     if let Some(nodes) = status["nodes"].as_object() {
         for (name, node) in nodes {
             println!(
-                "{:<20} {:<16} {:>10} {:>12}",
+                "{:<20} {:<16} {:>10} {:>12} {:>12} {:>12}",
                 name,
                 node["addr"].as_str().unwrap_or("-"),
                 number(&node["queued"]),
+                number(&node["queued_bytes"]),
+                number(&node["oldest_age_ms"]),
                 number(&node["outbox_files"])
             );
         }

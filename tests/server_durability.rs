@@ -1,0 +1,379 @@
+//! ftss-server under real failures: kill -9 during transfers, corrupted and removed mirrors, a full
+//! queue disk, destination limits, retention, dead letters. Real processes throughout.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A python3 receiver under the shim: prints every datagram's payload on its own line.
+const PY_RECEIVER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    data, addr = s.recvfrom(65535)
+    sys.stdout.write(data.decode() + "\n")
+    sys.stdout.flush()
+"#;
+
+/// A python3 sender under the shim: sends "<tag>-<n>" for n in 0..count and prints n once sendto
+/// returned (in volume mode: once the datagram is durable on the volume).
+const PY_SENDER: &str = r#"
+import socket, sys
+count, port, tag = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+pad = "p" * int(sys.argv[4]) if len(sys.argv) > 4 else ""
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for n in range(count):
+    s.sendto(f"{tag}-{n}{pad}".encode(), ("10.77.0.2", port))
+    sys.stdout.write(f"{n}\n")
+    sys.stdout.flush()
+"#;
+
+fn start_receiver(fabric: &Fabric, port: u16) -> (Proc, LineCollector) {
+    let mut command = fabric.command("b", "10.77.0.2", "python3");
+    command
+        .args(["-c", PY_RECEIVER, &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = command.spawn().expect("python3 receiver");
+    let lines = LineCollector::start(child.stdout.take().unwrap());
+    assert!(wait_until(Duration::from_secs(10), || lines.count() >= 1), "receiver not ready");
+    (Proc { child, name: "receiver".into() }, lines)
+}
+
+fn start_sender(fabric: &Fabric, count: usize, port: u16, tag: &str, pad: usize) -> (Proc, LineCollector) {
+    let mut command = fabric.command("a", "10.77.0.1", "python3");
+    command
+        .args(["-c", PY_SENDER, &count.to_string(), &port.to_string(), tag, &pad.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = command.spawn().expect("python3 sender");
+    let lines = LineCollector::start(child.stdout.take().unwrap());
+    (Proc { child, name: "sender".into() }, lines)
+}
+
+/// Received payloads after the "ready" line.
+fn payloads(receiver: &LineCollector) -> Vec<String> {
+    receiver.lines().into_iter().skip(1).collect()
+}
+
+fn expected(tag: &str, count: usize, pad: usize) -> Vec<String> {
+    (0..count).map(|n| format!("{tag}-{n}{}", "p".repeat(pad))).collect()
+}
+
+/// A tiny deterministic generator (xorshift) so a failing run can be repeated from its seed.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below
+    }
+}
+
+#[test]
+fn kill_9_of_the_server_during_a_transfer_loses_nothing_acknowledged_and_duplicates_nothing() {
+    let mut fabric = Fabric::new("kill9");
+    fabric.start_server();
+    let (_receiver, received) = start_receiver(&fabric, 7100);
+    let count = 10_000;
+    let (mut sender, acked) = start_sender(&fabric, count, 7100, "k", 0);
+    let seed = fsbridge::unix_now_us() | 1;
+    eprintln!("kill -9 schedule seed {seed}");
+    let mut random = Random(seed);
+    let mut kills = 0;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while (kills < 20 || sender.child.try_wait().unwrap().is_none()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50 + random.next(400)));
+        fabric.kill_server();
+        kills += 1;
+        std::thread::sleep(Duration::from_millis(random.next(100)));
+        fabric.start_server();
+    }
+    assert!(kills >= 20, "only {kills} kills");
+    assert!(sender.wait_exit(Duration::from_secs(60)), "sender stuck");
+    let acked: BTreeSet<usize> = acked.lines().iter().map(|line| line.parse().unwrap()).collect();
+    assert_eq!(acked.len(), count, "every send returned (the server is not on the send path in volume mode)");
+    let all_arrived = wait_until(Duration::from_secs(120), || payloads(&received).len() >= count);
+    let got = payloads(&received);
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for line in &got {
+        *seen.entry(line.as_str()).or_default() += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, times)| **times > 1).take(5).collect();
+    assert!(twice.is_empty(), "handed twice to one process: {twice:?}");
+    let missing: Vec<_> =
+        expected("k", count, 0).into_iter().filter(|line| !seen.contains_key(line.as_str())).take(5).collect();
+    assert!(all_arrived && missing.is_empty(), "{kills} kills: missing {missing:?}, got {} of {count}", got.len());
+}
+
+fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "log"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Flips one byte inside the first occurrence of `needle` in a mirror's segments.
+fn flip_byte_of(dir: &Path, needle: &[u8]) {
+    for path in segment_files(dir) {
+        let mut bytes = std::fs::read(&path).unwrap();
+        if let Some(at) = bytes.windows(needle.len()).position(|window| window == needle) {
+            bytes[at + 1] ^= 0x20;
+            std::fs::write(&path, &bytes).unwrap();
+            return;
+        }
+    }
+    panic!("{} not found in {}", String::from_utf8_lossy(needle), dir.display());
+}
+
+fn mirror_fabric(tag: &str) -> Fabric {
+    let mut fabric = Fabric::new(tag);
+    fabric.queue_dirs = vec![fabric.dir.0.join("mirror0"), fabric.dir.0.join("mirror1")];
+    fabric
+}
+
+#[test]
+fn flipped_bytes_in_one_mirror_are_served_from_the_other_and_repaired() {
+    let mut fabric = mirror_fabric("flip");
+    fabric.start_server();
+    // Node b is not registered yet, so the packets stay in the queue (held) until it is.
+    let (mut sender, _) = start_sender(&fabric, 20, 7200, "flip", 50);
+    assert!(sender.wait_exit(Duration::from_secs(30)));
+    assert!(wait_until(Duration::from_secs(20), || fabric.counter("stored") >= 20), "{}", fabric.status());
+
+    // While the server runs: corrupt packet 3 in mirror 0, then let b register and receive.
+    flip_byte_of(&fabric.queue_dirs[0], b"flip-3p");
+    let (_receiver, received) = start_receiver(&fabric, 7200);
+    assert!(wait_until(Duration::from_secs(30), || payloads(&received).len() >= 20), "got {:?}", payloads(&received));
+    assert_eq!(payloads(&received), expected("flip", 20, 50), "wrong bytes delivered");
+    assert!(wait_until(Duration::from_secs(5), || fabric.counter("read_repairs") >= 1), "{}", fabric.status());
+
+    // With the server stopped: corrupt mirror 1; scrub finds and repairs it.
+    fabric.stop_server();
+    let mirror0 = segment_files(&fabric.queue_dirs[0]);
+    assert!(!mirror0.is_empty());
+    // Retained bytes are gone after receipt; send more to an absent port so something is on disk.
+    fabric.start_server();
+    let (mut sender, _) = start_sender(&fabric, 5, 7201, "scrub", 50);
+    assert!(sender.wait_exit(Duration::from_secs(30)));
+    assert!(wait_until(Duration::from_secs(20), || fabric.counter("stored") >= 5));
+    fabric.stop_server();
+    flip_byte_of(&fabric.queue_dirs[1], b"scrub-2p");
+    let mut scrub = Command::new(server_path());
+    scrub.arg("scrub").arg("--json");
+    for dir in &fabric.queue_dirs {
+        scrub.arg("--queue-dir").arg(dir);
+    }
+    let output = scrub.output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["mirrors_repaired"], 1, "{report}");
+    for (left, right) in segment_files(&fabric.queue_dirs[0]).iter().zip(segment_files(&fabric.queue_dirs[1])) {
+        assert_eq!(std::fs::read(left).unwrap(), std::fs::read(&right).unwrap(), "mirrors differ after scrub");
+    }
+    fabric.start_server();
+    let (_receiver, received) = start_receiver(&fabric, 7201);
+    assert!(wait_until(Duration::from_secs(30), || payloads(&received).len() >= 5));
+    assert_eq!(payloads(&received), expected("scrub", 5, 50));
+}
+
+#[test]
+fn a_removed_mirror_degrades_then_resyncs_without_loss() {
+    let mut fabric = mirror_fabric("mirror-gone");
+    fabric.start_server();
+    let (_receiver, received) = start_receiver(&fabric, 7300);
+    let (mut sender, acked) = start_sender(&fabric, 3000, 7300, "m", 0);
+    assert!(wait_until(Duration::from_secs(30), || acked.count() >= 500));
+    std::fs::remove_dir_all(&fabric.queue_dirs[1]).unwrap();
+    assert!(wait_until(Duration::from_secs(20), || fabric.status()["degraded"] == true), "{}", fabric.status());
+    let mirrors = fabric.status()["queue"]["mirrors"].clone();
+    assert_eq!(mirrors[1]["healthy"], false, "{mirrors}");
+    std::fs::create_dir_all(&fabric.queue_dirs[1]).unwrap();
+    assert!(wait_until(Duration::from_secs(20), || fabric.status()["degraded"] == false), "{}", fabric.status());
+    assert!(sender.wait_exit(Duration::from_secs(60)));
+    assert!(
+        wait_until(Duration::from_secs(60), || payloads(&received).len() >= 3000),
+        "got {}",
+        payloads(&received).len()
+    );
+    assert_eq!(payloads(&received), expected("m", 3000, 0));
+    fabric.stop_server();
+    let (left, right) = (segment_files(&fabric.queue_dirs[0]), segment_files(&fabric.queue_dirs[1]));
+    assert_eq!(left.len(), right.len());
+    for (left, right) in left.iter().zip(&right) {
+        assert_eq!(std::fs::read(left).unwrap(), std::fs::read(right).unwrap(), "resynced mirror differs");
+    }
+}
+
+/// A tmpfs of `size` mounted at `dir`, unmounted on drop.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> SmallDisk {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "this test mounts a tmpfs and must run as root (CI does)");
+        std::fs::create_dir_all(dir).unwrap();
+        let status =
+            Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).status();
+        assert!(status.unwrap().success(), "mount tmpfs on {}", dir.display());
+        SmallDisk(dir.to_path_buf())
+    }
+
+    /// Fills the disk with a filler file; returns its path.
+    fn fill(&self) -> PathBuf {
+        let filler = self.0.join("filler");
+        let _ = Command::new("dd")
+            .arg("if=/dev/zero")
+            .arg(format!("of={}", filler.display()))
+            .args(["bs=4k"])
+            .stderr(Stdio::null())
+            .status();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_queue_disk_pushes_back_loses_nothing_and_recovers() {
+    let mut fabric = Fabric::new("enospc");
+    let disk = SmallDisk::mount(&fabric.queue_dirs[0], "8m");
+    fabric.start_server();
+    let (_receiver, received) = start_receiver(&fabric, 7400);
+    let (mut sender, _) = start_sender(&fabric, 10, 7400, "before", 0);
+    assert!(sender.wait_exit(Duration::from_secs(30)));
+    assert!(wait_until(Duration::from_secs(20), || payloads(&received).len() >= 10));
+
+    let filler = disk.fill();
+    let (mut sender, _) = start_sender(&fabric, 200, 7400, "full", 100);
+    assert!(sender.wait_exit(Duration::from_secs(30)), "senders must not block on the server in volume mode");
+    assert!(
+        wait_until(Duration::from_secs(20), || fabric.status()["backpressure"]["active"] == true),
+        "{}",
+        fabric.status()
+    );
+    let reasons = fabric.status()["backpressure"]["reasons"].to_string();
+    assert!(reasons.contains("disk full"), "{reasons}");
+    // A few may still fit in the last allocated page of the segment; most cannot be stored.
+    assert!(payloads(&received).len() < 100, "{} delivered although the disk is full", payloads(&received).len());
+    assert!(!files_in(&fabric.volume.join("nodes/a/out/new")).is_empty(), "outbox must keep what was not stored");
+
+    std::fs::remove_file(filler).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || payloads(&received).len() >= 210),
+        "got {}",
+        payloads(&received).len()
+    );
+    let mut all = expected("before", 10, 0);
+    all.extend(expected("full", 200, 100));
+    assert_eq!(payloads(&received), all);
+    assert!(wait_until(Duration::from_secs(10), || fabric.status()["backpressure"]["active"] == false));
+    fabric.stop_server();
+}
+
+#[test]
+fn a_destination_over_its_byte_limit_pushes_back_its_senders() {
+    let mut fabric = Fabric::new("dest-limit");
+    fabric.start_server_with(&["--destination-bytes-max", "1000"]);
+    // Each datagram carries 100+ bytes; b is absent so its queue fills up to the limit.
+    let (mut sender, _) = start_sender(&fabric, 30, 7500, "lim", 100);
+    assert!(sender.wait_exit(Duration::from_secs(30)));
+    assert!(
+        wait_until(Duration::from_secs(20), || fabric.status()["backpressure"]["reasons"]
+            .to_string()
+            .contains("over its limit")),
+        "{}",
+        fabric.status()
+    );
+    let stored = fabric.counter("stored");
+    assert!((10..30).contains(&stored), "stored {stored} despite the limit");
+    let (_receiver, received) = start_receiver(&fabric, 7500);
+    assert!(
+        wait_until(Duration::from_secs(60), || payloads(&received).len() >= 30),
+        "got {}",
+        payloads(&received).len()
+    );
+    assert_eq!(payloads(&received), expected("lim", 30, 100));
+}
+
+fn dump(fabric: &Fabric, state: &str) -> Vec<serde_json::Value> {
+    let mut command = Command::new(server_path());
+    command.args(["dump", "--json", "--payload", "--state", state]);
+    for dir in &fabric.queue_dirs {
+        command.arg("--queue-dir").arg(dir);
+    }
+    let output = command.output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap().lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+}
+
+#[test]
+fn retain_keeps_receipted_packets_listable_and_without_it_they_are_gone() {
+    for retain in [true, false] {
+        let mut fabric = Fabric::new(if retain { "retain" } else { "no-retain" });
+        if retain {
+            fabric.start_server_with(&["--retain", "1h"]);
+        } else {
+            fabric.start_server();
+        }
+        let (_receiver, received) = start_receiver(&fabric, 7600);
+        let (mut sender, _) = start_sender(&fabric, 5, 7600, "kept", 0);
+        assert!(sender.wait_exit(Duration::from_secs(30)));
+        assert!(wait_until(Duration::from_secs(20), || payloads(&received).len() >= 5));
+        assert!(wait_until(Duration::from_secs(10), || fabric.counter("receipted") >= 5), "{}", fabric.status());
+        if retain {
+            let listed = dump(&fabric, "receipted");
+            let texts: Vec<&str> = listed.iter().map(|item| item["payload"].as_str().unwrap()).collect();
+            assert_eq!(texts, expected("kept", 5, 0), "{listed:?}");
+            assert_eq!(fabric.status()["queue"]["retained"], 5);
+        } else {
+            assert!(
+                wait_until(Duration::from_secs(10), || dump(&fabric, "all").is_empty()),
+                "{:?}",
+                dump(&fabric, "all")
+            );
+        }
+    }
+}
+
+#[test]
+fn packets_for_an_unknown_destination_are_dead_lettered_after_the_hold() {
+    let mut fabric = Fabric::new("hold");
+    fabric.start_server_with(&["--hold", "1s"]);
+    let output = fabric
+        .command("a", "10.77.0.1", "python3")
+        .args([
+            "-c",
+            "import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'nobody', ('10.77.9.9', 9))",
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert!(wait_until(Duration::from_secs(20), || fabric.counter("dead_lettered") == 1), "{}", fabric.status());
+    let status = fabric.status();
+    let reason = status["dead_letters"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("no node registered for 10.77.9.9"), "{reason}");
+    assert_eq!(status["queue"]["packets"], 0);
+    let dead = dump(&fabric, "dead-lettered");
+    assert!(dead.len() <= 1, "{dead:?}");
+    assert!(fabric.server.as_mut().unwrap().child.try_wait().unwrap().is_none(), "server died");
+}
