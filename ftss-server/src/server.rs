@@ -704,10 +704,11 @@ impl Server {
     fn reclaim(&mut self) {
         self.expire_retained(now_us());
         let active_idle = !self.live_per_segment.contains_key(&self.active_segment_id());
-        if active_idle && self.queue.active_has_records() {
-            if let Err(error) = self.queue.rotate() {
-                self.report("starting a new segment", error);
-            }
+        if active_idle
+            && self.queue.active_has_records()
+            && let Err(error) = self.queue.rotate()
+        {
+            self.report("starting a new segment", error);
         }
         self.queue.reclaim(|segment| self.live_per_segment.contains_key(&segment));
     }
