@@ -1,0 +1,218 @@
+//! Scenarios with real app processes: `loadgen` senders and a receiver, plain, under the shim in
+//! pass-through, and end to end through a real ftss-server (local directory or SMB volume).
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use fsbridge::{NodeConfig, NodeName, Volume};
+use serde_json::{Value, json};
+
+use crate::procs::{Proc, free_udp_port, proc_status_kib};
+use crate::report::Measurement;
+use crate::{Bench, Run};
+
+/// Fabric addresses of the two nodes.
+const SENDER_NODE: (&str, Ipv4Addr) = ("a", Ipv4Addr::new(10, 77, 0, 1));
+const RECEIVER_NODE: (&str, Ipv4Addr) = ("b", Ipv4Addr::new(10, 77, 0, 2));
+/// How long the receiver waits after the last datagram once it knows the count (plain UDP may drop).
+const UDP_IDLE: Duration = Duration::from_millis(500);
+/// The same for ftss: a packet may wait for a poll of the server and of the receiving shim.
+const FTSS_IDLE: Duration = Duration::from_secs(3);
+/// How long a process may take to start, or to report once the work is over.
+const START_LIMIT: Duration = Duration::from_secs(20);
+const REPORT_LIMIT: Duration = Duration::from_secs(180);
+/// Poll interval of the server and of the shims' inboxes in the bench (latency-tuned; default 10/20 ms).
+pub const POLL_MS: u64 = 1;
+
+/// Where the apps find the volume and the server's process, for an ftss scenario.
+pub struct Fabric {
+    /// The volume as the nodes see it (FTSS_VOLUME).
+    pub node_volume: PathBuf,
+    pub server: Proc,
+    pub dir: PathBuf,
+}
+
+impl Fabric {
+    /// Makes a volume at `server_volume` (as the server sees it), registers both nodes, starts the server.
+    pub fn start(bench: &Bench, dir: &Path, server_volume: &Path, node_volume: &Path) -> Result<Fabric, String> {
+        let volume = Volume::new(server_volume);
+        volume.create().map_err(|error| error.to_string())?;
+        // Registered up front so that the server drains and routes from its first cycle.
+        for (name, addr) in [SENDER_NODE, RECEIVER_NODE] {
+            let node = NodeName::new(name).expect("valid node name");
+            volume.register_node(&node, &NodeConfig { addr }).map_err(|error| error.to_string())?;
+        }
+        let mut command = Command::new(&bench.server_bin);
+        command
+            .arg("run")
+            .arg("--volume")
+            .arg(server_volume)
+            .arg("--queue-dir")
+            .arg(dir.join("queue"))
+            .arg("--poll")
+            .arg(format!("{POLL_MS}ms"));
+        let server = Proc::start("ftss-server", command, &dir.join("server.log"))?;
+        Ok(Fabric { node_volume: node_volume.to_path_buf(), server, dir: dir.to_path_buf() })
+    }
+
+    /// Environment of an app on `node` with the shim preloaded.
+    fn env(&self, bench: &Bench, node: (&str, Ipv4Addr), ack: &str) -> Vec<(String, String)> {
+        vec![
+            ("LD_PRELOAD".into(), bench.shim.display().to_string()),
+            ("FTSS_VOLUME".into(), self.node_volume.display().to_string()),
+            ("FTSS_NODE".into(), node.0.into()),
+            ("FTSS_ADDR".into(), node.1.to_string()),
+            ("FTSS_ACK".into(), ack.into()),
+            ("FTSS_POLL_MS".into(), POLL_MS.to_string()),
+            ("FTSS_LOG".into(), self.dir.join(format!("{}.log", node.0)).display().to_string()),
+        ]
+    }
+}
+
+/// One sender/receiver pair of loadgen processes.
+struct Apps {
+    receiver_env: Vec<(String, String)>,
+    sender_env: Vec<(String, String)>,
+    bind: String,
+    to: String,
+    idle: Duration,
+}
+
+/// `udp-raw`: loopback UDP, no shim.
+pub fn udp_raw(bench: &Bench, run: &Run) -> Result<Measurement, String> {
+    let port = free_udp_port()?;
+    let dir = bench.run_dir("udp-raw")?;
+    let apps = Apps {
+        receiver_env: Vec::new(),
+        sender_env: Vec::new(),
+        bind: format!("127.0.0.1:{port}"),
+        to: format!("127.0.0.1:{port}"),
+        idle: UDP_IDLE,
+    };
+    let mut measurement = Measurement::new("udp-raw", run.payload, run.senders, false);
+    drive(bench, run, &dir.0, &apps, &mut measurement)?;
+    Ok(measurement)
+}
+
+/// `shim-passthrough`: the same, both apps under the shim with a volume, destination outside FTSS_ROUTES.
+pub fn shim_passthrough(bench: &Bench, run: &Run) -> Result<Measurement, String> {
+    let port = free_udp_port()?;
+    let dir = bench.run_dir("shim-passthrough")?;
+    let volume = dir.0.join("volume");
+    std::fs::create_dir_all(&volume).map_err(|error| error.to_string())?;
+    let env = |node: (&str, Ipv4Addr)| -> Vec<(String, String)> {
+        vec![
+            ("LD_PRELOAD".into(), bench.shim.display().to_string()),
+            ("FTSS_VOLUME".into(), volume.display().to_string()),
+            ("FTSS_NODE".into(), node.0.into()),
+            ("FTSS_ADDR".into(), node.1.to_string()),
+            ("FTSS_LOG".into(), dir.0.join(format!("{}.log", node.0)).display().to_string()),
+        ]
+    };
+    let apps = Apps {
+        receiver_env: env(RECEIVER_NODE),
+        sender_env: env(SENDER_NODE),
+        bind: format!("127.0.0.1:{port}"),
+        to: format!("127.0.0.1:{port}"),
+        idle: UDP_IDLE,
+    };
+    let mut measurement = Measurement::new("shim-passthrough", run.payload, run.senders, false);
+    drive(bench, run, &dir.0, &apps, &mut measurement)?;
+    Ok(measurement)
+}
+
+/// `ftss-async`, `ftss-volume`, `ftss-guaranteed` on a local directory volume.
+pub fn ftss_local(bench: &Bench, run: &Run, scenario: &'static str, ack: &str) -> Result<Measurement, String> {
+    let dir = bench.run_dir(scenario)?;
+    let volume = dir.0.join("volume");
+    let fabric = Fabric::start(bench, &dir.0, &volume, &volume)?;
+    ftss(bench, run, scenario, ack, fabric)
+}
+
+/// End to end through `fabric`'s server: node a sends to node b.
+pub fn ftss(
+    bench: &Bench,
+    run: &Run,
+    scenario: &'static str,
+    ack: &str,
+    fabric: Fabric,
+) -> Result<Measurement, String> {
+    let port = free_udp_port()?;
+    let apps = Apps {
+        receiver_env: fabric.env(bench, RECEIVER_NODE, ack),
+        sender_env: fabric.env(bench, SENDER_NODE, ack),
+        bind: format!("0.0.0.0:{port}"),
+        to: format!("{}:{port}", RECEIVER_NODE.1),
+        idle: FTSS_IDLE,
+    };
+    let mut measurement = Measurement::new(scenario, run.payload, run.senders, ack != "async");
+    let mut fabric = fabric;
+    let result = drive(bench, run, &fabric.dir, &apps, &mut measurement);
+    let server_rss = proc_status_kib(fabric.server.pid(), "VmHWM");
+    fabric.server.terminate(Duration::from_secs(5));
+    result?;
+    measurement.extra.push(("server_max_rss_kib", json!(server_rss)));
+    if ack == "guaranteed" {
+        // Every sendto returned only after the server's stored ack: that is the ack latency.
+        let send_p50 = measurement.extra("send_p50_us").cloned().unwrap_or(Value::Null);
+        let send_p99 = measurement.extra("send_p99_us").cloned().unwrap_or(Value::Null);
+        measurement.extra.push(("ack_p50_us", send_p50));
+        measurement.extra.push(("ack_p99_us", send_p99));
+    }
+    Ok(measurement)
+}
+
+fn loadgen(bench: &Bench, env: &[(String, String)]) -> Command {
+    let mut command = Command::new(&bench.loadgen_bin);
+    command.envs(env.iter().map(|(key, value)| (key.as_str(), value.as_str())));
+    command
+}
+
+/// Runs the receiver, then the senders for the run's duration; fills `measurement`.
+fn drive(bench: &Bench, run: &Run, dir: &Path, apps: &Apps, measurement: &mut Measurement) -> Result<(), String> {
+    let mut command = loadgen(bench, &apps.receiver_env);
+    command.args(["recv", "--bind", &apps.bind, "--idle-ms", &apps.idle.as_millis().to_string()]);
+    let mut receiver = Proc::start("loadgen recv", command, &dir.join("loadgen-recv.log"))?;
+    let ready = receiver.line(START_LIMIT)?;
+    if ready != "ready" {
+        return Err(format!("loadgen recv said {ready:?}"));
+    }
+    let mut command = loadgen(bench, &apps.sender_env);
+    command.args([
+        "send",
+        "--to",
+        &apps.to,
+        "--payload",
+        &run.payload.to_string(),
+        "--threads",
+        &run.senders.to_string(),
+        "--duration-ms",
+        &run.duration.as_millis().to_string(),
+    ]);
+    let mut sender = Proc::start("loadgen send", command, &dir.join("loadgen-send.log"))?;
+    let sent = sender.json_line(run.duration + REPORT_LIMIT)?;
+    let sent_count = sent["sent"].as_u64().ok_or("loadgen send reported no count")?;
+    receiver.tell(&sent_count.to_string())?;
+    let received = receiver.json_line(REPORT_LIMIT)?;
+    sender.finish(Duration::from_secs(5));
+    receiver.finish(Duration::from_secs(5));
+
+    let count = received["received"].as_u64().unwrap_or(0);
+    let first_send_ns = received["first_send_ns"].as_u64().unwrap_or(0);
+    let last_recv_ns = received["last_recv_ns"].as_u64().unwrap_or(0);
+    measurement.packets = count;
+    if count > 0 && last_recv_ns > first_send_ns {
+        measurement.pps = Some(count as f64 / ((last_recv_ns - first_send_ns) as f64 / 1e9));
+        measurement.p50_us = received["p50_us"].as_u64();
+        measurement.p99_us = received["p99_us"].as_u64();
+    }
+    measurement.max_rss_kib = received["max_rss_kib"].as_u64().max(sent["max_rss_kib"].as_u64());
+    measurement.extra.push(("sent", json!(sent_count)));
+    measurement.extra.push(("lost", json!(sent_count.saturating_sub(count))));
+    measurement.extra.push(("send_errors", sent["errors"].clone()));
+    measurement.extra.push(("send_p50_us", sent["send_p50_us"].clone()));
+    measurement.extra.push(("send_p99_us", sent["send_p99_us"].clone()));
+    Ok(())
+}
