@@ -377,3 +377,38 @@ fn packets_for_an_unknown_destination_are_dead_lettered_after_the_hold() {
     assert!(dead.len() <= 1, "{dead:?}");
     assert!(fabric.server.as_mut().unwrap().child.try_wait().unwrap().is_none(), "server died");
 }
+
+/// A receiver that binds and never reads: the shim injects into its socket, no receipt is written.
+const PY_DEAF: &str = r#"
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+time.sleep(600)
+"#;
+
+#[test]
+fn packets_not_receipted_are_delivered_again_and_handed_over_once() {
+    let mut fabric = Fabric::new("redeliver");
+    fabric.start_server_with(&["--redeliver-after", "1s"]);
+    let mut deaf = fabric.command("b", "10.77.0.2", "python3");
+    deaf.args(["-c", PY_DEAF, "7700"]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut deaf = deaf.spawn().unwrap();
+    let ready = LineCollector::start(deaf.stdout.take().unwrap());
+    let mut deaf = Proc { child: deaf, name: "deaf receiver".into() };
+    assert!(wait_until(Duration::from_secs(10), || ready.count() >= 1));
+    let (mut sender, _) = start_sender(&fabric, 20, 7700, "again", 0);
+    assert!(sender.wait_exit(Duration::from_secs(30)));
+    // Delivered into the deaf process (its inbox files are consumed) but never receipted.
+    let inbox = fabric.volume.join("nodes/b/in/7700/new");
+    assert!(wait_until(Duration::from_secs(20), || fabric.counter("delivered") >= 20 && files_in(&inbox).is_empty()));
+    deaf.kill();
+    assert_eq!(fabric.counter("receipted"), 0);
+
+    let (_receiver, received) = start_receiver(&fabric, 7700);
+    assert!(wait_until(Duration::from_secs(30), || payloads(&received).len() >= 20), "got {:?}", payloads(&received));
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(payloads(&received), expected("again", 20, 0), "lost, reordered or handed over twice");
+    assert!(fabric.counter("redelivered") >= 20, "{}", fabric.status());
+    assert!(wait_until(Duration::from_secs(10), || fabric.counter("receipted") == 20), "{}", fabric.status());
+}
