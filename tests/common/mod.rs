@@ -317,3 +317,5 @@ pub fn files_in(dir: &Path) -> Vec<String> {
         .map(|entries| entries.flatten().map(|entry| entry.file_name().to_string_lossy().into_owned()).collect())
         .unwrap_or_default()
 }
+
+pub mod smb;
