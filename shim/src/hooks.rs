@@ -1,269 +1,439 @@
 //! The exported symbols. Each is one decision: if the fd is not ours, the real function; otherwise
-//! the shim's logic in `socket`. Defined with redhook's `hook!`, which also catches a panic and falls
-//! back to the real function, so the host app never unwinds into C.
+//! the shim's logic in `socket`.
 //!
-//! redhook resolves its own pointer to each real function; `crate::real` keeps a second table
-//! because the logic in `socket` and `pump` calls real functions outside these hook bodies.
+//! Every hook is a plain `#[unsafe(no_mangle)] extern "C"` function made by [`hooks!`], which runs
+//! the body under `catch_unwind`: a panic (a bug in the shim) fails that one call with EIO and is
+//! logged, and never unwinds into C. redhook's `hook!` is not used: on a panic it calls the real
+//! function, which is wrong for a fabric fd (the app's fd is then an AF_UNIX socket), and it
+//! resolves that function lazily with `dlsym` inside the hook.
+//!
+//! `fcntl`, `fcntl64` and `ioctl` are variadic in C, and Rust can only define variadic functions on
+//! nightly. On the Linux ABIs (x86-64 System V, AArch64 AAPCS64) a variadic integer or pointer
+//! argument travels in the same register as a named one, so these hooks take the third argument
+//! as a named `c_ulong`/pointer and hand it on to the real (variadic) function unchanged; commands
+//! without an argument pass on whatever the register held, which libc ignores.
 
-use libc::{c_int, c_void, iovec, msghdr, size_t, sockaddr, socklen_t, ssize_t};
-use redhook::hook;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 
+use libc::{c_int, c_uint, c_ulong, c_void, iovec, mmsghdr, msghdr, size_t, sockaddr, socklen_t, ssize_t, timespec};
+
+use crate::fds::{is_fabric, is_ours};
+use crate::log;
 use crate::real::real;
-use crate::socket::{self as logic, kind};
+use crate::socket::{self as logic, IOV_MAX, NameOut, Route, fail, set_errno};
 
-fn is_ours(fd: c_int) -> bool {
-    kind(fd) != 0
+/// What a hook returns when its body panicked: -1 (errno EIO).
+trait Failure {
+    fn failure() -> Self;
 }
 
-fn is_fabric(fd: c_int) -> bool {
-    kind(fd) == 2
+impl Failure for c_int {
+    fn failure() -> c_int {
+        -1
+    }
 }
 
-fn fail(errno: c_int) -> ssize_t {
-    // SAFETY: __errno_location returns this thread's errno.
-    unsafe { *libc::__errno_location() = errno };
-    -1
+impl Failure for ssize_t {
+    fn failure() -> ssize_t {
+        -1
+    }
+}
+
+fn guarded<R: Failure>(name: &str, body: impl FnOnce() -> R) -> R {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(result) => result,
+        Err(_) => {
+            log!("bug: {name} panicked; the call fails with EIO");
+            set_errno(libc::EIO);
+            R::failure()
+        }
+    }
+}
+
+macro_rules! hooks {
+    ($(
+        $(#[$meta:meta])*
+        fn $name:ident($($arg:ident: $type:ty),* $(,)?) -> $ret:ty $body:block
+    )*) => {$(
+        $(#[$meta])*
+        #[unsafe(no_mangle)]
+        pub unsafe extern "C" fn $name($($arg: $type),*) -> $ret {
+            guarded(stringify!($name), move || $body)
+        }
+    )*};
 }
 
 /// Builds a slice from an app's (pointer, length), tolerating a null pointer for zero length.
 ///
 /// # Safety
-/// `pointer` valid for `len` bytes when `len > 0`.
-unsafe fn bytes<'a>(pointer: *const c_void, len: size_t) -> &'a [u8] {
-    if len == 0 || pointer.is_null() { &[] } else { unsafe { std::slice::from_raw_parts(pointer.cast(), len) } }
+/// `pointer` valid for `len` elements when `len > 0`.
+unsafe fn slice<'a, T>(pointer: *const T, len: usize) -> &'a [T] {
+    if len == 0 || pointer.is_null() { &[] } else { unsafe { std::slice::from_raw_parts(pointer, len) } }
 }
 
-/// sendto and friends: parse the destination, then route.
+/// One datagram's payload from the app's iovecs.
 ///
 /// # Safety
-/// Arguments as for sendto(2).
-unsafe fn send_to(
-    fd: c_int,
-    buf: *const c_void,
-    len: size_t,
-    flags: c_int,
-    addr: *const sockaddr,
-    addr_len: socklen_t,
-) -> ssize_t {
-    match unsafe { logic::destination(addr, addr_len) } {
-        Ok(dest) => logic::send(fd, unsafe { bytes(buf, len) }, flags, dest, (addr, addr_len)),
-        // Not IPv4: never fabric traffic; the kernel (or the side socket) answers.
-        Err(_) => {
-            let target = if is_fabric(fd) {
-                crate::shim().and_then(|shim| shim.sock(fd)).map_or(fd, |sock| sock.side)
-            } else {
-                fd
-            };
-            unsafe { (real().sendto)(target, buf, len, flags, addr, addr_len) }
-        }
+/// Each iovec valid as the app promises.
+unsafe fn gather(vectors: &[iovec]) -> Vec<u8> {
+    let mut payload = Vec::with_capacity(vectors.iter().map(|vector| vector.iov_len).sum());
+    for vector in vectors {
+        payload.extend_from_slice(unsafe { slice(vector.iov_base.cast::<u8>(), vector.iov_len) });
     }
+    payload
+}
+
+/// The app's iovec array, or EINVAL for a count the kernel would refuse.
+///
+/// # Safety
+/// `vectors` valid for `count` iovecs.
+unsafe fn vectors<'a>(vectors: *const iovec, count: usize) -> Result<&'a [iovec], c_int> {
+    if count > IOV_MAX {
+        return Err(libc::EMSGSIZE);
+    }
+    Ok(unsafe { slice(vectors, count) })
 }
 
 /// recvfrom and friends on a fabric fd.
-///
-/// # Safety
-/// Arguments as for recvfrom(2).
-unsafe fn receive_into(
+fn receive_into(
     fd: c_int,
     buf: *mut c_void,
     len: size_t,
     flags: c_int,
-    addr: *mut sockaddr,
-    addr_len: *mut socklen_t,
+    name: *mut sockaddr,
+    name_len: *mut socklen_t,
 ) -> ssize_t {
     let vector = iovec { iov_base: buf, iov_len: len };
-    logic::receive(fd, std::slice::from_ref(&vector), flags, addr, addr_len, None)
+    match logic::receive(fd, std::slice::from_ref(&vector), flags, NameOut { name, len: name_len }) {
+        Ok((received, _)) => received,
+        Err(errno) => fail(errno),
+    }
 }
 
-hook! {
-    unsafe fn socket(domain: c_int, socket_type: c_int, protocol: c_int) -> c_int => ftss_socket {
+/// sendmsg on an fd of ours: one datagram, control messages ignored on the fabric (TTL, TOS and
+/// pktinfo have no meaning there); everything the kernel carries keeps its control messages.
+///
+/// # Safety
+/// `message` valid as for sendmsg(2).
+unsafe fn send_message(fd: c_int, message: &msghdr, flags: c_int) -> ssize_t {
+    let destination = (message.msg_name as *const sockaddr, message.msg_namelen);
+    match logic::route(fd, destination) {
+        Err(errno) => fail(errno),
+        Ok(Route::Kernel(target)) => unsafe { (real().sendmsg)(target, message, flags) },
+        Ok(Route::Fabric(sock, destination)) => {
+            let vectors = match unsafe { vectors(message.msg_iov, message.msg_iovlen) } {
+                Ok(vectors) => vectors,
+                Err(errno) => return fail(errno),
+            };
+            let payload = unsafe { gather(vectors) };
+            logic::send_fabric(fd, &sock, &payload, flags, destination)
+        }
+    }
+}
+
+/// recvmsg on a fabric fd. The error queue belongs to the real UDP socket.
+///
+/// # Safety
+/// `message` valid as for recvmsg(2).
+unsafe fn receive_message(fd: c_int, message: &mut msghdr, flags: c_int) -> ssize_t {
+    if flags & libc::MSG_ERRQUEUE != 0 {
+        let side = crate::shim().and_then(|shim| shim.sock(fd)).map_or(fd, |sock| sock.side);
+        return unsafe { (real().recvmsg)(side, message, flags) };
+    }
+    let vectors = match unsafe { vectors(message.msg_iov, message.msg_iovlen) } {
+        Ok(vectors) => vectors,
+        Err(errno) => return fail(errno),
+    };
+    let mut name_len = message.msg_namelen;
+    let name = message.msg_name as *mut sockaddr;
+    match logic::receive(fd, vectors, flags, NameOut { name, len: &mut name_len }) {
+        Ok((received, out_flags)) => {
+            message.msg_namelen = if name.is_null() { 0 } else { name_len };
+            // No control messages are produced for fabric datagrams.
+            message.msg_controllen = 0;
+            message.msg_flags = out_flags;
+            received
+        }
+        Err(errno) => fail(errno),
+    }
+}
+
+fn check_fortified(len: size_t, buf_len: size_t) {
+    if len > buf_len {
+        // What glibc's fortified variants do: the program has a buffer overflow.
+        unsafe { (real().__chk_fail)() };
+    }
+}
+
+/// After a successful dup of `old` into `new`: the new fd shares the entry.
+fn duplicated(old: c_int, new: c_int) -> c_int {
+    if new >= 0
+        && let Some(shim) = crate::shim()
+    {
+        shim.on_dup(old, new);
+    }
+    new
+}
+
+/// fcntl and fcntl64: F_DUPFD/F_DUPFD_CLOEXEC make a new fd sharing the entry.
+fn control(
+    fd: c_int,
+    command: c_int,
+    argument: c_ulong,
+    function: unsafe extern "C" fn(c_int, c_int, ...) -> c_int,
+) -> c_int {
+    let result = unsafe { function(fd, command, argument) };
+    if result >= 0 && matches!(command, libc::F_DUPFD | libc::F_DUPFD_CLOEXEC) && is_ours(fd) {
+        return duplicated(fd, result);
+    }
+    result
+}
+
+hooks! {
+    fn socket(domain: c_int, socket_type: c_int, protocol: c_int) -> c_int {
         let fd = unsafe { (real().socket)(domain, socket_type, protocol) };
         if fd >= 0 {
             logic::on_socket(fd, domain, socket_type);
         }
         fd
     }
-}
 
-hook! {
-    unsafe fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int => ftss_bind {
+    fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
         logic::bind(fd, addr, len)
     }
-}
 
-hook! {
-    unsafe fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int => ftss_connect {
+    fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
         logic::connect(fd, addr, len)
     }
-}
 
-hook! {
-    unsafe fn sendto(fd: c_int, buf: *const c_void, len: size_t, flags: c_int, addr: *const sockaddr, addr_len: socklen_t) -> ssize_t => ftss_sendto {
+    fn sendto(fd: c_int, buf: *const c_void, len: size_t, flags: c_int, addr: *const sockaddr, addr_len: socklen_t) -> ssize_t {
         if !is_ours(fd) {
             return unsafe { (real().sendto)(fd, buf, len, flags, addr, addr_len) };
         }
-        unsafe { send_to(fd, buf, len, flags, addr, addr_len) }
+        logic::send(fd, unsafe { slice(buf.cast::<u8>(), len) }, flags, (addr, addr_len))
     }
-}
 
-hook! {
-    unsafe fn send(fd: c_int, buf: *const c_void, len: size_t, flags: c_int) -> ssize_t => ftss_send {
+    fn send(fd: c_int, buf: *const c_void, len: size_t, flags: c_int) -> ssize_t {
         if !is_fabric(fd) {
             return unsafe { (real().sendto)(fd, buf, len, flags, std::ptr::null(), 0) };
         }
-        unsafe { send_to(fd, buf, len, flags, std::ptr::null(), 0) }
+        logic::send(fd, unsafe { slice(buf.cast::<u8>(), len) }, flags, (std::ptr::null(), 0))
     }
-}
 
-hook! {
-    unsafe fn write(fd: c_int, buf: *const c_void, len: size_t) -> ssize_t => ftss_write {
+    fn write(fd: c_int, buf: *const c_void, len: size_t) -> ssize_t {
         if !is_fabric(fd) {
             return unsafe { (real().write)(fd, buf, len) };
         }
-        unsafe { send_to(fd, buf, len, 0, std::ptr::null(), 0) }
+        logic::send(fd, unsafe { slice(buf.cast::<u8>(), len) }, 0, (std::ptr::null(), 0))
     }
-}
 
-hook! {
-    unsafe fn sendmsg(fd: c_int, message: *const msghdr, flags: c_int) -> ssize_t => ftss_sendmsg {
+    fn writev(fd: c_int, iov: *const iovec, count: c_int) -> ssize_t {
+        if !is_fabric(fd) {
+            return unsafe { (real().writev)(fd, iov, count) };
+        }
+        let Ok(count) = usize::try_from(count) else { return fail(libc::EINVAL) };
+        match unsafe { vectors(iov, count) } {
+            Ok(vectors) => logic::send(fd, &unsafe { gather(vectors) }, 0, (std::ptr::null(), 0)),
+            Err(_) => fail(libc::EINVAL),
+        }
+    }
+
+    fn sendmsg(fd: c_int, message: *const msghdr, flags: c_int) -> ssize_t {
         if !is_ours(fd) || message.is_null() {
             return unsafe { (real().sendmsg)(fd, message, flags) };
         }
-        // A datagram is one payload: gather the iovecs. Control messages (TTL, TOS, pktinfo) have no
-        // meaning on the fabric and are ignored there.
-        let message = unsafe { &*message };
-        let mut payload = Vec::new();
-        for index in 0..message.msg_iovlen {
-            let vector = unsafe { &*message.msg_iov.add(index) };
-            payload.extend_from_slice(unsafe { bytes(vector.iov_base, vector.iov_len) });
-        }
-        let addr = message.msg_name as *const sockaddr;
-        let dest = match unsafe { logic::destination(addr, message.msg_namelen) } {
-            Ok(dest) => dest,
-            Err(_) if !is_fabric(fd) => return unsafe { (real().sendmsg)(fd, message, flags) },
-            Err(errno) => return fail(errno),
-        };
-        logic::send(fd, &payload, flags, dest, (addr, message.msg_namelen))
+        unsafe { send_message(fd, &*message, flags) }
     }
-}
 
-hook! {
-    unsafe fn recvfrom(fd: c_int, buf: *mut c_void, len: size_t, flags: c_int, addr: *mut sockaddr, addr_len: *mut socklen_t) -> ssize_t => ftss_recvfrom {
+    fn sendmmsg(fd: c_int, messages: *mut mmsghdr, count: c_uint, flags: c_int) -> c_int {
+        if !is_ours(fd) || messages.is_null() {
+            return unsafe { (real().sendmmsg)(fd, messages, count, flags) };
+        }
+        // As the kernel: at most UIO_MAXIOV messages; an error after the first ends the batch and
+        // the count so far is returned.
+        let count = (count as usize).min(IOV_MAX);
+        for index in 0..count {
+            let entry = unsafe { &mut *messages.add(index) };
+            let sent = unsafe { send_message(fd, &entry.msg_hdr, flags) };
+            if sent < 0 {
+                return if index == 0 { -1 } else { index as c_int };
+            }
+            entry.msg_len = sent as c_uint;
+        }
+        count as c_int
+    }
+
+    fn recvfrom(fd: c_int, buf: *mut c_void, len: size_t, flags: c_int, addr: *mut sockaddr, addr_len: *mut socklen_t) -> ssize_t {
         if !is_fabric(fd) {
             return unsafe { (real().recvfrom)(fd, buf, len, flags, addr, addr_len) };
         }
-        unsafe { receive_into(fd, buf, len, flags, addr, addr_len) }
+        receive_into(fd, buf, len, flags, addr, addr_len)
     }
-}
 
-hook! {
-    unsafe fn __recvfrom_chk(fd: c_int, buf: *mut c_void, len: size_t, buf_len: size_t, flags: c_int, addr: *mut sockaddr, addr_len: *mut socklen_t) -> ssize_t => ftss_recvfrom_chk {
-        if len > buf_len {
-            // What glibc's fortified check does: the program has a buffer overflow.
-            unsafe { libc::abort() };
-        }
+    fn __recvfrom_chk(fd: c_int, buf: *mut c_void, len: size_t, buf_len: size_t, flags: c_int, addr: *mut sockaddr, addr_len: *mut socklen_t) -> ssize_t {
+        check_fortified(len, buf_len);
         if !is_fabric(fd) {
             return unsafe { (real().recvfrom)(fd, buf, len, flags, addr, addr_len) };
         }
-        unsafe { receive_into(fd, buf, len, flags, addr, addr_len) }
+        receive_into(fd, buf, len, flags, addr, addr_len)
     }
-}
 
-hook! {
-    unsafe fn recv(fd: c_int, buf: *mut c_void, len: size_t, flags: c_int) -> ssize_t => ftss_recv {
+    fn recv(fd: c_int, buf: *mut c_void, len: size_t, flags: c_int) -> ssize_t {
         if !is_fabric(fd) {
             return unsafe { (real().recvfrom)(fd, buf, len, flags, std::ptr::null_mut(), std::ptr::null_mut()) };
         }
-        unsafe { receive_into(fd, buf, len, flags, std::ptr::null_mut(), std::ptr::null_mut()) }
+        receive_into(fd, buf, len, flags, std::ptr::null_mut(), std::ptr::null_mut())
     }
-}
 
-hook! {
-    unsafe fn read(fd: c_int, buf: *mut c_void, len: size_t) -> ssize_t => ftss_read {
+    fn __recv_chk(fd: c_int, buf: *mut c_void, len: size_t, buf_len: size_t, flags: c_int) -> ssize_t {
+        check_fortified(len, buf_len);
+        if !is_fabric(fd) {
+            return unsafe { (real().recvfrom)(fd, buf, len, flags, std::ptr::null_mut(), std::ptr::null_mut()) };
+        }
+        receive_into(fd, buf, len, flags, std::ptr::null_mut(), std::ptr::null_mut())
+    }
+
+    fn read(fd: c_int, buf: *mut c_void, len: size_t) -> ssize_t {
         if !is_fabric(fd) {
             return unsafe { (real().read)(fd, buf, len) };
         }
-        unsafe { receive_into(fd, buf, len, 0, std::ptr::null_mut(), std::ptr::null_mut()) }
+        receive_into(fd, buf, len, 0, std::ptr::null_mut(), std::ptr::null_mut())
     }
-}
 
-hook! {
-    unsafe fn __read_chk(fd: c_int, buf: *mut c_void, len: size_t, buf_len: size_t) -> ssize_t => ftss_read_chk {
-        if len > buf_len {
-            unsafe { libc::abort() };
-        }
+    fn __read_chk(fd: c_int, buf: *mut c_void, len: size_t, buf_len: size_t) -> ssize_t {
+        check_fortified(len, buf_len);
         if !is_fabric(fd) {
             return unsafe { (real().read)(fd, buf, len) };
         }
-        unsafe { receive_into(fd, buf, len, 0, std::ptr::null_mut(), std::ptr::null_mut()) }
+        receive_into(fd, buf, len, 0, std::ptr::null_mut(), std::ptr::null_mut())
     }
-}
 
-hook! {
-    unsafe fn recvmsg(fd: c_int, message: *mut msghdr, flags: c_int) -> ssize_t => ftss_recvmsg {
+    fn readv(fd: c_int, iov: *const iovec, count: c_int) -> ssize_t {
+        if !is_fabric(fd) {
+            return unsafe { (real().readv)(fd, iov, count) };
+        }
+        let Ok(count) = usize::try_from(count) else { return fail(libc::EINVAL) };
+        let vectors = match unsafe { vectors(iov, count) } {
+            Ok(vectors) => vectors,
+            Err(_) => return fail(libc::EINVAL),
+        };
+        let out = NameOut { name: std::ptr::null_mut(), len: std::ptr::null_mut() };
+        match logic::receive(fd, vectors, 0, out) {
+            Ok((received, _)) => received,
+            Err(errno) => fail(errno),
+        }
+    }
+
+    fn recvmsg(fd: c_int, message: *mut msghdr, flags: c_int) -> ssize_t {
         if !is_fabric(fd) || message.is_null() {
             return unsafe { (real().recvmsg)(fd, message, flags) };
         }
-        let message = unsafe { &mut *message };
-        let vectors = if message.msg_iovlen == 0 || message.msg_iov.is_null() {
-            &[][..]
-        } else {
-            unsafe { std::slice::from_raw_parts(message.msg_iov, message.msg_iovlen) }
-        };
-        // No control messages are produced for fabric datagrams.
-        message.msg_controllen = 0;
-        let mut name_len = message.msg_namelen;
-        let name = message.msg_name as *mut sockaddr;
-        let mut out_flags = 0;
-        let received = logic::receive(fd, vectors, flags, name, &mut name_len, Some(&mut out_flags));
-        if received >= 0 {
-            message.msg_namelen = if name.is_null() { 0 } else { name_len };
-            message.msg_flags = out_flags;
-        }
-        received
+        unsafe { receive_message(fd, &mut *message, flags) }
     }
-}
 
-hook! {
-    unsafe fn close(fd: c_int) -> c_int => ftss_close {
-        if !is_ours(fd) {
-            return unsafe { (real().close)(fd) };
+    fn recvmmsg(fd: c_int, messages: *mut mmsghdr, count: c_uint, flags: c_int, timeout: *mut timespec) -> c_int {
+        if !is_fabric(fd) || messages.is_null() {
+            return unsafe { (real().recvmmsg)(fd, messages, count, flags, timeout) };
         }
+        let deadline = (!timeout.is_null()).then(|| {
+            let timeout = unsafe { *timeout };
+            std::time::Instant::now()
+                + std::time::Duration::new(timeout.tv_sec.max(0) as u64, timeout.tv_nsec.clamp(0, 999_999_999) as u32)
+        });
+        let count = (count as usize).min(IOV_MAX);
+        let mut received = 0;
+        while received < count {
+            // MSG_WAITFORONE: after the first datagram, take only what is already there.
+            let mut each = flags & !libc::MSG_WAITFORONE;
+            if received > 0 && flags & libc::MSG_WAITFORONE != 0 {
+                each |= libc::MSG_DONTWAIT;
+            }
+            let entry = unsafe { &mut *messages.add(received) };
+            let length = unsafe { receive_message(fd, &mut entry.msg_hdr, each) };
+            if length < 0 {
+                return if received == 0 { -1 } else { received as c_int };
+            }
+            entry.msg_len = length as c_uint;
+            received += 1;
+            // As the kernel: the timeout is checked after each datagram.
+            if deadline.is_some_and(|deadline| std::time::Instant::now() >= deadline) {
+                break;
+            }
+        }
+        received as c_int
+    }
+
+    fn close(fd: c_int) -> c_int {
         logic::close(fd)
     }
-}
 
-hook! {
-    unsafe fn shutdown(fd: c_int, how: c_int) -> c_int => ftss_shutdown {
+    fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
+        logic::close_range(first, last, flags)
+    }
+
+    fn dup(fd: c_int) -> c_int {
+        let new = unsafe { (real().dup)(fd) };
+        if is_ours(fd) { duplicated(fd, new) } else { new }
+    }
+
+    fn dup2(old: c_int, new: c_int) -> c_int {
+        let result = unsafe { (real().dup2)(old, new) };
+        duplicated(old, result)
+    }
+
+    fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+        let result = unsafe { (real().dup3)(old, new, flags) };
+        duplicated(old, result)
+    }
+
+    /// Variadic in C; see the module docs for why the third argument is a named `c_ulong`.
+    fn fcntl(fd: c_int, command: c_int, argument: c_ulong) -> c_int {
+        control(fd, command, argument, real().fcntl)
+    }
+
+    /// glibc's 64-bit-offset name for fcntl (what libpython imports); as [`fcntl`].
+    fn fcntl64(fd: c_int, command: c_int, argument: c_ulong) -> c_int {
+        match real().fcntl64 {
+            Some(function) => control(fd, command, argument, function),
+            None => control(fd, command, argument, real().fcntl),
+        }
+    }
+
+    /// Variadic in C; see the module docs. FIONREAD on a fabric fd reports the next datagram's
+    /// payload without the shim's header; everything else (FIONBIO…) acts on the app's fd itself.
+    fn ioctl(fd: c_int, request: c_ulong, argument: *mut c_void) -> c_int {
+        if is_fabric(fd) && request == libc::FIONREAD && !argument.is_null() {
+            return match logic::next_datagram_bytes(fd) {
+                Ok(bytes) => {
+                    unsafe { argument.cast::<c_int>().write_unaligned(bytes) };
+                    0
+                }
+                Err(errno) => fail(errno) as c_int,
+            };
+        }
+        unsafe { (real().ioctl)(fd, request, argument) }
+    }
+
+    fn shutdown(fd: c_int, how: c_int) -> c_int {
         if !is_fabric(fd) {
             return unsafe { (real().shutdown)(fd, how) };
         }
-        // A UDP socket has no connection to shut down; the app's end of the socketpair must stay
-        // open in both directions for the shim to keep delivering.
-        0
+        logic::shutdown(fd, how)
     }
-}
 
-hook! {
-    unsafe fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int => ftss_getsockname {
+    fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
         logic::getsockname(fd, addr, len)
     }
-}
 
-hook! {
-    unsafe fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int => ftss_getpeername {
+    fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
         logic::getpeername(fd, addr, len)
     }
-}
 
-hook! {
-    unsafe fn getsockopt(fd: c_int, level: c_int, name: c_int, value: *mut c_void, len: *mut socklen_t) -> c_int => ftss_getsockopt {
+    fn getsockopt(fd: c_int, level: c_int, name: c_int, value: *mut c_void, len: *mut socklen_t) -> c_int {
         logic::getsockopt(fd, level, name, value, len)
     }
-}
 
-hook! {
-    unsafe fn setsockopt(fd: c_int, level: c_int, name: c_int, value: *const c_void, len: socklen_t) -> c_int => ftss_setsockopt {
+    fn setsockopt(fd: c_int, level: c_int, name: c_int, value: *const c_void, len: socklen_t) -> c_int {
         logic::setsockopt(fd, level, name, value, len)
     }
 }

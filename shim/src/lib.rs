@@ -12,7 +12,10 @@
 //! carrying the fabric source address) into the other end. So poll, select, epoll, O_NONBLOCK and
 //! SO_RCVTIMEO all work natively on the app's fd, without hooking every wait call.
 
+mod addr;
 pub mod config;
+mod fds;
+mod fork;
 mod hooks;
 pub mod outbox;
 mod pump;
@@ -27,7 +30,7 @@ use config::Config;
 
 /// The shim's process-wide state; `None` inside means pass-through (FTSS_VOLUME unset or invalid).
 static SHIM: OnceLock<Option<socket::Shim>> = OnceLock::new();
-static LOG: Mutex<Option<File>> = Mutex::new(None);
+pub(crate) static LOG: Mutex<Option<File>> = Mutex::new(None);
 
 /// Writes one line to FTSS_LOG (never to the app's stdout/stderr).
 pub(crate) fn log_line(message: std::fmt::Arguments) {
@@ -51,12 +54,23 @@ fn open_log(config: &Config) {
     if let Some(path) = &config.log
         && let Ok(file) = std::fs::OpenOptions::new().create(true).append(true).open(path)
     {
+        // The app's closefrom-style loops leave the log open (see `fds`).
+        fds::set(std::os::fd::AsRawFd::as_raw_fd(&file), fds::INTERNAL, addr::Family::V4);
         *LOG.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(file);
     }
 }
 
+/// A panic in the shim is a bug: its message goes to FTSS_LOG, never to the app's stderr (the hook
+/// that panicked then fails its call with EIO). This hook belongs to the shim's own copy of std.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| log_line(format_args!("bug: {info}"))));
+}
+
 #[ctor::ctor(unsafe)]
 fn init() {
+    // Every real function first, before any hook can run: no dlsym (which allocates) inside a hook.
+    real::real();
+    log_panics();
     let shim = match Config::from_env() {
         Ok(None) => None,
         Ok(Some(config)) => {
@@ -79,5 +93,9 @@ fn init() {
             None
         }
     };
+    let enabled = shim.is_some();
     let _ = SHIM.set(shim);
+    if enabled {
+        fork::install();
+    }
 }

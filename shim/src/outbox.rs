@@ -32,13 +32,17 @@ const PUBLISH_RETRY_PAUSE: Duration = Duration::from_millis(100);
 const PUBLISH_ATTEMPTS_MAX: u32 = 5;
 
 /// Why a send failed; each maps to the errno the app sees.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
-    /// The ring is full and the socket is non-blocking.
+    /// The ring is full and the socket is non-blocking (or its SO_SNDTIMEO expired): EAGAIN.
+    #[error("the outbox ring is full")]
     WouldBlock,
-    /// Durability (or the ack) did not come within FTSS_TIMEOUT.
+    /// Durability (or the server's ack) did not come within FTSS_TIMEOUT: ETIMEDOUT. The datagram
+    /// may still be delivered later (it stays queued or published).
+    #[error("no durability or ack within FTSS_TIMEOUT")]
     TimedOut,
-    /// The batch could not be published on the volume (errno of the cause).
+    /// The batch could not be published on the volume (errno of the cause, EIO if unknown).
+    #[error("the batch could not be published on the volume")]
     Io(i32),
 }
 
@@ -59,7 +63,10 @@ struct State {
     published_seq: u64,
     queued_bytes: usize,
     failures: VecDeque<(u64, u64, i32)>,
-    /// Seqs the server has acked as stored (only tracked while someone waits in guaranteed mode).
+    /// Seqs whose sender waits for the server's ack (guaranteed mode), registered when queued so
+    /// an ack read early is not missed.
+    awaiting_ack: BTreeSet<u64>,
+    /// Seqs of `awaiting_ack` the server has acked as stored.
     acked: BTreeSet<u64>,
 }
 
@@ -86,6 +93,7 @@ impl Outbox {
                 published_seq: 0,
                 queued_bytes: 0,
                 failures: VecDeque::new(),
+                awaiting_ack: BTreeSet::new(),
                 acked: BTreeSet::new(),
             }),
             consumer: Mutex::new(consumer),
@@ -101,12 +109,14 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues a packet built by `build(seq)`; returns its seq once it is in the ring.
+    /// Queues a packet built by `build(seq)`; returns its seq once it is in the ring. With
+    /// `wants_ack` the sender will call [`Outbox::wait_acked`] for it.
     pub fn enqueue(
         &self,
         payload_len: usize,
         nonblocking: bool,
         deadline: Instant,
+        wants_ack: bool,
         build: impl FnOnce(u64) -> Packet,
     ) -> Result<u64, SendError> {
         let mut state = self.lock();
@@ -123,6 +133,9 @@ impl Outbox {
         let seq = state.next_seq;
         state.next_seq += 1;
         state.queued_bytes += payload_len;
+        if wants_ack {
+            state.awaiting_ack.insert(seq);
+        }
         let pushed = state.producer.try_push(build(seq));
         assert!(pushed.is_ok(), "ring had room under the lock");
         drop(state);
@@ -152,23 +165,54 @@ impl Outbox {
         }
     }
 
-    /// Waits until the server's "stored" ack for `seq` has been seen.
+    /// Waits until the server's "stored" ack for `seq` (queued with `wants_ack`) has been seen.
     pub fn wait_acked(&self, seq: u64, deadline: Instant) -> Result<(), SendError> {
         let mut state = self.lock();
-        while !state.acked.remove(&seq) {
-            state = self.wait(state, deadline)?;
-        }
-        Ok(())
+        let outcome = loop {
+            if state.acked.remove(&seq) {
+                break Ok(());
+            }
+            match self.wait(state, deadline) {
+                Ok(next) => state = next,
+                Err(error) => {
+                    state = self.lock();
+                    break Err(error);
+                }
+            }
+        };
+        state.awaiting_ack.remove(&seq);
+        state.acked.remove(&seq);
+        outcome
     }
 
-    /// Records acks read from the volume (seqs of this process's epoch).
+    /// Records acks read from the volume (seqs of this process's epoch). Only seqs a sender waits
+    /// for are kept, so the set is bounded by the senders waiting.
     pub fn record_acks(&self, seqs: impl IntoIterator<Item = u64>) {
         let mut state = self.lock();
-        let published = state.published_seq;
-        // Only seqs somebody may still wait for; bounded by what this process published.
-        state.acked.extend(seqs.into_iter().filter(|seq| *seq <= published));
+        let fresh: Vec<u64> = seqs.into_iter().filter(|seq| state.awaiting_ack.contains(seq)).collect();
+        if fresh.is_empty() {
+            return;
+        }
+        state.acked.extend(fresh);
         drop(state);
         self.progress.notify_all();
+    }
+
+    /// Does any sender wait for an ack? (The receive thread reads ack files only then.)
+    pub fn awaits_acks(&self) -> bool {
+        !self.lock().awaiting_ack.is_empty()
+    }
+
+    /// Waits until everything queued is published or `deadline` passes (at exit, for async mode).
+    pub fn wait_idle(&self, deadline: Instant) -> bool {
+        let mut state = self.lock();
+        while state.published_seq + 1 != state.next_seq {
+            match self.wait(state, deadline) {
+                Ok(next) => state = next,
+                Err(_) => return false,
+            }
+        }
+        true
     }
 
     /// Is anything queued or being published? (The flusher's exit and the tests use it.)

@@ -4,25 +4,31 @@
 //! One pass, every `FTSS_POLL_MS` or sooner when a socket becomes writable or the real network has
 //! a datagram:
 //! 1. write a receipt batch for everything the app received since the last pass;
-//! 2. for each fabric socket with a port: inject held datagrams, then read its inbox files in name
-//!    order, drop duplicates, inject, and remove each file once all of it is injected or held;
-//! 3. in `guaranteed` mode, read new ack files for this process;
+//! 2. for each fabric socket with a port: inject held datagrams, then claim its inbox files in name
+//!    order (a rename, so that two processes serving one port — a forked child and its parent, or
+//!    SO_REUSEPORT apps — never both take a file), drop duplicates, inject, and remove each file
+//!    once all of it is injected or held;
+//! 3. while a sender waits for the server's ack (`guaranteed`), read new ack files for this process;
 //! 4. relay datagrams that arrived on the real side sockets.
+//!
+//! A connected socket only gets datagrams from its peer (the kernel's rule for UDP); the rest are
+//! dropped here (and receipted, so the server does not deliver them again).
 
 use std::collections::{HashSet, VecDeque};
 use std::mem::{size_of, zeroed};
-use std::net::{Ipv4Addr, SocketAddrV4};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use fsbridge::format::{BatchEncoder, PAYLOAD_BYTES_MAX, decode_batch};
 use fsbridge::layout::batch_file_name;
-use fsbridge::{BatchHeader, BatchKind, Record};
-use libc::{c_int, sockaddr_in, socklen_t};
+use fsbridge::spool::{read_regular_file, remove_file_idempotent};
+use fsbridge::{BatchHeader, BatchKind, Record, Spool};
+use libc::{c_int, socklen_t};
 
-use crate::config::AckMode;
+use crate::addr::{self, INJECT_HEADER_BYTES, inject_header};
 use crate::log;
 use crate::real::real;
-use crate::socket::{INJECT_HEADER_BYTES, Shim, Sock, inject_header};
+use crate::socket::{Shim, Sock, lock};
 
 /// Inbox files read per socket per pass.
 const INBOX_FILES_PER_PASS: usize = 16;
@@ -32,10 +38,9 @@ const RELAY_PER_PASS: usize = 256;
 const SEEN_ACK_FILES_MAX: usize = 4096;
 
 pub fn run(shim: &'static Shim) {
-    let mut receipt_seq = 0u64;
     let mut seen_acks: (HashSet<String>, VecDeque<String>) = (HashSet::new(), VecDeque::new());
     loop {
-        flush_receipts(shim, &mut receipt_seq);
+        flush_receipts(shim);
         let socks = shim.socks();
         let mut waiting_for_room = Vec::new();
         for sock in &socks {
@@ -43,7 +48,7 @@ pub fn run(shim: &'static Shim) {
                 waiting_for_room.push(sock.clone());
             }
         }
-        if shim.config.ack == AckMode::Guaranteed {
+        if shim.outbox().awaits_acks() {
             read_acks(shim, &mut seen_acks);
         }
         wait(shim, &socks, &waiting_for_room);
@@ -65,7 +70,7 @@ fn wait(shim: &Shim, socks: &[Arc<Sock>], waiting_for_room: &[Arc<Sock>]) {
     }
     let timeout = shim.config.poll.as_millis().min(60_000) as c_int;
     // SAFETY: fds is a valid array of pollfd.
-    let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+    let ready = unsafe { (real().poll)(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
     if ready <= 0 {
         return;
     }
@@ -80,9 +85,9 @@ fn wait(shim: &Shim, socks: &[Arc<Sock>], waiting_for_room: &[Arc<Sock>]) {
 fn relay(sock: &Sock) {
     let mut buffer = vec![0u8; INJECT_HEADER_BYTES + PAYLOAD_BYTES_MAX];
     for _ in 0..RELAY_PER_PASS {
-        // SAFETY: zeroed sockaddr_in is valid; buffer is live.
-        let mut from: sockaddr_in = unsafe { zeroed() };
-        let mut from_len = size_of::<sockaddr_in>() as socklen_t;
+        // SAFETY: zeroed storage is valid; buffer is live.
+        let mut from: libc::sockaddr_storage = unsafe { zeroed() };
+        let mut from_len = size_of::<libc::sockaddr_storage>() as socklen_t;
         let payload = &mut buffer[INJECT_HEADER_BYTES..];
         let received = unsafe {
             (real().recvfrom)(
@@ -90,14 +95,17 @@ fn relay(sock: &Sock) {
                 payload.as_mut_ptr().cast(),
                 payload.len(),
                 libc::MSG_DONTWAIT,
-                (&mut from as *mut sockaddr_in).cast(),
+                (&mut from as *mut libc::sockaddr_storage).cast(),
                 &mut from_len,
             )
         };
         if received < 0 {
             return;
         }
-        let source = SocketAddrV4::new(Ipv4Addr::from(u32::from_be(from.sin_addr.s_addr)), u16::from_be(from.sin_port));
+        let Some(source) = addr::from_storage(&from) else { continue };
+        if !sock.accepts(source) {
+            continue;
+        }
         buffer[..INJECT_HEADER_BYTES].copy_from_slice(&inject_header(source, 0));
         // A full app socket drops the datagram, as the kernel would for plain UDP.
         let _ = inject(sock, &buffer[..INJECT_HEADER_BYTES + received as usize]);
@@ -108,15 +116,35 @@ fn relay(sock: &Sock) {
 fn inject(sock: &Sock, datagram: &[u8]) -> bool {
     // SAFETY: datagram is a live buffer; shim_end is our fd.
     let sent = unsafe {
-        libc::send(sock.shim_end, datagram.as_ptr().cast(), datagram.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        (real().sendto)(
+            sock.shim_end,
+            datagram.as_ptr().cast(),
+            datagram.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            std::ptr::null(),
+            0,
+        )
     };
     sent >= 0
+}
+
+/// Takes `name` out of the inbox by renaming it aside; `None` if another process took it first.
+fn claim(inbox: &Spool, name: &str) -> Option<std::path::PathBuf> {
+    let claimed = inbox.tmp_dir().join(format!("{name}.claimed-{}", std::process::id()));
+    match std::fs::rename(inbox.new_dir().join(name), &claimed) {
+        Ok(()) => Some(claimed),
+        Err(error) if fsbridge::spool::is_gone(&error) => None,
+        Err(error) => {
+            log!("cannot claim inbox file {name}: {error}");
+            None
+        }
+    }
 }
 
 /// Injects held datagrams, then new inbox files. Returns false if the app's socket is full.
 fn fill(shim: &Shim, sock: &Arc<Sock>) -> bool {
     let Some(local) = sock.lock().local else { return true };
-    let mut held = sock.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut held = lock(&sock.held);
     while let Some(datagram) = held.front() {
         if !inject(sock, datagram) {
             return false;
@@ -132,8 +160,8 @@ fn fill(shim: &Shim, sock: &Arc<Sock>) -> bool {
         }
     };
     for name in names {
-        let path = inbox.new_dir().join(&name);
-        let batch = match inbox.read(&name) {
+        let Some(path) = claim(&inbox, &name) else { continue };
+        let batch = match read_regular_file(&path) {
             Ok(None) => continue,
             Ok(Some(bytes)) => decode_batch(&bytes).map_err(|error| error.to_string()),
             Err(error) => Err(error.to_string()),
@@ -155,25 +183,30 @@ fn fill(shim: &Shim, sock: &Arc<Sock>) -> bool {
         };
         for record in batch.records {
             let Record::Packet(packet) = record else { continue };
-            let duplicate = shim.dedupe.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).check(&packet.id);
+            let duplicate = lock(&shim.dedupe).check(&packet.id);
             match duplicate {
                 // Redelivered after the app already had it: the receipt was lost or late; send it again.
-                Some(true) => shim.receipts.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(packet.id),
+                Some(true) => lock(&shim.receipts).push(packet.id),
                 Some(false) => {}
+                // A connected socket does not receive from others: dropped, and done with.
+                None if !sock.accepts(std::net::SocketAddr::V4(packet.source)) => {
+                    lock(&shim.dedupe).mark_received(&packet.id);
+                    lock(&shim.receipts).push(packet.id);
+                }
                 None => {
                     let token = shim.next_token();
-                    sock.tokens.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(token, packet.id);
                     let mut datagram = Vec::with_capacity(INJECT_HEADER_BYTES + packet.payload.len());
-                    datagram.extend_from_slice(&inject_header(packet.source, token));
+                    datagram.extend_from_slice(&inject_header(std::net::SocketAddr::V4(packet.source), token));
                     datagram.extend_from_slice(&packet.payload);
+                    lock(&sock.tokens).insert(token, packet.id);
                     held.push_back(datagram);
                 }
             }
         }
         // Everything in the file is now injected or held in memory; if this process dies the
         // missing receipts make the server deliver it again.
-        if let Err(error) = inbox.remove(&name) {
-            log!("cannot remove inbox file {name}: {error}");
+        if let Err(error) = remove_file_idempotent(&path) {
+            log!("cannot remove claimed inbox file {}: {error}", path.display());
         }
         while let Some(datagram) = held.front() {
             if !inject(sock, datagram) {
@@ -192,23 +225,21 @@ fn quarantine(shim: &Shim, path: &std::path::Path, reason: &str) {
     }
 }
 
-fn flush_receipts(shim: &Shim, receipt_seq: &mut u64) {
-    let ids = std::mem::take(&mut *shim.receipts.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+/// Writes a receipt batch for everything the app received since the last one (also at exit).
+pub fn flush_receipts(shim: &Shim) {
+    let ids = std::mem::take(&mut *lock(&shim.receipts));
     if ids.is_empty() {
         return;
     }
-    *receipt_seq += 1;
-    let header = BatchHeader {
-        kind: BatchKind::Receipts,
-        node: shim.config.node.clone(),
-        epoch: shim.epoch,
-        batch_seq: *receipt_seq,
-    };
+    let receipt_seq = shim.receipt_seq.fetch_add(1, Ordering::Relaxed) + 1;
+    let epoch = shim.epoch();
+    let header =
+        BatchHeader { kind: BatchKind::Receipts, node: shim.config.node.clone(), epoch, batch_seq: receipt_seq };
     let mut encoder = BatchEncoder::new(&header);
     for id in &ids {
         encoder.push(&Record::Receipt(id.clone()));
     }
-    let name = batch_file_name(shim.epoch, *receipt_seq, "rcpt");
+    let name = batch_file_name(epoch, receipt_seq, "rcpt");
     if let Err(error) = shim.volume.receipts(&shim.config.node).publish(&name, &encoder.finish()) {
         log!("cannot write receipts ({} packets; the server will deliver them again): {error}", ids.len());
     }
@@ -217,6 +248,7 @@ fn flush_receipts(shim: &Shim, receipt_seq: &mut u64) {
 fn read_acks(shim: &Shim, seen: &mut (HashSet<String>, VecDeque<String>)) {
     let spool = shim.volume.acks(&shim.config.node);
     let Ok(names) = spool.list(usize::MAX) else { return };
+    let epoch = shim.epoch();
     for name in names {
         if seen.0.contains(&name) {
             continue;
@@ -224,10 +256,10 @@ fn read_acks(shim: &Shim, seen: &mut (HashSet<String>, VecDeque<String>)) {
         let Ok(Some(bytes)) = spool.read(&name) else { continue };
         if let Ok(batch) = decode_batch(&bytes) {
             let mine = batch.records.into_iter().filter_map(|record| match record {
-                Record::Ack(ack) if ack.id.epoch == shim.epoch && ack.id.origin == shim.config.node => Some(ack.id.seq),
+                Record::Ack(ack) if ack.id.epoch == epoch && ack.id.origin == shim.config.node => Some(ack.id.seq),
                 _ => None,
             });
-            shim.outbox.record_acks(mine);
+            shim.outbox().record_acks(mine);
         }
         seen.0.insert(name.clone());
         seen.1.push_back(name);

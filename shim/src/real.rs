@@ -1,29 +1,44 @@
 //! The real libc functions behind every hook, resolved once with `dlsym(RTLD_NEXT)`.
 //!
-//! redhook resolves a pointer per hook too, but only inside the module that defines the hook; the
-//! socket logic needs the real functions from everywhere (and for calls redhook cannot define, such
-//! as variadic ones), so one table here serves all of them.
+//! The constructor calls [`real`] before anything else, so no hook ever resolves a symbol lazily
+//! (glibc's `dlsym` allocates, which can recurse into a hooked call or deadlock). The shim's own code
+//! calls these pointers, never `libc::x`, because `libc::x` from inside this library binds to the
+//! shim's exported hook of the same name.
 
 use std::sync::OnceLock;
 
-use libc::{c_int, c_void, msghdr, size_t, sockaddr, socklen_t, ssize_t};
+use libc::{c_int, c_uint, c_ulong, c_void, iovec, mmsghdr, msghdr, size_t, sockaddr, socklen_t, ssize_t, timespec};
 
 macro_rules! real_functions {
-    ($($name:ident: fn($($arg:ty),*) -> $ret:ty;)*) => {
+    ($($name:ident: $signature:ty;)*) => {
         /// Pointers to the next definition of each function after this library.
         pub struct Real {
-            $(pub $name: unsafe extern "C" fn($($arg),*) -> $ret,)*
+            /// glibc 2.34+; an app can only call the hook if its libc has it.
+            pub close_range: Option<CloseRange>,
+            /// glibc 2.28+; as above.
+            pub fcntl64: Option<Fcntl>,
+            $(pub $name: $signature,)*
         }
 
         fn resolve() -> Real {
             Real {
+                close_range: optional(c"close_range").map(|pointer| {
+                    // SAFETY: glibc's close_range has this signature.
+                    unsafe { std::mem::transmute::<*mut c_void, CloseRange>(pointer) }
+                }),
+                fcntl64: optional(c"fcntl64").map(|pointer| {
+                    // SAFETY: glibc's fcntl64 has fcntl's signature.
+                    unsafe { std::mem::transmute::<*mut c_void, Fcntl>(pointer) }
+                }),
                 $($name: {
                     let name = concat!(stringify!($name), "\0");
                     // SAFETY: name is NUL-terminated; RTLD_NEXT finds libc's definition.
                     let pointer = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr().cast()) };
+                    // A libc without one of these is not a glibc this shim supports; there is no errno
+                    // to give and no safe way to continue, so this stops the process at load time.
                     assert!(!pointer.is_null(), "ftss-shim: libc has no {}", stringify!($name));
                     // SAFETY: the symbol is the libc function with exactly this C signature.
-                    unsafe { std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($arg),*) -> $ret>(pointer) }
+                    unsafe { std::mem::transmute::<*mut c_void, $signature>(pointer) }
                 },)*
             }
         }
@@ -31,26 +46,48 @@ macro_rules! real_functions {
 }
 
 real_functions! {
-    socket: fn(c_int, c_int, c_int) -> c_int;
-    bind: fn(c_int, *const sockaddr, socklen_t) -> c_int;
-    connect: fn(c_int, *const sockaddr, socklen_t) -> c_int;
-    sendto: fn(c_int, *const c_void, size_t, c_int, *const sockaddr, socklen_t) -> ssize_t;
-    sendmsg: fn(c_int, *const msghdr, c_int) -> ssize_t;
-    recvfrom: fn(c_int, *mut c_void, size_t, c_int, *mut sockaddr, *mut socklen_t) -> ssize_t;
-    recvmsg: fn(c_int, *mut msghdr, c_int) -> ssize_t;
-    read: fn(c_int, *mut c_void, size_t) -> ssize_t;
-    write: fn(c_int, *const c_void, size_t) -> ssize_t;
-    close: fn(c_int) -> c_int;
-    shutdown: fn(c_int, c_int) -> c_int;
-    getsockname: fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int;
-    getpeername: fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int;
-    getsockopt: fn(c_int, c_int, c_int, *mut c_void, *mut socklen_t) -> c_int;
-    setsockopt: fn(c_int, c_int, c_int, *const c_void, socklen_t) -> c_int;
+    socket: unsafe extern "C" fn(c_int, c_int, c_int) -> c_int;
+    socketpair: unsafe extern "C" fn(c_int, c_int, c_int, *mut c_int) -> c_int;
+    bind: unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
+    connect: unsafe extern "C" fn(c_int, *const sockaddr, socklen_t) -> c_int;
+    sendto: unsafe extern "C" fn(c_int, *const c_void, size_t, c_int, *const sockaddr, socklen_t) -> ssize_t;
+    sendmsg: unsafe extern "C" fn(c_int, *const msghdr, c_int) -> ssize_t;
+    sendmmsg: unsafe extern "C" fn(c_int, *mut mmsghdr, c_uint, c_int) -> c_int;
+    recvfrom: unsafe extern "C" fn(c_int, *mut c_void, size_t, c_int, *mut sockaddr, *mut socklen_t) -> ssize_t;
+    recvmsg: unsafe extern "C" fn(c_int, *mut msghdr, c_int) -> ssize_t;
+    recvmmsg: unsafe extern "C" fn(c_int, *mut mmsghdr, c_uint, c_int, *mut timespec) -> c_int;
+    read: unsafe extern "C" fn(c_int, *mut c_void, size_t) -> ssize_t;
+    readv: unsafe extern "C" fn(c_int, *const iovec, c_int) -> ssize_t;
+    write: unsafe extern "C" fn(c_int, *const c_void, size_t) -> ssize_t;
+    writev: unsafe extern "C" fn(c_int, *const iovec, c_int) -> ssize_t;
+    close: unsafe extern "C" fn(c_int) -> c_int;
+    dup: unsafe extern "C" fn(c_int) -> c_int;
+    dup2: unsafe extern "C" fn(c_int, c_int) -> c_int;
+    dup3: unsafe extern "C" fn(c_int, c_int, c_int) -> c_int;
+    // Variadic in C: called through a variadic pointer so the calling convention is exactly C's.
+    fcntl: Fcntl;
+    ioctl: unsafe extern "C" fn(c_int, c_ulong, ...) -> c_int;
+    poll: unsafe extern "C" fn(*mut libc::pollfd, libc::nfds_t, c_int) -> c_int;
+    shutdown: unsafe extern "C" fn(c_int, c_int) -> c_int;
+    getsockname: unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int;
+    getpeername: unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int;
+    getsockopt: unsafe extern "C" fn(c_int, c_int, c_int, *mut c_void, *mut socklen_t) -> c_int;
+    setsockopt: unsafe extern "C" fn(c_int, c_int, c_int, *const c_void, socklen_t) -> c_int;
+    __chk_fail: unsafe extern "C" fn() -> !;
+}
+
+type CloseRange = unsafe extern "C" fn(c_uint, c_uint, c_int) -> c_int;
+type Fcntl = unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
+
+fn optional(name: &std::ffi::CStr) -> Option<*mut c_void> {
+    // SAFETY: name is NUL-terminated.
+    let pointer = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr()) };
+    (!pointer.is_null()).then_some(pointer)
 }
 
 static REAL: OnceLock<Real> = OnceLock::new();
 
-/// The real functions.
+/// The real functions (resolved by the constructor; lazily only if a hook runs before it).
 pub fn real() -> &'static Real {
     REAL.get_or_init(resolve)
 }

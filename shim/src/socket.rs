@@ -1,73 +1,67 @@
-//! The shim's logic: which fds are ours, turning a UDP socket into a fabric socket, and the send and
-//! receive paths. Every entry point starts with "is this fd ours? if not, call the real function".
+//! The shim's process-wide state and the socket logic: which fds are ours, turning a UDP socket into
+//! a fabric socket, and the send and receive paths. Every entry point starts with "is this fd ours?
+//! if not, call the real function".
 //!
 //! Life of a socket:
-//! 1. `socket(AF_INET, SOCK_DGRAM)`: a real UDP socket, marked CANDIDATE. Costs nothing more.
-//! 2. When it binds to FTSS_ADDR or 0.0.0.0, or connects/sends to a fabric address, it becomes
-//!    FABRIC: the real socket moves to a side fd (still used for non-fabric traffic), and the app's
-//!    fd number is atomically replaced (dup3) by one end of an AF_UNIX datagram socketpair. The
-//!    receive thread writes arriving datagrams into the other end, so readiness is the kernel's.
-//! 3. `close`: the side fd and the shim's end are closed with it.
+//! 1. `socket(AF_INET or AF_INET6, SOCK_DGRAM)`: a real UDP socket, marked CANDIDATE. Costs nothing
+//!    more.
+//! 2. When it binds to FTSS_ADDR or the wildcard address, or connects/sends to a fabric address, it
+//!    becomes FABRIC: the real socket moves to a side fd (still used for non-fabric traffic), and
+//!    the app's fd number is atomically replaced (dup3) by one end of an AF_UNIX datagram
+//!    socketpair. The receive thread writes arriving datagrams into the other end, so readiness is
+//!    the kernel's.
+//! 3. `dup`s share the entry; the side fd and the shim's end are closed when the last app fd that
+//!    refers to the socket is closed (the entry is an `Arc`).
+//!
+//! Lock order (the fork handlers take them all in this order): `start_lock`, `table`, each socket's
+//! `state`, `held`, `tokens`, then `dedupe`, `receipts`, the log. The outbox has its own locks and is
+//! replaced, not locked, in a forked child.
 
 use std::collections::{HashMap, VecDeque};
 use std::mem::{size_of, zeroed};
-use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Once};
-use std::time::Instant;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use fsbridge::format::PAYLOAD_BYTES_MAX;
 use fsbridge::{NodeConfig, Packet, PacketId, Volume};
-use libc::{c_int, c_void, iovec, msghdr, sockaddr, sockaddr_in, socklen_t, ssize_t};
+use libc::{c_int, c_void, iovec, msghdr, sockaddr, socklen_t, ssize_t};
 
+use crate::addr::{self, Family, INJECT_HEADER_BYTES, Raw};
 use crate::config::{AckMode, Config};
+use crate::fds;
 use crate::log;
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, SendError};
 use crate::real::real;
 
-/// fds at or above this are never ours (passed through); bounds the table.
-pub const FD_TABLE_MAX: usize = 65_536;
-/// Bytes of the header the receive thread puts before each datagram it injects.
-pub const INJECT_HEADER_BYTES: usize = 24;
-const INJECT_MAGIC: u32 = 0x4654_5349; // "FTSI"
-/// Send buffer of the shim's end of each socketpair: the bound on datagrams queued for the app.
+/// Send buffer of the shim's end of each socketpair: the bound on datagram bytes queued for the app.
 const INJECT_BUFFER_BYTES: c_int = 4 * 1024 * 1024;
-/// Most iovecs accepted in one recvmsg/sendmsg (the kernel's UIO_MAXIOV is 1024).
-const IOV_MAX: usize = 1024;
+/// Most iovecs accepted in one recvmsg/sendmsg (the kernel's UIO_MAXIOV).
+pub const IOV_MAX: usize = 1024;
+/// The shim's own fds are moved at or above this number, out of the way of apps that `dup2` onto
+/// low numbers or reopen 0-2 when they daemonize.
+const INTERNAL_FD_FLOOR: c_int = 64;
 
-const KIND_NONE: u8 = 0;
-const KIND_CANDIDATE: u8 = 1;
-const KIND_FABRIC: u8 = 2;
-
-static KIND: [AtomicU8; FD_TABLE_MAX] = [const { AtomicU8::new(KIND_NONE) }; FD_TABLE_MAX];
-
-/// What kind of fd this is, in one atomic load (the pass-through fast path).
-pub fn kind(fd: c_int) -> u8 {
-    if fd < 0 || fd as usize >= FD_TABLE_MAX {
-        return KIND_NONE;
-    }
-    KIND[fd as usize].load(Ordering::Acquire)
-}
-
-fn set_kind(fd: c_int, kind: u8) {
-    if fd >= 0 && (fd as usize) < FD_TABLE_MAX {
-        KIND[fd as usize].store(kind, Ordering::Release);
-    }
-}
-
-fn set_errno(errno: c_int) {
+pub fn set_errno(errno: c_int) {
     // SAFETY: __errno_location returns this thread's errno.
     unsafe { *libc::__errno_location() = errno };
 }
 
-fn errno() -> c_int {
+pub fn errno() -> c_int {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
 }
 
 /// Fails the current call with `errno`.
-fn fail(errno: c_int) -> ssize_t {
+pub fn fail(errno: c_int) -> ssize_t {
     set_errno(errno);
     -1
+}
+
+/// Locks a mutex, ignoring poisoning (a panic in a hook is caught; the data stays consistent
+/// because every critical section is a few plain assignments).
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Mutable state of a fabric socket.
@@ -75,18 +69,23 @@ fn fail(errno: c_int) -> ssize_t {
 pub struct SockState {
     /// The fabric address this socket sends from and receives on.
     pub local: Option<SocketAddrV4>,
-    /// The connected peer, if any.
-    pub peer: Option<SocketAddrV4>,
+    /// Bound to the wildcard address (or autobound): getsockname reports the wildcard.
+    pub wildcard: bool,
+    /// The connected peer, if any (IPv4-mapped addresses normalized to IPv4).
+    pub peer: Option<SocketAddr>,
     /// The side socket is bound on the real network (so the receive thread relays its traffic).
     pub side_bound: bool,
+    /// SO_SNDTIMEO as the app set it: how long a send may wait for room in the ring.
+    pub send_timeout: Option<Duration>,
 }
 
-/// A fabric socket.
+/// A fabric socket; shared by every app fd dup'ed from it.
 pub struct Sock {
     /// The shim's end of the socketpair: the receive thread writes datagrams here.
     pub shim_end: c_int,
     /// The original UDP socket, for non-fabric traffic.
     pub side: c_int,
+    pub family: Family,
     pub state: Mutex<SockState>,
     /// Injected datagrams the app has not read yet: token → packet id (for the receipt).
     pub tokens: Mutex<HashMap<u64, PacketId>>,
@@ -96,7 +95,23 @@ pub struct Sock {
 
 impl Sock {
     pub fn lock(&self) -> MutexGuard<'_, SockState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.state)
+    }
+
+    /// Does a datagram from `source` reach the app? A connected UDP socket only receives from its
+    /// peer; the kernel drops the rest.
+    pub fn accepts(&self, source: SocketAddr) -> bool {
+        self.lock().peer.is_none_or(|peer| peer == addr::normalize(source))
+    }
+}
+
+impl Drop for Sock {
+    fn drop(&mut self) {
+        for fd in [self.shim_end, self.side] {
+            fds::clear(fd);
+            // SAFETY: the shim owns these fds and nothing else refers to them any more.
+            unsafe { (real().close)(fd) };
+        }
     }
 }
 
@@ -147,14 +162,27 @@ impl Dedupe {
 pub struct Shim {
     pub config: Config,
     pub volume: Volume,
-    pub epoch: u64,
-    pub outbox: Outbox,
-    started: Once,
-    table: Mutex<HashMap<c_int, Arc<Sock>>>,
+    /// This process's packet-id epoch; a forked child draws a new one.
+    epoch: AtomicU64,
+    /// This process's outbox (leaked; a forked child gets a new one and never touches the parent's).
+    outbox: AtomicPtr<Outbox>,
+    /// The process this state belongs to; another pid means a vfork child sharing our memory.
+    pid: AtomicU32,
+    /// The flusher and receive threads run in this process (threads do not survive fork).
+    running: AtomicBool,
+    pub(crate) start_lock: Mutex<()>,
+    pub(crate) table: Mutex<HashMap<c_int, Arc<Sock>>>,
     /// Packets the app received, waiting to be written as a receipt batch.
     pub receipts: Mutex<Vec<PacketId>>,
+    pub receipt_seq: AtomicU64,
     pub dedupe: Mutex<Dedupe>,
     next_token: AtomicU64,
+    /// A candidate was dup'ed: converting one must look for its twins.
+    candidate_dups: AtomicBool,
+}
+
+fn new_outbox(volume: &Volume, config: &Config, epoch: u64) -> *mut Outbox {
+    Box::into_raw(Box::new(Outbox::new(volume.outbox(&config.node), config.node.clone(), epoch)))
 }
 
 impl Shim {
@@ -164,7 +192,6 @@ impl Shim {
             return Err(format!("FTSS_VOLUME {} is not a directory", config.volume.display()));
         }
         let epoch = fsbridge::random_u64();
-        let outbox = Outbox::new(volume.outbox(&config.node), config.node.clone(), epoch);
         log!(
             "node {} addr {} volume {} ack {:?} epoch {epoch:016x}",
             config.node,
@@ -173,40 +200,78 @@ impl Shim {
             config.ack
         );
         Ok(Shim {
+            outbox: AtomicPtr::new(new_outbox(&volume, &config, epoch)),
             config,
             volume,
-            epoch,
-            outbox,
-            started: Once::new(),
+            epoch: AtomicU64::new(epoch),
+            pid: AtomicU32::new(std::process::id()),
+            running: AtomicBool::new(false),
+            start_lock: Mutex::new(()),
             table: Mutex::new(HashMap::new()),
             receipts: Mutex::new(Vec::new()),
+            receipt_seq: AtomicU64::new(0),
             dedupe: Mutex::new(Dedupe { seen: HashMap::new(), order: VecDeque::new() }),
             next_token: AtomicU64::new(1),
+            candidate_dups: AtomicBool::new(false),
         })
     }
 
-    /// Registers the node and starts the flusher and receive threads, on first fabric use, so that
-    /// processes that never touch the fabric pay nothing.
-    fn ensure_started(&'static self) {
-        self.started.call_once(|| {
-            let config = NodeConfig { addr: self.config.addr };
-            if let Err(error) = self.volume.register_node(&self.config.node, &config) {
-                log!("cannot register node {} on the volume: {error}", self.config.node);
-            }
-            let spawned =
-                std::thread::Builder::new().name("ftss-flusher".into()).spawn(move || self.outbox.run_flusher());
-            if let Err(error) = spawned {
-                log!("cannot start the flusher thread: {error}");
-            }
-            let spawned = std::thread::Builder::new().name("ftss-receive".into()).spawn(move || crate::pump::run(self));
-            if let Err(error) = spawned {
-                log!("cannot start the receive thread: {error}");
-            }
-        });
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
     }
 
-    fn table(&self) -> MutexGuard<'_, HashMap<c_int, Arc<Sock>>> {
-        self.table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    pub fn outbox(&self) -> &'static Outbox {
+        // SAFETY: the pointer comes from Box::into_raw and is never freed.
+        unsafe { &*self.outbox.load(Ordering::Acquire) }
+    }
+
+    /// Are we a vfork child running in the parent's memory? Then the shim's state is not ours to
+    /// change: the fd calls such a child makes (dup2, close before exec) pass straight through.
+    pub fn in_vfork_child(&self) -> bool {
+        std::process::id() != self.pid.load(Ordering::Relaxed)
+    }
+
+    /// In a forked child (single-threaded, every lock just released by the fork handlers): a new
+    /// epoch so packet ids stay unique, a new outbox (the parent publishes what it queued), and the
+    /// threads to be started again on first use.
+    pub fn after_fork_in_child(&self) {
+        let epoch = fsbridge::random_u64();
+        self.epoch.store(epoch, Ordering::Release);
+        self.outbox.store(new_outbox(&self.volume, &self.config, epoch), Ordering::Release);
+        self.pid.store(std::process::id(), Ordering::Relaxed);
+        self.running.store(false, Ordering::Release);
+        lock(&self.receipts).clear();
+        log!("forked child: new epoch {epoch:016x}");
+    }
+
+    /// Registers the node and starts the flusher and receive threads on first fabric use (again in
+    /// a forked child), so that processes that never touch the fabric pay nothing.
+    pub fn ensure_started(&'static self) {
+        if self.running.load(Ordering::Acquire) {
+            return;
+        }
+        let _start = lock(&self.start_lock);
+        if self.running.load(Ordering::Acquire) {
+            return;
+        }
+        let config = NodeConfig { addr: self.config.addr };
+        if let Err(error) = self.volume.register_node(&self.config.node, &config) {
+            log!("cannot register node {} on the volume: {error}", self.config.node);
+        }
+        let outbox = self.outbox();
+        let spawned = std::thread::Builder::new().name("ftss-flusher".into()).spawn(move || outbox.run_flusher());
+        if let Err(error) = spawned {
+            log!("cannot start the flusher thread: {error}");
+        }
+        let spawned = std::thread::Builder::new().name("ftss-receive".into()).spawn(move || crate::pump::run(self));
+        if let Err(error) = spawned {
+            log!("cannot start the receive thread: {error}");
+        }
+        self.running.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn table(&self) -> MutexGuard<'_, HashMap<c_int, Arc<Sock>>> {
+        lock(&self.table)
     }
 
     pub fn sock(&self, fd: c_int) -> Option<Arc<Sock>> {
@@ -214,24 +279,43 @@ impl Shim {
     }
 
     pub fn socks(&self) -> Vec<Arc<Sock>> {
-        self.table().values().cloned().collect()
+        let mut socks: Vec<Arc<Sock>> = self.table().values().cloned().collect();
+        // dup'ed fds share one entry: visit each socket once.
+        socks.sort_by_key(|sock| Arc::as_ptr(sock) as usize);
+        socks.dedup_by_key(|sock| Arc::as_ptr(sock) as usize);
+        socks
     }
 
     pub fn next_token(&self) -> u64 {
         self.next_token.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Replaces the app's UDP socket `fd` by a socketpair end; the UDP socket becomes the side fd.
+    /// Replaces the app's UDP socket `fd` (and any dup of it) by a socketpair end; the UDP socket
+    /// becomes the side fd.
     fn convert(&'static self, fd: c_int) -> Result<Arc<Sock>, c_int> {
         self.ensure_started();
         let mut table = self.table();
         if let Some(sock) = table.get(&fd) {
             return Ok(sock.clone());
         }
-        let sock = Arc::new(convert_fd(fd)?);
-        table.insert(fd, sock.clone());
-        set_kind(fd, KIND_FABRIC);
-        log!("fd {fd} is now a fabric socket");
+        let twins = if self.candidate_dups.load(Ordering::Relaxed) { candidate_twins(fd) } else { Vec::new() };
+        let family = fds::family(fd);
+        let (sock, app_end) = new_sock(fd, family)?;
+        let sock = Arc::new(sock);
+        if let Err(error) = point(app_end, fd) {
+            unsafe { (real().close)(app_end) };
+            return Err(error);
+        }
+        for target in std::iter::once(fd).chain(twins) {
+            if target != fd && point(app_end, target).is_err() {
+                continue;
+            }
+            table.insert(target, sock.clone());
+            fds::set(target, fds::FABRIC, family);
+            log!("fd {target} is now a fabric socket");
+        }
+        // SAFETY: the app's fds now refer to this socketpair end; the spare number goes.
+        unsafe { (real().close)(app_end) };
         Ok(sock)
     }
 
@@ -244,12 +328,9 @@ impl Shim {
         }
         let port = match real_local_port(sock.side)? {
             0 => {
-                let any = sockaddr_v4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
-                // SAFETY: any is a valid sockaddr_in.
-                if unsafe {
-                    (real().bind)(sock.side, (&any as *const sockaddr_in).cast(), size_of::<sockaddr_in>() as socklen_t)
-                } != 0
-                {
+                let any = Raw::new(sock.family.any(0), sock.family);
+                // SAFETY: any is a valid socket address of the side socket's family.
+                if unsafe { (real().bind)(sock.side, any.as_ptr(), any.len()) } != 0 {
                     return Err(errno());
                 }
                 real_local_port(sock.side)?
@@ -257,51 +338,133 @@ impl Shim {
             port => port,
         };
         state.side_bound = true;
+        state.wildcard = true;
         let local = SocketAddrV4::new(self.config.addr, port);
         state.local = Some(local);
         Ok(local)
     }
+
+    /// Is `addr` carried by ftss?
+    pub fn is_fabric(&self, addr: SocketAddr) -> bool {
+        match addr::normalize(addr) {
+            SocketAddr::V4(v4) => self.config.is_fabric(*v4.ip()),
+            SocketAddr::V6(_) => false,
+        }
+    }
+
+    /// `dup`, `dup2`, `dup3`, `fcntl(F_DUPFD*)` made `new` refer to what `old` refers to. The kernel
+    /// closed whatever `new` was before; forget it.
+    pub fn on_dup(&self, old: c_int, new: c_int) {
+        if self.in_vfork_child() || old == new {
+            return;
+        }
+        self.forget(new);
+        match fds::kind(old) {
+            fds::FABRIC => {
+                if let Some(sock) = self.sock(old) {
+                    self.table().insert(new, sock);
+                    fds::copy(old, new);
+                }
+            }
+            fds::CANDIDATE => {
+                fds::copy(old, new);
+                self.candidate_dups.store(true, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+
+    /// The app closed `fd` (or is about to): drop it from the table. The socket's own fds close
+    /// when its last app fd is gone.
+    pub fn forget(&self, fd: c_int) {
+        match fds::kind(fd) {
+            fds::FABRIC => {
+                fds::clear(fd);
+                let removed = self.table().remove(&fd);
+                drop(removed);
+            }
+            fds::CANDIDATE => fds::clear(fd),
+            fds::INTERNAL => log!("the app replaced the shim's fd {fd} (dup2/dup3 onto it)"),
+            _ => {}
+        }
+    }
+}
+
+/// Other candidate fds that are the same socket as `fd` (dup'ed before conversion): same inode.
+fn candidate_twins(fd: c_int) -> Vec<c_int> {
+    let inode = |fd: c_int| {
+        // SAFETY: zeroed stat is valid; fstat fills it.
+        let mut stat: libc::stat = unsafe { zeroed() };
+        (unsafe { libc::fstat(fd, &mut stat) } == 0).then_some((stat.st_dev, stat.st_ino))
+    };
+    let Some(wanted) = inode(fd) else { return Vec::new() };
+    fds::of_kind_in(0, c_int::MAX, fds::CANDIDATE)
+        .filter(|other| *other != fd && inode(*other) == Some(wanted))
+        .collect()
+}
+
+/// Points the app's fd `target` at `app_end` (keeping `target`'s close-on-exec flag).
+fn point(app_end: c_int, target: c_int) -> Result<(), c_int> {
+    // SAFETY: plain fd syscalls on fds the app gave us and the shim's new socketpair end.
+    unsafe {
+        let fd_flags = (real().fcntl)(target, libc::F_GETFD);
+        if fd_flags < 0 {
+            return Err(errno());
+        }
+        let cloexec = if fd_flags & libc::FD_CLOEXEC != 0 { libc::O_CLOEXEC } else { 0 };
+        if (real().dup3)(app_end, target, cloexec) < 0 {
+            return Err(errno());
+        }
+    }
+    Ok(())
 }
 
 fn real_local_port(fd: c_int) -> Result<u16, c_int> {
-    // SAFETY: zeroed sockaddr_in is valid; the length matches it.
-    let mut addr: sockaddr_in = unsafe { zeroed() };
-    let mut len = size_of::<sockaddr_in>() as socklen_t;
-    if unsafe { (real().getsockname)(fd, (&mut addr as *mut sockaddr_in).cast(), &mut len) } != 0 {
+    // SAFETY: zeroed storage is valid; the length matches it.
+    let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as socklen_t;
+    if unsafe { (real().getsockname)(fd, (&mut storage as *mut libc::sockaddr_storage).cast(), &mut len) } != 0 {
         return Err(errno());
     }
-    Ok(u16::from_be(addr.sin_port))
+    Ok(addr::from_storage(&storage).map_or(0, |addr| addr.port()))
 }
 
-/// The conversion itself (see the module docs). On failure nothing changes.
-fn convert_fd(fd: c_int) -> Result<Sock, c_int> {
+/// Moves `fd` to a number at or above [`INTERNAL_FD_FLOOR`] (close-on-exec) and marks it the
+/// shim's. Keeps the number it has if the process may not open that many.
+fn make_internal(fd: c_int) -> c_int {
+    // SAFETY: fcntl/close on an fd the shim just created.
+    let moved = unsafe { (real().fcntl)(fd, libc::F_DUPFD_CLOEXEC, INTERNAL_FD_FLOOR) };
+    let fd = if moved >= 0 {
+        unsafe { (real().close)(fd) };
+        moved
+    } else {
+        fd
+    };
+    fds::set(fd, fds::INTERNAL, Family::V4);
+    fd
+}
+
+/// The socket for converting the UDP socket `fd`: a side dup of it and a socketpair, the app's end
+/// (returned beside) with `fd`'s O_NONBLOCK and timeouts. The caller points the app's fds at it.
+fn new_sock(fd: c_int, family: Family) -> Result<(Sock, c_int), c_int> {
     // SAFETY: plain fd syscalls on fds we own or the app gave us.
     unsafe {
-        let status_flags = libc::fcntl(fd, libc::F_GETFL);
-        let fd_flags = libc::fcntl(fd, libc::F_GETFD);
-        if status_flags < 0 || fd_flags < 0 {
+        let status_flags = (real().fcntl)(fd, libc::F_GETFL);
+        if status_flags < 0 {
             return Err(errno());
         }
-        let side = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0);
+        let side = (real().fcntl)(fd, libc::F_DUPFD_CLOEXEC, 0);
         if side < 0 {
             return Err(errno());
         }
         let mut pair = [0 as c_int; 2];
-        if libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0, pair.as_mut_ptr()) != 0 {
+        if (real().socketpair)(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0, pair.as_mut_ptr()) != 0 {
             let error = errno();
             (real().close)(side);
             return Err(error);
         }
         let [app_end, shim_end] = pair;
-        for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-            let mut value: libc::timeval = zeroed();
-            let mut len = size_of::<libc::timeval>() as socklen_t;
-            if (real().getsockopt)(side, libc::SOL_SOCKET, option, (&mut value as *mut libc::timeval).cast(), &mut len)
-                == 0
-            {
-                (real().setsockopt)(app_end, libc::SOL_SOCKET, option, (&value as *const libc::timeval).cast(), len);
-            }
-        }
+        copy_timeouts(side, app_end);
         let buffer = INJECT_BUFFER_BYTES;
         (real().setsockopt)(
             shim_end,
@@ -310,138 +473,136 @@ fn convert_fd(fd: c_int) -> Result<Sock, c_int> {
             (&buffer as *const c_int).cast(),
             size_of::<c_int>() as socklen_t,
         );
-        libc::fcntl(shim_end, libc::F_SETFL, libc::O_NONBLOCK);
-        libc::fcntl(app_end, libc::F_SETFL, status_flags & libc::O_NONBLOCK);
-        let cloexec = if fd_flags & libc::FD_CLOEXEC != 0 { libc::O_CLOEXEC } else { 0 };
-        if libc::dup3(app_end, fd, cloexec) < 0 {
-            let error = errno();
-            for other in [side, app_end, shim_end] {
-                (real().close)(other);
-            }
-            return Err(error);
-        }
-        (real().close)(app_end);
-        Ok(Sock {
-            shim_end,
-            side,
-            state: Mutex::new(SockState::default()),
+        (real().fcntl)(shim_end, libc::F_SETFL, libc::O_NONBLOCK);
+        (real().fcntl)(app_end, libc::F_SETFL, status_flags & libc::O_NONBLOCK);
+        let send_timeout = timeout_option(side, libc::SO_SNDTIMEO);
+        let sock = Sock {
+            shim_end: make_internal(shim_end),
+            side: make_internal(side),
+            family,
+            state: Mutex::new(SockState { send_timeout, ..SockState::default() }),
             tokens: Mutex::new(HashMap::new()),
             held: Mutex::new(VecDeque::new()),
-        })
+        };
+        Ok((sock, app_end))
     }
 }
 
-pub fn sockaddr_v4(addr: SocketAddrV4) -> sockaddr_in {
-    // SAFETY: zeroed sockaddr_in is valid.
-    let mut raw: sockaddr_in = unsafe { zeroed() };
-    raw.sin_family = libc::AF_INET as libc::sa_family_t;
-    raw.sin_port = addr.port().to_be();
-    raw.sin_addr.s_addr = u32::from(*addr.ip()).to_be();
-    raw
+/// SO_RCVTIMEO/SO_SNDTIMEO set on the UDP socket before conversion carry over to the app's new fd.
+fn copy_timeouts(from: c_int, to: c_int) {
+    for option in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        // SAFETY: zeroed timeval is valid; lengths match.
+        let mut value: libc::timeval = unsafe { zeroed() };
+        let mut len = size_of::<libc::timeval>() as socklen_t;
+        let pointer = (&mut value as *mut libc::timeval).cast();
+        if unsafe { (real().getsockopt)(from, libc::SOL_SOCKET, option, pointer, &mut len) } == 0 {
+            unsafe { (real().setsockopt)(to, libc::SOL_SOCKET, option, pointer, len) };
+        }
+    }
 }
 
-/// Reads an IPv4 socket address given by the app. `None` for other families.
-///
-/// # Safety
-/// `addr` must be null or valid for `len` bytes.
-unsafe fn read_v4(addr: *const sockaddr, len: socklen_t) -> Option<SocketAddrV4> {
-    if addr.is_null() || (len as usize) < size_of::<sockaddr_in>() {
+/// A socket timeout option as a duration; `None` for "no timeout".
+fn timeout_option(fd: c_int, option: c_int) -> Option<Duration> {
+    // SAFETY: zeroed timeval is valid; lengths match.
+    let mut value: libc::timeval = unsafe { zeroed() };
+    let mut len = size_of::<libc::timeval>() as socklen_t;
+    let pointer = (&mut value as *mut libc::timeval).cast();
+    if unsafe { (real().getsockopt)(fd, libc::SOL_SOCKET, option, pointer, &mut len) } != 0 {
         return None;
     }
-    // SAFETY: checked non-null and long enough; read_unaligned tolerates any alignment.
-    let raw = unsafe { std::ptr::read_unaligned(addr.cast::<sockaddr_in>()) };
-    if raw.sin_family as c_int != libc::AF_INET {
-        return None;
-    }
-    Some(SocketAddrV4::new(Ipv4Addr::from(u32::from_be(raw.sin_addr.s_addr)), u16::from_be(raw.sin_port)))
-}
-
-/// Writes `addr` into an app's (sockaddr, socklen) pair, truncating like the kernel.
-///
-/// # Safety
-/// `out` must be null or valid for `*len` bytes; `len` null or valid.
-unsafe fn write_v4(addr: SocketAddrV4, out: *mut sockaddr, len: *mut socklen_t) {
-    if out.is_null() || len.is_null() {
-        return;
-    }
-    let raw = sockaddr_v4(addr);
-    // SAFETY: the caller guarantees out has *len bytes; we copy at most that.
-    unsafe {
-        let room = (*len as usize).min(size_of::<sockaddr_in>());
-        std::ptr::copy_nonoverlapping((&raw as *const sockaddr_in).cast::<u8>(), out.cast::<u8>(), room);
-        *len = size_of::<sockaddr_in>() as socklen_t;
-    }
-}
-
-/// Encodes the injection header.
-pub fn inject_header(source: SocketAddrV4, token: u64) -> [u8; INJECT_HEADER_BYTES] {
-    let mut header = [0u8; INJECT_HEADER_BYTES];
-    header[0..4].copy_from_slice(&INJECT_MAGIC.to_le_bytes());
-    header[4..8].copy_from_slice(&source.ip().octets());
-    header[8..10].copy_from_slice(&source.port().to_le_bytes());
-    header[12..20].copy_from_slice(&token.to_le_bytes());
-    header
-}
-
-fn parse_header(header: &[u8; INJECT_HEADER_BYTES]) -> Option<(SocketAddrV4, u64)> {
-    if header[0..4] != INJECT_MAGIC.to_le_bytes() {
-        return None;
-    }
-    let ip = Ipv4Addr::new(header[4], header[5], header[6], header[7]);
-    let port = u16::from_le_bytes([header[8], header[9]]);
-    let token = u64::from_le_bytes(header[12..20].try_into().expect("8 bytes"));
-    Some((SocketAddrV4::new(ip, port), token))
+    let duration = Duration::new(value.tv_sec.max(0) as u64, (value.tv_usec.max(0) as u32) * 1000);
+    (!duration.is_zero()).then_some(duration)
 }
 
 // ---- entry points, called by the hooks ----
 
 /// After the real socket() succeeded.
 pub fn on_socket(fd: c_int, domain: c_int, socket_type: c_int) {
-    if crate::shim().is_some() && domain == libc::AF_INET && socket_type & 0xF == libc::SOCK_DGRAM {
-        set_kind(fd, KIND_CANDIDATE);
+    let Some(shim) = crate::shim() else { return };
+    // An fd closed behind the shim's back (e.g. fclose of an fdopen'ed socket) may be reused.
+    shim.forget(fd);
+    if socket_type & 0xF != libc::SOCK_DGRAM {
+        return;
+    }
+    match domain {
+        libc::AF_INET => fds::set(fd, fds::CANDIDATE, Family::V4),
+        libc::AF_INET6 => fds::set(fd, fds::CANDIDATE, Family::V6),
+        _ => {}
     }
 }
 
-pub fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
-    let (Some(shim), KIND_CANDIDATE) = (crate::shim(), kind(fd)) else {
-        // A fabric socket is already bound (fabric sockets get their address when converted).
-        if kind(fd) == KIND_FABRIC {
-            set_errno(libc::EINVAL);
-            return -1;
-        }
-        // SAFETY: arguments passed through unchanged.
-        return unsafe { (real().bind)(fd, addr, len) };
-    };
+/// What a bind asks for, as far as the shim is concerned.
+enum BindTarget {
+    /// FTSS_ADDR (or its IPv4-mapped form) with this port.
+    Fabric(u16),
+    /// The wildcard address: the real network and the fabric.
+    Wildcard,
+    /// Anything else: the kernel's business.
+    Other,
+}
+
+fn bind_target(shim: &Shim, fd: c_int, addr: *const sockaddr, len: socklen_t) -> BindTarget {
+    let family = fds::family(fd);
     // SAFETY: the app promises addr is valid for len.
-    let Some(requested) = (unsafe { read_v4(addr, len) }) else {
-        return unsafe { (real().bind)(fd, addr, len) };
-    };
-    if *requested.ip() == shim.config.addr {
-        let sock = match shim.convert(fd) {
-            Ok(sock) => sock,
-            Err(errno) => return fail(errno) as c_int,
-        };
-        if requested.port() == 0 {
-            return shim.ensure_local(&sock).map(|_| 0).unwrap_or_else(|errno| fail(errno) as c_int);
+    let Some(requested) = (unsafe { addr::read(addr, len, family) }) else { return BindTarget::Other };
+    // An IPv6 socket binds only IPv6 addresses; the kernel rejects the rest.
+    if family == Family::V6 && requested.is_ipv4() {
+        return BindTarget::Other;
+    }
+    let v6_only = family == Family::V6 && int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) == Some(1);
+    match addr::normalize(requested) {
+        SocketAddr::V4(v4) if *v4.ip() == shim.config.addr && !v6_only => BindTarget::Fabric(v4.port()),
+        SocketAddr::V4(v4) if v4.ip().is_unspecified() && requested.is_ipv4() => BindTarget::Wildcard,
+        SocketAddr::V6(v6) if v6.ip().is_unspecified() && !v6_only => BindTarget::Wildcard,
+        _ => BindTarget::Other,
+    }
+}
+
+fn int_option(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
+    let mut value: c_int = 0;
+    let mut len = size_of::<c_int>() as socklen_t;
+    // SAFETY: value and len are valid.
+    let result = unsafe { (real().getsockopt)(fd, level, name, (&mut value as *mut c_int).cast(), &mut len) };
+    (result == 0).then_some(value)
+}
+
+pub fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    let Some(shim) = crate::shim() else { return unsafe { (real().bind)(fd, addr, len) } };
+    match fds::kind(fd) {
+        // A fabric socket already has its address; a second bind fails as on any bound socket.
+        fds::FABRIC => return fail(libc::EINVAL) as c_int,
+        fds::CANDIDATE => {}
+        _ => return unsafe { (real().bind)(fd, addr, len) },
+    }
+    let family = fds::family(fd);
+    let wildcard = match bind_target(shim, fd, addr, len) {
+        BindTarget::Other => return unsafe { (real().bind)(fd, addr, len) },
+        BindTarget::Wildcard => {
+            if unsafe { (real().bind)(fd, addr, len) } != 0 {
+                return -1;
+            }
+            true
         }
-        sock.lock().local = Some(requested);
-        return 0;
-    }
-    // SAFETY: as above.
-    let result = unsafe { (real().bind)(fd, addr, len) };
-    if result != 0 || !requested.ip().is_unspecified() {
-        return result;
-    }
-    // Bound to every address: it receives from the real network and from the fabric.
-    let port = match real_local_port(fd) {
+        // The real socket takes the port on the wildcard address, which reserves it on this host
+        // (EADDRINUSE, SO_REUSEADDR/SO_REUSEPORT and privileged ports as the kernel decides them).
+        BindTarget::Fabric(port) => {
+            let any = Raw::new(family.any(port), family);
+            if unsafe { (real().bind)(fd, any.as_ptr(), any.len()) } != 0 {
+                return -1;
+            }
+            false
+        }
+    };
+    let bound_port = match real_local_port(fd) {
         Ok(port) => port,
         Err(errno) => return fail(errno) as c_int,
     };
     match shim.convert(fd) {
         Ok(sock) => {
             let mut state = sock.lock();
-            state.local = Some(SocketAddrV4::new(shim.config.addr, port));
-            state.side_bound = true;
+            state.local = Some(SocketAddrV4::new(shim.config.addr, bound_port));
+            state.wildcard = wildcard;
+            state.side_bound = wildcard;
             0
         }
         Err(errno) => fail(errno) as c_int,
@@ -449,132 +610,157 @@ pub fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
 }
 
 pub fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
-    let Some(shim) = crate::shim().filter(|_| kind(fd) != KIND_NONE) else {
+    let Some(shim) = crate::shim().filter(|_| fds::is_ours(fd)) else {
         return unsafe { (real().connect)(fd, addr, len) };
     };
     // SAFETY: the app promises addr is valid for len.
-    let target = unsafe { read_v4(addr, len) };
-    let unspecified = !addr.is_null()
-        && len as usize >= size_of::<libc::sa_family_t>()
-        && unsafe { (*addr).sa_family } as c_int == libc::AF_UNSPEC;
-    let sock = match (kind(fd), target) {
-        (KIND_FABRIC, _) => shim.sock(fd).expect("fabric fd has an entry"),
-        (_, Some(target)) if shim.config.is_fabric(*target.ip()) => match shim.convert(fd) {
+    let target = unsafe { addr::read(addr, len, fds::family(fd)) };
+    let sock = match (fds::kind(fd), target) {
+        (fds::FABRIC, _) => match shim.sock(fd) {
+            Some(sock) => sock,
+            None => return fail(libc::EBADF) as c_int,
+        },
+        (_, Some(target)) if shim.is_fabric(target) => match shim.convert(fd) {
             Ok(sock) => sock,
             Err(errno) => return fail(errno) as c_int,
         },
         _ => return unsafe { (real().connect)(fd, addr, len) },
     };
-    if unspecified {
+    if unsafe { addr::is_unspecified(addr, len) } {
         sock.lock().peer = None;
         unsafe { (real().connect)(sock.side, addr, len) };
         return 0;
     }
-    let Some(target) = target else {
-        set_errno(libc::EAFNOSUPPORT);
-        return -1;
-    };
-    if shim.config.is_fabric(*target.ip()) {
-        if let Err(errno) = shim.ensure_local(&sock) {
-            return fail(errno) as c_int;
+    match target {
+        Some(target) if shim.is_fabric(target) => {
+            if let Err(errno) = shim.ensure_local(&sock) {
+                return fail(errno) as c_int;
+            }
+            // Forget a real peer the side socket may have had.
+            let unspecified = libc::sockaddr { sa_family: libc::AF_UNSPEC as libc::sa_family_t, sa_data: [0; 14] };
+            unsafe { (real().connect)(sock.side, &unspecified, size_of::<libc::sockaddr>() as socklen_t) };
+            sock.lock().peer = Some(addr::normalize(target));
+            0
         }
-    } else if unsafe { (real().connect)(sock.side, addr, len) } != 0 {
-        return -1;
+        _ => {
+            if unsafe { (real().connect)(sock.side, addr, len) } != 0 {
+                return -1;
+            }
+            sock.lock().peer = target.map(addr::normalize);
+            0
+        }
     }
-    sock.lock().peer = Some(target);
-    0
 }
 
-/// sendto/send/write/sendmsg on an fd of ours. `dest` is the explicit destination, if any.
-pub fn send(
-    fd: c_int,
-    payload: &[u8],
-    flags: c_int,
-    dest: Option<SocketAddrV4>,
-    raw_dest: (*const sockaddr, socklen_t),
-) -> ssize_t {
-    let shim = crate::shim().expect("only called for our fds");
-    let sock = match kind(fd) {
-        KIND_FABRIC => shim.sock(fd).expect("fabric fd has an entry"),
-        _ => match dest {
-            Some(dest) if shim.config.is_fabric(*dest.ip()) => match shim.convert(fd) {
-                Ok(sock) => sock,
-                Err(errno) => return fail(errno),
-            },
-            _ => {
-                return unsafe {
-                    (real().sendto)(fd, payload.as_ptr().cast(), payload.len(), flags, raw_dest.0, raw_dest.1)
-                };
-            }
-        },
+/// Where a datagram on one of our fds goes.
+pub enum Route {
+    /// To the kernel socket `fd` with the app's own arguments.
+    Kernel(c_int),
+    /// Onto the fabric.
+    Fabric(Arc<Sock>, SocketAddrV4),
+}
+
+/// Decides where a send on `fd` (candidate or fabric) to the app's destination (null: the
+/// connected peer) goes, converting a candidate that sends to a fabric address.
+pub fn route(fd: c_int, raw_dest: (*const sockaddr, socklen_t)) -> Result<Route, c_int> {
+    let shim = crate::shim().ok_or(libc::EBADF)?;
+    // SAFETY: the app promises the address is valid for its length.
+    let dest = unsafe { addr::read(raw_dest.0, raw_dest.1, fds::family(fd)) };
+    let fabric_dest = dest.filter(|dest| shim.is_fabric(*dest));
+    let sock = match (fds::kind(fd), fabric_dest) {
+        (fds::FABRIC, _) => shim.sock(fd).ok_or(libc::EBADF)?,
+        (_, Some(_)) => shim.convert(fd)?,
+        _ => return Ok(Route::Kernel(fd)),
     };
-    let peer = sock.lock().peer;
-    let Some(destination) = dest.or(peer) else {
-        return fail(if raw_dest.0.is_null() { libc::ENOTCONN } else { libc::EAFNOSUPPORT });
-    };
-    if !shim.config.is_fabric(*destination.ip()) {
-        let raw = sockaddr_v4(destination);
-        return unsafe {
-            (real().sendto)(
-                sock.side,
-                payload.as_ptr().cast(),
-                payload.len(),
-                flags,
-                (&raw as *const sockaddr_in).cast(),
-                size_of::<sockaddr_in>() as socklen_t,
-            )
+    if !raw_dest.0.is_null() {
+        return match fabric_dest.map(addr::normalize) {
+            Some(SocketAddr::V4(dest)) => Ok(Route::Fabric(sock, dest)),
+            _ => Ok(Route::Kernel(sock.side)),
         };
+    }
+    match sock.lock().peer {
+        Some(SocketAddr::V4(peer)) if shim.config.is_fabric(*peer.ip()) => Ok(Route::Fabric(sock.clone(), peer)),
+        Some(_) => Ok(Route::Kernel(sock.side)),
+        None => Err(libc::EDESTADDRREQ),
+    }
+}
+
+/// sendto/send/write on an fd of ours.
+pub fn send(fd: c_int, payload: &[u8], flags: c_int, raw_dest: (*const sockaddr, socklen_t)) -> ssize_t {
+    match route(fd, raw_dest) {
+        Err(errno) => fail(errno),
+        Ok(Route::Kernel(target)) => unsafe {
+            (real().sendto)(target, payload.as_ptr().cast(), payload.len(), flags, raw_dest.0, raw_dest.1)
+        },
+        Ok(Route::Fabric(sock, destination)) => send_fabric(fd, &sock, payload, flags, destination),
+    }
+}
+
+/// Sends one datagram onto the fabric and waits as FTSS_ACK says.
+pub fn send_fabric(fd: c_int, sock: &Sock, payload: &[u8], flags: c_int, destination: SocketAddrV4) -> ssize_t {
+    let Some(shim) = crate::shim() else { return fail(libc::EBADF) };
+    if flags & libc::MSG_OOB != 0 {
+        return fail(libc::EOPNOTSUPP);
     }
     if payload.len() > PAYLOAD_BYTES_MAX {
         return fail(libc::EMSGSIZE);
     }
-    let source = match shim.ensure_local(&sock) {
+    // A forked child sending on an inherited socket starts its own threads here.
+    shim.ensure_started();
+    let source = match shim.ensure_local(sock) {
         Ok(source) => source,
         Err(errno) => return fail(errno),
     };
     // SAFETY: fcntl on the app's fd.
     let nonblocking =
-        flags & libc::MSG_DONTWAIT != 0 || unsafe { libc::fcntl(fd, libc::F_GETFL) } & libc::O_NONBLOCK != 0;
-    let deadline = Instant::now() + shim.config.timeout;
+        flags & libc::MSG_DONTWAIT != 0 || unsafe { (real().fcntl)(fd, libc::F_GETFL) } & libc::O_NONBLOCK != 0;
+    let now = Instant::now();
+    let deadline = now + shim.config.timeout;
+    // SO_SNDTIMEO bounds the wait for room, as for a full socket buffer (EAGAIN when it expires).
+    let room_deadline = sock.lock().send_timeout.map_or(deadline, |timeout| deadline.min(now + timeout));
+    let outbox = shim.outbox();
+    let epoch = shim.epoch();
     let node = &shim.config.node;
-    let epoch = shim.epoch;
-    let enqueued = shim.outbox.enqueue(payload.len(), nonblocking, deadline, |seq| Packet {
+    let wants_ack = shim.config.ack == AckMode::Guaranteed;
+    let enqueued = outbox.enqueue(payload.len(), nonblocking, room_deadline, wants_ack, |seq| Packet {
         id: PacketId { origin: node.clone(), epoch, seq },
         source,
         destination,
         sent_unix_us: fsbridge::unix_now_us(),
         payload: payload.to_vec(),
     });
+    let enqueued = enqueued.map_err(|error| match error {
+        SendError::TimedOut if room_deadline < deadline => SendError::WouldBlock,
+        other => other,
+    });
     let outcome = enqueued.and_then(|seq| match shim.config.ack {
         AckMode::Async => Ok(()),
-        AckMode::Volume => shim.outbox.wait_published(seq, deadline),
-        AckMode::Guaranteed => {
-            shim.outbox.wait_published(seq, deadline).and_then(|()| shim.outbox.wait_acked(seq, deadline))
-        }
+        AckMode::Volume => outbox.wait_published(seq, deadline),
+        AckMode::Guaranteed => outbox.wait_published(seq, deadline).and_then(|()| outbox.wait_acked(seq, deadline)),
     });
     match outcome {
         Ok(()) => payload.len() as ssize_t,
         Err(error) => {
-            log!("send of {} bytes to {destination} failed: {error:?}", payload.len());
+            log!("send of {} bytes to {destination} failed with errno {}: {error}", payload.len(), error.errno());
             fail(error.errno())
         }
     }
 }
 
-/// recvmsg on a fabric fd: strips the injection header, reports the fabric source, records the
-/// receipt. `iov` is the app's buffers.
-pub fn receive(
-    fd: c_int,
-    iov: &[iovec],
-    flags: c_int,
-    name: *mut sockaddr,
-    name_len: *mut socklen_t,
-    msg_flags: Option<&mut c_int>,
-) -> ssize_t {
-    let shim = crate::shim().expect("only called for our fds");
-    let Some(sock) = shim.sock(fd) else { return fail(libc::EBADF) };
+/// Where a received datagram's source address goes.
+pub struct NameOut {
+    pub name: *mut sockaddr,
+    pub len: *mut socklen_t,
+}
+
+/// recvmsg on a fabric fd: strips the injection header, reports the source, records the receipt.
+/// `iov` is the app's buffers. Returns the payload length (the full length with MSG_TRUNC) and the
+/// kernel's msg_flags (MSG_TRUNC when the datagram did not fit).
+pub fn receive(fd: c_int, iov: &[iovec], flags: c_int, out: NameOut) -> Result<(ssize_t, c_int), c_int> {
+    let shim = crate::shim().ok_or(libc::EBADF)?;
+    let sock = shim.sock(fd).ok_or(libc::EBADF)?;
     if iov.len() >= IOV_MAX {
-        return fail(libc::EMSGSIZE);
+        return Err(libc::EMSGSIZE);
     }
     let peek = flags & libc::MSG_PEEK != 0;
     let mut header = [0u8; INJECT_HEADER_BYTES];
@@ -588,33 +774,27 @@ pub fn receive(
         message.msg_iovlen = vectors.len();
         let received = unsafe { (real().recvmsg)(fd, &mut message, flags) };
         if received < 0 {
-            return received;
+            return Err(errno());
         }
-        if (received as usize) < INJECT_HEADER_BYTES {
-            // Only the shim writes into this socket; anything shorter is not ours to hand over.
+        let parsed = if (received as usize) < INJECT_HEADER_BYTES { None } else { addr::parse_header(&header) };
+        let accepted = parsed.filter(|(source, _)| sock.accepts(*source));
+        let Some((source, token)) = accepted else {
+            // Not for the app (only the shim writes into this socket; a connected socket drops
+            // datagrams from others): consume it if it was only peeked, and take the next.
             if peek {
-                unsafe { (real().recvmsg)(fd, &mut message, flags & !libc::MSG_PEEK) };
+                let mut discard: msghdr = unsafe { zeroed() };
+                unsafe { (real().recvmsg)(fd, &mut discard, (flags & !libc::MSG_PEEK) | libc::MSG_DONTWAIT) };
+            }
+            if let Some((_, token)) = parsed {
+                consume_token(shim, &sock, token);
             }
             continue;
-        }
-        let Some((source, token)) = parse_header(&header) else { continue };
-        let peer = sock.lock().peer;
-        if peer.is_some_and(|peer| peer != source) {
-            // A connected UDP socket only receives from its peer; the kernel drops the rest.
-            if peek {
-                unsafe { (real().recvmsg)(fd, &mut message, flags & !libc::MSG_PEEK) };
-            }
-            consume_token(shim, &sock, token);
-            continue;
-        }
+        };
         if !peek {
             consume_token(shim, &sock, token);
         }
-        unsafe { write_v4(source, name, name_len) };
-        if let Some(out) = msg_flags {
-            *out = message.msg_flags;
-        }
-        return received - INJECT_HEADER_BYTES as ssize_t;
+        unsafe { addr::write(source, sock.family, out.name, out.len) };
+        return Ok((received - INJECT_HEADER_BYTES as ssize_t, message.msg_flags));
     }
 }
 
@@ -623,55 +803,119 @@ fn consume_token(shim: &Shim, sock: &Sock, token: u64) {
     if token == 0 {
         return;
     }
-    let id = sock.tokens.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&token);
+    let id = lock(&sock.tokens).remove(&token);
     if let Some(id) = id {
-        shim.dedupe.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).mark_received(&id);
-        shim.receipts.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(id);
+        lock(&shim.dedupe).mark_received(&id);
+        lock(&shim.receipts).push(id);
     }
 }
 
+/// Bytes of the next datagram waiting on a fabric fd, as FIONREAD reports it (0 if none).
+pub fn next_datagram_bytes(fd: c_int) -> Result<c_int, c_int> {
+    let mut waiting: c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    if unsafe { (real().ioctl)(fd, libc::FIONREAD, &mut waiting as *mut c_int) } != 0 {
+        return Err(errno());
+    }
+    Ok((waiting - INJECT_HEADER_BYTES as c_int).max(0))
+}
+
 pub fn close(fd: c_int) -> c_int {
-    match (crate::shim(), kind(fd)) {
-        (Some(shim), KIND_FABRIC) => {
-            set_kind(fd, KIND_NONE);
-            if let Some(sock) = shim.table().remove(&fd) {
-                unsafe {
-                    (real().close)(sock.side);
-                    (real().close)(sock.shim_end);
-                }
-            }
+    if let Some(shim) = crate::shim()
+        && !shim.in_vfork_child()
+    {
+        if fds::kind(fd) == fds::INTERNAL {
+            // closefrom-style loops and careless closes must not take the shim's fds; the kernel
+            // would have closed them at exec anyway (they are close-on-exec).
+            log!("ignored the app's close of the shim's fd {fd}");
+            return 0;
         }
-        (_, KIND_CANDIDATE) => set_kind(fd, KIND_NONE),
-        _ => {}
+        shim.forget(fd);
     }
     unsafe { (real().close)(fd) }
 }
 
-pub fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
-    match crate::shim().filter(|_| kind(fd) == KIND_FABRIC).and_then(|shim| shim.sock(fd)) {
-        Some(sock) => {
-            let local = sock.lock().local.unwrap_or(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
-            unsafe { write_v4(local, addr, len) };
+/// close_range(first, last, flags): forgets the app's fds in the range and leaves the shim's own
+/// fds open by closing around them.
+pub fn close_range(first: libc::c_uint, last: libc::c_uint, flags: c_int) -> c_int {
+    let Some(real_close_range) = real().close_range else { return fail(libc::ENOSYS) as c_int };
+    let shim = crate::shim().filter(|shim| !shim.in_vfork_child());
+    let Some(shim) = shim.filter(|_| flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 && first <= last) else {
+        return unsafe { real_close_range(first, last, flags) };
+    };
+    let low = first.min(c_int::MAX as libc::c_uint) as c_int;
+    let high = last.min(c_int::MAX as libc::c_uint) as c_int;
+    for kind in [fds::FABRIC, fds::CANDIDATE] {
+        for fd in fds::of_kind_in(low, high, kind).collect::<Vec<_>>() {
+            shim.forget(fd);
+        }
+    }
+    let mut start = first;
+    for internal in fds::of_kind_in(low, high, fds::INTERNAL).collect::<Vec<_>>() {
+        let internal = internal as libc::c_uint;
+        if internal > start && unsafe { real_close_range(start, internal - 1, flags) } != 0 {
+            return -1;
+        }
+        start = internal + 1;
+    }
+    if start > last || (start == 0 && first > 0) {
+        return 0;
+    }
+    unsafe { real_close_range(start, last, flags) }
+}
+
+/// shutdown on a fabric fd: ENOTCONN unless connected, as for UDP; otherwise nothing happens, because
+/// the app's end of the socketpair must stay open in both directions for the shim to deliver.
+pub fn shutdown(fd: c_int, how: c_int) -> c_int {
+    let Some((_, sock)) = fabric_sock(fd) else { return fail(libc::EBADF) as c_int };
+    if !matches!(how, libc::SHUT_RD | libc::SHUT_WR | libc::SHUT_RDWR) {
+        return fail(libc::EINVAL) as c_int;
+    }
+    if sock.lock().peer.is_none() {
+        return fail(libc::ENOTCONN) as c_int;
+    }
+    0
+}
+
+pub fn getsockname(fd: c_int, out: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    let Some((shim, sock)) = fabric_sock(fd) else { return unsafe { (real().getsockname)(fd, out, len) } };
+    let state = sock.lock();
+    let reported = match (state.peer, state.local) {
+        // Connected to a real peer: the kernel knows the source address it chose.
+        (Some(peer), _) if !shim.is_fabric(peer) => None,
+        (None, Some(local)) if state.wildcard => Some(sock.family.any(local.port())),
+        (_, Some(local)) => Some(SocketAddr::V4(local)),
+        (_, None) => None,
+    };
+    drop(state);
+    match reported {
+        Some(addr) => {
+            unsafe { addr::write(addr, sock.family, out, len) };
             0
         }
-        None => unsafe { (real().getsockname)(fd, addr, len) },
+        None => unsafe { (real().getsockname)(sock.side, out, len) },
     }
 }
 
-pub fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
-    match crate::shim().filter(|_| kind(fd) == KIND_FABRIC).and_then(|shim| shim.sock(fd)) {
-        Some(sock) => match sock.lock().peer {
-            Some(peer) => {
-                unsafe { write_v4(peer, addr, len) };
-                0
-            }
-            None => fail(libc::ENOTCONN) as c_int,
-        },
-        None => unsafe { (real().getpeername)(fd, addr, len) },
+pub fn getpeername(fd: c_int, out: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    let Some((_, sock)) = fabric_sock(fd) else { return unsafe { (real().getpeername)(fd, out, len) } };
+    let peer = sock.lock().peer;
+    match peer {
+        Some(peer) => {
+            unsafe { addr::write(peer, sock.family, out, len) };
+            0
+        }
+        None => fail(libc::ENOTCONN) as c_int,
     }
 }
 
-/// Options that belong to the app's fd itself (timeouts, buffers); the rest go to the UDP socket.
+fn fabric_sock(fd: c_int) -> Option<(&'static Shim, Arc<Sock>)> {
+    let shim = crate::shim().filter(|_| fds::is_fabric(fd))?;
+    Some((shim, shim.sock(fd)?))
+}
+
+/// Options that belong to the app's fd itself (timeouts, receive buffer, pending error); the rest
+/// go to the UDP socket.
 fn is_fd_option(level: c_int, name: c_int) -> bool {
     level == libc::SOL_SOCKET
         && matches!(
@@ -686,11 +930,9 @@ fn is_fd_option(level: c_int, name: c_int) -> bool {
 }
 
 pub fn getsockopt(fd: c_int, level: c_int, name: c_int, value: *mut c_void, len: *mut socklen_t) -> c_int {
-    let Some(sock) = crate::shim().filter(|_| kind(fd) == KIND_FABRIC).and_then(|shim| shim.sock(fd)) else {
-        return unsafe { (real().getsockopt)(fd, level, name, value, len) };
-    };
+    let Some((_, sock)) = fabric_sock(fd) else { return unsafe { (real().getsockopt)(fd, level, name, value, len) } };
     let synthesized = match (level, name) {
-        (libc::SOL_SOCKET, libc::SO_DOMAIN) => Some(libc::AF_INET),
+        (libc::SOL_SOCKET, libc::SO_DOMAIN) => Some(sock.family.domain()),
         (libc::SOL_SOCKET, libc::SO_PROTOCOL) => Some(libc::IPPROTO_UDP),
         _ => None,
     };
@@ -709,27 +951,16 @@ pub fn getsockopt(fd: c_int, level: c_int, name: c_int, value: *mut c_void, len:
 }
 
 pub fn setsockopt(fd: c_int, level: c_int, name: c_int, value: *const c_void, len: socklen_t) -> c_int {
-    let Some(sock) = crate::shim().filter(|_| kind(fd) == KIND_FABRIC).and_then(|shim| shim.sock(fd)) else {
-        return unsafe { (real().setsockopt)(fd, level, name, value, len) };
-    };
-    if is_fd_option(level, name) {
-        let result = unsafe { (real().setsockopt)(fd, level, name, value, len) };
+    let Some((_, sock)) = fabric_sock(fd) else { return unsafe { (real().setsockopt)(fd, level, name, value, len) } };
+    if !is_fd_option(level, name) {
+        return unsafe { (real().setsockopt)(sock.side, level, name, value, len) };
+    }
+    let result = unsafe { (real().setsockopt)(fd, level, name, value, len) };
+    if result == 0 {
         unsafe { (real().setsockopt)(sock.side, level, name, value, len) };
-        return result;
+        if name == libc::SO_SNDTIMEO {
+            sock.lock().send_timeout = timeout_option(fd, libc::SO_SNDTIMEO);
+        }
     }
-    unsafe { (real().setsockopt)(sock.side, level, name, value, len) }
-}
-
-/// Parses an app's destination for sendto/sendmsg: `Err(errno)` for an unusable one.
-///
-/// # Safety
-/// `addr` null or valid for `len` bytes.
-pub unsafe fn destination(addr: *const sockaddr, len: socklen_t) -> Result<Option<SocketAddrV4>, c_int> {
-    if addr.is_null() {
-        return Ok(None);
-    }
-    match unsafe { read_v4(addr, len) } {
-        Some(dest) => Ok(Some(dest)),
-        None => Err(libc::EAFNOSUPPORT),
-    }
+    result
 }

@@ -1,0 +1,80 @@
+//! What each fd number is to the shim, in one atomic byte per fd: the pass-through fast path of
+//! every hook is one load from this table.
+//!
+//! - `NONE`: not ours; every call goes straight to libc.
+//! - `CANDIDATE`: an app's UDP socket (IPv4 or IPv6) that may become a fabric socket.
+//! - `FABRIC`: an app's fd that is one end of a socketpair fed by the shim (an entry in the
+//!   shim's table, shared by every fd dup'ed from it).
+//! - `INTERNAL`: the shim's own fds (side sockets, socketpair ends, the log): the app's `close`,
+//!   `close_range` and `closefrom` leave them alone.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use libc::c_int;
+
+use crate::addr::Family;
+
+/// fds at or above this are never ours (passed through); bounds the table.
+pub const FD_TABLE_MAX: usize = 65_536;
+
+pub const NONE: u8 = 0;
+pub const CANDIDATE: u8 = 1;
+pub const FABRIC: u8 = 2;
+pub const INTERNAL: u8 = 3;
+/// Flag bit: the app's socket is AF_INET6.
+const V6: u8 = 0x10;
+
+static KIND: [AtomicU8; FD_TABLE_MAX] = [const { AtomicU8::new(NONE) }; FD_TABLE_MAX];
+
+fn slot(fd: c_int) -> Option<&'static AtomicU8> {
+    usize::try_from(fd).ok().and_then(|index| KIND.get(index))
+}
+
+/// The kind of `fd` (one of the constants above).
+pub fn kind(fd: c_int) -> u8 {
+    slot(fd).map_or(NONE, |slot| slot.load(Ordering::Acquire) & !V6)
+}
+
+/// The family of a candidate or fabric fd.
+pub fn family(fd: c_int) -> Family {
+    match slot(fd).map_or(NONE, |slot| slot.load(Ordering::Acquire)) & V6 {
+        0 => Family::V4,
+        _ => Family::V6,
+    }
+}
+
+pub fn set(fd: c_int, kind: u8, family: Family) {
+    if let Some(slot) = slot(fd) {
+        let flag = if family == Family::V6 { V6 } else { 0 };
+        slot.store(kind | flag, Ordering::Release);
+    }
+}
+
+/// Copies `old`'s kind and family to `new` (after a dup).
+pub fn copy(old: c_int, new: c_int) {
+    if let (Some(old), Some(new)) = (slot(old), slot(new)) {
+        new.store(old.load(Ordering::Acquire), Ordering::Release);
+    }
+}
+
+pub fn clear(fd: c_int) {
+    if let Some(slot) = slot(fd) {
+        slot.store(NONE, Ordering::Release);
+    }
+}
+
+/// Is `fd` an app socket the shim handles (candidate or fabric)?
+pub fn is_ours(fd: c_int) -> bool {
+    matches!(kind(fd), CANDIDATE | FABRIC)
+}
+
+pub fn is_fabric(fd: c_int) -> bool {
+    kind(fd) == FABRIC
+}
+
+/// Every fd of `wanted` kind in `first..=last` (bounded by the table).
+pub fn of_kind_in(first: c_int, last: c_int, wanted: u8) -> impl Iterator<Item = c_int> {
+    let first = first.max(0);
+    let last = last.min(FD_TABLE_MAX as c_int - 1);
+    (first..=last).filter(move |fd| kind(*fd) == wanted)
+}
