@@ -10,6 +10,7 @@
 //! - smbnetfs can report EBUSY for a moment when unlinking a file just read: retried.
 //! - Other clients' writes are invisible to inotify: readers poll.
 
+use std::collections::BinaryHeap;
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -207,6 +208,11 @@ impl Spool {
         read_regular_file(&self.new_dir().join(name))
     }
 
+    /// Hidden files in `new/` that no ftss writer makes (see [`list_hidden`]).
+    pub fn list_hidden(&self, limit: usize) -> Result<Vec<String>, SpoolError> {
+        list_hidden(&self.new_dir(), limit)
+    }
+
     /// Removes `new/<name>`; a file that is already gone counts as removed. Syncs `new/`.
     pub fn remove(&self, name: &str) -> Result<(), SpoolError> {
         self.remove_unsynced(name)?;
@@ -234,30 +240,53 @@ pub fn is_plain_name(name: &str) -> bool {
     !name.is_empty() && !name.starts_with('.') && !name.contains('/') && !name.contains('\0')
 }
 
-/// Sorted non-dot names in `dir`, at most `limit`. A missing directory lists as empty.
+/// Sorted non-dot names in `dir`: the `limit` smallest. A missing directory lists as empty. Memory is
+/// bounded by `limit`, not by the directory (a flooded spool may hold millions of files).
 pub fn list_names(dir: &Path, limit: usize) -> Result<Vec<String>, SpoolError> {
+    let mut smallest: BinaryHeap<String> = BinaryHeap::new();
+    visit_names(dir, |name| {
+        if name.starts_with('.') || limit == 0 {
+            return;
+        }
+        if smallest.len() < limit {
+            smallest.push(name);
+        } else if smallest.peek().is_some_and(|largest| name < *largest) {
+            smallest.pop();
+            smallest.push(name);
+        }
+    })?;
+    Ok(smallest.into_sorted_vec())
+}
+
+/// Hidden names in `dir` that no ftss writer makes: dot-files other than NFS silly-renames
+/// (`.nfsXXXX`, which the client removes itself). At most `limit`.
+pub fn list_hidden(dir: &Path, limit: usize) -> Result<Vec<String>, SpoolError> {
+    let mut hidden = Vec::new();
+    visit_names(dir, |name| {
+        if name.starts_with('.') && !name.starts_with(".nfs") && hidden.len() < limit {
+            hidden.push(name);
+        }
+    })?;
+    Ok(hidden)
+}
+
+/// Calls `visit` with every name in `dir`; a missing directory has none.
+fn visit_names(dir: &Path, mut visit: impl FnMut(String)) -> Result<(), SpoolError> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
-        Err(error) if is_gone(&error) => return Ok(Vec::new()),
+        Err(error) if is_gone(&error) => return Ok(()),
         Err(source) => return Err(SpoolError::Io { operation: "listing", path: dir.into(), source }),
     };
-    let mut names: Vec<String> = Vec::new();
     for entry in entries {
-        let entry = match entry {
-            Ok(entry) => entry,
+        match entry {
+            // Names that are not UTF-8 cannot have been written by ftss; they are shown escaped so
+            // that the server can quarantine them.
+            Ok(entry) => visit(os_name(entry.file_name())),
             Err(error) if is_gone(&error) => continue,
             Err(source) => return Err(SpoolError::Io { operation: "listing", path: dir.into(), source }),
-        };
-        // Names that are not UTF-8 cannot have been written by ftss; show them escaped so the
-        // server can quarantine them.
-        let name = os_name(entry.file_name());
-        if !name.starts_with('.') {
-            names.push(name);
         }
     }
-    names.sort_unstable();
-    names.truncate(limit);
-    Ok(names)
+    Ok(())
 }
 
 fn os_name(name: OsString) -> String {
@@ -348,6 +377,9 @@ mod tests {
         fs::write(spool.new_dir().join(".nfs0001"), b"silly").unwrap();
         assert_eq!(spool.list(10).unwrap(), vec!["0001.pkt", "0002.pkt"]);
         assert_eq!(spool.list(1).unwrap(), vec!["0001.pkt"]);
+        fs::write(spool.new_dir().join("..sneaky"), b"x").unwrap();
+        assert_eq!(spool.list_hidden(10).unwrap(), vec!["..sneaky"]);
+        fs::remove_file(spool.new_dir().join("..sneaky")).unwrap();
         assert_eq!(spool.read("0001.pkt").unwrap().unwrap(), b"one");
         assert!(fs::read_dir(spool.tmp_dir()).unwrap().next().is_none(), "tmp/ left behind");
         spool.remove("0001.pkt").unwrap();

@@ -1,6 +1,7 @@
 //! ftss-server: the store-and-forward routing agent that runs on the storage array.
 
 mod dump;
+mod index;
 mod queue;
 mod server;
 mod status;

@@ -11,7 +11,7 @@
 //!   dead-lettered); with `--retain` its bytes stay for that long after.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use fsbridge::layout::batch_file_name;
 use fsbridge::{Ack, AckState, BatchHeader, BatchKind, NodeName, Packet, PacketId, Record, Volume};
 use serde::Serialize;
 
+use crate::index::{Entry, Index, Key};
 use crate::queue::{Location, MirrorStatus, Outcome, Queue, QueueError, QueueRecord, RecoveryReport};
 
 /// Most outbox files drained from one node in one cycle; keeps one busy node from starving others.
@@ -32,6 +33,10 @@ const DELIVER_PACKETS_PER_FILE_MAX: usize = 4096;
 const DELIVER_FILE_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Most packets delivered in one cycle; bounds the time one cycle spends writing inboxes.
 const DELIVER_PACKETS_PER_CYCLE_MAX: usize = 65_536;
+/// Outbox names listed at once per node: bounds memory when a node floods its outbox.
+const OUTBOX_BACKLOG_MAX: usize = 16_384;
+/// Hidden files quarantined per spool per housekeeping pass.
+const HIDDEN_FILES_PER_PASS_MAX: usize = 64;
 /// Most receipt files read from one node in one cycle.
 const RECEIPT_FILES_PER_NODE_MAX: usize = 1024;
 /// How often the node registry (`node.toml` files) is re-read.
@@ -46,6 +51,11 @@ const ACK_FILE_AGE_MAX: Duration = Duration::from_secs(300);
 const TMP_FILE_AGE_MAX: Duration = Duration::from_secs(3600);
 /// Dead letters remembered for status.
 const DEAD_LETTERS_SHOWN_MAX: usize = 32;
+/// Most packets dead-lettered in one cycle.
+const DEAD_LETTERS_PER_CYCLE_MAX: usize = 65_536;
+/// Most packets in flight (delivered, not receipted) per destination address: a receiver that stops
+/// reading holds at most this many in its inbox; the rest wait in the queue.
+const IN_FLIGHT_PER_DESTINATION_MAX: usize = 65_536;
 /// Window over which status computes rates.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 
@@ -92,17 +102,6 @@ pub struct Counters {
     pub errors: u64,
 }
 
-/// The state of one queued packet. Payloads stay on disk.
-struct Entry {
-    location: Location,
-    destination: SocketAddrV4,
-    order: u64,
-    stored_unix_us: u64,
-    payload_bytes: u32,
-    /// When it was last written to an inbox, and the batch seq of that file (this server's epoch).
-    delivered: Option<(Instant, u64)>,
-}
-
 /// A dead letter, for status.
 #[derive(Clone, Debug, Serialize)]
 pub struct DeadLetter {
@@ -124,19 +123,16 @@ pub struct Server {
     config: Config,
     volume: Volume,
     queue: Queue,
-    entries: HashMap<PacketId, Entry>,
-    /// Store order → packet id: delivery walks this in order.
-    by_order: BTreeMap<u64, PacketId>,
+    index: Index,
     /// Live records per segment (queued, or receipted but retained), for reclaiming.
     live_per_segment: BTreeMap<u64, u64>,
     /// Receipted packets kept for `--retain`: (until µs, segment), oldest first.
     retained: VecDeque<(u64, u64)>,
-    /// Queued payload bytes per destination address.
-    bytes_per_destination: HashMap<Ipv4Addr, u64>,
-    next_order: u64,
     nodes: Vec<NodeName>,
     addr_to_node: HashMap<Ipv4Addr, NodeName>,
     node_to_addr: HashMap<NodeName, Ipv4Addr>,
+    /// Outbox names listed but not yet drained, per node, in name order.
+    outbox_backlog: HashMap<NodeName, VecDeque<String>>,
     /// Acks to write at the end of the cycle, per source node.
     pending_acks: BTreeMap<NodeName, Vec<Ack>>,
     registry_loaded_at: Option<Instant>,
@@ -178,15 +174,13 @@ impl Server {
             config,
             volume,
             queue,
-            entries: HashMap::new(),
-            by_order: BTreeMap::new(),
+            index: Index::default(),
             live_per_segment: BTreeMap::new(),
             retained: VecDeque::new(),
-            bytes_per_destination: HashMap::new(),
-            next_order: 0,
             nodes: Vec::new(),
             addr_to_node: HashMap::new(),
             node_to_addr: HashMap::new(),
+            outbox_backlog: HashMap::new(),
             pending_acks: BTreeMap::new(),
             registry_loaded_at: None,
             status_written_at: None,
@@ -216,32 +210,21 @@ impl Server {
     }
 
     fn insert(&mut self, packet: &Packet, location: Location, stored_unix_us: u64) {
-        if self.entries.contains_key(&packet.id) {
-            return;
-        }
-        let order = self.next_order;
-        self.next_order += 1;
-        self.by_order.insert(order, packet.id.clone());
-        *self.live_per_segment.entry(location.segment).or_insert(0) += 1;
-        *self.bytes_per_destination.entry(*packet.destination.ip()).or_insert(0) += packet.payload.len() as u64;
         let entry = Entry {
             location,
             destination: packet.destination,
-            order,
             stored_unix_us,
-            payload_bytes: packet.payload.len() as u32,
+            payload_bytes: packet.payload.len() as u16,
             delivered: None,
         };
-        self.entries.insert(packet.id.clone(), entry);
+        if self.index.insert(&packet.id, entry) {
+            *self.live_per_segment.entry(location.segment).or_insert(0) += 1;
+        }
     }
 
     /// The packet is receipted or dead-lettered: it leaves the queue (its bytes may be retained).
     fn finish(&mut self, id: &PacketId, outcome: Outcome, at_unix_us: u64) {
-        let Some(entry) = self.entries.remove(id) else { return };
-        self.by_order.remove(&entry.order);
-        if let Some(bytes) = self.bytes_per_destination.get_mut(entry.destination.ip()) {
-            *bytes -= u64::from(entry.payload_bytes);
-        }
+        let Some(entry) = self.index.remove(id) else { return };
         let retain_us = self.config.retain.as_micros() as u64;
         if outcome == Outcome::Receipted && retain_us > 0 {
             // Still live for reclaiming until the retention ends.
@@ -368,7 +351,7 @@ impl Server {
         let mut fresh = Vec::new();
         for batch in &drained {
             for packet in &batch.packets {
-                if self.entries.contains_key(&packet.id) {
+                if self.index.contains(&packet.id) {
                     // Drained before a crash that came before the outbox file was removed.
                     continue;
                 }
@@ -377,8 +360,10 @@ impl Server {
             }
         }
         if let Err(error) = self.queue.sync() {
-            // Nothing of this group is durable: no ack, the outbox files stay, retried next cycle.
+            // Nothing of this group is durable: no ack, the outbox files stay and are listed again
+            // (in order) next cycle.
             self.push_back(format!("queue: {error}"));
+            self.outbox_backlog.clear();
             return Ok(0);
         }
         self.counters.syncs += 1;
@@ -412,26 +397,19 @@ impl Server {
         // Bytes accepted this cycle, not yet in `bytes_per_destination`.
         let mut accepted: HashMap<Ipv4Addr, u64> = HashMap::new();
         for node in self.nodes.clone() {
-            let outbox = self.volume.outbox(&node);
-            for name in outbox.list(DRAIN_FILES_PER_NODE_MAX)? {
+            if !self.node_is_sound(&node) {
+                continue;
+            }
+            for attempt in 0..DRAIN_FILES_PER_NODE_MAX {
                 if packets_total >= DRAIN_PACKETS_PER_CYCLE_MAX {
                     break;
                 }
-                let path = outbox.new_dir().join(&name);
-                let bytes = match outbox.read(&name) {
-                    Ok(Some(bytes)) => bytes,
-                    Ok(None) => continue,
-                    Err(error) => {
-                        self.quarantine_path(path, node.as_str(), &error.to_string());
-                        continue;
-                    }
-                };
-                let packets = match decode_outbox_batch(&bytes, &node, self.node_to_addr.get(&node).copied()) {
-                    Ok(packets) => packets,
-                    Err(reason) => {
-                        self.quarantine_path(path, node.as_str(), &reason);
-                        continue;
-                    }
+                // List the directory again only at the start of a cycle: files drained earlier in
+                // this cycle are still there until the group is acked.
+                let Some(name) = self.next_outbox_name(&node, attempt == 0)? else { break };
+                let Some(packets) = self.read_outbox_file(&node, &name) else {
+                    self.pop_outbox_name(&node);
+                    continue;
                 };
                 let full = packets.iter().find(|packet| {
                     let ip = packet.destination.ip();
@@ -440,9 +418,10 @@ impl Server {
                 if let Some(full) = full {
                     let reason = format!("queue for {} is over its limit", full.destination.ip());
                     self.push_back(reason);
-                    // Files of one writer must stay in order: nothing after this one either.
+                    // Files of one writer must stay in order: this one stays first in line.
                     break;
                 }
+                self.pop_outbox_name(&node);
                 for packet in &packets {
                     *accepted.entry(*packet.destination.ip()).or_insert(0) += packet.payload.len() as u64;
                 }
@@ -453,8 +432,69 @@ impl Server {
         Ok(drained)
     }
 
+    /// The next outbox file of `node` in name order. Names come from a bounded listing kept between
+    /// cycles, so a flooded outbox costs one directory scan per `OUTBOX_BACKLOG_MAX` files.
+    fn next_outbox_name(&mut self, node: &NodeName, may_list: bool) -> Result<Option<String>, fsbridge::SpoolError> {
+        let backlog = self.outbox_backlog.entry(node.clone()).or_default();
+        if backlog.is_empty() && may_list {
+            backlog.extend(self.volume.outbox(node).list(OUTBOX_BACKLOG_MAX)?);
+        }
+        Ok(backlog.front().cloned())
+    }
+
+    fn pop_outbox_name(&mut self, node: &NodeName) {
+        if let Some(backlog) = self.outbox_backlog.get_mut(node) {
+            backlog.pop_front();
+        }
+    }
+
+    /// Reads and decodes one outbox file; `None` if it is gone or was quarantined.
+    fn read_outbox_file(&mut self, node: &NodeName, name: &str) -> Option<Vec<Packet>> {
+        let outbox = self.volume.outbox(node);
+        let path = outbox.new_dir().join(name);
+        if fsbridge::layout::parse_batch_file_name(name).is_none_or(|_| !name.ends_with(".pkt")) {
+            self.quarantine_path(path, node.as_str(), "unexpected file name in an outbox (want <epoch>-<seq>.pkt)");
+            return None;
+        }
+        let bytes = match outbox.read(name) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return None,
+            Err(error) => {
+                self.quarantine_path(path, node.as_str(), &error.to_string());
+                return None;
+            }
+        };
+        match decode_outbox_batch(&bytes, node, self.node_to_addr.get(node).copied()) {
+            Ok(packets) => Some(packets),
+            Err(reason) => {
+                self.quarantine_path(path, node.as_str(), &reason);
+                None
+            }
+        }
+    }
+
+    /// A node directory or one of its spools being a symlink would let one node's files be read as
+    /// another's: such a node is skipped and the link quarantined.
+    fn node_is_sound(&mut self, node: &NodeName) -> bool {
+        let node_dir = self.volume.node_dir(node);
+        let candidates = [
+            node_dir.clone(),
+            node_dir.join("out"),
+            self.volume.outbox(node).new_dir(),
+            node_dir.join("rcpt"),
+            self.volume.receipts(node).new_dir(),
+        ];
+        for path in candidates {
+            if path.symlink_metadata().is_ok_and(|meta| meta.file_type().is_symlink()) {
+                self.quarantine_path(path, node.as_str(), "a symlink where a node directory belongs");
+                return false;
+            }
+        }
+        true
+    }
+
     fn queued_bytes(&self, destination: &Ipv4Addr) -> u64 {
-        self.bytes_per_destination.get(destination).copied().unwrap_or(0)
+        self.index.queued_bytes(destination)
     }
 
     /// Writes one "stored" ack file per source node, then removes the outbox files.
@@ -510,60 +550,60 @@ impl Server {
         BatchEncoder::new(&BatchHeader { kind, node, epoch: self.epoch, batch_seq: self.batch_seq })
     }
 
-    /// Writes due packets into their destination inboxes, in store order, grouped per (node, port).
+    /// Writes due packets into their destination inboxes, in store order, grouped per (node, port):
+    /// redeliveries that came due, then packets not delivered yet.
     fn deliver(&mut self) -> Result<usize, QueueError> {
         let now = Instant::now();
-        let mut due: BTreeMap<(NodeName, u16), Vec<PacketId>> = BTreeMap::new();
-        let mut still_in_inbox: HashMap<(NodeName, u16, u64), bool> = HashMap::new();
+        let mut due: BTreeMap<(NodeName, u16), Vec<Key>> = BTreeMap::new();
         let mut count = 0;
-        for id in self.by_order.values() {
-            let entry = &self.entries[id];
-            // Unknown destinations stay queued: the receiver may register later.
-            let Some(node) = self.addr_to_node.get(entry.destination.ip()) else { continue };
+        let mut still_in_inbox: HashMap<(NodeName, u16, u64), bool> = HashMap::new();
+        for key in self.index.due_again(now, self.config.redeliver_after, DELIVER_PACKETS_PER_CYCLE_MAX) {
+            let entry = *self.index.get(key).expect("due packets are queued");
             let port = entry.destination.port();
-            if let Some((at, file)) = entry.delivered {
-                if now.duration_since(at) < self.config.redeliver_after {
-                    continue;
-                }
-                // Not picked up yet (no receiver bound): another copy would only pile up.
-                let key = (node.clone(), port, file);
-                let waiting = *still_in_inbox.entry(key).or_insert_with(|| {
-                    let name = batch_file_name(self.epoch, file, "pkt");
-                    self.volume.inbox(node, port).new_dir().join(name).exists()
-                });
-                if waiting {
-                    continue;
-                }
+            let file = entry.delivered.expect("due packets were delivered").1;
+            let Some(node) = self.addr_to_node.get(entry.destination.ip()).cloned() else {
+                self.index.postpone(key, now);
+                continue;
+            };
+            // Not picked up yet (no receiver bound): another copy would only pile up.
+            let waiting = *still_in_inbox.entry((node.clone(), port, file)).or_insert_with(|| {
+                let name = batch_file_name(self.epoch, file, "pkt");
+                self.volume.inbox(&node, port).new_dir().join(name).exists()
+            });
+            if waiting {
+                self.index.postpone(key, now);
+                continue;
             }
-            due.entry((node.clone(), port)).or_default().push(id.clone());
+            due.entry((node, port)).or_default().push(key);
             count += 1;
-            if count >= DELIVER_PACKETS_PER_CYCLE_MAX {
-                break;
+        }
+        for destination in self.index.destinations() {
+            // Unknown destinations stay queued: the receiver may register later.
+            let Some(node) = self.addr_to_node.get(&destination).cloned() else { continue };
+            let room = DELIVER_PACKETS_PER_CYCLE_MAX.saturating_sub(count);
+            for key in self.index.next_undelivered(&destination, room, IN_FLIGHT_PER_DESTINATION_MAX) {
+                let port = self.index.get(key).expect("listed packets are queued").destination.port();
+                due.entry((node.clone(), port)).or_default().push(key);
+                count += 1;
             }
         }
-        for ((node, port), ids) in due {
+        for ((node, port), keys) in due {
             let mut start = 0;
-            while start < ids.len() {
-                start += self.deliver_file(&node, port, &ids[start..], now)?;
+            while start < keys.len() {
+                start += self.deliver_file(&node, port, &keys[start..], now)?;
             }
         }
         Ok(count)
     }
 
-    /// Writes one inbox file with a prefix of `ids`; returns how many it took.
-    fn deliver_file(
-        &mut self,
-        node: &NodeName,
-        port: u16,
-        ids: &[PacketId],
-        now: Instant,
-    ) -> Result<usize, QueueError> {
+    /// Writes one inbox file with a prefix of `keys`; returns how many it took.
+    fn deliver_file(&mut self, node: &NodeName, port: u16, keys: &[Key], now: Instant) -> Result<usize, QueueError> {
         let mut encoder = self.encoder(BatchKind::Packets);
         let file_seq = self.batch_seq;
         let mut bytes = 0;
         let mut taken = 0;
-        for id in ids.iter().take(DELIVER_PACKETS_PER_FILE_MAX) {
-            let entry = &self.entries[id];
+        for key in keys.iter().take(DELIVER_PACKETS_PER_FILE_MAX) {
+            let entry = *self.index.get(*key).expect("packets to deliver are queued");
             if taken > 0 && bytes + entry.payload_bytes as usize > DELIVER_FILE_BYTES_MAX {
                 break;
             }
@@ -576,15 +616,13 @@ impl Server {
         let name = batch_file_name(self.epoch, file_seq, "pkt");
         if let Err(error) = self.volume.inbox(node, port).publish(&name, &encoder.finish()) {
             self.report("delivering", format!("inbox of {node}:{port}: {error}"));
-            return Ok(ids.len());
+            return Ok(keys.len());
         }
-        for id in &ids[..taken] {
-            let entry = self.entries.get_mut(id).expect("entry exists");
-            let first = entry.delivered.is_none();
-            entry.delivered = Some((now, file_seq));
-            if first {
+        for key in &keys[..taken] {
+            if self.index.mark_delivered(*key, now, file_seq) {
                 self.counters.delivered += 1;
-                self.ack_later(id, AckState::Delivered, String::new());
+                let id = self.index.id(*key);
+                self.ack_later(&id, AckState::Delivered, String::new());
             } else {
                 self.counters.redelivered += 1;
             }
@@ -612,8 +650,9 @@ impl Server {
                     Ok(ids) => {
                         // Only the destination node may receipt a packet.
                         let own = ids.into_iter().filter(|id| {
-                            self.entries
-                                .get(id)
+                            self.index
+                                .key(id)
+                                .and_then(|key| self.index.get(key))
                                 .is_some_and(|entry| self.addr_to_node.get(entry.destination.ip()) == Some(&node))
                         });
                         done.extend(own);
@@ -654,14 +693,16 @@ impl Server {
     fn dead_letter_expired(&mut self) {
         let now = now_us();
         let hold_us = self.config.hold.as_micros() as u64;
-        let expired: Vec<(PacketId, Ipv4Addr)> = self
-            .entries
-            .iter()
-            .filter(|(_, entry)| {
-                !self.addr_to_node.contains_key(entry.destination.ip()) && entry.stored_unix_us + hold_us <= now
-            })
-            .map(|(id, entry)| (id.clone(), *entry.destination.ip()))
-            .collect();
+        let cutoff = now.saturating_sub(hold_us);
+        let mut expired: Vec<(PacketId, Ipv4Addr)> = Vec::new();
+        for destination in self.index.destinations() {
+            if self.addr_to_node.contains_key(&destination) {
+                continue;
+            }
+            let room = DEAD_LETTERS_PER_CYCLE_MAX.saturating_sub(expired.len());
+            expired
+                .extend(self.index.stored_before(&destination, cutoff, room).into_iter().map(|id| (id, destination)));
+        }
         if expired.is_empty() {
             return;
         }
@@ -718,6 +759,14 @@ impl Server {
     }
 
     fn housekeeping(&mut self) {
+        for node in self.nodes.clone() {
+            for spool in [self.volume.outbox(&node), self.volume.receipts(&node)] {
+                for name in spool.list_hidden(HIDDEN_FILES_PER_PASS_MAX).unwrap_or_default() {
+                    let path = spool.new_dir().join(name);
+                    self.quarantine_path(path, node.as_str(), "hidden file in a spool (no ftss writer makes one)");
+                }
+            }
+        }
         for node in &self.nodes {
             let _ = fsbridge::spool::sweep_older_than(&self.volume.acks(node).new_dir(), ACK_FILE_AGE_MAX);
             for spool in [self.volume.outbox(node), self.volume.receipts(node), self.volume.acks(node)] {
@@ -751,15 +800,18 @@ impl Server {
             nodes.insert(node.to_string(), NodeStatus { addr, ..NodeStatus::default() });
         }
         let mut unknown_destination = 0;
-        for entry in self.entries.values() {
-            let Some(node) = self.addr_to_node.get(entry.destination.ip()) else {
-                unknown_destination += 1;
+        for destination in self.index.destinations() {
+            let stats = self.index.stats(&destination);
+            let Some(node) = self.addr_to_node.get(&destination) else {
+                unknown_destination += stats.packets;
                 continue;
             };
             let status = nodes.get_mut(node.as_str()).expect("registered node listed");
-            status.queued += 1;
-            status.queued_bytes += u64::from(entry.payload_bytes);
-            status.oldest_age_ms = status.oldest_age_ms.max(now.saturating_sub(entry.stored_unix_us) / 1000);
+            status.queued += stats.packets;
+            status.queued_bytes += stats.bytes;
+            status.in_flight += stats.in_flight;
+            let oldest = stats.oldest_stored_unix_us.map_or(0, |stored| now.saturating_sub(stored) / 1000);
+            status.oldest_age_ms = status.oldest_age_ms.max(oldest);
         }
         self.counters.read_repairs = self.queue.read_repairs;
         Status {
@@ -772,7 +824,7 @@ impl Server {
             counters: self.counters.clone(),
             rates: self.rates(),
             queue: QueueStatus {
-                packets: self.entries.len() as u64,
+                packets: self.index.len() as u64,
                 retained: self.retained.len() as u64,
                 held_unknown_destination: unknown_destination,
                 segments: self.queue.segment_count() as u64,
@@ -888,5 +940,6 @@ pub struct NodeStatus {
     pub addr: Option<String>,
     pub queued: u64,
     pub queued_bytes: u64,
+    pub in_flight: u64,
     pub oldest_age_ms: u64,
 }
