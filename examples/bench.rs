@@ -67,17 +67,30 @@ struct Plan {
     payloads: Vec<usize>,
     /// Packets queued for the server-rss scenario.
     rss_packets: u64,
+    /// Runs of each plain-UDP point (udp-raw, shim-passthrough); the median by pps is reported,
+    /// because loopback rates on a shared machine vary by more than the shim's cost.
+    udp_repeats: usize,
 }
 
 impl Plan {
     fn new(quick: bool, smoke: bool) -> Plan {
         if smoke {
             // The CI smoke: every scenario once or twice, a fraction of a second each.
-            Plan { duration: Duration::from_millis(150), payloads: vec![512], rss_packets: 2_000 }
+            Plan { duration: Duration::from_millis(150), payloads: vec![512], rss_packets: 2_000, udp_repeats: 1 }
         } else if quick {
-            Plan { duration: Duration::from_millis(600), payloads: PAYLOADS.to_vec(), rss_packets: 200_000 }
+            Plan {
+                duration: Duration::from_millis(600),
+                payloads: PAYLOADS.to_vec(),
+                rss_packets: 200_000,
+                udp_repeats: 1,
+            }
         } else {
-            Plan { duration: Duration::from_secs(3), payloads: PAYLOADS.to_vec(), rss_packets: 1_000_000 }
+            Plan {
+                duration: Duration::from_secs(3),
+                payloads: PAYLOADS.to_vec(),
+                rss_packets: 1_000_000,
+                udp_repeats: 3,
+            }
         }
     }
 }
@@ -113,10 +126,14 @@ struct Options {
     smoke: bool,
     volume: Option<PathBuf>,
     only: Option<Vec<String>>,
+    /// Only this payload size / sender count (for profiling one point).
+    payload: Option<usize>,
+    senders: Option<usize>,
 }
 
 fn parse_options() -> Result<Options, String> {
-    let mut options = Options { quick: false, json: false, smoke: false, volume: None, only: None };
+    let mut options =
+        Options { quick: false, json: false, smoke: false, volume: None, only: None, payload: None, senders: None };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -133,8 +150,12 @@ fn parse_options() -> Result<Options, String> {
                 }
                 options.only = Some(names);
             }
+            "--payload" => options.payload = Some(number(args.next(), "--payload")?),
+            "--senders" => options.senders = Some(number(args.next(), "--senders")?),
             "-h" | "--help" => {
-                println!("usage: bench [--quick] [--json] [--volume DIR] [--only SCENARIO,…]");
+                println!(
+                    "usage: bench [--quick] [--json] [--volume DIR] [--only SCENARIO,…] [--payload B] [--senders N]"
+                );
                 println!("scenarios: {}", SCENARIOS.join(", "));
                 std::process::exit(0);
             }
@@ -142,6 +163,10 @@ fn parse_options() -> Result<Options, String> {
         }
     }
     Ok(options)
+}
+
+fn number(value: Option<String>, name: &str) -> Result<usize, String> {
+    value.and_then(|text| text.parse().ok()).ok_or(format!("{name} needs a number"))
 }
 
 fn main() {
@@ -219,15 +244,20 @@ fn run(options: Options) -> Result<bool, String> {
     };
     eprintln!("{TABLE_HEADER}");
 
+    let senders_grid: Vec<usize> =
+        SENDERS.into_iter().filter(|senders| options.senders.is_none_or(|only| only == *senders)).collect();
     let grid = |payloads: &[usize]| -> Vec<Run> {
         payloads
             .iter()
-            .flat_map(|&payload| SENDERS.iter().map(move |&senders| Run { payload, senders, duration: plan.duration }))
+            .filter(|payload| options.payload.is_none_or(|only| only == **payload))
+            .flat_map(|&payload| {
+                senders_grid.iter().map(move |&senders| Run { payload, senders, duration: plan.duration })
+            })
             .collect()
     };
 
     if selected("fsync-limit") {
-        for senders in SENDERS {
+        for senders in senders_grid.clone() {
             let dir = bench.run_dir("fsync-limit")?;
             emit(outcome("fsync-limit", disk::FSYNC_APPEND_BYTES, senders, true, || {
                 disk::fsync_limit(&dir.0, senders, plan.duration)
@@ -244,8 +274,11 @@ fn run(options: Options) -> Result<bool, String> {
     ];
     for (name, durable, scenario) in app_scenarios {
         if selected(name) {
+            let repeats = if durable || name.starts_with("ftss") { 1 } else { plan.udp_repeats };
             for run in grid(&plan.payloads) {
-                emit(outcome(name, run.payload, run.senders, durable, || scenario(&bench, &run)));
+                emit(outcome(name, run.payload, run.senders, durable, || {
+                    median_of(repeats, || scenario(&bench, &run))
+                }));
             }
         }
     }
@@ -286,6 +319,19 @@ fn run(options: Options) -> Result<bool, String> {
         }
     }
     Ok(!results.iter().any(|measurement| measurement.skipped.as_deref().is_some_and(|why| why.starts_with("failed"))))
+}
+
+/// Runs `measure` `repeats` times and keeps the run with the median pps (all rates in `pps_runs`).
+fn median_of(repeats: usize, mut measure: impl FnMut() -> Result<Measurement, String>) -> Result<Measurement, String> {
+    let mut runs = (0..repeats.max(1)).map(|_| measure()).collect::<Result<Vec<_>, _>>()?;
+    if runs.len() == 1 {
+        return Ok(runs.remove(0));
+    }
+    runs.sort_by(|a, b| a.pps.unwrap_or(0.0).total_cmp(&b.pps.unwrap_or(0.0)));
+    let rates: Vec<u64> = runs.iter().map(|run| run.pps.unwrap_or(0.0) as u64).collect();
+    let mut median = runs.remove(runs.len() / 2);
+    median.extra.push(("pps_runs", serde_json::json!(rates)));
+    Ok(median)
 }
 
 /// Runs one measurement; a failure becomes a "failed: …" line instead of ending the bench.

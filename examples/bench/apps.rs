@@ -19,17 +19,23 @@ const RECEIVER_NODE: (&str, Ipv4Addr) = ("b", Ipv4Addr::new(10, 77, 0, 2));
 /// How long the receiver waits after the last datagram once it knows the count (plain UDP may drop).
 const UDP_IDLE: Duration = Duration::from_millis(500);
 /// The same for ftss: a packet may wait for a poll of the server and of the receiving shim.
-const FTSS_IDLE: Duration = Duration::from_secs(3);
+const FTSS_IDLE: Duration = Duration::from_secs(10);
 /// How long a process may take to start, or to report once the work is over.
 const START_LIMIT: Duration = Duration::from_secs(20);
 const REPORT_LIMIT: Duration = Duration::from_secs(180);
-/// Poll interval of the server and of the shims' inboxes in the bench (latency-tuned; default 10/20 ms).
+/// Poll interval of the server and of the shims' inboxes on a local volume (latency-tuned; the
+/// defaults are 20 ms and 10 ms).
 pub const POLL_MS: u64 = 1;
+/// The shims' inbox poll interval on a network mount: the default, since every poll there is a
+/// round trip to the file server.
+pub const NETWORK_POLL_MS: u64 = 10;
 
 /// Where the apps find the volume and the server's process, for an ftss scenario.
 pub struct Fabric {
     /// The volume as the nodes see it (FTSS_VOLUME).
     pub node_volume: PathBuf,
+    /// FTSS_POLL_MS of the nodes.
+    pub node_poll_ms: u64,
     pub server: Proc,
     pub dir: PathBuf,
 }
@@ -54,7 +60,8 @@ impl Fabric {
             .arg("--poll")
             .arg(format!("{POLL_MS}ms"));
         let server = Proc::start("ftss-server", command, &dir.join("server.log"))?;
-        Ok(Fabric { node_volume: node_volume.to_path_buf(), server, dir: dir.to_path_buf() })
+        let node_poll_ms = if server_volume == node_volume { POLL_MS } else { NETWORK_POLL_MS };
+        Ok(Fabric { node_volume: node_volume.to_path_buf(), node_poll_ms, server, dir: dir.to_path_buf() })
     }
 
     /// Environment of an app on `node` with the shim preloaded.
@@ -65,7 +72,7 @@ impl Fabric {
             ("FTSS_NODE".into(), node.0.into()),
             ("FTSS_ADDR".into(), node.1.to_string()),
             ("FTSS_ACK".into(), ack.into()),
-            ("FTSS_POLL_MS".into(), POLL_MS.to_string()),
+            ("FTSS_POLL_MS".into(), self.node_poll_ms.to_string()),
             ("FTSS_LOG".into(), self.dir.join(format!("{}.log", node.0)).display().to_string()),
         ]
     }

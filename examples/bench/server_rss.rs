@@ -26,6 +26,17 @@ const SENDER: (&str, Ipv4Addr) = ("a", Ipv4Addr::new(10, 77, 0, 1));
 const STORE_LIMIT: Duration = Duration::from_secs(600);
 /// How long the server is left alone before its idle RSS is read.
 const SETTLE: Duration = Duration::from_millis(500);
+/// Window over which the CPU the server burns while holding the backlog (and nothing arrives) is measured.
+const CPU_WINDOW: Duration = Duration::from_secs(2);
+
+/// User + system CPU time of `pid` so far, in clock ticks (/proc/<pid>/stat fields 14 and 15).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // fields[0] is field 3 (state), so utime (14) and stime (15) are fields[11] and fields[12].
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
 
 fn queued(volume: &Volume) -> u64 {
     std::fs::read(volume.status_path())
@@ -86,6 +97,17 @@ pub fn server_rss(bench: &Bench, run: &Run, packets: u64) -> Result<Measurement,
     }
     let stored = started.elapsed();
     std::thread::sleep(SETTLE);
+    let ticks_before = cpu_ticks(server.pid());
+    std::thread::sleep(CPU_WINDOW);
+    let ticks_after = cpu_ticks(server.pid());
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let busy_percent = match (ticks_before, ticks_after) {
+        (Some(before), Some(after)) => {
+            Some(((after - before) as f64 / ticks_per_second / CPU_WINDOW.as_secs_f64() * 1000.0).round() / 10.0)
+        }
+        _ => None,
+    };
     let queued_rss = proc_status_kib(server.pid(), "VmRSS").ok_or("cannot read the server's RSS")?;
     let peak_rss = proc_status_kib(server.pid(), "VmHWM");
     server.terminate(Duration::from_secs(10));
@@ -100,5 +122,7 @@ pub fn server_rss(bench: &Bench, run: &Run, packets: u64) -> Result<Measurement,
     measurement.extra.push(("rss_above_idle_kib", json!(queued_rss.saturating_sub(idle_rss))));
     measurement.extra.push(("bytes_per_queued_packet", json!((queued_rss.saturating_sub(idle_rss) * 1024) / packets)));
     measurement.extra.push(("outbox_write_ms", json!(written.as_millis() as u64)));
+    // CPU the server uses per second while it only holds the backlog: 0 would be ideal.
+    measurement.extra.push(("holding_cpu_percent", json!(busy_percent)));
     Ok(measurement)
 }
