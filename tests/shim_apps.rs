@@ -1,0 +1,411 @@
+//! Real, unmodified programs under the real shim, both directions, against the real server: nc,
+//! socat (with its fork per datagram), python3 asyncio (epoll) and selectors, a Rust std UdpSocket
+//! with read timeouts; fork and vfork; 8 threads × 10,000 datagrams; the three ack modes.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// Generous: the two cores are shared with other test binaries.
+const ARRIVAL_LIMIT: Duration = Duration::from_secs(120);
+
+fn std_udp_program() -> String {
+    let path = artifact_dir().join("examples").join("shim_std_udp");
+    assert!(path.exists(), "{} missing: `cargo build --release --all-targets` first", path.display());
+    path.display().to_string()
+}
+
+/// Starts a shimmed program with piped stdin/stdout; its stdout lines are collected.
+fn spawn(command: &mut Command, name: &str) -> (Proc, LineCollector) {
+    command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = command.spawn().unwrap_or_else(|error| panic!("start {name}: {error}"));
+    let lines = LineCollector::start(child.stdout.take().unwrap());
+    (Proc { child, name: name.into() }, lines)
+}
+
+fn wait_for_line(lines: &LineCollector, what: &str) -> bool {
+    wait_until(ARRIVAL_LIMIT, || lines.lines().iter().any(|line| line.contains(what)))
+}
+
+fn stderr_of(proc: &mut Proc) -> String {
+    let mut text = String::new();
+    if let Some(mut stderr) = proc.child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+    }
+    text
+}
+
+fn write_stdin(child: &mut Child, text: &str) {
+    let stdin = child.stdin.as_mut().expect("stdin piped");
+    stdin.write_all(text.as_bytes()).unwrap();
+    stdin.flush().unwrap();
+}
+
+/// Receives `count` datagrams on 0.0.0.0:PORT, printing "host port payload" for each.
+const PY_RECEIVER: &str = r#"
+import socket, sys
+count, port = int(sys.argv[1]), int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", port))
+s.settimeout(120)
+print("ready", flush=True)
+for _ in range(count):
+    data, addr = s.recvfrom(65535)
+    print(addr[0], addr[1], data.decode(), flush=True)
+"#;
+
+fn py_receiver(fabric: &Fabric, node: &str, addr: &str, port: u16, count: usize) -> (Proc, LineCollector) {
+    let mut command = fabric.command(node, addr, "python3");
+    command.args(["-c", PY_RECEIVER, &count.to_string(), &port.to_string()]);
+    let (proc, lines) = spawn(&mut command, "python receiver");
+    assert!(wait_for_line(&lines, "ready"), "receiver not ready");
+    (proc, lines)
+}
+
+#[test]
+fn nc_talks_both_ways() {
+    let mut fabric = Fabric::new("apps-nc");
+    fabric.start_server();
+    let mut command = fabric.command("b", "10.77.0.2", "nc");
+    command.args(["-u", "-l", "9401"]);
+    let (mut listener, heard_by_b) = spawn(&mut command, "nc -l");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut command = fabric.command("a", "10.77.0.1", "nc");
+    command.args(["-u", "10.77.0.2", "9401"]);
+    let (mut talker, heard_by_a) = spawn(&mut command, "nc");
+    write_stdin(&mut talker.child, "ping from a\n");
+    assert!(wait_for_line(&heard_by_b, "ping from a"), "b heard {:?}", heard_by_b.lines());
+    // nc -l now answers the peer it heard from.
+    write_stdin(&mut listener.child, "pong from b\n");
+    assert!(wait_for_line(&heard_by_a, "pong from b"), "a heard {:?}", heard_by_a.lines());
+    assert_eq!(heard_by_b.lines(), ["ping from a"]);
+    assert_eq!(heard_by_a.lines(), ["pong from b"]);
+}
+
+#[test]
+fn socat_recvfrom_fork_server_answers_a_datagram_client() {
+    if !have("socat") {
+        panic!("socat is required (bash .ci/run installs it)");
+    }
+    let mut fabric = Fabric::new("apps-socat");
+    fabric.start_server();
+    // UDP4-RECVFROM with fork: a child process per datagram answers on the inherited socket.
+    let mut command = fabric.command("b", "10.77.0.2", "socat");
+    command.args(["-T", "5", "UDP4-RECVFROM:9402,bind=10.77.0.2,fork", "SYSTEM:tr a-z A-Z"]);
+    let (_server, _) = spawn(&mut command, "socat server");
+    std::thread::sleep(Duration::from_millis(300));
+    for word in ["first", "second", "third"] {
+        let output = fabric
+            .command("a", "10.77.0.1", "sh")
+            .args(["-c", &format!("printf '{word}\\n' | socat -t 5 - UDP4-DATAGRAM:10.77.0.2:9402")])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "socat client: {}", String::from_utf8_lossy(&output.stderr));
+        assert_eq!(String::from_utf8_lossy(&output.stdout), format!("{}\n", word.to_uppercase()));
+    }
+    assert!(fabric.node_log("b").contains("forked child"), "socat's children did not fork under the shim");
+}
+
+const PY_ASYNCIO_SERVER: &str = r#"
+import asyncio, sys
+port = int(sys.argv[1])
+class Echo(asyncio.DatagramProtocol):
+    def __init__(self, done):
+        self.done = done
+    def connection_made(self, transport):
+        self.transport = transport
+    def datagram_received(self, data, addr):
+        if data == b"quit":
+            self.done.set_result(None)
+        else:
+            self.transport.sendto(data.upper(), addr)
+async def main():
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    transport, _ = await loop.create_datagram_endpoint(lambda: Echo(done), local_addr=("10.77.0.2", port))
+    print("ready", flush=True)
+    await asyncio.wait_for(done, 120)
+    transport.close()
+    print("done", flush=True)
+asyncio.run(main())
+"#;
+
+const PY_ASYNCIO_CLIENT: &str = r#"
+import asyncio, sys
+port, count = int(sys.argv[1]), int(sys.argv[2])
+class Client(asyncio.DatagramProtocol):
+    def __init__(self, done):
+        self.done, self.answers = done, []
+    def datagram_received(self, data, addr):
+        self.answers.append((data.decode(), addr))
+        if len(self.answers) == count:
+            self.done.set_result(None)
+async def main():
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    transport, client = await loop.create_datagram_endpoint(lambda: Client(done), remote_addr=("10.77.0.2", port))
+    for index in range(count):
+        transport.sendto(f"message-{index}".encode())
+    await asyncio.wait_for(done, 120)
+    for data, addr in sorted(client.answers):
+        print(data, addr[0], addr[1], flush=True)
+    transport.sendto(b"quit")
+    transport.close()
+asyncio.run(main())
+"#;
+
+#[test]
+fn python_asyncio_datagram_protocols_talk_both_ways() {
+    let mut fabric = Fabric::new("apps-asyncio");
+    fabric.start_server();
+    let mut command = fabric.command("b", "10.77.0.2", "python3");
+    command.args(["-c", PY_ASYNCIO_SERVER, "9403"]);
+    let (mut server, server_lines) = spawn(&mut command, "asyncio server");
+    assert!(wait_for_line(&server_lines, "ready"), "server: {}", stderr_of(&mut server));
+    let count = 50;
+    let output =
+        fabric.command("a", "10.77.0.1", "python3").args(["-c", PY_ASYNCIO_CLIENT, "9403", "50"]).output().unwrap();
+    assert!(output.status.success(), "client: {}", String::from_utf8_lossy(&output.stderr));
+    let mut expected: Vec<String> = (0..count).map(|index| format!("MESSAGE-{index} 10.77.0.2 9403")).collect();
+    expected.sort();
+    let answers: Vec<String> = String::from_utf8(output.stdout).unwrap().lines().map(str::to_owned).collect();
+    assert_eq!(answers, expected);
+    assert!(wait_for_line(&server_lines, "done"), "server did not get quit: {}", stderr_of(&mut server));
+}
+
+const PY_SELECTORS_SERVER: &str = r#"
+import selectors, socket, sys
+port = int(sys.argv[1])
+selector = selectors.DefaultSelector()
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setblocking(False)
+s.bind(("0.0.0.0", port))
+selector.register(s, selectors.EVENT_READ)
+print("ready", type(selector).__name__, flush=True)
+while True:
+    events = selector.select(timeout=120)
+    if not events:
+        sys.exit("nothing arrived")
+    data, addr = s.recvfrom(2048)
+    if data == b"quit":
+        break
+    s.sendto(data[::-1], addr)
+print("done", flush=True)
+"#;
+
+const PY_TIMEOUT_CLIENT: &str = r#"
+import socket, sys
+port = int(sys.argv[1])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(0.2)
+try:
+    s.recvfrom(100)
+    sys.exit("received from nobody")
+except socket.timeout:
+    print("timeout-ok", flush=True)
+s.settimeout(60)
+for index in range(20):
+    text = f"selector-{index}".encode()
+    s.sendto(text, ("10.77.0.2", port))
+    data, addr = s.recvfrom(2048)
+    assert data == text[::-1], (data, text)
+    assert addr == ("10.77.0.2", port), addr
+print("answered", flush=True)
+s.sendto(b"quit", ("10.77.0.2", port))
+"#;
+
+#[test]
+fn python_selectors_server_answers_a_timeout_client() {
+    let mut fabric = Fabric::new("apps-selectors");
+    fabric.start_server();
+    let mut command = fabric.command("b", "10.77.0.2", "python3");
+    command.args(["-c", PY_SELECTORS_SERVER, "9404"]);
+    let (mut server, server_lines) = spawn(&mut command, "selectors server");
+    assert!(wait_for_line(&server_lines, "ready EpollSelector"), "server: {}", stderr_of(&mut server));
+    let output = fabric.command("a", "10.77.0.1", "python3").args(["-c", PY_TIMEOUT_CLIENT, "9404"]).output().unwrap();
+    assert!(output.status.success(), "client: {}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "timeout-ok\nanswered\n");
+    assert!(wait_for_line(&server_lines, "done"), "server did not get quit: {}", stderr_of(&mut server));
+}
+
+#[test]
+fn rust_std_udp_sockets_with_read_timeouts_talk_both_ways() {
+    let mut fabric = Fabric::new("apps-rust");
+    fabric.start_server();
+    let mut command = fabric.command("b", "10.77.0.2", &std_udp_program());
+    command.args(["echo", "10.77.0.2:9405"]);
+    let (mut echo, echo_lines) = spawn(&mut command, "rust echo");
+    assert!(wait_for_line(&echo_lines, "ready 10.77.0.2:9405"), "echo: {}", stderr_of(&mut echo));
+    let output = fabric
+        .command("a", "10.77.0.1", &std_udp_program())
+        .args(["ask", "10.77.0.1:0", "10.77.0.2:9405", "200"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "ask: {}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "answered 200\n");
+    assert!(wait_for_line(&echo_lines, "done"), "echo did not get quit: {}", stderr_of(&mut echo));
+    assert!(echo.wait_exit(Duration::from_secs(10)));
+    assert!(echo.child.wait().unwrap().success(), "echo failed: {}", stderr_of(&mut echo));
+}
+
+const PY_FORKER: &str = r#"
+import os, socket, subprocess, sys
+port = int(sys.argv[1])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("10.77.0.1", 0))
+destination = ("10.77.0.2", port)
+s.sendto(b"parent-before-fork", destination)
+pid = os.fork()
+if pid == 0:
+    for index in range(10):
+        s.sendto(f"child-{index}".encode(), destination)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+assert status == 0, status
+# subprocess uses vfork and closes every other fd in the child (close_range) before exec.
+subprocess.run(["true"], check=True)
+for index in range(10):
+    s.sendto(f"parent-{index}".encode(), destination)
+print("port", s.getsockname()[1], flush=True)
+"#;
+
+#[test]
+fn a_forked_child_sends_on_an_inherited_socket() {
+    let mut fabric = Fabric::new("apps-fork");
+    fabric.start_server();
+    let (_receiver, received) = py_receiver(&fabric, "b", "10.77.0.2", 9406, 21);
+    let output = fabric.command("a", "10.77.0.1", "python3").args(["-c", PY_FORKER, "9406"]).output().unwrap();
+    assert!(output.status.success(), "forker: {}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let port = stdout.trim().strip_prefix("port ").expect("port line");
+    assert!(wait_until(ARRIVAL_LIMIT, || received.count() >= 22), "got {:?}", received.lines());
+    std::thread::sleep(Duration::from_millis(500));
+    let mut got: Vec<String> = received.lines()[1..].to_vec();
+    got.sort();
+    let mut expected: Vec<String> = std::iter::once("parent-before-fork".to_owned())
+        .chain((0..10).map(|index| format!("child-{index}")))
+        .chain((0..10).map(|index| format!("parent-{index}")))
+        .map(|payload| format!("10.77.0.1 {port} {payload}"))
+        .collect();
+    expected.sort();
+    assert_eq!(got, expected);
+    // The child drew its own epoch (packet ids stay unique).
+    let log = fabric.node_log("a");
+    assert!(log.contains("forked child: new epoch"), "{log}");
+}
+
+#[test]
+fn eight_threads_send_ten_thousand_datagrams_each_and_all_arrive_once() {
+    let threads = 8;
+    let each = 10_000;
+    let mut fabric = Fabric::new("apps-threads");
+    fabric.start_server();
+    let mut command = fabric.command("b", "10.77.0.2", &std_udp_program());
+    command.args(["sink", "0.0.0.0:9407", &(threads * each).to_string()]);
+    let (mut sink, sink_lines) = spawn(&mut command, "sink");
+    assert!(wait_for_line(&sink_lines, "ready"), "sink: {}", stderr_of(&mut sink));
+    let started = std::time::Instant::now();
+    let output = fabric
+        .command("a", "10.77.0.1", &std_udp_program())
+        .args(["blast", "10.77.0.1:0", "10.77.0.2:9407", &threads.to_string(), &each.to_string()])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "blast: {}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(String::from_utf8_lossy(&output.stdout), format!("sent {}\n", threads * each));
+    let send_seconds = started.elapsed().as_secs_f64();
+    assert!(
+        wait_until(Duration::from_secs(300), || sink_lines.lines().iter().any(|line| line.starts_with("distinct"))),
+        "sink did not finish: {:?} {}",
+        sink_lines.lines(),
+        stderr_of(&mut sink)
+    );
+    let total_seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "80,000 datagrams from 8 threads: sent (volume mode) in {send_seconds:.1} s, all received within {total_seconds:.1} s"
+    );
+    let last = sink_lines.lines().last().cloned().unwrap();
+    assert_eq!(last, format!("distinct {} duplicates 0", threads * each));
+}
+
+const PY_GUARANTEED_SENDER: &str = r#"
+import errno, socket, sys, time
+port = int(sys.argv[1])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("10.77.0.1", 0))
+started = time.monotonic()
+try:
+    s.sendto(b"while-down", ("10.77.0.2", port))
+    print("sent while-down", flush=True)
+except OSError as error:
+    print("error", errno.errorcode[error.errno], round(time.monotonic() - started, 1), flush=True)
+sys.stdin.readline()
+s.sendto(b"while-up", ("10.77.0.2", port))
+print("sent while-up", flush=True)
+"#;
+
+#[test]
+fn guaranteed_sends_fail_with_etimedout_while_the_server_is_down_and_return_after_its_ack() {
+    let mut fabric = Fabric::new("apps-guaranteed");
+    // The receiver registers node b; no server runs yet.
+    let (_receiver, received) = py_receiver(&fabric, "b", "10.77.0.2", 9408, 2);
+    let mut command = fabric.command("a", "10.77.0.1", "python3");
+    command.args(["-c", PY_GUARANTEED_SENDER, "9408"]).env("FTSS_ACK", "guaranteed").env("FTSS_TIMEOUT", "2");
+    let (mut sender, sender_lines) = spawn(&mut command, "guaranteed sender");
+    assert!(wait_until(ARRIVAL_LIMIT, || sender_lines.count() >= 1), "sender stuck: {}", stderr_of(&mut sender));
+    let line = sender_lines.lines()[0].clone();
+    let fields: Vec<&str> = line.split(' ').collect();
+    assert_eq!(&fields[..2], ["error", "ETIMEDOUT"], "{line}");
+    let waited: f64 = fields[2].parse().unwrap();
+    assert!(waited >= 1.9, "returned after {waited} s, before FTSS_TIMEOUT");
+    let acks = fabric.volume.join("nodes/a/ack/new");
+    assert!(files_in(&acks).is_empty(), "an ack without a server?");
+    assert!(fabric.node_log("a").contains("errno 110"), "the reason is not in FTSS_LOG: {}", fabric.node_log("a"));
+
+    fabric.start_server();
+    write_stdin(&mut sender.child, "go\n");
+    assert!(wait_for_line(&sender_lines, "sent while-up"), "sender: {}", stderr_of(&mut sender));
+    // The send returned, so the server's ack exists.
+    assert!(!files_in(&acks).is_empty(), "send returned without an ack file");
+    // The timed-out datagram was published all the same: nothing is lost, it arrives too.
+    assert!(wait_until(ARRIVAL_LIMIT, || received.count() >= 3), "got {:?}", received.lines());
+    let mut payloads: Vec<String> =
+        received.lines()[1..].iter().map(|line| line.rsplit(' ').next().unwrap().to_owned()).collect();
+    payloads.sort();
+    assert_eq!(payloads, ["while-down", "while-up"]);
+}
+
+const PY_ASYNC_BURST: &str = r#"
+import socket, sys
+port, count = int(sys.argv[1]), int(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+padding = "x" * 8000
+for index in range(count):
+    s.sendto(f"burst-{index}:{padding}".encode(), ("10.77.0.2", port))
+# Exit at once: megabytes are still in the ring; the shim's exit handler publishes them.
+"#;
+
+#[test]
+fn async_mode_returns_at_once_and_publishes_everything_before_exit() {
+    let mut fabric = Fabric::new("apps-async");
+    fabric.start_server();
+    let count = 3000;
+    let (_receiver, received) = py_receiver(&fabric, "b", "10.77.0.2", 9409, count);
+    let output = fabric
+        .command("a", "10.77.0.1", "python3")
+        .args(["-c", PY_ASYNC_BURST, "9409", &count.to_string()])
+        .env("FTSS_ACK", "async")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "sender: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(wait_until(ARRIVAL_LIMIT, || received.count() > count), "only {} arrived", received.count() - 1);
+    let payloads: Vec<String> = received.lines()[1..]
+        .iter()
+        .map(|line| line.rsplit(' ').next().unwrap().split(':').next().unwrap().to_owned())
+        .collect();
+    let expected: Vec<String> = (0..count).map(|index| format!("burst-{index}")).collect();
+    assert_eq!(payloads, expected, "lost, duplicated or reordered");
+}
