@@ -5,6 +5,7 @@
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
+use fsbridge::{NODE_NAME_BYTES_MAX, NodeName, PacketId};
 use libc::{c_int, sockaddr, sockaddr_in, sockaddr_in6, socklen_t};
 
 /// The address family of the socket the app believes it has.
@@ -161,12 +162,16 @@ pub fn from_storage(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
 }
 
 /// Bytes of the header the receive thread puts before each datagram it injects.
-pub const INJECT_HEADER_BYTES: usize = 40;
+pub const INJECT_HEADER_BYTES: usize = 128;
 const INJECT_MAGIC: u32 = 0x4654_5349; // "FTSI"
+const ORIGIN_OFFSET: usize = 49;
 
 /// Encodes the injection header: magic | family u16 | port u16 | address 16 | flowinfo u32 |
-/// scope u32 | token u64 (the receipt token; 0 for datagrams relayed from the real network).
-pub fn inject_header(source: SocketAddr, token: u64) -> [u8; INJECT_HEADER_BYTES] {
+/// scope u32 | packet epoch u64 | packet seq u64 | origin length u8 | origin (up to 64 bytes),
+/// zero-padded. The packet id travels with the datagram so that whichever process reads it (a
+/// forked child shares the socket) writes its receipt; `None` for datagrams relayed from the real
+/// network.
+pub fn inject_header(source: SocketAddr, id: Option<&PacketId>) -> [u8; INJECT_HEADER_BYTES] {
     let mut header = [0u8; INJECT_HEADER_BYTES];
     header[0..4].copy_from_slice(&INJECT_MAGIC.to_le_bytes());
     header[6..8].copy_from_slice(&source.port().to_le_bytes());
@@ -182,13 +187,21 @@ pub fn inject_header(source: SocketAddr, token: u64) -> [u8; INJECT_HEADER_BYTES
             header[28..32].copy_from_slice(&v6.scope_id().to_le_bytes());
         }
     }
-    header[32..40].copy_from_slice(&token.to_le_bytes());
+    if let Some(id) = id {
+        let origin = id.origin.as_str().as_bytes();
+        assert!(origin.len() <= NODE_NAME_BYTES_MAX, "node names are at most 64 bytes");
+        header[32..40].copy_from_slice(&id.epoch.to_le_bytes());
+        header[40..48].copy_from_slice(&id.seq.to_le_bytes());
+        header[48] = origin.len() as u8;
+        header[ORIGIN_OFFSET..ORIGIN_OFFSET + origin.len()].copy_from_slice(origin);
+    }
     header
 }
 
-/// Decodes an injection header: (source, token). `None` if it is not one.
-pub fn parse_header(header: &[u8; INJECT_HEADER_BYTES]) -> Option<(SocketAddr, u64)> {
+/// Decodes an injection header: (source, packet id). `None` if it is not one.
+pub fn parse_header(header: &[u8; INJECT_HEADER_BYTES]) -> Option<(SocketAddr, Option<PacketId>)> {
     let word = |range: std::ops::Range<usize>| u32::from_le_bytes(header[range].try_into().expect("4 bytes"));
+    let long = |range: std::ops::Range<usize>| u64::from_le_bytes(header[range].try_into().expect("8 bytes"));
     if word(0..4) != INJECT_MAGIC {
         return None;
     }
@@ -201,8 +214,16 @@ pub fn parse_header(header: &[u8; INJECT_HEADER_BYTES]) -> Option<(SocketAddr, u
         }
         _ => return None,
     };
-    let token = u64::from_le_bytes(header[32..40].try_into().expect("8 bytes"));
-    Some((source, token))
+    let origin_len = usize::from(header[48]).min(NODE_NAME_BYTES_MAX);
+    let id = match origin_len {
+        0 => None,
+        _ => {
+            let origin = std::str::from_utf8(&header[ORIGIN_OFFSET..ORIGIN_OFFSET + origin_len]).ok()?;
+            let origin = NodeName::new(origin).ok()?;
+            Some(PacketId { origin, epoch: long(32..40), seq: long(40..48) })
+        }
+    };
+    Some((source, id))
 }
 
 #[cfg(test)]
@@ -211,12 +232,14 @@ mod tests {
 
     #[test]
     fn header_round_trips_both_families() {
+        let id = PacketId { origin: NodeName::new(&"n".repeat(NODE_NAME_BYTES_MAX)).unwrap(), epoch: 7, seq: 9 };
         for source in ["10.77.0.1:5555", "[2001:db8::1]:9", "[fe80::1%3]:7"] {
             let source: SocketAddr = source.parse().unwrap();
-            assert_eq!(parse_header(&inject_header(source, 77)), Some((source, 77)));
+            assert_eq!(parse_header(&inject_header(source, Some(&id))), Some((source, Some(id.clone()))));
+            assert_eq!(parse_header(&inject_header(source, None)), Some((source, None)));
         }
         let mapped: SocketAddr = "[::ffff:10.77.0.2]:53".parse().unwrap();
-        assert_eq!(parse_header(&inject_header(mapped, 1)).unwrap().0, "10.77.0.2:53".parse().unwrap());
+        assert_eq!(parse_header(&inject_header(mapped, None)).unwrap().0, "10.77.0.2:53".parse().unwrap());
         assert_eq!(parse_header(&[0u8; INJECT_HEADER_BYTES]), None);
     }
 

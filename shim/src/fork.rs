@@ -5,7 +5,7 @@
 //! every shim lock in the fixed order (see `socket`'s module docs) and the `parent` and `child`
 //! handlers release them. The child then draws a new epoch (packet ids stay unique without
 //! coordination), gets a fresh outbox (what the parent queued, the parent publishes) and starts its
-//! own threads on first use. Inherited fabric sockets keep working in both processes: they share
+//! own threads (at once if it inherited fabric sockets). Inherited fabric sockets keep working in both processes: they share
 //! the kernel socketpair, and inbox files are claimed by rename, so each datagram goes to one of
 //! them.
 //!
@@ -53,7 +53,6 @@ fn take_locks(shim: &'static Shim) -> Held {
         for sock in &socks {
             guards.push(keep(lock(&sock.state)));
             guards.push(keep(lock(&sock.held)));
-            guards.push(keep(lock(&sock.tokens)));
         }
         guards.push(keep(lock(&shim.dedupe)));
         guards.push(keep(lock(&shim.receipts)));
@@ -87,6 +86,9 @@ extern "C" fn child() {
         release_locks();
         if let Some(shim) = crate::shim() {
             shim.after_fork_in_child();
+            if !shim.socks().is_empty() {
+                shim.ensure_started();
+            }
         }
     }));
 }

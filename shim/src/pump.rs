@@ -16,19 +16,20 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::mem::{size_of, zeroed};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use fsbridge::format::{BatchEncoder, PAYLOAD_BYTES_MAX, decode_batch};
 use fsbridge::layout::batch_file_name;
 use fsbridge::spool::{read_regular_file, remove_file_idempotent};
-use fsbridge::{BatchHeader, BatchKind, Record, Spool};
+use fsbridge::{BatchHeader, BatchKind, Packet, Record, Spool};
 use libc::{c_int, socklen_t};
 
 use crate::addr::{self, INJECT_HEADER_BYTES, inject_header};
 use crate::log;
 use crate::real::real;
-use crate::socket::{Shim, Sock, lock};
+use crate::socket::{Seen, Shim, Sock, lock, mark_received};
 
 /// Inbox files read per socket per pass.
 const INBOX_FILES_PER_PASS: usize = 16;
@@ -42,9 +43,11 @@ pub fn run(shim: &'static Shim) {
     loop {
         flush_receipts(shim);
         let socks = shim.socks();
+        // Taken before any socket lock: the table comes first in the lock order.
+        let open: HashSet<u64> = socks.iter().map(|sock| sock.id).collect();
         let mut waiting_for_room = Vec::new();
         for sock in &socks {
-            if !fill(shim, sock) {
+            if !fill(shim, sock, &open) {
                 waiting_for_room.push(sock.clone());
             }
         }
@@ -106,7 +109,7 @@ fn relay(sock: &Sock) {
         if !sock.accepts(source) {
             continue;
         }
-        buffer[..INJECT_HEADER_BYTES].copy_from_slice(&inject_header(source, 0));
+        buffer[..INJECT_HEADER_BYTES].copy_from_slice(&inject_header(source, None));
         // A full app socket drops the datagram, as the kernel would for plain UDP.
         let _ = inject(sock, &buffer[..INJECT_HEADER_BYTES + received as usize]);
     }
@@ -142,8 +145,13 @@ fn claim(inbox: &Spool, name: &str) -> Option<std::path::PathBuf> {
 }
 
 /// Injects held datagrams, then new inbox files. Returns false if the app's socket is full.
-fn fill(shim: &Shim, sock: &Arc<Sock>) -> bool {
-    let Some(local) = sock.lock().local else { return true };
+fn fill(shim: &Shim, sock: &Arc<Sock>, open: &HashSet<u64>) -> bool {
+    let (local, peer) = {
+        let state = sock.lock();
+        (state.local, state.peer)
+    };
+    let Some(local) = local else { return true };
+    let target = Target { sock, peer, open };
     let mut held = lock(&sock.held);
     while let Some(datagram) = held.front() {
         if !inject(sock, datagram) {
@@ -183,25 +191,7 @@ fn fill(shim: &Shim, sock: &Arc<Sock>) -> bool {
         };
         for record in batch.records {
             let Record::Packet(packet) = record else { continue };
-            let duplicate = lock(&shim.dedupe).check(&packet.id);
-            match duplicate {
-                // Redelivered after the app already had it: the receipt was lost or late; send it again.
-                Some(true) => lock(&shim.receipts).push(packet.id),
-                Some(false) => {}
-                // A connected socket does not receive from others: dropped, and done with.
-                None if !sock.accepts(std::net::SocketAddr::V4(packet.source)) => {
-                    lock(&shim.dedupe).mark_received(&packet.id);
-                    lock(&shim.receipts).push(packet.id);
-                }
-                None => {
-                    let token = shim.next_token();
-                    let mut datagram = Vec::with_capacity(INJECT_HEADER_BYTES + packet.payload.len());
-                    datagram.extend_from_slice(&inject_header(std::net::SocketAddr::V4(packet.source), token));
-                    datagram.extend_from_slice(&packet.payload);
-                    lock(&sock.tokens).insert(token, packet.id);
-                    held.push_back(datagram);
-                }
-            }
+            take_packet(shim, &target, &mut held, packet);
         }
         // Everything in the file is now injected or held in memory; if this process dies the
         // missing receipts make the server deliver it again.
@@ -216,6 +206,38 @@ fn fill(shim: &Shim, sock: &Arc<Sock>) -> bool {
         }
     }
     true
+}
+
+/// The socket an inbox is read for, as it was when the pass began (read before its `held` lock).
+struct Target<'a> {
+    sock: &'a Sock,
+    peer: Option<SocketAddr>,
+    /// Ids of the sockets open in this process.
+    open: &'a HashSet<u64>,
+}
+
+/// Decides what becomes of one packet from the inbox: held for injection, receipted at once, or
+/// ignored as a duplicate.
+fn take_packet(shim: &Shim, target: &Target, held: &mut VecDeque<Vec<u8>>, packet: Packet) {
+    let seen = lock(&shim.dedupe).get(&packet.id);
+    let from_peer = target.peer.is_none_or(|peer| peer == SocketAddr::V4(packet.source));
+    let sock = target.sock;
+    match seen {
+        // Redelivered after the app already had it: the receipt was lost or late; send it again.
+        Some(Seen::Received) => lock(&shim.receipts).push(packet.id),
+        // Still waiting in a socket that is open: the app will read it.
+        Some(Seen::Queued(holder)) if target.open.contains(&holder) => {}
+        // A connected socket does not receive from others: dropped, as the kernel would, and done.
+        _ if !from_peer => mark_received(shim, &packet.id),
+        // New, or its socket was closed before the app read it: hand it over (again).
+        _ => {
+            lock(&shim.dedupe).set(&packet.id, Seen::Queued(sock.id));
+            let mut datagram = Vec::with_capacity(INJECT_HEADER_BYTES + packet.payload.len());
+            datagram.extend_from_slice(&inject_header(SocketAddr::V4(packet.source), Some(&packet.id)));
+            datagram.extend_from_slice(&packet.payload);
+            held.push_back(datagram);
+        }
+    }
 }
 
 fn quarantine(shim: &Shim, path: &std::path::Path, reason: &str) {

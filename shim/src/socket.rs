@@ -14,7 +14,7 @@
 //!    refers to the socket is closed (the entry is an `Arc`).
 //!
 //! Lock order (the fork handlers take them all in this order): `start_lock`, `table`, each socket's
-//! `state`, `held`, `tokens`, then `dedupe`, `receipts`, the log. The outbox has its own locks and is
+//! `state`, `held`, then `dedupe`, `receipts`, the log. The outbox has its own locks and is
 //! replaced, not locked, in a forked child.
 
 use std::collections::{HashMap, VecDeque};
@@ -81,14 +81,14 @@ pub struct SockState {
 
 /// A fabric socket; shared by every app fd dup'ed from it.
 pub struct Sock {
+    /// Unique in the process: what [`Dedupe`] remembers as the socket holding a datagram.
+    pub id: u64,
     /// The shim's end of the socketpair: the receive thread writes datagrams here.
     pub shim_end: c_int,
     /// The original UDP socket, for non-fabric traffic.
     pub side: c_int,
     pub family: Family,
     pub state: Mutex<SockState>,
-    /// Injected datagrams the app has not read yet: token → packet id (for the receipt).
-    pub tokens: Mutex<HashMap<u64, PacketId>>,
     /// Datagrams read from the inbox but not yet injected (the app's buffer was full).
     pub held: Mutex<VecDeque<Vec<u8>>>,
 }
@@ -115,10 +115,18 @@ impl Drop for Sock {
     }
 }
 
+/// Where a packet this process took from its inbox is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// Injected into (or held for) the socket with this id; the app has not read it yet.
+    Queued(u64),
+    /// The app has read it (its receipt is written or queued).
+    Received,
+}
+
 /// Receive-side duplicate filter: a redelivered packet id is not handed to the app twice.
 pub struct Dedupe {
-    /// Key → has the app received it (true) or is it still queued in a socket (false).
-    seen: HashMap<u128, bool>,
+    seen: HashMap<u128, Seen>,
     order: VecDeque<u128>,
 }
 
@@ -126,6 +134,10 @@ pub struct Dedupe {
 pub const DEDUPE_IDS_MAX: usize = 1 << 18;
 
 impl Dedupe {
+    pub fn new() -> Dedupe {
+        Dedupe { seen: HashMap::new(), order: VecDeque::new() }
+    }
+
     pub fn key(id: &PacketId) -> u128 {
         // FNV-1a of origin and epoch; the seq is kept exact.
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -135,26 +147,29 @@ impl Dedupe {
         (u128::from(hash) << 64) | u128::from(id.seq)
     }
 
-    /// None if new (now recorded as queued); Some(received) if seen before.
-    pub fn check(&mut self, id: &PacketId) -> Option<bool> {
+    /// What is known of `id` (None: new).
+    pub fn get(&self, id: &PacketId) -> Option<Seen> {
+        self.seen.get(&Dedupe::key(id)).copied()
+    }
+
+    /// Records where `id` is now.
+    pub fn set(&mut self, id: &PacketId, seen: Seen) {
         let key = Dedupe::key(id);
-        if let Some(received) = self.seen.get(&key) {
-            return Some(*received);
+        if self.seen.insert(key, seen).is_some() {
+            return;
         }
-        if self.order.len() >= DEDUPE_IDS_MAX
+        self.order.push_back(key);
+        if self.order.len() > DEDUPE_IDS_MAX
             && let Some(oldest) = self.order.pop_front()
         {
             self.seen.remove(&oldest);
         }
-        self.seen.insert(key, false);
-        self.order.push_back(key);
-        None
     }
+}
 
-    pub fn mark_received(&mut self, id: &PacketId) {
-        if let Some(received) = self.seen.get_mut(&Dedupe::key(id)) {
-            *received = true;
-        }
+impl Default for Dedupe {
+    fn default() -> Dedupe {
+        Dedupe::new()
     }
 }
 
@@ -170,13 +185,15 @@ pub struct Shim {
     pid: AtomicU32,
     /// The flusher and receive threads run in this process (threads do not survive fork).
     running: AtomicBool,
+    /// node.toml is written.
+    registered: AtomicBool,
     pub(crate) start_lock: Mutex<()>,
     pub(crate) table: Mutex<HashMap<c_int, Arc<Sock>>>,
     /// Packets the app received, waiting to be written as a receipt batch.
     pub receipts: Mutex<Vec<PacketId>>,
     pub receipt_seq: AtomicU64,
     pub dedupe: Mutex<Dedupe>,
-    next_token: AtomicU64,
+    next_sock_id: AtomicU64,
     /// A candidate was dup'ed: converting one must look for its twins.
     candidate_dups: AtomicBool,
 }
@@ -206,12 +223,13 @@ impl Shim {
             epoch: AtomicU64::new(epoch),
             pid: AtomicU32::new(std::process::id()),
             running: AtomicBool::new(false),
+            registered: AtomicBool::new(false),
             start_lock: Mutex::new(()),
             table: Mutex::new(HashMap::new()),
             receipts: Mutex::new(Vec::new()),
             receipt_seq: AtomicU64::new(0),
-            dedupe: Mutex::new(Dedupe { seen: HashMap::new(), order: VecDeque::new() }),
-            next_token: AtomicU64::new(1),
+            dedupe: Mutex::new(Dedupe::new()),
+            next_sock_id: AtomicU64::new(1),
             candidate_dups: AtomicBool::new(false),
         })
     }
@@ -233,7 +251,8 @@ impl Shim {
 
     /// In a forked child (single-threaded, every lock just released by the fork handlers): a new
     /// epoch so packet ids stay unique, a new outbox (the parent publishes what it queued), and the
-    /// threads to be started again on first use.
+    /// threads to be started again (at once if the child inherited fabric sockets, so that an event
+    /// loop waiting on them is fed even after the parent exits; else on first use).
     pub fn after_fork_in_child(&self) {
         let epoch = fsbridge::random_u64();
         self.epoch.store(epoch, Ordering::Release);
@@ -254,9 +273,12 @@ impl Shim {
         if self.running.load(Ordering::Acquire) {
             return;
         }
-        let config = NodeConfig { addr: self.config.addr };
-        if let Err(error) = self.volume.register_node(&self.config.node, &config) {
-            log!("cannot register node {} on the volume: {error}", self.config.node);
+        // Once per process tree: a forked child inherits the parent's registration.
+        if !self.registered.swap(true, Ordering::AcqRel) {
+            let config = NodeConfig { addr: self.config.addr };
+            if let Err(error) = self.volume.register_node(&self.config.node, &config) {
+                log!("cannot register node {} on the volume: {error}", self.config.node);
+            }
         }
         let outbox = self.outbox();
         let spawned = std::thread::Builder::new().name("ftss-flusher".into()).spawn(move || outbox.run_flusher());
@@ -286,10 +308,6 @@ impl Shim {
         socks
     }
 
-    pub fn next_token(&self) -> u64 {
-        self.next_token.fetch_add(1, Ordering::Relaxed)
-    }
-
     /// Replaces the app's UDP socket `fd` (and any dup of it) by a socketpair end; the UDP socket
     /// becomes the side fd.
     fn convert(&'static self, fd: c_int) -> Result<Arc<Sock>, c_int> {
@@ -300,7 +318,7 @@ impl Shim {
         }
         let twins = if self.candidate_dups.load(Ordering::Relaxed) { candidate_twins(fd) } else { Vec::new() };
         let family = fds::family(fd);
-        let (sock, app_end) = new_sock(fd, family)?;
+        let (sock, app_end) = new_sock(fd, family, self.next_sock_id.fetch_add(1, Ordering::Relaxed))?;
         let sock = Arc::new(sock);
         if let Err(error) = point(app_end, fd) {
             unsafe { (real().close)(app_end) };
@@ -446,7 +464,7 @@ fn make_internal(fd: c_int) -> c_int {
 
 /// The socket for converting the UDP socket `fd`: a side dup of it and a socketpair, the app's end
 /// (returned beside) with `fd`'s O_NONBLOCK and timeouts. The caller points the app's fds at it.
-fn new_sock(fd: c_int, family: Family) -> Result<(Sock, c_int), c_int> {
+fn new_sock(fd: c_int, family: Family, id: u64) -> Result<(Sock, c_int), c_int> {
     // SAFETY: plain fd syscalls on fds we own or the app gave us.
     unsafe {
         let status_flags = (real().fcntl)(fd, libc::F_GETFL);
@@ -477,11 +495,11 @@ fn new_sock(fd: c_int, family: Family) -> Result<(Sock, c_int), c_int> {
         (real().fcntl)(app_end, libc::F_SETFL, status_flags & libc::O_NONBLOCK);
         let send_timeout = timeout_option(side, libc::SO_SNDTIMEO);
         let sock = Sock {
+            id,
             shim_end: make_internal(shim_end),
             side: make_internal(side),
             family,
             state: Mutex::new(SockState { send_timeout, ..SockState::default() }),
-            tokens: Mutex::new(HashMap::new()),
             held: Mutex::new(VecDeque::new()),
         };
         Ok((sock, app_end))
@@ -759,6 +777,8 @@ pub struct NameOut {
 pub fn receive(fd: c_int, iov: &[iovec], flags: c_int, out: NameOut) -> Result<(ssize_t, c_int), c_int> {
     let shim = crate::shim().ok_or(libc::EBADF)?;
     let sock = shim.sock(fd).ok_or(libc::EBADF)?;
+    // A forked child reading an inherited socket feeds it from here on.
+    shim.ensure_started();
     if iov.len() >= IOV_MAX {
         return Err(libc::EMSGSIZE);
     }
@@ -777,37 +797,31 @@ pub fn receive(fd: c_int, iov: &[iovec], flags: c_int, out: NameOut) -> Result<(
             return Err(errno());
         }
         let parsed = if (received as usize) < INJECT_HEADER_BYTES { None } else { addr::parse_header(&header) };
-        let accepted = parsed.filter(|(source, _)| sock.accepts(*source));
-        let Some((source, token)) = accepted else {
+        let accepted = parsed.as_ref().filter(|(source, _)| sock.accepts(*source));
+        let Some((source, id)) = accepted else {
             // Not for the app (only the shim writes into this socket; a connected socket drops
             // datagrams from others): consume it if it was only peeked, and take the next.
             if peek {
                 let mut discard: msghdr = unsafe { zeroed() };
                 unsafe { (real().recvmsg)(fd, &mut discard, (flags & !libc::MSG_PEEK) | libc::MSG_DONTWAIT) };
             }
-            if let Some((_, token)) = parsed {
-                consume_token(shim, &sock, token);
+            if let Some((_, Some(id))) = &parsed {
+                mark_received(shim, id);
             }
             continue;
         };
-        if !peek {
-            consume_token(shim, &sock, token);
+        if !peek && let Some(id) = id {
+            mark_received(shim, id);
         }
-        unsafe { addr::write(source, sock.family, out.name, out.len) };
+        unsafe { addr::write(*source, sock.family, out.name, out.len) };
         return Ok((received - INJECT_HEADER_BYTES as ssize_t, message.msg_flags));
     }
 }
 
-/// The app has the datagram: queue its receipt.
-fn consume_token(shim: &Shim, sock: &Sock, token: u64) {
-    if token == 0 {
-        return;
-    }
-    let id = lock(&sock.tokens).remove(&token);
-    if let Some(id) = id {
-        lock(&shim.dedupe).mark_received(&id);
-        lock(&shim.receipts).push(id);
-    }
+/// The app has the datagram (or the kernel's rules dropped it): queue its receipt.
+pub fn mark_received(shim: &Shim, id: &PacketId) {
+    lock(&shim.dedupe).set(id, Seen::Received);
+    lock(&shim.receipts).push(id.clone());
 }
 
 /// Bytes of the next datagram waiting on a fabric fd, as FIONREAD reports it (0 if none).
