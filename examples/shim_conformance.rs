@@ -328,6 +328,29 @@ fn case_send_receive(run: &mut Run) {
     let ready = readable(b);
     let got = run.receive(b, 64, 0);
     run.line(format!("empty datagram sent={sent} {ready} got={got}"));
+    // Zero-length writes, reads and receives, each observed on its own.
+    let connected = v4(run.ip, b_port);
+    // SAFETY: valid address and buffers.
+    unsafe { libc::connect(a, pointer(&connected), size_of::<sockaddr_in>() as socklen_t) };
+    let empty_vectors = [iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; 2];
+    let writev_zero = result(unsafe { libc::writev(a, empty_vectors.as_ptr(), 2) });
+    let after_writev = run.receive(b, 16, libc::MSG_DONTWAIT);
+    let write_zero = result(unsafe { libc::write(a, b"".as_ptr().cast(), 0) });
+    let ready = readable(b);
+    let after_write = run.receive(b, 16, 0);
+    run.line(format!("writev0={writev_zero} then={after_writev} write0={write_zero} {ready} then={after_write}"));
+    let sent = result(unsafe { libc::send(a, b"zero-read".as_ptr().cast(), 9, 0) });
+    let ready = readable(b);
+    let mut buffer = [0u8; 16];
+    let read_zero = result(unsafe { libc::read(b, buffer.as_mut_ptr().cast(), 0) });
+    let after_read = fionread(b);
+    let readv_zero = result(unsafe { libc::readv(b, empty_vectors.as_ptr(), 2) });
+    let after_readv = fionread(b);
+    let recv_zero = result(unsafe { libc::recv(b, buffer.as_mut_ptr().cast(), 0, 0) });
+    let after_recv = run.receive(b, 16, libc::MSG_DONTWAIT);
+    run.line(format!(
+        "send={sent} {ready} read0={read_zero} left={after_read} readv0={readv_zero} left={after_readv} recv0={recv_zero} then={after_recv}"
+    ));
     let big = vec![b'x'; 65_507];
     let sent = run.send_to(a, &big, b_port);
     let ready = readable(b);

@@ -227,12 +227,15 @@ hooks! {
         logic::send(fd, unsafe { slice(buf.cast::<u8>(), len) }, 0, (std::ptr::null(), 0))
     }
 
+    /// As the kernel: a zero-length write() sends an empty datagram, a zero-length writev() sends
+    /// nothing.
     fn writev(fd: c_int, iov: *const iovec, count: c_int) -> ssize_t {
         if !is_fabric(fd) {
             return unsafe { (real().writev)(fd, iov, count) };
         }
         let Ok(count) = usize::try_from(count) else { return fail(libc::EINVAL) };
         match unsafe { vectors(iov, count) } {
+            Ok(vectors) if vectors.iter().all(|vector| vector.iov_len == 0) => 0,
             Ok(vectors) => logic::send(fd, &unsafe { gather(vectors) }, 0, (std::ptr::null(), 0)),
             Err(_) => fail(libc::EINVAL),
         }
@@ -293,8 +296,10 @@ hooks! {
         receive_into(fd, buf, len, flags, std::ptr::null_mut(), std::ptr::null_mut())
     }
 
+    /// As the kernel: a zero-length read() or readv() returns 0 and leaves the datagram queued
+    /// (recv() with a zero-length buffer takes it).
     fn read(fd: c_int, buf: *mut c_void, len: size_t) -> ssize_t {
-        if !is_fabric(fd) {
+        if !is_fabric(fd) || len == 0 {
             return unsafe { (real().read)(fd, buf, len) };
         }
         receive_into(fd, buf, len, 0, std::ptr::null_mut(), std::ptr::null_mut())
@@ -302,7 +307,7 @@ hooks! {
 
     fn __read_chk(fd: c_int, buf: *mut c_void, len: size_t, buf_len: size_t) -> ssize_t {
         check_fortified(len, buf_len);
-        if !is_fabric(fd) {
+        if !is_fabric(fd) || len == 0 {
             return unsafe { (real().read)(fd, buf, len) };
         }
         receive_into(fd, buf, len, 0, std::ptr::null_mut(), std::ptr::null_mut())
@@ -314,6 +319,7 @@ hooks! {
         }
         let Ok(count) = usize::try_from(count) else { return fail(libc::EINVAL) };
         let vectors = match unsafe { vectors(iov, count) } {
+            Ok(vectors) if vectors.iter().all(|vector| vector.iov_len == 0) => return 0,
             Ok(vectors) => vectors,
             Err(_) => return fail(libc::EINVAL),
         };
