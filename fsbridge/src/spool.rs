@@ -213,6 +213,11 @@ impl Spool {
         list_hidden(&self.new_dir(), limit)
     }
 
+    /// One pass over `new/` (see [`scan`]).
+    pub fn scan(&self, limit: usize, hidden_limit: usize) -> Result<Scan, SpoolError> {
+        scan(&self.new_dir(), limit, hidden_limit)
+    }
+
     /// Removes `new/<name>`; a file that is already gone counts as removed. Syncs `new/`.
     pub fn remove(&self, name: &str) -> Result<(), SpoolError> {
         self.remove_unsynced(name)?;
@@ -243,11 +248,33 @@ pub fn is_plain_name(name: &str) -> bool {
 /// Sorted non-dot names in `dir`: the `limit` smallest. A missing directory lists as empty. Memory is
 /// bounded by `limit`, not by the directory (a flooded spool may hold millions of files).
 pub fn list_names(dir: &Path, limit: usize) -> Result<Vec<String>, SpoolError> {
+    Ok(scan(dir, limit, 0)?.names)
+}
+
+/// What one pass over a spool directory found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// The smallest visible names, sorted.
+    pub names: Vec<String>,
+    /// Hidden names no ftss writer makes (see [`list_hidden`]), up to the limit asked for.
+    pub hidden: Vec<String>,
+    /// How many visible names the directory holds.
+    pub visible_total: usize,
+}
+
+/// One pass over `dir`: the `limit` smallest visible names, up to `hidden_limit` hidden names, and
+/// the count of visible names. Memory is bounded by the limits.
+pub fn scan(dir: &Path, limit: usize, hidden_limit: usize) -> Result<Scan, SpoolError> {
     let mut smallest: BinaryHeap<String> = BinaryHeap::new();
+    let mut result = Scan::default();
     visit_names(dir, |name| {
-        if name.starts_with('.') || limit == 0 {
+        if name.starts_with('.') {
+            if !name.starts_with(".nfs") && result.hidden.len() < hidden_limit {
+                result.hidden.push(name);
+            }
             return;
         }
+        result.visible_total += 1;
         if smallest.len() < limit {
             smallest.push(name);
         } else if smallest.peek().is_some_and(|largest| name < *largest) {
@@ -255,19 +282,14 @@ pub fn list_names(dir: &Path, limit: usize) -> Result<Vec<String>, SpoolError> {
             smallest.push(name);
         }
     })?;
-    Ok(smallest.into_sorted_vec())
+    result.names = smallest.into_sorted_vec();
+    Ok(result)
 }
 
 /// Hidden names in `dir` that no ftss writer makes: dot-files other than NFS silly-renames
 /// (`.nfsXXXX`, which the client removes itself). At most `limit`.
 pub fn list_hidden(dir: &Path, limit: usize) -> Result<Vec<String>, SpoolError> {
-    let mut hidden = Vec::new();
-    visit_names(dir, |name| {
-        if name.starts_with('.') && !name.starts_with(".nfs") && hidden.len() < limit {
-            hidden.push(name);
-        }
-    })?;
-    Ok(hidden)
+    Ok(scan(dir, 0, limit)?.hidden)
 }
 
 /// Calls `visit` with every name in `dir`; a missing directory has none.

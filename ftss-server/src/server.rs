@@ -435,11 +435,17 @@ impl Server {
     /// The next outbox file of `node` in name order. Names come from a bounded listing kept between
     /// cycles, so a flooded outbox costs one directory scan per `OUTBOX_BACKLOG_MAX` files.
     fn next_outbox_name(&mut self, node: &NodeName, may_list: bool) -> Result<Option<String>, fsbridge::SpoolError> {
-        let backlog = self.outbox_backlog.entry(node.clone()).or_default();
-        if backlog.is_empty() && may_list {
-            backlog.extend(self.volume.outbox(node).list(OUTBOX_BACKLOG_MAX)?);
+        let empty = self.outbox_backlog.get(node).is_none_or(VecDeque::is_empty);
+        if empty && may_list {
+            let outbox = self.volume.outbox(node);
+            let scan = outbox.scan(OUTBOX_BACKLOG_MAX, HIDDEN_FILES_PER_PASS_MAX)?;
+            for name in scan.hidden {
+                let path = outbox.new_dir().join(name);
+                self.quarantine_path(path, node.as_str(), "hidden file in a spool (no ftss writer makes one)");
+            }
+            self.outbox_backlog.entry(node.clone()).or_default().extend(scan.names);
         }
-        Ok(backlog.front().cloned())
+        Ok(self.outbox_backlog.get(node).and_then(|backlog| backlog.front().cloned()))
     }
 
     fn pop_outbox_name(&mut self, node: &NodeName) {
@@ -636,7 +642,12 @@ impl Server {
         let mut done = Vec::new();
         for node in self.nodes.clone() {
             let spool = self.volume.receipts(&node);
-            for name in spool.list(RECEIPT_FILES_PER_NODE_MAX)? {
+            let scan = spool.scan(RECEIPT_FILES_PER_NODE_MAX, HIDDEN_FILES_PER_PASS_MAX)?;
+            for name in scan.hidden {
+                let path = spool.new_dir().join(name);
+                self.quarantine_path(path, node.as_str(), "hidden file in a spool (no ftss writer makes one)");
+            }
+            for name in scan.names {
                 let path = spool.new_dir().join(&name);
                 let bytes = match spool.read(&name) {
                     Ok(Some(bytes)) => bytes,
@@ -759,14 +770,6 @@ impl Server {
     }
 
     fn housekeeping(&mut self) {
-        for node in self.nodes.clone() {
-            for spool in [self.volume.outbox(&node), self.volume.receipts(&node)] {
-                for name in spool.list_hidden(HIDDEN_FILES_PER_PASS_MAX).unwrap_or_default() {
-                    let path = spool.new_dir().join(name);
-                    self.quarantine_path(path, node.as_str(), "hidden file in a spool (no ftss writer makes one)");
-                }
-            }
-        }
         for node in &self.nodes {
             let _ = fsbridge::spool::sweep_older_than(&self.volume.acks(node).new_dir(), ACK_FILE_AGE_MAX);
             for spool in [self.volume.outbox(node), self.volume.receipts(node), self.volume.acks(node)] {

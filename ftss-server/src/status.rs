@@ -25,7 +25,7 @@ pub fn show(volume_dir: &Path, as_json: bool) -> Result<(), String> {
     status["running"] = json!(status["running"].as_bool().unwrap_or(false) && fresh);
     let (nodes, _invalid) = volume.list_nodes().map_err(|error| error.to_string())?;
     for node in nodes {
-        let backlog = volume.outbox(&node).list(usize::MAX).map(|names| names.len()).unwrap_or(0);
+        let backlog = volume.outbox(&node).scan(0, 0).map(|scan| scan.visible_total).unwrap_or(0);
         let entry = &mut status["nodes"][node.as_str()];
         if entry.is_null() {
             *entry = json!({ "addr": volume.node_config(&node).ok().flatten().map(|config| config.addr.to_string()), "queued": 0 });
