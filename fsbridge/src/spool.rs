@@ -186,7 +186,13 @@ impl Spool {
                 let _ = fs::remove_file(&tmp);
             })?;
         }
-        if let Err(source) = retry_transient(|| fs::rename(&tmp, &target)) {
+        let rename = || {
+            faults::after(
+                faults::Op::Rename,
+                faults::before(faults::Op::Rename).and_then(|()| fs::rename(&tmp, &target)),
+            )
+        };
+        if let Err(source) = retry_transient(rename) {
             // A retransmitted RENAME can fail although the first one worked: trust what stat says.
             let landed = fs::metadata(&target).map(|meta| meta.len() == bytes.len() as u64).unwrap_or(false);
             if !landed {
@@ -319,6 +325,7 @@ fn os_name(name: OsString) -> String {
 pub fn read_regular_file(path: &Path) -> Result<Option<Vec<u8>>, SpoolError> {
     let io_error = |source| SpoolError::Io { operation: "reading", path: path.into(), source };
     let opened = retry_transient(|| {
+        faults::before(faults::Op::Open)?;
         OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK).open(path)
     });
     let mut file = match opened {
@@ -353,7 +360,9 @@ pub fn read_regular_file(path: &Path) -> Result<Option<Vec<u8>>, SpoolError> {
 
 /// Removes a file; ENOENT/ESTALE count as done, EBUSY is retried.
 pub fn remove_file_idempotent(path: &Path) -> Result<(), SpoolError> {
-    match retry_transient(|| fs::remove_file(path)) {
+    let remove =
+        || faults::after(faults::Op::Remove, faults::before(faults::Op::Remove).and_then(|()| fs::remove_file(path)));
+    match retry_transient(remove) {
         Ok(()) => Ok(()),
         Err(error) if is_gone(&error) => Ok(()),
         Err(source) => Err(SpoolError::Io { operation: "removing", path: path.into(), source }),
@@ -380,9 +389,99 @@ pub fn sweep_older_than(dir: &Path, age: Duration) -> Result<usize, SpoolError> 
     Ok(removed)
 }
 
+/// Fault points for unit tests: NFS and SMB misbehaviours that a local disk never shows (a stale
+/// handle, a retransmitted RENAME reporting failure after it worked, a busy file). In normal builds
+/// every point is a no-op that the compiler removes.
+mod faults {
+    use std::io;
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Op {
+        Open,
+        Rename,
+        Remove,
+    }
+
+    #[cfg(not(test))]
+    pub fn before(_op: Op) -> io::Result<()> {
+        Ok(())
+    }
+
+    #[cfg(not(test))]
+    pub fn after<T>(_op: Op, result: io::Result<T>) -> io::Result<T> {
+        result
+    }
+
+    #[cfg(test)]
+    thread_local! {
+        /// Planned faults: (operation, errno, whether the operation still happens first).
+        pub static PLAN: std::cell::RefCell<Vec<(Op, i32, bool)>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    #[cfg(test)]
+    fn take(op: Op, done_first: bool) -> Option<i32> {
+        PLAN.with(|plan| {
+            let mut plan = plan.borrow_mut();
+            let index = plan.iter().position(|(planned, _, first)| *planned == op && *first == done_first)?;
+            Some(plan.remove(index).1)
+        })
+    }
+
+    /// A fault that happens instead of the operation.
+    #[cfg(test)]
+    pub fn before(op: Op) -> io::Result<()> {
+        take(op, false).map_or(Ok(()), |errno| Err(io::Error::from_raw_os_error(errno)))
+    }
+
+    /// A fault reported after the operation took effect (a retransmitted request's reply).
+    #[cfg(test)]
+    pub fn after<T>(op: Op, result: io::Result<T>) -> io::Result<T> {
+        match (take(op, true), result) {
+            (Some(errno), Ok(_)) => Err(io::Error::from_raw_os_error(errno)),
+            (_, result) => result,
+        }
+    }
+
+    #[cfg(test)]
+    pub fn plan(op: Op, errno: i32, done_first: bool) {
+        PLAN.with(|plan| plan.borrow_mut().push((op, errno, done_first)));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nfs_and_smb_misbehaviour() {
+        let root = temp_dir("spool-nfs");
+        let spool = Spool::new(root.join("s"));
+        // A retransmitted RENAME whose first attempt worked reports ENOENT (or EEXIST): publish
+        // confirms with stat and succeeds.
+        faults::plan(faults::Op::Rename, libc::ENOENT, true);
+        spool.publish("0001.pkt", b"one").unwrap();
+        assert_eq!(spool.read("0001.pkt").unwrap().unwrap(), b"one");
+        // A rename that really failed is reported, and leaves nothing behind in tmp/ or new/.
+        faults::plan(faults::Op::Rename, libc::EACCES, false);
+        assert!(matches!(spool.publish("0003.pkt", b"three"), Err(SpoolError::Rename { .. })));
+        assert_eq!(spool.read("0003.pkt").unwrap(), None);
+        assert!(fs::read_dir(spool.tmp_dir()).unwrap().next().is_none(), "tmp/ left behind");
+        // A stale handle on open means the file is gone (another reader took it).
+        faults::plan(faults::Op::Open, libc::ESTALE, false);
+        assert_eq!(spool.read("0001.pkt").unwrap(), None);
+        // smbnetfs: EBUSY right after reading; removal retries and succeeds.
+        faults::plan(faults::Op::Remove, libc::EBUSY, false);
+        faults::plan(faults::Op::Remove, libc::EBUSY, false);
+        spool.remove("0001.pkt").unwrap();
+        assert!(!spool.new_dir().join("0001.pkt").exists());
+        // A retransmitted REMOVE whose first attempt worked reports ENOENT: done.
+        spool.publish("0002.pkt", b"two").unwrap();
+        faults::plan(faults::Op::Remove, libc::ENOENT, true);
+        spool.remove("0002.pkt").unwrap();
+        assert_eq!(spool.read("0002.pkt").unwrap(), None);
+        faults::PLAN.with(|plan| plan.borrow_mut().clear());
+        fs::remove_dir_all(root).unwrap();
+    }
 
     fn temp_dir(tag: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("fsbridge-{tag}-{}-{}", std::process::id(), crate::random_u64()));
