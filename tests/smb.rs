@@ -22,7 +22,11 @@ fn nc_lines_cross_an_smb_mounted_volume() {
     std::thread::sleep(Duration::from_millis(500));
     let lines: Vec<String> = (0..200).map(|index| format!("smb-line-{index:04}")).collect();
     assert!(nc_send_lines(&nodes, "a", "10.77.0.1", "10.77.0.2", 9100, &lines), "sender stuck");
-    assert!(wait_until(Duration::from_secs(90), || received.count() >= lines.len()), "only {} arrived", received.count());
+    assert!(
+        wait_until(Duration::from_secs(90), || received.count() >= lines.len()),
+        "only {} arrived",
+        received.count()
+    );
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(received.lines(), lines);
     listener.kill();
