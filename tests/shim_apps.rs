@@ -409,3 +409,68 @@ fn async_mode_returns_at_once_and_publishes_everything_before_exit() {
     let expected: Vec<String> = (0..count).map(|index| format!("burst-{index}")).collect();
     assert_eq!(payloads, expected, "lost, duplicated or reordered");
 }
+
+const PY_CLOSE_UNREAD_REBIND: &str = r#"
+import array, fcntl, socket, sys, termios, time
+port = int(sys.argv[1])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("10.77.0.2", port))
+print("ready", flush=True)
+waiting = array.array("i", [0])
+while waiting[0] == 0:
+    time.sleep(0.02)
+    fcntl.ioctl(s.fileno(), termios.FIONREAD, waiting)
+print("queued", waiting[0], flush=True)
+s.close()
+# The port is free again at once, as after any close.
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("10.77.0.2", port))
+s.settimeout(120)
+data, addr = s.recvfrom(100)
+print("got", data.decode(), flush=True)
+"#;
+
+#[test]
+fn a_datagram_left_unread_in_a_closed_socket_reaches_the_next_socket_on_its_port() {
+    let mut fabric = Fabric::new("apps-close-unread");
+    fabric.start_server_with(&["--redeliver-after", "1s"]);
+    let mut command = fabric.command("b", "10.77.0.2", "python3");
+    command.args(["-c", PY_CLOSE_UNREAD_REBIND, "9410"]);
+    let (mut receiver, lines) = spawn(&mut command, "close-unread receiver");
+    assert!(wait_for_line(&lines, "ready"), "receiver: {}", stderr_of(&mut receiver));
+    let sent = "left-unread";
+    assert!(nc_send_lines(&fabric, "a", "10.77.0.1", "10.77.0.2", 9410, &[sent.to_owned()]));
+    // FIONREAD saw it queued (payload bytes, without the shim's header), then the socket closed.
+    assert!(wait_for_line(&lines, "queued"), "never queued: {}", stderr_of(&mut receiver));
+    assert_eq!(lines.lines()[1], format!("queued {}", sent.len() + 1));
+    assert!(wait_for_line(&lines, "got"), "not delivered again: {:?} {}", lines.lines(), stderr_of(&mut receiver));
+    assert_eq!(lines.lines()[2], format!("got {sent}"));
+}
+
+const PY_DAEMON: &str = r#"
+import os, socket, sys
+port = int(sys.argv[1])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("10.77.0.2", port))
+s.settimeout(120)
+if os.fork() > 0:
+    print("parent exits", flush=True)
+    os._exit(0)
+# The child, alone with the inherited socket, waits in poll() (settimeout) before recvfrom.
+data, addr = s.recvfrom(100)
+print("child got", data.decode().strip(), addr[0], flush=True)
+"#;
+
+#[test]
+fn a_daemonized_child_receives_on_the_socket_its_exited_parent_bound() {
+    let mut fabric = Fabric::new("apps-daemon");
+    fabric.start_server();
+    let mut command = fabric.command("b", "10.77.0.2", "python3");
+    command.args(["-c", PY_DAEMON, "9411"]);
+    let (mut parent, lines) = spawn(&mut command, "daemon");
+    assert!(wait_for_line(&lines, "parent exits"), "{}", stderr_of(&mut parent));
+    assert!(parent.wait_exit(Duration::from_secs(30)), "parent did not exit");
+    assert!(nc_send_lines(&fabric, "a", "10.77.0.1", "10.77.0.2", 9411, &["to-the-daemon".to_owned()]));
+    assert!(wait_for_line(&lines, "child got"), "child heard nothing: {:?}", lines.lines());
+    assert_eq!(lines.lines()[1], "child got to-the-daemon 10.77.0.1");
+}

@@ -105,6 +105,25 @@ impl Sock {
     }
 }
 
+impl Sock {
+    /// The app closed its last fd of this socket: give the port back now, as the kernel does on
+    /// close, although the receive thread may still hold the socket for a moment. The side fd is
+    /// pointed at an unbound socket (its number stays valid until the socket is dropped).
+    fn release_port(&self) {
+        // SAFETY: plain fd syscalls on the shim's own fds.
+        unsafe {
+            let inert = (real().socket)(self.family.domain(), libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            if inert < 0 {
+                return;
+            }
+            if (real().dup3)(inert, self.side, libc::O_CLOEXEC) < 0 {
+                log!("cannot release the port of fd {}: errno {}", self.side, errno());
+            }
+            (real().close)(inert);
+        }
+    }
+}
+
 impl Drop for Sock {
     fn drop(&mut self) {
         for fd in [self.shim_end, self.side] {
@@ -398,8 +417,12 @@ impl Shim {
         match fds::kind(fd) {
             fds::FABRIC => {
                 fds::clear(fd);
-                let removed = self.table().remove(&fd);
-                drop(removed);
+                let mut table = self.table();
+                let Some(sock) = table.remove(&fd) else { return };
+                if !table.values().any(|other| Arc::ptr_eq(other, &sock)) {
+                    drop(table);
+                    sock.release_port();
+                }
             }
             fds::CANDIDATE => fds::clear(fd),
             fds::INTERNAL => log!("the app replaced the shim's fd {fd} (dup2/dup3 onto it)"),
