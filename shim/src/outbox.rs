@@ -41,17 +41,20 @@ pub enum SendError {
     /// may still be delivered later (it stays queued or published).
     #[error("no durability or ack within FTSS_TIMEOUT")]
     TimedOut,
-    /// The batch could not be published on the volume (errno of the cause, EIO if unknown).
-    #[error("the batch could not be published on the volume")]
+    /// The batch could not be published on the volume (errno of the cause): ENOBUFS or EIO.
+    #[error("the batch could not be published on the volume (errno {0})")]
     Io(i32),
 }
 
 impl SendError {
+    /// The errno the app sees: what a UDP sendto can return, so the app's error handling fits. A
+    /// full volume is "no buffer space"; any other publish failure is EIO (the cause is logged).
     pub fn errno(self) -> i32 {
         match self {
             SendError::WouldBlock => libc::EAGAIN,
             SendError::TimedOut => libc::ETIMEDOUT,
-            SendError::Io(errno) => errno,
+            SendError::Io(libc::ENOSPC | libc::EDQUOT | libc::ENOMEM) => libc::ENOBUFS,
+            SendError::Io(_) => libc::EIO,
         }
     }
 }

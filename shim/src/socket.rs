@@ -460,14 +460,25 @@ fn point(app_end: c_int, target: c_int) -> Result<(), c_int> {
     Ok(())
 }
 
-fn real_local_port(fd: c_int) -> Result<u16, c_int> {
+type NameFunction = unsafe extern "C" fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int;
+
+/// The kernel's getsockname/getpeername of one of the shim's sockets.
+fn kernel_address(fd: c_int, function: NameFunction) -> Result<Option<SocketAddr>, c_int> {
     // SAFETY: zeroed storage is valid; the length matches it.
     let mut storage: libc::sockaddr_storage = unsafe { zeroed() };
     let mut len = size_of::<libc::sockaddr_storage>() as socklen_t;
-    if unsafe { (real().getsockname)(fd, (&mut storage as *mut libc::sockaddr_storage).cast(), &mut len) } != 0 {
+    if unsafe { function(fd, (&mut storage as *mut libc::sockaddr_storage).cast(), &mut len) } != 0 {
         return Err(errno());
     }
-    Ok(addr::from_storage(&storage).map_or(0, |addr| addr.port()))
+    Ok(addr::from_storage(&storage))
+}
+
+fn real_local_port(fd: c_int) -> Result<u16, c_int> {
+    Ok(kernel_address(fd, real().getsockname)?.map_or(0, |addr| addr.port()))
+}
+
+fn real_peer(fd: c_int) -> Option<SocketAddr> {
+    kernel_address(fd, real().getpeername).ok().flatten().map(addr::normalize)
 }
 
 /// Moves `fd` to a number at or above [`INTERNAL_FD_FLOOR`] (close-on-exec) and marks it the
@@ -517,12 +528,14 @@ fn new_sock(fd: c_int, family: Family, id: u64) -> Result<(Sock, c_int), c_int> 
         (real().fcntl)(shim_end, libc::F_SETFL, libc::O_NONBLOCK);
         (real().fcntl)(app_end, libc::F_SETFL, status_flags & libc::O_NONBLOCK);
         let send_timeout = timeout_option(side, libc::SO_SNDTIMEO);
+        // A socket connected to a real peer before it became fabric stays connected to it.
+        let peer = real_peer(side);
         let sock = Sock {
             id,
             shim_end: make_internal(shim_end),
             side: make_internal(side),
             family,
-            state: Mutex::new(SockState { send_timeout, ..SockState::default() }),
+            state: Mutex::new(SockState { send_timeout, peer, ..SockState::default() }),
             held: Mutex::new(VecDeque::new()),
         };
         Ok((sock, app_end))
