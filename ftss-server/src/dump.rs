@@ -14,6 +14,7 @@ pub enum StateFilter {
     Queued,
     Receipted,
     DeadLettered,
+    Sent,
     All,
 }
 
@@ -55,6 +56,7 @@ pub fn dump(
             None => StateFilter::Queued,
             Some((Outcome::Receipted, ..)) => StateFilter::Receipted,
             Some((Outcome::DeadLettered, ..)) => StateFilter::DeadLettered,
+            Some((Outcome::Sent, ..)) => StateFilter::Sent,
         };
         if (filter != StateFilter::All && filter != state) || origin.is_some_and(|origin| origin != id.origin.as_str())
         {
@@ -74,6 +76,7 @@ fn state_name(state: StateFilter) -> &'static str {
         StateFilter::Queued => "queued",
         StateFilter::Receipted => "receipted",
         StateFilter::DeadLettered => "dead-lettered",
+        StateFilter::Sent => "sent",
         StateFilter::All => "all",
     }
 }

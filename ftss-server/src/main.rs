@@ -1,6 +1,7 @@
 //! ftss-server: the store-and-forward routing agent that runs on the storage array.
 
 mod dump;
+mod gateway;
 mod index;
 mod queue;
 mod server;
@@ -57,6 +58,14 @@ enum Command {
         /// Most queued payload bytes for one destination before its senders are pushed back.
         #[arg(long, default_value_t = 1 << 30)]
         destination_bytes_max: u64,
+        /// The fabric's addresses (repeatable). Packets for unregistered addresses inside are held;
+        /// packets for addresses outside go to the external network through the gateway.
+        #[arg(long = "fabric", default_value = "10.77.0.0/16")]
+        fabric: Vec<gateway::Cidr>,
+        /// LISTEN=NODE:PORT (repeatable): datagrams arriving on the external UDP address LISTEN are
+        /// stored and delivered to NODE's PORT; the node's replies leave from LISTEN.
+        #[arg(long = "ingress")]
+        ingress: Vec<gateway::IngressRule>,
     },
     /// Show the server's counters, per-node queue depth, mirror health and backpressure.
     ///
@@ -131,9 +140,27 @@ fn install_stop_handlers() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { volume, queue_dirs, poll, redeliver_after, retain, hold, destination_bytes_max } => {
-            run(server::Config { volume, queue_dirs, poll, redeliver_after, retain, hold, destination_bytes_max })
-        }
+        Command::Run {
+            volume,
+            queue_dirs,
+            poll,
+            redeliver_after,
+            retain,
+            hold,
+            destination_bytes_max,
+            fabric,
+            ingress,
+        } => run(server::Config {
+            volume,
+            queue_dirs,
+            poll,
+            redeliver_after,
+            retain,
+            hold,
+            destination_bytes_max,
+            fabric,
+            ingress,
+        }),
         Command::Status { volume, json } => status::show(&volume, json),
         Command::Scrub { queue_dirs, json } => scrub(&queue_dirs, json),
         Command::Dump { queue_dirs, state, origin, payload, json } => {

@@ -87,6 +87,8 @@ pub struct Location {
 pub enum Outcome {
     Receipted = 1,
     DeadLettered = 2,
+    /// Sent to the external network (best effort).
+    Sent = 3,
 }
 
 /// One queue record.
@@ -201,6 +203,7 @@ pub fn read_record(bytes: &[u8], offset: usize) -> Result<(QueueRecord, usize), 
             let outcome = match body.first() {
                 Some(1) => Outcome::Receipted,
                 Some(2) => Outcome::DeadLettered,
+                Some(3) => Outcome::Sent,
                 _ => return Err(invalid("done outcome")),
             };
             let at = body.get(1..9).ok_or(invalid("done time"))?;

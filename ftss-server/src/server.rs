@@ -11,7 +11,7 @@
 //!   dead-lettered); with `--retain` its bytes stay for that long after.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use fsbridge::layout::batch_file_name;
 use fsbridge::{Ack, AckState, BatchHeader, BatchKind, NodeName, Packet, PacketId, Record, Volume};
 use serde::Serialize;
 
+use crate::gateway::{Arrival, Cidr, Gateway, GatewayCounters, IngressRule, IngressStatus, Target};
 use crate::index::{Entry, Index, Key};
 use crate::queue::{Location, MirrorStatus, Outcome, Queue, QueueError, QueueRecord, RecoveryReport};
 
@@ -72,7 +73,14 @@ pub struct Config {
     pub hold: Duration,
     /// Most queued payload bytes for one destination node before its senders are pushed back.
     pub destination_bytes_max: u64,
+    /// Addresses of the fabric: unknown ones are held; addresses outside go out through the gateway.
+    pub fabric: Vec<Cidr>,
+    /// External UDP ports whose datagrams are delivered to a node's port.
+    pub ingress: Vec<IngressRule>,
 }
+
+/// The origin node name of packets that came in from the external network.
+pub const GATEWAY_ORIGIN: &str = "ftss-gateway";
 
 /// Errors that stop the server at start. Once running, errors are retried, never fatal.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +89,8 @@ pub enum ServerError {
     Queue(#[from] QueueError),
     #[error("volume: {0}")]
     Volume(#[from] fsbridge::SpoolError),
+    #[error("gateway: {0}")]
+    Gateway(#[from] std::io::Error),
 }
 
 /// Counters, as shown by `ftss-server status`.
@@ -147,6 +157,10 @@ pub struct Server {
     epoch: u64,
     batch_seq: u64,
     started_unix_ms: u64,
+    gateway: Gateway,
+    gateway_origin: NodeName,
+    /// Sequence of packets that came in through the gateway (ids: gateway origin, this epoch).
+    gateway_seq: u64,
 }
 
 /// One outbox file that was read and decoded this cycle.
@@ -170,6 +184,7 @@ impl Server {
         let volume = Volume::new(&config.volume);
         volume.create()?;
         let (queue, recovered, recovery) = Queue::open(&config.queue_dirs)?;
+        let gateway = Gateway::open(&config.ingress)?;
         let mut server = Server {
             config,
             volume,
@@ -194,6 +209,9 @@ impl Server {
             epoch: fsbridge::random_u64(),
             batch_seq: 0,
             started_unix_ms: now_us() / 1000,
+            gateway,
+            gateway_origin: NodeName::new(GATEWAY_ORIGIN).expect("valid name"),
+            gateway_seq: 0,
         };
         for item in recovered {
             match item.record {
@@ -226,7 +244,7 @@ impl Server {
     fn finish(&mut self, id: &PacketId, outcome: Outcome, at_unix_us: u64) {
         let Some(entry) = self.index.remove(id) else { return };
         let retain_us = self.config.retain.as_micros() as u64;
-        if outcome == Outcome::Receipted && retain_us > 0 {
+        if outcome != Outcome::DeadLettered && retain_us > 0 {
             // Still live for reclaiming until the retention ends.
             self.retained.push_back((at_unix_us + retain_us, entry.location.segment));
         } else {
@@ -254,10 +272,51 @@ impl Server {
         while !stop() {
             let busy = self.cycle();
             if !busy {
-                std::thread::sleep(self.config.poll);
+                self.wait_for_work();
             }
         }
         self.write_status(true);
+    }
+
+    /// Sleeps for the poll interval, or less if a datagram arrives at the gateway.
+    fn wait_for_work(&self) {
+        let mut fds: Vec<libc::pollfd> =
+            self.gateway.fds().into_iter().map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+        let timeout = self.config.poll.as_millis().min(60_000) as libc::c_int;
+        // SAFETY: fds is a valid array of pollfd for the duration of the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+    }
+
+    /// Is this an address outside the fabric that no node registered (sent through the gateway)?
+    fn is_external(&self, addr: &Ipv4Addr) -> bool {
+        !self.addr_to_node.contains_key(addr) && !self.config.fabric.iter().any(|cidr| cidr.contains(addr))
+    }
+
+    /// Turns gateway arrivals into packets for their fabric destination.
+    fn arrivals_to_packets(&mut self, arrivals: Vec<Arrival>) -> Vec<Packet> {
+        let mut packets = Vec::new();
+        for arrival in arrivals {
+            let destination = match arrival.target {
+                Target::Address(addr) => addr,
+                Target::Node(node, port) => match self.node_to_addr.get(&node) {
+                    Some(addr) => SocketAddrV4::new(*addr, port),
+                    None => {
+                        self.gateway.counters.ingress_unroutable += 1;
+                        continue;
+                    }
+                },
+            };
+            self.gateway_seq += 1;
+            let id = PacketId { origin: self.gateway_origin.clone(), epoch: self.epoch, seq: self.gateway_seq };
+            packets.push(Packet {
+                id,
+                source: arrival.source,
+                destination,
+                sent_unix_us: now_us(),
+                payload: arrival.payload,
+            });
+        }
+        packets
     }
 
     /// Logs an operating error (once per distinct message in a row) and counts it.
@@ -343,12 +402,18 @@ impl Server {
 
     /// Reads outbox files, stores their packets with one sync, acks, removes the files.
     fn drain(&mut self) -> Result<usize, fsbridge::SpoolError> {
+        let arrivals = self.gateway.receive();
+        let arrived = self.arrivals_to_packets(arrivals);
         let drained = self.read_outboxes()?;
-        if drained.is_empty() {
+        if drained.is_empty() && arrived.is_empty() {
             return Ok(0);
         }
         let stored_unix_us = now_us();
         let mut fresh = Vec::new();
+        for packet in &arrived {
+            let location = self.queue.append(&QueueRecord::Stored { stored_unix_us, packet: packet.clone() });
+            fresh.push((packet, location));
+        }
         for batch in &drained {
             for packet in &batch.packets {
                 if self.index.contains(&packet.id) {
@@ -369,14 +434,14 @@ impl Server {
         self.counters.syncs += 1;
         let total: usize = drained.iter().map(|batch| batch.packets.len()).sum();
         self.counters.drained += total as u64;
-        self.counters.duplicates += (total - fresh.len()) as u64;
+        self.counters.duplicates += (total + arrived.len() - fresh.len()) as u64;
         self.counters.stored += fresh.len() as u64;
         for (packet, location) in fresh {
             self.insert(packet, location, stored_unix_us);
         }
         self.ack_and_remove(&drained)?;
         self.counters.drained_files += drained.len() as u64;
-        Ok(drained.len())
+        Ok(drained.len() + arrived.len())
     }
 
     fn push_back(&mut self, reason: String) {
@@ -513,7 +578,14 @@ impl Server {
             let acks: Vec<Ack> = batches
                 .iter()
                 .flat_map(|batch| &batch.packets)
-                .map(|packet| Ack { id: packet.id.clone(), state: AckState::Stored, reason: String::new() })
+                .map(|packet| {
+                    let state = if self.is_external(packet.destination.ip()) {
+                        AckState::AcceptedBestEffort
+                    } else {
+                        AckState::Stored
+                    };
+                    Ack { id: packet.id.clone(), state, reason: String::new() }
+                })
                 .collect();
             self.publish_acks(node, &acks)?;
             let outbox = self.volume.outbox(node);
@@ -538,6 +610,10 @@ impl Server {
 
     /// Queues an ack for the source at the end of this cycle.
     fn ack_later(&mut self, id: &PacketId, state: AckState, reason: String) {
+        if id.origin == self.gateway_origin {
+            // Came from the external network: nobody there reads acks.
+            return;
+        }
         self.pending_acks.entry(id.origin.clone()).or_default().push(Ack { id: id.clone(), state, reason });
     }
 
@@ -584,6 +660,10 @@ impl Server {
             count += 1;
         }
         for destination in self.index.destinations() {
+            if self.is_external(&destination) {
+                count += self.send_external(&destination)?;
+                continue;
+            }
             // Unknown destinations stay queued: the receiver may register later.
             let Some(node) = self.addr_to_node.get(&destination).cloned() else { continue };
             let room = DELIVER_PACKETS_PER_CYCLE_MAX.saturating_sub(count);
@@ -600,6 +680,35 @@ impl Server {
             }
         }
         Ok(count)
+    }
+
+    /// Sends queued packets for an external address through the gateway (best effort) and marks
+    /// them done. Returns how many were sent.
+    fn send_external(&mut self, destination: &Ipv4Addr) -> Result<usize, QueueError> {
+        let keys = self.index.next_undelivered(destination, DELIVER_PACKETS_PER_CYCLE_MAX, usize::MAX);
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let at_unix_us = now_us();
+        let mut sent = Vec::new();
+        for key in keys {
+            let entry = *self.index.get(key).expect("listed packets are queued");
+            let (_, packet) = self.queue.read_stored(entry.location)?;
+            self.gateway.send(Some(&packet.id.origin), packet.source, packet.destination, &packet.payload);
+            let record =
+                QueueRecord::Done { id: packet.id.clone(), outcome: Outcome::Sent, at_unix_us, reason: String::new() };
+            self.queue.append(&record);
+            sent.push(packet.id);
+        }
+        if let Err(error) = self.queue.sync() {
+            // They were sent; not recording it means they may be sent again (best effort allows it).
+            self.push_back(format!("queue: {error}"));
+            return Ok(0);
+        }
+        for id in &sent {
+            self.finish(id, Outcome::Sent, at_unix_us);
+        }
+        Ok(sent.len())
     }
 
     /// Writes one inbox file with a prefix of `keys`; returns how many it took.
@@ -707,7 +816,7 @@ impl Server {
         let cutoff = now.saturating_sub(hold_us);
         let mut expired: Vec<(PacketId, Ipv4Addr)> = Vec::new();
         for destination in self.index.destinations() {
-            if self.addr_to_node.contains_key(&destination) {
+            if self.addr_to_node.contains_key(&destination) || self.is_external(&destination) {
                 continue;
             }
             let room = DEAD_LETTERS_PER_CYCLE_MAX.saturating_sub(expired.len());
@@ -842,6 +951,14 @@ impl Server {
             },
             recovery: self.recovery.clone(),
             dead_letters: self.dead_letters.iter().cloned().collect(),
+            gateway: GatewayStatus {
+                counters: GatewayCounters {
+                    nat_sockets: self.gateway.nat_count() as u64,
+                    ..self.gateway.counters.clone()
+                },
+                ingress: self.gateway.ingress_status(),
+                last_send_error: self.gateway.last_send_error.clone(),
+            },
             last_error: self.last_error.clone(),
             nodes,
         }
@@ -909,8 +1026,16 @@ pub struct Status {
     pub config: ConfigStatus,
     pub recovery: RecoveryReport,
     pub dead_letters: Vec<DeadLetter>,
+    pub gateway: GatewayStatus,
     pub last_error: Option<String>,
     pub nodes: BTreeMap<String, NodeStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GatewayStatus {
+    pub counters: GatewayCounters,
+    pub ingress: Vec<IngressStatus>,
+    pub last_send_error: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize)]

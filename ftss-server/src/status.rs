@@ -92,6 +92,26 @@ fn print_table(status: &Value) {
         println!("  mirror {} {health}{error}", mirror["dir"].as_str().unwrap_or("?"));
     }
     println!("quarantine: {} files", number(&status["quarantine_files"]));
+    let gateway = &status["gateway"]["counters"];
+    if gateway.is_object() {
+        println!(
+            "gateway: ingress received {} (unroutable {}), egress sent {} (send errors {}), {} NAT sockets",
+            number(&gateway["ingress_received"]),
+            number(&gateway["ingress_unroutable"]),
+            number(&gateway["egress_sent"]),
+            number(&gateway["egress_send_errors"]),
+            number(&gateway["nat_sockets"])
+        );
+        for rule in status["gateway"]["ingress"].as_array().into_iter().flatten() {
+            println!(
+                "  ingress {} -> {}:{} received {}",
+                rule["listen"].as_str().unwrap_or("?"),
+                rule["node"].as_str().unwrap_or("?"),
+                number(&rule["port"]),
+                number(&rule["received"])
+            );
+        }
+    }
     for letter in status["dead_letters"].as_array().into_iter().flatten() {
         println!(
             "dead letter {} to {}: {}",

@@ -49,6 +49,9 @@ pub struct Config {
     pub node: NodeName,
     pub addr: Ipv4Addr,
     pub routes: Vec<Cidr>,
+    /// External networks the operator carries through the array's gateway (`FTSS_EGRESS`; default
+    /// none): best-effort delivery, acked as "accepted".
+    pub egress: Vec<Cidr>,
     pub ack: AckMode,
     pub log: Option<PathBuf>,
     /// How often the inbox is polled.
@@ -72,6 +75,9 @@ impl Config {
         let routes = var("FTSS_ROUTES").unwrap_or_else(|| DEFAULT_ROUTES.to_owned());
         let routes =
             routes.split(',').filter(|part| !part.trim().is_empty()).map(Cidr::parse).collect::<Result<Vec<_>, _>>()?;
+        let egress = var("FTSS_EGRESS").unwrap_or_default();
+        let egress =
+            egress.split(',').filter(|part| !part.trim().is_empty()).map(Cidr::parse).collect::<Result<Vec<_>, _>>()?;
         let ack = match var("FTSS_ACK").as_deref() {
             None | Some("volume") => AckMode::Volume,
             Some("async") => AckMode::Async,
@@ -95,6 +101,7 @@ impl Config {
             node,
             addr,
             routes,
+            egress,
             ack,
             log: var("FTSS_LOG").map(PathBuf::from),
             poll,
@@ -102,9 +109,9 @@ impl Config {
         }))
     }
 
-    /// Is `addr` carried by ftss?
+    /// Is `addr` carried by ftss (a fabric route, or an external network sent through the gateway)?
     pub fn is_fabric(&self, addr: Ipv4Addr) -> bool {
-        self.routes.iter().any(|route| route.contains(addr))
+        self.routes.iter().chain(&self.egress).any(|route| route.contains(addr))
     }
 }
 

@@ -159,7 +159,18 @@ impl Fabric {
         command.args(["--poll", "10ms"]).args(extra);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.0.join("server.log")).unwrap();
         command.stdout(Stdio::null()).stderr(log);
+        let started_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
         self.server = Some(Proc { child: command.spawn().expect("start ftss-server"), name: "ftss-server".into() });
+        // Ready once it has written its first status (its sockets are bound and its queue is open).
+        let status_path = self.volume.join("server/status.json");
+        wait_until(Duration::from_secs(10), || {
+            std::fs::read(&status_path)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+                .is_some_and(|status| {
+                    status["started_unix_ms"].as_u64().is_some_and(|started| started + 1000 >= started_ms)
+                })
+        });
     }
 
     pub fn stop_server(&mut self) {

@@ -1,0 +1,158 @@
+//! The external network gateway: unshimmed programs on loopback play the outside world; nodes under
+//! the shim carry FTSS_EGRESS=127.0.0.0/8 so their replies go out through ftss-server.
+
+mod common;
+
+use std::io::Write;
+use std::net::UdpSocket;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn register(fabric: &Fabric, name: &str, addr: &str) {
+    let node = fsbridge::NodeName::new(name).unwrap();
+    let config = fsbridge::NodeConfig { addr: addr.parse().unwrap() };
+    fsbridge::Volume::new(&fabric.volume).register_node(&node, &config).unwrap();
+}
+
+fn ingress_arg(port: u16, node_port: u16) -> String {
+    format!("127.0.0.1:{port}=b:{node_port}")
+}
+
+#[test]
+fn an_outside_nc_and_an_inside_nc_talk_both_ways() {
+    let mut fabric = Fabric::new("gw-nc");
+    register(&fabric, "b", "10.77.0.2");
+    let ingress = free_udp_port();
+    fabric.start_server_with(&["--ingress", &ingress_arg(ingress, 9400)]);
+
+    let mut inside = fabric.command("b", "10.77.0.2", "nc");
+    inside.env("FTSS_EGRESS", "127.0.0.0/8").args(["-u", "-l", "9400"]);
+    inside.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut inside = inside.spawn().unwrap();
+    let mut inside_stdin = inside.stdin.take().unwrap();
+    let inside_heard = LineCollector::start(inside.stdout.take().unwrap());
+    let _inside = Proc { child: inside, name: "inside nc".into() };
+
+    let mut outside = Command::new("nc");
+    outside.args(["-u", "127.0.0.1", &ingress.to_string()]).env_remove("LD_PRELOAD");
+    outside.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut outside = outside.spawn().unwrap();
+    let mut outside_stdin = outside.stdin.take().unwrap();
+    let outside_heard = LineCollector::start(outside.stdout.take().unwrap());
+    let _outside = Proc { child: outside, name: "outside nc".into() };
+    std::thread::sleep(Duration::from_millis(300));
+
+    for round in 0..3 {
+        outside_stdin.write_all(format!("from-outside-{round}\n").as_bytes()).unwrap();
+        outside_stdin.flush().unwrap();
+        assert!(
+            wait_until(Duration::from_secs(20), || inside_heard.count() > round),
+            "inside did not hear round {round}: {}",
+            fabric.status()
+        );
+        inside_stdin.write_all(format!("from-inside-{round}\n").as_bytes()).unwrap();
+        inside_stdin.flush().unwrap();
+        assert!(
+            wait_until(Duration::from_secs(20), || outside_heard.count() > round),
+            "outside did not hear round {round}: {}",
+            fabric.status()
+        );
+    }
+    assert_eq!(inside_heard.lines(), ["from-outside-0", "from-outside-1", "from-outside-2"]);
+    assert_eq!(outside_heard.lines(), ["from-inside-0", "from-inside-1", "from-inside-2"]);
+    // status.json is rewritten four times a second.
+    let counted = wait_until(Duration::from_secs(5), || {
+        let counters = &fabric.status()["gateway"]["counters"];
+        counters["ingress_received"].as_u64() >= Some(3) && counters["egress_sent"].as_u64() >= Some(3)
+    });
+    assert!(counted, "{}", fabric.status());
+}
+
+const PY_RECEIVER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+while True:
+    data, addr = s.recvfrom(65535)
+    print(addr[0], data.decode(), flush=True)
+"#;
+
+fn start_receiver(fabric: &Fabric, port: u16) -> (Proc, LineCollector) {
+    let mut command = fabric.command("b", "10.77.0.2", "python3");
+    command
+        .args(["-c", PY_RECEIVER, &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = command.spawn().unwrap();
+    let lines = LineCollector::start(child.stdout.take().unwrap());
+    assert!(wait_until(Duration::from_secs(10), || lines.count() >= 1));
+    (Proc { child, name: "receiver".into() }, lines)
+}
+
+#[test]
+fn ingress_is_stored_while_the_receiver_is_down_and_across_a_server_kill() {
+    let mut fabric = Fabric::new("gw-ingress");
+    register(&fabric, "b", "10.77.0.2");
+    let ingress = free_udp_port();
+    let args = ["--ingress".to_string(), ingress_arg(ingress, 9401)];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fabric.start_server_with(&args);
+    let outside = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for index in 0..10 {
+        outside.send_to(format!("early-{index}").as_bytes(), ("127.0.0.1", ingress)).unwrap();
+    }
+    assert!(wait_until(Duration::from_secs(20), || fabric.counter("stored") >= 10), "{}", fabric.status());
+    // Stored: a kill -9 now must not lose them.
+    fabric.kill_server();
+    fabric.start_server_with(&args);
+    let (_receiver, lines) = start_receiver(&fabric, 9401);
+    assert!(wait_until(Duration::from_secs(30), || lines.count() >= 11), "got {:?}", lines.lines());
+    let expected: Vec<String> = (0..10).map(|index| format!("127.0.0.1 early-{index}")).collect();
+    assert_eq!(lines.lines()[1..].to_vec(), expected);
+}
+
+#[test]
+fn egress_is_best_effort_acked_and_a_closed_port_blocks_nothing() {
+    let mut fabric = Fabric::new("gw-egress");
+    fabric.start_server();
+    let open = UdpSocket::bind("127.0.0.1:0").unwrap();
+    open.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let open_port = open.local_addr().unwrap().port();
+    let closed_port = free_udp_port();
+    let script = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         for n in range(10):\n    s.sendto(f'out-{{n}}'.encode(), ('127.0.0.1', {open_port}))\n\
+         for n in range(10):\n    s.sendto(b'nobody', ('127.0.0.1', {closed_port}))\n"
+    );
+    let output = fabric
+        .command("a", "10.77.0.1", "python3")
+        .args(["-c", &script])
+        .env("FTSS_EGRESS", "127.0.0.0/8")
+        .env("FTSS_ACK", "guaranteed")
+        .env("FTSS_TIMEOUT", "20")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "guaranteed sends to the outside did not return: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut buffer = [0u8; 100];
+    for index in 0..10 {
+        let (length, _) = open.recv_from(&mut buffer).expect("egress datagram");
+        assert_eq!(&buffer[..length], format!("out-{index}").as_bytes());
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || fabric.status()["gateway"]["counters"]["egress_sent"].as_u64()
+            >= Some(20)),
+        "{}",
+        fabric.status()
+    );
+    let status = fabric.status();
+    assert_eq!(status["queue"]["packets"], 0, "{status}");
+    assert_eq!(status["counters"]["dead_lettered"], 0, "{status}");
+}
