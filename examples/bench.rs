@@ -67,30 +67,21 @@ struct Plan {
     payloads: Vec<usize>,
     /// Packets queued for the server-rss scenario.
     rss_packets: u64,
-    /// Runs of each plain-UDP point (udp-raw, shim-passthrough); the median by pps is reported,
-    /// because loopback rates on a shared machine vary by more than the shim's cost.
-    udp_repeats: usize,
+    /// Runs of each point of the cheap baselines (fsync-limit, udp-raw, shim-passthrough); the
+    /// median by pps is reported, because on a shared machine their rates vary by more than the
+    /// differences they are compared for.
+    repeats: usize,
 }
 
 impl Plan {
     fn new(quick: bool, smoke: bool) -> Plan {
         if smoke {
             // The CI smoke: every scenario once or twice, a fraction of a second each.
-            Plan { duration: Duration::from_millis(150), payloads: vec![512], rss_packets: 2_000, udp_repeats: 1 }
+            Plan { duration: Duration::from_millis(150), payloads: vec![512], rss_packets: 2_000, repeats: 1 }
         } else if quick {
-            Plan {
-                duration: Duration::from_millis(600),
-                payloads: PAYLOADS.to_vec(),
-                rss_packets: 200_000,
-                udp_repeats: 1,
-            }
+            Plan { duration: Duration::from_millis(600), payloads: PAYLOADS.to_vec(), rss_packets: 200_000, repeats: 1 }
         } else {
-            Plan {
-                duration: Duration::from_secs(3),
-                payloads: PAYLOADS.to_vec(),
-                rss_packets: 1_000_000,
-                udp_repeats: 3,
-            }
+            Plan { duration: Duration::from_secs(3), payloads: PAYLOADS.to_vec(), rss_packets: 1_000_000, repeats: 3 }
         }
     }
 }
@@ -260,25 +251,38 @@ fn run(options: Options) -> Result<bool, String> {
         for senders in senders_grid.clone() {
             let dir = bench.run_dir("fsync-limit")?;
             emit(outcome("fsync-limit", disk::FSYNC_APPEND_BYTES, senders, true, || {
-                disk::fsync_limit(&dir.0, senders, plan.duration)
+                median_of(plan.repeats, || disk::fsync_limit(&dir.0, senders, plan.duration))
             }));
         }
     }
     type AppScenario = (&'static str, bool, fn(&Bench, &Run) -> Result<Measurement, String>);
-    let app_scenarios: [AppScenario; 5] = [
-        ("udp-raw", false, apps::udp_raw),
-        ("shim-passthrough", false, apps::shim_passthrough),
+    // The plain-UDP pair runs interleaved (raw, pass-through, raw, …) so that both see the same
+    // background load; each reports its median run.
+    for run in grid(&plan.payloads) {
+        let (mut raw, mut passthrough) = (Vec::new(), Vec::new());
+        for _ in 0..plan.repeats {
+            if selected("udp-raw") {
+                raw.push(apps::udp_raw(&bench, &run));
+            }
+            if selected("shim-passthrough") {
+                passthrough.push(apps::shim_passthrough(&bench, &run));
+            }
+        }
+        for (name, runs) in [("udp-raw", raw), ("shim-passthrough", passthrough)] {
+            if !runs.is_empty() {
+                emit(outcome(name, run.payload, run.senders, false, || median(runs)));
+            }
+        }
+    }
+    let app_scenarios: [AppScenario; 3] = [
         ("ftss-async", false, |bench, run| apps::ftss_local(bench, run, "ftss-async", "async")),
         ("ftss-volume", true, |bench, run| apps::ftss_local(bench, run, "ftss-volume", "volume")),
         ("ftss-guaranteed", true, |bench, run| apps::ftss_local(bench, run, "ftss-guaranteed", "guaranteed")),
     ];
     for (name, durable, scenario) in app_scenarios {
         if selected(name) {
-            let repeats = if durable || name.starts_with("ftss") { 1 } else { plan.udp_repeats };
             for run in grid(&plan.payloads) {
-                emit(outcome(name, run.payload, run.senders, durable, || {
-                    median_of(repeats, || scenario(&bench, &run))
-                }));
+                emit(outcome(name, run.payload, run.senders, durable, || scenario(&bench, &run)));
             }
         }
     }
@@ -321,9 +325,14 @@ fn run(options: Options) -> Result<bool, String> {
     Ok(!results.iter().any(|measurement| measurement.skipped.as_deref().is_some_and(|why| why.starts_with("failed"))))
 }
 
-/// Runs `measure` `repeats` times and keeps the run with the median pps (all rates in `pps_runs`).
+/// Runs `measure` `repeats` times and keeps the run with the median pps.
 fn median_of(repeats: usize, mut measure: impl FnMut() -> Result<Measurement, String>) -> Result<Measurement, String> {
-    let mut runs = (0..repeats.max(1)).map(|_| measure()).collect::<Result<Vec<_>, _>>()?;
+    median((0..repeats.max(1)).map(|_| measure()).collect())
+}
+
+/// The run with the median pps (all rates in `pps_runs`); the first failure if any run failed.
+fn median(runs: Vec<Result<Measurement, String>>) -> Result<Measurement, String> {
+    let mut runs = runs.into_iter().collect::<Result<Vec<_>, _>>()?;
     if runs.len() == 1 {
         return Ok(runs.remove(0));
     }
@@ -419,6 +428,25 @@ fn targets(results: &[Measurement]) -> Vec<String> {
     };
     per_grid_point("shim-passthrough", "udp-raw", ">= 0.95");
     per_grid_point("ftss-smb", "smb-file-per-packet", ">= 20");
+    // The same comparison by CPU per datagram (sender + receiver), which background load does not skew.
+    let cpu = |scenario: &str, payload: usize, senders: usize| {
+        let measurement = find(scenario, payload, senders)?;
+        let send = measurement.extra("send_cpu_ns_per_packet")?.as_f64()?;
+        let receive = measurement.extra("recv_cpu_ns_per_packet")?.as_f64()?;
+        Some(send + receive)
+    };
+    for payload in PAYLOADS {
+        for senders in SENDERS {
+            if let (Some(raw), Some(shim)) =
+                (cpu("udp-raw", payload, senders), cpu("shim-passthrough", payload, senders))
+            {
+                lines.push(format!(
+                    "  udp-raw / shim-passthrough CPU per datagram ({payload} B, {senders} senders): {:.2} (>= 0.95: {raw:.0} vs {shim:.0} ns)",
+                    raw / shim
+                ));
+            }
+        }
+    }
     let fsync = find("fsync-limit", disk::FSYNC_APPEND_BYTES, 1);
     let volume = find("ftss-volume", 512, 8);
     lines.push(format!(

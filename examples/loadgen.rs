@@ -7,7 +7,7 @@
 //! loadgen send --to IP:PORT --payload BYTES --threads N --duration-ms MS
 //!     N threads, one socket each, send datagrams back to back for MS milliseconds. Every payload
 //!     starts with the send time (Unix ns, u64 LE), the thread and a sequence number. Prints one JSON
-//!     line {"sent","errors","elapsed_us","send_p50_us","send_p99_us","max_rss_kib"} (the send
+//!     line {"sent","errors","elapsed_us","send_p50_us","send_p99_us","max_rss_kib","cpu_us"} (the send
 //!     latency is how long each sendto call took: with FTSS_ACK=guaranteed, the time to the ack),
 //!     then waits for stdin to close before exiting, so that nothing still queued inside the process
 //!     (FTSS_ACK=async) is cut off.
@@ -15,7 +15,8 @@
 //!     Prints "ready" once bound, then receives. A line on stdin gives the number of datagrams sent;
 //!     it stops when that many arrived, or MS milliseconds after the last one once the number is
 //!     known (plain UDP may drop). Prints one JSON line {"received","first_send_ns","last_recv_ns",
-//!     "p50_us","p99_us","max_us","max_rss_kib"}: latency is from the sender's call to recvfrom.
+//!     "p50_us","p99_us","max_us","max_rss_kib","cpu_us"}: latency is from the sender's call to
+//!     recvfrom; cpu_us is the process's user + system CPU time.
 //! ```
 
 use std::io::{BufRead, Read, Write};
@@ -81,6 +82,16 @@ fn max_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) this process used so far, in µs: a cost per datagram that, unlike a
+/// rate, does not change when other work on the machine takes CPU away.
+fn cpu_us() -> u64 {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let micros = |time: libc::timeval| time.tv_sec as u64 * 1_000_000 + time.tv_usec as u64;
+    micros(usage.ru_utime) + micros(usage.ru_stime)
+}
+
 /// The value at `fraction` (0..=1) of sorted samples; 0 if there are none.
 fn percentile(sorted: &[u32], fraction: f64) -> u32 {
     if sorted.is_empty() {
@@ -122,11 +133,12 @@ fn send(args: &[String]) -> Result<(), String> {
     let mut samples: Vec<u32> = results.into_iter().flat_map(|result| result.samples_us).collect();
     samples.sort_unstable();
     println!(
-        "{{\"sent\":{sent},\"errors\":{errors},\"elapsed_us\":{},\"send_p50_us\":{},\"send_p99_us\":{},\"max_rss_kib\":{}}}",
+        "{{\"sent\":{sent},\"errors\":{errors},\"elapsed_us\":{},\"send_p50_us\":{},\"send_p99_us\":{},\"max_rss_kib\":{},\"cpu_us\":{}}}",
         elapsed.as_micros(),
         percentile(&samples, 0.50),
         percentile(&samples, 0.99),
-        max_rss_kib()
+        max_rss_kib(),
+        cpu_us()
     );
     std::io::stdout().flush().map_err(|error| error.to_string())?;
     // Stay alive until the bench is done with us (the shim may still be flushing in async mode).
@@ -240,12 +252,13 @@ fn receive(args: &[String]) -> Result<(), String> {
     }
     samples.sort_unstable();
     println!(
-        "{{\"received\":{received},\"first_send_ns\":{},\"last_recv_ns\":{last_recv_ns},\"p50_us\":{},\"p99_us\":{},\"max_us\":{},\"max_rss_kib\":{}}}",
+        "{{\"received\":{received},\"first_send_ns\":{},\"last_recv_ns\":{last_recv_ns},\"p50_us\":{},\"p99_us\":{},\"max_us\":{},\"max_rss_kib\":{},\"cpu_us\":{}}}",
         if received == 0 { 0 } else { first_send_ns },
         percentile(&samples, 0.50),
         percentile(&samples, 0.99),
         samples.last().copied().unwrap_or(0),
-        max_rss_kib()
+        max_rss_kib(),
+        cpu_us()
     );
     std::io::stdout().flush().map_err(|error| error.to_string())?;
     Ok(())

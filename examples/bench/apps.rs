@@ -221,5 +221,9 @@ fn drive(bench: &Bench, run: &Run, dir: &Path, apps: &Apps, measurement: &mut Me
     measurement.extra.push(("send_errors", sent["errors"].clone()));
     measurement.extra.push(("send_p50_us", sent["send_p50_us"].clone()));
     measurement.extra.push(("send_p99_us", sent["send_p99_us"].clone()));
+    // CPU per datagram of each process: the cost the shim adds, independent of how busy the machine is.
+    let per_packet = |cpu_us: Option<u64>, packets: u64| cpu_us.filter(|_| packets > 0).map(|cpu| cpu * 1000 / packets);
+    measurement.extra.push(("send_cpu_ns_per_packet", json!(per_packet(sent["cpu_us"].as_u64(), sent_count))));
+    measurement.extra.push(("recv_cpu_ns_per_packet", json!(per_packet(received["cpu_us"].as_u64(), count))));
     Ok(())
 }
