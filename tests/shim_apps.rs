@@ -474,3 +474,40 @@ fn a_daemonized_child_receives_on_the_socket_its_exited_parent_bound() {
     assert!(wait_for_line(&lines, "child got"), "child heard nothing: {:?}", lines.lines());
     assert_eq!(lines.lines()[1], "child got to-the-daemon 10.77.0.1");
 }
+
+const PY_DUPS: &str = r#"
+import os, socket, sys
+port = int(sys.argv[1])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("10.77.0.2", port))
+d = s.dup()  # fcntl64(F_DUPFD_CLOEXEC) in libpython
+s.close()
+d.settimeout(120)
+print("ready", d.getsockname()[0], d.getsockname()[1], flush=True)
+data, addr = d.recvfrom(100)
+print("dup got", data.decode().strip(), flush=True)
+os.dup2(d.fileno(), 100)
+d.close()
+e = socket.socket(fileno=100)  # asks the fd for its family, type and protocol
+e.settimeout(120)
+print("adopted", e.family.name, e.type.name, e.proto, flush=True)
+data, addr = e.recvfrom(100)
+print("dup2 got", data.decode().strip(), flush=True)
+"#;
+
+#[test]
+fn python_socket_dup_dup2_and_fromfd_keep_receiving() {
+    let mut fabric = Fabric::new("apps-dups");
+    fabric.start_server();
+    let mut command = fabric.command("b", "10.77.0.2", "python3");
+    command.args(["-c", PY_DUPS, "9412"]);
+    let (mut receiver, lines) = spawn(&mut command, "dups receiver");
+    assert!(wait_for_line(&lines, "ready 10.77.0.2 9412"), "{}", stderr_of(&mut receiver));
+    let mut sender = NcSender::start(&fabric, "a", "10.77.0.1", "10.77.0.2", 9412);
+    sender.send(&["first".to_owned()]);
+    assert!(wait_for_line(&lines, "dup got first"), "{:?} {}", lines.lines(), stderr_of(&mut receiver));
+    assert!(wait_for_line(&lines, "adopted AF_INET SOCK_DGRAM 17"), "{:?}", lines.lines());
+    sender.send(&["second".to_owned()]);
+    assert!(wait_for_line(&lines, "dup2 got second"), "{:?} {}", lines.lines(), stderr_of(&mut receiver));
+    assert!(sender.finish(Duration::from_secs(30)));
+}
