@@ -23,6 +23,7 @@
 
 pub mod format;
 pub mod layout;
+pub mod pcap;
 pub mod spool;
 
 pub use format::{Ack, AckState, Batch, BatchEncoder, BatchHeader, BatchKind, DecodeError, Packet, PacketId, Record};

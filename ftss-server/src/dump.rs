@@ -24,14 +24,32 @@ struct Item {
     done: Option<(Outcome, u64, String)>,
 }
 
-pub fn dump(
-    dirs: &[PathBuf],
-    filter: StateFilter,
-    origin: Option<&str>,
-    payload: bool,
-    json: bool,
-) -> Result<(), String> {
+/// What `dump` selects and how it prints.
+pub struct DumpOptions {
+    pub state: StateFilter,
+    /// Packets from this node, or to its registered address when the volume is known.
+    pub node: Option<String>,
+    /// The volume, to resolve `node` to its address.
+    pub volume: Option<PathBuf>,
+    /// Only packets sent at or after this time (µs since the Unix epoch).
+    pub since_unix_us: Option<u64>,
+    pub payload: bool,
+    pub json: bool,
+    /// Write a pcap file instead of printing.
+    pub pcap: Option<PathBuf>,
+}
+
+pub fn dump(dirs: &[PathBuf], options: &DumpOptions) -> Result<(), String> {
+    let progress = crate::progress::Progress::new("reading the queue");
     let records = queue::read_only_scan(dirs).map_err(|error| error.to_string())?;
+    progress.done();
+    let node_addr = match (&options.node, &options.volume) {
+        (Some(node), Some(volume)) => {
+            let name = fsbridge::NodeName::new(node).map_err(|error| error.to_string())?;
+            fsbridge::Volume::new(volume).node_config(&name)?.map(|config| config.addr)
+        }
+        _ => None,
+    };
     let mut order: Vec<PacketId> = Vec::new();
     let mut items: HashMap<PacketId, Item> = HashMap::new();
     for recovered in records {
@@ -49,6 +67,13 @@ pub fn dump(
             }
         }
     }
+    let mut pcap = match &options.pcap {
+        Some(path) => {
+            let file = std::fs::File::create(path).map_err(|error| format!("{}: {error}", path.display()))?;
+            Some(fsbridge::pcap::PcapWriter::new(std::io::BufWriter::new(file)).map_err(|error| error.to_string())?)
+        }
+        None => None,
+    };
     let mut shown = 0;
     for id in order {
         let item = &items[&id];
@@ -58,15 +83,31 @@ pub fn dump(
             Some((Outcome::DeadLettered, ..)) => StateFilter::DeadLettered,
             Some((Outcome::Sent, ..)) => StateFilter::Sent,
         };
-        if (filter != StateFilter::All && filter != state) || origin.is_some_and(|origin| origin != id.origin.as_str())
-        {
+        let node_matches = options.node.as_deref().is_none_or(|node| {
+            node == id.origin.as_str() || node_addr.is_some_and(|addr| addr == *item.packet.destination.ip())
+        });
+        let recent = options.since_unix_us.is_none_or(|since| item.packet.sent_unix_us >= since);
+        if (options.state != StateFilter::All && options.state != state) || !node_matches || !recent {
             continue;
         }
         shown += 1;
-        print_item(item, state, payload, json);
+        match &mut pcap {
+            Some(writer) => {
+                let packet = &item.packet;
+                writer
+                    .write_datagram(packet.sent_unix_us, packet.source, packet.destination, &packet.payload)
+                    .map_err(|error| error.to_string())?;
+            }
+            None => print_item(item, state, options.payload, options.json),
+        }
     }
-    if !json {
-        println!("{shown} packets");
+    match (pcap, &options.pcap) {
+        (Some(mut writer), Some(path)) => {
+            writer.flush().map_err(|error| format!("{}: {error}", path.display()))?;
+            eprintln!("wrote {shown} packets to {}", path.display());
+        }
+        _ if !options.json => println!("{shown} packets"),
+        _ => {}
     }
     Ok(())
 }

@@ -1,8 +1,11 @@
 //! ftss-server: the store-and-forward routing agent that runs on the storage array.
 
+mod config;
 mod dump;
 mod gateway;
 mod index;
+mod metrics;
+mod progress;
 mod queue;
 mod server;
 mod status;
@@ -36,37 +39,7 @@ enum Command {
     /// receipts it. A full queue disk or a destination over its byte limit stops draining the
     /// affected outboxes until there is room (backpressure); a failed mirror is dropped and the
     /// server runs degraded on the others until the directory is usable again, then resyncs it.
-    Run {
-        /// The FTSS volume as a local directory (the directory nodes mount over NFS/SMB).
-        #[arg(long)]
-        volume: PathBuf,
-        /// A queue directory; repeat to keep one mirror per directory (put them on different disks).
-        #[arg(long = "queue-dir", required = true)]
-        queue_dirs: Vec<PathBuf>,
-        /// How long to sleep when a cycle found nothing to do.
-        #[arg(long, default_value = "20ms", value_parser = parse_duration)]
-        poll: Duration,
-        /// Deliver a packet again if it is not receipted within this time.
-        #[arg(long, default_value = "5s", value_parser = parse_duration)]
-        redeliver_after: Duration,
-        /// Keep receipted packets this long (listable with `dump`); 0 deletes them on receipt.
-        #[arg(long, default_value = "0s", value_parser = parse_duration)]
-        retain: Duration,
-        /// Hold packets for a destination no node has registered this long, then dead-letter them.
-        #[arg(long, default_value = "24h", value_parser = parse_duration)]
-        hold: Duration,
-        /// Most queued payload bytes for one destination before its senders are pushed back.
-        #[arg(long, default_value_t = 1 << 30)]
-        destination_bytes_max: u64,
-        /// The fabric's addresses (repeatable). Packets for unregistered addresses inside are held;
-        /// packets for addresses outside go to the external network through the gateway.
-        #[arg(long = "fabric", default_value = "10.77.0.0/16")]
-        fabric: Vec<gateway::Cidr>,
-        /// LISTEN=NODE:PORT (repeatable): datagrams arriving on the external UDP address LISTEN are
-        /// stored and delivered to NODE's PORT; the node's replies leave from LISTEN.
-        #[arg(long = "ingress")]
-        ingress: Vec<gateway::IngressRule>,
-    },
+    Run(config::FlagSettings),
     /// Show the server's counters, per-node queue depth, mirror health and backpressure.
     ///
     /// Reads what the server keeps on the volume (server/status.json, rewritten 4 times a second)
@@ -93,35 +66,29 @@ enum Command {
     Dump {
         #[arg(long = "queue-dir", required = true)]
         queue_dirs: Vec<PathBuf>,
-        /// Which packets: queued, receipted, dead-lettered or all.
+        /// Which packets: queued, receipted, dead-lettered, sent or all.
         #[arg(long, default_value = "all")]
         state: dump::StateFilter,
-        /// Only packets sent by this node.
+        /// Only packets from this node (or to it, when --volume is given to look up its address).
         #[arg(long)]
-        origin: Option<String>,
+        node: Option<String>,
+        /// The volume, to resolve --node to its registered address.
+        #[arg(long)]
+        volume: Option<PathBuf>,
+        /// Only packets sent within this long before now (e.g. 10m, 2h).
+        #[arg(long, value_parser = config::parse_duration)]
+        since: Option<Duration>,
         /// Also print each payload (escaped text).
         #[arg(long)]
         payload: bool,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
+        /// Write the packets to this pcap file (IPv4/UDP frames with the fabric addresses and ports
+        /// and the original timestamps) instead of printing them; read it with Wireshark or tshark.
+        #[arg(long)]
+        pcap: Option<PathBuf>,
     },
-}
-
-/// Parses durations such as `250ms`, `5s`, `10m`, `2h`, `7d`.
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
-    let unit = &text[digits.len()..];
-    let value: u64 = digits.parse().map_err(|_| format!("{text:?} is not a duration like 500ms, 5s, 10m, 2h, 7d"))?;
-    let millis = match unit {
-        "ms" => value,
-        "s" | "" => value * 1000,
-        "m" => value * 60_000,
-        "h" => value * 3_600_000,
-        "d" => value * 86_400_000,
-        _ => return Err(format!("unknown unit {unit:?} in {text:?}: use ms, s, m, h or d")),
-    };
-    Ok(Duration::from_millis(millis))
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -140,31 +107,13 @@ fn install_stop_handlers() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run {
-            volume,
-            queue_dirs,
-            poll,
-            redeliver_after,
-            retain,
-            hold,
-            destination_bytes_max,
-            fabric,
-            ingress,
-        } => run(server::Config {
-            volume,
-            queue_dirs,
-            poll,
-            redeliver_after,
-            retain,
-            hold,
-            destination_bytes_max,
-            fabric,
-            ingress,
-        }),
+        Command::Run(flags) => config::resolve(flags).and_then(|(config, metrics)| run(config, metrics)),
         Command::Status { volume, json } => status::show(&volume, json),
         Command::Scrub { queue_dirs, json } => scrub(&queue_dirs, json),
-        Command::Dump { queue_dirs, state, origin, payload, json } => {
-            dump::dump(&queue_dirs, state, origin.as_deref(), payload, json)
+        Command::Dump { queue_dirs, state, node, volume, since, payload, json, pcap } => {
+            let since_unix_us = since.map(|ago| fsbridge::unix_now_us().saturating_sub(ago.as_micros() as u64));
+            let options = dump::DumpOptions { state, node, volume, since_unix_us, payload, json, pcap };
+            dump::dump(&queue_dirs, &options)
         }
     };
     match result {
@@ -176,9 +125,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: server::Config) -> Result<(), String> {
+fn run(config: server::Config, metrics_addr: Option<std::net::SocketAddr>) -> Result<(), String> {
     install_stop_handlers();
     let mut server = server::Server::open(config).map_err(|error| error.to_string())?;
+    if let Some(addr) = metrics_addr {
+        let snapshot = metrics::Snapshot::default();
+        metrics::serve(addr, snapshot.clone()).map_err(|error| format!("metrics on {addr}: {error}"))?;
+        server.export_metrics(snapshot);
+    }
     let recovery = server.recovery();
     eprintln!(
         "ftss-server: started (pid {}); recovered {} records in {} segments, truncated {} torn bytes, repaired {} mirrors",

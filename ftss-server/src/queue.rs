@@ -649,8 +649,10 @@ fn recover_segment(dirs: &[PathBuf], segment: u64, report: &mut RecoveryReport) 
 /// Verifies every segment in every mirror; truncates torn tails and repairs mirrors from the longest
 /// valid copy. Run it while the server is stopped.
 pub fn scrub(dirs: &[PathBuf]) -> Result<RecoveryReport, QueueError> {
+    let progress = crate::progress::Progress::new("scrubbing every segment of every mirror");
     let (queue, _recovered, report) = Queue::open(dirs)?;
     drop(queue);
+    progress.done();
     Ok(report)
 }
 

@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use crate::gateway::{Arrival, Cidr, Gateway, GatewayCounters, IngressRule, IngressStatus, Target};
 use crate::index::{Entry, Index, Key};
+use crate::metrics::{Histogram, Snapshot};
 use crate::queue::{Location, MirrorStatus, Outcome, Queue, QueueError, QueueRecord, RecoveryReport};
 
 /// Most outbox files drained from one node in one cycle; keeps one busy node from starving others.
@@ -159,6 +160,8 @@ pub struct Server {
     started_unix_ms: u64,
     gateway: Gateway,
     gateway_origin: NodeName,
+    sync_seconds: Histogram,
+    metrics: Option<Snapshot>,
     /// Sequence of packets that came in through the gateway (ids: gateway origin, this epoch).
     gateway_seq: u64,
 }
@@ -211,6 +214,8 @@ impl Server {
             started_unix_ms: now_us() / 1000,
             gateway,
             gateway_origin: NodeName::new(GATEWAY_ORIGIN).expect("valid name"),
+            sync_seconds: Histogram::default(),
+            metrics: None,
             gateway_seq: 0,
         };
         for item in recovered {
@@ -276,6 +281,21 @@ impl Server {
             }
         }
         self.write_status(true);
+    }
+
+    /// One group commit, timed for the metrics.
+    fn sync_queue(&mut self) -> Result<(), QueueError> {
+        let started = Instant::now();
+        let result = self.queue.sync();
+        if result.is_ok() {
+            self.sync_seconds.observe(started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    /// Renders metrics into `snapshot` at every status interval from now on.
+    pub fn export_metrics(&mut self, snapshot: Snapshot) {
+        self.metrics = Some(snapshot);
     }
 
     /// Sleeps for the poll interval, or less if a datagram arrives at the gateway.
@@ -424,7 +444,7 @@ impl Server {
                 fresh.push((packet, location));
             }
         }
-        if let Err(error) = self.queue.sync() {
+        if let Err(error) = self.sync_queue() {
             // Nothing of this group is durable: no ack, the outbox files stay and are listed again
             // (in order) next cycle.
             self.push_back(format!("queue: {error}"));
@@ -700,7 +720,7 @@ impl Server {
             self.queue.append(&record);
             sent.push(packet.id);
         }
-        if let Err(error) = self.queue.sync() {
+        if let Err(error) = self.sync_queue() {
             // They were sent; not recording it means they may be sent again (best effort allows it).
             self.push_back(format!("queue: {error}"));
             return Ok(0);
@@ -793,7 +813,7 @@ impl Server {
                 QueueRecord::Done { id: id.clone(), outcome: Outcome::Receipted, at_unix_us, reason: String::new() };
             self.queue.append(&record);
         }
-        if let Err(error) = self.queue.sync() {
+        if let Err(error) = self.sync_queue() {
             // The receipt files stay; the packets stay queued. Retried next cycle.
             self.push_back(format!("queue: {error}"));
             return Ok(0);
@@ -838,7 +858,7 @@ impl Server {
             self.queue.append(&record);
             letters.push((id.clone(), destination, reason));
         }
-        if let Err(error) = self.queue.sync() {
+        if let Err(error) = self.sync_queue() {
             self.push_back(format!("queue: {error}"));
             return;
         }
@@ -967,6 +987,10 @@ impl Server {
     fn write_status(&mut self, stopped: bool) {
         let status = self.status(stopped);
         let text = serde_json::to_vec_pretty(&status).expect("status serializes");
+        if let Some(snapshot) = &self.metrics {
+            let value = serde_json::to_value(&status).expect("status serializes");
+            snapshot.set(crate::metrics::render(&value, &self.sync_seconds));
+        }
         let path = self.volume.status_path();
         let tmp = path.with_extension(format!("json.tmp.{}", std::process::id()));
         // Status is advisory: a failed write is logged, never fatal.

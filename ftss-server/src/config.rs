@@ -1,0 +1,179 @@
+//! `ftss-server run` settings: command-line flags over a TOML file (`--config FILE`) over defaults.
+//! Every flag has a key of the same name in the file (`queue-dir = ["/a", "/b"]`, `retain = "1h"`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::gateway::{Cidr, IngressRule};
+use crate::server::Config;
+
+/// The settings file; unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileSettings {
+    pub volume: Option<PathBuf>,
+    pub queue_dir: Option<Vec<PathBuf>>,
+    pub poll: Option<String>,
+    pub redeliver_after: Option<String>,
+    pub retain: Option<String>,
+    pub hold: Option<String>,
+    pub destination_bytes_max: Option<u64>,
+    pub fabric: Option<Vec<String>>,
+    pub ingress: Option<Vec<String>>,
+    pub metrics: Option<String>,
+}
+
+/// The same settings as given on the command line (all optional there too).
+#[derive(Debug, Default, clap::Args)]
+pub struct FlagSettings {
+    /// A TOML file with any of the settings below (keys named like the flags); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The FTSS volume as a local directory (the directory nodes mount over NFS/SMB).
+    #[arg(long)]
+    pub volume: Option<PathBuf>,
+    /// A queue directory; repeat to keep one mirror per directory (put them on different disks).
+    #[arg(long = "queue-dir")]
+    pub queue_dir: Vec<PathBuf>,
+    /// How long to sleep when a cycle found nothing to do [default: 20ms].
+    #[arg(long)]
+    pub poll: Option<String>,
+    /// Deliver a packet again if it is not receipted within this time [default: 5s].
+    #[arg(long)]
+    pub redeliver_after: Option<String>,
+    /// Keep receipted (and sent) packets this long, listable with `dump`; 0 deletes them [default: 0s].
+    #[arg(long)]
+    pub retain: Option<String>,
+    /// Hold packets for a fabric address no node registered this long, then dead-letter them
+    /// [default: 24h].
+    #[arg(long)]
+    pub hold: Option<String>,
+    /// Most queued payload bytes for one destination before its senders are pushed back
+    /// [default: 1073741824].
+    #[arg(long)]
+    pub destination_bytes_max: Option<u64>,
+    /// The fabric's addresses (repeatable). Packets for unregistered addresses inside are held;
+    /// packets for addresses outside go to the external network [default: 10.77.0.0/16].
+    #[arg(long)]
+    pub fabric: Vec<String>,
+    /// LISTEN=NODE:PORT (repeatable): datagrams arriving on the external UDP address LISTEN are
+    /// stored and delivered to NODE's PORT; the node's replies leave from LISTEN.
+    #[arg(long)]
+    pub ingress: Vec<String>,
+    /// Serve Prometheus metrics over HTTP on this address (GET /metrics), e.g. 127.0.0.1:9477.
+    #[arg(long)]
+    pub metrics: Option<String>,
+}
+
+/// Parses durations such as `250ms`, `5s`, `10m`, `2h`, `7d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let digits = text.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+    let unit = &text[digits.len()..];
+    let value: u64 = digits.parse().map_err(|_| format!("{text:?} is not a duration like 500ms, 5s, 10m, 2h, 7d"))?;
+    let millis = match unit {
+        "ms" => value,
+        "s" | "" => value * 1000,
+        "m" => value * 60_000,
+        "h" => value * 3_600_000,
+        "d" => value * 86_400_000,
+        _ => return Err(format!("unknown unit {unit:?} in {text:?}: use ms, s, m, h or d")),
+    };
+    Ok(Duration::from_millis(millis))
+}
+
+fn read_file(path: &Path) -> Result<FileSettings, String> {
+    let text = std::fs::read_to_string(path).map_err(|error| format!("{}: {error}", path.display()))?;
+    toml::from_str(&text).map_err(|error| format!("{}: {error}", path.display()))
+}
+
+/// A flag if given, else the file's key, else the default; errors name the key.
+fn duration(key: &str, flag: Option<String>, file: Option<String>, default: &str) -> Result<Duration, String> {
+    let text = flag.or(file).unwrap_or_else(|| default.to_owned());
+    parse_duration(&text).map_err(|error| format!("{key}: {error}"))
+}
+
+fn list<T: std::str::FromStr<Err = String>>(
+    key: &str,
+    flag: Vec<String>,
+    file: Option<Vec<String>>,
+    default: &[&str],
+) -> Result<Vec<T>, String> {
+    let texts = if !flag.is_empty() {
+        flag
+    } else {
+        file.unwrap_or_else(|| default.iter().map(|text| text.to_string()).collect())
+    };
+    texts.iter().map(|text| text.parse().map_err(|error| format!("{key}: {error}"))).collect()
+}
+
+/// Merges flags over the file over the defaults.
+pub fn resolve(flags: FlagSettings) -> Result<(Config, Option<SocketAddr>), String> {
+    let file = match &flags.config {
+        Some(path) => read_file(path)?,
+        None => FileSettings::default(),
+    };
+    let volume =
+        flags.volume.or(file.volume).ok_or("volume: required (--volume DIR or volume = \"DIR\" in --config)")?;
+    let queue_dirs = if flags.queue_dir.is_empty() { file.queue_dir.unwrap_or_default() } else { flags.queue_dir };
+    if queue_dirs.is_empty() {
+        return Err("queue-dir: at least one is required (--queue-dir DIR or queue-dir = [\"DIR\"] in --config)".into());
+    }
+    let metrics = match flags.metrics.or(file.metrics) {
+        Some(text) => {
+            Some(text.parse().map_err(|_| format!("metrics: {text:?} is not an address like 127.0.0.1:9477"))?)
+        }
+        None => None,
+    };
+    let config = Config {
+        volume,
+        queue_dirs,
+        poll: duration("poll", flags.poll, file.poll, "20ms")?,
+        redeliver_after: duration("redeliver-after", flags.redeliver_after, file.redeliver_after, "5s")?,
+        retain: duration("retain", flags.retain, file.retain, "0s")?,
+        hold: duration("hold", flags.hold, file.hold, "24h")?,
+        destination_bytes_max: flags.destination_bytes_max.or(file.destination_bytes_max).unwrap_or(1 << 30),
+        fabric: list::<Cidr>("fabric", flags.fabric, file.fabric, &["10.77.0.0/16"])?,
+        ingress: list::<IngressRule>("ingress", flags.ingress, file.ingress, &[])?,
+    };
+    Ok((config, metrics))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("ftss-config-{}-{}.toml", std::process::id(), fsbridge::random_u64()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn flags_override_the_file_and_errors_name_the_key() {
+        let path = file("volume = \"/v\"\nqueue-dir = [\"/q1\", \"/q2\"]\nretain = \"1h\"\nhold = \"2m\"\n");
+        let flags = FlagSettings { config: Some(path.clone()), hold: Some("5s".into()), ..FlagSettings::default() };
+        let (config, metrics) = resolve(flags).unwrap();
+        assert_eq!(config.volume, PathBuf::from("/v"));
+        assert_eq!(config.queue_dirs.len(), 2);
+        assert_eq!(config.retain, Duration::from_secs(3600));
+        assert_eq!(config.hold, Duration::from_secs(5));
+        assert_eq!(config.redeliver_after, Duration::from_secs(5));
+        assert!(metrics.is_none());
+
+        let unknown = file("volume = \"/v\"\nqueue-dir = [\"/q\"]\nretian = \"1h\"\n");
+        let error = resolve(FlagSettings { config: Some(unknown), ..FlagSettings::default() }).unwrap_err();
+        assert!(error.contains("retian"), "{error}");
+        let bad = file("volume = \"/v\"\nqueue-dir = [\"/q\"]\nretain = \"1 hour\"\n");
+        let error = resolve(FlagSettings { config: Some(bad), ..FlagSettings::default() }).unwrap_err();
+        assert!(error.starts_with("retain:"), "{error}");
+        let bad = file("volume = \"/v\"\nqueue-dir = [\"/q\"]\ningress = [\"nonsense\"]\n");
+        let error = resolve(FlagSettings { config: Some(bad), ..FlagSettings::default() }).unwrap_err();
+        assert!(error.starts_with("ingress:"), "{error}");
+        let missing = resolve(FlagSettings::default()).unwrap_err();
+        assert!(missing.starts_with("volume:"), "{missing}");
+    }
+}

@@ -1,0 +1,200 @@
+//! `--metrics ADDR`: Prometheus text exposition over HTTP (GET /metrics), served by one thread from
+//! a snapshot the server loop renders every status interval.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Bytes of a request head read at most; anything longer is refused.
+const REQUEST_HEAD_BYTES_MAX: usize = 8192;
+
+/// The latest rendered exposition, shared with the HTTP thread.
+#[derive(Clone, Default)]
+pub struct Snapshot(Arc<Mutex<String>>);
+
+impl Snapshot {
+    pub fn set(&self, text: String) {
+        *self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = text;
+    }
+
+    fn get(&self) -> String {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+}
+
+/// Binds `addr` and serves the snapshot from a background thread.
+pub fn serve(addr: SocketAddr, snapshot: Snapshot) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr)?;
+    std::thread::Builder::new().name("ftss-metrics".into()).spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let _ = answer(stream, &snapshot);
+        }
+    })?;
+    Ok(())
+}
+
+fn answer(stream: TcpStream, snapshot: &Snapshot) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut head_bytes = request_line.len();
+    loop {
+        let mut line = String::new();
+        let read = reader.read_line(&mut line)?;
+        head_bytes += read;
+        if read == 0 || line == "\r\n" || line == "\n" || head_bytes > REQUEST_HEAD_BYTES_MAX {
+            break;
+        }
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, body, content_type) = match (method, path) {
+        ("GET", "/metrics") => ("200 OK", snapshot.get(), "text/plain; version=0.0.4; charset=utf-8"),
+        ("GET", _) => ("404 Not Found", "try /metrics\n".to_owned(), "text/plain"),
+        _ => ("405 Method Not Allowed", String::new(), "text/plain"),
+    };
+    let mut stream = stream;
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Sync latency histogram bucket bounds, in seconds.
+pub const SYNC_BUCKETS: [f64; 10] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0];
+
+/// A latency histogram in the Prometheus sense (cumulative buckets, sum, count).
+#[derive(Clone, Debug, Default)]
+pub struct Histogram {
+    counts: [u64; SYNC_BUCKETS.len()],
+    sum_seconds: f64,
+    count: u64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, seconds: f64) {
+        for (index, bound) in SYNC_BUCKETS.iter().enumerate() {
+            if seconds <= *bound {
+                self.counts[index] += 1;
+            }
+        }
+        self.sum_seconds += seconds;
+        self.count += 1;
+    }
+}
+
+/// Renders the status document (as `status --json` shows it) and the sync histogram.
+pub fn render(status: &Value, sync: &Histogram) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, value) in samples {
+            out.push_str(&format!("{name}{labels} {value}\n"));
+        }
+    };
+    let number = |value: &Value| value.as_f64().unwrap_or(0.0);
+    if let Some(counters) = status["counters"].as_object() {
+        for (name, value) in counters {
+            metric(
+                &format!("ftss_{name}_total"),
+                "counter",
+                &format!("Packets or events counted as {name}."),
+                vec![(String::new(), number(value))],
+            );
+        }
+    }
+    if let Some(counters) = status["gateway"]["counters"].as_object() {
+        for (name, value) in counters {
+            let kind = if name == "nat_sockets" { "gauge" } else { "counter" };
+            let suffix = if kind == "counter" { "_total" } else { "" };
+            metric(
+                &format!("ftss_gateway_{name}{suffix}"),
+                kind,
+                &format!("Gateway {name}."),
+                vec![(String::new(), number(value))],
+            );
+        }
+    }
+    let queue = &status["queue"];
+    metric(
+        "ftss_queue_packets",
+        "gauge",
+        "Packets in the queue (not yet receipted).",
+        vec![(String::new(), number(&queue["packets"]))],
+    );
+    metric(
+        "ftss_queue_retained_packets",
+        "gauge",
+        "Receipted packets kept for --retain.",
+        vec![(String::new(), number(&queue["retained"]))],
+    );
+    metric(
+        "ftss_queue_bytes",
+        "gauge",
+        "Bytes of queue segments (one mirror).",
+        vec![(String::new(), number(&queue["bytes"]))],
+    );
+    metric(
+        "ftss_queue_unknown_destination_packets",
+        "gauge",
+        "Packets held for unregistered fabric addresses.",
+        vec![(String::new(), number(&queue["held_unknown_destination"]))],
+    );
+    let mirrors: Vec<(String, f64)> = queue["mirrors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|mirror| {
+            (
+                format!("{{dir=\"{}\"}}", escape(mirror["dir"].as_str().unwrap_or(""))),
+                if mirror["healthy"] == true { 1.0 } else { 0.0 },
+            )
+        })
+        .collect();
+    metric("ftss_mirror_healthy", "gauge", "1 if the queue mirror is healthy.", mirrors);
+    metric(
+        "ftss_degraded",
+        "gauge",
+        "1 if a queue mirror has failed.",
+        vec![(String::new(), if status["degraded"] == true { 1.0 } else { 0.0 })],
+    );
+    metric(
+        "ftss_backpressure",
+        "gauge",
+        "1 while some outboxes are not drained (full disk, destination over its limit).",
+        vec![(String::new(), if status["backpressure"]["active"] == true { 1.0 } else { 0.0 })],
+    );
+    let mut depth = Vec::new();
+    let mut bytes = Vec::new();
+    let mut oldest = Vec::new();
+    let mut in_flight = Vec::new();
+    if let Some(nodes) = status["nodes"].as_object() {
+        for (name, node) in nodes {
+            let labels = format!("{{node=\"{}\"}}", escape(name));
+            depth.push((labels.clone(), number(&node["queued"])));
+            bytes.push((labels.clone(), number(&node["queued_bytes"])));
+            in_flight.push((labels.clone(), number(&node["in_flight"])));
+            oldest.push((labels, number(&node["oldest_age_ms"]) / 1000.0));
+        }
+    }
+    metric("ftss_node_queued_packets", "gauge", "Packets queued for the node.", depth);
+    metric("ftss_node_queued_bytes", "gauge", "Payload bytes queued for the node.", bytes);
+    metric("ftss_node_in_flight_packets", "gauge", "Packets delivered to the node and not yet receipted.", in_flight);
+    metric("ftss_node_oldest_age_seconds", "gauge", "Age of the oldest packet queued for the node.", oldest);
+    out.push_str("# HELP ftss_sync_seconds Time of one group commit (write and fdatasync on every mirror).\n# TYPE ftss_sync_seconds histogram\n");
+    for (index, bound) in SYNC_BUCKETS.iter().enumerate() {
+        out.push_str(&format!("ftss_sync_seconds_bucket{{le=\"{bound}\"}} {}\n", sync.counts[index]));
+    }
+    out.push_str(&format!("ftss_sync_seconds_bucket{{le=\"+Inf\"}} {}\n", sync.count));
+    out.push_str(&format!("ftss_sync_seconds_sum {}\nftss_sync_seconds_count {}\n", sync.sum_seconds, sync.count));
+    out
+}
+
+fn escape(text: &str) -> String {
+    text.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
