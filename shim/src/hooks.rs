@@ -17,7 +17,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use libc::{c_int, c_uint, c_ulong, c_void, iovec, mmsghdr, msghdr, size_t, sockaddr, socklen_t, ssize_t, timespec};
 
-use crate::fds::{is_fabric, is_ours};
+use crate::fds::{self, is_fabric, is_ours};
 use crate::log;
 use crate::real::real;
 use crate::socket::{self as logic, IOV_MAX, NameOut, Route, fail, set_errno};
@@ -167,7 +167,9 @@ fn check_fortified(len: size_t, buf_len: size_t) {
 
 /// After a successful dup of `old` into `new`: the new fd shares the entry.
 fn duplicated(old: c_int, new: c_int) -> c_int {
+    let involved = fds::kind(old) != fds::NONE || fds::kind(new) != fds::NONE;
     if new >= 0
+        && involved
         && let Some(shim) = crate::shim()
     {
         shim.on_dup(old, new);
@@ -370,6 +372,9 @@ hooks! {
     }
 
     fn close(fd: c_int) -> c_int {
+        if fds::kind(fd) == fds::NONE {
+            return unsafe { (real().close)(fd) };
+        }
         logic::close(fd)
     }
 

@@ -168,24 +168,21 @@ impl Outbox {
         }
     }
 
-    /// Waits until the server's "stored" ack for `seq` (queued with `wants_ack`) has been seen.
+    /// Waits until the server's "stored" ack for `seq` (queued with `wants_ack`) has been seen. The
+    /// caller then calls [`Outbox::stop_awaiting`], whatever the outcome.
     pub fn wait_acked(&self, seq: u64, deadline: Instant) -> Result<(), SendError> {
         let mut state = self.lock();
-        let outcome = loop {
-            if state.acked.remove(&seq) {
-                break Ok(());
-            }
-            match self.wait(state, deadline) {
-                Ok(next) => state = next,
-                Err(error) => {
-                    state = self.lock();
-                    break Err(error);
-                }
-            }
-        };
+        while !state.acked.contains(&seq) {
+            state = self.wait(state, deadline)?;
+        }
+        Ok(())
+    }
+
+    /// The sender of `seq` no longer waits for its ack (it has it, or gave up).
+    pub fn stop_awaiting(&self, seq: u64) {
+        let mut state = self.lock();
         state.awaiting_ack.remove(&seq);
         state.acked.remove(&seq);
-        outcome
     }
 
     /// Records acks read from the volume (seqs of this process's epoch). Only seqs a sender waits

@@ -186,6 +186,13 @@ impl Dedupe {
     }
 }
 
+impl Dedupe {
+    /// Forgets `id` (its slot in the age order goes when it comes round).
+    pub fn forget(&mut self, id: &PacketId) {
+        self.seen.remove(&Dedupe::key(id));
+    }
+}
+
 impl Default for Dedupe {
     fn default() -> Dedupe {
         Dedupe::new()
@@ -279,6 +286,17 @@ impl Shim {
         self.pid.store(std::process::id(), Ordering::Relaxed);
         self.running.store(false, Ordering::Release);
         lock(&self.receipts).clear();
+        // Datagrams read from an inbox but not yet injected are the parent's to inject (the
+        // socketpair is shared): forget them here, so a redelivery may come to this process.
+        let held: Vec<Vec<u8>> = self.socks().iter().flat_map(|sock| std::mem::take(&mut *lock(&sock.held))).collect();
+        let mut dedupe = lock(&self.dedupe);
+        for datagram in held {
+            let header = datagram.first_chunk::<INJECT_HEADER_BYTES>().and_then(addr::parse_header);
+            if let Some((_, Some(id))) = header {
+                dedupe.forget(&id);
+            }
+        }
+        drop(dedupe);
         log!("forked child: new epoch {epoch:016x}");
     }
 
@@ -790,7 +808,11 @@ pub fn send_fabric(fd: c_int, sock: &Sock, payload: &[u8], flags: c_int, destina
     let outcome = enqueued.and_then(|seq| match shim.config.ack {
         AckMode::Async => Ok(()),
         AckMode::Volume => outbox.wait_published(seq, deadline),
-        AckMode::Guaranteed => outbox.wait_published(seq, deadline).and_then(|()| outbox.wait_acked(seq, deadline)),
+        AckMode::Guaranteed => {
+            let acked = outbox.wait_published(seq, deadline).and_then(|()| outbox.wait_acked(seq, deadline));
+            outbox.stop_awaiting(seq);
+            acked
+        }
     });
     match outcome {
         Ok(()) => payload.len() as ssize_t,
