@@ -329,4 +329,5 @@ pub fn files_in(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+pub mod gluster;
 pub mod smb;
