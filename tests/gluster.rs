@@ -105,3 +105,91 @@ fn a_brick_killed_mid_transfer_loses_nothing_and_heals() {
     assert_eq!(unique.len(), lines.len(), "handed to the app twice");
     assert!(volume.wait_healed(Duration::from_secs(120)), "self-heal did not finish");
 }
+
+fn start_instance(fabric: &Fabric, name: &str) -> Proc {
+    let log =
+        std::fs::OpenOptions::new().create(true).append(true).open(fabric.dir.0.join(format!("{name}.log"))).unwrap();
+    let mut command = std::process::Command::new(server_path());
+    command.arg("run").arg("--volume").arg(&fabric.volume);
+    for dir in &fabric.queue_dirs {
+        command.arg("--queue-dir").arg(dir);
+    }
+    command
+        .args(["--poll", "10ms", "--ha", "--lease-term", "3s", "--instance", name])
+        .stdout(Stdio::null())
+        .stderr(log);
+    Proc { child: command.spawn().unwrap(), name: name.into() }
+}
+
+/// The live lease holder, as `ftss-server status` shows it (None before the volume exists).
+fn lease_holder(fabric: &Fabric) -> Option<String> {
+    let output = std::process::Command::new(server_path())
+        .arg("status")
+        .arg("--volume")
+        .arg(&fabric.volume)
+        .arg("--json")
+        .output()
+        .ok()?;
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+    (status["lease"]["live"] == true).then(|| status["lease"]["holder"].as_str().unwrap_or_default().to_owned())
+}
+
+#[test]
+fn the_standby_takes_over_when_the_active_server_is_killed() {
+    let volume = GlusterVolume::create("ha");
+    let fabric = fabric_on(&volume, "gluster-ha");
+    let mut first = start_instance(&fabric, "first");
+    assert!(
+        wait_until(Duration::from_secs(30), || lease_holder(&fabric).as_deref() == Some("first")),
+        "first never became active"
+    );
+    let _second = start_instance(&fabric, "second");
+
+    let mut receiver = fabric.command("b", "10.77.0.2", "python3");
+    receiver.args(["-c", PY_RECEIVER]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut receiver = receiver.spawn().unwrap();
+    let received = LineCollector::start(receiver.stdout.take().unwrap());
+    let _receiver = Proc { child: receiver, name: "receiver".into() };
+    assert!(wait_until(Duration::from_secs(20), || received.count() >= 1));
+    let count = 600;
+    let mut sender = fabric.command("a", "10.77.0.1", "python3");
+    sender
+        .args(["-c", PY_SENDER, &count.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut sender = sender.spawn().unwrap();
+    let said = LineCollector::start(sender.stdout.take().unwrap());
+    let mut sender = Proc { child: sender, name: "sender".into() };
+    assert!(wait_until(Duration::from_secs(60), || received.count() >= 100), "no traffic through the first instance");
+
+    first.kill();
+    let killed_at = std::time::Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(30), || lease_holder(&fabric).as_deref() == Some("second")),
+        "the standby never took over"
+    );
+    let takeover = killed_at.elapsed();
+    eprintln!("standby active {takeover:?} after kill -9 of the active instance (lease term 3s)");
+    assert!(takeover < Duration::from_secs(6), "takeover took {takeover:?}, more than two lease terms");
+    assert!(
+        wait_until(Duration::from_secs(20), || fabric.status()["active"]["instance"] == "second"),
+        "{}",
+        fabric.status()
+    );
+
+    assert!(sender.wait_exit(Duration::from_secs(180)), "sender stuck");
+    let acknowledged: Vec<String> =
+        said.lines().iter().filter_map(|line| line.strip_prefix("ok ")).map(|n| format!("g-{n}")).collect();
+    assert_eq!(acknowledged.len(), count);
+    assert!(
+        wait_until(Duration::from_secs(120), || {
+            let got: HashSet<String> = received.lines().into_iter().collect();
+            acknowledged.iter().all(|line| got.contains(line))
+        }),
+        "acknowledged packets lost across the failover"
+    );
+    let lines: Vec<String> = received.lines().into_iter().skip(1).collect();
+    let unique: HashSet<&String> = lines.iter().collect();
+    assert_eq!(unique.len(), lines.len(), "handed to the app twice");
+}

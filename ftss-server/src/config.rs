@@ -24,6 +24,9 @@ pub struct FileSettings {
     pub fabric: Option<Vec<String>>,
     pub ingress: Option<Vec<String>>,
     pub metrics: Option<String>,
+    pub ha: Option<bool>,
+    pub lease_term: Option<String>,
+    pub instance: Option<String>,
 }
 
 /// The same settings as given on the command line (all optional there too).
@@ -66,6 +69,32 @@ pub struct FlagSettings {
     /// Serve Prometheus metrics over HTTP on this address (GET /metrics), e.g. 127.0.0.1:9477.
     #[arg(long)]
     pub metrics: Option<String>,
+    /// High availability: run as one of several instances sharing the volume (and a queue-dir on
+    /// it); one is active at a time, decided by a lease in the volume's server/ directory.
+    #[arg(long)]
+    pub ha: bool,
+    /// How long the active instance's lease lasts without renewal [default: 10s]; a standby takes
+    /// over at most this long after the active instance dies.
+    #[arg(long)]
+    pub lease_term: Option<String>,
+    /// This instance's name in the lease and in status [default: HOSTNAME-PID].
+    #[arg(long)]
+    pub instance: Option<String>,
+}
+
+/// High-availability settings.
+#[derive(Clone, Debug)]
+pub struct HaSettings {
+    pub lease_term: Duration,
+    pub instance: String,
+}
+
+/// Everything `run` needs.
+#[derive(Debug)]
+pub struct RunSettings {
+    pub config: Config,
+    pub metrics: Option<SocketAddr>,
+    pub ha: Option<HaSettings>,
 }
 
 /// Parses durations such as `250ms`, `5s`, `10m`, `2h`, `7d`.
@@ -110,7 +139,7 @@ fn list<T: std::str::FromStr<Err = String>>(
 }
 
 /// Merges flags over the file over the defaults.
-pub fn resolve(flags: FlagSettings) -> Result<(Config, Option<SocketAddr>), String> {
+pub fn resolve(flags: FlagSettings) -> Result<RunSettings, String> {
     let file = match &flags.config {
         Some(path) => read_file(path)?,
         None => FileSettings::default(),
@@ -138,7 +167,15 @@ pub fn resolve(flags: FlagSettings) -> Result<(Config, Option<SocketAddr>), Stri
         fabric: list::<Cidr>("fabric", flags.fabric, file.fabric, &["10.77.0.0/16"])?,
         ingress: list::<IngressRule>("ingress", flags.ingress, file.ingress, &[])?,
     };
-    Ok((config, metrics))
+    let ha = if flags.ha || file.ha == Some(true) {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let instance =
+            flags.instance.or(file.instance).unwrap_or_else(|| format!("{}-{}", host.trim(), std::process::id()));
+        Some(HaSettings { lease_term: duration("lease-term", flags.lease_term, file.lease_term, "10s")?, instance })
+    } else {
+        None
+    };
+    Ok(RunSettings { config, metrics, ha })
 }
 
 #[cfg(test)]
@@ -156,7 +193,8 @@ mod tests {
     fn flags_override_the_file_and_errors_name_the_key() {
         let path = file("volume = \"/v\"\nqueue-dir = [\"/q1\", \"/q2\"]\nretain = \"1h\"\nhold = \"2m\"\n");
         let flags = FlagSettings { config: Some(path.clone()), hold: Some("5s".into()), ..FlagSettings::default() };
-        let (config, metrics) = resolve(flags).unwrap();
+        let RunSettings { config, metrics, ha } = resolve(flags).unwrap();
+        assert!(ha.is_none());
         assert_eq!(config.volume, PathBuf::from("/v"));
         assert_eq!(config.queue_dirs.len(), 2);
         assert_eq!(config.retain, Duration::from_secs(3600));

@@ -4,6 +4,7 @@ mod config;
 mod dump;
 mod gateway;
 mod index;
+mod lease;
 mod metrics;
 mod progress;
 mod queue;
@@ -107,7 +108,7 @@ fn install_stop_handlers() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(flags) => config::resolve(flags).and_then(|(config, metrics)| run(config, metrics)),
+        Command::Run(flags) => config::resolve(flags).and_then(run),
         Command::Status { volume, json } => status::show(&volume, json),
         Command::Scrub { queue_dirs, json } => scrub(&queue_dirs, json),
         Command::Dump { queue_dirs, state, node, volume, since, payload, json, pcap } => {
@@ -125,10 +126,22 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: server::Config, metrics_addr: Option<std::net::SocketAddr>) -> Result<(), String> {
+fn run(settings: config::RunSettings) -> Result<(), String> {
     install_stop_handlers();
+    let config::RunSettings { config, metrics, ha } = settings;
+    let lease = match &ha {
+        Some(ha) => match become_active(&config, ha)? {
+            Some(lease) => Some(std::cell::RefCell::new(lease)),
+            None => return Ok(()),
+        },
+        None => None,
+    };
     let mut server = server::Server::open(config).map_err(|error| error.to_string())?;
-    if let Some(addr) = metrics_addr {
+    if let Some(lease) = &lease {
+        let lease = lease.borrow();
+        server.take_over(lease.holder(), lease.epoch()).map_err(|error| error.to_string())?;
+    }
+    if let Some(addr) = metrics {
         let snapshot = metrics::Snapshot::default();
         metrics::serve(addr, snapshot.clone()).map_err(|error| format!("metrics on {addr}: {error}"))?;
         server.export_metrics(snapshot);
@@ -142,8 +155,50 @@ fn run(config: server::Config, metrics_addr: Option<std::net::SocketAddr>) -> Re
         recovery.torn_bytes_truncated,
         recovery.mirrors_repaired
     );
-    server.run(|| STOP.load(Ordering::SeqCst));
+    let deposed = std::cell::Cell::new(false);
+    server.run(|| {
+        if STOP.load(Ordering::SeqCst) {
+            return true;
+        }
+        if let Some(lease) = &lease {
+            let mut lease = lease.borrow_mut();
+            if lease.renewal_due() {
+                match lease.renew() {
+                    Ok(true) => {}
+                    Ok(false) => deposed.set(true),
+                    Err(error) => eprintln!("ftss-server: cannot renew the lease: {error}"),
+                }
+            }
+            if !lease.valid() {
+                deposed.set(true);
+            }
+        }
+        deposed.get()
+    });
+    if deposed.get() {
+        return Err("lost the lease (another instance is active, or the volume is unreachable): stopped".into());
+    }
     Ok(())
+}
+
+/// Waits as a standby until this instance holds the lease. `None` if stopped while waiting.
+fn become_active(config: &server::Config, ha: &config::HaSettings) -> Result<Option<lease::Lease>, String> {
+    let mut lease = lease::Lease::new(&config.volume, ha.instance.clone(), ha.lease_term);
+    eprintln!("ftss-server: instance {} is standby", ha.instance);
+    loop {
+        if STOP.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        match lease.try_acquire() {
+            Ok(true) => {
+                eprintln!("ftss-server: instance {} is active (lease epoch {})", ha.instance, lease.epoch());
+                return Ok(Some(lease));
+            }
+            Ok(false) => {}
+            Err(error) => eprintln!("ftss-server: cannot take the lease: {error}"),
+        }
+        std::thread::sleep(ha.lease_term / 10);
+    }
 }
 
 fn scrub(queue_dirs: &[PathBuf], json: bool) -> Result<(), String> {

@@ -111,6 +111,8 @@ pub struct RecoveryReport {
     pub records: usize,
     pub torn_bytes_truncated: u64,
     pub mirrors_repaired: usize,
+    /// Bytes cut because a deposed instance wrote them after the fence.
+    pub fenced_bytes: u64,
 }
 
 /// Health of one mirror, for status.
@@ -295,6 +297,7 @@ impl Queue {
             fs::create_dir_all(dir).map_err(io_error("creating", dir))?;
         }
         let mut report = RecoveryReport::default();
+        apply_fence(dirs, &mut report)?;
         let mut recovered = Vec::new();
         let mut segments = BTreeMap::new();
         for segment in segment_ids(dirs) {
@@ -343,6 +346,25 @@ impl Queue {
     /// Does the active segment hold any record (beyond its header), with nothing pending?
     pub fn active_has_records(&self) -> bool {
         self.pending.is_empty() && self.segments[&self.active_segment] > SEGMENT_HEADER_BYTES as u64
+    }
+
+    /// Fences the queue at `epoch` (a lease epoch, see `lease`): records every segment's length now,
+    /// so that anything a deposed instance appends to them later is cut off at the next open, and
+    /// starts a new segment for this instance's own appends.
+    pub fn fence(&mut self, epoch: u64) -> Result<(), QueueError> {
+        assert!(self.pending.is_empty(), "fence only between syncs");
+        let fence = Fence { epoch, segments: self.segments.iter().map(|(id, len)| (*id, *len)).collect() };
+        let text = toml::to_string(&fence).expect("fence serializes");
+        for index in self.healthy().collect::<Vec<_>>() {
+            let dir = self.mirrors[index].dir.clone();
+            let tmp = dir.join(format!(".fence.{}", std::process::id()));
+            let written = fsbridge::spool::write_file_durably(&tmp, text.as_bytes())
+                .map_err(io::Error::from)
+                .and_then(|()| fs::rename(&tmp, dir.join(FENCE_FILE)))
+                .and_then(|()| File::open(&dir)?.sync_all());
+            written.map_err(io_error("fencing", &dir))?;
+        }
+        self.rotate()
     }
 
     /// Starts a new active segment (so the old one can be reclaimed once nothing lives in it). On
@@ -545,6 +567,9 @@ impl Queue {
         let source_dir = self.mirrors[source].dir.clone();
         let target_dir = self.mirrors[target].dir.clone();
         for entry in fs::read_dir(&target_dir)?.flatten() {
+            if entry.file_name() == FENCE_FILE {
+                continue;
+            }
             let stale = entry
                 .file_name()
                 .to_str()
@@ -593,6 +618,44 @@ impl Queue {
         }
         deleted
     }
+}
+
+/// Name of the fence file in each queue dir.
+const FENCE_FILE: &str = "fence.toml";
+
+/// Segment lengths at the moment an instance took over (see [`Queue::fence`]).
+#[derive(Debug, serde::Deserialize, Serialize)]
+struct Fence {
+    epoch: u64,
+    segments: Vec<(u64, u64)>,
+}
+
+/// Cuts every fenced segment back to its fenced length (late writes of a deposed instance).
+fn apply_fence(dirs: &[PathBuf], report: &mut RecoveryReport) -> Result<(), QueueError> {
+    let fence = dirs
+        .iter()
+        .filter_map(|dir| fs::read_to_string(dir.join(FENCE_FILE)).ok())
+        .filter_map(|text| toml::from_str::<Fence>(&text).ok())
+        .max_by_key(|fence| fence.epoch);
+    let Some(fence) = fence else { return Ok(()) };
+    for (segment, length) in fence.segments {
+        for dir in dirs {
+            let path = dir.join(segment_name(segment));
+            let Ok(meta) = fs::metadata(&path) else { continue };
+            if meta.len() > length {
+                let file = OpenOptions::new().write(true).open(&path).map_err(io_error("opening", &path))?;
+                file.set_len(length).map_err(io_error("fencing", &path))?;
+                file.sync_all().map_err(io_error("syncing", &path))?;
+                eprintln!(
+                    "ftss-server: cut {} bytes a deposed instance wrote to {}",
+                    meta.len() - length,
+                    path.display()
+                );
+                report.fenced_bytes += meta.len() - length;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn open_segment_for_append(dir: &Path, segment: u64, header: Option<&[u8]>) -> Result<File, QueueError> {
@@ -779,5 +842,52 @@ mod tests {
         fs::remove_dir_all(&dirs[0]).unwrap();
         queue.append(&stored(2));
         assert!(matches!(queue.sync(), Err(QueueError::NoHealthyMirror { .. })));
+    }
+}
+
+#[cfg(test)]
+mod fence_tests {
+    use super::*;
+    use fsbridge::{NodeName, PacketId};
+
+    fn stored(seq: u64) -> QueueRecord {
+        QueueRecord::Stored {
+            stored_unix_us: seq,
+            packet: Packet {
+                id: PacketId { origin: NodeName::new("a").unwrap(), epoch: 1, seq },
+                source: "10.77.0.1:1".parse().unwrap(),
+                destination: "10.77.0.2:2".parse().unwrap(),
+                sent_unix_us: seq,
+                payload: vec![1; 10],
+            },
+        }
+    }
+
+    #[test]
+    fn a_deposed_writer_is_cut_off_at_the_fence() {
+        let dirs =
+            vec![std::env::temp_dir().join(format!("ftss-fence-{}-{}", std::process::id(), fsbridge::random_u64()))];
+        let (mut old, _, _) = Queue::open(&dirs).unwrap();
+        old.append(&stored(1));
+        old.sync().unwrap();
+        // The successor opens the same queue and fences it at epoch 2.
+        let (mut new, recovered, _) = Queue::open(&dirs).unwrap();
+        assert_eq!(recovered.len(), 1);
+        new.fence(2).unwrap();
+        // The deposed writer, paused until now, appends once more to its old segment.
+        old.append(&stored(2));
+        old.sync().unwrap();
+        new.append(&stored(3));
+        new.sync().unwrap();
+        let (_, recovered, report) = Queue::open(&dirs).unwrap();
+        let seqs: Vec<u64> = recovered
+            .iter()
+            .filter_map(|item| match &item.record {
+                QueueRecord::Stored { packet, .. } => Some(packet.id.seq),
+                QueueRecord::Done { .. } => None,
+            })
+            .collect();
+        assert_eq!(seqs, vec![1, 3], "the late write of the deposed writer survived");
+        assert!(report.fenced_bytes > 0);
     }
 }

@@ -162,6 +162,8 @@ pub struct Server {
     gateway_origin: NodeName,
     sync_seconds: Histogram,
     metrics: Option<Snapshot>,
+    /// Set when running as one of several instances (`--ha`).
+    active: Option<Active>,
     /// Sequence of packets that came in through the gateway (ids: gateway origin, this epoch).
     gateway_seq: u64,
 }
@@ -216,6 +218,7 @@ impl Server {
             gateway_origin: NodeName::new(GATEWAY_ORIGIN).expect("valid name"),
             sync_seconds: Histogram::default(),
             metrics: None,
+            active: None,
             gateway_seq: 0,
         };
         for item in recovered {
@@ -281,6 +284,14 @@ impl Server {
             }
         }
         self.write_status(true);
+    }
+
+    /// Called once when this instance won the lease: fences the queue at its epoch and records who
+    /// is active for status.
+    pub fn take_over(&mut self, instance: &str, epoch: u64) -> Result<(), QueueError> {
+        self.queue.fence(epoch)?;
+        self.active = Some(Active { instance: instance.to_owned(), lease_epoch: epoch });
+        Ok(())
     }
 
     /// One group commit, timed for the metrics.
@@ -980,6 +991,7 @@ impl Server {
                 last_send_error: self.gateway.last_send_error.clone(),
             },
             last_error: self.last_error.clone(),
+            active: self.active.clone(),
             nodes,
         }
     }
@@ -1052,7 +1064,15 @@ pub struct Status {
     pub dead_letters: Vec<DeadLetter>,
     pub gateway: GatewayStatus,
     pub last_error: Option<String>,
+    /// With `--ha`: this (active) instance and its lease epoch.
+    pub active: Option<Active>,
     pub nodes: BTreeMap<String, NodeStatus>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Active {
+    pub instance: String,
+    pub lease_epoch: u64,
 }
 
 #[derive(Debug, Serialize)]

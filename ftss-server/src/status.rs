@@ -36,6 +36,10 @@ pub fn show(volume_dir: &Path, as_json: bool) -> Result<(), String> {
         .map(|names| names.iter().filter(|name| !name.ends_with(fsbridge::layout::QUARANTINE_REASON_SUFFIX)).count())
         .unwrap_or(0);
     status["quarantine_files"] = json!(quarantined);
+    if let Some(lease) = crate::lease::read(&volume.server_dir().join("lease")) {
+        let live = fsbridge::unix_now_us() / 1000 < lease.expires_unix_ms;
+        status["lease"] = json!({ "holder": lease.holder, "epoch": lease.epoch, "expires_unix_ms": lease.expires_unix_ms, "live": live });
+    }
     if as_json {
         println!("{status}");
     } else {
@@ -51,6 +55,15 @@ fn number(value: &Value) -> String {
 fn print_table(status: &Value) {
     let running = if status["running"].as_bool().unwrap_or(false) { "running" } else { "not running" };
     println!("ftss-server: {running} (pid {})", number(&status["pid"]));
+    if status["lease"].is_object() {
+        let lease = &status["lease"];
+        let state = if lease["live"] == true { "active" } else { "lease expired" };
+        println!(
+            "ha: {} is {state} (lease epoch {})",
+            lease["holder"].as_str().unwrap_or("?"),
+            number(&lease["epoch"])
+        );
+    }
     if status["degraded"].as_bool().unwrap_or(false) {
         println!("DEGRADED: a queue mirror has failed; packets are kept on the healthy mirrors only");
     }
