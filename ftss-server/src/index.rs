@@ -1,17 +1,25 @@
 //! The in-memory index of the queue: which packets are queued for which destination, in store
 //! order, which are in flight (delivered, not yet receipted) and when they are due again. No I/O:
-//! the server feeds it events and the time. Payloads stay on disk; an entry is a few dozen bytes.
+//! the server feeds it events and the time. Payloads stay on disk.
 //!
-//! Every operation of a cycle costs in proportion to the packets it touches, never to the size of
-//! the queue, so a queue of millions of held packets does not slow the server down.
+//! Memory is what a queue of millions of held packets (a receiver that is away) costs, so a packet
+//! waiting for delivery is 48 bytes in its destination's queue and nothing else. Lookups by id are
+//! only needed for packets in flight (receipts) and for the most recently stored ones (an outbox file
+//! drained again after a crash): those two have maps of their own, both bounded.
+//!
+//! Every operation costs in proportion to the packets it touches, never to the size of the queue.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use fsbridge::{NodeName, PacketId};
 
 use crate::queue::Location;
+
+/// Ids of the most recently stored packets remembered for duplicate detection: at least one drain
+/// cycle's worth, which is all a crash between storing and removing outbox files can replay.
+pub const RECENT_IDS_MAX: usize = 1 << 17;
 
 /// A packet id with its origin node interned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -21,24 +29,70 @@ pub struct Key {
     origin: u32,
 }
 
-/// One queued packet.
-#[derive(Clone, Copy, Debug)]
+/// One queued packet, as the server sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
     pub location: Location,
     pub destination: SocketAddrV4,
     pub stored_unix_us: u64,
     pub payload_bytes: u16,
+}
+
+/// An entry packed into 24 bytes.
+#[derive(Clone, Copy, Debug)]
+struct Packed {
+    segment: u32,
+    offset: u32,
+    length: u32,
+    ip: u32,
+    port: u16,
+    payload_bytes: u16,
+    stored_unix_s: u32,
+}
+
+impl Packed {
+    fn pack(entry: &Entry) -> Packed {
+        assert!(entry.location.segment <= u64::from(u32::MAX) && entry.location.offset <= u64::from(u32::MAX));
+        Packed {
+            segment: entry.location.segment as u32,
+            offset: entry.location.offset as u32,
+            length: entry.location.length,
+            ip: u32::from(*entry.destination.ip()),
+            port: entry.destination.port(),
+            payload_bytes: entry.payload_bytes,
+            stored_unix_s: (entry.stored_unix_us / 1_000_000) as u32,
+        }
+    }
+
+    fn unpack(&self) -> Entry {
+        Entry {
+            location: Location {
+                segment: u64::from(self.segment),
+                offset: u64::from(self.offset),
+                length: self.length,
+            },
+            destination: SocketAddrV4::new(Ipv4Addr::from(self.ip), self.port),
+            stored_unix_us: u64::from(self.stored_unix_s) * 1_000_000,
+            payload_bytes: self.payload_bytes,
+        }
+    }
+}
+
+/// A packet delivered at least once and not yet receipted.
+struct InFlight {
+    packed: Packed,
     /// When it was last written to an inbox, and the batch seq of that inbox file.
-    pub delivered: Option<(Instant, u64)>,
+    delivered_at: Instant,
+    file: u64,
 }
 
 /// The queue of one destination address.
 #[derive(Default)]
 struct Destination {
     /// Not yet delivered, in store order.
-    undelivered: VecDeque<Key>,
-    /// Delivered at least once, in delivery order; may hold keys already finished (removed lazily).
-    in_flight: VecDeque<Key>,
+    undelivered: VecDeque<(Key, Packed)>,
+    /// Delivered, in delivery order; may hold keys already receipted (removed lazily).
+    in_flight_order: VecDeque<Key>,
     in_flight_count: usize,
     packets: u64,
     bytes: u64,
@@ -56,17 +110,20 @@ pub struct DestinationStats {
 /// The index.
 #[derive(Default)]
 pub struct Index {
-    entries: HashMap<Key, Entry>,
     destinations: HashMap<Ipv4Addr, Destination>,
+    in_flight: HashMap<Key, InFlight>,
     /// Deliveries in time order, for finding redeliveries due; stale items are skipped.
     deliveries: VecDeque<(Instant, Key)>,
+    recent: HashSet<Key>,
+    recent_order: VecDeque<Key>,
+    packets: usize,
     origins: Vec<NodeName>,
     origin_numbers: HashMap<NodeName, u32>,
 }
 
 impl Index {
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.packets
     }
 
     fn intern(&mut self, origin: &NodeName) -> u32 {
@@ -89,45 +146,73 @@ impl Index {
         PacketId { origin: self.origins[key.origin as usize].clone(), epoch: key.epoch, seq: key.seq }
     }
 
-    pub fn contains(&self, id: &PacketId) -> bool {
-        self.key(id).is_some_and(|key| self.entries.contains_key(&key))
+    /// Was this id stored recently (a duplicate drain) or is it in flight?
+    pub fn seen(&self, id: &PacketId) -> bool {
+        self.key(id).is_some_and(|key| self.recent.contains(&key) || self.in_flight.contains_key(&key))
     }
 
-    pub fn get(&self, key: Key) -> Option<&Entry> {
-        self.entries.get(&key)
+    /// The entry of a packet in flight, with the batch seq of its last inbox file.
+    pub fn in_flight(&self, key: Key) -> Option<(Entry, u64)> {
+        self.in_flight.get(&key).map(|flight| (flight.packed.unpack(), flight.file))
     }
 
-    /// Adds a stored packet at the back of its destination's queue. False if already present.
+    /// Adds a stored packet at the back of its destination's queue. False if it was stored recently.
     pub fn insert(&mut self, id: &PacketId, entry: Entry) -> bool {
         let origin = self.intern(&id.origin);
         let key = Key { epoch: id.epoch, seq: id.seq, origin };
-        if self.entries.contains_key(&key) {
+        if self.recent.contains(&key) || self.in_flight.contains_key(&key) {
             return false;
         }
+        self.remember(key);
         let destination = self.destinations.entry(*entry.destination.ip()).or_default();
-        destination.undelivered.push_back(key);
+        destination.undelivered.push_back((key, Packed::pack(&entry)));
         destination.packets += 1;
         destination.bytes += u64::from(entry.payload_bytes);
-        self.entries.insert(key, entry);
+        self.packets += 1;
         true
     }
 
-    /// Removes a packet (receipted or dead-lettered); returns its entry.
-    pub fn remove(&mut self, id: &PacketId) -> Option<Entry> {
-        let key = self.key(id)?;
-        let entry = self.entries.remove(&key)?;
-        let destination = self.destinations.get_mut(entry.destination.ip()).expect("queued packets have a destination");
-        destination.packets -= 1;
-        destination.bytes -= u64::from(entry.payload_bytes);
-        if entry.delivered.is_some() {
-            destination.in_flight_count -= 1;
+    fn remember(&mut self, key: Key) {
+        if self.recent_order.len() >= RECENT_IDS_MAX
+            && let Some(oldest) = self.recent_order.pop_front()
+        {
+            self.recent.remove(&oldest);
         }
-        // Keys stay in the deques until they reach the front; trim what is there now.
-        trim_front(&mut destination.undelivered, &self.entries);
-        trim_front(&mut destination.in_flight, &self.entries);
-        if destination.packets == 0 {
+        self.recent.insert(key);
+        self.recent_order.push_back(key);
+    }
+
+    /// Removes a packet (receipted, dead-lettered, sent); returns its entry. Packets not in flight
+    /// are found in their destination's queue (`destination`), normally at its front.
+    pub fn remove(&mut self, id: &PacketId, destination: Option<Ipv4Addr>) -> Option<Entry> {
+        let key = self.key(id)?;
+        let (packed, was_in_flight) = match self.in_flight.remove(&key) {
+            Some(flight) => (flight.packed, true),
+            None => {
+                let queue = self.destinations.get_mut(&destination?)?;
+                let position = if queue.undelivered.front().is_some_and(|(front, _)| *front == key) {
+                    0
+                } else {
+                    queue.undelivered.iter().position(|(other, _)| *other == key)?
+                };
+                (queue.undelivered.remove(position).expect("position is in range").1, false)
+            }
+        };
+        let entry = packed.unpack();
+        let queue = self.destinations.get_mut(entry.destination.ip()).expect("queued packets have a destination");
+        queue.packets -= 1;
+        queue.bytes -= u64::from(entry.payload_bytes);
+        if was_in_flight {
+            queue.in_flight_count -= 1;
+            let in_flight = &self.in_flight;
+            while queue.in_flight_order.front().is_some_and(|front| !in_flight.contains_key(front)) {
+                queue.in_flight_order.pop_front();
+            }
+        }
+        if queue.packets == 0 {
             self.destinations.remove(entry.destination.ip());
         }
+        self.packets -= 1;
         Some(entry)
     }
 
@@ -142,13 +227,11 @@ impl Index {
     }
 
     /// Up to `limit` undelivered packets of `destination`, oldest first, without exceeding
-    /// `in_flight_max` packets in flight for it. They are not marked delivered yet.
-    pub fn next_undelivered(&mut self, destination: &Ipv4Addr, limit: usize, in_flight_max: usize) -> Vec<Key> {
-        let entries = &self.entries;
-        let Some(queue) = self.destinations.get_mut(destination) else { return Vec::new() };
-        trim_front(&mut queue.undelivered, entries);
+    /// `in_flight_max` packets in flight for it. They stay queued until marked delivered or removed.
+    pub fn next_undelivered(&self, destination: &Ipv4Addr, limit: usize, in_flight_max: usize) -> Vec<(Key, Entry)> {
+        let Some(queue) = self.destinations.get(destination) else { return Vec::new() };
         let room = in_flight_max.saturating_sub(queue.in_flight_count).min(limit);
-        queue.undelivered.iter().filter(|key| entries.contains_key(key)).take(room).copied().collect()
+        queue.undelivered.iter().take(room).map(|(key, packed)| (*key, packed.unpack())).collect()
     }
 
     /// Packets delivered before `now - redeliver_after` and still not receipted, oldest first.
@@ -156,7 +239,7 @@ impl Index {
         let mut due = Vec::new();
         while due.len() < limit {
             let Some(&(at, key)) = self.deliveries.front() else { break };
-            let current = self.entries.get(&key).and_then(|entry| entry.delivered).is_some_and(|(last, _)| last == at);
+            let current = self.in_flight.get(&key).is_some_and(|flight| flight.delivered_at == at);
             if !current {
                 // Receipted since, or delivered again later (a newer item stands for it).
                 self.deliveries.pop_front();
@@ -173,73 +256,61 @@ impl Index {
 
     /// Puts a due packet back in line without delivering it (its inbox copy still waits).
     pub fn postpone(&mut self, key: Key, now: Instant) {
-        if let Some(entry) = self.entries.get_mut(&key)
-            && let Some((_, file)) = entry.delivered
-        {
-            entry.delivered = Some((now, file));
+        if let Some(flight) = self.in_flight.get_mut(&key) {
+            flight.delivered_at = now;
             self.deliveries.push_back((now, key));
         }
     }
 
     /// Records that `key` was written to an inbox file; returns whether it was the first time.
-    pub fn mark_delivered(&mut self, key: Key, now: Instant, file: u64) -> bool {
-        let Some(entry) = self.entries.get_mut(&key) else { return false };
-        let first = entry.delivered.is_none();
-        entry.delivered = Some((now, file));
-        let destination = *entry.destination.ip();
+    pub fn mark_delivered(&mut self, key: Key, destination: &Ipv4Addr, now: Instant, file: u64) -> bool {
         self.deliveries.push_back((now, key));
-        if first {
-            let queue = self.destinations.get_mut(&destination).expect("queued packets have a destination");
-            trim_front(&mut queue.undelivered, &self.entries);
-            queue.in_flight_count += 1;
-            queue.in_flight.push_back(key);
-            if queue.undelivered.front() == Some(&key) {
-                queue.undelivered.pop_front();
-            } else if let Some(position) = queue.undelivered.iter().position(|other| *other == key) {
-                queue.undelivered.remove(position);
-            }
+        if let Some(flight) = self.in_flight.get_mut(&key) {
+            flight.delivered_at = now;
+            flight.file = file;
+            return false;
         }
-        first
+        let Some(queue) = self.destinations.get_mut(destination) else { return false };
+        // Deliveries go in queue order, so the key is at the front.
+        let position = if queue.undelivered.front().is_some_and(|(front, _)| *front == key) {
+            Some(0)
+        } else {
+            queue.undelivered.iter().position(|(other, _)| *other == key)
+        };
+        let Some(position) = position else { return false };
+        let (_, packed) = queue.undelivered.remove(position).expect("position is in range");
+        queue.in_flight_count += 1;
+        queue.in_flight_order.push_back(key);
+        self.in_flight.insert(key, InFlight { packed, delivered_at: now, file });
+        true
     }
 
     /// Undelivered packets for `destination` stored at or before `cutoff_unix_us`, oldest first.
-    pub fn stored_before(&mut self, destination: &Ipv4Addr, cutoff_unix_us: u64, limit: usize) -> Vec<PacketId> {
-        let entries = &self.entries;
-        let Some(queue) = self.destinations.get_mut(destination) else { return Vec::new() };
-        trim_front(&mut queue.undelivered, entries);
-        let keys: Vec<Key> = queue
+    pub fn stored_before(&self, destination: &Ipv4Addr, cutoff_unix_us: u64, limit: usize) -> Vec<PacketId> {
+        let Some(queue) = self.destinations.get(destination) else { return Vec::new() };
+        queue
             .undelivered
             .iter()
-            .take_while(|key| entries.get(key).is_none_or(|entry| entry.stored_unix_us <= cutoff_unix_us))
-            .filter(|key| entries.contains_key(key))
+            .take_while(|(_, packed)| packed.unpack().stored_unix_us <= cutoff_unix_us)
             .take(limit)
-            .copied()
-            .collect();
-        keys.into_iter().map(|key| self.id(key)).collect()
+            .map(|(key, _)| self.id(*key))
+            .collect()
     }
 
-    pub fn stats(&mut self, destination: &Ipv4Addr) -> DestinationStats {
-        let entries = &self.entries;
-        let Some(queue) = self.destinations.get_mut(destination) else { return DestinationStats::default() };
-        trim_front(&mut queue.undelivered, entries);
-        trim_front(&mut queue.in_flight, entries);
-        let oldest = [queue.undelivered.front(), queue.in_flight.front()]
-            .into_iter()
-            .flatten()
-            .filter_map(|key| entries.get(key).map(|entry| entry.stored_unix_us))
-            .min();
+    pub fn stats(&self, destination: &Ipv4Addr) -> DestinationStats {
+        let Some(queue) = self.destinations.get(destination) else { return DestinationStats::default() };
+        let waiting = queue.undelivered.front().map(|(_, packed)| packed.unpack().stored_unix_us);
+        let flying = queue
+            .in_flight_order
+            .front()
+            .and_then(|key| self.in_flight.get(key))
+            .map(|flight| flight.packed.unpack().stored_unix_us);
         DestinationStats {
             packets: queue.packets,
             bytes: queue.bytes,
             in_flight: queue.in_flight_count as u64,
-            oldest_stored_unix_us: oldest,
+            oldest_stored_unix_us: [waiting, flying].into_iter().flatten().min(),
         }
-    }
-}
-
-fn trim_front(keys: &mut VecDeque<Key>, entries: &HashMap<Key, Entry>) {
-    while keys.front().is_some_and(|key| !entries.contains_key(key)) {
-        keys.pop_front();
     }
 }
 
@@ -255,10 +326,20 @@ mod tests {
         Entry {
             location: Location { segment: 0, offset: seq * 100, length: 100 },
             destination: destination.parse().unwrap(),
-            stored_unix_us: 1000 + seq,
+            stored_unix_us: (1000 + seq) * 1_000_000,
             payload_bytes: 10,
-            delivered: None,
         }
+    }
+
+    fn keys(pairs: Vec<(Key, Entry)>) -> Vec<Key> {
+        pairs.into_iter().map(|(key, _)| key).collect()
+    }
+
+    #[test]
+    fn packed_entries_round_trip() {
+        let original = entry(7, "10.1.2.3:4567");
+        assert_eq!(Packed::pack(&original).unpack(), original);
+        assert_eq!(std::mem::size_of::<Packed>(), 24);
     }
 
     #[test]
@@ -270,17 +351,22 @@ mod tests {
         assert!(!index.insert(&id(3), entry(3, "10.0.0.2:9")), "duplicate accepted");
         let destination: Ipv4Addr = "10.0.0.2".parse().unwrap();
         let now = Instant::now();
-        let first = index.next_undelivered(&destination, 10, 2);
+        let first = keys(index.next_undelivered(&destination, 10, 2));
         assert_eq!(first, vec![index.key(&id(1)).unwrap(), index.key(&id(2)).unwrap()]);
         for key in &first {
-            assert!(index.mark_delivered(*key, now, 1));
+            assert!(index.mark_delivered(*key, &destination, now, 1));
         }
         assert!(index.next_undelivered(&destination, 10, 2).is_empty(), "in-flight limit ignored");
-        index.remove(&id(2));
-        assert_eq!(index.next_undelivered(&destination, 10, 2), vec![index.key(&id(3)).unwrap()]);
+        assert_eq!(index.remove(&id(2), None).unwrap(), entry(2, "10.0.0.2:9"));
+        assert_eq!(keys(index.next_undelivered(&destination, 10, 2)), vec![index.key(&id(3)).unwrap()]);
         let stats = index.stats(&destination);
-        assert_eq!((stats.packets, stats.bytes, stats.in_flight, stats.oldest_stored_unix_us), (4, 40, 1, Some(1001)));
+        assert_eq!((stats.packets, stats.bytes, stats.in_flight), (4, 40, 1));
+        assert_eq!(stats.oldest_stored_unix_us, Some(1001 * 1_000_000));
         assert_eq!(index.queued_bytes(&destination), 40);
+        // An undelivered packet is found through its destination.
+        assert!(index.remove(&id(4), None).is_none());
+        assert!(index.remove(&id(4), Some(destination)).is_some());
+        assert_eq!(index.len(), 3);
     }
 
     #[test]
@@ -288,17 +374,19 @@ mod tests {
         let mut index = Index::default();
         index.insert(&id(1), entry(1, "10.0.0.2:9"));
         index.insert(&id(2), entry(2, "10.0.0.2:9"));
+        let destination: Ipv4Addr = "10.0.0.2".parse().unwrap();
         let start = Instant::now();
         let key1 = index.key(&id(1)).unwrap();
         let key2 = index.key(&id(2)).unwrap();
-        index.mark_delivered(key1, start, 1);
-        index.mark_delivered(key2, start, 1);
+        index.mark_delivered(key1, &destination, start, 1);
+        index.mark_delivered(key2, &destination, start, 1);
         let later = start + Duration::from_secs(2);
         assert!(index.due_again(later, Duration::from_secs(5), 10).is_empty());
-        index.remove(&id(2));
+        index.remove(&id(2), None);
         let much_later = start + Duration::from_secs(6);
         assert_eq!(index.due_again(much_later, Duration::from_secs(5), 10), vec![key1]);
-        assert!(!index.mark_delivered(key1, much_later, 2), "a redelivery is not a first delivery");
+        assert!(!index.mark_delivered(key1, &destination, much_later, 2), "a redelivery is not a first delivery");
+        assert_eq!(index.in_flight(key1).unwrap().1, 2);
         assert!(index.due_again(much_later, Duration::from_secs(5), 10).is_empty());
         assert_eq!(index.due_again(much_later + Duration::from_secs(5), Duration::from_secs(5), 10), vec![key1]);
     }
@@ -310,10 +398,21 @@ mod tests {
             index.insert(&id(seq), entry(seq, "10.9.9.9:1"));
         }
         let destination: Ipv4Addr = "10.9.9.9".parse().unwrap();
-        assert_eq!(index.stored_before(&destination, 1002, 10), vec![id(1), id(2)]);
-        index.remove(&id(1));
-        index.remove(&id(2));
-        assert_eq!(index.stored_before(&destination, 1002, 10), Vec::<PacketId>::new());
+        assert_eq!(index.stored_before(&destination, 1002 * 1_000_000, 10), vec![id(1), id(2)]);
+        index.remove(&id(1), Some(destination));
+        index.remove(&id(2), Some(destination));
+        assert_eq!(index.stored_before(&destination, 1002 * 1_000_000, 10), Vec::<PacketId>::new());
         assert_eq!(index.len(), 2);
+    }
+
+    #[test]
+    fn a_million_held_packets_cost_about_48_bytes_each() {
+        let mut index = Index::default();
+        for seq in 0..1_000_000u64 {
+            index.insert(&id(seq), entry(seq, "10.9.9.9:1"));
+        }
+        let queue = &index.destinations[&"10.9.9.9".parse().unwrap()];
+        let bytes = queue.undelivered.capacity() * std::mem::size_of::<(Key, Packed)>();
+        assert!(bytes <= 1_100_000 * 48, "{bytes} bytes for a million held packets");
     }
 }

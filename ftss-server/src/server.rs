@@ -221,14 +221,35 @@ impl Server {
             active: None,
             gateway_seq: 0,
         };
-        for item in recovered {
-            match item.record {
-                QueueRecord::Stored { stored_unix_us, packet } => server.insert(&packet, item.location, stored_unix_us),
-                QueueRecord::Done { id, outcome, at_unix_us, .. } => server.finish(&id, outcome, at_unix_us),
+        server.replay(recovered);
+        Ok(server)
+    }
+
+    /// Rebuilds the index from the recovered log: packets without a `done` record are queued;
+    /// receipted or sent ones still inside `--retain` keep their segment alive.
+    fn replay(&mut self, recovered: Vec<crate::queue::Recovered>) {
+        let mut done: HashMap<PacketId, (Outcome, u64)> = HashMap::new();
+        for item in &recovered {
+            if let QueueRecord::Done { id, outcome, at_unix_us, .. } = &item.record {
+                done.insert(id.clone(), (*outcome, *at_unix_us));
             }
         }
-        server.expire_retained(now_us());
-        Ok(server)
+        let retain_us = self.config.retain.as_micros() as u64;
+        let now = now_us();
+        let mut retained = Vec::new();
+        for item in recovered {
+            let QueueRecord::Stored { stored_unix_us, packet } = item.record else { continue };
+            match done.get(&packet.id) {
+                None => self.insert(&packet, item.location, stored_unix_us),
+                Some((outcome, at)) if *outcome != Outcome::DeadLettered && at + retain_us > now && retain_us > 0 => {
+                    *self.live_per_segment.entry(item.location.segment).or_insert(0) += 1;
+                    retained.push((at + retain_us, item.location.segment));
+                }
+                Some(_) => {}
+            }
+        }
+        retained.sort_unstable();
+        self.retained.extend(retained);
     }
 
     pub fn recovery(&self) -> &RecoveryReport {
@@ -241,7 +262,6 @@ impl Server {
             destination: packet.destination,
             stored_unix_us,
             payload_bytes: packet.payload.len() as u16,
-            delivered: None,
         };
         if self.index.insert(&packet.id, entry) {
             *self.live_per_segment.entry(location.segment).or_insert(0) += 1;
@@ -249,8 +269,9 @@ impl Server {
     }
 
     /// The packet is receipted or dead-lettered: it leaves the queue (its bytes may be retained).
-    fn finish(&mut self, id: &PacketId, outcome: Outcome, at_unix_us: u64) {
-        let Some(entry) = self.index.remove(id) else { return };
+    /// `destination` finds packets that were never delivered (dead letters, egress).
+    fn finish(&mut self, id: &PacketId, outcome: Outcome, at_unix_us: u64, destination: Option<Ipv4Addr>) {
+        let Some(entry) = self.index.remove(id, destination) else { return };
         let retain_us = self.config.retain.as_micros() as u64;
         if outcome != Outcome::DeadLettered && retain_us > 0 {
             // Still live for reclaiming until the retention ends.
@@ -447,7 +468,7 @@ impl Server {
         }
         for batch in &drained {
             for packet in &batch.packets {
-                if self.index.contains(&packet.id) {
+                if self.index.seen(&packet.id) {
                     // Drained before a crash that came before the outbox file was removed.
                     continue;
                 }
@@ -667,13 +688,12 @@ impl Server {
     /// redeliveries that came due, then packets not delivered yet.
     fn deliver(&mut self) -> Result<usize, QueueError> {
         let now = Instant::now();
-        let mut due: BTreeMap<(NodeName, u16), Vec<Key>> = BTreeMap::new();
+        let mut due: BTreeMap<(NodeName, u16), Vec<(Key, Entry)>> = BTreeMap::new();
         let mut count = 0;
         let mut still_in_inbox: HashMap<(NodeName, u16, u64), bool> = HashMap::new();
         for key in self.index.due_again(now, self.config.redeliver_after, DELIVER_PACKETS_PER_CYCLE_MAX) {
-            let entry = *self.index.get(key).expect("due packets are queued");
+            let (entry, file) = self.index.in_flight(key).expect("due packets are in flight");
             let port = entry.destination.port();
-            let file = entry.delivered.expect("due packets were delivered").1;
             let Some(node) = self.addr_to_node.get(entry.destination.ip()).cloned() else {
                 self.index.postpone(key, now);
                 continue;
@@ -687,7 +707,7 @@ impl Server {
                 self.index.postpone(key, now);
                 continue;
             }
-            due.entry((node, port)).or_default().push(key);
+            due.entry((node, port)).or_default().push((key, entry));
             count += 1;
         }
         for destination in self.index.destinations() {
@@ -698,9 +718,8 @@ impl Server {
             // Unknown destinations stay queued: the receiver may register later.
             let Some(node) = self.addr_to_node.get(&destination).cloned() else { continue };
             let room = DELIVER_PACKETS_PER_CYCLE_MAX.saturating_sub(count);
-            for key in self.index.next_undelivered(&destination, room, IN_FLIGHT_PER_DESTINATION_MAX) {
-                let port = self.index.get(key).expect("listed packets are queued").destination.port();
-                due.entry((node.clone(), port)).or_default().push(key);
+            for (key, entry) in self.index.next_undelivered(&destination, room, IN_FLIGHT_PER_DESTINATION_MAX) {
+                due.entry((node.clone(), entry.destination.port())).or_default().push((key, entry));
                 count += 1;
             }
         }
@@ -722,8 +741,7 @@ impl Server {
         }
         let at_unix_us = now_us();
         let mut sent = Vec::new();
-        for key in keys {
-            let entry = *self.index.get(key).expect("listed packets are queued");
+        for (_, entry) in keys {
             let (_, packet) = self.queue.read_stored(entry.location)?;
             self.gateway.send(Some(&packet.id.origin), packet.source, packet.destination, &packet.payload);
             let record =
@@ -737,19 +755,24 @@ impl Server {
             return Ok(0);
         }
         for id in &sent {
-            self.finish(id, Outcome::Sent, at_unix_us);
+            self.finish(id, Outcome::Sent, at_unix_us, Some(*destination));
         }
         Ok(sent.len())
     }
 
     /// Writes one inbox file with a prefix of `keys`; returns how many it took.
-    fn deliver_file(&mut self, node: &NodeName, port: u16, keys: &[Key], now: Instant) -> Result<usize, QueueError> {
+    fn deliver_file(
+        &mut self,
+        node: &NodeName,
+        port: u16,
+        keys: &[(Key, Entry)],
+        now: Instant,
+    ) -> Result<usize, QueueError> {
         let mut encoder = self.encoder(BatchKind::Packets);
         let file_seq = self.batch_seq;
         let mut bytes = 0;
         let mut taken = 0;
-        for key in keys.iter().take(DELIVER_PACKETS_PER_FILE_MAX) {
-            let entry = *self.index.get(*key).expect("packets to deliver are queued");
+        for (_, entry) in keys.iter().take(DELIVER_PACKETS_PER_FILE_MAX) {
             if taken > 0 && bytes + entry.payload_bytes as usize > DELIVER_FILE_BYTES_MAX {
                 break;
             }
@@ -764,8 +787,8 @@ impl Server {
             self.report("delivering", format!("inbox of {node}:{port}: {error}"));
             return Ok(keys.len());
         }
-        for key in &keys[..taken] {
-            if self.index.mark_delivered(*key, now, file_seq) {
+        for (key, entry) in &keys[..taken] {
+            if self.index.mark_delivered(*key, entry.destination.ip(), now, file_seq) {
                 self.counters.delivered += 1;
                 let id = self.index.id(*key);
                 self.ack_later(&id, AckState::Delivered, String::new());
@@ -803,8 +826,8 @@ impl Server {
                         let own = ids.into_iter().filter(|id| {
                             self.index
                                 .key(id)
-                                .and_then(|key| self.index.get(key))
-                                .is_some_and(|entry| self.addr_to_node.get(entry.destination.ip()) == Some(&node))
+                                .and_then(|key| self.index.in_flight(key))
+                                .is_some_and(|(entry, _)| self.addr_to_node.get(entry.destination.ip()) == Some(&node))
                         });
                         done.extend(own);
                         files.push((node.clone(), name));
@@ -830,7 +853,7 @@ impl Server {
             return Ok(0);
         }
         for id in &done {
-            self.finish(id, Outcome::Receipted, at_unix_us);
+            self.finish(id, Outcome::Receipted, at_unix_us, None);
             self.counters.receipted += 1;
             self.ack_later(id, AckState::Receipted, String::new());
         }
@@ -874,7 +897,7 @@ impl Server {
             return;
         }
         for (id, destination, reason) in letters {
-            self.finish(&id, Outcome::DeadLettered, now);
+            self.finish(&id, Outcome::DeadLettered, now, Some(*destination));
             self.counters.dead_lettered += 1;
             eprintln!("ftss-server: dead-lettered {}: {reason}", id_text(&id));
             self.ack_later(&id, AckState::Rejected, reason.clone());
