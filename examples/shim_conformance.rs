@@ -45,6 +45,7 @@ fn errno() -> c_int {
 fn errno_name(code: c_int) -> String {
     let name = match code {
         libc::EAGAIN => "EAGAIN",
+        libc::EINTR => "EINTR",
         libc::EBADF => "EBADF",
         libc::EINVAL => "EINVAL",
         libc::EMSGSIZE => "EMSGSIZE",
@@ -689,6 +690,29 @@ fn case_readiness(run: &mut Run) {
     close(b);
 }
 
+extern "C" fn on_alarm(_: c_int) {}
+
+fn case_signals(run: &mut Run) {
+    let (fd, _) = run.bound(0);
+    // SAFETY: a handler that does nothing, installed without SA_RESTART; a one-shot timer.
+    unsafe {
+        let mut action: libc::sigaction = zeroed();
+        action.sa_sigaction = on_alarm as extern "C" fn(c_int) as usize;
+        action.sa_flags = 0;
+        libc::sigaction(libc::SIGALRM, &action, std::ptr::null_mut());
+        let timer = libc::itimerval {
+            it_interval: libc::timeval { tv_sec: 0, tv_usec: 0 },
+            it_value: libc::timeval { tv_sec: 0, tv_usec: 150_000 },
+        };
+        libc::setitimer(libc::ITIMER_REAL, &timer, std::ptr::null_mut());
+    }
+    let interrupted = run.receive(fd, 16, 0);
+    // SAFETY: back to the default disposition.
+    unsafe { libc::signal(libc::SIGALRM, libc::SIG_DFL) };
+    run.line(format!("blocking recv under SIGALRM={interrupted}"));
+    close(fd);
+}
+
 fn case_ipv6(run: &mut Run) {
     let (b, b_port) = run.bound(0);
     let six = udp(libc::AF_INET6, 0);
@@ -731,7 +755,7 @@ fn main() {
     let ip: Ipv4Addr =
         std::env::args().nth(1).and_then(|text| text.parse().ok()).expect("usage: shim_conformance <ipv4>");
     let mut run = Run { ip, labels: Vec::new(), lines: Vec::new(), case: "" };
-    let cases: [(&'static str, Case); 11] = [
+    let cases: [(&'static str, Case); 12] = [
         ("socket-flags", case_socket_flags),
         ("bind", case_bind),
         ("send-receive", case_send_receive),
@@ -742,6 +766,7 @@ fn main() {
         ("options", case_options),
         ("dups", case_dups),
         ("readiness", case_readiness),
+        ("signals", case_signals),
         ("ipv6", case_ipv6),
     ];
     for (name, case) in cases {

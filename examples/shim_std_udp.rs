@@ -7,8 +7,9 @@
 //!   with a read timeout, prints `answered <n>`, sends "quit".
 //! - `shim_std_udp blast <bind> <peer> <threads> <count>`: `threads` threads share one socket and
 //!   each sends `count` datagrams "t<thread>-<seq>"; prints `sent <n>`.
-//! - `shim_std_udp sink <bind> <total>`: receives until `total` distinct datagrams arrived (or 120 s
-//!   pass with nothing new), prints `distinct <n> duplicates <n>`.
+//! - `shim_std_udp sink <bind> <total>`: 4 threads receive on clones of one socket until `total`
+//!   distinct datagrams arrived (or 120 s pass with nothing new); prints
+//!   `distinct <n> duplicates <n>`.
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, UdpSocket};
@@ -16,6 +17,8 @@ use std::time::{Duration, Instant};
 
 /// How long `sink` and `ask` wait for anything new before giving up.
 const QUIET_LIMIT: Duration = Duration::from_secs(120);
+/// Threads `sink` receives with, on clones of one socket.
+const SINK_THREADS: usize = 4;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -104,23 +107,43 @@ fn sink(bind: &str, total: usize) {
     let socket = UdpSocket::bind(bind).expect("bind");
     socket.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
     println!("ready");
-    let mut seen = HashSet::new();
-    let mut duplicates = 0;
-    let mut buffer = [0u8; 256];
-    let mut last_news = Instant::now();
-    while seen.len() < total && last_news.elapsed() < QUIET_LIMIT {
-        match socket.recv_from(&mut buffer) {
-            Ok((length, _)) => {
-                last_news = Instant::now();
-                if !seen.insert(buffer[..length].to_vec()) {
-                    duplicates += 1;
+    let seen = std::sync::Mutex::new((HashSet::new(), 0usize, Instant::now()));
+    // Several threads receive on clones of the one socket at once.
+    std::thread::scope(|scope| {
+        for _ in 0..SINK_THREADS {
+            let socket = socket.try_clone().expect("try_clone");
+            let seen = &seen;
+            scope.spawn(move || {
+                let mut buffer = [0u8; 256];
+                loop {
+                    {
+                        let seen = seen.lock().unwrap();
+                        if seen.0.len() >= total || seen.2.elapsed() >= QUIET_LIMIT {
+                            break;
+                        }
+                    }
+                    match socket.recv_from(&mut buffer) {
+                        Ok((length, _)) => {
+                            let mut seen = seen.lock().unwrap();
+                            seen.2 = Instant::now();
+                            if !seen.0.insert(buffer[..length].to_vec()) {
+                                seen.1 += 1;
+                            }
+                        }
+                        Err(error)
+                            if matches!(
+                                error.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(error) => panic!("recv_from: {error}"),
+                    }
                 }
-            }
-            Err(error) if matches!(error.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-            Err(error) => panic!("recv_from: {error}"),
+            });
         }
-    }
+    });
+    let (mut seen, mut duplicates, _) = seen.into_inner().unwrap();
     // Anything delivered twice would come within the server's redelivery time; keep listening.
+    let mut buffer = [0u8; 256];
     let linger = Instant::now();
     while linger.elapsed() < Duration::from_secs(6) {
         if let Ok((length, _)) = socket.recv_from(&mut buffer)

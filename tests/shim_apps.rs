@@ -299,7 +299,7 @@ fn a_forked_child_sends_on_an_inherited_socket() {
 }
 
 #[test]
-fn eight_threads_send_ten_thousand_datagrams_each_and_all_arrive_once() {
+fn eight_threads_send_ten_thousand_datagrams_each_and_four_receiving_threads_get_each_once() {
     let threads = 8;
     let each = 10_000;
     let mut fabric = Fabric::new("apps-threads");
