@@ -318,14 +318,8 @@ impl Shim {
             }
         }
         let outbox = self.outbox();
-        let spawned = std::thread::Builder::new().name("ftss-flusher".into()).spawn(move || outbox.run_flusher());
-        if let Err(error) = spawned {
-            log!("cannot start the flusher thread: {error}");
-        }
-        let spawned = std::thread::Builder::new().name("ftss-receive".into()).spawn(move || crate::pump::run(self));
-        if let Err(error) = spawned {
-            log!("cannot start the receive thread: {error}");
-        }
+        spawn_supervised("ftss-flusher", move || outbox.run_flusher());
+        spawn_supervised("ftss-receive", move || crate::pump::run(self));
         self.running.store(true, Ordering::Release);
     }
 
@@ -446,6 +440,23 @@ impl Shim {
             fds::INTERNAL => log!("the app replaced the shim's fd {fd} (dup2/dup3 onto it)"),
             _ => {}
         }
+    }
+}
+
+/// Pause before a shim thread that panicked (a bug, logged) runs again.
+const THREAD_RESTART_PAUSE: Duration = Duration::from_secs(1);
+
+/// Starts one of the shim's threads; a panic in it is logged and the thread's loop starts over, so
+/// one bug does not silently stop delivery for the rest of the process's life.
+fn spawn_supervised(name: &'static str, body: impl Fn() + Send + 'static) {
+    let supervised = move || {
+        while std::panic::catch_unwind(std::panic::AssertUnwindSafe(&body)).is_err() {
+            log!("bug: thread {name} panicked; restarting it");
+            std::thread::sleep(THREAD_RESTART_PAUSE);
+        }
+    };
+    if let Err(error) = std::thread::Builder::new().name(name.into()).spawn(supervised) {
+        log!("cannot start thread {name}: {error}");
     }
 }
 
