@@ -8,6 +8,7 @@ use std::net::UdpSocket;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::apps::*;
 use common::*;
 
 fn register(fabric: &Fabric, name: &str, addr: &str) {
@@ -70,29 +71,6 @@ fn an_outside_nc_and_an_inside_nc_talk_both_ways() {
     assert!(counted, "{}", fabric.status());
 }
 
-const PY_RECEIVER: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-print("ready", flush=True)
-while True:
-    data, addr = s.recvfrom(65535)
-    print(addr[0], data.decode(), flush=True)
-"#;
-
-fn start_receiver(fabric: &Fabric, port: u16) -> (Proc, LineCollector) {
-    let mut command = fabric.command("b", "10.77.0.2", "python3");
-    command
-        .args(["-c", PY_RECEIVER, &port.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = command.spawn().unwrap();
-    let lines = LineCollector::start(child.stdout.take().unwrap());
-    assert!(wait_until(Duration::from_secs(10), || lines.count() >= 1));
-    (Proc { child, name: "receiver".into() }, lines)
-}
-
 #[test]
 fn ingress_is_stored_while_the_receiver_is_down_and_across_a_server_kill() {
     let mut fabric = Fabric::new("gw-ingress");
@@ -109,10 +87,11 @@ fn ingress_is_stored_while_the_receiver_is_down_and_across_a_server_kill() {
     // Stored: a kill -9 now must not lose them.
     fabric.kill_server();
     fabric.start_server_with(&args);
-    let (_receiver, lines) = start_receiver(&fabric, 9401);
-    assert!(wait_until(Duration::from_secs(30), || lines.count() >= 11), "got {:?}", lines.lines());
-    let expected: Vec<String> = (0..10).map(|index| format!("127.0.0.1 early-{index}")).collect();
-    assert_eq!(lines.lines()[1..].to_vec(), expected);
+    let receiver = Receiver::start_with_source(&fabric, "b", "10.77.0.2", 9401);
+    assert!(wait_until(Duration::from_secs(30), || receiver.payloads().len() >= 10), "got {:?}", receiver.payloads());
+    let outside_port = outside.local_addr().unwrap().port();
+    let expected: Vec<String> = (0..10).map(|index| format!("127.0.0.1 {outside_port} early-{index}")).collect();
+    assert_eq!(receiver.payloads(), expected, "not delivered with the outside sender's real address");
 }
 
 #[test]

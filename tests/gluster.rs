@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::process::Stdio;
 use std::time::Duration;
 
+use common::apps::*;
 use common::gluster::GlusterVolume;
 use common::*;
 
@@ -37,61 +38,24 @@ fn nc_lines_cross_a_gluster_replica_3_volume() {
     assert!(wait_until(Duration::from_secs(30), || fabric.status()["queue"]["packets"] == 0), "{}", fabric.status());
 }
 
-const PY_SENDER: &str = r#"
-import socket, sys, time
-count = int(sys.argv[1])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-n = 0
-while n < count:
-    try:
-        s.sendto(f"g-{n}".encode(), ("10.77.0.2", 9601))
-        print(f"ok {n}", flush=True)
-        n += 1
-    except OSError as error:
-        print(f"err {n} {error.errno}", flush=True)
-        time.sleep(0.1)
-"#;
-
-const PY_RECEIVER: &str = r#"
-import socket
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 9601))
-print("ready", flush=True)
-while True:
-    data, _ = s.recvfrom(65535)
-    print(data.decode(), flush=True)
-"#;
-
 #[test]
 fn a_brick_killed_mid_transfer_loses_nothing_and_heals() {
     let volume = GlusterVolume::create("brick");
     let mut fabric = fabric_on(&volume, "gluster-brick");
     fabric.start_server();
-    let mut receiver = fabric.command("b", "10.77.0.2", "python3");
-    receiver.args(["-c", PY_RECEIVER]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
-    let mut receiver = receiver.spawn().unwrap();
-    let received = LineCollector::start(receiver.stdout.take().unwrap());
-    let _receiver = Proc { child: receiver, name: "receiver".into() };
-    assert!(wait_until(Duration::from_secs(20), || received.count() >= 1));
+    let receiver = Receiver::start(&fabric, 9601);
+    let received = &receiver.lines;
 
     let count = 600;
-    let mut sender = fabric.command("a", "10.77.0.1", "python3");
-    sender
-        .args(["-c", PY_SENDER, &count.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut sender = sender.spawn().unwrap();
-    let said = LineCollector::start(sender.stdout.take().unwrap());
-    let mut sender = Proc { child: sender, name: "sender".into() };
+    let mut sender = Sender::start(&fabric, 9601, "g", count, 0);
+    let said = &sender.said;
     assert!(wait_until(Duration::from_secs(60), || said.count() >= 150), "too slow: {}", said.count());
     let killed = volume.kill_brick();
     eprintln!("killed brick process {killed}");
     assert!(wait_until(Duration::from_secs(60), || said.count() >= 350), "stalled with a brick down: {}", said.count());
     volume.restart_bricks();
-    assert!(sender.wait_exit(Duration::from_secs(180)), "sender stuck");
-    let acknowledged: Vec<String> =
-        said.lines().iter().filter_map(|line| line.strip_prefix("ok ")).map(|n| format!("g-{n}")).collect();
+    assert!(sender.proc.wait_exit(Duration::from_secs(180)), "sender stuck");
+    let acknowledged = sender.acknowledged();
     assert_eq!(acknowledged.len(), count);
     assert!(
         wait_until(Duration::from_secs(180), || {
@@ -145,22 +109,10 @@ fn the_standby_takes_over_when_the_active_server_is_killed() {
     );
     let _second = start_instance(&fabric, "second");
 
-    let mut receiver = fabric.command("b", "10.77.0.2", "python3");
-    receiver.args(["-c", PY_RECEIVER]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
-    let mut receiver = receiver.spawn().unwrap();
-    let received = LineCollector::start(receiver.stdout.take().unwrap());
-    let _receiver = Proc { child: receiver, name: "receiver".into() };
-    assert!(wait_until(Duration::from_secs(20), || received.count() >= 1));
+    let receiver = Receiver::start(&fabric, 9601);
+    let received = &receiver.lines;
     let count = 600;
-    let mut sender = fabric.command("a", "10.77.0.1", "python3");
-    sender
-        .args(["-c", PY_SENDER, &count.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut sender = sender.spawn().unwrap();
-    let said = LineCollector::start(sender.stdout.take().unwrap());
-    let mut sender = Proc { child: sender, name: "sender".into() };
+    let mut sender = Sender::start(&fabric, 9601, "g", count, 0);
     assert!(wait_until(Duration::from_secs(60), || received.count() >= 100), "no traffic through the first instance");
 
     first.kill();
@@ -178,9 +130,8 @@ fn the_standby_takes_over_when_the_active_server_is_killed() {
         fabric.status()
     );
 
-    assert!(sender.wait_exit(Duration::from_secs(180)), "sender stuck");
-    let acknowledged: Vec<String> =
-        said.lines().iter().filter_map(|line| line.strip_prefix("ok ")).map(|n| format!("g-{n}")).collect();
+    assert!(sender.proc.wait_exit(Duration::from_secs(180)), "sender stuck");
+    let acknowledged = sender.acknowledged();
     assert_eq!(acknowledged.len(), count);
     assert!(
         wait_until(Duration::from_secs(120), || {

@@ -4,9 +4,9 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
+use common::apps::*;
 use common::*;
 use fsbridge::format::BatchEncoder;
 use fsbridge::{BatchHeader, BatchKind, NodeName, Packet, PacketId, Record};
@@ -151,27 +151,13 @@ fn every_kind_of_bad_outbox_file_is_quarantined_with_its_reason() {
     listener.kill();
 }
 
-const PY_RECEIVER: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-print("ready", flush=True)
-while True:
-    data, addr = s.recvfrom(65535)
-    print(addr[0], addr[1], data.decode(), flush=True)
-"#;
-
 #[test]
 fn a_file_claiming_another_source_is_stamped_with_the_outbox_it_came_from() {
     let mut fabric = Fabric::new("impersonate");
     register(&fabric, "a", "10.77.0.1");
     fabric.start_server();
-    let mut receiver = fabric.command("c", "10.77.0.3", "python3");
-    receiver.args(["-c", PY_RECEIVER, "9300"]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
-    let mut receiver = receiver.spawn().unwrap();
-    let received = LineCollector::start(receiver.stdout.take().unwrap());
-    let _receiver = Proc { child: receiver, name: "receiver".into() };
-    assert!(wait_until(Duration::from_secs(10), || received.count() >= 1));
+    let receiver = Receiver::start_with_source(&fabric, "c", "10.77.0.3", 9300);
+    let received = &receiver.lines;
 
     // Node a writes a file that says it comes from node b at 10.77.0.2.
     drop_file(
@@ -210,12 +196,7 @@ fn a_million_tiny_files_are_drained_in_bounded_batches_with_bounded_memory() {
     assert!(drained, "only {} of {count} stored", fabric.counter("stored"));
     assert_eq!(fabric.counter("quarantined"), 0);
     assert!(files_in(&out.join("new")).is_empty());
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let peak_kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
+    let peak_kib = peak_rss_kib(pid);
     eprintln!("server peak RSS {peak_kib} KiB for {count} files");
     assert!(peak_kib < 256 * 1024, "server peak RSS {peak_kib} KiB: memory is not bounded");
 }

@@ -5,80 +5,26 @@ mod common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::apps::*;
 use common::*;
 
-/// A python3 receiver under the shim: prints every datagram's payload on its own line.
-const PY_RECEIVER: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-print("ready", flush=True)
-while True:
-    data, addr = s.recvfrom(65535)
-    sys.stdout.write(data.decode() + "\n")
-    sys.stdout.flush()
-"#;
-
-/// A python3 sender under the shim: sends "<tag>-<n>" for n in 0..count and prints n once sendto
-/// returned (in volume mode: once the datagram is durable on the volume).
-const PY_SENDER: &str = r#"
-import socket, sys
-count, port, tag = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-pad = "p" * int(sys.argv[4]) if len(sys.argv) > 4 else ""
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-for n in range(count):
-    s.sendto(f"{tag}-{n}{pad}".encode(), ("10.77.0.2", port))
-    sys.stdout.write(f"{n}\n")
-    sys.stdout.flush()
-"#;
-
 fn start_receiver(fabric: &Fabric, port: u16) -> (Proc, LineCollector) {
-    let mut command = fabric.command("b", "10.77.0.2", "python3");
-    command
-        .args(["-c", PY_RECEIVER, &port.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = command.spawn().expect("python3 receiver");
-    let lines = LineCollector::start(child.stdout.take().unwrap());
-    assert!(wait_until(Duration::from_secs(10), || lines.count() >= 1), "receiver not ready");
-    (Proc { child, name: "receiver".into() }, lines)
+    let receiver = Receiver::start(fabric, port);
+    (receiver.proc, receiver.lines)
 }
 
+/// A sender of `count` datagrams "<tag>-<n><pad>"; its lines say "ok n" per acknowledged send.
 fn start_sender(fabric: &Fabric, count: usize, port: u16, tag: &str, pad: usize) -> (Proc, LineCollector) {
-    let mut command = fabric.command("a", "10.77.0.1", "python3");
-    command
-        .args(["-c", PY_SENDER, &count.to_string(), &port.to_string(), tag, &pad.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = command.spawn().expect("python3 sender");
-    let lines = LineCollector::start(child.stdout.take().unwrap());
-    (Proc { child, name: "sender".into() }, lines)
+    let sender = Sender::start(fabric, port, tag, count, pad);
+    (sender.proc, sender.said)
 }
 
 /// Received payloads after the "ready" line.
 fn payloads(receiver: &LineCollector) -> Vec<String> {
     receiver.lines().into_iter().skip(1).collect()
-}
-
-fn expected(tag: &str, count: usize, pad: usize) -> Vec<String> {
-    (0..count).map(|n| format!("{tag}-{n}{}", "p".repeat(pad))).collect()
-}
-
-/// A tiny deterministic generator (xorshift) so a failing run can be repeated from its seed.
-struct Random(u64);
-
-impl Random {
-    fn next(&mut self, below: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % below
-    }
 }
 
 #[test]
@@ -94,15 +40,16 @@ fn kill_9_of_the_server_during_a_transfer_loses_nothing_acknowledged_and_duplica
     let mut kills = 0;
     let deadline = Instant::now() + Duration::from_secs(240);
     while (kills < 20 || sender.child.try_wait().unwrap().is_none()) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50 + random.next(400)));
+        std::thread::sleep(Duration::from_millis(50 + random.below(400)));
         fabric.kill_server();
         kills += 1;
-        std::thread::sleep(Duration::from_millis(random.next(100)));
+        std::thread::sleep(Duration::from_millis(random.below(100)));
         fabric.start_server();
     }
     assert!(kills >= 20, "only {kills} kills");
     assert!(sender.wait_exit(Duration::from_secs(60)), "sender stuck");
-    let acked: BTreeSet<usize> = acked.lines().iter().map(|line| line.parse().unwrap()).collect();
+    let acked: BTreeSet<usize> =
+        acked.lines().iter().filter_map(|line| line.strip_prefix("ok ")).map(|n| n.parse().unwrap()).collect();
     assert_eq!(acked.len(), count, "every send returned (the server is not on the send path in volume mode)");
     let all_arrived = wait_until(Duration::from_secs(120), || payloads(&received).len() >= count);
     let got = payloads(&received);
@@ -217,39 +164,6 @@ fn a_removed_mirror_degrades_then_resyncs_without_loss() {
     assert_eq!(left.len(), right.len());
     for (left, right) in left.iter().zip(&right) {
         assert_eq!(std::fs::read(left).unwrap(), std::fs::read(right).unwrap(), "resynced mirror differs");
-    }
-}
-
-/// A tmpfs of `size` mounted at `dir`, unmounted on drop.
-struct SmallDisk(PathBuf);
-
-impl SmallDisk {
-    fn mount(dir: &Path, size: &str) -> SmallDisk {
-        // SAFETY: geteuid has no preconditions.
-        assert_eq!(unsafe { libc::geteuid() }, 0, "this test mounts a tmpfs and must run as root (CI does)");
-        std::fs::create_dir_all(dir).unwrap();
-        let status =
-            Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(dir).status();
-        assert!(status.unwrap().success(), "mount tmpfs on {}", dir.display());
-        SmallDisk(dir.to_path_buf())
-    }
-
-    /// Fills the disk with a filler file; returns its path.
-    fn fill(&self) -> PathBuf {
-        let filler = self.0.join("filler");
-        let _ = Command::new("dd")
-            .arg("if=/dev/zero")
-            .arg(format!("of={}", filler.display()))
-            .args(["bs=4k"])
-            .stderr(Stdio::null())
-            .status();
-        filler
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 
@@ -378,31 +292,18 @@ fn packets_for_an_unknown_destination_are_dead_lettered_after_the_hold() {
     assert!(fabric.server.as_mut().unwrap().child.try_wait().unwrap().is_none(), "server died");
 }
 
-/// A receiver that binds and never reads: the shim injects into its socket, no receipt is written.
-const PY_DEAF: &str = r#"
-import socket, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-print("ready", flush=True)
-time.sleep(600)
-"#;
-
 #[test]
 fn packets_not_receipted_are_delivered_again_and_handed_over_once() {
     let mut fabric = Fabric::new("redeliver");
     fabric.start_server_with(&["--redeliver-after", "1s"]);
-    let mut deaf = fabric.command("b", "10.77.0.2", "python3");
-    deaf.args(["-c", PY_DEAF, "7700"]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
-    let mut deaf = deaf.spawn().unwrap();
-    let ready = LineCollector::start(deaf.stdout.take().unwrap());
-    let mut deaf = Proc { child: deaf, name: "deaf receiver".into() };
-    assert!(wait_until(Duration::from_secs(10), || ready.count() >= 1));
+    // Binds and never reads: the shim injects into its socket, no receipt is written.
+    let mut deaf = Receiver::start_script(&fabric, "b", "10.77.0.2", PY_DEAF, &["7700"]);
     let (mut sender, _) = start_sender(&fabric, 20, 7700, "again", 0);
     assert!(sender.wait_exit(Duration::from_secs(30)));
     // Delivered into the deaf process (its inbox files are consumed) but never receipted.
     let inbox = fabric.volume.join("nodes/b/in/7700/new");
     assert!(wait_until(Duration::from_secs(20), || fabric.counter("delivered") >= 20 && files_in(&inbox).is_empty()));
-    deaf.kill();
+    deaf.proc.kill();
     assert_eq!(fabric.counter("receipted"), 0);
 
     let (_receiver, received) = start_receiver(&fabric, 7700);

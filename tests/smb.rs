@@ -4,9 +4,9 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::time::Duration;
 
+use common::apps::*;
 use common::smb::SmbShare;
 use common::*;
 
@@ -34,33 +34,6 @@ fn nc_lines_cross_an_smb_mounted_volume() {
     assert_eq!(fabric.counter("quarantined"), 0);
 }
 
-/// Sends "s-<n>" for n in 0..count; an app that sees an error retries (with a new packet) and says
-/// so: "ok n" once a send returned, "err n <errno>" for each failure.
-const PY_RETRYING_SENDER: &str = r#"
-import socket, sys, time
-count = int(sys.argv[1])
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-for n in range(count):
-    while True:
-        try:
-            s.sendto(f"s-{n}".encode(), ("10.77.0.2", 9101))
-            print(f"ok {n}", flush=True)
-            break
-        except OSError as error:
-            print(f"err {n} {error.errno}", flush=True)
-            time.sleep(0.2)
-"#;
-
-const PY_RECEIVER: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 9101))
-print("ready", flush=True)
-while True:
-    data, _ = s.recvfrom(65535)
-    print(data.decode(), flush=True)
-"#;
-
 #[test]
 fn smbd_killed_mid_transfer_loses_nothing_acknowledged_and_traffic_resumes() {
     let share = SmbShare::start("smb-kill");
@@ -69,32 +42,22 @@ fn smbd_killed_mid_transfer_loses_nothing_acknowledged_and_traffic_resumes() {
     let mut nodes = Fabric::with_volume("smb-kill-nodes", share.mounted.clone());
     nodes.dir = TempDir::new("smb-kill-logs");
 
-    let mut receiver = nodes.command("b", "10.77.0.2", "python3");
-    receiver.args(["-c", PY_RECEIVER]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
-    let mut receiver = receiver.spawn().unwrap();
-    let received = LineCollector::start(receiver.stdout.take().unwrap());
-    let _receiver = Proc { child: receiver, name: "receiver".into() };
-    assert!(wait_until(Duration::from_secs(20), || received.count() >= 1));
+    let receiver = Receiver::start(&nodes, 9101);
+    let received = &receiver.lines;
 
     let count = 300;
-    let mut sender = nodes.command("a", "10.77.0.1", "python3");
-    sender.args(["-c", PY_RETRYING_SENDER, &count.to_string()]).env("FTSS_TIMEOUT", "5");
-    sender.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
-    let mut sender = sender.spawn().unwrap();
-    let said = LineCollector::start(sender.stdout.take().unwrap());
-    let mut sender = Proc { child: sender, name: "sender".into() };
+    let mut sender = Sender::start_with(&nodes, 9101, "s", count, 0, &[("FTSS_TIMEOUT", "5")]);
+    let said = &sender.said;
 
     assert!(wait_until(Duration::from_secs(60), || said.count() >= 100), "sender too slow: {}", said.count());
     share.kill_smbd();
     std::thread::sleep(Duration::from_secs(2));
     share.start_smbd();
-    assert!(sender.wait_exit(Duration::from_secs(180)), "traffic did not resume: {:?}", said.lines().last());
+    assert!(sender.proc.wait_exit(Duration::from_secs(180)), "traffic did not resume: {:?}", said.lines().last());
 
-    let said = said.lines();
-    let acknowledged: Vec<String> =
-        said.iter().filter_map(|line| line.strip_prefix("ok ")).map(|n| format!("s-{n}")).collect();
+    let acknowledged = sender.acknowledged();
     assert_eq!(acknowledged.len(), count);
-    let failed: Vec<String> = said.iter().filter(|line| line.starts_with("err ")).cloned().collect();
+    let failed = sender.errors();
     eprintln!("errors seen by the app while smbd was down: {failed:?}");
     assert!(wait_until(Duration::from_secs(120), || {
         let got: Vec<String> = received.lines();

@@ -329,5 +329,6 @@ pub fn files_in(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+pub mod apps;
 pub mod gluster;
 pub mod smb;
