@@ -195,7 +195,7 @@ hooks! {
     fn socket(domain: c_int, socket_type: c_int, protocol: c_int) -> c_int {
         let fd = unsafe { (real().socket)(domain, socket_type, protocol) };
         if fd >= 0 {
-            logic::on_socket(fd, domain, socket_type);
+            logic::on_socket(fd, domain, socket_type, protocol);
         }
         fd
     }

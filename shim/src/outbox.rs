@@ -291,3 +291,57 @@ impl Outbox {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddrV4;
+
+    use fsbridge::PacketId;
+
+    use super::*;
+
+    fn outbox() -> Outbox {
+        let node = NodeName::new("t").unwrap();
+        Outbox::new(Spool::new(std::env::temp_dir().join("ftss-outbox-unit-never-written")), node, 1)
+    }
+
+    fn packet(seq: u64) -> Packet {
+        let addr: SocketAddrV4 = "10.77.0.1:1".parse().unwrap();
+        Packet {
+            id: PacketId { origin: NodeName::new("t").unwrap(), epoch: 1, seq },
+            source: addr,
+            destination: addr,
+            sent_unix_us: 0,
+            payload: vec![seq as u8],
+        }
+    }
+
+    #[test]
+    fn an_ack_read_before_its_sender_waits_is_kept_and_others_are_not() {
+        let outbox = outbox();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let waited = outbox.enqueue(1, false, deadline, true, packet).unwrap();
+        let unwaited = outbox.enqueue(1, false, deadline, false, packet).unwrap();
+        assert!(outbox.awaits_acks());
+        // The receive thread may read the ack before the sender starts waiting for it.
+        outbox.record_acks([waited, unwaited, 99]);
+        assert_eq!(outbox.wait_acked(waited, Instant::now()), Ok(()));
+        outbox.stop_awaiting(waited);
+        assert!(!outbox.awaits_acks());
+        assert!(outbox.lock().acked.is_empty(), "acks nobody waits for are not kept");
+    }
+
+    #[test]
+    fn a_missing_ack_times_out_and_a_full_ring_refuses_non_blocking_senders() {
+        let outbox = outbox();
+        let seq = outbox.enqueue(1, false, Instant::now(), true, packet).unwrap();
+        assert_eq!(outbox.wait_acked(seq, Instant::now()), Err(SendError::TimedOut));
+        assert_eq!(SendError::TimedOut.errno(), libc::ETIMEDOUT);
+        for _ in 1..RING_PACKETS_MAX {
+            outbox.enqueue(0, true, Instant::now(), false, packet).unwrap();
+        }
+        assert_eq!(outbox.enqueue(0, true, Instant::now(), false, packet), Err(SendError::WouldBlock));
+        assert_eq!(SendError::WouldBlock.errno(), libc::EAGAIN);
+        assert_eq!(outbox.enqueue(0, false, Instant::now(), false, packet), Err(SendError::TimedOut));
+    }
+}

@@ -600,11 +600,12 @@ fn timeout_option(fd: c_int, option: c_int) -> Option<Duration> {
 // ---- entry points, called by the hooks ----
 
 /// After the real socket() succeeded.
-pub fn on_socket(fd: c_int, domain: c_int, socket_type: c_int) {
+pub fn on_socket(fd: c_int, domain: c_int, socket_type: c_int, protocol: c_int) {
     let Some(shim) = crate::shim() else { return };
     // An fd closed behind the shim's back (e.g. fclose of an fdopen'ed socket) may be reused.
     shim.forget(fd);
-    if socket_type & 0xF != libc::SOCK_DGRAM {
+    // UDP only: ICMP "ping" sockets and UDP-Lite are datagram sockets too, and not ours.
+    if socket_type & 0xF != libc::SOCK_DGRAM || !matches!(protocol, 0 | libc::IPPROTO_UDP) {
         return;
     }
     match domain {
@@ -1046,4 +1047,32 @@ pub fn setsockopt(fd: c_int, level: c_int, name: c_int, value: *const c_void, le
         }
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use fsbridge::NodeName;
+
+    use super::*;
+
+    #[test]
+    fn dedupe_remembers_where_a_packet_is_within_its_window() {
+        let id = |seq| PacketId { origin: NodeName::new("a").unwrap(), epoch: 7, seq };
+        let mut dedupe = Dedupe::new();
+        assert_eq!(dedupe.get(&id(1)), None);
+        dedupe.set(&id(1), Seen::Queued(3));
+        assert_eq!(dedupe.get(&id(1)), Some(Seen::Queued(3)));
+        dedupe.set(&id(1), Seen::Received);
+        assert_eq!(dedupe.get(&id(1)), Some(Seen::Received));
+        let other_epoch = PacketId { epoch: 8, ..id(1) };
+        assert_eq!(dedupe.get(&other_epoch), None, "same seq, other epoch: another packet");
+        dedupe.forget(&id(1));
+        assert_eq!(dedupe.get(&id(1)), None);
+        for seq in 2..(DEDUPE_IDS_MAX as u64 + 3) {
+            dedupe.set(&id(seq), Seen::Received);
+        }
+        assert_eq!(dedupe.get(&id(2)), None, "the oldest ids are forgotten first");
+        assert_eq!(dedupe.get(&id(DEDUPE_IDS_MAX as u64 + 2)), Some(Seen::Received));
+        assert!(dedupe.seen.len() <= DEDUPE_IDS_MAX);
+    }
 }
