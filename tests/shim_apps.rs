@@ -511,3 +511,52 @@ fn python_socket_dup_dup2_and_fromfd_keep_receiving() {
     assert!(wait_for_line(&lines, "dup2 got second"), "{:?} {}", lines.lines(), stderr_of(&mut receiver));
     assert!(sender.finish(Duration::from_secs(30)));
 }
+
+const PY_FORK_UNDER_LOAD: &str = r#"
+import os, socket, sys, threading
+port, forks, threads, each = (int(arg) for arg in sys.argv[1:5])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("10.77.0.1", 0))
+destination = ("10.77.0.2", port)
+def worker(thread):
+    for index in range(each):
+        s.sendto(f"thread-{thread}-{index}".encode(), destination)
+workers = [threading.Thread(target=worker, args=(thread,)) for thread in range(threads)]
+for worker_thread in workers:
+    worker_thread.start()
+# Fork while the other threads are inside the shim's send path and hold its locks.
+for index in range(forks):
+    pid = os.fork()
+    if pid == 0:
+        s.sendto(f"fork-{index}".encode(), destination)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0, status
+for worker_thread in workers:
+    worker_thread.join()
+print("done", flush=True)
+"#;
+
+#[test]
+fn forking_while_other_threads_send_never_deadlocks_and_loses_nothing() {
+    let (forks, threads, each) = (30, 4, 250);
+    let total = forks + threads * each;
+    let mut fabric = Fabric::new("apps-fork-load");
+    fabric.start_server();
+    let (_receiver, received) = py_receiver(&fabric, "b", "10.77.0.2", 9413, total);
+    let mut command = fabric.command("a", "10.77.0.1", "python3");
+    command.args(["-c", PY_FORK_UNDER_LOAD, "9413", &forks.to_string(), &threads.to_string(), &each.to_string()]);
+    let (mut sender, lines) = spawn(&mut command, "fork under load");
+    assert!(wait_for_line(&lines, "done"), "sender stuck (a deadlock?): {}", stderr_of(&mut sender));
+    assert!(wait_until(ARRIVAL_LIMIT, || received.count() > total), "only {} arrived", received.count() - 1);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut payloads: Vec<String> =
+        received.lines()[1..].iter().map(|line| line.rsplit(' ').next().unwrap().to_owned()).collect();
+    payloads.sort();
+    let mut expected: Vec<String> = (0..forks)
+        .map(|index| format!("fork-{index}"))
+        .chain((0..threads).flat_map(|thread| (0..each).map(move |index| format!("thread-{thread}-{index}"))))
+        .collect();
+    expected.sort();
+    assert_eq!(payloads, expected);
+}
