@@ -198,7 +198,7 @@ fn a_million_tiny_files_are_drained_in_bounded_batches_with_bounded_memory() {
     assert!(files_in(&out.join("new")).is_empty());
     let peak_kib = peak_rss_kib(pid);
     eprintln!("server peak RSS {peak_kib} KiB for {count} files");
-    assert!(peak_kib < 256 * 1024, "server peak RSS {peak_kib} KiB: memory is not bounded");
+    assert!(peak_kib < 128 * 1024, "server peak RSS {peak_kib} KiB: memory is not bounded");
 }
 
 /// A one-packet batch whose packet has sequence number `seq`.
