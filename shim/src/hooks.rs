@@ -5,7 +5,8 @@
 //! the body under `catch_unwind`: a panic (a bug in the shim) fails that one call with EIO and is
 //! logged, and never unwinds into C. redhook's `hook!` is not used: on a panic it calls the real
 //! function, which is wrong for a fabric fd (the app's fd is then an AF_UNIX socket), and it
-//! resolves that function lazily with `dlsym` inside the hook.
+//! resolves that function lazily with `dlsym` inside the hook. redhook's resolver (`dlsym_next`)
+//! does fill the table of real functions, eagerly, in `real`.
 //!
 //! `fcntl`, `fcntl64` and `ioctl` are variadic in C, and Rust can only define variadic functions on
 //! nightly. On the Linux ABIs (x86-64 System V, AArch64 AAPCS64) a variadic integer or pointer

@@ -31,14 +31,14 @@ macro_rules! real_functions {
                     unsafe { std::mem::transmute::<*mut c_void, Fcntl>(pointer) }
                 }),
                 $($name: {
-                    let name = concat!(stringify!($name), "\0");
-                    // SAFETY: name is NUL-terminated; RTLD_NEXT finds libc's definition.
-                    let pointer = unsafe { libc::dlsym(libc::RTLD_NEXT, name.as_ptr().cast()) };
-                    // A libc without one of these is not a glibc this shim supports; there is no errno
-                    // to give and no safe way to continue, so this stops the process at load time.
-                    assert!(!pointer.is_null(), "ftss-shim: libc has no {}", stringify!($name));
+                    // redhook's resolver: dlsym(RTLD_NEXT) of a NUL-terminated name. A libc without
+                    // one of these is not a glibc this shim supports; there is no errno to give and
+                    // no safe way to continue, so it stops the process at load time (in the
+                    // constructor, before the app runs).
+                    // SAFETY: the name is NUL-terminated.
+                    let pointer = unsafe { redhook::ld_preload::dlsym_next(concat!(stringify!($name), "\0")) };
                     // SAFETY: the symbol is the libc function with exactly this C signature.
-                    unsafe { std::mem::transmute::<*mut c_void, $signature>(pointer) }
+                    unsafe { std::mem::transmute::<*const u8, $signature>(pointer) }
                 },)*
             }
         }
