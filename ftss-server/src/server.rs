@@ -49,6 +49,8 @@ const STATUS_INTERVAL: Duration = Duration::from_millis(250);
 const RESYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// Ack files older than this are removed: acks are for processes waiting now, not a history.
 const ACK_FILE_AGE_MAX: Duration = Duration::from_secs(300);
+/// How often `housekeeping` sweeps.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(10);
 /// Files in `tmp/` older than this were left by a writer that died mid-publish.
 const TMP_FILE_AGE_MAX: Duration = Duration::from_secs(3600);
 /// Dead letters remembered for status.
@@ -149,6 +151,7 @@ pub struct Server {
     registry_loaded_at: Option<Instant>,
     status_written_at: Option<Instant>,
     resync_checked_at: Instant,
+    housekept_at: Option<Instant>,
     counters: Counters,
     samples: VecDeque<(Instant, u64, u64, u64)>,
     dead_letters: VecDeque<DeadLetter>,
@@ -205,6 +208,7 @@ impl Server {
             registry_loaded_at: None,
             status_written_at: None,
             resync_checked_at: Instant::now(),
+            housekept_at: None,
             counters: Counters::default(),
             samples: VecDeque::new(),
             dead_letters: VecDeque::new(),
@@ -932,10 +936,20 @@ impl Server {
         self.queue.active_segment()
     }
 
+    /// Removes what dead writers left behind: old ack files, and files in `tmp/` of every spool
+    /// (including inbox files a receiving shim claimed and then died holding; their packets are
+    /// delivered again because no receipt came).
     fn housekeeping(&mut self) {
+        if self.housekept_at.is_some_and(|at| at.elapsed() < HOUSEKEEPING_INTERVAL) {
+            return;
+        }
+        self.housekept_at = Some(Instant::now());
         for node in &self.nodes {
             let _ = fsbridge::spool::sweep_older_than(&self.volume.acks(node).new_dir(), ACK_FILE_AGE_MAX);
-            for spool in [self.volume.outbox(node), self.volume.receipts(node), self.volume.acks(node)] {
+            let inboxes =
+                self.volume.inbox_ports(node).unwrap_or_default().into_iter().map(|port| self.volume.inbox(node, port));
+            let spools = [self.volume.outbox(node), self.volume.receipts(node), self.volume.acks(node)];
+            for spool in spools.into_iter().chain(inboxes) {
                 let _ = spool.sweep_tmp(TMP_FILE_AGE_MAX);
             }
         }
