@@ -48,28 +48,7 @@ fn dump_pcap_is_read_back_by_tshark() {
         .output()
         .unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let fields = Command::new("tshark")
-        .arg("-r")
-        .arg(&pcap)
-        .args([
-            "-T",
-            "fields",
-            "-e",
-            "ip.src",
-            "-e",
-            "udp.srcport",
-            "-e",
-            "ip.dst",
-            "-e",
-            "udp.dstport",
-            "-e",
-            "data.data",
-        ])
-        .stderr(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(fields.status.success());
-    let lines: Vec<String> = String::from_utf8(fields.stdout).unwrap().lines().map(str::to_owned).collect();
+    let lines = tshark_fields(&pcap);
     let expected: Vec<String> = (0..5)
         .map(|n| {
             let hex: String = format!("pcap-{n}").bytes().map(|byte| format!("{byte:02x}")).collect();
@@ -236,4 +215,63 @@ fn status_prints_a_readable_table_and_scrub_is_quiet_when_piped() {
     assert!(output.status.success());
     assert!(output.stderr.is_empty(), "progress written to a pipe: {}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).contains("records verified"));
+}
+
+fn tshark_fields(pcap: &Path) -> Vec<String> {
+    let fields = Command::new("tshark")
+        .arg("-r")
+        .arg(pcap)
+        .args([
+            "-T",
+            "fields",
+            "-e",
+            "ip.src",
+            "-e",
+            "udp.srcport",
+            "-e",
+            "ip.dst",
+            "-e",
+            "udp.dstport",
+            "-e",
+            "data.data",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(fields.status.success(), "tshark cannot read {}", pcap.display());
+    String::from_utf8(fields.stdout).unwrap().lines().map(str::to_owned).collect()
+}
+
+#[test]
+fn ftss_pcap_records_what_one_process_sent_and_received() {
+    assert!(have("tshark"), "tshark is not installed (bash .ci/run installs it)");
+    let mut fabric = Fabric::new("shim-pcap");
+    fabric.start_server();
+    let received_pcap = fabric.dir.0.join("b.pcap");
+    let mut receiver = fabric.command("b", "10.77.0.2", "python3");
+    receiver
+        .args(["-c", common::apps::PY_RECEIVER, "9501"])
+        .env("FTSS_PCAP", &received_pcap)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut receiver = receiver.spawn().unwrap();
+    let lines = LineCollector::start(receiver.stdout.take().unwrap());
+    let _receiver = Proc { child: receiver, name: "receiver".into() };
+    assert!(wait_until(Duration::from_secs(20), || lines.count() >= 1));
+    let sent_pcap = fabric.dir.0.join("a.pcap");
+    let script = "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('10.77.0.1', 4324))\n\
+                  for n in range(3):\n    s.sendto(f'cap-{n}'.encode(), ('10.77.0.2', 9501))\n";
+    let output =
+        fabric.command("a", "10.77.0.1", "python3").args(["-c", script]).env("FTSS_PCAP", &sent_pcap).output().unwrap();
+    assert!(output.status.success());
+    assert!(wait_until(Duration::from_secs(20), || lines.count() >= 4), "got {:?}", lines.lines());
+    let expected: Vec<String> = (0..3)
+        .map(|n| {
+            let hex: String = format!("cap-{n}").bytes().map(|byte| format!("{byte:02x}")).collect();
+            format!("10.77.0.1\t4324\t10.77.0.2\t9501\t{hex}")
+        })
+        .collect();
+    assert_eq!(tshark_fields(&sent_pcap), expected, "the sender's capture");
+    assert_eq!(tshark_fields(&received_pcap), expected, "the receiver's capture");
 }

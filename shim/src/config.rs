@@ -54,6 +54,8 @@ pub struct Config {
     pub egress: Vec<Cidr>,
     pub ack: AckMode,
     pub log: Option<PathBuf>,
+    /// `FTSS_PCAP`: record this process's fabric datagrams in a pcap file.
+    pub pcap: Option<PathBuf>,
     /// How often the inbox is polled.
     pub poll: Duration,
     /// How long a send may wait for durability or an ack before it fails with ETIMEDOUT.
@@ -104,6 +106,7 @@ impl Config {
             egress,
             ack,
             log: var("FTSS_LOG").map(PathBuf::from),
+            pcap: var("FTSS_PCAP").map(PathBuf::from),
             poll,
             timeout,
         }))

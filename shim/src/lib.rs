@@ -13,6 +13,7 @@
 //! SO_RCVTIMEO all work natively on the app's fd, without hooking every wait call.
 
 mod addr;
+mod capture;
 pub mod config;
 mod fds;
 mod fork;
@@ -75,6 +76,9 @@ fn init() {
         Ok(None) => None,
         Ok(Some(config)) => {
             open_log(&config);
+            if let Some(path) = &config.pcap {
+                capture::open(path);
+            }
             match socket::Shim::start(config) {
                 Ok(shim) => Some(shim),
                 Err(error) => {

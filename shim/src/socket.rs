@@ -827,7 +827,10 @@ pub fn send_fabric(fd: c_int, sock: &Sock, payload: &[u8], flags: c_int, destina
         }
     });
     match outcome {
-        Ok(()) => payload.len() as ssize_t,
+        Ok(()) => {
+            crate::capture::record(SocketAddr::V4(source), SocketAddr::V4(destination), payload);
+            payload.len() as ssize_t
+        }
         Err(error) => {
             log!("send of {} bytes to {destination} failed with errno {}: {error}", payload.len(), error.errno());
             fail(error.errno())
@@ -884,7 +887,12 @@ pub fn receive(fd: c_int, iov: &[iovec], flags: c_int, out: NameOut) -> Result<(
             mark_received(shim, id);
         }
         unsafe { addr::write(*source, sock.family, out.name, out.len) };
-        return Ok((received - INJECT_HEADER_BYTES as ssize_t, message.msg_flags));
+        let length = received as usize - INJECT_HEADER_BYTES;
+        if !peek && crate::capture::active() {
+            let local = sock.lock().local.unwrap_or(SocketAddrV4::new(shim.config.addr, 0));
+            crate::capture::record_received(*source, SocketAddr::V4(local), iov, length);
+        }
+        return Ok((length as ssize_t, message.msg_flags));
     }
 }
 
