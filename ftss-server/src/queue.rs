@@ -579,7 +579,10 @@ impl Queue {
                 fs::remove_file(entry.path())?;
             }
         }
-        for (&segment, &size) in &self.segments {
+        let progress = crate::progress::Progress::new("resyncing a queue mirror");
+        let total = self.segments.len() as u64;
+        for (done, (&segment, &size)) in self.segments.iter().enumerate() {
+            progress.show(done as u64, total);
             let mut bytes = vec![0u8; size as usize];
             File::open(source_dir.join(segment_name(segment)))?.read_exact_at(&mut bytes, 0)?;
             let tmp = target_dir.join(format!(".{}.resync", segment_name(segment)));
@@ -589,6 +592,7 @@ impl Queue {
             fs::rename(&tmp, target_dir.join(segment_name(segment)))?;
         }
         File::open(&target_dir)?.sync_all()?;
+        progress.done();
         let active = OpenOptions::new().append(true).open(target_dir.join(segment_name(self.active_segment)))?;
         self.mirrors[target].active = Some(active);
         Ok(())
