@@ -310,19 +310,24 @@ fn run(options: Options) -> Result<bool, String> {
         emit(outcome("server-rss", 64, 1, true, || server_rss::server_rss(&bench, &run, plan.rss_packets)));
     }
 
-    let output = if options.json { None } else { Some(()) };
+    print_summary(&results, options.json, started);
+    Ok(!results.iter().any(|measurement| measurement.skipped.as_deref().is_some_and(|why| why.starts_with("failed"))))
+}
+
+/// The table and the targets, on stdout (on stderr with `--json`, which keeps stdout JSON only).
+fn print_summary(results: &[Measurement], json: bool, started: Instant) {
     let mut lines = vec![String::new(), TABLE_HEADER.to_owned()];
     lines.extend(results.iter().map(table_row));
     lines.push(String::new());
-    lines.extend(targets(&results));
+    lines.extend(targets(results));
     lines.push(format!("total time {:.0} s", started.elapsed().as_secs_f64()));
     for line in lines {
-        match output {
-            Some(()) => println!("{line}"),
-            None => eprintln!("{line}"),
+        if json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
         }
     }
-    Ok(!results.iter().any(|measurement| measurement.skipped.as_deref().is_some_and(|why| why.starts_with("failed"))))
 }
 
 /// Runs `measure` `repeats` times and keeps the run with the median pps.
