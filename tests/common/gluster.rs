@@ -97,8 +97,9 @@ impl GlusterVolume {
         assert!(wait_until(Duration::from_secs(30), || self.brick_pids().len() == 3), "bricks did not come back");
     }
 
-    /// Waits until self-heal has nothing left to heal.
+    /// Starts a heal and waits until self-heal has nothing left to heal.
     pub fn wait_healed(&self, limit: Duration) -> bool {
+        let _ = gluster(&["volume", "heal", &self.name]);
         wait_until(limit, || {
             gluster(&["volume", "heal", &self.name, "info"])
                 .map(|text| {
