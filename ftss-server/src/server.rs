@@ -29,6 +29,9 @@ use crate::queue::{Location, MirrorStatus, Outcome, Queue, QueueError, QueueReco
 const DRAIN_FILES_PER_NODE_MAX: usize = 256;
 /// Most packets drained in one cycle, across nodes; bounds the memory of one group commit.
 const DRAIN_PACKETS_PER_CYCLE_MAX: usize = 65_536;
+/// Most payload bytes drained in one cycle: with large datagrams the packet count alone would let a
+/// cycle hold gigabytes (the decoded packets and the queue's write buffer).
+const DRAIN_BYTES_PER_CYCLE_MAX: usize = 32 * 1024 * 1024;
 /// Most packets written into one inbox batch file.
 const DELIVER_PACKETS_PER_FILE_MAX: usize = 4096;
 /// Most payload bytes written into one inbox batch file (bounds the receiving shim's memory).
@@ -515,6 +518,7 @@ impl Server {
     fn read_outboxes(&mut self) -> Result<Vec<Drained>, fsbridge::SpoolError> {
         let mut drained: Vec<Drained> = Vec::new();
         let mut packets_total = 0;
+        let mut bytes_total = 0;
         // Bytes accepted this cycle, not yet in `bytes_per_destination`.
         let mut accepted: HashMap<Ipv4Addr, u64> = HashMap::new();
         for node in self.nodes.clone() {
@@ -522,7 +526,7 @@ impl Server {
                 continue;
             }
             for attempt in 0..DRAIN_FILES_PER_NODE_MAX {
-                if packets_total >= DRAIN_PACKETS_PER_CYCLE_MAX {
+                if packets_total >= DRAIN_PACKETS_PER_CYCLE_MAX || bytes_total >= DRAIN_BYTES_PER_CYCLE_MAX {
                     break;
                 }
                 // List the directory again only at the start of a cycle: files drained earlier in
@@ -545,6 +549,7 @@ impl Server {
                 self.pop_outbox_name(&node);
                 for packet in &packets {
                     *accepted.entry(*packet.destination.ip()).or_insert(0) += packet.payload.len() as u64;
+                    bytes_total += packet.payload.len();
                 }
                 packets_total += packets.len();
                 drained.push(Drained { node: node.clone(), name, packets });
