@@ -45,9 +45,16 @@ pub fn run(shim: &'static Shim) {
         let socks = shim.socks();
         // Taken before any socket lock: the table comes first in the lock order.
         let open: HashSet<u64> = socks.iter().map(|sock| sock.id).collect();
+        // One listing of in/ per pass says which ports have an inbox at all: a send-only socket's
+        // port has none, and probing it every pass costs a failed open (a round trip on SMB/NFS).
+        let inbox_ports: Option<HashSet<u16>> = if socks.is_empty() {
+            None
+        } else {
+            shim.volume.inbox_ports(&shim.config.node).ok().map(|ports| ports.into_iter().collect())
+        };
         let mut waiting_for_room = Vec::new();
         for sock in &socks {
-            if !fill(shim, sock, &open) {
+            if !fill(shim, sock, &open, inbox_ports.as_ref()) {
                 waiting_for_room.push(sock.clone());
             }
         }
@@ -145,7 +152,7 @@ fn claim(inbox: &Spool, name: &str) -> Option<std::path::PathBuf> {
 }
 
 /// Injects held datagrams, then new inbox files. Returns false if the app's socket is full.
-fn fill(shim: &Shim, sock: &Arc<Sock>, open: &HashSet<u64>) -> bool {
+fn fill(shim: &Shim, sock: &Arc<Sock>, open: &HashSet<u64>, inbox_ports: Option<&HashSet<u16>>) -> bool {
     let (local, peer) = {
         let state = sock.lock();
         (state.local, state.peer)
@@ -158,6 +165,9 @@ fn fill(shim: &Shim, sock: &Arc<Sock>, open: &HashSet<u64>) -> bool {
             return false;
         }
         held.pop_front();
+    }
+    if inbox_ports.is_some_and(|ports| !ports.contains(&local.port())) {
+        return true;
     }
     let inbox = shim.volume.inbox(&shim.config.node, local.port());
     let names = match inbox.list(INBOX_FILES_PER_PASS) {
