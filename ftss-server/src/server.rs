@@ -29,6 +29,8 @@ use crate::queue::{Location, MirrorStatus, Outcome, Queue, QueueError, QueueReco
 const DRAIN_FILES_PER_NODE_MAX: usize = 256;
 /// Most packets drained in one cycle, across nodes; bounds the memory of one group commit.
 const DRAIN_PACKETS_PER_CYCLE_MAX: usize = 65_536;
+/// A drain group at least this large is followed by returning freed memory to the system.
+const TRIM_AFTER_PACKETS: usize = 4096;
 /// Most payload bytes drained in one cycle: with large datagrams the packet count alone would let a
 /// cycle hold gigabytes (the decoded packets and the queue's write buffer).
 const DRAIN_BYTES_PER_CYCLE_MAX: usize = 32 * 1024 * 1024;
@@ -500,7 +502,16 @@ impl Server {
         }
         self.ack_and_remove(&drained)?;
         self.counters.drained_files += drained.len() as u64;
-        Ok(drained.len() + arrived.len())
+        let work = drained.len() + arrived.len();
+        if total >= TRIM_AFTER_PACKETS {
+            // A big group leaves megabytes of freed buffers (decoded packets, the queue's write
+            // buffer) that malloc keeps; give them back so the resident size is the index.
+            drop(drained);
+            drop(arrived);
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe { libc::malloc_trim(0) };
+        }
+        Ok(work)
     }
 
     fn push_back(&mut self, reason: String) {
