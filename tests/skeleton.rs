@@ -13,6 +13,18 @@ fn numbered_lines(count: usize, tag: &str) -> Vec<String> {
     (0..count).map(|index| format!("{tag}-line-{index:05}-{}", "x".repeat(index % 40))).collect()
 }
 
+/// Waits up to `limit` for every sent line, gives a duplicate time to show up, then judges.
+fn expect_in_order_exactly_once(received: &LineCollector, sent: &[String], limit: Duration) {
+    assert!(
+        wait_until(limit, || received.count() >= sent.len()),
+        "only {} of {} lines arrived",
+        received.count(),
+        sent.len()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_in_order_exactly_once(&received.lines(), sent);
+}
+
 /// Splits received output back into lines (nc may join several lines into one datagram).
 fn assert_in_order_exactly_once(received: &[String], sent: &[String]) {
     let missing: Vec<_> = sent.iter().filter(|line| !received.contains(line)).take(5).collect();
@@ -34,14 +46,7 @@ fn thousand_nc_lines_cross_volume_and_queue_in_order_exactly_once() {
     std::thread::sleep(Duration::from_millis(300));
     let lines = numbered_lines(1000, "a");
     assert!(nc_send_lines(&fabric, "a", "10.77.0.1", "10.77.0.2", 9000, &lines), "sender nc did not exit");
-    assert!(
-        wait_until(Duration::from_secs(60), || received.count() >= lines.len()),
-        "only {} lines arrived",
-        received.count()
-    );
-    // Give any duplicate time to show up before judging.
-    std::thread::sleep(Duration::from_millis(500));
-    assert_in_order_exactly_once(&received.lines(), &lines);
+    expect_in_order_exactly_once(&received, &lines, Duration::from_secs(60));
     listener.kill();
 
     assert!(wait_until(Duration::from_secs(10), || fabric.counter("receipted") >= fabric.counter("stored")));
@@ -70,13 +75,7 @@ fn lines_sent_while_the_server_is_down_arrive_when_it_starts() {
     assert_eq!(received.count(), 0, "delivered without a server?");
 
     fabric.start_server();
-    assert!(
-        wait_until(Duration::from_secs(30), || received.count() >= lines.len()),
-        "only {} arrived",
-        received.count()
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    assert_in_order_exactly_once(&received.lines(), &lines);
+    expect_in_order_exactly_once(&received, &lines, Duration::from_secs(30));
     assert!(files_in(&outbox).is_empty(), "outbox not drained");
     listener.kill();
 }
@@ -98,13 +97,7 @@ fn lines_sent_before_the_receiver_starts_arrive_when_it_binds() {
     let inbox = fabric.volume.join("nodes/b/in/9002/new");
     assert!(wait_until(Duration::from_secs(10), || !files_in(&inbox).is_empty()), "not delivered to b's inbox");
     let (mut listener, received) = nc_listener(&fabric, "b", "10.77.0.2", 9002);
-    assert!(
-        wait_until(Duration::from_secs(30), || received.count() >= lines.len()),
-        "only {} arrived",
-        received.count()
-    );
-    std::thread::sleep(Duration::from_millis(300));
-    assert_in_order_exactly_once(&received.lines(), &lines);
+    expect_in_order_exactly_once(&received, &lines, Duration::from_secs(30));
     listener.kill();
     assert!(
         wait_until(Duration::from_secs(10), || fabric.status()["queue"]["packets"] == 0),
@@ -248,12 +241,7 @@ fn corrupt_outbox_file_is_quarantined_and_delivery_continues() {
     sender.send(&second);
     assert!(sender.finish(Duration::from_secs(20)));
     let all: Vec<String> = first.iter().chain(&second).cloned().collect();
-    assert!(
-        wait_until(Duration::from_secs(20), || received.count() >= all.len()),
-        "delivery stopped: {:?}",
-        received.lines()
-    );
-    assert_in_order_exactly_once(&received.lines(), &all);
+    expect_in_order_exactly_once(&received, &all, Duration::from_secs(20));
     listener.kill();
     assert!(fabric.server.as_mut().unwrap().child.try_wait().unwrap().is_none(), "server died");
 }
