@@ -19,8 +19,10 @@
 //! hex, so a listing sorted by name is each writer's publish order. Names starting with `.` (NFS
 //! silly-renames, editor files) are ignored.
 //!
-//! `format` holds the bytes; `spool` the file operations; `layout` the paths.
+//! `format` holds the bytes; `spool` the file operations; `layout` the paths; `fabric` the same
+//! batches framed for a stream connection to ftss-server.
 
+pub mod fabric;
 pub mod format;
 pub mod layout;
 pub mod pcap;

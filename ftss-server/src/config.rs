@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use fsbridge::fabric::Endpoint;
+
 use crate::gateway::{Cidr, IngressRule};
 use crate::server::Config;
 
@@ -27,6 +29,8 @@ pub struct FileSettings {
     pub ha: Option<bool>,
     pub lease_term: Option<String>,
     pub instance: Option<String>,
+    pub fabric_listen: Option<Vec<String>>,
+    pub fabric_keys: Option<PathBuf>,
 }
 
 /// The same settings as given on the command line (all optional there too).
@@ -80,6 +84,14 @@ pub struct FlagSettings {
     /// This instance's name in the lease and in status [default: HOSTNAME-PID].
     #[arg(long)]
     pub instance: Option<String>,
+    /// Accept fabric connections here: unix:/PATH or tcp:ADDR:PORT (repeatable). Nodes with
+    /// FTSS_TRANSPORT=fabric send and receive over them instead of the volume.
+    #[arg(long = "fabric-listen")]
+    pub fabric_listen: Vec<String>,
+    /// Directory of per-node fabric keys, NODE.key (made by `ftss-server fabric-key`)
+    /// [default: VOLUME/server/fabric-keys].
+    #[arg(long)]
+    pub fabric_keys: Option<PathBuf>,
 }
 
 /// High-availability settings.
@@ -157,7 +169,6 @@ pub fn resolve(flags: FlagSettings) -> Result<RunSettings, String> {
         None => None,
     };
     let config = Config {
-        volume,
         queue_dirs,
         poll: duration("poll", flags.poll, file.poll, "20ms")?,
         redeliver_after: duration("redeliver-after", flags.redeliver_after, file.redeliver_after, "5s")?,
@@ -166,6 +177,9 @@ pub fn resolve(flags: FlagSettings) -> Result<RunSettings, String> {
         destination_bytes_max: flags.destination_bytes_max.or(file.destination_bytes_max).unwrap_or(1 << 30),
         fabric: list::<Cidr>("fabric", flags.fabric, file.fabric, &["10.77.0.0/16"])?,
         ingress: list::<IngressRule>("ingress", flags.ingress, file.ingress, &[])?,
+        fabric_listen: list::<Endpoint>("fabric-listen", flags.fabric_listen, file.fabric_listen, &[])?,
+        fabric_keys: flags.fabric_keys.or(file.fabric_keys).unwrap_or_else(|| volume.join("server").join("fabric-keys")),
+        volume,
     };
     let ha = if flags.ha || file.ha == Some(true) {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();

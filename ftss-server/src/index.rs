@@ -281,6 +281,15 @@ impl Index {
         }
     }
 
+    /// Makes a packet in flight due for redelivery at once (its inbox copy was taken back).
+    pub fn due_now(&mut self, key: Key, now: Instant, redeliver_after: Duration) {
+        let Some(flight) = self.in_flight.get_mut(&key) else { return };
+        let at = now.checked_sub(redeliver_after).unwrap_or(now);
+        flight.delivered_at = at;
+        // In front: `due_again` stops at the first item not yet due, and this one is due.
+        self.deliveries.push_front((at, key));
+    }
+
     /// Records that `key` was written to an inbox file; returns whether it was the first time.
     pub fn mark_delivered(&mut self, key: Key, destination: &Ipv4Addr, now: Instant, file: u64) -> bool {
         self.deliveries.push_back((now, key));

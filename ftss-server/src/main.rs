@@ -2,6 +2,7 @@
 
 mod config;
 mod dump;
+mod fabric;
 mod gateway;
 mod index;
 mod lease;
@@ -64,6 +65,24 @@ enum Command {
     /// List the packets in the queue (queued, retained after receipt, dead-lettered), like postcat.
     ///
     /// Read-only: safe while the server runs.
+    /// Make a fabric key for a node: writes KEYS/NODE.key (mode 600) and prints its path.
+    ///
+    /// Copy the file to the node (FTSS_FABRIC_KEY=/path/to/NODE.key); the server reads the keys
+    /// directory at every connection, so no restart is needed. Refuses to replace an existing key
+    /// unless --force is given.
+    FabricKey {
+        /// The keys directory (the server's --fabric-keys; default VOLUME/server/fabric-keys).
+        #[arg(long)]
+        keys: Option<PathBuf>,
+        /// The volume, to find the default keys directory.
+        #[arg(long)]
+        volume: Option<PathBuf>,
+        #[arg(long)]
+        node: String,
+        /// Replace an existing key (the node must get the new one).
+        #[arg(long)]
+        force: bool,
+    },
     Dump {
         #[arg(long = "queue-dir", required = true)]
         queue_dirs: Vec<PathBuf>,
@@ -111,6 +130,7 @@ fn main() -> ExitCode {
         Command::Run(flags) => config::resolve(flags).and_then(run),
         Command::Status { volume, json } => status::show(&volume, json),
         Command::Scrub { queue_dirs, json } => scrub(&queue_dirs, json),
+        Command::FabricKey { keys, volume, node, force } => fabric_key(keys, volume, &node, force),
         Command::Dump { queue_dirs, state, node, volume, since, payload, json, pcap } => {
             let since_unix_us = since.map(|ago| fsbridge::unix_now_us().saturating_sub(ago.as_micros() as u64));
             let options = dump::DumpOptions { state, node, volume, since_unix_us, payload, json, pcap };
@@ -199,6 +219,35 @@ fn become_active(config: &server::Config, ha: &config::HaSettings) -> Result<Opt
         }
         std::thread::sleep(ha.lease_term / 10);
     }
+}
+
+fn fabric_key(keys: Option<PathBuf>, volume: Option<PathBuf>, node: &str, force: bool) -> Result<(), String> {
+    let node = fsbridge::NodeName::new(node).map_err(|error| error.to_string())?;
+    let dir = match (keys, volume) {
+        (Some(keys), _) => keys,
+        (None, Some(volume)) => volume.join("server").join("fabric-keys"),
+        (None, None) => return Err("give --keys DIR or --volume DIR".into()),
+    };
+    std::fs::create_dir_all(&dir).map_err(|error| format!("{}: {error}", dir.display()))?;
+    let path = dir.join(format!("{node}.key"));
+    if path.exists() && !force {
+        return Err(format!("{} exists (use --force to replace it)", path.display()));
+    }
+    let tmp = dir.join(format!(".{node}.key.{}", std::process::id()));
+    let written = {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut file| file.write_all(fsbridge::fabric::generate_key_text().as_bytes()).and(file.sync_all()))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+    };
+    written.map_err(|error| format!("{}: {error}", path.display()))?;
+    println!("{}", path.display());
+    Ok(())
 }
 
 fn scrub(queue_dirs: &[PathBuf], json: bool) -> Result<(), String> {

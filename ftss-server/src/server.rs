@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fsbridge::format::BatchEncoder;
@@ -20,6 +21,7 @@ use fsbridge::layout::batch_file_name;
 use fsbridge::{Ack, AckState, BatchHeader, BatchKind, NodeName, Packet, PacketId, Record, Volume};
 use serde::Serialize;
 
+use crate::fabric::{Conn, FabricCounters, Hub, Inbound};
 use crate::gateway::{Arrival, Cidr, Gateway, GatewayCounters, IngressRule, IngressStatus, Target};
 use crate::index::{Entry, Index, Key};
 use crate::metrics::{Histogram, Snapshot};
@@ -65,6 +67,10 @@ const DEAD_LETTERS_PER_CYCLE_MAX: usize = 65_536;
 /// Most packets in flight (delivered, not receipted) per destination address: a receiver that stops
 /// reading holds at most this many in its inbox; the rest wait in the queue.
 const IN_FLIGHT_PER_DESTINATION_MAX: usize = 65_536;
+/// Most acks in one fabric frame (a frame's bytes are bounded).
+const ACKS_PER_FRAME_MAX: usize = 16_384;
+/// Inbox files a fabric node's newly bound port takes back from the volume in one go.
+const RECLAIM_FILES_MAX: usize = 4096;
 /// Window over which status computes rates.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 
@@ -85,6 +91,10 @@ pub struct Config {
     pub fabric: Vec<Cidr>,
     /// External UDP ports whose datagrams are delivered to a node's port.
     pub ingress: Vec<IngressRule>,
+    /// Where fabric nodes connect (none: the fabric transport is off).
+    pub fabric_listen: Vec<fsbridge::fabric::Endpoint>,
+    /// Directory of the fabric nodes' keys (`NODE.key`).
+    pub fabric_keys: PathBuf,
 }
 
 /// The origin node name of packets that came in from the external network.
@@ -99,6 +109,8 @@ pub enum ServerError {
     Volume(#[from] fsbridge::SpoolError),
     #[error("gateway: {0}")]
     Gateway(#[from] std::io::Error),
+    #[error("fabric: {0}")]
+    Fabric(std::io::Error),
 }
 
 /// Counters, as shown by `ftss-server status`.
@@ -174,6 +186,16 @@ pub struct Server {
     active: Option<Active>,
     /// Sequence of packets that came in through the gateway (ids: gateway origin, this epoch).
     gateway_seq: u64,
+    /// The fabric listener, with `--fabric-listen`.
+    fabric: Option<Hub>,
+    /// Receipts that came over fabric connections this cycle: (receiving node, ids).
+    fabric_receipts: Vec<(NodeName, Vec<PacketId>)>,
+}
+
+/// Packets taken from one fabric connection this cycle.
+struct FabricDrained {
+    conn: Arc<Conn>,
+    packets: Vec<Packet>,
 }
 
 /// One outbox file that was read and decoded this cycle.
@@ -198,6 +220,11 @@ impl Server {
         volume.create()?;
         let (queue, recovered, recovery) = Queue::open(&config.queue_dirs)?;
         let gateway = Gateway::open(&config.ingress)?;
+        let fabric = if config.fabric_listen.is_empty() {
+            None
+        } else {
+            Some(Hub::open(&config.fabric_listen, config.fabric_keys.clone()).map_err(ServerError::Fabric)?)
+        };
         let mut server = Server {
             config,
             volume,
@@ -229,6 +256,8 @@ impl Server {
             metrics: None,
             active: None,
             gateway_seq: 0,
+            fabric,
+            fabric_receipts: Vec::new(),
         };
         server.replay(recovered);
         Ok(server)
@@ -341,8 +370,14 @@ impl Server {
 
     /// Sleeps for the poll interval, or less if a datagram arrives at the gateway.
     fn wait_for_work(&self) {
-        let mut fds: Vec<libc::pollfd> =
-            self.gateway.fds().into_iter().map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+        let fabric = self.fabric.as_ref().map(Hub::wake_fd);
+        let mut fds: Vec<libc::pollfd> = self
+            .gateway
+            .fds()
+            .into_iter()
+            .chain(fabric)
+            .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
+            .collect();
         let timeout = self.config.poll.as_millis().min(60_000) as libc::c_int;
         // SAFETY: fds is a valid array of pollfd for the duration of the call.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
@@ -397,6 +432,9 @@ impl Server {
             self.report("reading the node registry", error);
         }
         self.backpressure = Backpressure::default();
+        if self.fabric.is_some() {
+            work += self.tend_fabric();
+        }
         match self.drain() {
             Ok(count) => work += count,
             Err(error) => self.report("draining", error),
@@ -466,7 +504,8 @@ impl Server {
         let arrivals = self.gateway.receive();
         let arrived = self.arrivals_to_packets(arrivals);
         let drained = self.read_outboxes()?;
-        if drained.is_empty() && arrived.is_empty() {
+        let from_fabric = self.read_fabric(&drained);
+        if drained.is_empty() && arrived.is_empty() && from_fabric.is_empty() {
             return Ok(0);
         }
         let stored_unix_us = now_us();
@@ -475,8 +514,9 @@ impl Server {
             let location = self.queue.append(&QueueRecord::Stored { stored_unix_us, packet: packet.clone() });
             fresh.push((packet, location));
         }
-        for batch in &drained {
-            for packet in &batch.packets {
+        let sent = drained.iter().map(|batch| &batch.packets).chain(from_fabric.iter().map(|taken| &taken.packets));
+        for packets in sent {
+            for packet in packets {
                 if self.index.seen(&packet.id) {
                     // Drained before a crash that came before the outbox file was removed.
                     continue;
@@ -490,28 +530,223 @@ impl Server {
             // (in order) next cycle.
             self.push_back(format!("queue: {error}"));
             self.outbox_backlog.clear();
+            // Fabric frames go back in front of their connections' queues, in order.
+            for taken in from_fabric.into_iter().rev() {
+                taken.conn.unpop(Inbound::Packets(taken.packets));
+            }
             return Ok(0);
         }
         self.counters.syncs += 1;
-        let total: usize = drained.iter().map(|batch| batch.packets.len()).sum();
+        let from_fabric_total: usize = from_fabric.iter().map(|taken| taken.packets.len()).sum();
+        let total: usize = drained.iter().map(|batch| batch.packets.len()).sum::<usize>() + from_fabric_total;
         self.counters.drained += total as u64;
         self.counters.duplicates += (total + arrived.len() - fresh.len()) as u64;
         self.counters.stored += fresh.len() as u64;
         for (packet, location) in fresh {
             self.insert(packet, location, stored_unix_us);
         }
+        self.ack_fabric(&from_fabric);
         self.ack_and_remove(&drained)?;
         self.counters.drained_files += drained.len() as u64;
-        let work = drained.len() + arrived.len();
+        let work = drained.len() + arrived.len() + from_fabric.len();
         if total >= TRIM_AFTER_PACKETS {
             // A big group leaves megabytes of freed buffers (decoded packets, the queue's write
             // buffer) that malloc keeps; give them back so the resident size is the index.
             drop(drained);
             drop(arrived);
+            drop(from_fabric);
             // SAFETY: malloc_trim has no preconditions.
             unsafe { libc::malloc_trim(0) };
         }
         Ok(work)
+    }
+
+    /// Takes packet frames from the fabric connections within what is left of this cycle's bounds
+    /// after `drained`; a frame for a destination over its byte limit stays first in its
+    /// connection's line (and the connection's reader stops when its queue is full). Receipt frames
+    /// met on the way are kept for `take_receipts`.
+    fn read_fabric(&mut self, drained: &[Drained]) -> Vec<FabricDrained> {
+        let Some(hub) = &self.fabric else { return Vec::new() };
+        let mut packets_total: usize = drained.iter().map(|batch| batch.packets.len()).sum();
+        let mut bytes_total: usize = 0;
+        let mut accepted: HashMap<Ipv4Addr, u64> = HashMap::new();
+        for packet in drained.iter().flat_map(|batch| &batch.packets) {
+            *accepted.entry(*packet.destination.ip()).or_insert(0) += packet.payload.len() as u64;
+            bytes_total += packet.payload.len();
+        }
+        let mut taken = Vec::new();
+        let mut full_reasons = Vec::new();
+        for conn in hub.connections() {
+            while packets_total < DRAIN_PACKETS_PER_CYCLE_MAX && bytes_total < DRAIN_BYTES_PER_CYCLE_MAX {
+                let Some(item) = conn.pop() else { break };
+                let packets = match item {
+                    Inbound::Receipts(ids) => {
+                        self.fabric_receipts.push((conn.node.clone(), ids));
+                        continue;
+                    }
+                    Inbound::Packets(packets) => packets,
+                };
+                let full = packets.iter().find(|packet| {
+                    let ip = packet.destination.ip();
+                    self.index.queued_bytes(ip) + accepted.get(ip).copied().unwrap_or(0)
+                        >= self.config.destination_bytes_max
+                });
+                if let Some(full) = full {
+                    full_reasons.push(format!("queue for {} is over its limit", full.destination.ip()));
+                    conn.unpop(Inbound::Packets(packets));
+                    break;
+                }
+                for packet in &packets {
+                    *accepted.entry(*packet.destination.ip()).or_insert(0) += packet.payload.len() as u64;
+                    bytes_total += packet.payload.len();
+                }
+                packets_total += packets.len();
+                taken.push(FabricDrained { conn: conn.clone(), packets });
+            }
+        }
+        let received: usize = taken.iter().map(|taken| taken.packets.len()).sum();
+        hub.count(|counters| counters.packets_received += received as u64);
+        for reason in full_reasons {
+            self.push_back(reason);
+        }
+        taken
+    }
+
+    /// Acks packets taken from fabric connections (now durable) over the connection they came on.
+    /// A connection that closed meanwhile gets nothing: its node sends them again and they are
+    /// acked as duplicates.
+    fn ack_fabric(&mut self, from_fabric: &[FabricDrained]) {
+        for taken in from_fabric {
+            let acks: Vec<Ack> = taken
+                .packets
+                .iter()
+                .map(|packet| {
+                    let state = if self.is_external(packet.destination.ip()) {
+                        AckState::AcceptedBestEffort
+                    } else {
+                        AckState::Stored
+                    };
+                    Ack { id: packet.id.clone(), state, reason: String::new() }
+                })
+                .collect();
+            self.send_acks(&taken.conn, &acks);
+        }
+    }
+
+    /// Sends acks over a fabric connection, in frames of bounded size.
+    fn send_acks(&mut self, conn: &Conn, acks: &[Ack]) {
+        for chunk in acks.chunks(ACKS_PER_FRAME_MAX) {
+            let mut encoder = self.encoder(BatchKind::Acks);
+            for ack in chunk {
+                encoder.push(&Record::Ack(ack.clone()));
+            }
+            if !conn.send(&fsbridge::fabric::Frame::Acks(encoder.finish())) {
+                return;
+            }
+            self.counters.acked += chunk.len() as u64;
+        }
+    }
+
+    /// Fabric bookkeeping at the start of a cycle: admit authenticated nodes, take their port
+    /// announcements (a newly bound port takes back what waits for it in the volume inbox), and
+    /// forget closed connections. Returns how much was done.
+    fn tend_fabric(&mut self) -> usize {
+        let Some(hub) = &self.fabric else { return 0 };
+        hub.clear_wake();
+        let pending = hub.pending();
+        let connections = hub.connections();
+        let gone = hub.reap();
+        let mut work = pending.len() + gone.len();
+        for conn in pending {
+            self.admit(&conn);
+        }
+        for conn in connections {
+            let Some(ports) = conn.take_announcement() else { continue };
+            let mut ports: Vec<u16> = ports;
+            ports.sort_unstable();
+            ports.dedup();
+            let known: Vec<u16> = ports.iter().copied().filter(|port| conn.has_port(*port)).collect();
+            conn.set_ports(ports.clone());
+            for port in ports.into_iter().filter(|port| !known.contains(port)) {
+                work += 1;
+                self.reclaim_inbox(&conn.node, port);
+            }
+        }
+        for (conn, reason) in gone {
+            eprintln!("ftss-server: fabric: node {} at {} disconnected: {reason}", conn.node, conn.peer);
+        }
+        work
+    }
+
+    /// Lets an authenticated node in unless its address belongs to another node (or the node is
+    /// connected with another address); registers it on the volume like a volume node's shim would.
+    fn admit(&mut self, conn: &Conn) {
+        if let Some(owner) = self.addr_to_node.get(&conn.addr)
+            && *owner != conn.node
+        {
+            return conn.refuse(format!("address {} is registered to node {owner}", conn.addr));
+        }
+        let live_elsewhere = self.fabric.as_ref().is_some_and(|hub| {
+            hub.connections().iter().any(|other| other.node == conn.node && other.addr != conn.addr && !other.is_closed())
+        });
+        if live_elsewhere {
+            return conn.refuse(format!("node {} is connected with another address", conn.node));
+        }
+        let config = fsbridge::NodeConfig { addr: conn.addr };
+        if let Err(error) = self.volume.register_node(&conn.node, &config) {
+            self.report("registering a fabric node", &error);
+            return conn.refuse(format!("the server cannot register the node: {error}"));
+        }
+        if let Some(old) = self.node_to_addr.insert(conn.node.clone(), conn.addr) {
+            self.addr_to_node.remove(&old);
+        }
+        self.addr_to_node.insert(conn.addr, conn.node.clone());
+        if !self.nodes.contains(&conn.node) {
+            self.nodes.push(conn.node.clone());
+            self.nodes.sort();
+        }
+        conn.admit();
+    }
+
+    /// A fabric process bound `port` of `node`: packets the server put in that port's volume inbox
+    /// (while no connection had the port) are taken back, by the same claiming rename a receiving
+    /// shim uses, and become due for delivery over the connection at once.
+    fn reclaim_inbox(&mut self, node: &NodeName, port: u16) {
+        let inbox = self.volume.inbox(node, port);
+        let Ok(names) = inbox.list(RECLAIM_FILES_MAX) else { return };
+        let now = Instant::now();
+        for name in names {
+            let claimed = inbox.tmp_dir().join(format!("{name}.claimed-server-{}", std::process::id()));
+            if std::fs::rename(inbox.new_dir().join(&name), &claimed).is_err() {
+                continue; // a receiving shim took it first
+            }
+            let batch = fsbridge::spool::read_regular_file(&claimed)
+                .map_err(|error| error.to_string())
+                .and_then(|bytes| bytes.ok_or_else(|| "gone".to_owned()))
+                .and_then(|bytes| fsbridge::format::decode_batch(&bytes).map_err(|error| error.to_string()));
+            match batch {
+                Ok(batch) => {
+                    for record in batch.records {
+                        if let Record::Packet(packet) = record
+                            && let Some(key) = self.index.key(&packet.id)
+                        {
+                            self.index.due_now(key, now, self.config.redeliver_after);
+                        }
+                    }
+                    if let Err(error) = fsbridge::spool::remove_file_idempotent(&claimed) {
+                        self.report("reclaiming an inbox file", error);
+                    }
+                }
+                Err(reason) => self.quarantine_path(claimed, node.as_str(), &reason),
+            }
+        }
+    }
+
+    /// The fabric connection packets for `node`'s `port` go over: the newest live one of that node
+    /// with the port bound.
+    fn fabric_route(&self, node: &NodeName, port: u16) -> Option<Arc<Conn>> {
+        let hub = self.fabric.as_ref()?;
+        hub.connections().into_iter().rev().find(|conn| conn.node == *node && !conn.is_closed() && conn.has_port(port))
     }
 
     fn push_back(&mut self, reason: String) {
@@ -691,11 +926,38 @@ impl Server {
 
     fn flush_acks(&mut self) {
         for (node, acks) in std::mem::take(&mut self.pending_acks) {
+            let acks = self.ack_over_fabric(&node, acks);
+            if acks.is_empty() {
+                continue;
+            }
             // Acks after "stored" are informational: a lost one costs nothing but the source's view.
             if let Err(error) = self.publish_acks(&node, &acks) {
                 self.report("writing acks", error);
             }
         }
+    }
+
+    /// Sends the acks whose sending process is connected over the fabric to it; returns the rest
+    /// (for the volume).
+    fn ack_over_fabric(&mut self, node: &NodeName, acks: Vec<Ack>) -> Vec<Ack> {
+        let Some(hub) = &self.fabric else { return acks };
+        let conns: Vec<Arc<Conn>> =
+            hub.connections().into_iter().filter(|conn| conn.node == *node && !conn.is_closed()).collect();
+        if conns.is_empty() {
+            return acks;
+        }
+        let mut by_conn: BTreeMap<u64, Vec<Ack>> = BTreeMap::new();
+        let mut rest = Vec::new();
+        for ack in acks {
+            match conns.iter().position(|conn| conn.epoch == ack.id.epoch) {
+                Some(index) => by_conn.entry(index as u64).or_default().push(ack),
+                None => rest.push(ack),
+            }
+        }
+        for (index, acks) in by_conn {
+            self.send_acks(&conns[index as usize], &acks);
+        }
+        rest
     }
 
     fn encoder(&mut self, kind: BatchKind) -> BatchEncoder {
@@ -744,9 +1006,13 @@ impl Server {
             }
         }
         for ((node, port), keys) in due {
+            let route = self.fabric_route(&node, port);
             let mut start = 0;
             while start < keys.len() {
-                start += self.deliver_file(&node, port, &keys[start..], now)?;
+                start += match &route {
+                    Some(conn) => self.deliver_over(conn, &keys[start..], now)?,
+                    None => self.deliver_file(&node, port, &keys[start..], now)?,
+                };
             }
         }
         Ok(count)
@@ -788,6 +1054,39 @@ impl Server {
         keys: &[(Key, Entry)],
         now: Instant,
     ) -> Result<usize, QueueError> {
+        let (bytes, taken, file_seq) = self.encode_delivery(keys)?;
+        let name = batch_file_name(self.epoch, file_seq, "pkt");
+        if let Err(error) = self.volume.inbox(node, port).publish(&name, &bytes) {
+            self.report("delivering", format!("inbox of {node}:{port}: {error}"));
+            self.skip_delivery(keys, now);
+            return Ok(keys.len());
+        }
+        self.mark_delivered(&keys[..taken], now, file_seq);
+        Ok(taken)
+    }
+
+    /// Sends a prefix of `keys` over a fabric connection; returns how many it took. A connection
+    /// without room (its node reads slowly) takes none this cycle.
+    fn deliver_over(&mut self, conn: &Conn, keys: &[(Key, Entry)], now: Instant) -> Result<usize, QueueError> {
+        if !conn.has_delivery_room() {
+            self.skip_delivery(keys, now);
+            return Ok(keys.len());
+        }
+        let (bytes, taken, _) = self.encode_delivery(keys)?;
+        if !conn.send(&fsbridge::fabric::Frame::Packets(bytes)) {
+            self.skip_delivery(keys, now);
+            return Ok(keys.len());
+        }
+        if let Some(hub) = &self.fabric {
+            hub.count(|counters| counters.packets_delivered += taken as u64);
+        }
+        // No inbox file stands for these: a redelivery is never held back waiting for one.
+        self.mark_delivered(&keys[..taken], now, 0);
+        Ok(taken)
+    }
+
+    /// Encodes a prefix of `keys` (bounded per file) as one packets batch: (bytes, count, batch seq).
+    fn encode_delivery(&mut self, keys: &[(Key, Entry)]) -> Result<(Vec<u8>, usize, u64), QueueError> {
         let mut encoder = self.encoder(BatchKind::Packets);
         let file_seq = self.batch_seq;
         let mut bytes = 0;
@@ -802,12 +1101,11 @@ impl Server {
             taken += 1;
         }
         self.counters.read_repairs = self.queue.read_repairs;
-        let name = batch_file_name(self.epoch, file_seq, "pkt");
-        if let Err(error) = self.volume.inbox(node, port).publish(&name, &encoder.finish()) {
-            self.report("delivering", format!("inbox of {node}:{port}: {error}"));
-            return Ok(keys.len());
-        }
-        for (key, entry) in &keys[..taken] {
+        Ok((encoder.finish(), taken, file_seq))
+    }
+
+    fn mark_delivered(&mut self, keys: &[(Key, Entry)], now: Instant, file_seq: u64) {
+        for (key, entry) in keys {
             if self.index.mark_delivered(*key, entry.destination.ip(), now, file_seq) {
                 self.counters.delivered += 1;
                 let id = self.index.id(*key);
@@ -816,7 +1114,14 @@ impl Server {
                 self.counters.redelivered += 1;
             }
         }
-        Ok(taken)
+    }
+
+    /// `keys` could not be delivered now: undelivered ones stay first in their queue; ones in flight
+    /// (due again) go back on the redelivery schedule.
+    fn skip_delivery(&mut self, keys: &[(Key, Entry)], now: Instant) {
+        for (key, _) in keys {
+            self.index.postpone(*key, now);
+        }
     }
 
     /// Reads receipts; a receipted packet is marked done in the queue (synced) and released.
@@ -842,13 +1147,7 @@ impl Server {
                 };
                 match decode_receipts(&bytes) {
                     Ok(ids) => {
-                        // Only the destination node may receipt a packet.
-                        let own = ids.into_iter().filter(|id| {
-                            self.index
-                                .key(id)
-                                .and_then(|key| self.index.in_flight(key))
-                                .is_some_and(|(entry, _)| self.addr_to_node.get(entry.destination.ip()) == Some(&node))
-                        });
+                        let own = ids.into_iter().filter(|id| self.is_receipt_of(id, &node));
                         done.extend(own);
                         files.push((node.clone(), name));
                     }
@@ -856,7 +1155,15 @@ impl Server {
                 }
             }
         }
-        if files.is_empty() {
+        let fabric_frames = self.fabric_receipts.len();
+        for (node, ids) in std::mem::take(&mut self.fabric_receipts) {
+            if let Some(hub) = &self.fabric {
+                hub.count(|counters| counters.receipts_received += ids.len() as u64);
+            }
+            let own = ids.into_iter().filter(|id| self.is_receipt_of(id, &node));
+            done.extend(own);
+        }
+        if files.is_empty() && fabric_frames == 0 {
             return Ok(0);
         }
         let at_unix_us = now_us();
@@ -880,7 +1187,15 @@ impl Server {
         for (node, name) in &files {
             self.volume.receipts(node).remove(name)?;
         }
-        Ok(files.len())
+        Ok(files.len() + fabric_frames)
+    }
+
+    /// May `node` receipt `id`? Only the destination node of a packet in flight may.
+    fn is_receipt_of(&self, id: &PacketId, node: &NodeName) -> bool {
+        self.index
+            .key(id)
+            .and_then(|key| self.index.in_flight(key))
+            .is_some_and(|(entry, _)| self.addr_to_node.get(entry.destination.ip()) == Some(node))
     }
 
     /// Dead-letters packets whose destination stayed unknown for longer than `--hold`.
@@ -1045,6 +1360,11 @@ impl Server {
             },
             last_error: self.last_error.clone(),
             active: self.active.clone(),
+            fabric: self.fabric.as_ref().map(|hub| FabricStatus {
+                listening: hub.listening().to_vec(),
+                counters: hub.counters(),
+                connections: hub.status(),
+            }),
             nodes,
         }
     }
@@ -1119,7 +1439,16 @@ pub struct Status {
     pub last_error: Option<String>,
     /// With `--ha`: this (active) instance and its lease epoch.
     pub active: Option<Active>,
+    /// With `--fabric-listen`: where, the counters and the connected nodes.
+    pub fabric: Option<FabricStatus>,
     pub nodes: BTreeMap<String, NodeStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FabricStatus {
+    pub listening: Vec<String>,
+    pub counters: FabricCounters,
+    pub connections: Vec<crate::fabric::ConnectionStatus>,
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -17,6 +17,16 @@ pub enum AckMode {
     Guaranteed,
 }
 
+/// How this node reaches ftss-server.
+#[derive(Clone, Debug)]
+pub enum Transport {
+    /// Batch files on the mounted volume (`FTSS_VOLUME`).
+    Volume,
+    /// A stream connection (`FTSS_TRANSPORT=fabric`, `FTSS_FABRIC`), authenticated with the node's
+    /// key (`FTSS_FABRIC_KEY`, a file).
+    Fabric { endpoint: fsbridge::fabric::Endpoint, key: Vec<u8> },
+}
+
 /// An IPv4 network in CIDR notation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cidr {
@@ -45,7 +55,9 @@ fn mask(prefix: u8) -> u32 {
 /// Everything the environment says.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// The mounted volume (empty with the fabric transport and no FTSS_VOLUME).
     pub volume: PathBuf,
+    pub transport: Transport,
     pub node: NodeName,
     pub addr: Ipv4Addr,
     pub routes: Vec<Cidr>,
@@ -66,10 +78,27 @@ pub struct Config {
 pub const DEFAULT_ROUTES: &str = "10.77.0.0/16";
 
 impl Config {
-    /// `Ok(None)` when `FTSS_VOLUME` is unset: the shim then passes everything through.
+    /// `Ok(None)` when neither `FTSS_VOLUME` nor `FTSS_TRANSPORT=fabric` is set: the shim then
+    /// passes everything through.
     pub fn from_env() -> Result<Option<Config>, String> {
         let var = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
-        let Some(volume) = var("FTSS_VOLUME") else { return Ok(None) };
+        let transport = match var("FTSS_TRANSPORT").as_deref() {
+            None | Some("volume") => {
+                if var("FTSS_VOLUME").is_none() {
+                    return Ok(None);
+                }
+                Transport::Volume
+            }
+            Some("fabric") => {
+                let endpoint = var("FTSS_FABRIC").ok_or("FTSS_TRANSPORT=fabric needs FTSS_FABRIC (unix:/PATH or tcp:HOST:PORT)")?;
+                let endpoint = endpoint.parse()?;
+                let key = var("FTSS_FABRIC_KEY").ok_or("FTSS_TRANSPORT=fabric needs FTSS_FABRIC_KEY (the node's key file)")?;
+                let key = fsbridge::fabric::read_key_file(std::path::Path::new(&key))?;
+                Transport::Fabric { endpoint, key }
+            }
+            Some(other) => return Err(format!("FTSS_TRANSPORT {other:?} is not one of volume, fabric")),
+        };
+        let volume = var("FTSS_VOLUME").unwrap_or_default();
         let node = var("FTSS_NODE").ok_or("FTSS_NODE is not set")?;
         let node = NodeName::new(&node).map_err(|error| error.to_string())?;
         let addr = var("FTSS_ADDR").ok_or("FTSS_ADDR is not set")?;
@@ -100,6 +129,7 @@ impl Config {
         };
         Ok(Some(Config {
             volume: volume.into(),
+            transport,
             node,
             addr,
             routes,
@@ -110,6 +140,10 @@ impl Config {
             poll,
             timeout,
         }))
+    }
+
+    pub fn is_fabric_transport(&self) -> bool {
+        matches!(self.transport, Transport::Fabric { .. })
     }
 
     /// Is `addr` carried by ftss (a fabric route, or an external network sent through the gateway)?

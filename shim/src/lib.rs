@@ -15,6 +15,7 @@
 mod addr;
 mod capture;
 pub mod config;
+mod fabric;
 mod fds;
 mod fork;
 mod hooks;

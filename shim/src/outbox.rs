@@ -5,8 +5,12 @@
 //! sender whose sequence number is now published. Concurrent senders therefore share one batch and
 //! one sync; a sender in `volume` mode returns only once its batch is published, in `async` mode as
 //! soon as the ring took it.
+//!
+//! Over the fabric transport the flusher writes each batch as a frame instead, and a packet counts
+//! as published when the server's "stored" ack for it arrives: until then it stays in `unacked`
+//! (bounded, and still counted in the ring's byte bound) and is sent again after a reconnect.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -16,6 +20,7 @@ use fsbridge::{BatchHeader, BatchKind, NodeName, Packet, Record, Spool};
 use ringbuf::traits::{Consumer, Observer, Producer, Split};
 use ringbuf::{HeapCons, HeapProd, HeapRb};
 
+use crate::fabric::Link;
 use crate::log;
 
 /// Most packets waiting in the ring.
@@ -24,6 +29,8 @@ pub const RING_PACKETS_MAX: usize = 8192;
 pub const RING_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Most bytes in one batch file; a larger backlog is split.
 const BATCH_FILE_BYTES_MAX: usize = BATCH_BYTES_MAX / 4;
+/// Packets sent over the fabric and not yet acked; the flusher takes no more from the ring beyond.
+pub const UNACKED_PACKETS_MAX: usize = RING_PACKETS_MAX;
 /// Failed batches remembered so that their senders can be told; older ones have no waiter left.
 const FAILURES_MAX: usize = 64;
 /// Pause before the flusher retries a batch whose publish failed.
@@ -71,6 +78,12 @@ struct State {
     awaiting_ack: BTreeSet<u64>,
     /// Seqs of `awaiting_ack` the server has acked as stored.
     acked: BTreeSet<u64>,
+    /// Fabric: packets sent and not yet acked, by seq.
+    unacked: BTreeMap<u64, Packet>,
+    /// Fabric: the highest seq taken from the ring.
+    taken_seq: u64,
+    /// Fabric: the flusher must look at the link again (it reconnected).
+    nudged: bool,
 }
 
 /// The shared outbox of one process.
@@ -98,6 +111,9 @@ impl Outbox {
                 failures: VecDeque::new(),
                 awaiting_ack: BTreeSet::new(),
                 acked: BTreeSet::new(),
+                unacked: BTreeMap::new(),
+                taken_seq: 0,
+                nudged: false,
             }),
             consumer: Mutex::new(consumer),
             work: Condvar::new(),
@@ -245,6 +261,92 @@ impl Outbox {
         }
     }
 
+    /// The flusher over the fabric: sends batches as frames on the link's connection, and after
+    /// every reconnect first sends again everything not yet acked (the server drops duplicates).
+    pub fn run_fabric_flusher(&self, link: &Link) {
+        let mut batch_seq = 0u64;
+        let mut sent_generation = 0;
+        loop {
+            let Some((wire, generation)) = link.current() else {
+                self.wait_nudge();
+                continue;
+            };
+            if generation != sent_generation {
+                let unacked: Vec<Packet> = self.lock().unacked.values().cloned().collect();
+                let resent = split_batches(&unacked).into_iter().all(|chunk| {
+                    batch_seq += 1;
+                    link.send_packets(&wire, batch_seq, chunk)
+                });
+                if !resent {
+                    continue;
+                }
+                if !unacked.is_empty() {
+                    log!("fabric: sent {} unacknowledged datagrams again", unacked.len());
+                }
+                sent_generation = generation;
+            }
+            let packets = self.take_fabric_batch();
+            if packets.is_empty() {
+                continue;
+            }
+            let mut state = self.lock();
+            state.taken_seq = packets[packets.len() - 1].id.seq;
+            for packet in &packets {
+                state.unacked.insert(packet.id.seq, packet.clone());
+            }
+            drop(state);
+            batch_seq += 1;
+            // A failed write leaves them unacked; they go again on the next connection.
+            link.send_packets(&wire, batch_seq, &packets);
+        }
+    }
+
+    /// Wakes the fabric flusher to look at the link (it reconnected).
+    pub fn nudge(&self) {
+        self.lock().nudged = true;
+        self.work.notify_all();
+    }
+
+    fn wait_nudge(&self) {
+        let mut state = self.lock();
+        while !state.nudged {
+            state = self.work.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        state.nudged = false;
+    }
+
+    /// Blocks until the ring has packets and the unacked set has room (or a nudge); takes a batch.
+    fn take_fabric_batch(&self) -> Vec<Packet> {
+        let mut consumer = self.consumer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut state = self.lock();
+        while (consumer.is_empty() || state.unacked.len() >= UNACKED_PACKETS_MAX) && !state.nudged {
+            state = self.work.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        state.nudged = false;
+        let room = UNACKED_PACKETS_MAX.saturating_sub(state.unacked.len());
+        drop(state);
+        Self::take_from(&mut consumer, room)
+    }
+
+    /// Records the server's stored acks for fabric packets: they are published now.
+    pub fn fabric_acked(&self, seqs: &[u64]) {
+        let mut state = self.lock();
+        let mut freed = 0;
+        for seq in seqs {
+            if let Some(packet) = state.unacked.remove(seq) {
+                freed += packet.payload.len();
+            }
+        }
+        state.queued_bytes -= freed;
+        let published = state.unacked.keys().next().map_or(state.taken_seq, |first| first - 1);
+        state.published_seq = state.published_seq.max(published);
+        let fresh: Vec<u64> = seqs.iter().copied().filter(|seq| state.awaiting_ack.contains(seq)).collect();
+        state.acked.extend(fresh);
+        drop(state);
+        self.progress.notify_all();
+        self.work.notify_all();
+    }
+
     /// Blocks until the ring has packets; takes as many as fit one batch file.
     fn take_batch(&self) -> Vec<Packet> {
         let mut consumer = self.consumer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -253,10 +355,17 @@ impl Outbox {
             state = self.work.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
         }
         drop(state);
+        Self::take_from(&mut consumer, usize::MAX)
+    }
+
+    /// Takes up to `count` packets from the ring, as many as fit one batch.
+    fn take_from(consumer: &mut HeapCons<Packet>, count: usize) -> Vec<Packet> {
         let mut packets = Vec::new();
         let mut bytes = 0;
-        while let Some(packet) = consumer.try_peek() {
-            let size = packet.payload.len() + RECORD_OVERHEAD_BYTES + 128;
+        while packets.len() < count
+            && let Some(packet) = consumer.try_peek()
+        {
+            let size = batch_bytes(packet);
             if !packets.is_empty() && bytes + size > BATCH_FILE_BYTES_MAX {
                 break;
             }
@@ -290,6 +399,30 @@ impl Outbox {
             }
         }
     }
+}
+
+/// Bytes a packet adds to a batch, with room for its id and addresses.
+fn batch_bytes(packet: &Packet) -> usize {
+    packet.payload.len() + RECORD_OVERHEAD_BYTES + 128
+}
+
+/// Splits `packets` into runs that each fit one batch.
+fn split_batches(packets: &[Packet]) -> Vec<&[Packet]> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0;
+    for (index, packet) in packets.iter().enumerate() {
+        if index > start && bytes + batch_bytes(packet) > BATCH_FILE_BYTES_MAX {
+            runs.push(&packets[start..index]);
+            start = index;
+            bytes = 0;
+        }
+        bytes += batch_bytes(packet);
+    }
+    if start < packets.len() {
+        runs.push(&packets[start..]);
+    }
+    runs
 }
 
 #[cfg(test)]

@@ -11,6 +11,10 @@
 //! 3. while a sender waits for the server's ack (`guaranteed`), read new ack files for this process;
 //! 4. relay datagrams that arrived on the real side sockets.
 //!
+//! Over the fabric transport, deliveries arrive on the link thread ([`deliver_from_fabric`]) and
+//! acks with them; a pass then only injects what is held, sends receipts and tells the server the
+//! bound ports.
+//!
 //! A connected socket only gets datagrams from its peer (the kernel's rule for UDP); the rest are
 //! dropped here (and receipted, so the server does not deliver them again).
 
@@ -47,7 +51,11 @@ pub fn run(shim: &'static Shim) {
         let open: HashSet<u64> = socks.iter().map(|sock| sock.id).collect();
         // One listing of in/ per pass says which ports have an inbox at all: a send-only socket's
         // port has none, and probing it every pass costs a failed open (a round trip on SMB/NFS).
-        let inbox_ports: Option<HashSet<u16>> = if socks.is_empty() {
+        let fabric = shim.link();
+        let inbox_ports: Option<HashSet<u16>> = if fabric.is_some() {
+            // No inbox files over the fabric: only held datagrams are injected.
+            Some(HashSet::new())
+        } else if socks.is_empty() {
             None
         } else {
             shim.volume.inbox_ports(&shim.config.node).ok().map(|ports| ports.into_iter().collect())
@@ -58,10 +66,58 @@ pub fn run(shim: &'static Shim) {
                 waiting_for_room.push(sock.clone());
             }
         }
-        if shim.outbox().awaits_acks() {
-            read_acks(shim, &mut seen_acks);
+        match fabric {
+            Some(link) => link.announce_ports(bound_ports(&socks)),
+            None if shim.outbox().awaits_acks() => read_acks(shim, &mut seen_acks),
+            None => {}
         }
         wait(shim, &socks, &waiting_for_room);
+    }
+}
+
+/// The ports of this process's fabric sockets.
+fn bound_ports(socks: &[Arc<Sock>]) -> Vec<u16> {
+    socks.iter().filter_map(|sock| sock.lock().local.map(|local| local.port())).collect()
+}
+
+/// Most datagrams held for one socket from fabric deliveries; more are left to the server's
+/// redelivery (no receipt is written for them).
+const FABRIC_HELD_MAX: usize = 8192;
+
+/// Packets the server delivered over the fabric: each goes to the socket bound to its port, with
+/// the same duplicate and peer rules as inbox files. One for a port with no socket (it just
+/// closed) or a socket holding too many is left without a receipt, so the server delivers it
+/// again later.
+pub fn deliver_from_fabric(shim: &Shim, packets: Vec<Packet>) {
+    let socks = shim.socks();
+    let open: HashSet<u64> = socks.iter().map(|sock| sock.id).collect();
+    let mut touched: Vec<&Arc<Sock>> = Vec::new();
+    for packet in packets {
+        let port = packet.destination.port();
+        let found = socks.iter().find_map(|sock| {
+            let state = sock.lock();
+            state.local.filter(|local| local.port() == port).map(|_| (sock, state.peer))
+        });
+        let Some((sock, peer)) = found else { continue };
+        let target = Target { sock, peer, open: &open };
+        let mut held = lock(&sock.held);
+        if held.len() >= FABRIC_HELD_MAX {
+            continue;
+        }
+        take_packet(shim, &target, &mut held, packet);
+        drop(held);
+        if !touched.iter().any(|seen| Arc::ptr_eq(seen, sock)) {
+            touched.push(sock);
+        }
+    }
+    for sock in touched {
+        let mut held = lock(&sock.held);
+        while let Some(datagram) = held.front() {
+            if !inject(sock, datagram) {
+                break; // the receive thread injects the rest when the app makes room
+            }
+            held.pop_front();
+        }
     }
 }
 
@@ -261,6 +317,16 @@ fn quarantine(shim: &Shim, path: &std::path::Path, reason: &str) {
 pub fn flush_receipts(shim: &Shim) {
     let ids = std::mem::take(&mut *lock(&shim.receipts));
     if ids.is_empty() {
+        return;
+    }
+    if let Some(link) = shim.link() {
+        let unsent = link.send_receipts(ids);
+        if !unsent.is_empty() {
+            let mut pending = lock(&shim.receipts);
+            if pending.len() + unsent.len() <= crate::fabric::RECEIPTS_PENDING_MAX {
+                pending.extend(unsent);
+            }
+        }
         return;
     }
     let receipt_seq = shim.receipt_seq.fetch_add(1, Ordering::Relaxed) + 1;

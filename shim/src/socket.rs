@@ -29,7 +29,8 @@ use fsbridge::{NodeConfig, Packet, PacketId, Volume};
 use libc::{c_int, c_void, iovec, msghdr, sockaddr, socklen_t, ssize_t};
 
 use crate::addr::{self, Family, INJECT_HEADER_BYTES, Raw};
-use crate::config::{AckMode, Config};
+use crate::config::{AckMode, Config, Transport};
+use crate::fabric::{Link, LinkEvents};
 use crate::fds;
 use crate::log;
 use crate::outbox::{Outbox, SendError};
@@ -207,6 +208,9 @@ pub struct Shim {
     epoch: AtomicU64,
     /// This process's outbox (leaked; a forked child gets a new one and never touches the parent's).
     outbox: AtomicPtr<Outbox>,
+    /// This process's fabric link (null with the volume transport; leaked and replaced like the
+    /// outbox).
+    link: AtomicPtr<Link>,
     /// The process this state belongs to; another pid means a vfork child sharing our memory.
     pid: AtomicU32,
     /// The flusher and receive threads run in this process (threads do not survive fork).
@@ -228,22 +232,60 @@ fn new_outbox(volume: &Volume, config: &Config, epoch: u64) -> *mut Outbox {
     Box::into_raw(Box::new(Outbox::new(volume.outbox(&config.node), config.node.clone(), epoch)))
 }
 
+fn new_link(config: &Config, epoch: u64) -> *mut Link {
+    match &config.transport {
+        Transport::Volume => std::ptr::null_mut(),
+        Transport::Fabric { endpoint, key } => Box::into_raw(Box::new(Link::new(
+            endpoint.clone(),
+            key.clone(),
+            config.node.clone(),
+            config.addr,
+            epoch,
+        ))),
+    }
+}
+
+/// What the fabric link's reader hands to the outbox and the sockets.
+struct Events(&'static Shim);
+
+impl LinkEvents for Events {
+    fn acked(&self, seqs: Vec<u64>) {
+        self.0.outbox().fabric_acked(&seqs);
+    }
+
+    fn connected(&self) {
+        self.0.outbox().nudge();
+    }
+
+    fn delivered(&self, packets: Vec<Packet>) {
+        crate::pump::deliver_from_fabric(self.0, packets);
+    }
+}
+
 impl Shim {
     pub fn start(config: Config) -> Result<Shim, String> {
         let volume = Volume::new(&config.volume);
-        if !config.volume.is_dir() {
-            return Err(format!("FTSS_VOLUME {} is not a directory", config.volume.display()));
-        }
         let epoch = fsbridge::random_u64();
-        log!(
-            "node {} addr {} volume {} ack {:?} epoch {epoch:016x}",
-            config.node,
-            config.addr,
-            config.volume.display(),
-            config.ack
-        );
+        match &config.transport {
+            Transport::Volume => {
+                if !config.volume.is_dir() {
+                    return Err(format!("FTSS_VOLUME {} is not a directory", config.volume.display()));
+                }
+                log!(
+                    "node {} addr {} volume {} ack {:?} epoch {epoch:016x}",
+                    config.node,
+                    config.addr,
+                    config.volume.display(),
+                    config.ack
+                );
+            }
+            Transport::Fabric { endpoint, .. } => {
+                log!("node {} addr {} fabric {endpoint} ack {:?} epoch {epoch:016x}", config.node, config.addr, config.ack)
+            }
+        }
         Ok(Shim {
             outbox: AtomicPtr::new(new_outbox(&volume, &config, epoch)),
+            link: AtomicPtr::new(new_link(&config, epoch)),
             config,
             volume,
             epoch: AtomicU64::new(epoch),
@@ -262,6 +304,12 @@ impl Shim {
 
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The fabric link, with the fabric transport.
+    pub fn link(&self) -> Option<&'static Link> {
+        // SAFETY: the pointer is null or comes from Box::into_raw and is never freed.
+        unsafe { self.link.load(Ordering::Acquire).as_ref() }
     }
 
     pub fn outbox(&self) -> &'static Outbox {
@@ -283,6 +331,10 @@ impl Shim {
         let epoch = fsbridge::random_u64();
         self.epoch.store(epoch, Ordering::Release);
         self.outbox.store(new_outbox(&self.volume, &self.config, epoch), Ordering::Release);
+        if let Some(link) = self.link() {
+            link.abandon_in_child();
+        }
+        self.link.store(new_link(&self.config, epoch), Ordering::Release);
         self.pid.store(std::process::id(), Ordering::Relaxed);
         self.running.store(false, Ordering::Release);
         lock(&self.receipts).clear();
@@ -310,15 +362,22 @@ impl Shim {
         if self.running.load(Ordering::Acquire) {
             return;
         }
-        // Once per process tree: a forked child inherits the parent's registration.
-        if !self.registered.swap(true, Ordering::AcqRel) {
+        // Once per process tree: a forked child inherits the parent's registration. Over the
+        // fabric the server registers the node when it connects.
+        if !self.config.is_fabric_transport() && !self.registered.swap(true, Ordering::AcqRel) {
             let config = NodeConfig { addr: self.config.addr };
             if let Err(error) = self.volume.register_node(&self.config.node, &config) {
                 log!("cannot register node {} on the volume: {error}", self.config.node);
             }
         }
         let outbox = self.outbox();
-        spawn_supervised("ftss-flusher", move || outbox.run_flusher());
+        match self.link() {
+            None => spawn_supervised("ftss-flusher", move || outbox.run_flusher()),
+            Some(link) => {
+                spawn_supervised("ftss-flusher", move || outbox.run_fabric_flusher(link));
+                spawn_supervised("ftss-fabric", move || link.run(&Events(self)));
+            }
+        }
         spawn_supervised("ftss-receive", move || crate::pump::run(self));
         self.running.store(true, Ordering::Release);
     }
@@ -512,7 +571,7 @@ fn real_peer(fd: c_int) -> Option<SocketAddr> {
 
 /// Moves `fd` to a number at or above [`INTERNAL_FD_FLOOR`] (close-on-exec) and marks it the
 /// shim's. Keeps the number it has if the process may not open that many.
-fn make_internal(fd: c_int) -> c_int {
+pub(crate) fn make_internal(fd: c_int) -> c_int {
     // SAFETY: fcntl/close on an fd the shim just created.
     let moved = unsafe { (real().fcntl)(fd, libc::F_DUPFD_CLOEXEC, INTERNAL_FD_FLOOR) };
     let fd = if moved >= 0 {

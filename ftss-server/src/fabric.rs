@@ -1,0 +1,678 @@
+//! The fabric listener: nodes that reach the array over its storage network connect here (unix or
+//! TCP), prove their name with an HMAC challenge, and exchange the same batches as on the volume.
+//!
+//! Connection threads only do I/O, framing and authentication; what a frame means (store, ack,
+//! deliver, receipt) is decided by the server's cycle on the main thread, which takes decoded
+//! frames from each connection's bounded inbound queue and puts encoded frames on its bounded
+//! outbound queue. A full inbound queue stops that connection's reader (TCP pushes back on the
+//! node); an outbound queue that a peer does not drain past its hard bound closes the connection.
+//! Threads wake the main loop through an eventfd that it polls with the gateway's sockets.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use fsbridge::fabric::{self, Endpoint, FABRIC_VERSION, Frame, FrameError};
+use fsbridge::format::decode_batch;
+use fsbridge::{BatchKind, NodeName, Packet, PacketId, Record};
+use serde::Serialize;
+
+/// Most connections at once; more are refused (each costs two threads).
+pub const CONNECTIONS_MAX: usize = 1024;
+/// Decoded frames' bytes waiting for the main loop, per connection; the reader stops beyond it.
+const INBOUND_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// Encoded frames waiting for the writer, per connection, beyond which no deliveries are queued.
+pub const OUTBOUND_DELIVERY_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Hard bound of a connection's outbound queue: a peer that does not read is disconnected.
+const OUTBOUND_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Time a connecting peer has to complete the handshake, and a writer to make progress.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pause after a failed accept (out of fds, say) before the next.
+const ACCEPT_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// Counters for status.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FabricCounters {
+    pub accepted: u64,
+    pub authenticated: u64,
+    pub refused: u64,
+    pub bad_frames: u64,
+    pub packets_received: u64,
+    pub packets_delivered: u64,
+    pub receipts_received: u64,
+    pub slow_peers_closed: u64,
+}
+
+/// A live connection as status shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConnectionStatus {
+    pub node: String,
+    pub addr: String,
+    pub peer: String,
+    pub epoch: String,
+    pub ports: Vec<u16>,
+}
+
+/// What the reader decoded, for the main loop.
+pub enum Inbound {
+    Packets(Vec<Packet>),
+    Receipts(Vec<PacketId>),
+}
+
+/// Whether the main loop let an authenticated node in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Admission {
+    Pending,
+    Admitted,
+    Refused(String),
+}
+
+struct ConnState {
+    admission: Admission,
+    inbound: VecDeque<(Inbound, usize)>,
+    inbound_bytes: usize,
+    outbound: VecDeque<Vec<u8>>,
+    outbound_bytes: usize,
+    /// The latest port list the node sent and the main loop has not taken yet.
+    ports_announced: Option<Vec<u16>>,
+    /// The ports the main loop routes to this connection.
+    ports: Vec<u16>,
+    closed: Option<String>,
+}
+
+/// One authenticated connection.
+pub struct Conn {
+    pub id: u64,
+    pub node: NodeName,
+    pub addr: Ipv4Addr,
+    pub epoch: u64,
+    pub peer: String,
+    state: Mutex<ConnState>,
+    changed: Condvar,
+    stream: Stream,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    conns: Mutex<BTreeMap<u64, Arc<Conn>>>,
+    /// Connections not yet authenticated or admitted, counted against [`CONNECTIONS_MAX`].
+    connecting: AtomicU64,
+    next_id: AtomicU64,
+    wake: OwnedFd,
+    keys_dir: PathBuf,
+    counters: Mutex<FabricCounters>,
+}
+
+/// The listeners and their connections.
+pub struct Hub {
+    shared: Arc<Shared>,
+    listening: Vec<String>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A connected stream of either kind.
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(stream) => Stream::Unix(stream.try_clone()?),
+            Stream::Tcp(stream) => Stream::Tcp(stream.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Stream::Unix(stream) => stream.shutdown(Shutdown::Both),
+            Stream::Tcp(stream) => stream.shutdown(Shutdown::Both),
+        };
+    }
+
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) {
+        let _ = match self {
+            Stream::Unix(stream) => stream.set_read_timeout(read).and(stream.set_write_timeout(write)),
+            Stream::Tcp(stream) => stream.set_read_timeout(read).and(stream.set_write_timeout(write)),
+        };
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(stream) => stream.read(buffer),
+            Stream::Tcp(stream) => stream.read(buffer),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buffer: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(stream) => stream.write(buffer),
+            Stream::Tcp(stream) => stream.write(buffer),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Shared {
+    fn wake(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writing 8 bytes to our eventfd.
+        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+
+    fn count(&self, update: impl FnOnce(&mut FabricCounters)) {
+        update(&mut lock(&self.counters));
+    }
+}
+
+impl Hub {
+    /// Binds every endpoint (a stale unix socket file left by a killed server is replaced) and
+    /// starts accepting. Keys are read from `keys_dir/<node>.key` at each handshake.
+    pub fn open(endpoints: &[Endpoint], keys_dir: PathBuf) -> io::Result<Hub> {
+        // SAFETY: eventfd returns a new fd or -1.
+        let wake = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if wake < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let shared = Arc::new(Shared {
+            conns: Mutex::new(BTreeMap::new()),
+            connecting: AtomicU64::new(0),
+            next_id: AtomicU64::new(1),
+            // SAFETY: wake is a new fd we own.
+            wake: unsafe { OwnedFd::from_raw_fd(wake) },
+            keys_dir,
+            counters: Mutex::new(FabricCounters::default()),
+        });
+        let mut listening = Vec::new();
+        for endpoint in endpoints {
+            let listener = bind(endpoint).map_err(|error| io::Error::new(error.kind(), format!("{endpoint}: {error}")))?;
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("fabric-accept".into())
+                .spawn(move || accept_loop(listener, shared))?;
+            listening.push(endpoint.to_string());
+        }
+        Ok(Hub { shared, listening })
+    }
+
+    /// The fd the main loop polls to learn that a connection has something for it.
+    pub fn wake_fd(&self) -> RawFd {
+        self.shared.wake.as_raw_fd()
+    }
+
+    /// Clears the wake fd (call before looking at the connections).
+    pub fn clear_wake(&self) {
+        let mut value = [0u8; 8];
+        // SAFETY: reading 8 bytes from our nonblocking eventfd.
+        unsafe { libc::read(self.shared.wake.as_raw_fd(), value.as_mut_ptr().cast(), value.len()) };
+    }
+
+    /// Authenticated connections waiting for the main loop to admit or refuse them.
+    pub fn pending(&self) -> Vec<Arc<Conn>> {
+        let conns = lock(&self.shared.conns);
+        conns.values().filter(|conn| lock(&conn.state).admission == Admission::Pending).cloned().collect()
+    }
+
+    /// Admitted connections (including ones that closed and still have inbound frames).
+    pub fn connections(&self) -> Vec<Arc<Conn>> {
+        let conns = lock(&self.shared.conns);
+        conns.values().filter(|conn| lock(&conn.state).admission == Admission::Admitted).cloned().collect()
+    }
+
+    /// Removes closed connections with nothing left for the main loop; returns them.
+    pub fn reap(&self) -> Vec<(Arc<Conn>, String)> {
+        let mut conns = lock(&self.shared.conns);
+        let mut gone = Vec::new();
+        conns.retain(|_, conn| {
+            let state = lock(&conn.state);
+            match &state.closed {
+                Some(reason) if state.inbound.is_empty() => {
+                    gone.push((conn.clone(), reason.clone()));
+                    false
+                }
+                _ => true,
+            }
+        });
+        gone
+    }
+
+    pub fn counters(&self) -> FabricCounters {
+        lock(&self.shared.counters).clone()
+    }
+
+    pub fn count(&self, update: impl FnOnce(&mut FabricCounters)) {
+        self.shared.count(update);
+    }
+
+    pub fn listening(&self) -> &[String] {
+        &self.listening
+    }
+
+    pub fn status(&self) -> Vec<ConnectionStatus> {
+        self.connections()
+            .iter()
+            .filter(|conn| !conn.is_closed())
+            .map(|conn| ConnectionStatus {
+                node: conn.node.to_string(),
+                addr: conn.addr.to_string(),
+                peer: conn.peer.clone(),
+                epoch: format!("{:016x}", conn.epoch),
+                ports: lock(&conn.state).ports.clone(),
+            })
+            .collect()
+    }
+}
+
+impl Conn {
+    pub fn admit(&self) {
+        lock(&self.state).admission = Admission::Admitted;
+        self.changed.notify_all();
+    }
+
+    pub fn refuse(&self, reason: String) {
+        lock(&self.state).admission = Admission::Refused(reason);
+        self.changed.notify_all();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        lock(&self.state).closed.is_some()
+    }
+
+    /// The next inbound item, if any (the caller may put it back with [`Conn::unpop`]).
+    pub fn pop(&self) -> Option<Inbound> {
+        let mut state = lock(&self.state);
+        let (item, bytes) = state.inbound.pop_front()?;
+        state.inbound_bytes -= bytes;
+        drop(state);
+        self.changed.notify_all();
+        Some(item)
+    }
+
+    /// Puts an item taken by [`Conn::pop`] back in front (it could not be taken this cycle).
+    pub fn unpop(&self, item: Inbound) {
+        let bytes = inbound_bytes(&item);
+        let mut state = lock(&self.state);
+        state.inbound_bytes += bytes;
+        state.inbound.push_front((item, bytes));
+    }
+
+    /// A port list the node announced since the last call.
+    pub fn take_announcement(&self) -> Option<Vec<u16>> {
+        lock(&self.state).ports_announced.take()
+    }
+
+    pub fn set_ports(&self, ports: Vec<u16>) {
+        lock(&self.state).ports = ports;
+    }
+
+    pub fn has_port(&self, port: u16) -> bool {
+        lock(&self.state).ports.contains(&port)
+    }
+
+    /// Is there room for deliveries on this connection now?
+    pub fn has_delivery_room(&self) -> bool {
+        let state = lock(&self.state);
+        state.closed.is_none() && state.outbound_bytes < OUTBOUND_DELIVERY_BYTES_MAX
+    }
+
+    /// Queues a frame for the writer. False if the connection is closed (or just closed because its
+    /// peer stopped reading).
+    pub fn send(&self, frame: &Frame) -> bool {
+        let bytes = frame.encode();
+        let mut state = lock(&self.state);
+        if state.closed.is_some() {
+            return false;
+        }
+        if state.outbound_bytes + bytes.len() > OUTBOUND_BYTES_MAX {
+            drop(state);
+            self.shared.count(|counters| counters.slow_peers_closed += 1);
+            self.close(format!("the node has not read {OUTBOUND_BYTES_MAX} bytes sent to it"));
+            return false;
+        }
+        state.outbound_bytes += bytes.len();
+        state.outbound.push_back(bytes);
+        drop(state);
+        self.changed.notify_all();
+        true
+    }
+
+    fn close(&self, reason: String) {
+        let mut state = lock(&self.state);
+        if state.closed.is_none() {
+            state.closed = Some(reason);
+        }
+        drop(state);
+        self.stream.shutdown();
+        self.changed.notify_all();
+        self.shared.wake();
+    }
+}
+
+fn inbound_bytes(item: &Inbound) -> usize {
+    match item {
+        Inbound::Packets(packets) => packets.iter().map(|packet| packet.payload.len() + 64).sum(),
+        Inbound::Receipts(ids) => ids.len() * 48,
+    }
+}
+
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+fn bind(endpoint: &Endpoint) -> io::Result<Listener> {
+    match endpoint {
+        Endpoint::Unix(path) => {
+            // A socket file left by a server that was killed refuses connections: replace it. A
+            // live server still answers, and then this one must not steal its path.
+            if path.exists() {
+                match UnixStream::connect(path) {
+                    Ok(_) => {
+                        return Err(io::Error::new(io::ErrorKind::AddrInUse, "another server listens there"));
+                    }
+                    Err(_) => std::fs::remove_file(path)?,
+                }
+            }
+            Ok(Listener::Unix(UnixListener::bind(path)?))
+        }
+        // std sets SO_REUSEADDR on Unix, so a restarted server rebinds at once.
+        Endpoint::Tcp(address) => Ok(Listener::Tcp(TcpListener::bind(address.as_str())?)),
+    }
+}
+
+fn accept_loop(listener: Listener, shared: Arc<Shared>) {
+    loop {
+        let accepted = match &listener {
+            Listener::Unix(listener) => listener.accept().map(|(stream, _)| (Stream::Unix(stream), "unix".to_owned())),
+            Listener::Tcp(listener) => listener.accept().map(|(stream, peer)| {
+                let _ = stream.set_nodelay(true);
+                (Stream::Tcp(stream), peer.to_string())
+            }),
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                eprintln!("ftss-server: fabric accept: {error}");
+                std::thread::sleep(ACCEPT_RETRY_PAUSE);
+                continue;
+            }
+        };
+        shared.count(|counters| counters.accepted += 1);
+        let open = lock(&shared.conns).len() + shared.connecting.load(Ordering::Relaxed) as usize;
+        if open >= CONNECTIONS_MAX {
+            refuse(stream, &shared, &peer, format!("the server has {CONNECTIONS_MAX} connections"));
+            continue;
+        }
+        shared.connecting.fetch_add(1, Ordering::Relaxed);
+        let shared_for_thread = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("fabric-read".into())
+            .spawn(move || {
+                let shared = shared_for_thread;
+                let conn = handshake(stream, &shared, &peer);
+                shared.connecting.fetch_sub(1, Ordering::Relaxed);
+                if let Some(conn) = conn {
+                    read_loop(&conn);
+                }
+            });
+        if let Err(error) = spawned {
+            shared.connecting.fetch_sub(1, Ordering::Relaxed);
+            eprintln!("ftss-server: fabric: cannot start a connection thread: {error}");
+        }
+    }
+}
+
+/// Tells the peer why and closes. Bad input never gets more than a log line and a refusal.
+fn refuse(mut stream: Stream, shared: &Shared, peer: &str, reason: String) {
+    eprintln!("ftss-server: fabric: refused {peer}: {reason}");
+    shared.count(|counters| counters.refused += 1);
+    stream.set_timeouts(Some(HANDSHAKE_TIMEOUT), Some(HANDSHAKE_TIMEOUT));
+    let _ = fabric::write_frame(&mut stream, &Frame::Refused { reason });
+    stream.shutdown();
+}
+
+/// Challenge, verify the node's proof, let the main loop admit it, welcome it. `None` if refused.
+fn handshake(mut stream: Stream, shared: &Arc<Shared>, peer: &str) -> Option<Arc<Conn>> {
+    stream.set_timeouts(Some(HANDSHAKE_TIMEOUT), Some(HANDSHAKE_TIMEOUT));
+    let server_nonce = fabric::nonce();
+    if fabric::write_frame(&mut stream, &Frame::Challenge { version: FABRIC_VERSION, nonce: server_nonce }).is_err() {
+        return None;
+    }
+    let hello = match fabric::read_frame(&mut stream) {
+        Ok(Frame::Hello(hello)) => hello,
+        Ok(other) => {
+            shared.count(|counters| counters.bad_frames += 1);
+            refuse(stream, shared, peer, format!("expected a hello frame, got {}", frame_name(&other)));
+            return None;
+        }
+        Err(FrameError::Closed) => return None,
+        Err(error) => {
+            shared.count(|counters| counters.bad_frames += 1);
+            refuse(stream, shared, peer, format!("bad hello: {error}"));
+            return None;
+        }
+    };
+    let who = format!("node {} at {peer}", hello.node);
+    if hello.version != FABRIC_VERSION {
+        refuse(stream, shared, &who, format!("protocol version {} (this server speaks {FABRIC_VERSION})", hello.version));
+        return None;
+    }
+    let key = match read_node_key(&shared.keys_dir, &hello.node) {
+        Ok(key) => key,
+        Err(reason) => {
+            refuse(stream, shared, &who, reason);
+            return None;
+        }
+    };
+    if !fabric::verify_client(&key, &server_nonce, &hello) {
+        refuse(stream, shared, &who, "authentication failed: wrong key for this node".into());
+        return None;
+    }
+    let write_stream = stream.try_clone().ok()?;
+    let conn = Arc::new(Conn {
+        id: shared.next_id.fetch_add(1, Ordering::Relaxed),
+        node: hello.node.clone(),
+        addr: hello.addr,
+        epoch: hello.epoch,
+        peer: peer.to_owned(),
+        state: Mutex::new(ConnState {
+            admission: Admission::Pending,
+            inbound: VecDeque::new(),
+            inbound_bytes: 0,
+            outbound: VecDeque::new(),
+            outbound_bytes: 0,
+            ports_announced: None,
+            ports: Vec::new(),
+            closed: None,
+        }),
+        changed: Condvar::new(),
+        stream: write_stream,
+        shared: shared.clone(),
+    });
+    lock(&shared.conns).insert(conn.id, conn.clone());
+    shared.wake();
+    let admission = {
+        let state = lock(&conn.state);
+        let (state, _) = conn
+            .changed
+            .wait_timeout_while(state, HANDSHAKE_TIMEOUT, |state| state.admission == Admission::Pending)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.admission.clone()
+    };
+    let reason = match admission {
+        Admission::Admitted => None,
+        Admission::Refused(reason) => Some(reason),
+        Admission::Pending => Some("the server did not admit the node in time".into()),
+    };
+    if let Some(reason) = reason {
+        lock(&shared.conns).remove(&conn.id);
+        refuse(stream, shared, &who, reason);
+        return None;
+    }
+    let proof = fabric::server_proof(&key, &server_nonce, &hello.nonce);
+    if fabric::write_frame(&mut stream, &Frame::Welcome { proof }).is_err() {
+        conn.close("the node left during the handshake".into());
+        return None;
+    }
+    shared.count(|counters| counters.authenticated += 1);
+    eprintln!("ftss-server: fabric: {who} connected (addr {}, epoch {:016x})", hello.addr, hello.epoch);
+    stream.set_timeouts(None, Some(WRITE_TIMEOUT));
+    let writer_conn = conn.clone();
+    let spawned = std::thread::Builder::new().name("fabric-write".into()).spawn(move || write_loop(&writer_conn));
+    if spawned.is_err() {
+        conn.close("cannot start a writer thread".into());
+        return None;
+    }
+    drop(stream);
+    Some(conn)
+}
+
+/// Reads `keys_dir/<node>.key`.
+pub fn read_node_key(keys_dir: &Path, node: &NodeName) -> Result<Vec<u8>, String> {
+    let path = keys_dir.join(format!("{node}.key"));
+    if !path.exists() {
+        return Err(format!("no key for node {node} (expected {})", path.display()));
+    }
+    fabric::read_key_file(&path)
+}
+
+fn frame_name(frame: &Frame) -> &'static str {
+    match frame {
+        Frame::Challenge { .. } => "challenge",
+        Frame::Hello(_) => "hello",
+        Frame::Welcome { .. } => "welcome",
+        Frame::Refused { .. } => "refused",
+        Frame::Packets(_) => "packets",
+        Frame::Acks(_) => "acks",
+        Frame::Receipts(_) => "receipts",
+        Frame::Ports(_) => "ports",
+    }
+}
+
+/// Reads frames until the connection ends; decodes them for the main loop.
+fn read_loop(conn: &Arc<Conn>) {
+    let mut stream = match conn.stream.try_clone() {
+        Ok(stream) => stream,
+        Err(error) => return conn.close(format!("cannot read: {error}")),
+    };
+    loop {
+        let frame = match fabric::read_frame(&mut stream) {
+            Ok(frame) => frame,
+            Err(FrameError::Closed) => return conn.close("the node closed the connection".into()),
+            Err(FrameError::Io(error)) => return conn.close(format!("read: {error}")),
+            Err(error) => return bad_frame(conn, error.to_string()),
+        };
+        let item = match frame {
+            Frame::Packets(bytes) => match decode_packets(&bytes, conn) {
+                Ok(packets) => Inbound::Packets(packets),
+                Err(reason) => return bad_frame(conn, reason),
+            },
+            Frame::Receipts(bytes) => match decode_receipts(&bytes) {
+                Ok(ids) => Inbound::Receipts(ids),
+                Err(reason) => return bad_frame(conn, reason),
+            },
+            Frame::Ports(ports) => {
+                lock(&conn.state).ports_announced = Some(ports);
+                conn.shared.wake();
+                continue;
+            }
+            other => return bad_frame(conn, format!("a node may not send a {} frame now", frame_name(&other))),
+        };
+        let bytes = inbound_bytes(&item);
+        let mut state = lock(&conn.state);
+        while state.inbound_bytes > 0 && state.inbound_bytes + bytes > INBOUND_BYTES_MAX && state.closed.is_none() {
+            state = conn.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        if state.closed.is_some() {
+            return;
+        }
+        state.inbound_bytes += bytes;
+        state.inbound.push_back((item, bytes));
+        drop(state);
+        conn.shared.wake();
+    }
+}
+
+fn bad_frame(conn: &Conn, reason: String) {
+    conn.shared.count(|counters| counters.bad_frames += 1);
+    eprintln!("ftss-server: fabric: closing node {} at {}: {reason}", conn.node, conn.peer);
+    let mut stream = conn.stream.try_clone().ok();
+    if let Some(stream) = stream.as_mut() {
+        let _ = fabric::write_frame(stream, &Frame::Refused { reason: reason.clone() });
+    }
+    conn.close(reason);
+}
+
+/// A packets frame from `conn`: the source node is the authenticated one and the source address its
+/// own, whatever the batch says (as for outbox files).
+fn decode_packets(bytes: &[u8], conn: &Conn) -> Result<Vec<Packet>, String> {
+    let batch = decode_batch(bytes).map_err(|error| format!("bad packets batch: {error}"))?;
+    if batch.header.kind != BatchKind::Packets {
+        return Err(format!("a packets frame holds a {:?} batch", batch.header.kind));
+    }
+    let mut packets = Vec::with_capacity(batch.records.len());
+    for record in batch.records {
+        let Record::Packet(mut packet) = record else { unreachable!("decode checks tags against the kind") };
+        packet.id.origin = conn.node.clone();
+        packet.source.set_ip(conn.addr);
+        packets.push(packet);
+    }
+    Ok(packets)
+}
+
+fn decode_receipts(bytes: &[u8]) -> Result<Vec<PacketId>, String> {
+    let batch = decode_batch(bytes).map_err(|error| format!("bad receipts batch: {error}"))?;
+    if batch.header.kind != BatchKind::Receipts {
+        return Err(format!("a receipts frame holds a {:?} batch", batch.header.kind));
+    }
+    Ok(batch
+        .records
+        .into_iter()
+        .filter_map(|record| match record {
+            Record::Receipt(id) => Some(id),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Writes queued frames until the connection closes.
+fn write_loop(conn: &Arc<Conn>) {
+    let mut stream = match conn.stream.try_clone() {
+        Ok(stream) => stream,
+        Err(error) => return conn.close(format!("cannot write: {error}")),
+    };
+    loop {
+        let mut state = lock(&conn.state);
+        while state.outbound.is_empty() && state.closed.is_none() {
+            state = conn.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        if state.closed.is_some() {
+            return;
+        }
+        let bytes = state.outbound.pop_front().expect("not empty");
+        drop(state);
+        let written = stream.write_all(&bytes);
+        lock(&conn.state).outbound_bytes -= bytes.len();
+        if let Err(error) = written {
+            return conn.close(format!("write: {error}"));
+        }
+    }
+}
