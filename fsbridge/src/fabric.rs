@@ -74,10 +74,17 @@ pub struct Hello {
 /// One frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Frame {
-    Challenge { version: u16, nonce: Nonce },
+    Challenge {
+        version: u16,
+        nonce: Nonce,
+    },
     Hello(Hello),
-    Welcome { proof: Proof },
-    Refused { reason: String },
+    Welcome {
+        proof: Proof,
+    },
+    Refused {
+        reason: String,
+    },
     /// An encoded batch of kind packets (node → server: sends; server → node: deliveries).
     Packets(Vec<u8>),
     /// An encoded batch of kind acks.
@@ -184,8 +191,8 @@ impl Frame {
             TYPE_HELLO => {
                 let version = reader.u16("hello")?;
                 let name_len = reader.take(1, "hello")?[0] as usize;
-                let name = std::str::from_utf8(reader.take(name_len, "hello")?)
-                    .map_err(|_| FrameError::Malformed("hello"))?;
+                let name =
+                    std::str::from_utf8(reader.take(name_len, "hello")?).map_err(|_| FrameError::Malformed("hello"))?;
                 let node = NodeName::new(name).map_err(|_| FrameError::Malformed("hello"))?;
                 let octets: [u8; 4] = reader.array("hello")?;
                 let epoch = u64::from_le_bytes(reader.array("hello")?);
@@ -358,7 +365,7 @@ pub fn read_key_file(path: &Path) -> Result<Vec<u8>, String> {
 /// Parses the text of a key file.
 pub fn parse_key(text: &str) -> Result<Vec<u8>, String> {
     let digits: Vec<u8> = text.bytes().filter(|byte| !byte.is_ascii_whitespace()).collect();
-    if digits.len() % 2 != 0 || !digits.iter().all(u8::is_ascii_hexdigit) {
+    if !digits.len().is_multiple_of(2) || !digits.iter().all(u8::is_ascii_hexdigit) {
         return Err("not an even number of hex digits".into());
     }
     let key: Vec<u8> = digits

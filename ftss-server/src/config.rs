@@ -178,7 +178,10 @@ pub fn resolve(flags: FlagSettings) -> Result<RunSettings, String> {
         fabric: list::<Cidr>("fabric", flags.fabric, file.fabric, &["10.77.0.0/16"])?,
         ingress: list::<IngressRule>("ingress", flags.ingress, file.ingress, &[])?,
         fabric_listen: list::<Endpoint>("fabric-listen", flags.fabric_listen, file.fabric_listen, &[])?,
-        fabric_keys: flags.fabric_keys.or(file.fabric_keys).unwrap_or_else(|| volume.join("server").join("fabric-keys")),
+        fabric_keys: flags
+            .fabric_keys
+            .or(file.fabric_keys)
+            .unwrap_or_else(|| volume.join("server").join("fabric-keys")),
         volume,
     };
     let ha = if flags.ha || file.ha == Some(true) {

@@ -203,11 +203,10 @@ impl Hub {
         });
         let mut listening = Vec::new();
         for endpoint in endpoints {
-            let listener = bind(endpoint).map_err(|error| io::Error::new(error.kind(), format!("{endpoint}: {error}")))?;
+            let listener =
+                bind(endpoint).map_err(|error| io::Error::new(error.kind(), format!("{endpoint}: {error}")))?;
             let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("fabric-accept".into())
-                .spawn(move || accept_loop(listener, shared))?;
+            std::thread::Builder::new().name("fabric-accept".into()).spawn(move || accept_loop(listener, shared))?;
             listening.push(endpoint.to_string());
         }
         Ok(Hub { shared, listening })
@@ -423,16 +422,14 @@ fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         }
         shared.connecting.fetch_add(1, Ordering::Relaxed);
         let shared_for_thread = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("fabric-read".into())
-            .spawn(move || {
-                let shared = shared_for_thread;
-                let conn = handshake(stream, &shared, &peer);
-                shared.connecting.fetch_sub(1, Ordering::Relaxed);
-                if let Some(conn) = conn {
-                    read_loop(&conn);
-                }
-            });
+        let spawned = std::thread::Builder::new().name("fabric-read".into()).spawn(move || {
+            let shared = shared_for_thread;
+            let conn = handshake(stream, &shared, &peer);
+            shared.connecting.fetch_sub(1, Ordering::Relaxed);
+            if let Some(conn) = conn {
+                read_loop(&conn);
+            }
+        });
         if let Err(error) = spawned {
             shared.connecting.fetch_sub(1, Ordering::Relaxed);
             eprintln!("ftss-server: fabric: cannot start a connection thread: {error}");
@@ -472,7 +469,12 @@ fn handshake(mut stream: Stream, shared: &Arc<Shared>, peer: &str) -> Option<Arc
     };
     let who = format!("node {} at {peer}", hello.node);
     if hello.version != FABRIC_VERSION {
-        refuse(stream, shared, &who, format!("protocol version {} (this server speaks {FABRIC_VERSION})", hello.version));
+        refuse(
+            stream,
+            shared,
+            &who,
+            format!("protocol version {} (this server speaks {FABRIC_VERSION})", hello.version),
+        );
         return None;
     }
     let key = match read_node_key(&shared.keys_dir, &hello.node) {

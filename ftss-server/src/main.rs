@@ -41,7 +41,7 @@ enum Command {
     /// receipts it. A full queue disk or a destination over its byte limit stops draining the
     /// affected outboxes until there is room (backpressure); a failed mirror is dropped and the
     /// server runs degraded on the others until the directory is usable again, then resyncs it.
-    Run(config::FlagSettings),
+    Run(Box<config::FlagSettings>),
     /// Show the server's counters, per-node queue depth, mirror health and backpressure.
     ///
     /// Reads what the server keeps on the volume (server/status.json, rewritten 4 times a second)
@@ -127,7 +127,7 @@ fn install_stop_handlers() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(flags) => config::resolve(flags).and_then(run),
+        Command::Run(flags) => config::resolve(*flags).and_then(run),
         Command::Status { volume, json } => status::show(&volume, json),
         Command::Scrub { queue_dirs, json } => scrub(&queue_dirs, json),
         Command::FabricKey { keys, volume, node, force } => fabric_key(keys, volume, &node, force),

@@ -687,7 +687,9 @@ impl Server {
             return conn.refuse(format!("address {} is registered to node {owner}", conn.addr));
         }
         let live_elsewhere = self.fabric.as_ref().is_some_and(|hub| {
-            hub.connections().iter().any(|other| other.node == conn.node && other.addr != conn.addr && !other.is_closed())
+            hub.connections()
+                .iter()
+                .any(|other| other.node == conn.node && other.addr != conn.addr && !other.is_closed())
         });
         if live_elsewhere {
             return conn.refuse(format!("node {} is connected with another address", conn.node));
@@ -715,6 +717,7 @@ impl Server {
         let inbox = self.volume.inbox(node, port);
         let Ok(names) = inbox.list(RECLAIM_FILES_MAX) else { return };
         let now = Instant::now();
+        let mut keys = Vec::new();
         for name in names {
             let claimed = inbox.tmp_dir().join(format!("{name}.claimed-server-{}", std::process::id()));
             if std::fs::rename(inbox.new_dir().join(&name), &claimed).is_err() {
@@ -730,7 +733,7 @@ impl Server {
                         if let Record::Packet(packet) = record
                             && let Some(key) = self.index.key(&packet.id)
                         {
-                            self.index.due_now(key, now, self.config.redeliver_after);
+                            keys.push(key);
                         }
                     }
                     if let Err(error) = fsbridge::spool::remove_file_idempotent(&claimed) {
@@ -739,6 +742,10 @@ impl Server {
                 }
                 Err(reason) => self.quarantine_path(claimed, node.as_str(), &reason),
             }
+        }
+        // Each goes in front of the redelivery schedule: the last first, so they leave in order.
+        for key in keys.into_iter().rev() {
+            self.index.due_now(key, now, self.config.redeliver_after);
         }
     }
 

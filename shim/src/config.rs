@@ -90,9 +90,11 @@ impl Config {
                 Transport::Volume
             }
             Some("fabric") => {
-                let endpoint = var("FTSS_FABRIC").ok_or("FTSS_TRANSPORT=fabric needs FTSS_FABRIC (unix:/PATH or tcp:HOST:PORT)")?;
+                let endpoint = var("FTSS_FABRIC")
+                    .ok_or("FTSS_TRANSPORT=fabric needs FTSS_FABRIC (unix:/PATH or tcp:HOST:PORT)")?;
                 let endpoint = endpoint.parse()?;
-                let key = var("FTSS_FABRIC_KEY").ok_or("FTSS_TRANSPORT=fabric needs FTSS_FABRIC_KEY (the node's key file)")?;
+                let key = var("FTSS_FABRIC_KEY")
+                    .ok_or("FTSS_TRANSPORT=fabric needs FTSS_FABRIC_KEY (the node's key file)")?;
                 let key = fsbridge::fabric::read_key_file(std::path::Path::new(&key))?;
                 Transport::Fabric { endpoint, key }
             }

@@ -120,7 +120,8 @@ impl Wire {
 
     fn set_read_timeout(&self, timeout: Option<Duration>) {
         let timeout = timeout.unwrap_or_default();
-        let value = libc::timeval { tv_sec: timeout.as_secs() as libc::time_t, tv_usec: timeout.subsec_micros().into() };
+        let value =
+            libc::timeval { tv_sec: timeout.as_secs() as libc::time_t, tv_usec: timeout.subsec_micros().into() };
         // SAFETY: a timeval option on our fd.
         unsafe {
             (real().setsockopt)(
@@ -391,7 +392,8 @@ impl Link {
                 state.receipts_seq += 1;
                 state.receipts_seq
             };
-            let header = BatchHeader { kind: BatchKind::Receipts, node: self.node.clone(), epoch: self.epoch, batch_seq: seq };
+            let header =
+                BatchHeader { kind: BatchKind::Receipts, node: self.node.clone(), epoch: self.epoch, batch_seq: seq };
             let mut encoder = BatchEncoder::new(&header);
             for id in chunk {
                 encoder.push(&Record::Receipt(id.clone()));

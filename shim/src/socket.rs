@@ -235,13 +235,9 @@ fn new_outbox(volume: &Volume, config: &Config, epoch: u64) -> *mut Outbox {
 fn new_link(config: &Config, epoch: u64) -> *mut Link {
     match &config.transport {
         Transport::Volume => std::ptr::null_mut(),
-        Transport::Fabric { endpoint, key } => Box::into_raw(Box::new(Link::new(
-            endpoint.clone(),
-            key.clone(),
-            config.node.clone(),
-            config.addr,
-            epoch,
-        ))),
+        Transport::Fabric { endpoint, key } => {
+            Box::into_raw(Box::new(Link::new(endpoint.clone(), key.clone(), config.node.clone(), config.addr, epoch)))
+        }
     }
 }
 
@@ -280,7 +276,12 @@ impl Shim {
                 );
             }
             Transport::Fabric { endpoint, .. } => {
-                log!("node {} addr {} fabric {endpoint} ack {:?} epoch {epoch:016x}", config.node, config.addr, config.ack)
+                log!(
+                    "node {} addr {} fabric {endpoint} ack {:?} epoch {epoch:016x}",
+                    config.node,
+                    config.addr,
+                    config.ack
+                )
             }
         }
         Ok(Shim {

@@ -128,6 +128,8 @@ pub struct Fabric {
     pub volume: PathBuf,
     pub queue_dirs: Vec<PathBuf>,
     pub server: Option<Proc>,
+    /// Nodes that use the fabric transport: node name → endpoint (`unix:…` or `tcp:…`).
+    pub fabric_nodes: std::collections::HashMap<String, String>,
 }
 
 impl Fabric {
@@ -136,7 +138,7 @@ impl Fabric {
         let volume = dir.0.join("volume");
         std::fs::create_dir_all(&volume).unwrap();
         let queue_dirs = vec![dir.0.join("queue")];
-        Fabric { dir, volume, queue_dirs, server: None }
+        Fabric { dir, volume, queue_dirs, server: None, fabric_nodes: Default::default() }
     }
 
     pub fn with_volume(tag: &str, volume: PathBuf) -> Fabric {
@@ -189,19 +191,48 @@ impl Fabric {
         std::fs::read_to_string(self.dir.0.join("server.log")).unwrap_or_default()
     }
 
-    /// Environment for an app running as `node` with fabric address `addr`.
+    /// Environment for an app running as `node` with fabric address `addr`: over the volume, or
+    /// over the fabric transport (no FTSS_VOLUME at all) for nodes in `fabric_nodes`.
     pub fn node_env(&self, node: &str, addr: &str) -> Vec<(String, String)> {
-        vec![
+        let mut env: Vec<(String, String)> = vec![
             ("LD_PRELOAD".into(), shim_path().display().to_string()),
-            ("FTSS_VOLUME".into(), self.volume.display().to_string()),
             ("FTSS_NODE".into(), node.into()),
             ("FTSS_ADDR".into(), addr.into()),
             ("FTSS_LOG".into(), self.dir.0.join(format!("{node}.log")).display().to_string()),
-        ]
+        ];
+        match self.fabric_nodes.get(node) {
+            None => env.push(("FTSS_VOLUME".into(), self.volume.display().to_string())),
+            Some(endpoint) => {
+                env.push(("FTSS_TRANSPORT".into(), "fabric".into()));
+                env.push(("FTSS_FABRIC".into(), endpoint.clone()));
+                env.push(("FTSS_FABRIC_KEY".into(), self.key_path(node).display().to_string()));
+            }
+        }
+        env
+    }
+
+    /// Where `ftss-server fabric-key` puts `node`'s key (the server's default keys directory).
+    pub fn key_path(&self, node: &str) -> PathBuf {
+        self.volume.join("server/fabric-keys").join(format!("{node}.key"))
+    }
+
+    /// Makes `node` a fabric node connecting to `endpoint`, with a new key made by the server's
+    /// `fabric-key` command.
+    pub fn use_fabric(&mut self, node: &str, endpoint: &str) {
+        if !self.key_path(node).exists() {
+            let output = Command::new(server_path())
+                .args(["fabric-key", "--node", node, "--volume"])
+                .arg(&self.volume)
+                .output()
+                .unwrap();
+            assert!(output.status.success(), "fabric-key: {}", String::from_utf8_lossy(&output.stderr));
+        }
+        self.fabric_nodes.insert(node.into(), endpoint.into());
     }
 
     pub fn command(&self, node: &str, addr: &str, program: &str) -> Command {
         let mut command = Command::new(program);
+        command.env_remove("FTSS_VOLUME").env_remove("FTSS_TRANSPORT");
         command.envs(self.node_env(node, addr));
         command
     }

@@ -1,0 +1,368 @@
+//! The fabric transport end to end: real nc and python3 under the real shim with
+//! FTSS_TRANSPORT=fabric (no volume on the node), the real ftss-server listening on a unix socket
+//! and on loopback TCP, a volume node and a fabric node talking, a server killed with SIGKILL mid
+//! transfer, nodes with wrong keys and claimed addresses, and hostile frame streams.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use common::apps::{Receiver, Sender, expected};
+use common::*;
+use fsbridge::fabric::{self, FABRIC_VERSION, Frame, Hello};
+use fsbridge::{BatchEncoder, BatchHeader, BatchKind, NodeName, Packet, PacketId, Record};
+
+/// The server's unix socket endpoint in the test's directory.
+fn unix_endpoint(fabric: &Fabric) -> String {
+    format!("unix:{}", fabric.dir.0.join("fabric.sock").display())
+}
+
+fn tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits for every line of `sent`, then checks order and that nothing came twice.
+fn expect_exactly(received: &LineCollector, sent: &[String], limit: Duration) {
+    assert!(
+        wait_until(limit, || received.count() >= sent.len()),
+        "only {} of {} lines arrived: {:?}",
+        received.count(),
+        sent.len(),
+        received.lines().iter().take(5).collect::<Vec<_>>()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(received.lines(), sent, "lines missing, repeated or out of order");
+}
+
+fn lines(tag: &str, count: usize) -> Vec<String> {
+    (0..count).map(|index| format!("{tag}-{index:04}")).collect()
+}
+
+fn fabric_counter(fabric: &Fabric, name: &str) -> u64 {
+    fabric.status()["fabric"]["counters"][name].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn nc_to_nc_over_unix_and_tcp_fabric_connections() {
+    let mut fabric = Fabric::new("fabric-nc");
+    let unix = unix_endpoint(&fabric);
+    let port = tcp_port();
+    let listen_tcp = format!("tcp:127.0.0.1:{port}");
+    fabric.start_server_with(&["--fabric-listen", &unix, "--fabric-listen", &listen_tcp]);
+    fabric.use_fabric("b", &unix);
+    fabric.use_fabric("a", &listen_tcp);
+
+    let (mut listener, received) = nc_listener(&fabric, "b", "10.77.0.2", 9100);
+    assert!(
+        wait_until(Duration::from_secs(10), || fabric.status()["fabric"]["connections"]
+            .as_array()
+            .is_some_and(|connections| connections.iter().any(|c| c["ports"] == serde_json::json!([9100])))),
+        "the receiver never announced its port: {}",
+        fabric.status()["fabric"]
+    );
+    let sent = lines("tcp-to-unix", 500);
+    assert!(nc_send_lines(&fabric, "a", "10.77.0.1", "10.77.0.2", 9100, &sent), "sender nc did not exit");
+    expect_exactly(&received, &sent, Duration::from_secs(60));
+    listener.kill();
+
+    // nc may join lines into one datagram: count datagrams as the server stored them.
+    assert!(wait_until(Duration::from_secs(10), || fabric.counter("receipted") >= fabric.counter("stored")));
+    let status = fabric.status();
+    let stored = status["counters"]["stored"].as_u64().unwrap();
+    assert!(stored >= 1, "{status}");
+    assert_eq!(status["counters"]["drained_files"], 0, "nothing went through outbox files: {status}");
+    assert_eq!(status["queue"]["packets"], 0, "{status}");
+    assert_eq!(status["fabric"]["counters"]["packets_received"], stored, "{}", status["fabric"]);
+    assert!(status["fabric"]["counters"]["packets_delivered"].as_u64().unwrap() >= stored, "{}", status["fabric"]);
+    assert_eq!(status["nodes"]["b"]["addr"], "10.77.0.2", "the server registered the fabric node: {status}");
+    assert!(!fabric.volume.join("nodes/a/out/new").read_dir().unwrap().any(|_| true), "no outbox files");
+    assert!(fabric.node_log("a").contains("fabric: connected to tcp:"), "{}", fabric.node_log("a"));
+}
+
+#[test]
+fn a_volume_node_and_a_fabric_node_talk_both_ways() {
+    let mut fabric = Fabric::new("fabric-mixed");
+    let endpoint = unix_endpoint(&fabric);
+    fabric.start_server_with(&["--fabric-listen", &endpoint]);
+    fabric.use_fabric("b", &endpoint);
+
+    let (mut at_a, from_b) = nc_listener(&fabric, "a", "10.77.0.1", 9201);
+    let (mut at_b, from_a) = nc_listener(&fabric, "b", "10.77.0.2", 9202);
+    std::thread::sleep(Duration::from_millis(500));
+    let to_b = lines("volume-to-fabric", 200);
+    let to_a = lines("fabric-to-volume", 200);
+    assert!(nc_send_lines(&fabric, "a", "10.77.0.1", "10.77.0.2", 9202, &to_b));
+    assert!(nc_send_lines(&fabric, "b", "10.77.0.2", "10.77.0.1", 9201, &to_a));
+    expect_exactly(&from_a, &to_b, Duration::from_secs(60));
+    expect_exactly(&from_b, &to_a, Duration::from_secs(60));
+    at_a.kill();
+    at_b.kill();
+    let status = fabric.status();
+    assert!(status["counters"]["drained_files"].as_u64().unwrap() >= 1, "a used its outbox: {status}");
+    assert!(fabric_counter(&fabric, "packets_received") >= 1, "b sent over the fabric: {}", status["fabric"]);
+    assert!(fabric_counter(&fabric, "packets_delivered") >= 1, "b received over the fabric: {}", status["fabric"]);
+}
+
+#[test]
+fn packets_waiting_in_the_volume_inbox_go_to_a_fabric_socket_that_binds_later() {
+    let mut fabric = Fabric::new("fabric-late");
+    let endpoint = unix_endpoint(&fabric);
+    fabric.start_server_with(&["--fabric-listen", &endpoint]);
+    fabric.use_fabric("b", &endpoint);
+    // b connects once (so its address is registered), then its app goes away.
+    let (mut first, _) = nc_listener(&fabric, "b", "10.77.0.2", 9301);
+    assert!(wait_until(Duration::from_secs(10), || fabric.status()["nodes"]["b"]["addr"] == "10.77.0.2"));
+    first.kill();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let sent = lines("while-away", 100);
+    assert!(nc_send_lines(&fabric, "a", "10.77.0.1", "10.77.0.2", 9301, &sent));
+    let inbox = fabric.volume.join("nodes/b/in/9301/new");
+    assert!(
+        wait_until(Duration::from_secs(10), || !files_in(&inbox).is_empty()),
+        "with no fabric socket on the port, the server delivers into the volume inbox"
+    );
+    let (mut later, received) = nc_listener(&fabric, "b", "10.77.0.2", 9301);
+    expect_exactly(&received, &sent, Duration::from_secs(30));
+    later.kill();
+    assert!(files_in(&inbox).is_empty(), "the server took its inbox files back: {:?}", files_in(&inbox));
+}
+
+#[test]
+fn server_killed_during_a_fabric_transfer_loses_nothing_acknowledged_and_repeats_nothing() {
+    let mut fabric = Fabric::new("fabric-kill");
+    let port = tcp_port();
+    let listen = format!("tcp:127.0.0.1:{port}");
+    let unix = unix_endpoint(&fabric);
+    let arguments = ["--fabric-listen", listen.as_str(), "--fabric-listen", unix.as_str(), "--redeliver-after", "2s"];
+    fabric.start_server_with(&arguments);
+    fabric.use_fabric("a", &listen);
+    fabric.use_fabric("b", &unix);
+    let receiver = Receiver::start(&fabric, 9400);
+    let count = 3000;
+    let mut sender = Sender::start(&fabric, 9400, "k", count, 100);
+    let mut kills = 0;
+    while kills < 6 && sender.acknowledged().len() < count {
+        std::thread::sleep(Duration::from_millis(400 + 150 * kills));
+        fabric.kill_server();
+        kills += 1;
+        std::thread::sleep(Duration::from_millis(200));
+        fabric.start_server_with(&arguments);
+    }
+    assert!(kills >= 3, "the transfer ended before the server was killed three times");
+    assert!(sender.proc.wait_exit(Duration::from_secs(120)), "sender did not finish");
+    let acknowledged = sender.acknowledged();
+    assert_eq!(acknowledged.len(), count, "errors: {:?}", sender.errors());
+    assert!(
+        wait_until(Duration::from_secs(60), || receiver.payloads().len() >= count),
+        "{} of {count} received after {kills} kills",
+        receiver.payloads().len()
+    );
+    std::thread::sleep(Duration::from_secs(3)); // a redelivery would show up now
+    let payloads = receiver.payloads();
+    let mut seen: HashMap<&String, usize> = HashMap::new();
+    for payload in &payloads {
+        *seen.entry(payload).or_default() += 1;
+    }
+    let repeated: Vec<_> = seen.iter().filter(|(_, times)| **times > 1).take(5).collect();
+    assert!(repeated.is_empty(), "handed to the app twice: {repeated:?}");
+    let missing: Vec<_> = expected("k", count, 100).into_iter().filter(|p| !seen.contains_key(p)).take(5).collect();
+    assert!(missing.is_empty(), "acknowledged but lost: {missing:?}");
+    assert!(fabric.node_log("a").contains("reconnecting"), "{}", fabric.node_log("a"));
+}
+
+#[test]
+fn wrong_keys_and_claimed_addresses_are_refused() {
+    let mut fabric = Fabric::new("fabric-auth");
+    let endpoint = unix_endpoint(&fabric);
+    fabric.start_server_with(&["--fabric-listen", &endpoint]);
+    fabric.use_fabric("a", &endpoint);
+    fabric.use_fabric("b", &endpoint);
+    let receiver = Receiver::start(&fabric, 9500);
+
+    // a's app is given some other key file: it cannot prove it is a.
+    let wrong_key = fabric.dir.0.join("wrong.key");
+    std::fs::write(&wrong_key, fabric::generate_key_text()).unwrap();
+    let wrong_env =
+        [("FTSS_ACK", "guaranteed"), ("FTSS_TIMEOUT", "2"), ("FTSS_FABRIC_KEY", wrong_key.to_str().unwrap())];
+    let mut wrong = Sender::start_with(&fabric, 9500, "w", 3, 0, &wrong_env);
+    assert!(wait_until(Duration::from_secs(20), || !wrong.errors().is_empty()), "a send with a wrong key returned");
+    assert!(wrong.acknowledged().is_empty());
+    assert!(wrong.errors()[0].ends_with(&libc::ETIMEDOUT.to_string()), "{:?}", wrong.errors());
+    wrong.proc.kill();
+    assert!(fabric.server_log().contains("wrong key for this node"), "{}", fabric.server_log());
+    assert!(fabric.node_log("a").contains("refused: authentication failed"), "{}", fabric.node_log("a"));
+
+    // c has a valid key of its own but claims b's address.
+    fabric.use_fabric("c", &endpoint);
+    let mut claim = fabric.command("c", "10.77.0.2", "python3");
+    claim
+        .args(["-c", common::apps::PY_SENDER, "10.77.0.1", "9", "c", "1", "0"])
+        .env("FTSS_ACK", "guaranteed")
+        .env("FTSS_TIMEOUT", "2")
+        .stdout(std::process::Stdio::null());
+    let mut claim = Proc { child: claim.spawn().unwrap(), name: "claimer".into() };
+    assert!(
+        wait_until(Duration::from_secs(20), || fabric
+            .server_log()
+            .contains("address 10.77.0.2 is registered to node b")),
+        "{}",
+        fabric.server_log()
+    );
+    claim.kill();
+    assert!(fabric_counter(&fabric, "refused") >= 2, "{}", fabric.status()["fabric"]);
+    assert!(receiver.payloads().is_empty(), "a refused node got packets through: {:?}", receiver.payloads());
+
+    // With its own key, a gets through.
+    let mut right = Sender::start(&fabric, 9500, "r", 3, 0);
+    assert!(right.proc.wait_exit(Duration::from_secs(30)));
+    assert!(
+        wait_until(Duration::from_secs(20), || receiver.payloads() == expected("r", 3, 0)),
+        "{:?}",
+        receiver.payloads()
+    );
+}
+
+/// A session authenticated with `node`'s real key over the server's unix socket.
+fn authenticated(fabric: &Fabric, path: &std::path::Path, node: &str, addr: &str) -> UnixStream {
+    let key = fabric::read_key_file(&fabric.key_path(node)).unwrap();
+    let mut stream = UnixStream::connect(path).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let Frame::Challenge { nonce, .. } = fabric::read_frame(&mut stream).unwrap() else { panic!("no challenge") };
+    let mut hello = Hello {
+        version: FABRIC_VERSION,
+        node: NodeName::new(node).unwrap(),
+        addr: addr.parse().unwrap(),
+        epoch: fsbridge::random_u64(),
+        nonce: fabric::nonce(),
+        proof: [0; fabric::PROOF_BYTES],
+    };
+    hello.proof = fabric::client_proof(&key, &nonce, &hello);
+    fabric::write_frame(&mut stream, &Frame::Hello(hello)).unwrap();
+    assert!(matches!(fabric::read_frame(&mut stream), Ok(Frame::Welcome { .. })), "not welcomed");
+    stream
+}
+
+/// A small xorshift generator: the fuzz cases are reproducible from the seed in a failure message.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, bound: usize) -> usize {
+        (self.next() % bound as u64) as usize
+    }
+
+    fn bytes(&mut self, count: usize) -> Vec<u8> {
+        (0..count).map(|_| self.next() as u8).collect()
+    }
+}
+
+fn valid_packets_frame(node: &str, seq: u64) -> Vec<u8> {
+    let header = BatchHeader { kind: BatchKind::Packets, node: NodeName::new(node).unwrap(), epoch: 1, batch_seq: seq };
+    let mut encoder = BatchEncoder::new(&header);
+    encoder.push(&Record::Packet(Packet {
+        id: PacketId { origin: NodeName::new(node).unwrap(), epoch: 1, seq },
+        source: "10.77.0.9:1".parse().unwrap(),
+        destination: "10.77.0.2:9600".parse().unwrap(),
+        sent_unix_us: 0,
+        payload: b"fuzz".to_vec(),
+    }));
+    Frame::Packets(encoder.finish()).encode()
+}
+
+/// One hostile stream: garbage before or after a valid handshake, frames with flipped bytes, lying
+/// lengths, cut-off frames, frames a node may not send.
+fn hostile_stream(fabric: &Fabric, path: &std::path::Path, rng: &mut Rng, case: usize) {
+    let bytes = match case % 6 {
+        0 => {
+            let count = 1 + rng.below(4096);
+            rng.bytes(count)
+        }
+        1 => {
+            let mut frame = Frame::Hello(Hello {
+                version: FABRIC_VERSION,
+                node: NodeName::new("fuzz").unwrap(),
+                addr: "10.77.0.9".parse().unwrap(),
+                epoch: 1,
+                nonce: [0; 32],
+                proof: [0; 32],
+            })
+            .encode();
+            let index = rng.below(frame.len());
+            frame[index] ^= 1 << rng.below(8);
+            frame
+        }
+        2 => (u32::MAX - rng.below(1000) as u32).to_le_bytes().to_vec(),
+        _ => Vec::new(),
+    };
+    if case % 6 < 3 {
+        let Ok(mut stream) = UnixStream::connect(path) else { return };
+        let _ = stream.write_all(&bytes);
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+        return;
+    }
+    let mut stream = authenticated(fabric, path, "fuzz", "10.77.0.9");
+    let mut frame = match case % 6 {
+        3 => valid_packets_frame("fuzz", case as u64),
+        4 => Frame::Ports((0..rng.below(50)).map(|_| rng.next() as u16).collect()).encode(),
+        _ => Frame::Challenge { version: 1, nonce: [0; 32] }.encode(),
+    };
+    let mutations = rng.below(4);
+    for _ in 0..mutations {
+        let index = rng.below(frame.len());
+        frame[index] = rng.next() as u8;
+    }
+    if rng.below(4) == 0 {
+        frame.truncate(rng.below(frame.len()));
+    }
+    let _ = stream.write_all(&frame);
+    let trailing = rng.below(64);
+    let _ = stream.write_all(&rng.bytes(trailing));
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+}
+
+#[test]
+fn hostile_frame_streams_never_crash_the_server() {
+    let mut fabric = Fabric::new("fabric-fuzz");
+    let endpoint = unix_endpoint(&fabric);
+    let path = fabric.dir.0.join("fabric.sock");
+    fabric.start_server_with(&["--fabric-listen", &endpoint]);
+    fabric.use_fabric("fuzz", &endpoint);
+    fabric.use_fabric("a", &endpoint);
+    fabric.use_fabric("b", &endpoint);
+    let seed = fsbridge::random_u64() | 1;
+    let mut rng = Rng(seed);
+    for case in 0..600 {
+        hostile_stream(&fabric, &path, &mut rng, case);
+    }
+    let server = fabric.server.as_mut().unwrap();
+    assert!(server.child.try_wait().unwrap().is_none(), "the server died (seed {seed:#x}): {}", fabric.server_log());
+    let counted = |name: &str| fabric_counter(&fabric, name) >= 100;
+    assert!(
+        wait_until(Duration::from_secs(10), || counted("bad_frames") && counted("refused")),
+        "seed {seed:#x}: {}",
+        fabric.status()["fabric"]
+    );
+
+    // Still serving real nodes.
+    let (mut listener, received) = nc_listener(&fabric, "b", "10.77.0.2", 9601);
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = lines("after-fuzz", 50);
+    assert!(nc_send_lines(&fabric, "a", "10.77.0.1", "10.77.0.2", 9601, &sent));
+    expect_exactly(&received, &sent, Duration::from_secs(30));
+    listener.kill();
+}
