@@ -10,6 +10,9 @@
 //! - `ftss-async`, `ftss-volume`, `ftss-guaranteed`: end to end through a real ftss-server on a
 //!   local-directory volume; latency from the sender's call to the receiver's recvfrom (and, as
 //!   `ack_p50_us`/`ack_p99_us`, from the call to its return after the server's ack).
+//! - `ftss-fabric`, `ftss-fabric-async`: the same through the fabric transport (both nodes connected
+//!   to the server over a unix socket; `volume` ack mode, which over the fabric waits for the
+//!   server's stored ack, and `async`).
 //! - `ftss-smb`, `smb-file-per-packet`: the same over a private smbd + smbnetfs mount (skipped
 //!   unless samba, smbnetfs and fuse3 are installed and port 445 on loopback is free).
 //! - `redis-stream`: redis-server with appendonly + appendfsync always, XADD / XREADGROUP + XACK.
@@ -47,13 +50,15 @@ use report::{Measurement, TABLE_HEADER, table_row};
 const PAYLOADS: [usize; 3] = [64, 512, 8192];
 const SENDERS: [usize; 2] = [1, 8];
 /// Every scenario, in the order they run.
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 12] = [
     "fsync-limit",
     "udp-raw",
     "shim-passthrough",
     "ftss-async",
     "ftss-volume",
     "ftss-guaranteed",
+    "ftss-fabric",
+    "ftss-fabric-async",
     "ftss-smb",
     "smb-file-per-packet",
     "redis-stream",
@@ -274,10 +279,12 @@ fn run(options: Options) -> Result<bool, String> {
             }
         }
     }
-    let app_scenarios: [AppScenario; 3] = [
+    let app_scenarios: [AppScenario; 5] = [
         ("ftss-async", false, |bench, run| apps::ftss_local(bench, run, "ftss-async", "async")),
         ("ftss-volume", true, |bench, run| apps::ftss_local(bench, run, "ftss-volume", "volume")),
         ("ftss-guaranteed", true, |bench, run| apps::ftss_local(bench, run, "ftss-guaranteed", "guaranteed")),
+        ("ftss-fabric", true, |bench, run| apps::ftss_fabric(bench, run, "ftss-fabric", "volume")),
+        ("ftss-fabric-async", false, |bench, run| apps::ftss_fabric(bench, run, "ftss-fabric-async", "async")),
     ];
     for (name, durable, scenario) in app_scenarios {
         if selected(name) {
@@ -403,6 +410,13 @@ fn run_smb(
     Ok(())
 }
 
+/// The ftss-volume measurement at one grid point.
+fn volume_at(results: &[Measurement], payload: usize, senders: usize) -> Option<&Measurement> {
+    results
+        .iter()
+        .find(|m| m.scenario == "ftss-volume" && m.payload == payload && m.senders == senders && m.skipped.is_none())
+}
+
 /// The targets as measured ratios.
 fn targets(results: &[Measurement]) -> Vec<String> {
     let find = |scenario: &str, payload: usize, senders: usize| {
@@ -470,6 +484,17 @@ fn targets(results: &[Measurement]) -> Vec<String> {
             fsync.and_then(|m| m.p99_us).map(|v| v as f64)
         )
     ));
+    for (payload, senders) in [(512, 1), (512, 8)] {
+        let fabric = find("ftss-fabric", payload, senders);
+        lines.push(format!(
+            "  ftss-fabric / ftss-volume ({payload} B, {senders} senders): pps {}, p50 latency {} (fabric: stored ack, no file I/O on the node)",
+            ratio(fabric.and_then(|m| m.pps), volume_at(results, payload, senders).and_then(|m| m.pps)),
+            ratio(
+                fabric.and_then(|m| m.p50_us).map(|v| v as f64),
+                volume_at(results, payload, senders).and_then(|m| m.p50_us).map(|v| v as f64)
+            )
+        ));
+    }
     if let Some(rss) = results.iter().find(|m| m.scenario == "server-rss" && m.skipped.is_none()) {
         let above = rss.extra("rss_above_idle_kib").and_then(|v| v.as_u64()).unwrap_or(0);
         lines.push(format!("  server RSS above idle with {} queued: {} MiB (<= 64 MiB)", rss.packets, above / 1024));

@@ -6,13 +6,15 @@ mod common;
 use std::collections::BTreeSet;
 use std::process::Command;
 
-const SCENARIOS: [&str; 10] = [
+const SCENARIOS: [&str; 12] = [
     "fsync-limit",
     "udp-raw",
     "shim-passthrough",
     "ftss-async",
     "ftss-volume",
     "ftss-guaranteed",
+    "ftss-fabric",
+    "ftss-fabric-async",
     "ftss-smb",
     "smb-file-per-packet",
     "redis-stream",

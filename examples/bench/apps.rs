@@ -38,11 +38,25 @@ pub struct Fabric {
     pub node_poll_ms: u64,
     pub server: Proc,
     pub dir: PathBuf,
+    /// With the fabric transport: where the nodes connect (they then use no volume).
+    pub fabric_endpoint: Option<String>,
 }
 
 impl Fabric {
     /// Makes a volume at `server_volume` (as the server sees it), registers both nodes, starts the server.
     pub fn start(bench: &Bench, dir: &Path, server_volume: &Path, node_volume: &Path) -> Result<Fabric, String> {
+        Fabric::start_with(bench, dir, server_volume, node_volume, None)
+    }
+
+    /// Like [`Fabric::start`]; with `fabric_endpoint` the server also listens there, both nodes get
+    /// keys, and the apps use the fabric transport instead of the volume.
+    pub fn start_with(
+        bench: &Bench,
+        dir: &Path,
+        server_volume: &Path,
+        node_volume: &Path,
+        fabric_endpoint: Option<&str>,
+    ) -> Result<Fabric, String> {
         let volume = Volume::new(server_volume);
         volume.create().map_err(|error| error.to_string())?;
         // Registered up front so that the server drains and routes from its first cycle.
@@ -59,22 +73,52 @@ impl Fabric {
             .arg(dir.join("queue"))
             .arg("--poll")
             .arg(format!("{POLL_MS}ms"));
+        if let Some(endpoint) = fabric_endpoint {
+            let keys = server_volume.join("server").join("fabric-keys");
+            std::fs::create_dir_all(&keys).map_err(|error| error.to_string())?;
+            for (name, _) in [SENDER_NODE, RECEIVER_NODE] {
+                std::fs::write(keys.join(format!("{name}.key")), fsbridge::fabric::generate_key_text())
+                    .map_err(|error| error.to_string())?;
+            }
+            command.arg("--fabric-listen").arg(endpoint);
+        }
         let server = Proc::start("ftss-server", command, &dir.join("server.log"))?;
+        if let Some(fsbridge::fabric::Endpoint::Unix(path)) = fabric_endpoint.and_then(|text| text.parse().ok()) {
+            let deadline = std::time::Instant::now() + START_LIMIT;
+            while !path.exists() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let node_poll_ms = if server_volume == node_volume { POLL_MS } else { NETWORK_POLL_MS };
-        Ok(Fabric { node_volume: node_volume.to_path_buf(), node_poll_ms, server, dir: dir.to_path_buf() })
+        Ok(Fabric {
+            node_volume: node_volume.to_path_buf(),
+            node_poll_ms,
+            server,
+            dir: dir.to_path_buf(),
+            fabric_endpoint: fabric_endpoint.map(String::from),
+        })
     }
 
     /// Environment of an app on `node` with the shim preloaded.
     fn env(&self, bench: &Bench, node: (&str, Ipv4Addr), ack: &str) -> Vec<(String, String)> {
-        vec![
+        let mut env: Vec<(String, String)> = vec![
             ("LD_PRELOAD".into(), bench.shim.display().to_string()),
-            ("FTSS_VOLUME".into(), self.node_volume.display().to_string()),
             ("FTSS_NODE".into(), node.0.into()),
             ("FTSS_ADDR".into(), node.1.to_string()),
             ("FTSS_ACK".into(), ack.into()),
             ("FTSS_POLL_MS".into(), self.node_poll_ms.to_string()),
             ("FTSS_LOG".into(), self.dir.join(format!("{}.log", node.0)).display().to_string()),
-        ]
+        ];
+        match &self.fabric_endpoint {
+            None => env.push(("FTSS_VOLUME".into(), self.node_volume.display().to_string())),
+            Some(endpoint) => {
+                let key = self.node_volume.join("server").join("fabric-keys").join(format!("{}.key", node.0));
+                env.push(("FTSS_TRANSPORT".into(), "fabric".into()));
+                env.push(("FTSS_FABRIC".into(), endpoint.clone()));
+                env.push(("FTSS_FABRIC_KEY".into(), key.display().to_string()));
+            }
+        }
+        env
     }
 }
 
@@ -135,6 +179,16 @@ pub fn ftss_local(bench: &Bench, run: &Run, scenario: &'static str, ack: &str) -
     let dir = bench.run_dir(scenario)?;
     let volume = dir.0.join("volume");
     let fabric = Fabric::start(bench, &dir.0, &volume, &volume)?;
+    ftss(bench, run, scenario, ack, fabric)
+}
+
+/// `ftss-fabric`, `ftss-fabric-async`: both nodes connect to the server over a unix socket (the
+/// fabric transport); the server's queue is the same as for the volume scenarios.
+pub fn ftss_fabric(bench: &Bench, run: &Run, scenario: &'static str, ack: &str) -> Result<Measurement, String> {
+    let dir = bench.run_dir(scenario)?;
+    let volume = dir.0.join("volume");
+    let endpoint = format!("unix:{}", dir.0.join("fabric.sock").display());
+    let fabric = Fabric::start_with(bench, &dir.0, &volume, &volume, Some(&endpoint))?;
     ftss(bench, run, scenario, ack, fabric)
 }
 

@@ -125,6 +125,32 @@ fn print_table(status: &Value) {
             );
         }
     }
+    let fabric = &status["fabric"];
+    if fabric.is_object() {
+        let counters = &fabric["counters"];
+        let listening: Vec<&str> =
+            fabric["listening"].as_array().into_iter().flatten().filter_map(|endpoint| endpoint.as_str()).collect();
+        println!(
+            "fabric: listening on {}; packets received {}, delivered {}, receipts {}; refused {}, bad frames {}",
+            listening.join(", "),
+            number(&counters["packets_received"]),
+            number(&counters["packets_delivered"]),
+            number(&counters["receipts_received"]),
+            number(&counters["refused"]),
+            number(&counters["bad_frames"])
+        );
+        for connection in fabric["connections"].as_array().into_iter().flatten() {
+            let ports: Vec<String> =
+                connection["ports"].as_array().into_iter().flatten().map(|port| port.to_string()).collect();
+            println!(
+                "  node {} ({}) from {}, ports {}",
+                connection["node"].as_str().unwrap_or("?"),
+                connection["addr"].as_str().unwrap_or("?"),
+                connection["peer"].as_str().unwrap_or("?"),
+                if ports.is_empty() { "none".to_owned() } else { ports.join(",") }
+            );
+        }
+    }
     for letter in status["dead_letters"].as_array().into_iter().flatten() {
         println!(
             "dead letter {} to {}: {}",
