@@ -206,7 +206,9 @@ impl Frame {
                 if length > REASON_BYTES_MAX {
                     return Err(FrameError::Malformed("refused"));
                 }
-                let reason = String::from_utf8_lossy(reader.take(length, "refused")?).into_owned();
+                let reason = std::str::from_utf8(reader.take(length, "refused")?)
+                    .map_err(|_| FrameError::Malformed("refused"))?
+                    .to_owned();
                 Frame::Refused { reason }
             }
             TYPE_PACKETS => Frame::Packets(reader.rest()),

@@ -176,6 +176,57 @@ fn fuzz_node_registration() {
     assert!(runs > 100);
 }
 
+/// Seeds for the fabric frame decoder: one frame of every type, batch frames wrapping the batch
+/// corpus, and two frames back to back.
+fn frame_seeds() -> Vec<(String, Vec<u8>)> {
+    use fsbridge::fabric::{Frame, Hello};
+    let hello = Hello {
+        version: 1,
+        node: fsbridge::NodeName::new("node-a").unwrap(),
+        addr: "10.77.0.1".parse().unwrap(),
+        epoch: 7,
+        nonce: [1; 32],
+        proof: [2; 32],
+    };
+    let mut frames = vec![
+        Frame::Challenge { version: 1, nonce: [3; 32] },
+        Frame::Hello(hello),
+        Frame::Welcome { proof: [4; 32] },
+        Frame::Refused { reason: "authentication failed".into() },
+        Frame::Ports(vec![9000, 53, 65535]),
+    ];
+    for (name, batch) in corpus() {
+        frames.push(match name.split('-').next() {
+            Some("acks") => Frame::Acks(batch),
+            Some("receipts") => Frame::Receipts(batch),
+            _ => Frame::Packets(batch),
+        });
+    }
+    let mut seeds: Vec<(String, Vec<u8>)> =
+        frames.iter().enumerate().map(|(index, frame)| (format!("frame-{index}"), frame.encode())).collect();
+    let mut pair = frames[0].encode();
+    pair.extend(frames[4].encode());
+    seeds.push(("two-frames".into(), pair));
+    seeds
+}
+
+#[test]
+fn fuzz_fabric_frames() {
+    use fsbridge::fabric::{Frame, read_frame};
+    let runs = fuzz("fabric read_frame", frame_seeds(), |input| {
+        let mut reader = input;
+        // A stream may hold several frames: read until the first error, as a connection does.
+        while let Ok(frame) = read_frame(&mut reader) {
+            let bytes = frame.encode();
+            assert_eq!(read_frame(&mut &bytes[..]).unwrap(), frame, "a decoded frame re-encodes to itself");
+            if let Frame::Packets(batch) | Frame::Acks(batch) | Frame::Receipts(batch) = &frame {
+                let _ = decode_batch(batch);
+            }
+        }
+    });
+    assert!(runs > 1000);
+}
+
 /// Regenerates the seed corpus: `cargo test -p fsbridge --test fuzz -- --ignored write_seed_corpus`.
 #[test]
 #[ignore]
