@@ -17,6 +17,14 @@ pub struct NodeConfig {
     pub addr: Ipv4Addr,
 }
 
+/// Which of `count` server partitions owns `node` (scale-out: each active ftss-server instance
+/// serves the nodes of the partitions it holds). Stable across restarts and versions: CRC32C of the
+/// name.
+pub fn partition_of(node: &NodeName, count: u32) -> u32 {
+    assert!(count > 0, "at least one partition");
+    crc32c::crc32c(node.as_str().as_bytes()) % count
+}
+
 /// A mounted FTSS volume.
 #[derive(Clone, Debug)]
 pub struct Volume {
@@ -70,6 +78,17 @@ impl Volume {
 
     pub fn status_path(&self) -> PathBuf {
         self.server_dir().join("status.json")
+    }
+
+    /// The status file of one partition when the server runs as several (`status.json` for one).
+    pub fn partition_status_path(&self, partition: u32, count: u32) -> PathBuf {
+        if count <= 1 { self.status_path() } else { self.server_dir().join(format!("status-p{partition}.json")) }
+    }
+
+    /// Receipts forwarded to a partition's server by the instance that read them (scale-out: the
+    /// destination's partition reads its receipts, the origin's partition holds the packet).
+    pub fn forwarded_receipts(&self, partition: u32) -> Spool {
+        Spool::new(self.server_dir().join(format!("receipts-p{partition}")))
     }
 
     /// Creates the top-level directories.

@@ -31,6 +31,7 @@ pub struct FileSettings {
     pub instance: Option<String>,
     pub fabric_listen: Option<Vec<String>>,
     pub fabric_keys: Option<PathBuf>,
+    pub partitions: Option<u32>,
 }
 
 /// The same settings as given on the command line (all optional there too).
@@ -92,6 +93,11 @@ pub struct FlagSettings {
     /// [default: VOLUME/server/fabric-keys].
     #[arg(long)]
     pub fabric_keys: Option<PathBuf>,
+    /// Scale-out (with --ha): split the nodes into this many partitions, each with its own lease,
+    /// queue (a p<N> directory in every --queue-dir) and status; every instance serves the
+    /// partitions it holds, taking its fair share of them, and the rest fail over [default: 1].
+    #[arg(long)]
+    pub partitions: Option<u32>,
 }
 
 /// High-availability settings.
@@ -99,7 +105,12 @@ pub struct FlagSettings {
 pub struct HaSettings {
     pub lease_term: Duration,
     pub instance: String,
+    /// Partitions of the nodes (1: one instance is active for all of them).
+    pub partitions: u32,
 }
+
+/// Most partitions: each costs a thread, a lease and a queue per instance that holds it.
+pub const PARTITIONS_MAX: u32 = 64;
 
 /// Everything `run` needs.
 #[derive(Debug)]
@@ -178,6 +189,7 @@ pub fn resolve(flags: FlagSettings) -> Result<RunSettings, String> {
         fabric: list::<Cidr>("fabric", flags.fabric, file.fabric, &["10.77.0.0/16"])?,
         ingress: list::<IngressRule>("ingress", flags.ingress, file.ingress, &[])?,
         fabric_listen: list::<Endpoint>("fabric-listen", flags.fabric_listen, file.fabric_listen, &[])?,
+        partition: crate::server::Partition::default(),
         fabric_keys: flags
             .fabric_keys
             .or(file.fabric_keys)
@@ -188,7 +200,17 @@ pub fn resolve(flags: FlagSettings) -> Result<RunSettings, String> {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let instance =
             flags.instance.or(file.instance).unwrap_or_else(|| format!("{}-{}", host.trim(), std::process::id()));
-        Some(HaSettings { lease_term: duration("lease-term", flags.lease_term, file.lease_term, "10s")?, instance })
+        let partitions = flags.partitions.or(file.partitions).unwrap_or(1);
+        if !(1..=PARTITIONS_MAX).contains(&partitions) {
+            return Err(format!("partitions: {partitions} is not between 1 and {PARTITIONS_MAX}"));
+        }
+        if partitions > 1 && (!config.fabric_listen.is_empty() || metrics.is_some()) {
+            return Err("partitions: --fabric-listen and --metrics need a single partition".into());
+        }
+        let lease_term = duration("lease-term", flags.lease_term, file.lease_term, "10s")?;
+        Some(HaSettings { lease_term, instance, partitions })
+    } else if flags.partitions.or(file.partitions).is_some_and(|partitions| partitions != 1) {
+        return Err("partitions: needs --ha (instances share the partitions through leases)".into());
     } else {
         None
     };

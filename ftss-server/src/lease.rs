@@ -38,6 +38,11 @@ fn now_ms() -> u64 {
     fsbridge::unix_now_us() / 1000
 }
 
+/// Where the lease of partition `index` lives when there are several.
+pub fn partition_lease_path(volume: &Path, index: u32) -> PathBuf {
+    volume.join("server").join(format!("lease-p{index}"))
+}
+
 /// Reads the lease file; `None` if there is none or it is unreadable (treated as expired).
 pub fn read(path: &Path) -> Option<LeaseRecord> {
     let bytes = fsbridge::spool::read_regular_file(path).ok()??;
@@ -47,6 +52,15 @@ pub fn read(path: &Path) -> Option<LeaseRecord> {
 impl Lease {
     pub fn new(volume: &Path, holder: String, term: Duration) -> Lease {
         Lease { path: volume.join("server").join("lease"), holder, term, epoch: 0, renewed_at: None }
+    }
+
+    /// The lease of one of `count` partitions (`server/lease-p<index>`; `server/lease` for one).
+    pub fn for_partition(volume: &Path, holder: String, term: Duration, index: u32, count: u32) -> Lease {
+        let mut lease = Lease::new(volume, holder, term);
+        if count > 1 {
+            lease.path = partition_lease_path(volume, index);
+        }
+        lease
     }
 
     pub fn epoch(&self) -> u64 {
@@ -109,6 +123,22 @@ impl Lease {
         self.write(self.epoch)?;
         self.renewed_at = Some(Instant::now());
         Ok(true)
+    }
+
+    /// Gives the lease up at once (it expires now), so another instance may take it without
+    /// waiting for the term to run out. Only if this instance still holds it.
+    pub fn release(&mut self) -> Result<(), String> {
+        let still_mine =
+            read(&self.path).is_some_and(|record| record.holder == self.holder && record.epoch == self.epoch);
+        if still_mine {
+            let saved = self.term;
+            self.term = Duration::ZERO;
+            let written = self.write(self.epoch);
+            self.term = saved;
+            written?;
+        }
+        self.renewed_at = None;
+        Ok(())
     }
 
     /// Is a renewal due (a third of the term since the last one)?

@@ -9,6 +9,7 @@ mod lease;
 mod metrics;
 mod progress;
 mod queue;
+mod scaleout;
 mod server;
 mod status;
 
@@ -149,6 +150,9 @@ fn main() -> ExitCode {
 fn run(settings: config::RunSettings) -> Result<(), String> {
     install_stop_handlers();
     let config::RunSettings { config, metrics, ha } = settings;
+    if let Some(ha) = ha.clone().filter(|ha| ha.partitions > 1) {
+        return scaleout::run(config, ha, &STOP);
+    }
     let lease = match &ha {
         Some(ha) => match become_active(&config, ha)? {
             Some(lease) => Some(std::cell::RefCell::new(lease)),

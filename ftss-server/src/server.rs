@@ -95,10 +95,31 @@ pub struct Config {
     pub fabric_listen: Vec<fsbridge::fabric::Endpoint>,
     /// Directory of the fabric nodes' keys (`NODE.key`).
     pub fabric_keys: PathBuf,
+    /// Which share of the nodes this server serves (scale-out); one partition of one by default.
+    pub partition: Partition,
+}
+
+/// A share of the nodes: those whose name hashes to `index` of `count` partitions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Partition {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Default for Partition {
+    fn default() -> Partition {
+        Partition { index: 0, count: 1 }
+    }
 }
 
 /// The origin node name of packets that came in from the external network.
 pub const GATEWAY_ORIGIN: &str = "ftss-gateway";
+
+/// The origin of packets that come in through this partition's gateway: partition 0 (or a lone
+/// server) uses the plain name, others add their index so that receipts find their way back.
+fn gateway_origin(partition: Partition) -> String {
+    if partition.index == 0 { GATEWAY_ORIGIN.to_owned() } else { format!("{GATEWAY_ORIGIN}-p{}", partition.index) }
+}
 
 /// Errors that stop the server at start. Once running, errors are retried, never fatal.
 #[derive(Debug, thiserror::Error)]
@@ -220,6 +241,7 @@ impl Server {
         volume.create()?;
         let (queue, recovered, recovery) = Queue::open(&config.queue_dirs)?;
         let gateway = Gateway::open(&config.ingress)?;
+        let config_partition = config.partition;
         let fabric = if config.fabric_listen.is_empty() {
             None
         } else {
@@ -251,7 +273,7 @@ impl Server {
             batch_seq: 0,
             started_unix_ms: now_us() / 1000,
             gateway,
-            gateway_origin: NodeName::new(GATEWAY_ORIGIN).expect("valid name"),
+            gateway_origin: NodeName::new(&gateway_origin(config_partition)).expect("valid name"),
             sync_seconds: Histogram::default(),
             metrics: None,
             active: None,
@@ -774,7 +796,8 @@ impl Server {
         let mut bytes_total = 0;
         // Bytes accepted this cycle, not yet in `bytes_per_destination`.
         let mut accepted: HashMap<Ipv4Addr, u64> = HashMap::new();
-        for node in self.nodes.clone() {
+        let owned: Vec<NodeName> = self.nodes.iter().filter(|node| self.owns(node)).cloned().collect();
+        for node in owned {
             if !self.node_is_sound(&node) {
                 continue;
             }
@@ -1131,47 +1154,41 @@ impl Server {
         }
     }
 
-    /// Reads receipts; a receipted packet is marked done in the queue (synced) and released.
+    /// Reads receipts; a receipted packet is marked done in the queue (synced) and released. With
+    /// several partitions, receipts for packets another partition holds are forwarded to it.
     fn take_receipts(&mut self) -> Result<usize, fsbridge::SpoolError> {
-        let mut files = Vec::new();
-        let mut done = Vec::new();
-        for node in self.nodes.clone() {
+        // Every file read, removed once its receipts are durable here or forwarded.
+        let mut files: Vec<(fsbridge::Spool, String)> = Vec::new();
+        // (receiving node, packet id).
+        let mut received: Vec<(NodeName, PacketId)> = Vec::new();
+        let owned: Vec<NodeName> = self.nodes.iter().filter(|node| self.owns(node)).cloned().collect();
+        for node in owned {
             let spool = self.volume.receipts(&node);
-            let scan = spool.scan(RECEIPT_FILES_PER_NODE_MAX, HIDDEN_FILES_PER_PASS_MAX)?;
-            for name in scan.hidden {
-                let path = spool.new_dir().join(name);
-                self.quarantine_path(path, node.as_str(), "hidden file in a spool (no ftss writer makes one)");
-            }
-            for name in scan.names {
-                let path = spool.new_dir().join(&name);
-                let bytes = match spool.read(&name) {
-                    Ok(Some(bytes)) => bytes,
-                    Ok(None) => continue,
-                    Err(error) => {
-                        self.quarantine_path(path, node.as_str(), &error.to_string());
-                        continue;
-                    }
-                };
-                match decode_receipts(&bytes) {
-                    Ok(ids) => {
-                        let own = ids.into_iter().filter(|id| self.is_receipt_of(id, &node));
-                        done.extend(own);
-                        files.push((node.clone(), name));
-                    }
-                    Err(reason) => self.quarantine_path(path, node.as_str(), &reason),
-                }
-            }
+            self.read_receipt_spool(&spool, Some(&node), &mut files, &mut received)?;
+        }
+        if self.config.partition.count > 1 {
+            let spool = self.volume.forwarded_receipts(self.config.partition.index);
+            self.read_receipt_spool(&spool, None, &mut files, &mut received)?;
         }
         let fabric_frames = self.fabric_receipts.len();
         for (node, ids) in std::mem::take(&mut self.fabric_receipts) {
             if let Some(hub) = &self.fabric {
                 hub.count(|counters| counters.receipts_received += ids.len() as u64);
             }
-            let own = ids.into_iter().filter(|id| self.is_receipt_of(id, &node));
-            done.extend(own);
+            received.extend(ids.into_iter().map(|id| (node.clone(), id)));
         }
         if files.is_empty() && fabric_frames == 0 {
             return Ok(0);
+        }
+        let mut done = Vec::new();
+        let mut forward: BTreeMap<(u32, NodeName), Vec<PacketId>> = BTreeMap::new();
+        for (node, id) in received {
+            let owner = self.origin_partition(&id.origin);
+            if owner != self.config.partition.index {
+                forward.entry((owner, node)).or_default().push(id);
+            } else if self.is_receipt_of(&id, &node) {
+                done.push(id);
+            }
         }
         let at_unix_us = now_us();
         done.sort();
@@ -1191,10 +1208,92 @@ impl Server {
             self.counters.receipted += 1;
             self.ack_later(id, AckState::Receipted, String::new());
         }
-        for (node, name) in &files {
-            self.volume.receipts(node).remove(name)?;
+        if let Err(error) = self.forward_receipts(forward) {
+            // The files stay and are read again: receipts taken twice change nothing.
+            self.report("forwarding receipts", error);
+            return Ok(0);
+        }
+        for (spool, name) in &files {
+            spool.remove(name)?;
         }
         Ok(files.len() + fabric_frames)
+    }
+
+    /// Reads one receipt spool: a node's own (`node` is who receipted) or a partition's forwarded
+    /// receipts (each file's header names the receiving node; only servers write there).
+    fn read_receipt_spool(
+        &mut self,
+        spool: &fsbridge::Spool,
+        node: Option<&NodeName>,
+        files: &mut Vec<(fsbridge::Spool, String)>,
+        received: &mut Vec<(NodeName, PacketId)>,
+    ) -> Result<(), fsbridge::SpoolError> {
+        let origin = node.map_or("server", NodeName::as_str).to_owned();
+        let scan = spool.scan(RECEIPT_FILES_PER_NODE_MAX, HIDDEN_FILES_PER_PASS_MAX)?;
+        for name in scan.hidden {
+            let path = spool.new_dir().join(name);
+            self.quarantine_path(path, &origin, "hidden file in a spool (no ftss writer makes one)");
+        }
+        for name in scan.names {
+            let path = spool.new_dir().join(&name);
+            let bytes = match spool.read(&name) {
+                Ok(Some(bytes)) => bytes,
+                Ok(None) => continue,
+                Err(error) => {
+                    self.quarantine_path(path, &origin, &error.to_string());
+                    continue;
+                }
+            };
+            match decode_receipts(&bytes) {
+                Ok((writer, ids)) => {
+                    let receiver = node.cloned().unwrap_or(writer);
+                    received.extend(ids.into_iter().map(|id| (receiver.clone(), id)));
+                    files.push((spool.clone(), name));
+                }
+                Err(reason) => self.quarantine_path(path, &origin, &reason),
+            }
+        }
+        Ok(())
+    }
+
+    /// Publishes receipts for other partitions into their forwarded-receipt spools, one file per
+    /// (partition, receiving node); the header names the receiving node.
+    fn forward_receipts(
+        &mut self,
+        forward: BTreeMap<(u32, NodeName), Vec<PacketId>>,
+    ) -> Result<(), fsbridge::SpoolError> {
+        for ((partition, node), ids) in forward {
+            self.batch_seq += 1;
+            let header = BatchHeader { kind: BatchKind::Receipts, node, epoch: self.epoch, batch_seq: self.batch_seq };
+            let mut encoder = BatchEncoder::new(&header);
+            for id in &ids {
+                encoder.push(&Record::Receipt(id.clone()));
+            }
+            let spool = self.volume.forwarded_receipts(partition);
+            spool.create()?;
+            spool.publish(&batch_file_name(self.epoch, self.batch_seq, "rcpt"), &encoder.finish())?;
+        }
+        Ok(())
+    }
+
+    /// Does this server (partition) serve `node`: drain its outbox, read its receipts?
+    fn owns(&self, node: &NodeName) -> bool {
+        let partition = &self.config.partition;
+        partition.count <= 1 || fsbridge::layout::partition_of(node, partition.count) == partition.index
+    }
+
+    /// The partition that holds packets from `origin`: the origin node's, or for packets that came
+    /// in through a partition's gateway, that partition (named in the gateway origin).
+    fn origin_partition(&self, origin: &NodeName) -> u32 {
+        let partition = &self.config.partition;
+        if partition.count <= 1 {
+            return 0;
+        }
+        match origin.as_str().strip_prefix(GATEWAY_ORIGIN) {
+            Some("") => 0,
+            Some(suffix) => suffix.strip_prefix("-p").and_then(|index| index.parse().ok()).unwrap_or(0),
+            None => fsbridge::layout::partition_of(origin, partition.count),
+        }
     }
 
     /// May `node` receipt `id`? Only the destination node of a packet in flight may.
@@ -1282,7 +1381,7 @@ impl Server {
             return;
         }
         self.housekept_at = Some(Instant::now());
-        for node in &self.nodes {
+        for node in self.nodes.iter().filter(|node| self.owns(node)) {
             let _ = fsbridge::spool::sweep_older_than(&self.volume.acks(node).new_dir(), ACK_FILE_AGE_MAX);
             let inboxes =
                 self.volume.inbox_ports(node).unwrap_or_default().into_iter().map(|port| self.volume.inbox(node, port));
@@ -1367,6 +1466,7 @@ impl Server {
             },
             last_error: self.last_error.clone(),
             active: self.active.clone(),
+            partition: (self.config.partition.count > 1).then_some(self.config.partition),
             fabric: self.fabric.as_ref().map(|hub| FabricStatus {
                 listening: hub.listening().to_vec(),
                 counters: hub.counters(),
@@ -1383,7 +1483,7 @@ impl Server {
             let value = serde_json::to_value(&status).expect("status serializes");
             snapshot.set(crate::metrics::render(&value, &self.sync_seconds));
         }
-        let path = self.volume.status_path();
+        let path = self.volume.partition_status_path(self.config.partition.index, self.config.partition.count);
         let tmp = path.with_extension(format!("json.tmp.{}", std::process::id()));
         // Status is advisory: a failed write is logged, never fatal.
         let result = std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, &path));
@@ -1412,19 +1512,21 @@ fn decode_outbox_batch(bytes: &[u8], node: &NodeName, node_addr: Option<Ipv4Addr
     Ok(packets)
 }
 
-fn decode_receipts(bytes: &[u8]) -> Result<Vec<PacketId>, String> {
+/// A receipt batch: the node its header names and the receipted ids.
+fn decode_receipts(bytes: &[u8]) -> Result<(NodeName, Vec<PacketId>), String> {
     let batch = fsbridge::format::decode_batch(bytes).map_err(|error| error.to_string())?;
     if batch.header.kind != BatchKind::Receipts {
         return Err(format!("a receipt spool holds receipt batches, found a {:?} batch", batch.header.kind));
     }
-    Ok(batch
+    let ids = batch
         .records
         .into_iter()
         .map(|record| match record {
             Record::Receipt(id) => id,
             _ => unreachable!("decode checks tags against the kind"),
         })
-        .collect())
+        .collect();
+    Ok((batch.header.node, ids))
 }
 
 /// `ftss-server status` output.
@@ -1446,6 +1548,8 @@ pub struct Status {
     pub last_error: Option<String>,
     /// With `--ha`: this (active) instance and its lease epoch.
     pub active: Option<Active>,
+    /// With `--partitions`: the share of the nodes this status is about.
+    pub partition: Option<Partition>,
     /// With `--fabric-listen`: where, the counters and the connected nodes.
     pub fabric: Option<FabricStatus>,
     pub nodes: BTreeMap<String, NodeStatus>,

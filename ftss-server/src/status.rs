@@ -21,8 +21,11 @@ pub fn show(volume_dir: &Path, as_json: bool) -> Result<(), String> {
         Err(_) => json!({ "running": false, "counters": {}, "queue": {}, "nodes": {} }),
     };
     let updated = status["updated_unix_ms"].as_u64().unwrap_or(0);
-    let fresh = fsbridge::unix_now_us() / 1000 <= updated + STALE_AFTER_MS;
-    status["running"] = json!(status["running"].as_bool().unwrap_or(false) && fresh);
+    status["running"] = json!(is_live(&status));
+    let parts = partition_statuses(&volume);
+    if parts.iter().any(|part| part["updated_unix_ms"].as_u64().unwrap_or(0) > updated) {
+        status = merge_partitions(&volume, parts);
+    }
     let (nodes, _invalid) = volume.list_nodes().map_err(|error| error.to_string())?;
     for node in nodes {
         let backlog = volume.outbox(&node).scan(0, 0).map(|scan| scan.visible_total).unwrap_or(0);
@@ -48,6 +51,100 @@ pub fn show(volume_dir: &Path, as_json: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// Is the server that wrote `status` running (it says so, and it wrote it recently)?
+fn is_live(status: &Value) -> bool {
+    let updated = status["updated_unix_ms"].as_u64().unwrap_or(0);
+    status["running"].as_bool().unwrap_or(false) && fsbridge::unix_now_us() / 1000 <= updated + STALE_AFTER_MS
+}
+
+/// The status files of a partitioned server (`status-p<K>.json`), in partition order.
+fn partition_statuses(volume: &Volume) -> Vec<Value> {
+    let names = fsbridge::spool::list_names(&volume.server_dir(), usize::MAX).unwrap_or_default();
+    let mut parts: Vec<Value> = names
+        .iter()
+        .filter(|name| name.starts_with("status-p") && name.ends_with(".json"))
+        .filter_map(|name| std::fs::read(volume.server_dir().join(name)).ok())
+        .filter_map(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+        .collect();
+    parts.sort_by_key(|part| part["partition"]["index"].as_u64().unwrap_or(0));
+    parts
+}
+
+/// Adds every number of `from` into the same key of `into` (one level deep).
+fn add_numbers(into: &mut Value, from: &Value) {
+    let Some(from) = from.as_object() else { return };
+    for (key, value) in from {
+        let sum = match (into[key.as_str()].as_f64(), value.as_f64()) {
+            (Some(a), Some(b)) if value.is_u64() && into[key.as_str()].is_u64() => json!(a as u64 + b as u64),
+            (Some(a), Some(b)) => json!(a + b),
+            (None, Some(_)) => value.clone(),
+            _ => continue,
+        };
+        into[key.as_str()] = sum;
+    }
+}
+
+/// One status for the whole service from the partitions' statuses: counters, rates and queue
+/// figures added up, per-node figures added (oldest age: the largest), flags of any partition, and
+/// a `partitions` list saying which instance serves which partition. Running: every partition is.
+fn merge_partitions(volume: &Volume, parts: Vec<Value>) -> Value {
+    let mut merged = parts[0].clone();
+    let mut all_live = true;
+    let mut partitions = Vec::new();
+    for (position, part) in parts.iter().enumerate() {
+        let index = part["partition"]["index"].as_u64().unwrap_or(0);
+        let lease = crate::lease::read(&crate::lease::partition_lease_path(volume.root(), index as u32));
+        let live = is_live(part);
+        all_live &= live;
+        partitions.push(json!({
+            "index": index,
+            "running": live,
+            "pid": part["pid"],
+            "holder": lease.as_ref().map(|lease| lease.holder.clone()),
+            "lease_epoch": lease.as_ref().map(|lease| lease.epoch),
+            "stored": part["counters"]["stored"],
+        }));
+        if position == 0 {
+            continue;
+        }
+        for section in ["counters", "rates", "queue"] {
+            add_numbers(&mut merged[section], &part[section]);
+        }
+        let mirrors = part["queue"]["mirrors"].as_array().cloned().unwrap_or_default();
+        if let Some(list) = merged["queue"]["mirrors"].as_array_mut() {
+            list.extend(mirrors);
+        }
+        for (name, node) in part["nodes"].as_object().into_iter().flatten() {
+            let entry = &mut merged["nodes"][name.as_str()];
+            if entry.is_null() {
+                *entry = node.clone();
+                continue;
+            }
+            let oldest = entry["oldest_age_ms"].as_u64().max(node["oldest_age_ms"].as_u64());
+            add_numbers(entry, node);
+            entry["oldest_age_ms"] = json!(oldest);
+        }
+        merged["degraded"] = json!(merged["degraded"] == true || part["degraded"] == true);
+        if part["backpressure"]["active"] == true {
+            merged["backpressure"]["active"] = json!(true);
+            let reasons = part["backpressure"]["reasons"].as_array().cloned().unwrap_or_default();
+            if let Some(list) = merged["backpressure"]["reasons"].as_array_mut() {
+                list.extend(reasons);
+            }
+        }
+        let letters = part["dead_letters"].as_array().cloned().unwrap_or_default();
+        if let Some(list) = merged["dead_letters"].as_array_mut() {
+            list.extend(letters);
+        }
+        if merged["last_error"].is_null() {
+            merged["last_error"] = part["last_error"].clone();
+        }
+    }
+    merged["running"] = json!(all_live);
+    merged["partitions"] = json!(partitions);
+    merged
+}
+
 fn number(value: &Value) -> String {
     value.as_u64().map_or_else(|| "-".to_owned(), |number| number.to_string())
 }
@@ -62,6 +159,17 @@ fn print_table(status: &Value) {
             "ha: {} is {state} (lease epoch {})",
             lease["holder"].as_str().unwrap_or("?"),
             number(&lease["epoch"])
+        );
+    }
+    for partition in status["partitions"].as_array().into_iter().flatten() {
+        let state = if partition["running"] == true { "served" } else { "NOT SERVED" };
+        println!(
+            "partition {} {state} by {} (lease epoch {}, pid {}), {} stored",
+            number(&partition["index"]),
+            partition["holder"].as_str().unwrap_or("nobody"),
+            number(&partition["lease_epoch"]),
+            number(&partition["pid"]),
+            number(&partition["stored"])
         );
     }
     if status["degraded"].as_bool().unwrap_or(false) {
