@@ -13,6 +13,10 @@
 //! - `ftss-fabric`, `ftss-fabric-async`: the same through the fabric transport (both nodes connected
 //!   to the server over a unix socket; `volume` ack mode, which over the fabric waits for the
 //!   server's stored ack, and `async`).
+//! - `ftss-1-instance`, `ftss-2-instances`: two flows crossing partitions (a → c, e → b), each with
+//!   the run's sender count and `async` acks (so the servers set the pace), through one server and
+//!   through two instances sharing two partitions (`--ha --partitions 2`): how throughput grows
+//!   with instances.
 //! - `ftss-smb`, `smb-file-per-packet`: the same over a private smbd + smbnetfs mount (skipped
 //!   unless samba, smbnetfs and fuse3 are installed and port 445 on loopback is free).
 //! - `redis-stream`: redis-server with appendonly + appendfsync always, XADD / XREADGROUP + XACK.
@@ -33,6 +37,8 @@ mod procs;
 mod redis;
 #[path = "bench/report.rs"]
 mod report;
+#[path = "bench/scaleout.rs"]
+mod scaleout;
 #[path = "bench/server_rss.rs"]
 mod server_rss;
 #[path = "bench/smb.rs"]
@@ -50,7 +56,7 @@ use report::{Measurement, TABLE_HEADER, table_row};
 const PAYLOADS: [usize; 3] = [64, 512, 8192];
 const SENDERS: [usize; 2] = [1, 8];
 /// Every scenario, in the order they run.
-const SCENARIOS: [&str; 12] = [
+const SCENARIOS: [&str; 14] = [
     "fsync-limit",
     "udp-raw",
     "shim-passthrough",
@@ -59,6 +65,8 @@ const SCENARIOS: [&str; 12] = [
     "ftss-guaranteed",
     "ftss-fabric",
     "ftss-fabric-async",
+    "ftss-1-instance",
+    "ftss-2-instances",
     "ftss-smb",
     "smb-file-per-packet",
     "redis-stream",
@@ -279,12 +287,14 @@ fn run(options: Options) -> Result<bool, String> {
             }
         }
     }
-    let app_scenarios: [AppScenario; 5] = [
+    let app_scenarios: [AppScenario; 7] = [
         ("ftss-async", false, |bench, run| apps::ftss_local(bench, run, "ftss-async", "async")),
         ("ftss-volume", true, |bench, run| apps::ftss_local(bench, run, "ftss-volume", "volume")),
         ("ftss-guaranteed", true, |bench, run| apps::ftss_local(bench, run, "ftss-guaranteed", "guaranteed")),
         ("ftss-fabric", true, |bench, run| apps::ftss_fabric(bench, run, "ftss-fabric", "volume")),
         ("ftss-fabric-async", false, |bench, run| apps::ftss_fabric(bench, run, "ftss-fabric-async", "async")),
+        ("ftss-1-instance", false, |bench, run| scaleout::scaleout(bench, run, "ftss-1-instance", 1)),
+        ("ftss-2-instances", false, |bench, run| scaleout::scaleout(bench, run, "ftss-2-instances", 2)),
     ];
     for (name, durable, scenario) in app_scenarios {
         if selected(name) {
@@ -494,6 +504,19 @@ fn targets(results: &[Measurement]) -> Vec<String> {
                 volume_at(results, payload, senders).and_then(|m| m.p50_us).map(|v| v as f64)
             )
         ));
+    }
+    for payload in PAYLOADS {
+        for senders in SENDERS {
+            // These scenarios run two flows: their sender count is twice the run's.
+            let (one, two) =
+                (pps("ftss-1-instance", payload, senders * 2), pps("ftss-2-instances", payload, senders * 2));
+            if one.is_some() && two.is_some() {
+                lines.push(format!(
+                    "  ftss-2-instances / ftss-1-instance pps ({payload} B, 2 flows x {senders} senders): {} (scale-out)",
+                    ratio(two, one)
+                ));
+            }
+        }
     }
     if let Some(rss) = results.iter().find(|m| m.scenario == "server-rss" && m.skipped.is_none()) {
         let above = rss.extra("rss_above_idle_kib").and_then(|v| v.as_u64()).unwrap_or(0);

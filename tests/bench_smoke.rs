@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::process::Command;
 
-const SCENARIOS: [&str; 12] = [
+const SCENARIOS: [&str; 14] = [
     "fsync-limit",
     "udp-raw",
     "shim-passthrough",
@@ -15,6 +15,8 @@ const SCENARIOS: [&str; 12] = [
     "ftss-guaranteed",
     "ftss-fabric",
     "ftss-fabric-async",
+    "ftss-1-instance",
+    "ftss-2-instances",
     "ftss-smb",
     "smb-file-per-packet",
     "redis-stream",
