@@ -24,7 +24,8 @@ use crate::report::Measurement;
 use crate::{Bench, Run};
 
 /// (sender, receiver) nodes of the two flows, and their fabric addresses.
-const FLOWS: [((&str, Ipv4Addr), (&str, Ipv4Addr)); 2] = [
+type Node = (&'static str, Ipv4Addr);
+const FLOWS: [(Node, Node); 2] = [
     (("a", Ipv4Addr::new(10, 77, 0, 1)), ("c", Ipv4Addr::new(10, 77, 0, 3))),
     (("e", Ipv4Addr::new(10, 77, 0, 5)), ("b", Ipv4Addr::new(10, 77, 0, 2))),
 ];
@@ -67,17 +68,17 @@ pub fn scaleout(bench: &Bench, run: &Run, scenario: &'static str, instances: usi
     for server in &mut servers {
         server.terminate(Duration::from_secs(5));
     }
-    let (received, elapsed_ns, p50, p99, sent) = measured?;
+    let flows = measured?;
     let mut measurement = Measurement::new(scenario, run.payload, run.senders * FLOWS.len(), false);
-    measurement.packets = received;
-    if received > 0 && elapsed_ns > 0 {
-        measurement.pps = Some(received as f64 / (elapsed_ns as f64 / 1e9));
-        measurement.p50_us = p50;
-        measurement.p99_us = p99;
+    measurement.packets = flows.received;
+    if flows.received > 0 && flows.elapsed_ns > 0 {
+        measurement.pps = Some(flows.received as f64 / (flows.elapsed_ns as f64 / 1e9));
+        measurement.p50_us = flows.p50_us;
+        measurement.p99_us = flows.p99_us;
     }
     measurement.extra.push(("instances", json!(instances)));
-    measurement.extra.push(("sent", json!(sent)));
-    measurement.extra.push(("lost", json!(sent.saturating_sub(received))));
+    measurement.extra.push(("sent", json!(flows.sent)));
+    measurement.extra.push(("lost", json!(flows.sent.saturating_sub(flows.received))));
     Ok(measurement)
 }
 
@@ -100,7 +101,7 @@ fn wait_for_partitions(volume: &Path, holders: usize, count: usize) -> Result<()
     Err(format!("{holders} instances did not share the {count} partitions in time"))
 }
 
-fn env(bench: &Bench, dir: &Path, volume: &Path, node: (&str, Ipv4Addr)) -> Vec<(String, String)> {
+fn env(bench: &Bench, dir: &Path, volume: &Path, node: Node) -> Vec<(String, String)> {
     vec![
         ("LD_PRELOAD".into(), bench.shim.display().to_string()),
         ("FTSS_VOLUME".into(), volume.display().to_string()),
@@ -112,13 +113,19 @@ fn env(bench: &Bench, dir: &Path, volume: &Path, node: (&str, Ipv4Addr)) -> Vec<
     ]
 }
 
-/// Both flows at once: (received, first send → last receive ns, worst p50, worst p99, sent).
-fn drive_flows(
-    bench: &Bench,
-    run: &Run,
-    dir: &Path,
-    volume: &Path,
-) -> Result<(u64, u64, Option<u64>, Option<u64>, u64), String> {
+/// What both flows measured together.
+struct Flows {
+    received: u64,
+    /// From the first send to the last receive.
+    elapsed_ns: u64,
+    /// The worse flow's latency percentiles.
+    p50_us: Option<u64>,
+    p99_us: Option<u64>,
+    sent: u64,
+}
+
+/// Runs both flows at once.
+fn drive_flows(bench: &Bench, run: &Run, dir: &Path, volume: &Path) -> Result<Flows, String> {
     let mut receivers = Vec::new();
     let mut targets = Vec::new();
     for (index, (_, receiver)) in FLOWS.iter().enumerate() {
@@ -159,5 +166,11 @@ fn drive_flows(
         p50 = p50.max(received["p50_us"].as_u64());
         p99 = p99.max(received["p99_us"].as_u64());
     }
-    Ok((received_total, last_receive.saturating_sub(first_send), p50, p99, sent_total))
+    Ok(Flows {
+        received: received_total,
+        elapsed_ns: last_receive.saturating_sub(first_send),
+        p50_us: p50,
+        p99_us: p99,
+        sent: sent_total,
+    })
 }
