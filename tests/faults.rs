@@ -75,7 +75,10 @@ fn a_full_volume_gives_senders_a_clear_errno_and_traffic_resumes_when_space_retu
     let disk = SmallDisk::mount(&fabric.volume, "16m");
     fabric.start_server();
     let receiver = Receiver::start(&fabric, 7900);
-    let mut sender = Sender::start(&fabric, 7900, "v", 2000, 0);
+    // Enough datagrams that the sender is still sending when the disk fills up (a fast machine
+    // sends a few thousand a second).
+    let count = 20_000;
+    let mut sender = Sender::start(&fabric, 7900, "v", count, 0);
     assert!(wait_until(Duration::from_secs(30), || sender.acknowledged().len() >= 100));
     let filler = disk.fill();
     assert!(
@@ -95,7 +98,7 @@ fn a_full_volume_gives_senders_a_clear_errno_and_traffic_resumes_when_space_retu
     std::fs::remove_file(&filler).unwrap();
     assert!(sender.proc.wait_exit(Duration::from_secs(120)), "traffic did not resume");
     let acknowledged = sender.acknowledged();
-    assert_eq!(acknowledged.len(), 2000);
+    assert_eq!(acknowledged.len(), count);
     assert!(wait_until(Duration::from_secs(60), || {
         let got: HashSet<String> = receiver.lines.lines().into_iter().collect();
         acknowledged.iter().all(|line| got.contains(line))
