@@ -267,7 +267,13 @@ impl Rng {
 }
 
 fn valid_packets_frame(node: &str, seq: u64) -> Vec<u8> {
-    let header = BatchHeader { kind: BatchKind::Packets, node: NodeName::new(node).unwrap(), epoch: 1, batch_seq: seq };
+    let header = BatchHeader {
+        kind: BatchKind::Packets,
+        node: NodeName::new(node).unwrap(),
+        epoch: 1,
+        batch_seq: seq,
+        flags: 0,
+    };
     let mut encoder = BatchEncoder::new(&header);
     encoder.push(&Record::Packet(Packet {
         id: PacketId { origin: NodeName::new(node).unwrap(), epoch: 1, seq },

@@ -17,7 +17,7 @@ fn node(name: &str) -> NodeName {
 
 /// A valid packet batch as a writer named `origin` would make it.
 fn batch(origin: &str, epoch: u64, packets: &[(&str, &str, &[u8])]) -> Vec<u8> {
-    let header = BatchHeader { kind: BatchKind::Packets, node: node(origin), epoch, batch_seq: 1 };
+    let header = BatchHeader { kind: BatchKind::Packets, node: node(origin), epoch, batch_seq: 1, flags: 0 };
     let mut encoder = BatchEncoder::new(&header);
     for (seq, (source, destination, payload)) in packets.iter().enumerate() {
         encoder.push(&Record::Packet(Packet {
@@ -76,9 +76,14 @@ fn every_kind_of_bad_outbox_file_is_quarantined_with_its_reason() {
     register(&fabric, "b", "10.77.0.2");
     fabric.start_server();
     let good = batch("a", 0xBAD, &[("10.77.0.1:1", "10.77.0.2:9", b"hello")]);
-    let header_len =
-        BatchEncoder::new(&BatchHeader { kind: BatchKind::Packets, node: node("a"), epoch: 0xBAD, batch_seq: 1 })
-            .len_bytes();
+    let header_len = BatchEncoder::new(&BatchHeader {
+        kind: BatchKind::Packets,
+        node: node("a"),
+        epoch: 0xBAD,
+        batch_seq: 1,
+        flags: 0,
+    })
+    .len_bytes();
     let outside = fabric.dir.0.join("outside-the-volume");
     std::fs::write(&outside, b"secret").unwrap();
 
@@ -203,7 +208,7 @@ fn a_million_tiny_files_are_drained_in_bounded_batches_with_bounded_memory() {
 
 /// A one-packet batch whose packet has sequence number `seq`.
 fn tiny_batch(seq: u64) -> Vec<u8> {
-    let header = BatchHeader { kind: BatchKind::Packets, node: node("a"), epoch: 0xF1, batch_seq: seq };
+    let header = BatchHeader { kind: BatchKind::Packets, node: node("a"), epoch: 0xF1, batch_seq: seq, flags: 0 };
     let mut encoder = BatchEncoder::new(&header);
     encoder.push(&Record::Packet(Packet {
         id: PacketId { origin: node("a"), epoch: 0xF1, seq },

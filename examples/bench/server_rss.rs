@@ -72,7 +72,7 @@ pub fn server_rss(bench: &Bench, run: &Run, packets: u64) -> Result<Measurement,
     let mut batch_seq = 0u64;
     while seq < packets {
         batch_seq += 1;
-        let header = BatchHeader { kind: BatchKind::Packets, node: node.clone(), epoch, batch_seq };
+        let header = BatchHeader { kind: BatchKind::Packets, node: node.clone(), epoch, batch_seq, flags: 0 };
         let mut encoder = BatchEncoder::new(&header);
         for _ in 0..PACKETS_PER_FILE.min(packets - seq) {
             seq += 1;

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! batch   := header record* end
-//! header  := magic "FTSB" | version u16 | kind u8 | flags u8 | node_len u8 | node | epoch u64
+//! header  := magic "FTSB" | version u16 | kind u8 | flags u8 (FLAG_*) | node_len u8 | node | epoch u64
 //!            | batch_seq u64 | header_crc u32            (crc32c of every header byte before it)
 //! record  := tag u8 | body_len u32 | body | crc u32      (crc32c of tag, body_len and body)
 //! end     := a record with tag END whose body is the count (u32) of records before it
@@ -143,7 +143,13 @@ pub struct BatchHeader {
     pub node: NodeName,
     pub epoch: u64,
     pub batch_seq: u64,
+    /// Bits of `FLAG_*`.
+    pub flags: u8,
 }
+
+/// Header flag of a packets batch in an outbox: the sending process waits for "stored" acks
+/// (`FTSS_ACK=guaranteed`); the server writes ack files only for such senders.
+pub const FLAG_WANTS_ACKS: u8 = 1;
 
 /// A decoded batch file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -206,7 +212,7 @@ impl BatchEncoder {
         bytes.extend_from_slice(&MAGIC);
         bytes.extend_from_slice(&VERSION.to_le_bytes());
         bytes.push(header.kind as u8);
-        bytes.push(0);
+        bytes.push(header.flags);
         put_name(&mut bytes, &header.node);
         bytes.extend_from_slice(&header.epoch.to_le_bytes());
         bytes.extend_from_slice(&header.batch_seq.to_le_bytes());
@@ -423,7 +429,7 @@ fn read_header(reader: &mut Reader) -> Result<BatchHeader, DecodeError> {
     }
     let kind_byte = reader.u8()?;
     let kind = BatchKind::from_u8(kind_byte).ok_or(DecodeError::UnknownKind { found: kind_byte })?;
-    let _flags = reader.u8()?;
+    let flags = reader.u8()?;
     let node = reader.name()?;
     let epoch = reader.u64()?;
     let batch_seq = reader.u64()?;
@@ -433,7 +439,7 @@ fn read_header(reader: &mut Reader) -> Result<BatchHeader, DecodeError> {
     if stored != computed {
         return Err(DecodeError::CrcMismatch { what: "header", offset: crc_offset, stored, computed });
     }
-    Ok(BatchHeader { kind, node, epoch, batch_seq })
+    Ok(BatchHeader { kind, node, epoch, batch_seq, flags })
 }
 
 fn shift(error: DecodeError, base: usize) -> DecodeError {
@@ -583,7 +589,7 @@ mod tests {
     }
 
     fn header(kind: BatchKind) -> BatchHeader {
-        BatchHeader { kind, node: node("a"), epoch: 7, batch_seq: 3 }
+        BatchHeader { kind, node: node("a"), epoch: 7, batch_seq: 3, flags: 0 }
     }
 
     fn sample() -> Vec<u8> {

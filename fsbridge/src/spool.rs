@@ -124,6 +124,12 @@ pub fn sync_directory(path: &Path) -> Result<(), SpoolError> {
 
 /// Writes `bytes` to a new file at `path` (which must not exist), fsyncs it and checks close.
 pub fn write_file_durably(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
+    write_file(path, bytes, true)
+}
+
+/// Writes `bytes` to a new file at `path` (which must not exist), fsyncs it if `durable`, and
+/// checks close (NFS reports deferred write errors there).
+fn write_file(path: &Path, bytes: &[u8], durable: bool) -> Result<(), SpoolError> {
     let write_error = |source| SpoolError::Write { path: path.into(), source };
     let mut file = OpenOptions::new()
         .write(true)
@@ -133,7 +139,9 @@ pub fn write_file_durably(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
         .open(path)
         .map_err(write_error)?;
     file.write_all(bytes).map_err(write_error)?;
-    file.sync_all().map_err(write_error)?;
+    if durable {
+        file.sync_all().map_err(write_error)?;
+    }
     let fd = file.into_raw_fd();
     // SAFETY: we own fd (into_raw_fd) and close it exactly once.
     if unsafe { libc::close(fd) } != 0 {
@@ -170,10 +178,23 @@ impl Spool {
     /// Atomically publishes `bytes` as `new/<name>`: write under `tmp/`, fsync, check close, rename,
     /// fsync `new/`. `name` must be unique to this writer (see the module docs).
     pub fn publish(&self, name: &str, bytes: &[u8]) -> Result<PathBuf, SpoolError> {
+        self.publish_as(name, bytes, true)
+    }
+
+    /// Like [`Spool::publish`] but without either fsync: the file appears whole and at once (the
+    /// rename), but a crash of the writer's machine may lose it or leave it cut short (a reader
+    /// quarantines that). Only for files whose loss costs a retry, never data: the server's inbox
+    /// deliveries (the queue keeps every packet until it is receipted, and delivers it again) and
+    /// the shims' receipts (a lost receipt means a redelivery the receiving shim drops).
+    pub fn publish_volatile(&self, name: &str, bytes: &[u8]) -> Result<PathBuf, SpoolError> {
+        self.publish_as(name, bytes, false)
+    }
+
+    fn publish_as(&self, name: &str, bytes: &[u8], durable: bool) -> Result<PathBuf, SpoolError> {
         assert!(is_plain_name(name), "publish name {name:?} must be a plain file name");
         let tmp = self.tmp_dir().join(name);
         let target = self.new_dir().join(name);
-        if let Err(error) = write_file_durably(&tmp, bytes) {
+        if let Err(error) = write_file(&tmp, bytes, durable) {
             let missing =
                 matches!(&error, SpoolError::Write { source, .. } if source.kind() == io::ErrorKind::NotFound);
             if !missing {
@@ -182,7 +203,7 @@ impl Spool {
             }
             // First publish into this spool: create it and try once more.
             self.create()?;
-            write_file_durably(&tmp, bytes).inspect_err(|_| {
+            write_file(&tmp, bytes, durable).inspect_err(|_| {
                 let _ = fs::remove_file(&tmp);
             })?;
         }
@@ -200,7 +221,9 @@ impl Spool {
                 return Err(SpoolError::Rename { path: target, source });
             }
         }
-        sync_directory(&self.new_dir())?;
+        if durable {
+            sync_directory(&self.new_dir())?;
+        }
         Ok(target)
     }
 

@@ -242,7 +242,7 @@ fn write_seed_corpus() {
         sent_unix_us: 1_795_600_000_000_000 + seq,
         payload,
     };
-    let header = |kind| BatchHeader { kind, node: node.clone(), epoch: 0x1234_5678_9ABC_DEF0, batch_seq: 7 };
+    let header = |kind| BatchHeader { kind, node: node.clone(), epoch: 0x1234_5678_9ABC_DEF0, batch_seq: 7, flags: 0 };
     let mut seeds: Vec<(&str, Vec<u8>)> = Vec::new();
     let mut encoder = BatchEncoder::new(&header(BatchKind::Packets));
     encoder.push(&Record::Packet(packet(1, b"hello\n".to_vec())));

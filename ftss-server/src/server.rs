@@ -10,7 +10,7 @@
 //! - A packet leaves the queue only after its destination node receipted it (or it is
 //!   dead-lettered); with `--retain` its bytes stay for that long after.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -67,6 +67,8 @@ const DEAD_LETTERS_PER_CYCLE_MAX: usize = 65_536;
 /// Most packets in flight (delivered, not receipted) per destination address: a receiver that stops
 /// reading holds at most this many in its inbox; the rest wait in the queue.
 const IN_FLIGHT_PER_DESTINATION_MAX: usize = 65_536;
+/// Sending processes remembered as waiting for acks (most recent first to go when full).
+const ACK_EPOCHS_MAX: usize = 4096;
 /// Most acks in one fabric frame (a frame's bytes are bounded).
 const ACKS_PER_FRAME_MAX: usize = 16_384;
 /// Inbox files a fabric node's newly bound port takes back from the volume in one go.
@@ -209,6 +211,9 @@ pub struct Server {
     gateway_seq: u64,
     /// The fabric listener, with `--fabric-listen`.
     fabric: Option<Hub>,
+    /// Sending processes (node, epoch) that asked for acks, and the order they were seen in.
+    ack_epochs: HashSet<(NodeName, u64)>,
+    ack_epoch_order: VecDeque<(NodeName, u64)>,
     /// Receipts that came over fabric connections this cycle: (receiving node, ids).
     fabric_receipts: Vec<(NodeName, Vec<PacketId>)>,
 }
@@ -224,6 +229,8 @@ struct Drained {
     node: NodeName,
     name: String,
     packets: Vec<Packet>,
+    /// The sender waits for acks (the batch has `FLAG_WANTS_ACKS`).
+    wants_acks: bool,
 }
 
 fn now_us() -> u64 {
@@ -280,6 +287,8 @@ impl Server {
             gateway_seq: 0,
             fabric,
             fabric_receipts: Vec::new(),
+            ack_epochs: HashSet::new(),
+            ack_epoch_order: VecDeque::new(),
         };
         server.replay(recovered);
         Ok(server)
@@ -808,7 +817,7 @@ impl Server {
                 // List the directory again only at the start of a cycle: files drained earlier in
                 // this cycle are still there until the group is acked.
                 let Some(name) = self.next_outbox_name(&node, attempt == 0)? else { break };
-                let Some(packets) = self.read_outbox_file(&node, &name) else {
+                let Some((packets, wants_acks)) = self.read_outbox_file(&node, &name) else {
                     self.pop_outbox_name(&node);
                     continue;
                 };
@@ -828,7 +837,7 @@ impl Server {
                     bytes_total += packet.payload.len();
                 }
                 packets_total += packets.len();
-                drained.push(Drained { node: node.clone(), name, packets });
+                drained.push(Drained { node: node.clone(), name, packets, wants_acks });
             }
         }
         Ok(drained)
@@ -857,7 +866,7 @@ impl Server {
     }
 
     /// Reads and decodes one outbox file; `None` if it is gone or was quarantined.
-    fn read_outbox_file(&mut self, node: &NodeName, name: &str) -> Option<Vec<Packet>> {
+    fn read_outbox_file(&mut self, node: &NodeName, name: &str) -> Option<(Vec<Packet>, bool)> {
         let outbox = self.volume.outbox(node);
         let path = outbox.new_dir().join(name);
         if fsbridge::layout::parse_batch_file_name(name).is_none_or(|_| !name.ends_with(".pkt")) {
@@ -873,7 +882,7 @@ impl Server {
             }
         };
         match decode_outbox_batch(&bytes, node, self.node_to_addr.get(node).copied()) {
-            Ok(packets) => Some(packets),
+            Ok(decoded) => Some(decoded),
             Err(reason) => {
                 self.quarantine_path(path, node.as_str(), &reason);
                 None
@@ -912,8 +921,15 @@ impl Server {
             by_node.entry(&batch.node).or_default().push(batch);
         }
         for (node, batches) in by_node {
+            // Only senders that wait for acks get ack files (each costs a synced file).
+            for batch in batches.iter().filter(|batch| batch.wants_acks) {
+                if let Some(packet) = batch.packets.first() {
+                    self.remember_ack_epoch(node, packet.id.epoch);
+                }
+            }
             let acks: Vec<Ack> = batches
                 .iter()
+                .filter(|batch| batch.wants_acks)
                 .flat_map(|batch| &batch.packets)
                 .map(|packet| {
                     let state = if self.is_external(packet.destination.ip()) {
@@ -924,7 +940,9 @@ impl Server {
                     Ack { id: packet.id.clone(), state, reason: String::new() }
                 })
                 .collect();
-            self.publish_acks(node, &acks)?;
+            if !acks.is_empty() {
+                self.publish_acks(node, &acks)?;
+            }
             let outbox = self.volume.outbox(node);
             for batch in batches {
                 outbox.remove_unsynced(&batch.name)?;
@@ -932,6 +950,20 @@ impl Server {
             outbox.sync()?;
         }
         Ok(())
+    }
+
+    /// Remembers that the process with this epoch on `node` waits for acks (later acks of its
+    /// packets, delivered and receipted, are written for it too).
+    fn remember_ack_epoch(&mut self, node: &NodeName, epoch: u64) {
+        let key = (node.clone(), epoch);
+        if self.ack_epochs.insert(key.clone()) {
+            self.ack_epoch_order.push_back(key);
+            if self.ack_epoch_order.len() > ACK_EPOCHS_MAX
+                && let Some(oldest) = self.ack_epoch_order.pop_front()
+            {
+                self.ack_epochs.remove(&oldest);
+            }
+        }
     }
 
     fn publish_acks(&mut self, node: &NodeName, acks: &[Ack]) -> Result<(), fsbridge::SpoolError> {
@@ -956,7 +988,8 @@ impl Server {
 
     fn flush_acks(&mut self) {
         for (node, acks) in std::mem::take(&mut self.pending_acks) {
-            let acks = self.ack_over_fabric(&node, acks);
+            let mut acks = self.ack_over_fabric(&node, acks);
+            acks.retain(|ack| self.ack_epochs.contains(&(node.clone(), ack.id.epoch)));
             if acks.is_empty() {
                 continue;
             }
@@ -993,7 +1026,7 @@ impl Server {
     fn encoder(&mut self, kind: BatchKind) -> BatchEncoder {
         self.batch_seq += 1;
         let node = NodeName::new("ftss-server").expect("valid name");
-        BatchEncoder::new(&BatchHeader { kind, node, epoch: self.epoch, batch_seq: self.batch_seq })
+        BatchEncoder::new(&BatchHeader { kind, node, epoch: self.epoch, batch_seq: self.batch_seq, flags: 0 })
     }
 
     /// Writes due packets into their destination inboxes, in store order, grouped per (node, port):
@@ -1086,7 +1119,9 @@ impl Server {
     ) -> Result<usize, QueueError> {
         let (bytes, taken, file_seq) = self.encode_delivery(keys)?;
         let name = batch_file_name(self.epoch, file_seq, "pkt");
-        if let Err(error) = self.volume.inbox(node, port).publish(&name, &bytes) {
+        // No syncs: the queue holds the packet until it is receipted, so a delivery lost in a crash
+        // is only delivered again.
+        if let Err(error) = self.volume.inbox(node, port).publish_volatile(&name, &bytes) {
             self.report("delivering", format!("inbox of {node}:{port}: {error}"));
             self.skip_delivery(keys, now);
             return Ok(keys.len());
@@ -1213,8 +1248,9 @@ impl Server {
             self.report("forwarding receipts", error);
             return Ok(0);
         }
+        // Not synced: a receipt file that comes back after a crash is read again and changes nothing.
         for (spool, name) in &files {
-            spool.remove(name)?;
+            spool.remove_unsynced(name)?;
         }
         Ok(files.len() + fabric_frames)
     }
@@ -1264,7 +1300,8 @@ impl Server {
     ) -> Result<(), fsbridge::SpoolError> {
         for ((partition, node), ids) in forward {
             self.batch_seq += 1;
-            let header = BatchHeader { kind: BatchKind::Receipts, node, epoch: self.epoch, batch_seq: self.batch_seq };
+            let header =
+                BatchHeader { kind: BatchKind::Receipts, node, epoch: self.epoch, batch_seq: self.batch_seq, flags: 0 };
             let mut encoder = BatchEncoder::new(&header);
             for id in &ids {
                 encoder.push(&Record::Receipt(id.clone()));
@@ -1495,7 +1532,12 @@ impl Server {
 }
 
 /// Decodes an outbox batch and stamps each packet with the node it was drained from.
-fn decode_outbox_batch(bytes: &[u8], node: &NodeName, node_addr: Option<Ipv4Addr>) -> Result<Vec<Packet>, String> {
+/// Returns the packets and whether the sender wants acks.
+fn decode_outbox_batch(
+    bytes: &[u8],
+    node: &NodeName,
+    node_addr: Option<Ipv4Addr>,
+) -> Result<(Vec<Packet>, bool), String> {
     let batch = fsbridge::format::decode_batch(bytes).map_err(|error| error.to_string())?;
     if batch.header.kind != BatchKind::Packets {
         return Err(format!("an outbox holds packet batches, found a {:?} batch", batch.header.kind));
@@ -1509,7 +1551,7 @@ fn decode_outbox_batch(bytes: &[u8], node: &NodeName, node_addr: Option<Ipv4Addr
         }
         packets.push(packet);
     }
-    Ok(packets)
+    Ok((packets, batch.header.flags & fsbridge::format::FLAG_WANTS_ACKS != 0))
 }
 
 /// A receipt batch: the node its header names and the receipted ids.

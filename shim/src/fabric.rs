@@ -375,7 +375,8 @@ impl Link {
 
     /// Sends a packets batch (the flusher's).
     pub fn send_packets(&self, wire: &Wire, batch_seq: u64, packets: &[Packet]) -> bool {
-        let header = BatchHeader { kind: BatchKind::Packets, node: self.node.clone(), epoch: self.epoch, batch_seq };
+        let header =
+            BatchHeader { kind: BatchKind::Packets, node: self.node.clone(), epoch: self.epoch, batch_seq, flags: 0 };
         let mut encoder = BatchEncoder::new(&header);
         for packet in packets {
             encoder.push(&Record::Packet(packet.clone()));
@@ -392,8 +393,13 @@ impl Link {
                 state.receipts_seq += 1;
                 state.receipts_seq
             };
-            let header =
-                BatchHeader { kind: BatchKind::Receipts, node: self.node.clone(), epoch: self.epoch, batch_seq: seq };
+            let header = BatchHeader {
+                kind: BatchKind::Receipts,
+                node: self.node.clone(),
+                epoch: self.epoch,
+                batch_seq: seq,
+                flags: 0,
+            };
             let mut encoder = BatchEncoder::new(&header);
             for id in chunk {
                 encoder.push(&Record::Receipt(id.clone()));

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use fsbridge::format::{BATCH_BYTES_MAX, BatchEncoder, RECORD_OVERHEAD_BYTES};
+use fsbridge::format::{BATCH_BYTES_MAX, BatchEncoder, FLAG_WANTS_ACKS, RECORD_OVERHEAD_BYTES};
 use fsbridge::layout::batch_file_name;
 use fsbridge::{BatchHeader, BatchKind, NodeName, Packet, Record, Spool};
 use ringbuf::traits::{Consumer, Observer, Producer, Split};
@@ -97,10 +97,12 @@ pub struct Outbox {
     spool: Spool,
     node: NodeName,
     epoch: u64,
+    /// Senders wait for the server's stored acks (guaranteed mode): batches ask the server for them.
+    wants_acks: bool,
 }
 
 impl Outbox {
-    pub fn new(spool: Spool, node: NodeName, epoch: u64) -> Outbox {
+    pub fn new(spool: Spool, node: NodeName, epoch: u64, wants_acks: bool) -> Outbox {
         let (producer, consumer) = HeapRb::<Packet>::new(RING_PACKETS_MAX).split();
         Outbox {
             state: Mutex::new(State {
@@ -121,6 +123,7 @@ impl Outbox {
             spool,
             node,
             epoch,
+            wants_acks,
         }
     }
 
@@ -376,7 +379,9 @@ impl Outbox {
     }
 
     fn publish(&self, batch_seq: u64, packets: &[Packet]) -> Result<(), i32> {
-        let header = BatchHeader { kind: BatchKind::Packets, node: self.node.clone(), epoch: self.epoch, batch_seq };
+        let flags = if self.wants_acks { FLAG_WANTS_ACKS } else { 0 };
+        let header =
+            BatchHeader { kind: BatchKind::Packets, node: self.node.clone(), epoch: self.epoch, batch_seq, flags };
         let mut encoder = BatchEncoder::new(&header);
         for packet in packets {
             encoder.push(&Record::Packet(packet.clone()));
@@ -435,7 +440,7 @@ mod tests {
 
     fn outbox() -> Outbox {
         let node = NodeName::new("t").unwrap();
-        Outbox::new(Spool::new(std::env::temp_dir().join("ftss-outbox-unit-never-written")), node, 1)
+        Outbox::new(Spool::new(std::env::temp_dir().join("ftss-outbox-unit-never-written")), node, 1, true)
     }
 
     fn packet(seq: u64) -> Packet {

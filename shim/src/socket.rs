@@ -229,7 +229,8 @@ pub struct Shim {
 }
 
 fn new_outbox(volume: &Volume, config: &Config, epoch: u64) -> *mut Outbox {
-    Box::into_raw(Box::new(Outbox::new(volume.outbox(&config.node), config.node.clone(), epoch)))
+    let wants_acks = config.ack == AckMode::Guaranteed;
+    Box::into_raw(Box::new(Outbox::new(volume.outbox(&config.node), config.node.clone(), epoch, wants_acks)))
 }
 
 fn new_link(config: &Config, epoch: u64) -> *mut Link {
