@@ -218,6 +218,39 @@ pub struct Server {
     fabric_receipts: Vec<(NodeName, Vec<PacketId>)>,
 }
 
+/// Packets staged in the queue by one cycle, waiting for its sync.
+struct DrainGroup {
+    arrived: Vec<Packet>,
+    drained: Vec<Drained>,
+    from_fabric: Vec<FabricDrained>,
+    /// Per packet, in the order of [`DrainGroup::packets`]: where it was appended (`None`: a
+    /// duplicate of a stored one).
+    locations: Vec<Option<Location>>,
+    stored_unix_us: u64,
+}
+
+impl DrainGroup {
+    /// Every packet of the group: gateway arrivals, outbox files, fabric frames.
+    fn packets(&self) -> impl Iterator<Item = &Packet> {
+        self.arrived
+            .iter()
+            .chain(self.drained.iter().flat_map(|batch| &batch.packets))
+            .chain(self.from_fabric.iter().flat_map(|taken| &taken.packets))
+    }
+}
+
+/// Receipts staged in the queue by one cycle, waiting for its sync.
+struct ReceiptGroup {
+    /// Every file read, removed once its receipts are durable here or forwarded.
+    files: Vec<(fsbridge::Spool, String)>,
+    /// Packets of this partition receipted by their destination (a done record is appended).
+    done: Vec<PacketId>,
+    /// Receipts for packets other partitions hold.
+    forward: BTreeMap<(u32, NodeName), Vec<PacketId>>,
+    fabric_frames: usize,
+    at_unix_us: u64,
+}
+
 /// Packets taken from one fabric connection this cycle.
 struct FabricDrained {
     conn: Arc<Conn>,
@@ -466,17 +499,10 @@ impl Server {
         if self.fabric.is_some() {
             work += self.tend_fabric();
         }
-        match self.drain() {
-            Ok(count) => work += count,
-            Err(error) => self.report("draining", error),
-        }
+        work += self.store();
         match self.deliver() {
             Ok(count) => work += count,
             Err(error) => self.report("delivering", error),
-        }
-        match self.take_receipts() {
-            Ok(count) => work += count,
-            Err(error) => self.report("taking receipts", error),
         }
         self.dead_letter_expired();
         self.flush_acks();
@@ -492,6 +518,45 @@ impl Server {
             self.write_status(false);
         }
         work > 0
+    }
+
+    /// Drains new packets and takes receipts with one group commit for both: every record of the
+    /// cycle is appended, then one sync, and only then are packets acked and receipted ones
+    /// released. Returns how much was done.
+    fn store(&mut self) -> usize {
+        let drain = self.stage_drain().unwrap_or_else(|error| {
+            self.report("draining", error);
+            None
+        });
+        let receipts = self.stage_receipts().unwrap_or_else(|error| {
+            self.report("taking receipts", error);
+            None
+        });
+        let appended = drain.is_some() || receipts.as_ref().is_some_and(|group| !group.done.is_empty());
+        if appended {
+            if let Err(error) = self.sync_queue() {
+                self.push_back(format!("queue: {error}"));
+                if let Some(group) = drain {
+                    self.abort_drain(group);
+                }
+                return 0;
+            }
+            self.counters.syncs += 1;
+        }
+        let mut work = 0;
+        if let Some(group) = receipts {
+            match self.complete_receipts(group) {
+                Ok(count) => work += count,
+                Err(error) => self.report("taking receipts", error),
+            }
+        }
+        if let Some(group) = drain {
+            match self.complete_drain(group) {
+                Ok(count) => work += count,
+                Err(error) => self.report("draining", error),
+            }
+        }
+        work
     }
 
     fn refresh_registry(&mut self) -> Result<(), fsbridge::SpoolError> {
@@ -530,62 +595,63 @@ impl Server {
         }
     }
 
-    /// Reads outbox files, stores their packets with one sync, acks, removes the files.
-    fn drain(&mut self) -> Result<usize, fsbridge::SpoolError> {
+    /// Reads outbox files, fabric frames and gateway arrivals and appends their packets to the
+    /// queue (not synced: the cycle syncs once for everything it staged). `None` if there was none.
+    fn stage_drain(&mut self) -> Result<Option<DrainGroup>, fsbridge::SpoolError> {
         let arrivals = self.gateway.receive();
         let arrived = self.arrivals_to_packets(arrivals);
         let drained = self.read_outboxes()?;
         let from_fabric = self.read_fabric(&drained);
         if drained.is_empty() && arrived.is_empty() && from_fabric.is_empty() {
-            return Ok(0);
+            return Ok(None);
         }
-        let stored_unix_us = now_us();
-        let mut fresh = Vec::new();
-        for packet in &arrived {
-            let location = self.queue.append(&QueueRecord::Stored { stored_unix_us, packet: packet.clone() });
-            fresh.push((packet, location));
+        let mut group = DrainGroup { arrived, drained, from_fabric, locations: Vec::new(), stored_unix_us: now_us() };
+        let mut locations = Vec::new();
+        for packet in group.packets() {
+            if self.index.seen(&packet.id) {
+                // Drained before a crash that came before the outbox file was removed, or sent
+                // again over a fabric connection that broke before its ack.
+                locations.push(None);
+                continue;
+            }
+            let record = QueueRecord::Stored { stored_unix_us: group.stored_unix_us, packet: packet.clone() };
+            locations.push(Some(self.queue.append(&record)));
         }
-        let sent = drained.iter().map(|batch| &batch.packets).chain(from_fabric.iter().map(|taken| &taken.packets));
-        for packets in sent {
-            for packet in packets {
-                if self.index.seen(&packet.id) {
-                    // Drained before a crash that came before the outbox file was removed.
-                    continue;
-                }
-                let location = self.queue.append(&QueueRecord::Stored { stored_unix_us, packet: packet.clone() });
-                fresh.push((packet, location));
+        group.locations = locations;
+        Ok(Some(group))
+    }
+
+    /// The cycle's sync failed: nothing of the group is durable. No ack; the outbox files stay and
+    /// are listed again (in order) next cycle; fabric frames go back in front of their
+    /// connections' queues, in order.
+    fn abort_drain(&mut self, group: DrainGroup) {
+        self.outbox_backlog.clear();
+        for taken in group.from_fabric.into_iter().rev() {
+            taken.conn.unpop(Inbound::Packets(taken.packets));
+        }
+    }
+
+    /// The group is durable: index its packets, ack them, remove the outbox files.
+    fn complete_drain(&mut self, group: DrainGroup) -> Result<usize, fsbridge::SpoolError> {
+        let total = group.packets().count();
+        let fresh = group.locations.iter().flatten().count();
+        self.counters.drained += (total - group.arrived.len()) as u64;
+        self.counters.duplicates += (total - fresh) as u64;
+        self.counters.stored += fresh as u64;
+        let stored_unix_us = group.stored_unix_us;
+        for (packet, location) in group.packets().zip(&group.locations) {
+            if let Some(location) = location {
+                self.insert(packet, *location, stored_unix_us);
             }
         }
-        if let Err(error) = self.sync_queue() {
-            // Nothing of this group is durable: no ack, the outbox files stay and are listed again
-            // (in order) next cycle.
-            self.push_back(format!("queue: {error}"));
-            self.outbox_backlog.clear();
-            // Fabric frames go back in front of their connections' queues, in order.
-            for taken in from_fabric.into_iter().rev() {
-                taken.conn.unpop(Inbound::Packets(taken.packets));
-            }
-            return Ok(0);
-        }
-        self.counters.syncs += 1;
-        let from_fabric_total: usize = from_fabric.iter().map(|taken| taken.packets.len()).sum();
-        let total: usize = drained.iter().map(|batch| batch.packets.len()).sum::<usize>() + from_fabric_total;
-        self.counters.drained += total as u64;
-        self.counters.duplicates += (total + arrived.len() - fresh.len()) as u64;
-        self.counters.stored += fresh.len() as u64;
-        for (packet, location) in fresh {
-            self.insert(packet, location, stored_unix_us);
-        }
-        self.ack_fabric(&from_fabric);
-        self.ack_and_remove(&drained)?;
-        self.counters.drained_files += drained.len() as u64;
-        let work = drained.len() + arrived.len() + from_fabric.len();
+        self.ack_fabric(&group.from_fabric);
+        self.ack_and_remove(&group.drained)?;
+        self.counters.drained_files += group.drained.len() as u64;
+        let work = group.drained.len() + group.arrived.len() + group.from_fabric.len();
         if total >= TRIM_AFTER_PACKETS {
             // A big group leaves megabytes of freed buffers (decoded packets, the queue's write
             // buffer) that malloc keeps; give them back so the resident size is the index.
-            drop(drained);
-            drop(arrived);
-            drop(from_fabric);
+            drop(group);
             // SAFETY: malloc_trim has no preconditions.
             unsafe { libc::malloc_trim(0) };
         }
@@ -1189,10 +1255,10 @@ impl Server {
         }
     }
 
-    /// Reads receipts; a receipted packet is marked done in the queue (synced) and released. With
-    /// several partitions, receipts for packets another partition holds are forwarded to it.
-    fn take_receipts(&mut self) -> Result<usize, fsbridge::SpoolError> {
-        // Every file read, removed once its receipts are durable here or forwarded.
+    /// Reads receipts and appends a done record for each packet of this partition its destination
+    /// receipted (not synced: the cycle syncs once for everything it staged). With several
+    /// partitions, receipts for packets another partition holds are set aside for forwarding.
+    fn stage_receipts(&mut self) -> Result<Option<ReceiptGroup>, fsbridge::SpoolError> {
         let mut files: Vec<(fsbridge::Spool, String)> = Vec::new();
         // (receiving node, packet id).
         let mut received: Vec<(NodeName, PacketId)> = Vec::new();
@@ -1213,7 +1279,7 @@ impl Server {
             received.extend(ids.into_iter().map(|id| (node.clone(), id)));
         }
         if files.is_empty() && fabric_frames == 0 {
-            return Ok(0);
+            return Ok(None);
         }
         let mut done = Vec::new();
         let mut forward: BTreeMap<(u32, NodeName), Vec<PacketId>> = BTreeMap::new();
@@ -1233,26 +1299,28 @@ impl Server {
                 QueueRecord::Done { id: id.clone(), outcome: Outcome::Receipted, at_unix_us, reason: String::new() };
             self.queue.append(&record);
         }
-        if let Err(error) = self.sync_queue() {
-            // The receipt files stay; the packets stay queued. Retried next cycle.
-            self.push_back(format!("queue: {error}"));
-            return Ok(0);
-        }
-        for id in &done {
-            self.finish(id, Outcome::Receipted, at_unix_us, None);
+        Ok(Some(ReceiptGroup { files, done, forward, fabric_frames, at_unix_us }))
+    }
+
+    /// The receipts are durable: release their packets, ack, forward the others' and remove the
+    /// files. (If the cycle's sync failed this is not called: the files stay and are read again;
+    /// fabric receipts are lost, which means a redelivery the receiving shim drops.)
+    fn complete_receipts(&mut self, group: ReceiptGroup) -> Result<usize, fsbridge::SpoolError> {
+        for id in &group.done {
+            self.finish(id, Outcome::Receipted, group.at_unix_us, None);
             self.counters.receipted += 1;
             self.ack_later(id, AckState::Receipted, String::new());
         }
-        if let Err(error) = self.forward_receipts(forward) {
+        if let Err(error) = self.forward_receipts(group.forward) {
             // The files stay and are read again: receipts taken twice change nothing.
             self.report("forwarding receipts", error);
             return Ok(0);
         }
         // Not synced: a receipt file that comes back after a crash is read again and changes nothing.
-        for (spool, name) in &files {
+        for (spool, name) in &group.files {
             spool.remove_unsynced(name)?;
         }
-        Ok(files.len() + fabric_frames)
+        Ok(group.files.len() + group.fabric_frames)
     }
 
     /// Reads one receipt spool: a node's own (`node` is who receipted) or a partition's forwarded
