@@ -11,6 +11,11 @@
 //!   nodes/<node>/ack/{tmp,new}/       acks: the state of the node's packets; written by ftss-server
 //!   quarantine/<file> + <file>.reason files that could not be read, moved aside with a reason
 //!   server/status.json                ftss-server's counters, rewritten every second
+//!   server/fabric-keys/<node>.key     fabric nodes' keys (`fabric`)
+//!   server/lease, server/lease-p<K>   high availability: the active server (of partition K)
+//!   server/instances/<instance>       scale-out: instance heartbeats
+//!   server/status-p<K>.json           scale-out: partition K's counters
+//!   server/receipts-p<K>/{tmp,new}/   scale-out: receipts forwarded to partition K's server
 //! ```
 //!
 //! Every spool directory has a `tmp/` and a `new/`. A writer creates a uniquely named file in `tmp/`,
