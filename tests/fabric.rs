@@ -372,3 +372,26 @@ fn hostile_frame_streams_never_crash_the_server() {
     expect_exactly(&received, &sent, Duration::from_secs(30));
     listener.kill();
 }
+
+#[test]
+fn a_peer_that_dribbles_its_hello_is_cut_off_at_the_handshake_deadline() {
+    let mut fabric = Fabric::new("fabric-slow");
+    let endpoint = unix_endpoint(&fabric);
+    fabric.start_server_with(&["--fabric-listen", &endpoint]);
+    let mut stream = UnixStream::connect(fabric.dir.0.join("fabric.sock")).unwrap();
+    let started = std::time::Instant::now();
+    let Ok(Frame::Challenge { .. }) = fabric::read_frame(&mut stream) else { panic!("no challenge") };
+    // A plausible length prefix, then one byte a second: every read is quick, the whole is not.
+    let mut cut_off = false;
+    for byte in [100u8, 0, 0, 0].into_iter().chain(std::iter::repeat(2)).take(30) {
+        if stream.write_all(&[byte]).is_err() {
+            cut_off = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let elapsed = started.elapsed();
+    assert!(cut_off, "the server kept a dribbling handshake open for {elapsed:?}");
+    assert!(elapsed < Duration::from_secs(20), "cut off only after {elapsed:?}");
+    assert!(fabric.server_log().contains("handshake took too long"), "{}", fabric.server_log());
+}

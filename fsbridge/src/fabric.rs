@@ -104,7 +104,7 @@ pub enum FrameError {
     #[error("{0}")]
     Io(#[from] io::Error),
     /// The length prefix is zero or over the limit.
-    #[error("frame length {0} is outside 1..={max}", max = FRAME_BODY_BYTES_MAX + 1)]
+    #[error("frame length {0} is zero or over the limit")]
     Length(u32),
     #[error("frame checksum mismatch")]
     Checksum,
@@ -273,6 +273,12 @@ fn truncate_utf8(text: &str, bytes_max: usize) -> &str {
 
 /// Reads one frame. The length is checked before the body is allocated.
 pub fn read_frame(reader: &mut impl Read) -> Result<Frame, FrameError> {
+    read_frame_limited(reader, FRAME_BODY_BYTES_MAX)
+}
+
+/// Reads one frame whose body may be at most `body_bytes_max` (a server reading a handshake allows
+/// far less than a batch).
+pub fn read_frame_limited(reader: &mut impl Read, body_bytes_max: usize) -> Result<Frame, FrameError> {
     let mut prefix = [0u8; 4];
     match reader.read(&mut prefix[..1]) {
         Ok(0) => return Err(FrameError::Closed),
@@ -281,7 +287,7 @@ pub fn read_frame(reader: &mut impl Read) -> Result<Frame, FrameError> {
     }
     reader.read_exact(&mut prefix[1..])?;
     let length = u32::from_le_bytes(prefix);
-    if length == 0 || length as usize > FRAME_BODY_BYTES_MAX + 1 {
+    if length == 0 || length as usize > body_bytes_max.min(FRAME_BODY_BYTES_MAX) + 1 {
         return Err(FrameError::Length(length));
     }
     let mut bytes = vec![0u8; length as usize + 4];
@@ -342,11 +348,20 @@ pub fn verify_server(key: &[u8], server_nonce: &Nonce, client_nonce: &Nonce, pro
     server_mac(key, server_nonce, client_nonce).verify_slice(proof).is_ok()
 }
 
-/// A fresh random nonce.
+/// A fresh random nonce from the kernel. Panics if the kernel has no randomness to give: a
+/// predictable challenge would let a fake server collect proofs to replay, so there is no fallback
+/// (the caller's connection fails; the server and the shim catch panics per connection thread).
 pub fn nonce() -> Nonce {
     let mut nonce = [0u8; NONCE_BYTES];
-    for chunk in nonce.chunks_mut(8) {
-        chunk.copy_from_slice(&crate::random_u64().to_le_bytes());
+    let mut filled = 0;
+    while filled < NONCE_BYTES {
+        // SAFETY: the buffer is valid for the remaining bytes.
+        let got = unsafe { libc::getrandom(nonce[filled..].as_mut_ptr().cast(), NONCE_BYTES - filled, 0) };
+        match got {
+            got if got > 0 => filled += got as usize,
+            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
+            _ => panic!("getrandom failed: {}", io::Error::last_os_error()),
+        }
     }
     nonce
 }

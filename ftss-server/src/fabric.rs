@@ -14,9 +14,9 @@ use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fsbridge::fabric::{self, Endpoint, FABRIC_VERSION, Frame, FrameError};
 use fsbridge::format::decode_batch;
@@ -25,8 +25,23 @@ use serde::Serialize;
 
 /// Most connections at once; more are refused (each costs two threads).
 pub const CONNECTIONS_MAX: usize = 1024;
-/// Decoded frames' bytes waiting for the main loop, per connection; the reader stops beyond it.
+/// Connections of one node at once (each process of a node has its own).
+pub const CONNECTIONS_PER_NODE_MAX: usize = 256;
+/// Decoded packets' bytes waiting for the main loop, per connection; the reader stops beyond it.
 const INBOUND_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// The same over all connections together.
+const INBOUND_TOTAL_BYTES_MAX: usize = 256 * 1024 * 1024;
+/// Receipts waiting for the main loop, per connection; more are dropped (the server delivers those
+/// packets again and the node receipts them again).
+const RECEIPTS_WAITING_MAX: usize = 1 << 18;
+/// Largest frame accepted before the node is authenticated (a hello is about 110 bytes).
+const HANDSHAKE_FRAME_BYTES_MAX: usize = 1024;
+/// How often a reader held back by the all-connections bound looks again.
+const INBOUND_RECHECK: Duration = Duration::from_millis(50);
+/// TCP keepalive: a peer that vanished (power loss) is noticed after about idle + interval × count.
+const KEEPALIVE_IDLE_SECONDS: libc::c_int = 10;
+const KEEPALIVE_INTERVAL_SECONDS: libc::c_int = 5;
+const KEEPALIVE_PROBES: libc::c_int = 3;
 /// Encoded frames waiting for the writer, per connection, beyond which no deliveries are queued.
 pub const OUTBOUND_DELIVERY_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// Hard bound of a connection's outbound queue: a peer that does not read is disconnected.
@@ -60,10 +75,10 @@ pub struct ConnectionStatus {
     pub ports: Vec<u16>,
 }
 
-/// What the reader decoded, for the main loop.
+/// What the reader decoded, for the main loop: one frame's packets. (Receipts and port lists are
+/// kept apart, so that they never wait behind packets held back by a full destination.)
 pub enum Inbound {
     Packets(Vec<Packet>),
-    Receipts(Vec<PacketId>),
 }
 
 /// Whether the main loop let an authenticated node in.
@@ -84,6 +99,8 @@ struct ConnState {
     ports_announced: Option<Vec<u16>>,
     /// The ports the main loop routes to this connection.
     ports: Vec<u16>,
+    /// Receipts read and not yet taken by the main loop.
+    receipts: Vec<PacketId>,
     closed: Option<String>,
 }
 
@@ -102,6 +119,8 @@ pub struct Conn {
 
 struct Shared {
     conns: Mutex<BTreeMap<u64, Arc<Conn>>>,
+    /// Bytes waiting in all connections' inbound queues.
+    inbound_total: AtomicUsize,
     /// Connections not yet authenticated or admitted, counted against [`CONNECTIONS_MAX`].
     connecting: AtomicU64,
     next_id: AtomicU64,
@@ -194,6 +213,7 @@ impl Hub {
         }
         let shared = Arc::new(Shared {
             conns: Mutex::new(BTreeMap::new()),
+            inbound_total: AtomicUsize::new(0),
             connecting: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             // SAFETY: wake is a new fd we own.
@@ -243,7 +263,7 @@ impl Hub {
         conns.retain(|_, conn| {
             let state = lock(&conn.state);
             match &state.closed {
-                Some(reason) if state.inbound.is_empty() => {
+                Some(reason) if state.inbound.is_empty() && state.receipts.is_empty() => {
                     gone.push((conn.clone(), reason.clone()));
                     false
                 }
@@ -300,6 +320,7 @@ impl Conn {
         let mut state = lock(&self.state);
         let (item, bytes) = state.inbound.pop_front()?;
         state.inbound_bytes -= bytes;
+        self.shared.inbound_total.fetch_sub(bytes, Ordering::AcqRel);
         drop(state);
         self.changed.notify_all();
         Some(item)
@@ -310,7 +331,13 @@ impl Conn {
         let bytes = inbound_bytes(&item);
         let mut state = lock(&self.state);
         state.inbound_bytes += bytes;
+        self.shared.inbound_total.fetch_add(bytes, Ordering::AcqRel);
         state.inbound.push_front((item, bytes));
+    }
+
+    /// The receipts read since the last call.
+    pub fn take_receipts(&self) -> Vec<PacketId> {
+        std::mem::take(&mut lock(&self.state).receipts)
     }
 
     /// A port list the node announced since the last call.
@@ -365,10 +392,13 @@ impl Conn {
     }
 }
 
+/// What a decoded frame costs in memory: the payload and, per packet, the struct with its origin
+/// name (a heap string).
 fn inbound_bytes(item: &Inbound) -> usize {
     match item {
-        Inbound::Packets(packets) => packets.iter().map(|packet| packet.payload.len() + 64).sum(),
-        Inbound::Receipts(ids) => ids.len() * 48,
+        Inbound::Packets(packets) => {
+            packets.iter().map(|packet| packet.payload.len() + 128 + packet.id.origin.as_str().len()).sum()
+        }
     }
 }
 
@@ -403,6 +433,7 @@ fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             Listener::Unix(listener) => listener.accept().map(|(stream, _)| (Stream::Unix(stream), "unix".to_owned())),
             Listener::Tcp(listener) => listener.accept().map(|(stream, peer)| {
                 let _ = stream.set_nodelay(true);
+                set_keepalive(stream.as_raw_fd());
                 (Stream::Tcp(stream), peer.to_string())
             }),
         };
@@ -437,6 +468,47 @@ fn accept_loop(listener: Listener, shared: Arc<Shared>) {
     }
 }
 
+/// Turns on TCP keepalive with short timers, so that a connection whose node lost power is closed
+/// (and its threads and slot freed) within about half a minute.
+fn set_keepalive(fd: RawFd) {
+    let options = [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_SECONDS),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, KEEPALIVE_INTERVAL_SECONDS),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES),
+    ];
+    for (level, name, value) in options {
+        // SAFETY: one int option on a socket we own.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    }
+}
+
+/// Reads from a stream with one deadline for everything read (a peer that sends a byte now and then
+/// cannot hold a handshake open).
+struct DeadlineReader<'a> {
+    stream: &'a mut Stream,
+    deadline: Instant,
+}
+
+impl Read for DeadlineReader<'_> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake took too long"));
+        }
+        self.stream.set_timeouts(Some(left), Some(HANDSHAKE_TIMEOUT));
+        self.stream.read(buffer)
+    }
+}
+
 /// Tells the peer why and closes. Bad input never gets more than a log line and a refusal.
 fn refuse(mut stream: Stream, shared: &Shared, peer: &str, reason: String) {
     eprintln!("ftss-server: fabric: refused {peer}: {reason}");
@@ -453,7 +525,11 @@ fn handshake(mut stream: Stream, shared: &Arc<Shared>, peer: &str) -> Option<Arc
     if fabric::write_frame(&mut stream, &Frame::Challenge { version: FABRIC_VERSION, nonce: server_nonce }).is_err() {
         return None;
     }
-    let hello = match fabric::read_frame(&mut stream) {
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let hello = match fabric::read_frame_limited(
+        &mut DeadlineReader { stream: &mut stream, deadline },
+        HANDSHAKE_FRAME_BYTES_MAX,
+    ) {
         Ok(Frame::Hello(hello)) => hello,
         Ok(other) => {
             shared.count(|counters| counters.bad_frames += 1);
@@ -488,6 +564,11 @@ fn handshake(mut stream: Stream, shared: &Arc<Shared>, peer: &str) -> Option<Arc
         refuse(stream, shared, &who, "authentication failed: wrong key for this node".into());
         return None;
     }
+    let connected = lock(&shared.conns).values().filter(|conn| conn.node == hello.node).count();
+    if connected >= CONNECTIONS_PER_NODE_MAX {
+        refuse(stream, shared, &who, format!("node {} has {CONNECTIONS_PER_NODE_MAX} connections", hello.node));
+        return None;
+    }
     let write_stream = stream.try_clone().ok()?;
     let conn = Arc::new(Conn {
         id: shared.next_id.fetch_add(1, Ordering::Relaxed),
@@ -503,6 +584,7 @@ fn handshake(mut stream: Stream, shared: &Arc<Shared>, peer: &str) -> Option<Arc
             outbound_bytes: 0,
             ports_announced: None,
             ports: Vec::new(),
+            receipts: Vec::new(),
             closed: None,
         }),
         changed: Condvar::new(),
@@ -587,10 +669,18 @@ fn read_loop(conn: &Arc<Conn>) {
                 Ok(packets) => Inbound::Packets(packets),
                 Err(reason) => return bad_frame(conn, reason),
             },
-            Frame::Receipts(bytes) => match decode_receipts(&bytes) {
-                Ok(ids) => Inbound::Receipts(ids),
-                Err(reason) => return bad_frame(conn, reason),
-            },
+            Frame::Receipts(bytes) => {
+                let ids = match decode_receipts(&bytes) {
+                    Ok(ids) => ids,
+                    Err(reason) => return bad_frame(conn, reason),
+                };
+                let mut state = lock(&conn.state);
+                let room = RECEIPTS_WAITING_MAX.saturating_sub(state.receipts.len());
+                state.receipts.extend(ids.into_iter().take(room));
+                drop(state);
+                conn.shared.wake();
+                continue;
+            }
             Frame::Ports(ports) => {
                 lock(&conn.state).ports_announced = Some(ports);
                 conn.shared.wake();
@@ -599,14 +689,24 @@ fn read_loop(conn: &Arc<Conn>) {
             other => return bad_frame(conn, format!("a node may not send a {} frame now", frame_name(&other))),
         };
         let bytes = inbound_bytes(&item);
+        let total = &conn.shared.inbound_total;
         let mut state = lock(&conn.state);
-        while state.inbound_bytes > 0 && state.inbound_bytes + bytes > INBOUND_BYTES_MAX && state.closed.is_none() {
-            state = conn.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        loop {
+            let own_full = state.inbound_bytes > 0 && state.inbound_bytes + bytes > INBOUND_BYTES_MAX;
+            let all = total.load(Ordering::Acquire);
+            let all_full = all > 0 && all + bytes > INBOUND_TOTAL_BYTES_MAX;
+            if state.closed.is_some() || !(own_full || all_full) {
+                break;
+            }
+            // Another connection's queue draining does not signal this one: look again soon.
+            state =
+                conn.changed.wait_timeout(state, INBOUND_RECHECK).unwrap_or_else(|poisoned| poisoned.into_inner()).0;
         }
         if state.closed.is_some() {
             return;
         }
         state.inbound_bytes += bytes;
+        total.fetch_add(bytes, Ordering::AcqRel);
         state.inbound.push_back((item, bytes));
         drop(state);
         conn.shared.wake();

@@ -216,6 +216,8 @@ pub struct Server {
     ack_epoch_order: VecDeque<(NodeName, u64)>,
     /// Receipts that came over fabric connections this cycle: (receiving node, ids).
     fabric_receipts: Vec<(NodeName, Vec<PacketId>)>,
+    /// Which fabric connection is drained first this cycle (turns rotate).
+    fabric_turn: usize,
 }
 
 /// Packets staged in the queue by one cycle, waiting for its sync.
@@ -320,6 +322,7 @@ impl Server {
             gateway_seq: 0,
             fabric,
             fabric_receipts: Vec::new(),
+            fabric_turn: 0,
             ack_epochs: HashSet::new(),
             ack_epoch_order: VecDeque::new(),
         };
@@ -660,8 +663,8 @@ impl Server {
 
     /// Takes packet frames from the fabric connections within what is left of this cycle's bounds
     /// after `drained`; a frame for a destination over its byte limit stays first in its
-    /// connection's line (and the connection's reader stops when its queue is full). Receipt frames
-    /// met on the way are kept for `take_receipts`.
+    /// connection's line (and the connection's reader stops when its queue is full). Receipts are
+    /// queued apart and taken by `stage_receipts`, so they never wait behind such a frame.
     fn read_fabric(&mut self, drained: &[Drained]) -> Vec<FabricDrained> {
         let Some(hub) = &self.fabric else { return Vec::new() };
         let mut packets_total: usize = drained.iter().map(|batch| batch.packets.len()).sum();
@@ -673,16 +676,15 @@ impl Server {
         }
         let mut taken = Vec::new();
         let mut full_reasons = Vec::new();
-        for conn in hub.connections() {
+        // A different connection goes first each cycle, so that none starves the others.
+        let mut connections = hub.connections();
+        if !connections.is_empty() {
+            self.fabric_turn = (self.fabric_turn + 1) % connections.len();
+            connections.rotate_left(self.fabric_turn);
+        }
+        for conn in connections {
             while packets_total < DRAIN_PACKETS_PER_CYCLE_MAX && bytes_total < DRAIN_BYTES_PER_CYCLE_MAX {
-                let Some(item) = conn.pop() else { break };
-                let packets = match item {
-                    Inbound::Receipts(ids) => {
-                        self.fabric_receipts.push((conn.node.clone(), ids));
-                        continue;
-                    }
-                    Inbound::Packets(packets) => packets,
-                };
+                let Some(Inbound::Packets(packets)) = conn.pop() else { break };
                 let full = packets.iter().find(|packet| {
                     let ip = packet.destination.ip();
                     self.index.queued_bytes(ip) + accepted.get(ip).copied().unwrap_or(0)
@@ -1102,6 +1104,7 @@ impl Server {
         let mut due: BTreeMap<(NodeName, u16), Vec<(Key, Entry)>> = BTreeMap::new();
         let mut count = 0;
         let mut still_in_inbox: HashMap<(NodeName, u16, u64), bool> = HashMap::new();
+        let mut over_fabric: HashMap<(NodeName, u16), bool> = HashMap::new();
         for key in self.index.due_again(now, self.config.redeliver_after, DELIVER_PACKETS_PER_CYCLE_MAX) {
             let (entry, file) = self.index.in_flight(key).expect("due packets are in flight");
             let port = entry.destination.port();
@@ -1109,11 +1112,15 @@ impl Server {
                 self.index.postpone(key, now);
                 continue;
             };
-            // Not picked up yet (no receiver bound): another copy would only pile up.
-            let waiting = *still_in_inbox.entry((node.clone(), port, file)).or_insert_with(|| {
-                let name = batch_file_name(self.epoch, file, "pkt");
-                self.volume.inbox(&node, port).new_dir().join(name).exists()
-            });
+            // Not picked up yet (no receiver bound): another copy would only pile up. Unless a fabric
+            // process has the port now: it never reads inbox files, so the packet goes to it.
+            let routed =
+                *over_fabric.entry((node.clone(), port)).or_insert_with(|| self.fabric_route(&node, port).is_some());
+            let waiting = !routed
+                && *still_in_inbox.entry((node.clone(), port, file)).or_insert_with(|| {
+                    let name = batch_file_name(self.epoch, file, "pkt");
+                    self.volume.inbox(&node, port).new_dir().join(name).exists()
+                });
             if waiting {
                 self.index.postpone(key, now);
                 continue;
@@ -1121,9 +1128,15 @@ impl Server {
             due.entry((node, port)).or_default().push((key, entry));
             count += 1;
         }
+        // An error stops delivering this cycle; packets already taken off the redelivery schedule
+        // are put back on it, never dropped from it.
+        let mut failure = None;
         for destination in self.index.destinations() {
             if self.is_external(&destination) {
-                count += self.send_external(&destination)?;
+                match self.send_external(&destination) {
+                    Ok(sent) => count += sent,
+                    Err(error) => failure = Some(error),
+                }
                 continue;
             }
             // Unknown destinations stay queued: the receiver may register later.
@@ -1135,16 +1148,31 @@ impl Server {
             }
         }
         for ((node, port), keys) in due {
+            if failure.is_some() {
+                self.skip_delivery(&keys, now);
+                continue;
+            }
             let route = self.fabric_route(&node, port);
             let mut start = 0;
             while start < keys.len() {
-                start += match &route {
-                    Some(conn) => self.deliver_over(conn, &keys[start..], now)?,
-                    None => self.deliver_file(&node, port, &keys[start..], now)?,
+                let delivered = match &route {
+                    Some(conn) => self.deliver_over(conn, &keys[start..], now),
+                    None => self.deliver_file(&node, port, &keys[start..], now),
                 };
+                match delivered {
+                    Ok(taken) => start += taken,
+                    Err(error) => {
+                        self.skip_delivery(&keys[start..], now);
+                        failure = Some(error);
+                        break;
+                    }
+                }
             }
         }
-        Ok(count)
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(count),
+        }
     }
 
     /// Sends queued packets for an external address through the gateway (best effort) and marks
@@ -1270,6 +1298,14 @@ impl Server {
         if self.config.partition.count > 1 {
             let spool = self.volume.forwarded_receipts(self.config.partition.index);
             self.read_receipt_spool(&spool, None, &mut files, &mut received)?;
+        }
+        if let Some(hub) = &self.fabric {
+            for conn in hub.connections() {
+                let ids = conn.take_receipts();
+                if !ids.is_empty() {
+                    self.fabric_receipts.push((conn.node.clone(), ids));
+                }
+            }
         }
         let fabric_frames = self.fabric_receipts.len();
         for (node, ids) in std::mem::take(&mut self.fabric_receipts) {

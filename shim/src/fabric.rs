@@ -29,6 +29,8 @@ use crate::socket::{errno, lock};
 
 /// Time the server has to answer each step of the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a frame write may block.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// First and longest pause between connection attempts.
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -81,7 +83,11 @@ impl Wire {
                 let raw = Raw::new(target, family);
                 let wire = Wire::connect_raw(domain, raw.as_ptr(), raw.len())?;
                 wire.set_int_option(libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+                // A server host that vanished is noticed in about half a minute, not two hours.
                 wire.set_int_option(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+                wire.set_int_option(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 10);
+                wire.set_int_option(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5);
+                wire.set_int_option(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
                 Ok(wire)
             }
         }
@@ -119,6 +125,10 @@ impl Wire {
     }
 
     fn set_read_timeout(&self, timeout: Option<Duration>) {
+        self.set_timeout(libc::SO_RCVTIMEO, timeout);
+    }
+
+    fn set_timeout(&self, option: c_int, timeout: Option<Duration>) {
         let timeout = timeout.unwrap_or_default();
         let value =
             libc::timeval { tv_sec: timeout.as_secs() as libc::time_t, tv_usec: timeout.subsec_micros().into() };
@@ -127,7 +137,7 @@ impl Wire {
             (real().setsockopt)(
                 self.fd,
                 libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
+                option,
                 (&value as *const libc::timeval).cast(),
                 std::mem::size_of::<libc::timeval>() as libc::socklen_t,
             )
@@ -255,6 +265,9 @@ impl Link {
     fn handshake(&self) -> Result<Wire, String> {
         let wire = Wire::connect(&self.endpoint).map_err(|error| error.to_string())?;
         wire.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+        // A server that stops reading fails a write (and the connection) instead of blocking the
+        // flusher, the receive thread and the app's exit forever.
+        wire.set_timeout(libc::SO_SNDTIMEO, Some(WRITE_TIMEOUT));
         let server_nonce = match fabric::read_frame(&mut &wire) {
             Ok(Frame::Challenge { version: FABRIC_VERSION, nonce }) => nonce,
             Ok(Frame::Challenge { version, .. }) => return Err(format!("the server speaks protocol {version}")),
