@@ -226,8 +226,9 @@ fn wrong_keys_and_claimed_addresses_are_refused() {
     );
 }
 
-/// A session authenticated with `node`'s real key over the server's unix socket.
-fn authenticated(fabric: &Fabric, path: &std::path::Path, node: &str, addr: &str) -> UnixStream {
+/// A session authenticated with `node`'s real key over the server's unix socket, and the sealer
+/// for the frames it sends.
+fn authenticated(fabric: &Fabric, path: &std::path::Path, node: &str, addr: &str) -> (UnixStream, fabric::FrameSealer) {
     let key = fabric::read_key_file(&fabric.key_path(node)).unwrap();
     let mut stream = UnixStream::connect(path).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -241,9 +242,10 @@ fn authenticated(fabric: &Fabric, path: &std::path::Path, node: &str, addr: &str
         proof: [0; fabric::PROOF_BYTES],
     };
     hello.proof = fabric::client_proof(&key, &nonce, &hello);
-    fabric::write_frame(&mut stream, &Frame::Hello(hello)).unwrap();
+    fabric::write_frame(&mut stream, &Frame::Hello(hello.clone())).unwrap();
     assert!(matches!(fabric::read_frame(&mut stream), Ok(Frame::Welcome { .. })), "not welcomed");
-    stream
+    let (sealer, _) = fabric::session(&key, &nonce, &hello.nonce, fabric::Role::Node);
+    (stream, sealer)
 }
 
 /// A small xorshift generator: the fuzz cases are reproducible from the seed in a failure message.
@@ -319,12 +321,16 @@ fn hostile_stream(fabric: &Fabric, path: &std::path::Path, rng: &mut Rng, case: 
         let _ = stream.read_to_end(&mut rest);
         return;
     }
-    let mut stream = authenticated(fabric, path, "fuzz", "10.77.0.9");
+    let (mut stream, mut sealer) = authenticated(fabric, path, "fuzz", "10.77.0.9");
     let mut frame = match case % 6 {
         3 => valid_packets_frame("fuzz", case as u64),
         4 => Frame::Ports((0..rng.below(50)).map(|_| rng.next() as u16).collect()).encode(),
         _ => Frame::Challenge { version: 1, nonce: [0; 32] }.encode(),
     };
+    // Sealed as a real node would, then (mostly) damaged: a frame that loses its MAC or its
+    // integrity is refused, an intact one is taken (packets) or refused for its type.
+    let tag = sealer.seal(&frame);
+    frame.extend_from_slice(&tag);
     let mutations = rng.below(4);
     for _ in 0..mutations {
         let index = rng.below(frame.len());

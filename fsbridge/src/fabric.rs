@@ -12,7 +12,9 @@
 //!    HMAC-SHA256 under the node's key of both nonces and everything it claims);
 //! 3. server → `Welcome` (its own HMAC over both nonces: the node knows it reached a server holding
 //!    its key) or `Refused` (reason) and the connection closes;
-//! 4. then either side, in any order: node → `Packets` (a batch of kind packets, exactly the bytes
+//! 4. from then on every frame is followed by a 16-byte MAC ([`FrameSealer`]) under a session key
+//!    derived from the node's key and both nonces, over the frame, its direction and its number;
+//!    either side, in any order: node → `Packets` (a batch of kind packets, exactly the bytes
 //!    an outbox file would hold), `Receipts`, `Ports` (the UDP ports bound in the process, so the
 //!    server knows where to deliver); server → `Acks` and `Packets` (deliveries).
 //!
@@ -108,6 +110,9 @@ pub enum FrameError {
     Length(u32),
     #[error("frame checksum mismatch")]
     Checksum,
+    /// A frame after the handshake does not carry the session's MAC for its place in the stream.
+    #[error("frame authentication failed (forged, altered, replayed or out of order)")]
+    Mac,
     #[error("unknown frame type {0}")]
     UnknownType(u8),
     /// The body does not parse as its type says.
@@ -279,6 +284,18 @@ pub fn read_frame(reader: &mut impl Read) -> Result<Frame, FrameError> {
 /// Reads one frame whose body may be at most `body_bytes_max` (a server reading a handshake allows
 /// far less than a batch).
 pub fn read_frame_limited(reader: &mut impl Read, body_bytes_max: usize) -> Result<Frame, FrameError> {
+    let bytes = read_frame_bytes(reader, body_bytes_max)?;
+    decode_frame_bytes(&bytes)
+}
+
+/// Decodes a frame read by [`read_frame_bytes`] (length and CRC already checked).
+fn decode_frame_bytes(bytes: &[u8]) -> Result<Frame, FrameError> {
+    Frame::decode(bytes[4], &bytes[5..bytes.len() - 4])
+}
+
+/// Reads one frame's bytes as they were on the wire (length prefix, type, body, CRC), checking the
+/// length before allocating and the CRC.
+fn read_frame_bytes(reader: &mut impl Read, body_bytes_max: usize) -> Result<Vec<u8>, FrameError> {
     let mut prefix = [0u8; 4];
     match reader.read(&mut prefix[..1]) {
         Ok(0) => return Err(FrameError::Closed),
@@ -290,13 +307,89 @@ pub fn read_frame_limited(reader: &mut impl Read, body_bytes_max: usize) -> Resu
     if length == 0 || length as usize > body_bytes_max.min(FRAME_BODY_BYTES_MAX) + 1 {
         return Err(FrameError::Length(length));
     }
-    let mut bytes = vec![0u8; length as usize + 4];
-    reader.read_exact(&mut bytes)?;
-    let (content, crc) = bytes.split_at(length as usize);
+    let mut bytes = vec![0u8; 4 + length as usize + 4];
+    bytes[..4].copy_from_slice(&prefix);
+    reader.read_exact(&mut bytes[4..])?;
+    let (content, crc) = bytes[4..].split_at(length as usize);
     if crc32c::crc32c(content) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
         return Err(FrameError::Checksum);
     }
-    Frame::decode(content[0], &content[1..])
+    Ok(bytes)
+}
+
+/// Bytes of the MAC that follows every frame once the handshake is over.
+pub const FRAME_MAC_BYTES: usize = 16;
+const SESSION_LABEL: &[u8] = b"ftss-fabric-v1 session\0";
+
+/// Which end of a session wrote a frame (each direction has its own MAC input).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Node = 1,
+    Server = 2,
+}
+
+/// The session key both ends derive after the handshake from the node's key and both nonces.
+fn session_key(node_key: &[u8], server_nonce: &Nonce, node_nonce: &Nonce) -> [u8; 32] {
+    let mut mac = keyed(node_key);
+    mac.update(SESSION_LABEL);
+    mac.update(server_nonce);
+    mac.update(node_nonce);
+    mac.finalize().into_bytes().into()
+}
+
+fn frame_mac(key: &[u8; 32], writer: Role, number: u64, bytes: &[u8]) -> Hmac<Sha256> {
+    let mut mac = keyed(key);
+    mac.update(&[writer as u8]);
+    mac.update(&number.to_le_bytes());
+    mac.update(bytes);
+    mac
+}
+
+/// Seals the frames one end writes: each is followed by a MAC over its bytes, the writer's role
+/// and its number in this direction, so that frames cannot be forged, altered, replayed, reordered
+/// or reflected by anyone without the node's key (TCP on a shared network). Not encryption.
+pub struct FrameSealer {
+    key: [u8; 32],
+    role: Role,
+    next: u64,
+}
+
+/// Opens the frames the other end writes (see [`FrameSealer`]).
+pub struct FrameOpener {
+    key: [u8; 32],
+    peer: Role,
+    next: u64,
+}
+
+/// The two halves of one end's session: what it writes and what it reads.
+pub fn session(node_key: &[u8], server_nonce: &Nonce, node_nonce: &Nonce, role: Role) -> (FrameSealer, FrameOpener) {
+    let key = session_key(node_key, server_nonce, node_nonce);
+    let peer = if role == Role::Node { Role::Server } else { Role::Node };
+    (FrameSealer { key, role, next: 0 }, FrameOpener { key, peer, next: 0 })
+}
+
+impl FrameSealer {
+    /// The MAC to write right after `frame_bytes` (an encoded frame); frames must be written in
+    /// the order they are sealed.
+    pub fn seal(&mut self, frame_bytes: &[u8]) -> [u8; FRAME_MAC_BYTES] {
+        let tag = frame_mac(&self.key, self.role, self.next, frame_bytes).finalize().into_bytes();
+        self.next += 1;
+        tag[..FRAME_MAC_BYTES].try_into().expect("a SHA-256 tag is longer")
+    }
+}
+
+impl FrameOpener {
+    /// Reads the next sealed frame and checks its MAC (in constant time).
+    pub fn read(&mut self, reader: &mut impl Read, body_bytes_max: usize) -> Result<Frame, FrameError> {
+        let bytes = read_frame_bytes(reader, body_bytes_max)?;
+        let mut tag = [0u8; FRAME_MAC_BYTES];
+        reader.read_exact(&mut tag)?;
+        if frame_mac(&self.key, self.peer, self.next, &bytes).verify_truncated_left(&tag).is_err() {
+            return Err(FrameError::Mac);
+        }
+        self.next += 1;
+        decode_frame_bytes(&bytes)
+    }
 }
 
 /// Writes one frame.
@@ -494,6 +587,43 @@ mod tests {
         let proof = server_proof(&key, &server_nonce, &claim.nonce);
         assert!(verify_server(&key, &server_nonce, &claim.nonce, &proof));
         assert!(!verify_server(&[1; 32], &server_nonce, &claim.nonce, &proof));
+    }
+
+    #[test]
+    fn sealed_frames_open_once_in_order_and_only_in_their_direction() {
+        let key = parse_key(&generate_key_text()).unwrap();
+        let (server_nonce, node_nonce) = (nonce(), nonce());
+        let (mut node_sealer, _) = session(&key, &server_nonce, &node_nonce, Role::Node);
+        let (_, mut server_opener) = session(&key, &server_nonce, &node_nonce, Role::Server);
+        let seal = |sealer: &mut FrameSealer, frame: &Frame| {
+            let mut bytes = frame.encode();
+            let tag = sealer.seal(&bytes);
+            bytes.extend_from_slice(&tag);
+            bytes
+        };
+        let first = seal(&mut node_sealer, &Frame::Ports(vec![1]));
+        let second = seal(&mut node_sealer, &Frame::Ports(vec![2]));
+        // Out of order: the second frame in the first place.
+        let (_, mut opener) = session(&key, &server_nonce, &node_nonce, Role::Server);
+        assert!(matches!(opener.read(&mut &second[..], 64), Err(FrameError::Mac)));
+        assert_eq!(server_opener.read(&mut &first[..], 64).unwrap(), Frame::Ports(vec![1]));
+        // Replayed.
+        assert!(matches!(server_opener.read(&mut &first[..], 64), Err(FrameError::Mac)));
+        // Altered (the CRC fixed up, as a forger would).
+        let (mut sealer, _) = session(&key, &server_nonce, &node_nonce, Role::Node);
+        let (_, mut opener) = session(&key, &server_nonce, &node_nonce, Role::Server);
+        let mut forged = Frame::Ports(vec![7]).encode();
+        let tag = sealer.seal(&Frame::Ports(vec![6]).encode());
+        forged.extend_from_slice(&tag);
+        assert!(matches!(opener.read(&mut &forged[..], 64), Err(FrameError::Mac)));
+        // Reflected: a frame the server sealed is not accepted by the server as the node's.
+        let (mut server_sealer, _) = session(&key, &server_nonce, &node_nonce, Role::Server);
+        let (_, mut opener) = session(&key, &server_nonce, &node_nonce, Role::Server);
+        let reflected = seal(&mut server_sealer, &Frame::Ports(vec![1]));
+        assert!(matches!(opener.read(&mut &reflected[..], 64), Err(FrameError::Mac)));
+        // Another session's key.
+        let (_, mut other) = session(&key, &nonce(), &node_nonce, Role::Server);
+        assert!(matches!(other.read(&mut &first[..], 64), Err(FrameError::Mac)));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use fsbridge::fabric::{self, Endpoint, FABRIC_VERSION, Frame, FrameError};
+use fsbridge::fabric::{self, Endpoint, FABRIC_VERSION, Frame, FrameError, FrameOpener, FrameSealer, Role};
 use fsbridge::format::decode_batch;
 use fsbridge::{BatchKind, NodeName, Packet, PacketId, Record};
 use serde::Serialize;
@@ -455,10 +455,10 @@ fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         let shared_for_thread = shared.clone();
         let spawned = std::thread::Builder::new().name("fabric-read".into()).spawn(move || {
             let shared = shared_for_thread;
-            let conn = handshake(stream, &shared, &peer);
+            let session = handshake(stream, &shared, &peer);
             shared.connecting.fetch_sub(1, Ordering::Relaxed);
-            if let Some(conn) = conn {
-                read_loop(&conn);
+            if let Some((conn, opener)) = session {
+                read_loop(&conn, opener);
             }
         });
         if let Err(error) = spawned {
@@ -518,8 +518,9 @@ fn refuse(mut stream: Stream, shared: &Shared, peer: &str, reason: String) {
     stream.shutdown();
 }
 
-/// Challenge, verify the node's proof, let the main loop admit it, welcome it. `None` if refused.
-fn handshake(mut stream: Stream, shared: &Arc<Shared>, peer: &str) -> Option<Arc<Conn>> {
+/// Challenge, verify the node's proof, let the main loop admit it, welcome it. Returns the
+/// connection and the opener of its sealed frames; `None` if refused.
+fn handshake(mut stream: Stream, shared: &Arc<Shared>, peer: &str) -> Option<(Arc<Conn>, FrameOpener)> {
     stream.set_timeouts(Some(HANDSHAKE_TIMEOUT), Some(HANDSHAKE_TIMEOUT));
     let server_nonce = fabric::nonce();
     if fabric::write_frame(&mut stream, &Frame::Challenge { version: FABRIC_VERSION, nonce: server_nonce }).is_err() {
@@ -619,14 +620,16 @@ fn handshake(mut stream: Stream, shared: &Arc<Shared>, peer: &str) -> Option<Arc
     shared.count(|counters| counters.authenticated += 1);
     eprintln!("ftss-server: fabric: {who} connected (addr {}, epoch {:016x})", hello.addr, hello.epoch);
     stream.set_timeouts(None, Some(WRITE_TIMEOUT));
+    let (sealer, opener) = fabric::session(&key, &server_nonce, &hello.nonce, Role::Server);
     let writer_conn = conn.clone();
-    let spawned = std::thread::Builder::new().name("fabric-write".into()).spawn(move || write_loop(&writer_conn));
+    let spawned =
+        std::thread::Builder::new().name("fabric-write".into()).spawn(move || write_loop(&writer_conn, sealer));
     if spawned.is_err() {
         conn.close("cannot start a writer thread".into());
         return None;
     }
     drop(stream);
-    Some(conn)
+    Some((conn, opener))
 }
 
 /// Reads `keys_dir/<node>.key`.
@@ -652,13 +655,13 @@ fn frame_name(frame: &Frame) -> &'static str {
 }
 
 /// Reads frames until the connection ends; decodes them for the main loop.
-fn read_loop(conn: &Arc<Conn>) {
+fn read_loop(conn: &Arc<Conn>, mut opener: FrameOpener) {
     let mut stream = match conn.stream.try_clone() {
         Ok(stream) => stream,
         Err(error) => return conn.close(format!("cannot read: {error}")),
     };
     loop {
-        let frame = match fabric::read_frame(&mut stream) {
+        let frame = match opener.read(&mut stream, fabric::FRAME_BODY_BYTES_MAX) {
             Ok(frame) => frame,
             Err(FrameError::Closed) => return conn.close("the node closed the connection".into()),
             Err(FrameError::Io(error)) => return conn.close(format!("read: {error}")),
@@ -713,13 +716,11 @@ fn read_loop(conn: &Arc<Conn>) {
     }
 }
 
+/// A bad frame after the handshake ends the connection; the reason is logged here (the node
+/// sees the connection close: a refusal frame written now could interleave with the writer's).
 fn bad_frame(conn: &Conn, reason: String) {
     conn.shared.count(|counters| counters.bad_frames += 1);
     eprintln!("ftss-server: fabric: closing node {} at {}: {reason}", conn.node, conn.peer);
-    let mut stream = conn.stream.try_clone().ok();
-    if let Some(stream) = stream.as_mut() {
-        let _ = fabric::write_frame(stream, &Frame::Refused { reason: reason.clone() });
-    }
     conn.close(reason);
 }
 
@@ -755,8 +756,8 @@ fn decode_receipts(bytes: &[u8]) -> Result<Vec<PacketId>, String> {
         .collect())
 }
 
-/// Writes queued frames until the connection closes.
-fn write_loop(conn: &Arc<Conn>) {
+/// Writes queued frames, each followed by the session's MAC, until the connection closes.
+fn write_loop(conn: &Arc<Conn>, mut sealer: FrameSealer) {
     let mut stream = match conn.stream.try_clone() {
         Ok(stream) => stream,
         Err(error) => return conn.close(format!("cannot write: {error}")),
@@ -771,8 +772,12 @@ fn write_loop(conn: &Arc<Conn>) {
         }
         let bytes = state.outbound.pop_front().expect("not empty");
         drop(state);
-        let written = stream.write_all(&bytes);
-        lock(&conn.state).outbound_bytes -= bytes.len();
+        let length = bytes.len();
+        let tag = sealer.seal(&bytes);
+        let mut sealed = bytes;
+        sealed.extend_from_slice(&tag);
+        let written = stream.write_all(&sealed);
+        lock(&conn.state).outbound_bytes -= length;
         if let Err(error) = written {
             return conn.close(format!("write: {error}"));
         }

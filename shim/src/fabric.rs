@@ -5,7 +5,8 @@
 //! acks release the outbox's unacknowledged packets (the outbox's flusher resends all of them
 //! after every reconnect, and the server drops duplicates by packet id), and deliveries go to the
 //! app's sockets exactly as inbox files would. The flusher writes packet frames; the receive thread
-//! writes receipt and port frames. A frame is written whole under one lock.
+//! writes receipt and port frames. After the handshake every frame carries the session's MAC; a
+//! frame is sealed and written whole under the connection's sealer lock.
 //!
 //! The connection's fd is the shim's own (numbered at 64 or above, close-on-exec, left alone by the
 //! app's close loops) and is driven with the real libc functions, never through the hooks.
@@ -16,7 +17,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use fsbridge::fabric::{self, Endpoint, FABRIC_VERSION, Frame, FrameError, Hello};
+use fsbridge::fabric::{self, Endpoint, FABRIC_VERSION, Frame, FrameError, FrameOpener, FrameSealer, Hello, Role};
 use fsbridge::format::decode_batch;
 use fsbridge::{AckState, BatchEncoder, BatchHeader, BatchKind, NodeName, Packet, PacketId, Record};
 use libc::c_int;
@@ -40,9 +41,11 @@ const RECEIPTS_PER_FRAME_MAX: usize = 16_384;
 /// packets again, and the receipt is written then).
 pub const RECEIPTS_PENDING_MAX: usize = 65_536;
 
-/// A connected stream socket owned by the shim.
+/// A connected stream socket owned by the shim, with the sealer of the session on it once the
+/// handshake is done (whole frames are written under its lock).
 pub struct Wire {
     fd: c_int,
+    sealer: Mutex<Option<FrameSealer>>,
 }
 
 impl Drop for Wire {
@@ -99,7 +102,7 @@ impl Wire {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let wire = Wire { fd: crate::socket::make_internal(fd) };
+        let wire = Wire { fd: crate::socket::make_internal(fd), sealer: Mutex::new(None) };
         loop {
             // SAFETY: addr/length describe a valid address.
             if unsafe { (real().connect)(wire.fd, addr, length) } == 0 {
@@ -202,8 +205,6 @@ pub struct Link {
     epoch: u64,
     state: Mutex<LinkState>,
     connected: Condvar,
-    /// Serializes whole frames from the flusher and the receive thread.
-    write_lock: Mutex<()>,
     /// The connection's fd, readable without a lock (a forked child closes its copy).
     fd: AtomicI32,
 }
@@ -228,7 +229,6 @@ impl Link {
             epoch,
             state: Mutex::new(LinkState { wire: None, generation: 0, ports_sent: None, receipts_seq: 0 }),
             connected: Condvar::new(),
-            write_lock: Mutex::new(()),
             fd: AtomicI32::new(-1),
         }
     }
@@ -239,14 +239,14 @@ impl Link {
         let mut last_failure = String::new();
         loop {
             match self.handshake() {
-                Ok(wire) => {
+                Ok((wire, opener)) => {
                     log!("fabric: connected to {} as node {} (epoch {:016x})", self.endpoint, self.node, self.epoch);
                     last_failure.clear();
                     backoff = BACKOFF_FIRST;
                     let wire = Arc::new(wire);
                     self.install(wire.clone());
                     events.connected();
-                    let reason = self.read_loop(&wire, events);
+                    let reason = self.read_loop(&wire, opener, events);
                     self.uninstall(&wire);
                     log!("fabric: connection to {} ended: {reason}; reconnecting", self.endpoint);
                 }
@@ -262,7 +262,7 @@ impl Link {
         }
     }
 
-    fn handshake(&self) -> Result<Wire, String> {
+    fn handshake(&self) -> Result<(Wire, FrameOpener), String> {
         let wire = Wire::connect(&self.endpoint).map_err(|error| error.to_string())?;
         wire.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
         // A server that stops reading fails a write (and the connection) instead of blocking the
@@ -293,7 +293,9 @@ impl Link {
             Err(error) => return Err(format!("no answer to the hello: {error}")),
         }
         wire.set_read_timeout(None);
-        Ok(wire)
+        let (sealer, opener) = fabric::session(&self.key, &server_nonce, &hello.nonce, Role::Node);
+        *lock(&wire.sealer) = Some(sealer);
+        Ok((wire, opener))
     }
 
     fn install(&self, wire: Arc<Wire>) {
@@ -316,9 +318,9 @@ impl Link {
     }
 
     /// Reads frames until the connection breaks; returns why it did.
-    fn read_loop(&self, wire: &Wire, events: &dyn LinkEvents) -> String {
+    fn read_loop(&self, wire: &Wire, mut opener: FrameOpener, events: &dyn LinkEvents) -> String {
         loop {
-            let frame = match fabric::read_frame(&mut &*wire) {
+            let frame = match opener.read(&mut &*wire, fabric::FRAME_BODY_BYTES_MAX) {
                 Ok(frame) => frame,
                 Err(FrameError::Closed) => return "the server closed the connection".into(),
                 Err(error) => return error.to_string(),
@@ -372,10 +374,14 @@ impl Link {
         state.wire.clone().map(|wire| (wire, state.generation))
     }
 
-    /// Writes one frame on `wire`; a failed write ends the connection (the link thread reconnects).
+    /// Writes one sealed frame on `wire`; a failed write ends the connection (the link thread
+    /// reconnects).
     pub fn send(&self, wire: &Wire, frame: &Frame) -> bool {
-        let bytes = frame.encode();
-        let _whole = lock(&self.write_lock);
+        let mut bytes = frame.encode();
+        let mut sealer = lock(&wire.sealer);
+        let Some(sealer) = sealer.as_mut() else { return false };
+        let tag = sealer.seal(&bytes);
+        bytes.extend_from_slice(&tag);
         match wire.write_all(&bytes) {
             Ok(()) => true,
             Err(error) => {
