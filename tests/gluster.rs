@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::apps::*;
@@ -74,18 +73,7 @@ fn a_brick_killed_mid_transfer_loses_nothing_and_heals() {
 }
 
 fn start_instance(fabric: &Fabric, name: &str) -> Proc {
-    let log =
-        std::fs::OpenOptions::new().create(true).append(true).open(fabric.dir.0.join(format!("{name}.log"))).unwrap();
-    let mut command = std::process::Command::new(server_path());
-    command.arg("run").arg("--volume").arg(&fabric.volume);
-    for dir in &fabric.queue_dirs {
-        command.arg("--queue-dir").arg(dir);
-    }
-    command
-        .args(["--poll", "10ms", "--ha", "--lease-term", "3s", "--instance", name])
-        .stdout(Stdio::null())
-        .stderr(log);
-    Proc { child: command.spawn().unwrap(), name: name.into() }
+    fabric.start_instance(name, &["--lease-term", "3s"])
 }
 
 /// The live lease holder, as `ftss-server status` shows it (None before the volume exists).

@@ -8,24 +8,12 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
 
 fn start_instance(fabric: &Fabric, name: &str) -> Proc {
-    let log =
-        std::fs::OpenOptions::new().create(true).append(true).open(fabric.dir.0.join(format!("{name}.log"))).unwrap();
-    let mut command = std::process::Command::new(server_path());
-    command.arg("run").arg("--volume").arg(&fabric.volume);
-    for dir in &fabric.queue_dirs {
-        command.arg("--queue-dir").arg(dir);
-    }
-    command
-        .args(["--poll", "10ms", "--ha", "--lease-term", "2s", "--partitions", "2", "--instance", name])
-        .stdout(Stdio::null())
-        .stderr(log);
-    Proc { child: command.spawn().unwrap(), name: name.into() }
+    fabric.start_instance(name, &["--lease-term", "2s", "--partitions", "2"])
 }
 
 /// Who serves each partition, as `ftss-server status` shows it.

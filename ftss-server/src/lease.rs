@@ -141,6 +141,19 @@ impl Lease {
         Ok(())
     }
 
+    /// Renews the lease when due; false once this instance may no longer act (another holds the
+    /// lease, or the term is nearly over without a renewal). `what` names it in error messages.
+    pub fn keep(&mut self, what: &str) -> bool {
+        if self.renewal_due() {
+            match self.renew() {
+                Ok(true) => {}
+                Ok(false) => return false,
+                Err(error) => eprintln!("ftss-server: {what}: cannot renew the lease: {error}"),
+            }
+        }
+        self.valid()
+    }
+
     /// Is a renewal due (a third of the term since the last one)?
     pub fn renewal_due(&self) -> bool {
         self.renewed_at.is_none_or(|at| at.elapsed() >= self.term / 3)

@@ -184,18 +184,10 @@ fn run(settings: config::RunSettings) -> Result<(), String> {
         if STOP.load(Ordering::SeqCst) {
             return true;
         }
-        if let Some(lease) = &lease {
-            let mut lease = lease.borrow_mut();
-            if lease.renewal_due() {
-                match lease.renew() {
-                    Ok(true) => {}
-                    Ok(false) => deposed.set(true),
-                    Err(error) => eprintln!("ftss-server: cannot renew the lease: {error}"),
-                }
-            }
-            if !lease.valid() {
-                deposed.set(true);
-            }
+        if let Some(lease) = &lease
+            && !lease.borrow_mut().keep("active instance")
+        {
+            deposed.set(true);
         }
         deposed.get()
     });

@@ -175,15 +175,7 @@ fn serve(config: Config, mut lease: Lease, stop: &AtomicBool, global_stop: &Atom
         if stop.load(Ordering::SeqCst) || global_stop.load(Ordering::SeqCst) {
             return true;
         }
-        let mut lease = lease.borrow_mut();
-        if lease.renewal_due() {
-            match lease.renew() {
-                Ok(true) => {}
-                Ok(false) => deposed.set(true),
-                Err(error) => eprintln!("ftss-server: partition {index}: cannot renew the lease: {error}"),
-            }
-        }
-        if !lease.valid() {
+        if !lease.borrow_mut().keep(&format!("partition {index}")) {
             deposed.set(true);
         }
         deposed.get()

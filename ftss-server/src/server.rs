@@ -716,20 +716,17 @@ impl Server {
     /// acked as duplicates.
     fn ack_fabric(&mut self, from_fabric: &[FabricDrained]) {
         for taken in from_fabric {
-            let acks: Vec<Ack> = taken
-                .packets
-                .iter()
-                .map(|packet| {
-                    let state = if self.is_external(packet.destination.ip()) {
-                        AckState::AcceptedBestEffort
-                    } else {
-                        AckState::Stored
-                    };
-                    Ack { id: packet.id.clone(), state, reason: String::new() }
-                })
-                .collect();
+            let acks: Vec<Ack> = taken.packets.iter().map(|packet| self.stored_ack(packet)).collect();
             self.send_acks(&taken.conn, &acks);
         }
+    }
+
+    /// The ack for a packet now durable in the queue: stored, or accepted (best effort) for an
+    /// address outside the fabric.
+    fn stored_ack(&self, packet: &Packet) -> Ack {
+        let state =
+            if self.is_external(packet.destination.ip()) { AckState::AcceptedBestEffort } else { AckState::Stored };
+        Ack { id: packet.id.clone(), state, reason: String::new() }
     }
 
     /// Sends acks over a fabric connection, in frames of bounded size.
@@ -999,14 +996,7 @@ impl Server {
                 .iter()
                 .filter(|batch| batch.wants_acks)
                 .flat_map(|batch| &batch.packets)
-                .map(|packet| {
-                    let state = if self.is_external(packet.destination.ip()) {
-                        AckState::AcceptedBestEffort
-                    } else {
-                        AckState::Stored
-                    };
-                    Ack { id: packet.id.clone(), state, reason: String::new() }
-                })
+                .map(|packet| self.stored_ack(packet))
                 .collect();
             if !acks.is_empty() {
                 self.publish_acks(node, &acks)?;

@@ -175,6 +175,20 @@ impl Fabric {
         });
     }
 
+    /// Starts one more ftss-server instance with `--ha` (named `name`, log in `<name>.log`) and
+    /// `extra` arguments; the caller owns it.
+    pub fn start_instance(&self, name: &str, extra: &[&str]) -> Proc {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.0.join(format!("{name}.log"))).unwrap();
+        let mut command = Command::new(server_path());
+        command.arg("run").arg("--volume").arg(&self.volume);
+        for dir in &self.queue_dirs {
+            command.arg("--queue-dir").arg(dir);
+        }
+        command.args(["--poll", "10ms", "--ha", "--instance", name]).args(extra).stdout(Stdio::null()).stderr(log);
+        Proc { child: command.spawn().expect("start ftss-server"), name: name.into() }
+    }
+
     pub fn stop_server(&mut self) {
         if let Some(mut server) = self.server.take() {
             server.terminate(Duration::from_secs(10));
