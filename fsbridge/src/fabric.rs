@@ -31,6 +31,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::NodeName;
+use crate::format::truncate_utf8;
 
 /// The one protocol version this code speaks.
 pub const FABRIC_VERSION: u16 = 1;
@@ -263,17 +264,6 @@ impl<'a> Reader<'a> {
         self.offset = self.bytes.len();
         rest
     }
-}
-
-fn truncate_utf8(text: &str, bytes_max: usize) -> &str {
-    if text.len() <= bytes_max {
-        return text;
-    }
-    let mut end = bytes_max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    &text[..end]
 }
 
 /// Reads one frame. The length is checked before the body is allocated.

@@ -482,7 +482,8 @@ fn put_addr(out: &mut Vec<u8>, addr: SocketAddrV4) {
     out.extend_from_slice(&addr.port().to_le_bytes());
 }
 
-fn truncate_utf8(text: &str, bytes_max: usize) -> &str {
+/// The longest prefix of `text` of at most `bytes_max` bytes that ends on a character boundary.
+pub(crate) fn truncate_utf8(text: &str, bytes_max: usize) -> &str {
     if text.len() <= bytes_max {
         return text;
     }
