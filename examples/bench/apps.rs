@@ -231,34 +231,51 @@ fn loadgen(bench: &Bench, env: &[(String, String)]) -> Command {
     command
 }
 
-/// Runs the receiver, then the senders for the run's duration; fills `measurement`.
-fn drive(bench: &Bench, run: &Run, dir: &Path, apps: &Apps, measurement: &mut Measurement) -> Result<(), String> {
-    let mut command = loadgen(bench, &apps.receiver_env);
-    command.args(["recv", "--bind", &apps.bind, "--idle-ms", &apps.idle.as_millis().to_string()]);
-    let mut receiver = Proc::start("loadgen recv", command, &dir.join("loadgen-recv.log"))?;
+/// Starts a loadgen receiver bound to `bind` and waits until it says it is ready.
+pub fn start_receiver(
+    bench: &Bench,
+    env: &[(String, String)],
+    bind: &str,
+    idle: Duration,
+    log: &Path,
+) -> Result<Proc, String> {
+    let mut command = loadgen(bench, env);
+    command.args(["recv", "--bind", bind, "--idle-ms", &idle.as_millis().to_string()]);
+    let receiver = Proc::start("loadgen recv", command, log)?;
     let ready = receiver.line(START_LIMIT)?;
     if ready != "ready" {
         return Err(format!("loadgen recv said {ready:?}"));
     }
-    let mut command = loadgen(bench, &apps.sender_env);
-    command.args([
-        "send",
-        "--to",
-        &apps.to,
-        "--payload",
-        &run.payload.to_string(),
-        "--threads",
-        &run.senders.to_string(),
-        "--duration-ms",
-        &run.duration.as_millis().to_string(),
-    ]);
-    let mut sender = Proc::start("loadgen send", command, &dir.join("loadgen-send.log"))?;
+    Ok(receiver)
+}
+
+/// Starts a loadgen sender to `to` with the run's payload, threads and duration.
+pub fn start_sender(bench: &Bench, env: &[(String, String)], to: &str, run: &Run, log: &Path) -> Result<Proc, String> {
+    let mut command = loadgen(bench, env);
+    command.args(["send", "--to", to, "--payload", &run.payload.to_string()]);
+    command.args(["--threads", &run.senders.to_string(), "--duration-ms", &run.duration.as_millis().to_string()]);
+    Proc::start("loadgen send", command, log)
+}
+
+/// Waits for the sender's report, tells the receiver how many were sent, waits for its report,
+/// and lets both exit: (sender's report, receiver's report).
+pub fn collect(sender: &mut Proc, receiver: &mut Proc, run: &Run) -> Result<(Value, Value), String> {
     let sent = sender.json_line(run.duration + REPORT_LIMIT)?;
     let sent_count = sent["sent"].as_u64().ok_or("loadgen send reported no count")?;
     receiver.tell(&sent_count.to_string())?;
     let received = receiver.json_line(REPORT_LIMIT)?;
     sender.finish(Duration::from_secs(5));
     receiver.finish(Duration::from_secs(5));
+    Ok((sent, received))
+}
+
+/// Runs the receiver, then the senders for the run's duration; fills `measurement`.
+fn drive(bench: &Bench, run: &Run, dir: &Path, apps: &Apps, measurement: &mut Measurement) -> Result<(), String> {
+    let log = dir.join("loadgen-recv.log");
+    let mut receiver = start_receiver(bench, &apps.receiver_env, &apps.bind, apps.idle, &log)?;
+    let mut sender = start_sender(bench, &apps.sender_env, &apps.to, run, &dir.join("loadgen-send.log"))?;
+    let (sent, received) = collect(&mut sender, &mut receiver, run)?;
+    let sent_count = sent["sent"].as_u64().unwrap_or(0);
 
     let count = received["received"].as_u64().unwrap_or(0);
     let first_send_ns = received["first_send_ns"].as_u64().unwrap_or(0);

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use fsbridge::{NodeConfig, NodeName, Volume};
 use serde_json::json;
 
-use crate::apps::POLL_MS;
+use crate::apps::{POLL_MS, collect, start_receiver, start_sender};
 use crate::procs::{Proc, free_udp_port};
 use crate::report::Measurement;
 use crate::{Bench, Run};
@@ -33,8 +33,8 @@ const LEASE_TERM: &str = "3s";
 /// FTSS_ACK of the senders (see the module docs).
 const ACK: &str = "async";
 const START_LIMIT: Duration = Duration::from_secs(30);
-const REPORT_LIMIT: Duration = Duration::from_secs(180);
-const IDLE_MS: &str = "10000";
+/// How long a receiver waits after the last datagram once it knows the count.
+const IDLE: Duration = Duration::from_secs(10);
 
 /// Runs both flows against `instances` servers (1: a lone server; 2: two instances, two partitions).
 pub fn scaleout(bench: &Bench, run: &Run, scenario: &'static str, instances: usize) -> Result<Measurement, String> {
@@ -130,35 +130,22 @@ fn drive_flows(bench: &Bench, run: &Run, dir: &Path, volume: &Path) -> Result<Fl
     let mut targets = Vec::new();
     for (index, (_, receiver)) in FLOWS.iter().enumerate() {
         let port = free_udp_port()?;
-        let mut command = Command::new(&bench.loadgen_bin);
-        command.envs(env(bench, dir, volume, *receiver));
-        command.args(["recv", "--bind", &format!("0.0.0.0:{port}"), "--idle-ms", IDLE_MS]);
-        let receiver_proc = Proc::start("loadgen recv", command, &dir.join(format!("recv-{index}.log")))?;
-        let ready = receiver_proc.line(START_LIMIT)?;
-        if ready != "ready" {
-            return Err(format!("loadgen recv said {ready:?}"));
-        }
-        receivers.push(receiver_proc);
+        let env = env(bench, dir, volume, *receiver);
+        let log = dir.join(format!("recv-{index}.log"));
+        receivers.push(start_receiver(bench, &env, &format!("0.0.0.0:{port}"), IDLE, &log)?);
         targets.push(format!("{}:{port}", receiver.1));
     }
     let mut senders = Vec::new();
     for (index, (sender, _)) in FLOWS.iter().enumerate() {
-        let mut command = Command::new(&bench.loadgen_bin);
-        command.envs(env(bench, dir, volume, *sender));
-        command.args(["send", "--to", &targets[index], "--payload", &run.payload.to_string()]);
-        command.args(["--threads", &run.senders.to_string(), "--duration-ms", &run.duration.as_millis().to_string()]);
-        senders.push(Proc::start("loadgen send", command, &dir.join(format!("send-{index}.log")))?);
+        let env = env(bench, dir, volume, *sender);
+        senders.push(start_sender(bench, &env, &targets[index], run, &dir.join(format!("send-{index}.log")))?);
     }
     let (mut received_total, mut sent_total) = (0, 0);
     let (mut first_send, mut last_receive) = (u64::MAX, 0);
     let (mut p50, mut p99) = (None, None);
     for (sender, receiver) in senders.iter_mut().zip(receivers.iter_mut()) {
-        let sent = sender.json_line(run.duration + REPORT_LIMIT)?;
-        let count = sent["sent"].as_u64().ok_or("loadgen send reported no count")?;
-        receiver.tell(&count.to_string())?;
-        let received = receiver.json_line(REPORT_LIMIT)?;
-        sender.finish(Duration::from_secs(5));
-        receiver.finish(Duration::from_secs(5));
+        let (sent, received) = collect(sender, receiver, run)?;
+        let count = sent["sent"].as_u64().unwrap_or(0);
         sent_total += count;
         received_total += received["received"].as_u64().unwrap_or(0);
         first_send = first_send.min(received["first_send_ns"].as_u64().unwrap_or(u64::MAX));

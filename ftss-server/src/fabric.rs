@@ -75,11 +75,9 @@ pub struct ConnectionStatus {
     pub ports: Vec<u16>,
 }
 
-/// What the reader decoded, for the main loop: one frame's packets. (Receipts and port lists are
+/// What the reader decoded for the main loop: one frame's packets. (Receipts and port lists are
 /// kept apart, so that they never wait behind packets held back by a full destination.)
-pub enum Inbound {
-    Packets(Vec<Packet>),
-}
+pub type Inbound = Vec<Packet>;
 
 /// Whether the main loop let an authenticated node in.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -394,12 +392,8 @@ impl Conn {
 
 /// What a decoded frame costs in memory: the payload and, per packet, the struct with its origin
 /// name (a heap string).
-fn inbound_bytes(item: &Inbound) -> usize {
-    match item {
-        Inbound::Packets(packets) => {
-            packets.iter().map(|packet| packet.payload.len() + 128 + packet.id.origin.as_str().len()).sum()
-        }
-    }
+fn inbound_bytes(packets: &Inbound) -> usize {
+    packets.iter().map(|packet| packet.payload.len() + 128 + packet.id.origin.as_str().len()).sum()
 }
 
 enum Listener {
@@ -669,7 +663,7 @@ fn read_loop(conn: &Arc<Conn>, mut opener: FrameOpener) {
         };
         let item = match frame {
             Frame::Packets(bytes) => match decode_packets(&bytes, conn) {
-                Ok(packets) => Inbound::Packets(packets),
+                Ok(packets) => packets,
                 Err(reason) => return bad_frame(conn, reason),
             },
             Frame::Receipts(bytes) => {

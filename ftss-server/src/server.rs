@@ -21,7 +21,7 @@ use fsbridge::layout::batch_file_name;
 use fsbridge::{Ack, AckState, BatchHeader, BatchKind, NodeName, Packet, PacketId, Record, Volume};
 use serde::Serialize;
 
-use crate::fabric::{Conn, FabricCounters, Hub, Inbound};
+use crate::fabric::{Conn, FabricCounters, Hub};
 use crate::gateway::{Arrival, Cidr, Gateway, GatewayCounters, IngressRule, IngressStatus, Target};
 use crate::index::{Entry, Index, Key};
 use crate::metrics::{Histogram, Snapshot};
@@ -214,8 +214,6 @@ pub struct Server {
     /// Sending processes (node, epoch) that asked for acks, and the order they were seen in.
     ack_epochs: HashSet<(NodeName, u64)>,
     ack_epoch_order: VecDeque<(NodeName, u64)>,
-    /// Receipts that came over fabric connections this cycle: (receiving node, ids).
-    fabric_receipts: Vec<(NodeName, Vec<PacketId>)>,
     /// Which fabric connection is drained first this cycle (turns rotate).
     fabric_turn: usize,
 }
@@ -321,7 +319,6 @@ impl Server {
             active: None,
             gateway_seq: 0,
             fabric,
-            fabric_receipts: Vec::new(),
             fabric_turn: 0,
             ack_epochs: HashSet::new(),
             ack_epoch_order: VecDeque::new(),
@@ -630,7 +627,7 @@ impl Server {
     fn abort_drain(&mut self, group: DrainGroup) {
         self.outbox_backlog.clear();
         for taken in group.from_fabric.into_iter().rev() {
-            taken.conn.unpop(Inbound::Packets(taken.packets));
+            taken.conn.unpop(taken.packets);
         }
     }
 
@@ -684,7 +681,7 @@ impl Server {
         }
         for conn in connections {
             while packets_total < DRAIN_PACKETS_PER_CYCLE_MAX && bytes_total < DRAIN_BYTES_PER_CYCLE_MAX {
-                let Some(Inbound::Packets(packets)) = conn.pop() else { break };
+                let Some(packets) = conn.pop() else { break };
                 let full = packets.iter().find(|packet| {
                     let ip = packet.destination.ip();
                     self.index.queued_bytes(ip) + accepted.get(ip).copied().unwrap_or(0)
@@ -692,7 +689,7 @@ impl Server {
                 });
                 if let Some(full) = full {
                     full_reasons.push(format!("queue for {} is over its limit", full.destination.ip()));
-                    conn.unpop(Inbound::Packets(packets));
+                    conn.unpop(packets);
                     break;
                 }
                 for packet in &packets {
@@ -1289,20 +1286,16 @@ impl Server {
             let spool = self.volume.forwarded_receipts(self.config.partition.index);
             self.read_receipt_spool(&spool, None, &mut files, &mut received)?;
         }
+        let mut fabric_frames = 0;
         if let Some(hub) = &self.fabric {
             for conn in hub.connections() {
                 let ids = conn.take_receipts();
                 if !ids.is_empty() {
-                    self.fabric_receipts.push((conn.node.clone(), ids));
+                    fabric_frames += 1;
+                    hub.count(|counters| counters.receipts_received += ids.len() as u64);
+                    received.extend(ids.into_iter().map(|id| (conn.node.clone(), id)));
                 }
             }
-        }
-        let fabric_frames = self.fabric_receipts.len();
-        for (node, ids) in std::mem::take(&mut self.fabric_receipts) {
-            if let Some(hub) = &self.fabric {
-                hub.count(|counters| counters.receipts_received += ids.len() as u64);
-            }
-            received.extend(ids.into_iter().map(|id| (node.clone(), id)));
         }
         if files.is_empty() && fabric_frames == 0 {
             return Ok(None);
