@@ -30,6 +30,7 @@
 pub mod fabric;
 pub mod format;
 pub mod layout;
+pub mod log;
 pub mod pcap;
 pub mod spool;
 

@@ -22,6 +22,7 @@ pub struct FileSettings {
     pub redeliver_after: Option<String>,
     pub retain: Option<String>,
     pub hold: Option<String>,
+    pub log_abandon_after: Option<String>,
     pub destination_bytes_max: Option<u64>,
     pub fabric: Option<Vec<String>>,
     pub ingress: Option<Vec<String>>,
@@ -59,6 +60,11 @@ pub struct FlagSettings {
     /// [default: 24h].
     #[arg(long)]
     pub hold: Option<String>,
+    /// Delete an outbox log segment that was read to its end and left unchanged this long without
+    /// being sealed (its process died). Must be well above a minute: writers seal a segment they
+    /// left idle for a minute instead of appending to it [default: 10m].
+    #[arg(long)]
+    pub log_abandon_after: Option<String>,
     /// Most queued payload bytes for one destination before its senders are pushed back
     /// [default: 1073741824].
     #[arg(long)]
@@ -185,6 +191,7 @@ pub fn resolve(flags: FlagSettings) -> Result<RunSettings, String> {
         redeliver_after: duration("redeliver-after", flags.redeliver_after, file.redeliver_after, "5s")?,
         retain: duration("retain", flags.retain, file.retain, "0s")?,
         hold: duration("hold", flags.hold, file.hold, "24h")?,
+        log_abandon_after: duration("log-abandon-after", flags.log_abandon_after, file.log_abandon_after, "10m")?,
         destination_bytes_max: flags.destination_bytes_max.or(file.destination_bytes_max).unwrap_or(1 << 30),
         fabric: list::<Cidr>("fabric", flags.fabric, file.fabric, &["10.77.0.0/16"])?,
         ingress: list::<IngressRule>("ingress", flags.ingress, file.ingress, &[])?,

@@ -65,6 +65,8 @@ pub fn dump(dirs: &[PathBuf], options: &DumpOptions) -> Result<(), String> {
                     item.done = Some((outcome, at_unix_us, reason));
                 }
             }
+            // Read positions in outbox logs, not packets.
+            QueueRecord::Cursor { .. } => {}
         }
     }
     let mut pcap = match &options.pcap {

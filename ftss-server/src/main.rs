@@ -7,6 +7,7 @@ mod gateway;
 mod index;
 mod lease;
 mod metrics;
+mod outlog;
 mod progress;
 mod queue;
 mod scaleout;

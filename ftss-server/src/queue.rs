@@ -8,6 +8,8 @@
 //!   STORED: stored µs u64 | fsbridge packet body          a packet the server took responsibility for
 //!   DONE:   outcome u8 | at µs u64 | reason (u16 + bytes) | packet id
 //!                                                       receipted or dead-lettered: no longer delivered
+//!   CURSOR: node (u8 + bytes) | log segment name (u8 + bytes) | offset u64
+//!                                                       how far a node's outbox log has been stored
 //! ```
 //!
 //! Appends go to every healthy mirror at the same offset and are made durable together by
@@ -34,7 +36,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use fsbridge::format::{self, DecodeError, PAYLOAD_BYTES_MAX};
-use fsbridge::{Packet, PacketId};
+use fsbridge::{NodeName, Packet, PacketId};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -49,6 +51,8 @@ const RECORD_BODY_BYTES_MAX: usize = PAYLOAD_BYTES_MAX + 1024;
 const TAG_STORED: u8 = 0x11;
 /// Record tag: a packet that is done (receipted or dead-lettered).
 const TAG_DONE: u8 = 0x12;
+/// Record tag: the read position in an outbox log.
+const TAG_CURSOR: u8 = 0x13;
 
 /// Errors of the queue; each names the file.
 #[derive(Debug, Error)]
@@ -96,6 +100,9 @@ pub enum Outcome {
 pub enum QueueRecord {
     Stored { stored_unix_us: u64, packet: Packet },
     Done { id: PacketId, outcome: Outcome, at_unix_us: u64, reason: String },
+    /// Every frame of `node`'s outbox log segment `log` before `offset` is stored (committed in
+    /// the same sync as the packets read).
+    Cursor { node: NodeName, log: String, offset: u64 },
 }
 
 /// What recovery found, in log order.
@@ -188,6 +195,13 @@ pub fn encode_record(out: &mut Vec<u8>, record: &QueueRecord) {
             body.extend_from_slice(reason);
             format::encode_packet_id(body, id);
         }),
+        QueueRecord::Cursor { node, log, offset } => format::write_record(out, TAG_CURSOR, |body| {
+            for text in [node.as_str(), log.as_str()] {
+                body.push(text.len().min(255) as u8);
+                body.extend_from_slice(&text.as_bytes()[..text.len().min(255)]);
+            }
+            body.extend_from_slice(&offset.to_le_bytes());
+        }),
     }
 }
 
@@ -219,6 +233,19 @@ pub fn read_record(bytes: &[u8], offset: usize) -> Result<(QueueRecord, usize), 
                 return Err(invalid("done record length"));
             }
             QueueRecord::Done { id, outcome, at_unix_us, reason }
+        }
+        TAG_CURSOR => {
+            let mut at = 0;
+            let mut text = |field| -> Result<String, DecodeError> {
+                let len = *body.get(at).ok_or(invalid(field))? as usize;
+                let bytes = body.get(at + 1..at + 1 + len).ok_or(invalid(field))?;
+                at += 1 + len;
+                String::from_utf8(bytes.to_vec()).map_err(|_| invalid(field))
+            };
+            let node = NodeName::new(&text("cursor node")?).map_err(|_| invalid("cursor node"))?;
+            let log = text("cursor log")?;
+            let offset = body.get(at..).filter(|rest| rest.len() == 8).ok_or(invalid("cursor offset"))?;
+            QueueRecord::Cursor { node, log, offset: u64::from_le_bytes(offset.try_into().expect("8 bytes")) }
         }
         _ => return Err(invalid("queue record tag")),
     };
@@ -888,7 +915,7 @@ mod fence_tests {
             .iter()
             .filter_map(|item| match &item.record {
                 QueueRecord::Stored { packet, .. } => Some(packet.id.seq),
-                QueueRecord::Done { .. } => None,
+                QueueRecord::Done { .. } | QueueRecord::Cursor { .. } => None,
             })
             .collect();
         assert_eq!(seqs, vec![1, 3], "the late write of the deposed writer survived");

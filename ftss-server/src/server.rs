@@ -25,8 +25,11 @@ use crate::fabric::{Conn, FabricCounters, Hub};
 use crate::gateway::{Arrival, Cidr, Gateway, GatewayCounters, IngressRule, IngressStatus, Target};
 use crate::index::{Entry, Index, Key};
 use crate::metrics::{Histogram, Snapshot};
+use crate::outlog::{Logs, Step};
 use crate::queue::{Location, MirrorStatus, Outcome, Queue, QueueError, QueueRecord, RecoveryReport};
 
+/// Most bytes read from one outbox log segment in one cycle.
+const LOG_READ_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Most outbox files drained from one node in one cycle; keeps one busy node from starving others.
 const DRAIN_FILES_PER_NODE_MAX: usize = 256;
 /// Most packets drained in one cycle, across nodes; bounds the memory of one group commit.
@@ -99,6 +102,8 @@ pub struct Config {
     pub fabric_keys: PathBuf,
     /// Which share of the nodes this server serves (scale-out); one partition of one by default.
     pub partition: Partition,
+    /// Remove an unsealed outbox log segment read to its end and unchanged this long.
+    pub log_abandon_after: Duration,
 }
 
 /// A share of the nodes: those whose name hashes to `index` of `count` partitions.
@@ -140,6 +145,7 @@ pub enum ServerError {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Counters {
     pub drained_files: u64,
+    pub drained_log_frames: u64,
     pub drained: u64,
     pub stored: u64,
     pub duplicates: u64,
@@ -216,6 +222,16 @@ pub struct Server {
     ack_epoch_order: VecDeque<(NodeName, u64)>,
     /// Which fabric connection is drained first this cycle (turns rotate).
     fabric_turn: usize,
+    /// Nodes' outbox logs: committed read positions and open segments.
+    logs: Logs,
+}
+
+/// What a cycle's drain has taken so far, against its bounds.
+struct DrainBudget {
+    packets: usize,
+    bytes: usize,
+    /// Payload bytes accepted per destination this cycle, not yet in the index.
+    accepted: HashMap<Ipv4Addr, u64>,
 }
 
 /// Packets staged in the queue by one cycle, waiting for its sync.
@@ -257,13 +273,22 @@ struct FabricDrained {
     packets: Vec<Packet>,
 }
 
-/// One outbox file that was read and decoded this cycle.
+/// One outbox file, or one frame of an outbox log, that was read and decoded this cycle.
 struct Drained {
     node: NodeName,
-    name: String,
+    source: Source,
     packets: Vec<Packet>,
     /// The sender waits for acks (the batch has `FLAG_WANTS_ACKS`).
     wants_acks: bool,
+}
+
+/// Where drained packets came from.
+enum Source {
+    /// A batch file in `out/new/`, removed once its packets are durable.
+    File(String),
+    /// Frames of an outbox log segment up to `end`; with `sealed` the segment ends there and is
+    /// removed once they are durable.
+    Log { name: String, end: u64, sealed: bool },
 }
 
 fn now_us() -> u64 {
@@ -322,6 +347,7 @@ impl Server {
             fabric_turn: 0,
             ack_epochs: HashSet::new(),
             ack_epoch_order: VecDeque::new(),
+            logs: Logs::default(),
         };
         server.replay(recovered);
         Ok(server)
@@ -332,8 +358,12 @@ impl Server {
     fn replay(&mut self, recovered: Vec<crate::queue::Recovered>) {
         let mut done: HashMap<PacketId, (Outcome, u64)> = HashMap::new();
         for item in &recovered {
-            if let QueueRecord::Done { id, outcome, at_unix_us, .. } = &item.record {
-                done.insert(id.clone(), (*outcome, *at_unix_us));
+            match &item.record {
+                QueueRecord::Done { id, outcome, at_unix_us, .. } => {
+                    done.insert(id.clone(), (*outcome, *at_unix_us));
+                }
+                QueueRecord::Cursor { node, log, offset } => self.logs.recover(node.clone(), log.clone(), *offset),
+                QueueRecord::Stored { .. } => {}
             }
         }
         let retain_us = self.config.retain.as_micros() as u64;
@@ -618,6 +648,17 @@ impl Server {
             locations.push(Some(self.queue.append(&record)));
         }
         group.locations = locations;
+        // Log read positions commit with the packets read (frames are in order, so the last
+        // drained frame of a segment has its furthest end).
+        let mut cursors: BTreeMap<(&NodeName, &str), u64> = BTreeMap::new();
+        for batch in &group.drained {
+            if let Source::Log { name, end, .. } = &batch.source {
+                cursors.insert((&batch.node, name), *end);
+            }
+        }
+        for ((node, log), offset) in cursors {
+            self.queue.append(&QueueRecord::Cursor { node: node.clone(), log: log.to_owned(), offset });
+        }
         Ok(Some(group))
     }
 
@@ -646,7 +687,20 @@ impl Server {
         }
         self.ack_fabric(&group.from_fabric);
         self.ack_and_remove(&group.drained)?;
-        self.counters.drained_files += group.drained.len() as u64;
+        for batch in &group.drained {
+            match &batch.source {
+                Source::File(_) => self.counters.drained_files += 1,
+                Source::Log { name, end, sealed } => {
+                    self.counters.drained_log_frames += 1;
+                    let key = (batch.node.clone(), name.clone());
+                    if *sealed {
+                        self.finish_log(&key);
+                    } else {
+                        self.logs.commit(key, *end);
+                    }
+                }
+            }
+        }
         let work = group.drained.len() + group.arrived.len() + group.from_fabric.len();
         if total >= TRIM_AFTER_PACKETS {
             // A big group leaves megabytes of freed buffers (decoded packets, the queue's write
@@ -883,12 +937,7 @@ impl Server {
                     self.pop_outbox_name(&node);
                     continue;
                 };
-                let full = packets.iter().find(|packet| {
-                    let ip = packet.destination.ip();
-                    self.queued_bytes(ip) + accepted.get(ip).copied().unwrap_or(0) >= self.config.destination_bytes_max
-                });
-                if let Some(full) = full {
-                    let reason = format!("queue for {} is over its limit", full.destination.ip());
+                if let Some(reason) = self.over_limit(&packets, &accepted) {
                     self.push_back(reason);
                     // Files of one writer must stay in order: this one stays first in line.
                     break;
@@ -899,10 +948,133 @@ impl Server {
                     bytes_total += packet.payload.len();
                 }
                 packets_total += packets.len();
-                drained.push(Drained { node: node.clone(), name, packets, wants_acks });
+                drained.push(Drained { node: node.clone(), source: Source::File(name), packets, wants_acks });
             }
+            let mut budget = DrainBudget { packets: packets_total, bytes: bytes_total, accepted };
+            self.read_logs(&node, &mut drained, &mut budget)?;
+            (packets_total, bytes_total, accepted) = (budget.packets, budget.bytes, budget.accepted);
         }
         Ok(drained)
+    }
+
+    /// Reads frames of `node`'s outbox log segments within the cycle's bounds, in each writer's
+    /// order, and deals with segment ends and damage.
+    fn read_logs(
+        &mut self,
+        node: &NodeName,
+        drained: &mut Vec<Drained>,
+        budget: &mut DrainBudget,
+    ) -> Result<(), fsbridge::SpoolError> {
+        let (segments, foreign) = Logs::readable(&self.volume, node)?;
+        let log_dir = self.volume.outbox(node).dir().join("log");
+        for name in foreign {
+            self.quarantine_path(log_dir.join(name), node.as_str(), "unexpected file name in an outbox log directory");
+        }
+        let node_addr = self.node_to_addr.get(node).copied();
+        for (name, has_successor) in segments {
+            if budget.packets >= DRAIN_PACKETS_PER_CYCLE_MAX || budget.bytes >= DRAIN_BYTES_PER_CYCLE_MAX {
+                break;
+            }
+            let key = (node.clone(), name.clone());
+            let room = (DRAIN_BYTES_PER_CYCLE_MAX - budget.bytes).min(LOG_READ_BYTES_MAX);
+            let step = match self.logs.step(&self.volume, &key, has_successor, room, self.config.log_abandon_after) {
+                Ok(step) => step,
+                Err(fsbridge::log::LogError::Invalid { path, reason }) => {
+                    self.logs.forget(&key);
+                    self.quarantine_path(path, node.as_str(), &reason);
+                    continue;
+                }
+                Err(fsbridge::log::LogError::Spool(error)) => {
+                    self.report("reading an outbox log", error);
+                    continue;
+                }
+            };
+            match step {
+                Step::Idle => {}
+                Step::Finished => self.finish_log(&key),
+                Step::Damaged { from, to, reason, bytes } => {
+                    let reason = format!("outbox log {name} at byte {from}: {reason}");
+                    match to {
+                        Some(to) => {
+                            self.quarantine_bytes(node, &format!("{name}-{from}"), &bytes, &reason);
+                            drained.push(Drained {
+                                node: node.clone(),
+                                source: Source::Log { name, end: to, sealed: false },
+                                packets: Vec::new(),
+                                wants_acks: false,
+                            });
+                        }
+                        None => {
+                            self.logs.forget(&key);
+                            self.quarantine_path(log_dir.join(&name), node.as_str(), &reason);
+                        }
+                    }
+                }
+                Step::Frames { frames, sealed } => {
+                    let count = frames.len();
+                    for (index, (end, batch)) in frames.into_iter().enumerate() {
+                        let (packets, wants_acks) = match decode_outbox_batch(&batch, node, node_addr) {
+                            Ok(decoded) => decoded,
+                            Err(reason) => {
+                                let reason = format!("outbox log {name}, frame ending at byte {end}: {reason}");
+                                self.quarantine_bytes(node, &format!("{name}-{end}"), &batch, &reason);
+                                (Vec::new(), false)
+                            }
+                        };
+                        if let Some(reason) = self.over_limit(&packets, &budget.accepted) {
+                            // Frames of one writer stay in order: the rest waits for room.
+                            self.push_back(reason);
+                            break;
+                        }
+                        for packet in &packets {
+                            *budget.accepted.entry(*packet.destination.ip()).or_insert(0) +=
+                                packet.payload.len() as u64;
+                            budget.bytes += packet.payload.len();
+                        }
+                        budget.packets += packets.len();
+                        let sealed = sealed && index + 1 == count;
+                        drained.push(Drained {
+                            node: node.clone(),
+                            source: Source::Log { name: name.clone(), end, sealed },
+                            packets,
+                            wants_acks,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A log segment is read to its seal (or abandoned and read to its end): remove it.
+    fn finish_log(&mut self, key: &(NodeName, String)) {
+        let path = self.volume.outbox(&key.0).dir().join("log").join(&key.1);
+        match fsbridge::spool::remove_file_idempotent(&path) {
+            Ok(()) => self.logs.forget(key),
+            Err(error) => self.report("removing a finished outbox log", error),
+        }
+    }
+
+    /// Writes `bytes` (a damaged or undecodable part of an outbox log) into quarantine with a reason.
+    fn quarantine_bytes(&mut self, node: &NodeName, name: &str, bytes: &[u8], reason: &str) {
+        let dir = self.volume.quarantine_dir();
+        let staged = dir.join(format!(".{name}.{}", fsbridge::random_u64()));
+        let written = std::fs::create_dir_all(&dir)
+            .map_err(|source| fsbridge::SpoolError::Io { operation: "creating", path: dir.clone(), source })
+            .and_then(|()| fsbridge::spool::write_file_durably(&staged, bytes));
+        match written {
+            Ok(()) => self.quarantine_path(staged, node.as_str(), reason),
+            Err(error) => self.report("quarantining", format!("{name}: {error} (reason was: {reason})")),
+        }
+    }
+
+    /// Why `packets` may not be taken now (a destination over its byte limit), if so.
+    fn over_limit(&self, packets: &[Packet], accepted: &HashMap<Ipv4Addr, u64>) -> Option<String> {
+        let full = packets.iter().find(|packet| {
+            let ip = packet.destination.ip();
+            self.queued_bytes(ip) + accepted.get(ip).copied().unwrap_or(0) >= self.config.destination_bytes_max
+        })?;
+        Some(format!("queue for {} is over its limit", full.destination.ip()))
     }
 
     /// The next outbox file of `node` in name order. Names come from a bounded listing kept between
@@ -999,10 +1171,19 @@ impl Server {
                 self.publish_acks(node, &acks)?;
             }
             let outbox = self.volume.outbox(node);
-            for batch in batches {
-                outbox.remove_unsynced(&batch.name)?;
+            let files: Vec<&str> = batches
+                .iter()
+                .filter_map(|batch| match &batch.source {
+                    Source::File(name) => Some(name.as_str()),
+                    Source::Log { .. } => None,
+                })
+                .collect();
+            for name in &files {
+                outbox.remove_unsynced(name)?;
             }
-            outbox.sync()?;
+            if !files.is_empty() {
+                outbox.sync()?;
+            }
         }
         Ok(())
     }
@@ -1489,6 +1670,19 @@ impl Server {
             && let Err(error) = self.queue.rotate()
         {
             self.report("starting a new segment", error);
+        }
+        let active = self.active_segment_id();
+        if let Some(cursors) = self.logs.checkpoint(&self.volume, active) {
+            // Older segments may hold the only copy of a cursor: write them all into the active
+            // segment before any is reclaimed.
+            for (node, log, offset) in cursors {
+                self.queue.append(&QueueRecord::Cursor { node, log, offset });
+            }
+            if let Err(error) = self.sync_queue() {
+                self.report("writing outbox log cursors", error);
+                return;
+            }
+            self.logs.checkpointed(active);
         }
         self.queue.reclaim(|segment| self.live_per_segment.contains_key(&segment));
     }

@@ -65,6 +65,9 @@ pub struct Config {
     /// none): best-effort delivery, acked as "accepted".
     pub egress: Vec<Cidr>,
     pub ack: AckMode,
+    /// `FTSS_OUTBOX`: `log` (default) appends batches to a per-process outbox log (one fdatasync a
+    /// batch); `files` publishes one batch file each (Maildir: create, fsync, rename, fsync dir).
+    pub outbox_log: bool,
     pub log: Option<PathBuf>,
     /// `FTSS_PCAP`: record this process's fabric datagrams in a pcap file.
     pub pcap: Option<PathBuf>,
@@ -117,6 +120,11 @@ impl Config {
             Some("guaranteed") => AckMode::Guaranteed,
             Some(other) => return Err(format!("FTSS_ACK {other:?} is not one of async, volume, guaranteed")),
         };
+        let outbox_log = match var("FTSS_OUTBOX").as_deref() {
+            None | Some("log") => true,
+            Some("files") => false,
+            Some(other) => return Err(format!("FTSS_OUTBOX {other:?} is not one of log, files")),
+        };
         let poll = millis_var("FTSS_POLL_MS", 10)?;
         let timeout = millis_var("FTSS_TIMEOUT_MS", 30_000)?;
         let timeout = match var("FTSS_TIMEOUT") {
@@ -137,6 +145,7 @@ impl Config {
             routes,
             egress,
             ack,
+            outbox_log,
             log: var("FTSS_LOG").map(PathBuf::from),
             pcap: var("FTSS_PCAP").map(PathBuf::from),
             poll,

@@ -101,6 +101,8 @@ extern "C" fn at_exit() {
         }
         if !shim.outbox().wait_idle(Instant::now() + shim.config.timeout) {
             crate::log!("exit: datagrams still queued after FTSS_TIMEOUT are lost");
+        } else {
+            shim.outbox().seal_log();
         }
         crate::pump::flush_receipts(shim);
     });

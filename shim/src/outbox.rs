@@ -1,7 +1,9 @@
-//! The process's outbox writer: group commit of datagrams into batch files on the volume.
+//! The process's outbox writer: group commit of datagrams into batches on the volume.
 //!
 //! Senders push packets into a bounded ring (`ringbuf`) and get a sequence number; one flusher thread
-//! takes everything in the ring, writes it as one batch file with one fsync, and then wakes every
+//! takes everything in the ring, appends it as one batch to the process's outbox log with one
+//! fdatasync (`fsbridge::log`; or, with `FTSS_OUTBOX=files`, publishes it as one batch file with
+//! its fsyncs), and then wakes every
 //! sender whose sequence number is now published. Concurrent senders therefore share one batch and
 //! one sync; a sender in `volume` mode returns only once its batch is published, in `async` mode as
 //! soon as the ring took it.
@@ -16,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use fsbridge::format::{BATCH_BYTES_MAX, BatchEncoder, FLAG_WANTS_ACKS, RECORD_OVERHEAD_BYTES};
 use fsbridge::layout::batch_file_name;
+use fsbridge::log::LogWriter;
 use fsbridge::{BatchHeader, BatchKind, NodeName, Packet, Record, Spool};
 use ringbuf::traits::{Consumer, Observer, Producer, Split};
 use ringbuf::{HeapCons, HeapProd, HeapRb};
@@ -95,6 +98,8 @@ pub struct Outbox {
     /// Signalled when a batch is published or fails, or an ack arrives.
     progress: Condvar,
     spool: Spool,
+    /// The process's outbox log (`FTSS_OUTBOX=log`); without it each batch is a file in `spool`.
+    log: Mutex<Option<LogWriter>>,
     node: NodeName,
     epoch: u64,
     /// Senders wait for the server's stored acks (guaranteed mode): batches ask the server for them.
@@ -102,7 +107,7 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    pub fn new(spool: Spool, node: NodeName, epoch: u64, wants_acks: bool) -> Outbox {
+    pub fn new(spool: Spool, log: Option<LogWriter>, node: NodeName, epoch: u64, wants_acks: bool) -> Outbox {
         let (producer, consumer) = HeapRb::<Packet>::new(RING_PACKETS_MAX).split();
         Outbox {
             state: Mutex::new(State {
@@ -121,6 +126,7 @@ impl Outbox {
             work: Condvar::new(),
             progress: Condvar::new(),
             spool,
+            log: Mutex::new(log),
             node,
             epoch,
             wants_acks,
@@ -232,6 +238,14 @@ impl Outbox {
             }
         }
         true
+    }
+
+    /// Seals the outbox log (at exit, once idle) so that the server removes it as soon as it has
+    /// read it.
+    pub fn seal_log(&self) {
+        if let Some(log) = self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).as_mut() {
+            log.seal();
+        }
     }
 
     /// Is anything queued or being published? (The flusher's exit and the tests use it.)
@@ -388,11 +402,16 @@ impl Outbox {
         }
         let bytes = encoder.finish();
         let name = batch_file_name(self.epoch, batch_seq, "pkt");
+        let mut log = self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.spool.publish(&name, &bytes) {
-                Ok(_) => return Ok(()),
+            let published = match log.as_mut() {
+                Some(log) => log.append(&bytes),
+                None => self.spool.publish(&name, &bytes).map(drop),
+            };
+            match published {
+                Ok(()) => return Ok(()),
                 Err(error) if attempt < PUBLISH_ATTEMPTS_MAX => {
                     log!("publish of {name} failed (attempt {attempt}): {error}; retrying");
                     std::thread::sleep(PUBLISH_RETRY_PAUSE);
@@ -440,7 +459,7 @@ mod tests {
 
     fn outbox() -> Outbox {
         let node = NodeName::new("t").unwrap();
-        Outbox::new(Spool::new(std::env::temp_dir().join("ftss-outbox-unit-never-written")), node, 1, true)
+        Outbox::new(Spool::new(std::env::temp_dir().join("ftss-outbox-unit-never-written")), None, node, 1, true)
     }
 
     fn packet(seq: u64) -> Packet {

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use fsbridge::format::PAYLOAD_BYTES_MAX;
+use fsbridge::log::LogWriter;
 use fsbridge::{NodeConfig, Packet, PacketId, Volume};
 use libc::{c_int, c_void, iovec, msghdr, sockaddr, socklen_t, ssize_t};
 
@@ -230,7 +231,9 @@ pub struct Shim {
 
 fn new_outbox(volume: &Volume, config: &Config, epoch: u64) -> *mut Outbox {
     let wants_acks = config.ack == AckMode::Guaranteed;
-    Box::into_raw(Box::new(Outbox::new(volume.outbox(&config.node), config.node.clone(), epoch, wants_acks)))
+    let spool = volume.outbox(&config.node);
+    let log = config.outbox_log.then(|| LogWriter::new(spool.dir(), epoch));
+    Box::into_raw(Box::new(Outbox::new(spool, log, config.node.clone(), epoch, wants_acks)))
 }
 
 fn new_link(config: &Config, epoch: u64) -> *mut Link {

@@ -374,6 +374,14 @@ pub fn files_in(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// What a node's outbox holds on the volume: batch files (`out/new/`) and log segments (`out/log/`).
+pub fn outbox_entries(volume: &Path, node: &str) -> Vec<String> {
+    let outbox = volume.join("nodes").join(node).join("out");
+    let mut entries = files_in(&outbox.join("new"));
+    entries.extend(files_in(&outbox.join("log")));
+    entries
+}
+
 pub mod apps;
 pub mod gluster;
 pub mod smb;

@@ -1,0 +1,199 @@
+//! The server's side of nodes' outbox logs (`fsbridge::log`): which segments to read, where each
+//! read starts, and what to do with a segment's end.
+//!
+//! The read position of every segment is committed in the queue (a `Cursor` record in the same
+//! sync as the packets read), so after a crash reading resumes exactly after what was stored. The
+//! cursors are written again into each new active queue segment before old segments are
+//! reclaimed, so the latest cursor of every segment still on the volume always survives.
+//!
+//! One writer's segments are read in order: a later segment only once the earlier one is finished
+//! and deleted, so packets keep their send order. A segment is finished when it is read to its
+//! seal, or read to its end while a later segment of the same writer exists (a writer starts the
+//! next segment only after its last write to the previous one, e.g. after a failed write whose
+//! batch it then wrote again there), or read to its end and unchanged for the abandon time (its
+//! writer died).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use fsbridge::log::{self, LogError, LogReader, Tail};
+use fsbridge::{NodeName, Volume};
+
+/// Most segments kept open; beyond, the least recently read are closed (and reopened as needed).
+const OPEN_SEGMENTS_MAX: usize = 4096;
+/// Most segment names taken from one node's log directory per cycle.
+const SEGMENTS_LISTED_MAX: usize = 4096;
+/// A frame that stays invalid this long is damage, not a write in progress.
+pub const BAD_FRAME_GRACE: Duration = Duration::from_secs(10);
+
+/// A segment: the node whose outbox holds it, and its name.
+pub type SegmentKey = (NodeName, String);
+
+/// What reading one segment gave this cycle.
+pub enum Step {
+    /// Frames (offset just past each, batch bytes), and whether the seal follows the last one.
+    Frames { frames: Vec<(u64, Vec<u8>)>, sealed: bool },
+    /// Damage from `from` to `to` (`None`: the rest of the file; the segment is then moved aside
+    /// whole).
+    Damaged { from: u64, to: Option<u64>, reason: String, bytes: Vec<u8> },
+    /// The segment is finished (sealed and read, or abandoned and read): delete it.
+    Finished,
+    /// Nothing to do now.
+    Idle,
+}
+
+struct Open {
+    reader: LogReader,
+    bad_since: Option<(u64, Instant)>,
+    used_at: Instant,
+}
+
+/// Cursors and open segments.
+#[derive(Default)]
+pub struct Logs {
+    cursors: HashMap<SegmentKey, u64>,
+    open: HashMap<SegmentKey, Open>,
+    /// The queue segment the cursors were last all written into.
+    checkpointed_in: Option<u64>,
+}
+
+impl Logs {
+    /// A cursor found by recovery (later ones replace earlier ones).
+    pub fn recover(&mut self, node: NodeName, log: String, offset: u64) {
+        self.cursors.insert((node, log), offset);
+    }
+
+    /// Where reading `key` starts: its committed cursor, or just past the header.
+    pub fn position(&self, key: &SegmentKey) -> u64 {
+        self.cursors.get(key).copied().unwrap_or(log::SEGMENT_HEADER_BYTES)
+    }
+
+    /// Frames up to `offset` of `key` are durable in the queue.
+    pub fn commit(&mut self, key: SegmentKey, offset: u64) {
+        let cursor = self.cursors.entry(key).or_insert(0);
+        *cursor = (*cursor).max(offset);
+    }
+
+    /// The segment was deleted or moved aside: forget it.
+    pub fn forget(&mut self, key: &SegmentKey) {
+        self.cursors.remove(key);
+        self.open.remove(key);
+    }
+
+
+    /// Segments of `node` to read now: for each writer (epoch), its lowest segment, and whether a
+    /// later one exists. Also the names that are not segment names (to quarantine).
+    pub fn readable(
+        volume: &Volume,
+        node: &NodeName,
+    ) -> Result<(Vec<(String, bool)>, Vec<String>), fsbridge::SpoolError> {
+        let dir = volume.outbox(node).dir().join("log");
+        let names = fsbridge::spool::list_names(&dir, SEGMENTS_LISTED_MAX)?;
+        let mut writers: BTreeMap<u64, Vec<(u64, String)>> = BTreeMap::new();
+        let mut foreign = Vec::new();
+        for name in names {
+            match log::parse_segment_name(&name) {
+                Some((epoch, segment)) => writers.entry(epoch).or_default().push((segment, name)),
+                None => foreign.push(name),
+            }
+        }
+        let readable = writers
+            .into_values()
+            .map(|mut segments| {
+                segments.sort_unstable();
+                let has_successor = segments.len() > 1;
+                (segments.swap_remove(0).1, has_successor)
+            })
+            .collect();
+        Ok((readable, foreign))
+    }
+
+    /// Reads `key` from its cursor, about `budget` bytes. `has_successor`: its writer has started
+    /// a later segment. `abandon_after`: how long an unsealed segment read to its end must stay
+    /// unchanged before it is taken for dead.
+    pub fn step(
+        &mut self,
+        volume: &Volume,
+        key: &SegmentKey,
+        has_successor: bool,
+        budget: usize,
+        abandon_after: Duration,
+    ) -> Result<Step, LogError> {
+        let from = self.position(key);
+        if !self.open.contains_key(key) {
+            let path = volume.outbox(&key.0).dir().join("log").join(&key.1);
+            let Some(reader) = LogReader::open(&path)? else {
+                self.forget(key);
+                return Ok(Step::Idle);
+            };
+            self.close_least_used();
+            self.open.insert(key.clone(), Open { reader, bad_since: None, used_at: Instant::now() });
+        }
+        let open = self.open.get_mut(key).expect("opened above");
+        open.used_at = Instant::now();
+        let chunk = open.reader.read(from, budget)?;
+        if !chunk.frames.is_empty() {
+            open.bad_since = None;
+            return Ok(Step::Frames { frames: chunk.frames, sealed: chunk.tail == Tail::Sealed });
+        }
+        match chunk.tail {
+            Tail::Sealed => Ok(Step::Finished),
+            Tail::Open if has_successor || open.reader.unchanged_for() >= abandon_after => Ok(Step::Finished),
+            Tail::Open => Ok(Step::Idle),
+            // The writer is done with this segment: what is not a frame is damage, or the end of
+            // a failed write (its batch was written again in the next segment).
+            Tail::Bad(reason) if has_successor => {
+                let to = open.reader.next_valid_frame(from)?;
+                let bytes = open.reader.bytes(from, to)?;
+                Ok(Step::Damaged { from, to, reason, bytes })
+            }
+            Tail::Bad(reason) => {
+                let since = match open.bad_since {
+                    Some((offset, since)) if offset == from => since,
+                    _ => {
+                        open.bad_since = Some((from, Instant::now()));
+                        return Ok(Step::Idle);
+                    }
+                };
+                if since.elapsed() < BAD_FRAME_GRACE {
+                    return Ok(Step::Idle);
+                }
+                match open.reader.next_valid_frame(from)? {
+                    Some(to) => {
+                        let bytes = open.reader.bytes(from, Some(to))?;
+                        open.bad_since = None;
+                        Ok(Step::Damaged { from, to: Some(to), reason, bytes })
+                    }
+                    None if open.reader.unchanged_for() >= abandon_after => {
+                        Ok(Step::Damaged { from, to: None, reason, bytes: Vec::new() })
+                    }
+                    None => Ok(Step::Idle),
+                }
+            }
+        }
+    }
+
+    fn close_least_used(&mut self) {
+        if self.open.len() < OPEN_SEGMENTS_MAX {
+            return;
+        }
+        if let Some(oldest) = self.open.iter().min_by_key(|(_, open)| open.used_at).map(|(key, _)| key.clone()) {
+            self.open.remove(&oldest);
+        }
+    }
+
+    /// The cursors to write into queue segment `active` before older segments are reclaimed, or
+    /// `None` if they are there already. Cursors of segments no longer on the volume are dropped.
+    pub fn checkpoint(&mut self, volume: &Volume, active: u64) -> Option<Vec<(NodeName, String, u64)>> {
+        if self.checkpointed_in == Some(active) {
+            return None;
+        }
+        self.cursors.retain(|(node, name), _| volume.outbox(node).dir().join("log").join(name).exists());
+        Some(self.cursors.iter().map(|((node, name), offset)| (node.clone(), name.clone(), *offset)).collect())
+    }
+
+    /// The cursors returned by [`Logs::checkpoint`] are durable in `active`.
+    pub fn checkpointed(&mut self, active: u64) {
+        self.checkpointed_in = Some(active);
+    }
+}
