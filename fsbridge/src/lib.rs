@@ -5,7 +5,8 @@
 //! ```text
 //! VOLUME/
 //!   nodes/<node>/node.toml            addr = "10.77.0.2"   (written by the node's shim)
-//!   nodes/<node>/out/{tmp,new}/       packet batches the node sends; drained by ftss-server
+//!   nodes/<node>/out/log/             outbox logs (`log`): one per sending process, drained by ftss-server
+//!   nodes/<node>/out/{tmp,new}/       packet batch files the node sends (FTSS_OUTBOX=files)
 //!   nodes/<node>/in/<port>/{tmp,new}/ packet batches for the node's UDP port; written by ftss-server
 //!   nodes/<node>/rcpt/{tmp,new}/      receipts: packets the node's apps received; read by ftss-server
 //!   nodes/<node>/ack/{tmp,new}/       acks: the state of the node's packets; written by ftss-server
@@ -24,8 +25,9 @@
 //! hex, so a listing sorted by name is each writer's publish order. Names starting with `.` (NFS
 //! silly-renames, editor files) are ignored.
 //!
-//! `format` holds the bytes; `spool` the file operations; `layout` the paths; `fabric` the same
-//! batches framed for a stream connection to ftss-server.
+//! `format` holds the bytes; `spool` the file operations; `layout` the paths; `log` the outbox logs
+//! (batches appended to a per-process segment, one fdatasync each); `fabric` the same batches
+//! framed for a stream connection to ftss-server.
 
 pub mod fabric;
 pub mod format;

@@ -32,6 +32,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
+use std::os::fd::IntoRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -160,7 +161,8 @@ impl LogWriter {
         let frame_len = FRAME_HEAD_BYTES + batch.len() as u64;
         loop {
             let idle = self.last_write.elapsed();
-            let full = self.offset > SEGMENT_HEADER_BYTES && self.offset + frame_len + FRAME_HEAD_BYTES > SEGMENT_BYTES_MAX;
+            let full =
+                self.offset > SEGMENT_HEADER_BYTES && self.offset + frame_len + FRAME_HEAD_BYTES > SEGMENT_BYTES_MAX;
             if self.file.is_none() || full || idle >= IDLE_ROTATE {
                 self.start_segment()?;
             }
@@ -215,27 +217,39 @@ impl LogWriter {
 
     /// Seals the current segment (if it is sound) and makes the next one whole.
     fn start_segment(&mut self) -> Result<(), SpoolError> {
+        // A number is never tried twice: a failed attempt may leave its name behind.
         let next = self.segment + 1;
+        self.segment = next;
         let name = segment_name(self.epoch, next);
         let tmp = self.tmp_dir.join(&name);
         let target = self.dir.join(&name);
         let header = segment_header(self.epoch, next);
         let mut initial = header.clone();
         initial.resize((SEGMENT_HEADER_BYTES + ZEROS_FIRST_BYTES) as usize, 0);
-        if self.segment == 0 {
+        if next == 1 {
             // First segment of this process: make sure the directories exist (cheap, once).
             for dir in [&self.tmp_dir, &self.dir] {
-                fs::create_dir_all(dir)
-                    .map_err(|source| SpoolError::Io { operation: "creating", path: dir.clone(), source })?;
+                fs::create_dir_all(dir).map_err(|source| SpoolError::Io {
+                    operation: "creating",
+                    path: dir.clone(),
+                    source,
+                })?;
             }
         }
-        let file = write_segment(&tmp, &initial).inspect_err(|_| {
+        write_segment(&tmp, &initial).inspect_err(|_| {
             let _ = fs::remove_file(&tmp);
         })?;
+        // Renamed closed (SMB refuses to rename an open file), then opened again.
         fs::rename(&tmp, &target).map_err(|source| {
             let _ = fs::remove_file(&tmp);
             SpoolError::Rename { path: target.clone(), source }
         })?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&target)
+            .map_err(|source| SpoolError::Write { path: target.clone(), source })?;
         sync_directory(&self.dir)?;
         // The new segment exists: a reader that finds the seal finds its successor. A seal lost in
         // a crash only delays the old segment's removal to the abandon time.
@@ -243,7 +257,6 @@ impl LogWriter {
             let _ = old.write_all_at(&encode_seal(), self.offset);
         }
         self.file = Some(file);
-        self.segment = next;
         self.offset = SEGMENT_HEADER_BYTES;
         self.zeroed_end = initial.len() as u64;
         self.zeros_step = ZEROS_FIRST_BYTES;
@@ -251,10 +264,10 @@ impl LogWriter {
     }
 }
 
-fn write_segment(path: &Path, bytes: &[u8]) -> Result<File, SpoolError> {
+/// Writes a new segment file, syncs it and checks close (NFS reports write errors there).
+fn write_segment(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
     let write_error = |source| SpoolError::Write { path: path.into(), source };
     let file = OpenOptions::new()
-        .read(true)
         .write(true)
         .create_new(true)
         .mode(0o644)
@@ -263,7 +276,12 @@ fn write_segment(path: &Path, bytes: &[u8]) -> Result<File, SpoolError> {
         .map_err(write_error)?;
     file.write_all_at(bytes, 0).map_err(write_error)?;
     file.sync_all().map_err(write_error)?;
-    Ok(file)
+    let fd = file.into_raw_fd();
+    // SAFETY: we own fd (into_raw_fd) and close it exactly once.
+    if unsafe { libc::close(fd) } != 0 {
+        return Err(SpoolError::Close { path: path.into(), source: io::Error::last_os_error() });
+    }
+    Ok(())
 }
 
 /// What a read found after its last whole frame.
@@ -326,8 +344,11 @@ impl LogReader {
             return Err(invalid("not a regular file"));
         }
         let mut header = vec![0; SEGMENT_HEADER_BYTES as usize];
-        let read = read_at_most(&file, &mut header, 0)
-            .map_err(|source| SpoolError::Io { operation: "reading", path: path.into(), source })?;
+        let read = read_at_most(&file, &mut header, 0).map_err(|source| SpoolError::Io {
+            operation: "reading",
+            path: path.into(),
+            source,
+        })?;
         if read < header.len() || header != segment_header(epoch, segment) {
             return Err(invalid("bad segment header (magic, version, epoch, segment or checksum)"));
         }
@@ -418,7 +439,9 @@ impl LogReader {
         bytes.truncate(filled);
         for start in 1..bytes.len() {
             let rest = &bytes[start..];
-            if rest.len() < FRAME_HEAD_BYTES as usize || !(rest.starts_with(&FRAME_MAGIC) || rest.starts_with(&SEAL_MAGIC)) {
+            if rest.len() < FRAME_HEAD_BYTES as usize
+                || !(rest.starts_with(&FRAME_MAGIC) || rest.starts_with(&SEAL_MAGIC))
+            {
                 continue;
             }
             let len = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes")) as usize;
@@ -466,7 +489,8 @@ mod tests {
     use super::*;
 
     fn temp_outbox(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("fsbridge-log-{tag}-{}-{}", std::process::id(), crate::random_u64()));
+        let dir =
+            std::env::temp_dir().join(format!("fsbridge-log-{tag}-{}-{}", std::process::id(), crate::random_u64()));
         fs::create_dir_all(&dir).unwrap();
         dir
     }

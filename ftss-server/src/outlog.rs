@@ -29,6 +29,10 @@ pub const BAD_FRAME_GRACE: Duration = Duration::from_secs(10);
 /// A segment: the node whose outbox holds it, and its name.
 pub type SegmentKey = (NodeName, String);
 
+/// A node's log directory: (segment to read, whether a later one of its writer exists) per
+/// writer, and names that are not segment names.
+pub type Listing = (Vec<(String, bool)>, Vec<String>);
+
 /// What reading one segment gave this cycle.
 pub enum Step {
     /// Frames (offset just past each, batch bytes), and whether the seal follows the last one.
@@ -80,13 +84,12 @@ impl Logs {
         self.open.remove(key);
     }
 
-
     /// Segments of `node` to read now: for each writer (epoch), its lowest segment, and whether a
     /// later one exists. Also the names that are not segment names (to quarantine).
     pub fn readable(
         volume: &Volume,
         node: &NodeName,
-    ) -> Result<(Vec<(String, bool)>, Vec<String>), fsbridge::SpoolError> {
+    ) -> Result<Listing, fsbridge::SpoolError> {
         let dir = volume.outbox(node).dir().join("log");
         let names = fsbridge::spool::list_names(&dir, SEGMENTS_LISTED_MAX)?;
         let mut writers: BTreeMap<u64, Vec<(u64, String)>> = BTreeMap::new();

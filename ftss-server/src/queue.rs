@@ -98,11 +98,23 @@ pub enum Outcome {
 /// One queue record.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum QueueRecord {
-    Stored { stored_unix_us: u64, packet: Packet },
-    Done { id: PacketId, outcome: Outcome, at_unix_us: u64, reason: String },
+    Stored {
+        stored_unix_us: u64,
+        packet: Packet,
+    },
+    Done {
+        id: PacketId,
+        outcome: Outcome,
+        at_unix_us: u64,
+        reason: String,
+    },
     /// Every frame of `node`'s outbox log segment `log` before `offset` is stored (committed in
     /// the same sync as the packets read).
-    Cursor { node: NodeName, log: String, offset: u64 },
+    Cursor {
+        node: NodeName,
+        log: String,
+        offset: u64,
+    },
 }
 
 /// What recovery found, in log order.

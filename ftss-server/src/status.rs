@@ -34,6 +34,9 @@ pub fn show(volume_dir: &Path, as_json: bool) -> Result<(), String> {
             *entry = json!({ "addr": volume.node_config(&node).ok().flatten().map(|config| config.addr.to_string()), "queued": 0 });
         }
         entry["outbox_files"] = json!(backlog);
+        let log_dir = volume.outbox(&node).dir().join("log");
+        let segments = fsbridge::spool::list_names(&log_dir, usize::MAX).map(|names| names.len()).unwrap_or(0);
+        entry["outbox_log_segments"] = json!(segments);
     }
     let quarantined = fsbridge::spool::list_names(&volume.quarantine_dir(), usize::MAX)
         .map(|names| names.iter().filter(|name| !name.ends_with(fsbridge::layout::QUARANTINE_REASON_SUFFIX)).count())
@@ -268,19 +271,20 @@ fn print_table(status: &Value) {
         );
     }
     println!(
-        "{:<20} {:<16} {:>10} {:>12} {:>12} {:>12}",
-        "NODE", "ADDR", "QUEUED", "BYTES", "OLDEST MS", "OUTBOX FILES"
+        "{:<20} {:<16} {:>10} {:>12} {:>12} {:>12} {:>12}",
+        "NODE", "ADDR", "QUEUED", "BYTES", "OLDEST MS", "OUTBOX FILES", "LOG SEGMENTS"
     );
     if let Some(nodes) = status["nodes"].as_object() {
         for (name, node) in nodes {
             println!(
-                "{:<20} {:<16} {:>10} {:>12} {:>12} {:>12}",
+                "{:<20} {:<16} {:>10} {:>12} {:>12} {:>12} {:>12}",
                 name,
                 node["addr"].as_str().unwrap_or("-"),
                 number(&node["queued"]),
                 number(&node["queued_bytes"]),
                 number(&node["oldest_age_ms"]),
-                number(&node["outbox_files"])
+                number(&node["outbox_files"]),
+                number(&node["outbox_log_segments"])
             );
         }
     }

@@ -36,6 +36,10 @@ const BATCH_FILE_BYTES_MAX: usize = BATCH_BYTES_MAX / 4;
 pub const UNACKED_PACKETS_MAX: usize = RING_PACKETS_MAX;
 /// Failed batches remembered so that their senders can be told; older ones have no waiter left.
 const FAILURES_MAX: usize = 64;
+/// Most packets the flusher waits to gather for one batch.
+const GATHER_PACKETS_MAX: usize = 256;
+/// Longest the flusher waits to gather them (at most half the last publish's time).
+const GATHER_WAIT_MAX: Duration = Duration::from_micros(200);
 /// Pause before the flusher retries a batch whose publish failed.
 const PUBLISH_RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// Publish attempts for one batch before its senders are failed with EIO.
@@ -257,13 +261,17 @@ impl Outbox {
     /// The flusher thread's body: publish batches forever.
     pub fn run_flusher(&self) {
         let mut batch_seq = 0u64;
+        let (mut expected, mut gather) = (1, Duration::ZERO);
         loop {
-            let packets = self.take_batch();
+            let packets = self.take_batch(expected, gather);
             batch_seq += 1;
             let first = packets[0].id.seq;
             let last = packets[packets.len() - 1].id.seq;
             let bytes: usize = packets.iter().map(|packet| packet.payload.len()).sum();
+            let started = Instant::now();
             let outcome = self.publish(batch_seq, &packets);
+            expected = packets.len().min(GATHER_PACKETS_MAX);
+            gather = (started.elapsed() / 2).min(GATHER_WAIT_MAX);
             let mut state = self.lock();
             if let Err(errno) = outcome {
                 state.failures.push_back((first, last, errno));
@@ -364,12 +372,22 @@ impl Outbox {
         self.work.notify_all();
     }
 
-    /// Blocks until the ring has packets; takes as many as fit one batch file.
-    fn take_batch(&self) -> Vec<Packet> {
+    /// Blocks until the ring has packets; then waits up to `gather` for `expected` of them (the
+    /// senders the last batch released are about to send again: one sync for all of them beats a
+    /// sync for the first and another for the rest); takes as many as fit one batch.
+    fn take_batch(&self, expected: usize, gather: Duration) -> Vec<Packet> {
         let mut consumer = self.consumer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut state = self.lock();
         while consumer.is_empty() {
             state = self.work.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        let deadline = Instant::now() + gather;
+        while consumer.occupied_len() < expected {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            state = self.work.wait_timeout(state, deadline - now).unwrap_or_else(|poisoned| poisoned.into_inner()).0;
         }
         drop(state);
         Self::take_from(&mut consumer, usize::MAX)

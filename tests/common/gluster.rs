@@ -92,9 +92,14 @@ impl GlusterVolume {
 
     /// `volume start NAME force`: restarts dead bricks; self-heal catches them up.
     pub fn restart_bricks(&self) {
-        gluster(&["volume", "start", &self.name, "force"])
-            .unwrap_or_else(|error| panic!("volume start force: {error}"));
-        assert!(wait_until(Duration::from_secs(30), || self.brick_pids().len() == 3), "bricks did not come back");
+        // glusterd notices a dead brick only after a moment; until then `start force` finds every
+        // brick "running" and does nothing, so ask again until all three are there.
+        let restarted = wait_until(Duration::from_secs(60), || {
+            gluster(&["volume", "start", &self.name, "force"])
+                .unwrap_or_else(|error| panic!("volume start force: {error}"));
+            wait_until(Duration::from_secs(3), || self.brick_pids().len() == 3)
+        });
+        assert!(restarted, "bricks did not come back");
     }
 
     /// Starts a heal and waits until self-heal has nothing left to heal.
