@@ -26,14 +26,22 @@ pub struct SmbShare {
     pub mounted: PathBuf,
 }
 
+/// The FUSE unmount helper smbnetfs's libfuse installed (fuse 2 or fuse 3).
+fn fusermount() -> Option<&'static str> {
+    ["fusermount", "fusermount3"].into_iter().find(|program| have(program))
+}
+
 /// Why SMB scenarios cannot run here, or `None` if they can.
 pub fn unavailable() -> Option<String> {
-    for program in ["smbd", "smbnetfs", "fusermount3"] {
+    for program in ["smbd", "smbnetfs"] {
         if !have(program) && !have(&format!("/usr/sbin/{program}")) {
             return Some(format!(
-                "{program} not installed (apt-get install samba smbnetfs fuse3 to run the SMB scenarios)"
+                "{program} not installed (apt-get install samba smbnetfs fuse to run the SMB scenarios)"
             ));
         }
+    }
+    if fusermount().is_none() {
+        return Some("neither fusermount nor fusermount3 is installed (apt-get install fuse)".into());
     }
     if !Path::new("/dev/fuse").exists() {
         return Some("/dev/fuse is missing (no FUSE in this kernel or container)".into());
@@ -111,7 +119,9 @@ impl SmbShare {
 
 impl Drop for SmbShare {
     fn drop(&mut self) {
-        let _ = Command::new("fusermount3").arg("-u").arg(&self.mount).stderr(Stdio::null()).status();
+        if let Some(fusermount) = fusermount() {
+            let _ = Command::new(fusermount).arg("-u").arg(&self.mount).stderr(Stdio::null()).status();
+        }
         let pid_file = self.root.join("pid").join("smbd.pid");
         if let Some(pid) = std::fs::read_to_string(pid_file).ok().and_then(|text| text.trim().parse::<i32>().ok()) {
             // SAFETY: signalling the smbd this bench started (its pid file is in our directory).

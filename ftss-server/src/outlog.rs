@@ -86,10 +86,7 @@ impl Logs {
 
     /// Segments of `node` to read now: for each writer (epoch), its lowest segment, and whether a
     /// later one exists. Also the names that are not segment names (to quarantine).
-    pub fn readable(
-        volume: &Volume,
-        node: &NodeName,
-    ) -> Result<Listing, fsbridge::SpoolError> {
+    pub fn readable(volume: &Volume, node: &NodeName) -> Result<Listing, fsbridge::SpoolError> {
         let dir = volume.outbox(node).dir().join("log");
         let names = fsbridge::spool::list_names(&dir, SEGMENTS_LISTED_MAX)?;
         let mut writers: BTreeMap<u64, Vec<(u64, String)>> = BTreeMap::new();

@@ -91,6 +91,9 @@ struct State {
     taken_seq: u64,
     /// Fabric: the flusher must look at the link again (it reconnected).
     nudged: bool,
+    /// Ring occupancy at which a sender wakes the flusher: 1 normally, more while it gathers a
+    /// batch (so that it is not woken for every packet it is waiting for anyway).
+    wake_at: usize,
 }
 
 /// The shared outbox of one process.
@@ -125,6 +128,7 @@ impl Outbox {
                 unacked: BTreeMap::new(),
                 taken_seq: 0,
                 nudged: false,
+                wake_at: 1,
             }),
             consumer: Mutex::new(consumer),
             work: Condvar::new(),
@@ -170,8 +174,11 @@ impl Outbox {
         }
         let pushed = state.producer.try_push(build(seq));
         assert!(pushed.is_ok(), "ring had room under the lock");
+        let wake = state.producer.occupied_len() >= state.wake_at;
         drop(state);
-        self.work.notify_one();
+        if wake {
+            self.work.notify_one();
+        }
         Ok(seq)
     }
 
@@ -382,6 +389,7 @@ impl Outbox {
             state = self.work.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
         }
         let deadline = Instant::now() + gather;
+        state.wake_at = expected;
         while consumer.occupied_len() < expected {
             let now = Instant::now();
             if now >= deadline {
@@ -389,6 +397,7 @@ impl Outbox {
             }
             state = self.work.wait_timeout(state, deadline - now).unwrap_or_else(|poisoned| poisoned.into_inner()).0;
         }
+        state.wake_at = 1;
         drop(state);
         Self::take_from(&mut consumer, usize::MAX)
     }
