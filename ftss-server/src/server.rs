@@ -28,6 +28,8 @@ use crate::metrics::{Histogram, Snapshot};
 use crate::outlog::{Logs, Step};
 use crate::queue::{Location, MirrorStatus, Outcome, Queue, QueueError, QueueRecord, RecoveryReport};
 
+/// Unclaimed inbox files of one port after which new packets for it wait for the receiver.
+const INBOX_FILES_WAITING_MAX: usize = 4;
 /// Most bytes read from one outbox log segment in one cycle.
 const LOG_READ_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Most outbox files drained from one node in one cycle; keeps one busy node from starving others.
@@ -224,6 +226,8 @@ pub struct Server {
     fabric_turn: usize,
     /// Nodes' outbox logs: committed read positions and open segments.
     logs: Logs,
+    /// Inbox files written per (node, port), oldest first, until seen claimed.
+    inbox_files: HashMap<(NodeName, u16), VecDeque<u64>>,
 }
 
 /// What a cycle's drain has taken so far, against its bounds.
@@ -348,6 +352,7 @@ impl Server {
             ack_epochs: HashSet::new(),
             ack_epoch_order: VecDeque::new(),
             logs: Logs::default(),
+            inbox_files: HashMap::new(),
         };
         server.replay(recovered);
         Ok(server)
@@ -1321,6 +1326,18 @@ impl Server {
                 continue;
             }
             let route = self.fabric_route(&node, port);
+            if route.is_none() && self.inbox_backlogged(&node, port) {
+                // The receiver has not taken the last files yet (a slow mount, or no socket bound):
+                // new packets wait in the queue and go out together in the next file, instead of
+                // one small file per cycle that it would read one at a time.
+                for (key, _) in &keys {
+                    if self.index.in_flight(*key).is_some() {
+                        self.index.postpone(*key, now);
+                    }
+                }
+                count -= keys.len();
+                continue;
+            }
             let mut start = 0;
             while start < keys.len() {
                 let delivered = match &route {
@@ -1388,8 +1405,32 @@ impl Server {
             self.skip_delivery(keys, now);
             return Ok(keys.len());
         }
+        let waiting = self.inbox_files.entry((node.clone(), port)).or_default();
+        waiting.push_back(file_seq);
+        if waiting.len() > INBOX_FILES_WAITING_MAX * 4 {
+            waiting.pop_front();
+        }
         self.mark_delivered(&keys[..taken], now, file_seq);
         Ok(taken)
+    }
+
+    /// Are `INBOX_FILES_WAITING_MAX` of the files written for `node`'s `port` still unclaimed?
+    /// (One stat a cycle while the receiver keeps up: the oldest file written.)
+    fn inbox_backlogged(&mut self, node: &NodeName, port: u16) -> bool {
+        let Some(waiting) = self.inbox_files.get_mut(&(node.clone(), port)) else { return false };
+        let new_dir = self.volume.inbox(node, port).new_dir();
+        while let Some(file_seq) = waiting.front() {
+            if new_dir.join(batch_file_name(self.epoch, *file_seq, "pkt")).exists() {
+                break;
+            }
+            waiting.pop_front();
+        }
+        let backlogged = waiting.len() >= INBOX_FILES_WAITING_MAX;
+        if waiting.is_empty() {
+            // Only ports with unclaimed files keep an entry.
+            self.inbox_files.remove(&(node.clone(), port));
+        }
+        backlogged
     }
 
     /// Sends a prefix of `keys` over a fabric connection; returns how many it took. A connection
