@@ -12,10 +12,13 @@
 //! seal    := magic "FTLE" | 0 u32 | crc32c u32 (of the 0)        the writer moved on to the next segment
 //! ```
 //!
-//! A zero magic is the end of what was written so far. Segments are made whole (`tmp/`, header and a
-//! first stretch of zeros, fsync, rename into `log/`, fsync `log/`), and a writer extends the zeros
-//! ahead of itself in growing steps (synced before the frame that needs them is written), so a
-//! reader never sees a hole and a frame never lands in space the disk could not provide.
+//! A zero magic (or the end of the file) is the end of what was written so far. Segments are made
+//! whole (`tmp/`, header and a first stretch of zeros, fsync, rename into `log/`, fsync `log/`), and
+//! on a local file system a writer extends the zeros ahead of itself in growing steps (synced
+//! before the frame that needs them is written), so a reader never sees a hole and a frame never
+//! lands in space the disk could not provide. On NFS, SMB and FUSE mounts frames are appended
+//! instead (zeros would cost as much to send as data); a failed append leaves at most a partial
+//! frame at the end, which the reader skips once the writer has moved to its next segment.
 //!
 //! The reader is ftss-server, which keeps its position in each log in its own durable queue (a
 //! cursor record committed with the packets it read), deletes a segment once it is sealed and read
@@ -127,6 +130,9 @@ pub struct LogWriter {
     offset: u64,
     zeroed_end: u64,
     zeros_step: u64,
+    /// Zero-fill ahead (local file systems); on network and FUSE mounts frames are appended
+    /// instead: there the zeros would cost as much to send as the data.
+    preallocate: bool,
     last_write: Instant,
 }
 
@@ -143,6 +149,7 @@ impl LogWriter {
             offset: 0,
             zeroed_end: 0,
             zeros_step: ZEROS_FIRST_BYTES,
+            preallocate: true,
             last_write: Instant::now(),
         }
     }
@@ -201,7 +208,7 @@ impl LogWriter {
         // then only overwrites space that is durably allocated, so a full disk (or NFS reporting
         // it at the sync) fails the extension before any of the frame is visible to the reader,
         // and a send reported as failed is never delivered. The seal's room is kept zeroed too.
-        if end + FRAME_HEAD_BYTES > self.zeroed_end {
+        if self.preallocate && end + FRAME_HEAD_BYTES > self.zeroed_end {
             let target = end + FRAME_HEAD_BYTES + self.zeros_step;
             let zeros = vec![0; (target - self.zeroed_end) as usize];
             file.write_all_at(&zeros, self.zeroed_end).map_err(write_error)?;
@@ -225,7 +232,6 @@ impl LogWriter {
         let target = self.dir.join(&name);
         let header = segment_header(self.epoch, next);
         let mut initial = header.clone();
-        initial.resize((SEGMENT_HEADER_BYTES + ZEROS_FIRST_BYTES) as usize, 0);
         if next == 1 {
             // First segment of this process: make sure the directories exist (cheap, once).
             for dir in [&self.tmp_dir, &self.dir] {
@@ -235,6 +241,10 @@ impl LogWriter {
                     source,
                 })?;
             }
+            self.preallocate = is_local_file_system(&self.dir);
+        }
+        if self.preallocate {
+            initial.resize((SEGMENT_HEADER_BYTES + ZEROS_FIRST_BYTES) as usize, 0);
         }
         write_segment(&tmp, &initial).inspect_err(|_| {
             let _ = fs::remove_file(&tmp);
@@ -262,6 +272,22 @@ impl LogWriter {
         self.zeros_step = ZEROS_FIRST_BYTES;
         Ok(())
     }
+}
+
+/// Is `dir` on a local disk file system (not NFS, SMB/CIFS, FUSE, or one statfs cannot tell)?
+fn is_local_file_system(dir: &Path) -> bool {
+    const NFS: i64 = 0x6969;
+    const SMB: i64 = 0x517B;
+    const SMB2: i64 = 0xFE53_4D42;
+    const CIFS: i64 = 0xFF53_4D42;
+    const FUSE: i64 = 0x6573_5546;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: a zeroed statfs is valid; statfs fills it from a NUL-terminated path.
+    let mut info: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(path.as_ptr(), &mut info) } != 0 {
+        return false;
+    }
+    !matches!(info.f_type as i64, NFS | SMB | SMB2 | CIFS | FUSE)
 }
 
 /// Writes a new segment file, syncs it and checks close (NFS reports write errors there).
