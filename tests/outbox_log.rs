@@ -116,7 +116,19 @@ fn damaged_and_hostile_segments_are_quarantined_and_every_sound_frame_is_deliver
 #[test]
 fn a_killed_senders_unsealed_log_is_drained_and_removed_after_the_abandon_time() {
     let mut fabric = Fabric::new("log-abandoned");
-    fabric.start_server_with(&["--log-abandon-after", "3s"]);
+    // An abandon time shorter than a writer may legitimately stay quiet is refused.
+    let refused = std::process::Command::new(server_path())
+        .args(["run", "--volume"])
+        .arg(&fabric.volume)
+        .arg("--queue-dir")
+        .arg(&fabric.queue_dirs[0])
+        .args(["--log-abandon-after", "30s"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("log-abandon-after: at least 360s"), "{stderr}");
+    fabric.start_server();
     let receiver = Receiver::start(&fabric, 7950);
     let mut sender = Sender::start(&fabric, 7950, "k", 100_000, 0);
     assert!(wait_until(Duration::from_secs(30), || sender.acknowledged().len() >= 500));
@@ -134,7 +146,14 @@ fn a_killed_senders_unsealed_log_is_drained_and_removed_after_the_abandon_time()
     let payloads = receiver.payloads();
     let unique: HashSet<&String> = payloads.iter().collect();
     assert_eq!(unique.len(), payloads.len(), "a datagram was handed over twice");
-    // Unsealed (the process never exited cleanly): removed once unchanged for the abandon time.
+    // Unsealed (the process never exited cleanly): removed once unchanged for the abandon time
+    // (10 minutes; the segment is made to look that old).
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!files_in(&log_dir).is_empty(), "removed before the abandon time");
+    for name in files_in(&log_dir) {
+        let file = std::fs::OpenOptions::new().write(true).open(log_dir.join(name)).unwrap();
+        file.set_modified(std::time::SystemTime::now() - Duration::from_secs(11 * 60)).unwrap();
+    }
     assert!(
         wait_until(Duration::from_secs(30), || files_in(&log_dir).is_empty()),
         "segments left: {:?}",

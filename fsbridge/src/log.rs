@@ -38,10 +38,10 @@ use std::io;
 use std::os::fd::IntoRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::format::BATCH_BYTES_MAX;
-use crate::spool::{SpoolError, is_gone, sync_directory};
+use crate::spool::{SpoolError, sync_directory};
 
 /// First bytes of every segment.
 pub const SEGMENT_MAGIC: [u8; 4] = *b"FTSL";
@@ -59,6 +59,11 @@ pub const FRAME_HEAD_BYTES: u64 = 12;
 pub const FRAME_BATCH_BYTES_MAX: usize = BATCH_BYTES_MAX;
 /// A writer starts a new segment before one would grow past this (unless a single frame is larger).
 pub const SEGMENT_BYTES_MAX: u64 = 8 * 1024 * 1024;
+/// First read of a segment in one call; later reads in the call double up to the budget.
+const READ_FIRST_BYTES: usize = 64 * 1024;
+/// Most bytes checksummed while looking for the next valid frame in one call (hostile files could
+/// otherwise make the search quadratic).
+const RESYNC_CHECKSUM_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Zeros written when a segment is created.
 const ZEROS_FIRST_BYTES: u64 = 64 * 1024;
 /// Largest stretch of zeros written ahead at once (steps double up to this).
@@ -133,7 +138,9 @@ pub struct LogWriter {
     /// Zero-fill ahead (local file systems); on network and FUSE mounts frames are appended
     /// instead: there the zeros would cost as much to send as the data.
     preallocate: bool,
-    last_write: Instant,
+    /// When the last frame was written, on the boot-time clock (which, unlike the monotonic
+    /// clock, goes on while the machine is suspended).
+    last_write: Duration,
 }
 
 impl LogWriter {
@@ -150,7 +157,7 @@ impl LogWriter {
             zeroed_end: 0,
             zeros_step: ZEROS_FIRST_BYTES,
             preallocate: true,
-            last_write: Instant::now(),
+            last_write: boot_time(),
         }
     }
 
@@ -167,24 +174,28 @@ impl LogWriter {
         }
         let frame_len = FRAME_HEAD_BYTES + batch.len() as u64;
         loop {
-            let idle = self.last_write.elapsed();
+            let previous = self.last_write;
             let full =
                 self.offset > SEGMENT_HEADER_BYTES && self.offset + frame_len + FRAME_HEAD_BYTES > SEGMENT_BYTES_MAX;
-            if self.file.is_none() || full || idle >= IDLE_ROTATE {
+            if self.file.is_none() || full || boot_time().saturating_sub(previous) >= IDLE_ROTATE {
                 self.start_segment()?;
             }
-            let since_previous = self.last_write.elapsed();
+            let previous = self.last_write;
             let result = self.write_frame(batch);
             if result.is_err() {
                 self.file = None;
                 return result;
             }
-            self.last_write = Instant::now();
-            if since_previous + self.last_write.elapsed() < STALE_WRITE {
+            let now = boot_time();
+            self.last_write = now;
+            let removed =
+                self.file.as_ref().and_then(|file| file.metadata().ok()).is_some_and(|meta| meta.nlink() == 0);
+            if now.saturating_sub(previous) < STALE_WRITE && !removed {
                 return Ok(());
             }
-            // Stopped between the idle check and the write for longer than a reader waits before
-            // taking an unchanged segment for dead: write it again where nobody can have given up.
+            // Stopped (or suspended) between the idle check and the end of the write for longer
+            // than a reader waits before taking an unchanged segment for dead, or the segment is
+            // already gone: write it again where nobody can have given up.
             self.file = None;
         }
     }
@@ -267,11 +278,21 @@ impl LogWriter {
             let _ = old.write_all_at(&encode_seal(), self.offset);
         }
         self.file = Some(file);
+        // Nobody can have given up on a segment that did not exist before.
+        self.last_write = boot_time();
         self.offset = SEGMENT_HEADER_BYTES;
         self.zeroed_end = initial.len() as u64;
         self.zeros_step = ZEROS_FIRST_BYTES;
         Ok(())
     }
+}
+
+/// Time since boot, suspended time included (CLOCK_BOOTTIME).
+fn boot_time() -> Duration {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime fills the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
+    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
 
 /// Is `dir` on a local disk file system (not NFS, SMB/CIFS, FUSE, or one statfs cannot tell)?
@@ -361,7 +382,9 @@ impl LogReader {
             .open(path);
         let file = match opened {
             Ok(file) => file,
-            Err(error) if is_gone(&error) => return Ok(None),
+            // Only a segment that is really gone is forgotten (its cursor with it); a stale handle
+            // or any other error is retried.
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(error) if error.raw_os_error() == Some(libc::ELOOP) => return Err(invalid("a symlink, not a file")),
             Err(source) => return Err(SpoolError::Io { operation: "opening", path: path.into(), source }.into()),
         };
@@ -394,12 +417,33 @@ impl LogReader {
     /// Reads whole frames from `offset`, about `budget` bytes of them (at least one frame if one is
     /// there).
     pub fn read(&self, offset: u64, budget: usize) -> Result<Chunk, SpoolError> {
+        // Small reads first, growing while they come back full of frames: an idle segment costs a
+        // 64 KiB read a poll, not a read of all the zeros ahead of its writer.
+        let mut frames = Vec::new();
+        let mut end = offset;
+        let mut size = READ_FIRST_BYTES.min(budget.max(4096));
+        loop {
+            let (chunk, cut) = self.read_chunk(end, size)?;
+            let more = cut && !chunk.frames.is_empty();
+            frames.extend(chunk.frames);
+            end = chunk.end;
+            if !more || (end - offset) as usize >= budget {
+                return Ok(Chunk { frames, end, tail: chunk.tail });
+            }
+            size = (size * 2).min(budget.max(4096));
+        }
+    }
+
+    /// One read of `size` bytes from `offset`, parsed; also whether it ended because the buffer
+    /// did (more frames may follow).
+    fn read_chunk(&self, offset: u64, size: usize) -> Result<(Chunk, bool), SpoolError> {
         let io_error = |source| SpoolError::Io { operation: "reading", path: self.path.clone(), source };
-        let mut buffer = vec![0; budget.clamp(4096, FRAME_BATCH_BYTES_MAX) + FRAME_HEAD_BYTES as usize];
+        let mut buffer = vec![0; size.clamp(4096, FRAME_BATCH_BYTES_MAX) + FRAME_HEAD_BYTES as usize];
         let filled = read_at_most(&self.file, &mut buffer, offset).map_err(io_error)?;
         buffer.truncate(filled);
         let mut frames = Vec::new();
         let mut at = 0usize;
+        let mut cut = false;
         let tail = loop {
             let Some(head) = buffer.get(at..at + FRAME_HEAD_BYTES as usize) else {
                 if buffer[at..].iter().all(|byte| *byte == 0) {
@@ -408,6 +452,7 @@ impl LogReader {
                 if frames.is_empty() {
                     break Tail::Bad("a partial frame head at the end of the file".into());
                 }
+                cut = true;
                 break Tail::Open;
             };
             let magic: [u8; 4] = head[..4].try_into().expect("4 bytes");
@@ -432,7 +477,8 @@ impl LogReader {
             let body_end = body_start + len as usize;
             if body_end > buffer.len() {
                 if !frames.is_empty() {
-                    // The budget ended inside this frame: the next read starts here.
+                    // The buffer ended inside this frame: the next read starts here.
+                    cut = true;
                     break Tail::Open;
                 }
                 // A frame bigger than the budget: read exactly it.
@@ -443,6 +489,7 @@ impl LogReader {
                 }
                 frames.push((offset + body_end as u64, whole));
                 at = body_end;
+                cut = true;
                 break Tail::Open;
             }
             let batch = &buffer[body_start..body_end];
@@ -452,10 +499,12 @@ impl LogReader {
             frames.push((offset + body_end as u64, batch.to_vec()));
             at = body_end;
         };
-        Ok(Chunk { frames, end: offset + at as u64, tail })
+        Ok((Chunk { frames, end: offset + at as u64, tail }, cut))
     }
 
     /// The offset of the first whole, valid frame or seal after `offset` (for skipping damage).
+    /// If the head at `offset` is intact (only its batch is damaged), that is where it says the
+    /// next frame starts, so a frame-like run of bytes inside its payload is never taken for one.
     pub fn next_valid_frame(&self, offset: u64) -> Result<Option<u64>, SpoolError> {
         let io_error = |source| SpoolError::Io { operation: "reading", path: self.path.clone(), source };
         let size = self.file.metadata().map_err(io_error)?.size();
@@ -463,21 +512,27 @@ impl LogReader {
         let mut bytes = vec![0; length as usize];
         let filled = read_at_most(&self.file, &mut bytes, offset).map_err(io_error)?;
         bytes.truncate(filled);
+        if bytes.starts_with(&FRAME_MAGIC) && bytes.len() >= FRAME_HEAD_BYTES as usize {
+            let len = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes")) as usize;
+            let next = FRAME_HEAD_BYTES as usize + len;
+            if len <= FRAME_BATCH_BYTES_MAX && bytes.get(next..).is_some_and(is_valid_frame) {
+                return Ok(Some(offset + next as u64));
+            }
+        }
+        let mut checksummed = 0usize;
         for start in 1..bytes.len() {
             let rest = &bytes[start..];
-            if rest.len() < FRAME_HEAD_BYTES as usize
-                || !(rest.starts_with(&FRAME_MAGIC) || rest.starts_with(&SEAL_MAGIC))
-            {
+            if !(rest.starts_with(&FRAME_MAGIC) || rest.starts_with(&SEAL_MAGIC)) {
                 continue;
             }
-            let len = u32::from_le_bytes(rest[4..8].try_into().expect("4 bytes")) as usize;
-            let crc = u32::from_le_bytes(rest[8..12].try_into().expect("4 bytes"));
-            if rest.starts_with(&SEAL_MAGIC) && len == 0 && crc == frame_crc(0, &[]) {
-                return Ok(Some(offset + start as u64));
+            checksummed +=
+                rest.get(4..8).map_or(0, |len| u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize);
+            if checksummed > RESYNC_CHECKSUM_BYTES_MAX {
+                // A file made to be slow to search: give up (the segment is moved aside whole once
+                // its writer is done with it).
+                return Ok(None);
             }
-            if let Some(batch) = rest.get(12..12 + len)
-                && frame_crc(len as u32, batch) == crc
-            {
+            if is_valid_frame(rest) {
                 return Ok(Some(offset + start as u64));
             }
         }
@@ -494,6 +549,20 @@ impl LogReader {
         bytes.truncate(filled);
         Ok(bytes)
     }
+}
+
+/// Do `bytes` start with a whole, valid frame or seal?
+fn is_valid_frame(bytes: &[u8]) -> bool {
+    let Some(head) = bytes.get(..FRAME_HEAD_BYTES as usize) else { return false };
+    let len = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
+    let crc = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+    if head.starts_with(&SEAL_MAGIC) {
+        return len == 0 && crc == frame_crc(0, &[]);
+    }
+    head.starts_with(&FRAME_MAGIC)
+        && bytes
+            .get(FRAME_HEAD_BYTES as usize..FRAME_HEAD_BYTES as usize + len as usize)
+            .is_some_and(|batch| frame_crc(len, batch) == crc)
 }
 
 /// Fills `buffer` from `offset` until it is full or the file ends; returns the bytes read.

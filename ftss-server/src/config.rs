@@ -12,6 +12,9 @@ use fsbridge::fabric::Endpoint;
 use crate::gateway::{Cidr, IngressRule};
 use crate::server::Config;
 
+/// Shortest `--log-abandon-after`: the writers' stale-write time (5 min) plus a margin.
+const LOG_ABANDON_AFTER_MIN: Duration = Duration::from_secs(360);
+
 /// The settings file; unknown keys are errors.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
@@ -62,7 +65,7 @@ pub struct FlagSettings {
     pub hold: Option<String>,
     /// Delete an outbox log segment that was read to its end and left unchanged this long without
     /// being sealed (its process died). Must be well above a minute: writers seal a segment they
-    /// left idle for a minute instead of appending to it [default: 10m].
+    /// left idle for a minute instead of appending to it; at least 6m [default: 10m].
     #[arg(long)]
     pub log_abandon_after: Option<String>,
     /// Most queued payload bytes for one destination before its senders are pushed back
@@ -191,7 +194,16 @@ pub fn resolve(flags: FlagSettings) -> Result<RunSettings, String> {
         redeliver_after: duration("redeliver-after", flags.redeliver_after, file.redeliver_after, "5s")?,
         retain: duration("retain", flags.retain, file.retain, "0s")?,
         hold: duration("hold", flags.hold, file.hold, "24h")?,
-        log_abandon_after: duration("log-abandon-after", flags.log_abandon_after, file.log_abandon_after, "10m")?,
+        log_abandon_after: duration("log-abandon-after", flags.log_abandon_after, file.log_abandon_after, "10m")
+            .and_then(|after| {
+                // Writers append to a segment idle for up to a minute and accept a write that
+                // took up to five: an abandon time below that would delete live segments.
+                if after < LOG_ABANDON_AFTER_MIN {
+                    Err(format!("log-abandon-after: at least {}s", LOG_ABANDON_AFTER_MIN.as_secs()))
+                } else {
+                    Ok(after)
+                }
+            })?,
         destination_bytes_max: flags.destination_bytes_max.or(file.destination_bytes_max).unwrap_or(1 << 30),
         fabric: list::<Cidr>("fabric", flags.fabric, file.fabric, &["10.77.0.0/16"])?,
         ingress: list::<IngressRule>("ingress", flags.ingress, file.ingress, &[])?,

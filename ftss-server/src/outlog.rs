@@ -155,7 +155,8 @@ impl Logs {
                         return Ok(Step::Idle);
                     }
                 };
-                if since.elapsed() < BAD_FRAME_GRACE {
+                // A frame still being written keeps changing the file; damage does not.
+                if since.elapsed() < BAD_FRAME_GRACE || open.reader.unchanged_for() < BAD_FRAME_GRACE {
                     return Ok(Step::Idle);
                 }
                 match open.reader.next_valid_frame(from)? {
@@ -188,7 +189,11 @@ impl Logs {
         if self.checkpointed_in == Some(active) {
             return None;
         }
-        self.cursors.retain(|(node, name), _| volume.outbox(node).dir().join("log").join(name).exists());
+        // Only a segment that is certainly gone loses its cursor (not one an I/O error hides).
+        self.cursors.retain(|(node, name), _| {
+            let path = volume.outbox(node).dir().join("log").join(name);
+            !matches!(path.symlink_metadata(), Err(error) if error.kind() == std::io::ErrorKind::NotFound)
+        });
         Some(self.cursors.iter().map(|((node, name), offset)| (node.clone(), name.clone(), *offset)).collect())
     }
 

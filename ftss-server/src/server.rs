@@ -620,13 +620,18 @@ impl Server {
         Ok(())
     }
 
-    fn quarantine_path(&mut self, path: PathBuf, origin: &str, reason: &str) {
+    /// Moves `path` into quarantine with `reason`; returns whether it was moved.
+    fn quarantine_path(&mut self, path: PathBuf, origin: &str, reason: &str) -> bool {
         match self.volume.quarantine(&path, origin, reason) {
             Ok(target) => {
                 self.counters.quarantined += 1;
                 eprintln!("ftss-server: quarantined {} as {}: {reason}", path.display(), target.display());
+                true
             }
-            Err(error) => self.report("quarantining", format!("{}: {error} (reason was: {reason})", path.display())),
+            Err(error) => {
+                self.report("quarantining", format!("{}: {error} (reason was: {reason})", path.display()));
+                false
+            }
         }
     }
 
@@ -691,7 +696,8 @@ impl Server {
             }
         }
         self.ack_fabric(&group.from_fabric);
-        self.ack_and_remove(&group.drained)?;
+        // Log cursors first: they are durable already, and an error removing outbox files below
+        // must not leave the in-memory cursors behind the queue's.
         for batch in &group.drained {
             match &batch.source {
                 Source::File(_) => self.counters.drained_files += 1,
@@ -706,6 +712,7 @@ impl Server {
                 }
             }
         }
+        self.ack_and_remove(&group.drained)?;
         let work = group.drained.len() + group.arrived.len() + group.from_fabric.len();
         if total >= TRIM_AFTER_PACKETS {
             // A big group leaves megabytes of freed buffers (decoded packets, the queue's write
@@ -892,7 +899,9 @@ impl Server {
                         self.report("reclaiming an inbox file", error);
                     }
                 }
-                Err(reason) => self.quarantine_path(claimed, node.as_str(), &reason),
+                Err(reason) => {
+                    self.quarantine_path(claimed, node.as_str(), &reason);
+                }
             }
         }
         // Each goes in front of the redelivery schedule: the last first, so they leave in order.
@@ -985,8 +994,11 @@ impl Server {
             let step = match self.logs.step(&self.volume, &key, has_successor, room, self.config.log_abandon_after) {
                 Ok(step) => step,
                 Err(fsbridge::log::LogError::Invalid { path, reason }) => {
-                    self.logs.forget(&key);
-                    self.quarantine_path(path, node.as_str(), &reason);
+                    // Its cursor goes only with the file: if the move failed it is read again
+                    // from where it stands.
+                    if self.quarantine_path(path, node.as_str(), &reason) {
+                        self.logs.forget(&key);
+                    }
                     continue;
                 }
                 Err(fsbridge::log::LogError::Spool(error)) => {
@@ -1010,8 +1022,9 @@ impl Server {
                             });
                         }
                         None => {
-                            self.logs.forget(&key);
-                            self.quarantine_path(log_dir.join(&name), node.as_str(), &reason);
+                            if self.quarantine_path(log_dir.join(&name), node.as_str(), &reason) {
+                                self.logs.forget(&key);
+                            }
                         }
                     }
                 }
@@ -1068,7 +1081,9 @@ impl Server {
             .map_err(|source| fsbridge::SpoolError::Io { operation: "creating", path: dir.clone(), source })
             .and_then(|()| fsbridge::spool::write_file_durably(&staged, bytes));
         match written {
-            Ok(()) => self.quarantine_path(staged, node.as_str(), reason),
+            Ok(()) => {
+                self.quarantine_path(staged, node.as_str(), reason);
+            }
             Err(error) => self.report("quarantining", format!("{name}: {error} (reason was: {reason})")),
         }
     }
@@ -1136,6 +1151,7 @@ impl Server {
         let candidates = [
             node_dir.clone(),
             node_dir.join("out"),
+            node_dir.join("out").join("log"),
             self.volume.outbox(node).new_dir(),
             node_dir.join("rcpt"),
             self.volume.receipts(node).new_dir(),
@@ -1314,9 +1330,29 @@ impl Server {
             }
             // Unknown destinations stay queued: the receiver may register later.
             let Some(node) = self.addr_to_node.get(&destination).cloned() else { continue };
-            let room = DELIVER_PACKETS_PER_CYCLE_MAX.saturating_sub(count);
-            for (key, entry) in self.index.next_undelivered(&destination, room, IN_FLIGHT_PER_DESTINATION_MAX) {
-                due.entry((node.clone(), entry.destination.port())).or_default().push((key, entry));
+            // While a port's receiver has not taken its last inbox files (a slow mount, or no
+            // socket bound), its new packets wait in the queue and go out together in the next
+            // file, instead of one small file per cycle that it would read one at a time. They
+            // are passed over without counting, so other ports and destinations go on.
+            let mut held: HashMap<u16, bool> = HashMap::new();
+            let scan = IN_FLIGHT_PER_DESTINATION_MAX;
+            for (key, entry) in self.index.next_undelivered(&destination, scan, IN_FLIGHT_PER_DESTINATION_MAX) {
+                if count >= DELIVER_PACKETS_PER_CYCLE_MAX {
+                    break;
+                }
+                let port = entry.destination.port();
+                let is_held = match held.get(&port) {
+                    Some(is_held) => *is_held,
+                    None => {
+                        let is_held = self.fabric_route(&node, port).is_none() && self.inbox_backlogged(&node, port);
+                        held.insert(port, is_held);
+                        is_held
+                    }
+                };
+                if is_held {
+                    continue;
+                }
+                due.entry((node.clone(), port)).or_default().push((key, entry));
                 count += 1;
             }
         }
@@ -1326,18 +1362,6 @@ impl Server {
                 continue;
             }
             let route = self.fabric_route(&node, port);
-            if route.is_none() && self.inbox_backlogged(&node, port) {
-                // The receiver has not taken the last files yet (a slow mount, or no socket bound):
-                // new packets wait in the queue and go out together in the next file, instead of
-                // one small file per cycle that it would read one at a time.
-                for (key, _) in &keys {
-                    if self.index.in_flight(*key).is_some() {
-                        self.index.postpone(*key, now);
-                    }
-                }
-                count -= keys.len();
-                continue;
-            }
             let mut start = 0;
             while start < keys.len() {
                 let delivered = match &route {
@@ -1595,7 +1619,9 @@ impl Server {
                     received.extend(ids.into_iter().map(|id| (receiver.clone(), id)));
                     files.push((spool.clone(), name));
                 }
-                Err(reason) => self.quarantine_path(path, &origin, &reason),
+                Err(reason) => {
+                    self.quarantine_path(path, &origin, &reason);
+                }
             }
         }
         Ok(())
