@@ -75,6 +75,8 @@ pub const IDLE_ROTATE: Duration = Duration::from_secs(60);
 /// A write whose previous one was this long ago (the process was stopped in between) is written
 /// again to a fresh segment: its segment may have been taken for abandoned meanwhile.
 pub const STALE_WRITE: Duration = Duration::from_secs(300);
+/// A write this long after the previous one checks that its segment still exists.
+const REMOVED_CHECK_AFTER: Duration = Duration::from_secs(30);
 /// The suffix of segment names.
 pub const SEGMENT_SUFFIX: &str = "log";
 
@@ -188,9 +190,13 @@ impl LogWriter {
             }
             let now = boot_time();
             self.last_write = now;
-            let removed =
-                self.file.as_ref().and_then(|file| file.metadata().ok()).is_some_and(|meta| meta.nlink() == 0);
-            if now.saturating_sub(previous) < STALE_WRITE && !removed {
+            let gap = now.saturating_sub(previous);
+            // After a quiet spell, also ask whether the segment is still there (a reader whose
+            // clock jumped may have taken it for dead). Not per batch: on a network mount the
+            // fstat is a round trip.
+            let removed = gap >= REMOVED_CHECK_AFTER
+                && self.file.as_ref().and_then(|file| file.metadata().ok()).is_some_and(|meta| meta.nlink() == 0);
+            if gap < STALE_WRITE && !removed {
                 return Ok(());
             }
             // Stopped (or suspended) between the idle check and the end of the write for longer
