@@ -105,7 +105,8 @@ impl Run {
         self.lines.push(format!("{}: {text}", self.case));
     }
 
-    /// Labels a port ("A", "B"...) so that runs with different ephemeral ports compare equal.
+    /// Labels a port ("P0", "P1"... in order of appearance within a case) so that runs with
+    /// different ephemeral ports compare equal.
     fn label_port(&mut self, port: u16) -> String {
         if port == 0 {
             return "0".into();
@@ -771,6 +772,9 @@ fn main() {
     ];
     for (name, case) in cases {
         run.case = name;
+        // Labels start afresh in each case: the kernel may hand out an ephemeral port again once
+        // its socket is closed, and a port reused across cases must not shift the later labels.
+        run.labels.clear();
         case(&mut run);
     }
     for line in &run.lines {

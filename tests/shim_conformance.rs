@@ -32,7 +32,7 @@ fn every_call_and_flag_behaves_on_the_fabric_as_on_loopback() {
         run(Command::new(conformance_program()).arg("127.0.0.1").env_remove("LD_PRELOAD").env_remove("FTSS_VOLUME"));
     // The reference must itself show the behaviours compared (so both cannot be equally broken).
     for expected in [
-        "truncation: flags=0x0 poll=1/0x1 first=10 from inet:SELF:P5/16",
+        "truncation: flags=0x0 poll=1/0x1 first=10 from inet:SELF:P0/16",
         "truncation: flags=0x20 poll=1/0x1 first=100",
         "truncation: recvmsg=10 truncated=true",
         "connect: disconnect=0 peer=ENOTCONN send=EDESTADDRREQ shutdown=ENOTCONN",
