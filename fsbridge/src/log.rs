@@ -35,13 +35,12 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::fd::IntoRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::format::BATCH_BYTES_MAX;
-use crate::spool::{SpoolError, sync_directory};
+use crate::spool::{SpoolError, sync_directory, write_file_durably};
 
 /// First bytes of every segment.
 pub const SEGMENT_MAGIC: [u8; 4] = *b"FTSL";
@@ -247,8 +246,7 @@ impl LogWriter {
         let name = segment_name(self.epoch, next);
         let tmp = self.tmp_dir.join(&name);
         let target = self.dir.join(&name);
-        let header = segment_header(self.epoch, next);
-        let mut initial = header.clone();
+        let mut initial = segment_header(self.epoch, next);
         if next == 1 {
             // First segment of this process: make sure the directories exist (cheap, once).
             for dir in [&self.tmp_dir, &self.dir] {
@@ -263,7 +261,7 @@ impl LogWriter {
         if self.preallocate {
             initial.resize((SEGMENT_HEADER_BYTES + ZEROS_FIRST_BYTES) as usize, 0);
         }
-        write_segment(&tmp, &initial).inspect_err(|_| {
+        write_file_durably(&tmp, &initial).inspect_err(|_| {
             let _ = fs::remove_file(&tmp);
         })?;
         // Renamed closed (SMB refuses to rename an open file), then opened again.
@@ -280,9 +278,7 @@ impl LogWriter {
         sync_directory(&self.dir)?;
         // The new segment exists: a reader that finds the seal finds its successor. A seal lost in
         // a crash only delays the old segment's removal to the abandon time.
-        if let Some(old) = self.file.take() {
-            let _ = old.write_all_at(&encode_seal(), self.offset);
-        }
+        self.seal();
         self.file = Some(file);
         // Nobody can have given up on a segment that did not exist before.
         self.last_write = boot_time();
@@ -315,26 +311,6 @@ fn is_local_file_system(dir: &Path) -> bool {
         return false;
     }
     !matches!(info.f_type as i64, NFS | SMB | SMB2 | CIFS | FUSE)
-}
-
-/// Writes a new segment file, syncs it and checks close (NFS reports write errors there).
-fn write_segment(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
-    let write_error = |source| SpoolError::Write { path: path.into(), source };
-    let file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-        .map_err(write_error)?;
-    file.write_all_at(bytes, 0).map_err(write_error)?;
-    file.sync_all().map_err(write_error)?;
-    let fd = file.into_raw_fd();
-    // SAFETY: we own fd (into_raw_fd) and close it exactly once.
-    if unsafe { libc::close(fd) } != 0 {
-        return Err(SpoolError::Close { path: path.into(), source: io::Error::last_os_error() });
-    }
-    Ok(())
 }
 
 /// What a read found after its last whole frame.
@@ -545,11 +521,11 @@ impl LogReader {
         Ok(None)
     }
 
-    /// The bytes from `start` to `end` (`None`: to the end of the file), for quarantine.
-    pub fn bytes(&self, start: u64, end: Option<u64>) -> Result<Vec<u8>, SpoolError> {
+    /// The bytes from `start` to `end` (at most to the end of the file), for quarantine.
+    pub fn bytes(&self, start: u64, end: u64) -> Result<Vec<u8>, SpoolError> {
         let io_error = |source| SpoolError::Io { operation: "reading", path: self.path.clone(), source };
         let size = self.file.metadata().map_err(io_error)?.size();
-        let end = end.unwrap_or(size).min(size).min(start + SEGMENT_BYTES_MAX + FRAME_BATCH_BYTES_MAX as u64);
+        let end = end.min(size).min(start + SEGMENT_BYTES_MAX + FRAME_BATCH_BYTES_MAX as u64);
         let mut bytes = vec![0; end.saturating_sub(start) as usize];
         let filled = read_at_most(&self.file, &mut bytes, start).map_err(io_error)?;
         bytes.truncate(filled);

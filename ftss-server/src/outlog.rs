@@ -52,6 +52,19 @@ struct Open {
     used_at: Instant,
 }
 
+impl Open {
+    /// Damage from `from` to `to` (the bytes are kept only for a part; a whole rest of the file is
+    /// moved aside as it is).
+    fn damaged(&mut self, from: u64, to: Option<u64>, reason: String) -> Result<Step, LogError> {
+        let bytes = match to {
+            Some(to) => self.reader.bytes(from, to)?,
+            None => Vec::new(),
+        };
+        self.bad_since = None;
+        Ok(Step::Damaged { from, to, reason, bytes })
+    }
+}
+
 /// Cursors and open segments.
 #[derive(Default)]
 pub struct Logs {
@@ -144,8 +157,7 @@ impl Logs {
             // a failed write (its batch was written again in the next segment).
             Tail::Bad(reason) if has_successor => {
                 let to = open.reader.next_valid_frame(from)?;
-                let bytes = open.reader.bytes(from, to)?;
-                Ok(Step::Damaged { from, to, reason, bytes })
+                open.damaged(from, to, reason)
             }
             Tail::Bad(reason) => {
                 let since = match open.bad_since {
@@ -160,15 +172,8 @@ impl Logs {
                     return Ok(Step::Idle);
                 }
                 match open.reader.next_valid_frame(from)? {
-                    Some(to) => {
-                        let bytes = open.reader.bytes(from, Some(to))?;
-                        open.bad_since = None;
-                        Ok(Step::Damaged { from, to: Some(to), reason, bytes })
-                    }
-                    None if open.reader.unchanged_for() >= abandon_after => {
-                        Ok(Step::Damaged { from, to: None, reason, bytes: Vec::new() })
-                    }
-                    None => Ok(Step::Idle),
+                    None if open.reader.unchanged_for() < abandon_after => Ok(Step::Idle),
+                    to => open.damaged(from, to, reason),
                 }
             }
         }
