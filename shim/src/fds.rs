@@ -8,7 +8,7 @@
 //! - `INTERNAL`: the shim's own fds (side sockets, socketpair ends, the log): the app's `close`,
 //!   `close_range` and `closefrom` leave them alone.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 
 use libc::c_int;
 
@@ -25,6 +25,13 @@ pub const INTERNAL: u8 = 3;
 const V6: u8 = 0x10;
 
 static KIND: [AtomicU8; FD_TABLE_MAX] = [const { AtomicU8::new(NONE) }; FD_TABLE_MAX];
+
+/// For each FABRIC fd, its socket's side fd plus one (0: none). Lets a send to a destination
+/// outside the fabric go straight to the kernel socket without the shim's socket-table lock (the
+/// pass-through cost of a converted socket, e.g. one bound to the wildcard address). A side fd
+/// stays open for as long as any app fd refers to its socket; an app that closes an fd while
+/// another thread sends on it races as it would on the kernel's own fd table.
+static SIDE: [AtomicI32; FD_TABLE_MAX] = [const { AtomicI32::new(0) }; FD_TABLE_MAX];
 
 fn slot(fd: c_int) -> Option<&'static AtomicU8> {
     usize::try_from(fd).ok().and_then(|index| KIND.get(index))
@@ -50,10 +57,14 @@ pub fn set(fd: c_int, kind: u8, family: Family) {
     }
 }
 
-/// Copies `old`'s kind and family to `new` (after a dup).
+/// Copies `old`'s kind, family and side fd to `new` (after a dup).
 pub fn copy(old: c_int, new: c_int) {
-    if let (Some(old), Some(new)) = (slot(old), slot(new)) {
-        new.store(old.load(Ordering::Acquire), Ordering::Release);
+    if let (Some(old_slot), Some(new_slot)) = (slot(old), slot(new)) {
+        let side = side_slot(old).map_or(0, |side| side.load(Ordering::Acquire));
+        if let Some(new_side) = side_slot(new) {
+            new_side.store(side, Ordering::Release);
+        }
+        new_slot.store(old_slot.load(Ordering::Acquire), Ordering::Release);
     }
 }
 
@@ -61,6 +72,25 @@ pub fn clear(fd: c_int) {
     if let Some(slot) = slot(fd) {
         slot.store(NONE, Ordering::Release);
     }
+    if let Some(side) = side_slot(fd) {
+        side.store(0, Ordering::Release);
+    }
+}
+
+fn side_slot(fd: c_int) -> Option<&'static AtomicI32> {
+    usize::try_from(fd).ok().and_then(|index| SIDE.get(index))
+}
+
+/// Records `side` as the kernel socket behind the fabric fd `fd`.
+pub fn set_side(fd: c_int, side: c_int) {
+    if let Some(slot) = side_slot(fd) {
+        slot.store(side + 1, Ordering::Release);
+    }
+}
+
+/// The kernel socket behind the fabric fd `fd`, if it has one recorded.
+pub fn side(fd: c_int) -> Option<c_int> {
+    side_slot(fd).map(|slot| slot.load(Ordering::Acquire) - 1).filter(|side| *side >= 0)
 }
 
 /// Is `fd` an app socket the shim handles (candidate or fabric)?
