@@ -97,6 +97,9 @@ impl SmbShare {
         std::fs::set_permissions(&netfs_config, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
         let status = Command::new("smbnetfs")
             .arg(&mount)
+            // fuse 2 splits writes into 4 KiB requests (each an SMB round trip) unless told
+            // otherwise; any operator mounting smbnetfs for bulk data would set this.
+            .args(["-o", "big_writes,max_write=131072"])
             .env("HOME", &home)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
