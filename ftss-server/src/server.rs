@@ -1169,14 +1169,14 @@ impl Server {
         self.index.queued_bytes(destination)
     }
 
-    /// Writes one "stored" ack file per source node, then removes the outbox files.
+    /// Writes the "stored" acks of each source node (a file per waiting process), then removes the outbox files.
     fn ack_and_remove(&mut self, drained: &[Drained]) -> Result<(), fsbridge::SpoolError> {
         let mut by_node: BTreeMap<&NodeName, Vec<&Drained>> = BTreeMap::new();
         for batch in drained {
             by_node.entry(&batch.node).or_default().push(batch);
         }
         for (node, batches) in by_node {
-            // Only senders that wait for acks get ack files (each costs a synced file).
+            // Only senders that wait for acks get ack files (a file per process and cycle).
             for batch in batches.iter().filter(|batch| batch.wants_acks) {
                 if let Some(packet) = batch.packets.first() {
                     self.remember_ack_epoch(node, packet.id.epoch);
@@ -1223,14 +1223,26 @@ impl Server {
         }
     }
 
+    /// Writes `acks` into the node's ack spool, one file per sending process: named after the
+    /// process's epoch, so that the process lists only what is new and removes each file it has
+    /// read (the directory stays as small as what is unread). Written without syncs: an ack only
+    /// reports what the queue already holds durably; one lost in a crash of the array costs its
+    /// sender a timeout, never the packet.
     fn publish_acks(&mut self, node: &NodeName, acks: &[Ack]) -> Result<(), fsbridge::SpoolError> {
-        let mut encoder = self.encoder(BatchKind::Acks);
+        let mut by_epoch: BTreeMap<u64, Vec<&Ack>> = BTreeMap::new();
         for ack in acks {
-            encoder.push(&Record::Ack(ack.clone()));
+            by_epoch.entry(ack.id.epoch).or_default().push(ack);
         }
-        let name = batch_file_name(self.epoch, self.batch_seq, "ack");
-        self.volume.acks(node).publish(&name, &encoder.finish())?;
-        self.counters.acked += acks.len() as u64;
+        for (epoch, acks) in by_epoch {
+            let mut encoder = self.encoder(BatchKind::Acks);
+            for ack in &acks {
+                encoder.push(&Record::Ack((*ack).clone()));
+            }
+            // The server's own epoch keeps names from a restarted (or another) server apart.
+            let name = batch_file_name(epoch, self.epoch.wrapping_add(self.batch_seq), "ack");
+            self.volume.acks(node).publish_volatile(&name, &encoder.finish())?;
+            self.counters.acked += acks.len() as u64;
+        }
         Ok(())
     }
 

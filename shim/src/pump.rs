@@ -8,7 +8,7 @@
 //!    order (a rename, so that two processes serving one port — a forked child and its parent, or
 //!    SO_REUSEPORT apps — never both take a file), drop duplicates, inject, and remove each file
 //!    once all of it is injected or held;
-//! 3. while a sender waits for the server's ack (`guaranteed`), read new ack files for this process;
+//! 3. while a sender waits for the server's ack (`guaranteed`), read and remove the ack files the server wrote for this process;
 //! 4. relay datagrams that arrived on the real side sockets.
 //!
 //! Over the fabric transport, deliveries arrive on the link thread ([`deliver_from_fabric`]) and
@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use fsbridge::format::{BatchEncoder, PAYLOAD_BYTES_MAX, decode_batch};
-use fsbridge::layout::batch_file_name;
+use fsbridge::layout::{batch_file_name, parse_batch_file_name};
 use fsbridge::spool::{read_regular_file, remove_file_idempotent};
 use fsbridge::{BatchHeader, BatchKind, Packet, Record, Spool};
 use libc::{c_int, socklen_t};
@@ -39,7 +39,7 @@ use crate::socket::{Seen, Shim, Sock, lock, mark_received};
 const INBOX_FILES_PER_PASS: usize = 16;
 /// Datagrams relayed from one side socket per pass.
 const RELAY_PER_PASS: usize = 256;
-/// Ack file names remembered as already read (older ones are removed by the server by then).
+/// Ack file names remembered as read but not yet removed (a removal the file system refused).
 const SEEN_ACK_FILES_MAX: usize = 4096;
 
 pub fn run(shim: &'static Shim) {
@@ -354,18 +354,25 @@ fn read_acks(shim: &Shim, seen: &mut (HashSet<String>, VecDeque<String>)) {
     let spool = shim.volume.acks(&shim.config.node);
     let Ok(names) = spool.list(usize::MAX) else { return };
     let epoch = shim.epoch();
-    for name in names {
+    // The server writes each process's acks into files named after its epoch; this process is
+    // their only reader and removes each once read (the server sweeps those of dead processes).
+    let mine = names.into_iter().filter(|name| parse_batch_file_name(name).is_some_and(|(of, _)| of == epoch));
+    for name in mine {
         if seen.0.contains(&name) {
             continue;
         }
         let Ok(Some(bytes)) = spool.read(&name) else { continue };
         if let Ok(batch) = decode_batch(&bytes) {
-            let mine = batch.records.into_iter().filter_map(|record| match record {
+            let acked = batch.records.into_iter().filter_map(|record| match record {
                 Record::Ack(ack) if ack.id.epoch == epoch && ack.id.origin == shim.config.node => Some(ack.id.seq),
                 _ => None,
             });
-            shim.outbox().record_acks(mine);
+            shim.outbox().record_acks(acked);
         }
+        if spool.remove_unsynced(&name).is_ok() {
+            continue;
+        }
+        // Not removable now (EBUSY on SMB): remember it was read.
         seen.0.insert(name.clone());
         seen.1.push_back(name);
         if seen.1.len() > SEEN_ACK_FILES_MAX
