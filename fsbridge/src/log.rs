@@ -37,7 +37,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::format::BATCH_BYTES_MAX;
 use crate::spool::{SpoolError, sync_directory, write_file_durably};
@@ -390,10 +390,11 @@ impl LogReader {
         &self.path
     }
 
-    /// Seconds since the segment last changed (mtime), by the reader's clock.
-    pub fn unchanged_for(&self) -> Duration {
-        let modified = self.file.metadata().and_then(|meta| meta.modified());
-        modified.ok().and_then(|at| at.elapsed().ok()).unwrap_or_default()
+    /// The segment's modification time and length (`None` if fstat fails): a writer's frame
+    /// changes the first, an append both.
+    pub fn stamp(&self) -> Option<(SystemTime, u64)> {
+        let meta = self.file.metadata().ok()?;
+        Some((meta.modified().ok()?, meta.len()))
     }
 
     /// Reads whole frames from `offset`, about `budget` bytes of them (at least one frame if one is

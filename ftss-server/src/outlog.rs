@@ -14,7 +14,7 @@
 //! writer died).
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use fsbridge::log::{self, LogError, LogReader, Tail};
 use fsbridge::{NodeName, Volume};
@@ -50,9 +50,37 @@ struct Open {
     reader: LogReader,
     bad_since: Option<(u64, Instant)>,
     used_at: Instant,
+    /// The segment's (mtime, length) when last looked at, and since when (by this server's
+    /// monotonic clock) it has not changed; plus the age its mtime claimed when first seen.
+    stamp: Option<(SystemTime, u64)>,
+    unchanged_since: Instant,
+    age_when_seen: Duration,
 }
 
 impl Open {
+    fn new(reader: LogReader) -> Open {
+        let now = Instant::now();
+        Open { reader, bad_since: None, used_at: now, stamp: None, unchanged_since: now, age_when_seen: Duration::ZERO }
+    }
+
+    /// How long the segment has been unchanged. The file's mtime is trusted only when the segment
+    /// is first seen (after a restart of the server, an abandoned segment is not kept for another
+    /// abandon time); from then on only a change of mtime or length this server saw counts, timed
+    /// by its monotonic clock. So a step of the wall clock (NTP, a restored VM) never makes a live
+    /// writer's segment look abandoned, whichever way it goes.
+    fn unchanged_for(&mut self) -> Duration {
+        let stamp = self.reader.stamp();
+        if stamp.is_none() || stamp != self.stamp {
+            self.age_when_seen = match (self.stamp, stamp) {
+                (None, Some((modified, _))) => modified.elapsed().unwrap_or_default(),
+                _ => Duration::ZERO,
+            };
+            self.stamp = stamp;
+            self.unchanged_since = Instant::now();
+        }
+        self.age_when_seen + self.unchanged_since.elapsed()
+    }
+
     /// Damage from `from` to `to` (the bytes are kept only for a part; a whole rest of the file is
     /// moved aside as it is).
     fn damaged(&mut self, from: u64, to: Option<u64>, reason: String) -> Result<Step, LogError> {
@@ -140,7 +168,7 @@ impl Logs {
                 return Ok(Step::Idle);
             };
             self.close_least_used();
-            self.open.insert(key.clone(), Open { reader, bad_since: None, used_at: Instant::now() });
+            self.open.insert(key.clone(), Open::new(reader));
         }
         let open = self.open.get_mut(key).expect("opened above");
         open.used_at = Instant::now();
@@ -151,7 +179,7 @@ impl Logs {
         }
         match chunk.tail {
             Tail::Sealed => Ok(Step::Finished),
-            Tail::Open if has_successor || open.reader.unchanged_for() >= abandon_after => Ok(Step::Finished),
+            Tail::Open if has_successor || open.unchanged_for() >= abandon_after => Ok(Step::Finished),
             Tail::Open => Ok(Step::Idle),
             // The writer is done with this segment: what is not a frame is damage, or the end of
             // a failed write (its batch was written again in the next segment).
@@ -168,11 +196,11 @@ impl Logs {
                     }
                 };
                 // A frame still being written keeps changing the file; damage does not.
-                if since.elapsed() < BAD_FRAME_GRACE || open.reader.unchanged_for() < BAD_FRAME_GRACE {
+                if since.elapsed() < BAD_FRAME_GRACE || open.unchanged_for() < BAD_FRAME_GRACE {
                     return Ok(Step::Idle);
                 }
                 match open.reader.next_valid_frame(from)? {
-                    None if open.reader.unchanged_for() < abandon_after => Ok(Step::Idle),
+                    None if open.unchanged_for() < abandon_after => Ok(Step::Idle),
                     to => open.damaged(from, to, reason),
                 }
             }
