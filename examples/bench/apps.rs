@@ -9,7 +9,7 @@ use std::time::Duration;
 use fsbridge::{NodeConfig, NodeName, Volume};
 use serde_json::{Value, json};
 
-use crate::procs::{Proc, free_udp_port, proc_status_kib};
+use crate::procs::{Proc, cpu_ticks, free_udp_port, proc_status_kib};
 use crate::report::Measurement;
 use crate::{Bench, Run};
 
@@ -210,11 +210,17 @@ pub fn ftss(
     };
     let mut measurement = Measurement::new(scenario, run.payload, run.senders, ack != "async");
     let mut fabric = fabric;
+    let server_cpu_before = cpu_ticks(fabric.server.pid());
     let result = drive(bench, run, &fabric.dir, &apps, &mut measurement);
+    let server_cpu = cpu_ticks(fabric.server.pid()).zip(server_cpu_before).map(|(after, before)| after - before);
     let server_rss = proc_status_kib(fabric.server.pid(), "VmHWM");
     fabric.server.terminate(Duration::from_secs(5));
     result?;
     measurement.extra.push(("server_max_rss_kib", json!(server_rss)));
+    // Clock ticks are 10 ms (USER_HZ 100): the run's few seconds give a rough figure.
+    if let (Some(ticks), Some(packets)) = (server_cpu, Some(measurement.packets).filter(|packets| *packets > 0)) {
+        measurement.extra.push(("server_cpu_ns_per_packet", json!(ticks * 10_000_000 / packets)));
+    }
     if ack == "guaranteed" {
         // Every sendto returned only after the server's stored ack: that is the ack latency.
         let send_p50 = measurement.extra("send_p50_us").cloned().unwrap_or(Value::Null);

@@ -146,3 +146,12 @@ pub fn unix_now_ns() -> u64 {
         .map(|elapsed| elapsed.as_nanos() as u64)
         .unwrap_or(0)
 }
+
+/// User + system CPU time of `pid` so far, in clock ticks (/proc/<pid>/stat fields 14 and 15).
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // fields[0] is field 3 (state), so utime (14) and stime (15) are fields[11] and fields[12].
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}

@@ -13,7 +13,7 @@ use fsbridge::layout::batch_file_name;
 use fsbridge::{BatchHeader, BatchKind, NodeConfig, NodeName, Packet, PacketId, Record, Volume};
 use serde_json::json;
 
-use crate::procs::{Proc, proc_status_kib};
+use crate::procs::{Proc, cpu_ticks, proc_status_kib};
 use crate::report::Measurement;
 use crate::{Bench, Run};
 
@@ -28,15 +28,6 @@ const STORE_LIMIT: Duration = Duration::from_secs(600);
 const SETTLE: Duration = Duration::from_millis(500);
 /// Window over which the CPU the server burns while holding the backlog (and nothing arrives) is measured.
 const CPU_WINDOW: Duration = Duration::from_secs(2);
-
-/// User + system CPU time of `pid` so far, in clock ticks (/proc/<pid>/stat fields 14 and 15).
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_name = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    // fields[0] is field 3 (state), so utime (14) and stime (15) are fields[11] and fields[12].
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-}
 
 fn queued(volume: &Volume) -> u64 {
     std::fs::read(volume.status_path())
