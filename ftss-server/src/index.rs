@@ -105,16 +105,56 @@ struct InFlight {
     file: u64,
 }
 
-/// The queue of one destination address.
+/// The packets of one destination port not yet delivered, and how many of its are in flight.
+#[derive(Default)]
+struct Port {
+    /// In store order.
+    undelivered: VecDeque<Item>,
+    in_flight: usize,
+}
+
+/// The queue of one destination address: one line per port, so that a port whose app has stopped
+/// reading holds only its own packets back.
 #[derive(Default)]
 struct Destination {
-    /// Not yet delivered, in store order.
-    undelivered: VecDeque<Item>,
+    ports: HashMap<u16, Port>,
     /// Delivered, in delivery order; may hold keys already receipted (removed lazily).
     in_flight_order: VecDeque<Key>,
     in_flight_count: usize,
     packets: u64,
     bytes: u64,
+}
+
+impl Destination {
+    /// Drops a port's line once it holds nothing (ports come and go).
+    fn prune(&mut self, port: u16) {
+        if self.ports.get(&port).is_some_and(|line| line.undelivered.is_empty() && line.in_flight == 0) {
+            self.ports.remove(&port);
+        }
+    }
+
+    /// Removes the undelivered item with `key` (normally at the front of its port's line).
+    fn take_undelivered(&mut self, key: Key, port: Option<u16>) -> Option<Item> {
+        let ports: Vec<u16> = match port {
+            Some(port) => vec![port],
+            None => self.ports.keys().copied().collect(),
+        };
+        let found = ports.iter().find_map(|port| {
+            let line = self.ports.get(port)?;
+            let at_front = line.undelivered.front().is_some_and(|item| item.key() == key);
+            at_front.then_some((*port, 0))
+        });
+        let found = found.or_else(|| {
+            ports.iter().find_map(|port| {
+                let position = self.ports.get(port)?.undelivered.iter().position(|item| item.key() == key)?;
+                Some((*port, position))
+            })
+        });
+        let (port, position) = found?;
+        let item = self.ports.get_mut(&port)?.undelivered.remove(position);
+        self.prune(port);
+        item
+    }
 }
 
 /// Per-destination figures for status.
@@ -184,7 +224,7 @@ impl Index {
         }
         self.remember(key);
         let destination = self.destinations.entry(*entry.destination.ip()).or_default();
-        destination.undelivered.push_back(Item::new(key, &entry));
+        destination.ports.entry(entry.destination.port()).or_default().undelivered.push_back(Item::new(key, &entry));
         destination.packets += 1;
         destination.bytes += u64::from(entry.payload_bytes);
         self.packets += 1;
@@ -210,12 +250,7 @@ impl Index {
             None => {
                 let ip = destination?;
                 let queue = self.destinations.get_mut(&ip)?;
-                let position = if queue.undelivered.front().is_some_and(|item| item.key() == key) {
-                    0
-                } else {
-                    queue.undelivered.iter().position(|item| item.key() == key)?
-                };
-                (queue.undelivered.remove(position).expect("position is in range").entry(ip), false)
+                (queue.take_undelivered(key, None)?.entry(ip), false)
             }
         };
         let queue = self.destinations.get_mut(entry.destination.ip()).expect("queued packets have a destination");
@@ -223,6 +258,11 @@ impl Index {
         queue.bytes -= u64::from(entry.payload_bytes);
         if was_in_flight {
             queue.in_flight_count -= 1;
+            let port = entry.destination.port();
+            if let Some(line) = queue.ports.get_mut(&port) {
+                line.in_flight -= 1;
+            }
+            queue.prune(port);
             let in_flight = &self.in_flight;
             while queue.in_flight_order.front().is_some_and(|front| !in_flight.contains_key(front)) {
                 queue.in_flight_order.pop_front();
@@ -245,12 +285,40 @@ impl Index {
         self.destinations.keys().copied().collect()
     }
 
-    /// Up to `limit` undelivered packets of `destination`, oldest first, without exceeding
-    /// `in_flight_max` packets in flight for it. They stay queued until marked delivered or removed.
-    pub fn next_undelivered(&self, destination: &Ipv4Addr, limit: usize, in_flight_max: usize) -> Vec<(Key, Entry)> {
+    /// The ports of `destination` with packets not yet delivered.
+    pub fn waiting_ports(&self, destination: &Ipv4Addr) -> Vec<u16> {
         let Some(queue) = self.destinations.get(destination) else { return Vec::new() };
-        let room = in_flight_max.saturating_sub(queue.in_flight_count).min(limit);
-        queue.undelivered.iter().take(room).map(|item| (item.key(), item.entry(*destination))).collect()
+        queue.ports.iter().filter(|(_, line)| !line.undelivered.is_empty()).map(|(port, _)| *port).collect()
+    }
+
+    /// Up to `limit` undelivered packets of `destination`, each port's in store order, the port
+    /// with the oldest waiting packet first, without exceeding `in_flight_max` packets in flight for
+    /// the destination or `port_in_flight_max` for one port, and leaving out the ports in `skip`.
+    /// They stay queued until marked delivered or removed.
+    pub fn next_undelivered(
+        &self,
+        destination: &Ipv4Addr,
+        limit: usize,
+        in_flight_max: usize,
+        port_in_flight_max: usize,
+        skip: &HashSet<u16>,
+    ) -> Vec<(Key, Entry)> {
+        let Some(queue) = self.destinations.get(destination) else { return Vec::new() };
+        let mut room = in_flight_max.saturating_sub(queue.in_flight_count).min(limit);
+        let mut lines: Vec<&Port> = queue
+            .ports
+            .iter()
+            .filter(|(port, line)| !skip.contains(port) && !line.undelivered.is_empty())
+            .map(|(_, line)| line)
+            .collect();
+        lines.sort_by_key(|line| line.undelivered.front().map(|item| (item.stored_unix_s, item.origin, item.seq)));
+        let mut next = Vec::new();
+        for line in lines {
+            let take = port_in_flight_max.saturating_sub(line.in_flight).min(room);
+            next.extend(line.undelivered.iter().take(take).map(|item| (item.key(), item.entry(*destination))));
+            room -= take;
+        }
+        next
     }
 
     /// Packets delivered before `now - redeliver_after` and still not receipted, oldest first.
@@ -290,44 +358,48 @@ impl Index {
         self.deliveries.push_front((at, key));
     }
 
-    /// Records that `key` was written to an inbox file; returns whether it was the first time.
-    pub fn mark_delivered(&mut self, key: Key, destination: &Ipv4Addr, now: Instant, file: u64) -> bool {
+    /// Records that `key` (for `destination`) was written to an inbox file; returns whether it was
+    /// the first time.
+    pub fn mark_delivered(&mut self, key: Key, destination: SocketAddrV4, now: Instant, file: u64) -> bool {
         self.deliveries.push_back((now, key));
         if let Some(flight) = self.in_flight.get_mut(&key) {
             flight.delivered_at = now;
             flight.file = file;
             return false;
         }
-        let Some(queue) = self.destinations.get_mut(destination) else { return false };
-        // Deliveries go in queue order, so the key is at the front.
-        let position = if queue.undelivered.front().is_some_and(|item| item.key() == key) {
-            Some(0)
-        } else {
-            queue.undelivered.iter().position(|item| item.key() == key)
-        };
-        let Some(position) = position else { return false };
-        let item = queue.undelivered.remove(position).expect("position is in range");
+        let Some(queue) = self.destinations.get_mut(destination.ip()) else { return false };
+        // Deliveries go in each port's queue order, so the key is at the front of its line.
+        let Some(item) = queue.take_undelivered(key, Some(destination.port())) else { return false };
         queue.in_flight_count += 1;
+        queue.ports.entry(destination.port()).or_default().in_flight += 1;
         queue.in_flight_order.push_back(key);
-        self.in_flight.insert(key, InFlight { entry: item.entry(*destination), delivered_at: now, file });
+        self.in_flight.insert(key, InFlight { entry: item.entry(*destination.ip()), delivered_at: now, file });
         true
     }
 
     /// Undelivered packets for `destination` stored at or before `cutoff_unix_us`, oldest first.
     pub fn stored_before(&self, destination: &Ipv4Addr, cutoff_unix_us: u64, limit: usize) -> Vec<PacketId> {
         let Some(queue) = self.destinations.get(destination) else { return Vec::new() };
-        queue
-            .undelivered
-            .iter()
-            .take_while(|item| u64::from(item.stored_unix_s) * 1_000_000 <= cutoff_unix_us)
-            .take(limit)
-            .map(|item| self.id(item.key()))
-            .collect()
+        let mut old: Vec<&Item> = queue
+            .ports
+            .values()
+            .flat_map(|line| {
+                let old = |item: &&Item| u64::from(item.stored_unix_s) * 1_000_000 <= cutoff_unix_us;
+                line.undelivered.iter().take_while(old).take(limit)
+            })
+            .collect();
+        old.sort_by_key(|item| (item.stored_unix_s, item.origin, item.epoch, item.seq));
+        old.into_iter().take(limit).map(|item| self.id(item.key())).collect()
     }
 
     pub fn stats(&self, destination: &Ipv4Addr) -> DestinationStats {
         let Some(queue) = self.destinations.get(destination) else { return DestinationStats::default() };
-        let waiting = queue.undelivered.front().map(|item| u64::from(item.stored_unix_s) * 1_000_000);
+        let waiting = queue
+            .ports
+            .values()
+            .filter_map(|line| line.undelivered.front())
+            .map(|item| u64::from(item.stored_unix_s) * 1_000_000)
+            .min();
         let flying = queue
             .in_flight_order
             .front()
@@ -380,14 +452,15 @@ mod tests {
         assert!(!index.insert(&id(3), entry(3, "10.0.0.2:9")), "duplicate accepted");
         let destination: Ipv4Addr = "10.0.0.2".parse().unwrap();
         let now = Instant::now();
-        let first = keys(index.next_undelivered(&destination, 10, 2));
+        let none = HashSet::new();
+        let first = keys(index.next_undelivered(&destination, 10, 2, 2, &none));
         assert_eq!(first, vec![index.key(&id(1)).unwrap(), index.key(&id(2)).unwrap()]);
         for key in &first {
-            assert!(index.mark_delivered(*key, &destination, now, 1));
+            assert!(index.mark_delivered(*key, "10.0.0.2:9".parse().unwrap(), now, 1));
         }
-        assert!(index.next_undelivered(&destination, 10, 2).is_empty(), "in-flight limit ignored");
+        assert!(index.next_undelivered(&destination, 10, 2, 2, &none).is_empty(), "in-flight limit ignored");
         assert_eq!(index.remove(&id(2), None).unwrap(), entry(2, "10.0.0.2:9"));
-        assert_eq!(keys(index.next_undelivered(&destination, 10, 2)), vec![index.key(&id(3)).unwrap()]);
+        assert_eq!(keys(index.next_undelivered(&destination, 10, 2, 2, &none)), vec![index.key(&id(3)).unwrap()]);
         let stats = index.stats(&destination);
         assert_eq!((stats.packets, stats.bytes, stats.in_flight), (4, 40, 1));
         assert_eq!(stats.oldest_stored_unix_us, Some(1001 * 1_000_000));
@@ -399,22 +472,64 @@ mod tests {
     }
 
     #[test]
+    fn each_port_has_its_own_line_and_in_flight_room() {
+        let mut index = Index::default();
+        // Port 1 holds a backlog stored first; port 2's packets come after it.
+        for seq in 1..=6 {
+            index.insert(&id(seq), entry(seq, "10.0.0.2:1"));
+        }
+        for seq in 7..=8 {
+            index.insert(&id(seq), entry(seq, "10.0.0.2:2"));
+        }
+        let destination: Ipv4Addr = "10.0.0.2".parse().unwrap();
+        // Origin "a" is the first interned: number 0.
+        let key = |seq| Key { epoch: 9, seq, origin: 0 };
+        let now = Instant::now();
+        // At most 3 in flight per port: port 1 gives 3, port 2 both of its own.
+        let first = keys(index.next_undelivered(&destination, 100, 100, 3, &HashSet::new()));
+        assert_eq!(first, vec![key(1), key(2), key(3), key(7), key(8)]);
+        for (seq, port) in [(1, 1), (2, 1), (3, 1)] {
+            index.mark_delivered(key(seq), SocketAddrV4::new(destination, port), now, 1);
+        }
+        // Port 1 is full (its app does not read); port 2 still gets its packets.
+        let next = keys(index.next_undelivered(&destination, 100, 100, 3, &HashSet::new()));
+        assert_eq!(next, vec![key(7), key(8)]);
+        // A port left out (held for a slow receiver) costs the others nothing.
+        let skip: HashSet<u16> = [2].into();
+        assert!(index.next_undelivered(&destination, 100, 100, 3, &skip).is_empty());
+        let mut waiting = index.waiting_ports(&destination);
+        waiting.sort_unstable();
+        assert_eq!(waiting, vec![1, 2]);
+        // The destination-wide bound still holds.
+        assert_eq!(keys(index.next_undelivered(&destination, 100, 4, 3, &HashSet::new())), vec![key(7)]);
+        // A receipt frees port 1's room; an emptied port's line goes away.
+        index.remove(&id(1), None);
+        assert_eq!(keys(index.next_undelivered(&destination, 100, 100, 3, &skip)), vec![key(4)]);
+        for seq in [7, 8] {
+            index.remove(&id(seq), Some(destination));
+        }
+        assert_eq!(index.waiting_ports(&destination), vec![1]);
+        assert!(!index.destinations[&destination].ports.contains_key(&2));
+        assert_eq!(index.stats(&destination).in_flight, 2);
+    }
+
+    #[test]
     fn redelivery_comes_due_once_per_delivery() {
         let mut index = Index::default();
         index.insert(&id(1), entry(1, "10.0.0.2:9"));
         index.insert(&id(2), entry(2, "10.0.0.2:9"));
-        let destination: Ipv4Addr = "10.0.0.2".parse().unwrap();
         let start = Instant::now();
         let key1 = index.key(&id(1)).unwrap();
         let key2 = index.key(&id(2)).unwrap();
-        index.mark_delivered(key1, &destination, start, 1);
-        index.mark_delivered(key2, &destination, start, 1);
+        let port: SocketAddrV4 = "10.0.0.2:9".parse().unwrap();
+        index.mark_delivered(key1, port, start, 1);
+        index.mark_delivered(key2, port, start, 1);
         let later = start + Duration::from_secs(2);
         assert!(index.due_again(later, Duration::from_secs(5), 10).is_empty());
         index.remove(&id(2), None);
         let much_later = start + Duration::from_secs(6);
         assert_eq!(index.due_again(much_later, Duration::from_secs(5), 10), vec![key1]);
-        assert!(!index.mark_delivered(key1, &destination, much_later, 2), "a redelivery is not a first delivery");
+        assert!(!index.mark_delivered(key1, port, much_later, 2), "a redelivery is not a first delivery");
         assert_eq!(index.in_flight(key1).unwrap().1, 2);
         assert!(index.due_again(much_later, Duration::from_secs(5), 10).is_empty());
         assert_eq!(index.due_again(much_later + Duration::from_secs(5), Duration::from_secs(5), 10), vec![key1]);
@@ -441,7 +556,7 @@ mod tests {
             index.insert(&id(seq), entry(seq, "10.9.9.9:1"));
         }
         let queue = &index.destinations[&"10.9.9.9".parse().unwrap()];
-        let bytes = queue.undelivered.capacity() * std::mem::size_of::<Item>();
+        let bytes = queue.ports[&1].undelivered.capacity() * std::mem::size_of::<Item>();
         assert!(bytes <= 1_100_000 * 40, "{bytes} bytes for a million held packets");
     }
 }

@@ -71,7 +71,10 @@ const DEAD_LETTERS_SHOWN_MAX: usize = 32;
 const DEAD_LETTERS_PER_CYCLE_MAX: usize = 65_536;
 /// Most packets in flight (delivered, not receipted) per destination address: a receiver that stops
 /// reading holds at most this many in its inbox; the rest wait in the queue.
-const IN_FLIGHT_PER_DESTINATION_MAX: usize = 65_536;
+const IN_FLIGHT_PER_DESTINATION_MAX: usize = 131_072;
+/// Packets delivered to one port and not yet receipted: a port whose app stopped reading takes at
+/// most this much of its node's room, so it takes eight such ports to hold up the node's others.
+const IN_FLIGHT_PER_PORT_MAX: usize = 16_384;
 /// Sending processes remembered as waiting for acks (most recent first to go when full).
 const ACK_EPOCHS_MAX: usize = 4096;
 /// Most acks in one fabric frame (a frame's bytes are bounded).
@@ -1344,27 +1347,25 @@ impl Server {
             let Some(node) = self.addr_to_node.get(&destination).cloned() else { continue };
             // While a port's receiver has not taken its last inbox files (a slow mount, or no
             // socket bound), its new packets wait in the queue and go out together in the next
-            // file, instead of one small file per cycle that it would read one at a time. They
-            // are passed over without counting, so other ports and destinations go on.
-            let mut held: HashMap<u16, bool> = HashMap::new();
-            let scan = IN_FLIGHT_PER_DESTINATION_MAX;
-            for (key, entry) in self.index.next_undelivered(&destination, scan, IN_FLIGHT_PER_DESTINATION_MAX) {
-                if count >= DELIVER_PACKETS_PER_CYCLE_MAX {
-                    break;
-                }
-                let port = entry.destination.port();
-                let is_held = match held.get(&port) {
-                    Some(is_held) => *is_held,
-                    None => {
-                        let is_held = self.fabric_route(&node, port).is_none() && self.inbox_backlogged(&node, port);
-                        held.insert(port, is_held);
-                        is_held
-                    }
-                };
-                if is_held {
-                    continue;
-                }
-                due.entry((node.clone(), port)).or_default().push((key, entry));
+            // file, instead of one small file per cycle that it would read one at a time. Each
+            // port has its own line and in-flight room, so a port whose app stopped reading holds
+            // back nothing but its own packets.
+            let held: HashSet<u16> = self
+                .index
+                .waiting_ports(&destination)
+                .into_iter()
+                .filter(|port| self.fabric_route(&node, *port).is_none() && self.inbox_backlogged(&node, *port))
+                .collect();
+            let room = DELIVER_PACKETS_PER_CYCLE_MAX.saturating_sub(count);
+            let next = self.index.next_undelivered(
+                &destination,
+                room,
+                IN_FLIGHT_PER_DESTINATION_MAX,
+                IN_FLIGHT_PER_PORT_MAX,
+                &held,
+            );
+            for (key, entry) in next {
+                due.entry((node.clone(), entry.destination.port())).or_default().push((key, entry));
                 count += 1;
             }
         }
@@ -1399,7 +1400,13 @@ impl Server {
     /// Sends queued packets for an external address through the gateway (best effort) and marks
     /// them done. Returns how many were sent.
     fn send_external(&mut self, destination: &Ipv4Addr) -> Result<usize, QueueError> {
-        let keys = self.index.next_undelivered(destination, DELIVER_PACKETS_PER_CYCLE_MAX, usize::MAX);
+        let keys = self.index.next_undelivered(
+            destination,
+            DELIVER_PACKETS_PER_CYCLE_MAX,
+            usize::MAX,
+            usize::MAX,
+            &HashSet::new(),
+        );
         if keys.is_empty() {
             return Ok(0);
         }
@@ -1510,7 +1517,7 @@ impl Server {
 
     fn mark_delivered(&mut self, keys: &[(Key, Entry)], now: Instant, file_seq: u64) {
         for (key, entry) in keys {
-            if self.index.mark_delivered(*key, entry.destination.ip(), now, file_seq) {
+            if self.index.mark_delivered(*key, entry.destination, now, file_seq) {
                 self.counters.delivered += 1;
                 let id = self.index.id(*key);
                 self.ack_later(&id, AckState::Delivered, String::new());
