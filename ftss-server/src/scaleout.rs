@@ -60,16 +60,25 @@ fn beat(volume: &Path, instance: &str, term: Duration) -> Result<(), String> {
         .map_err(|error| error.to_string())
 }
 
-/// Instances whose heartbeat has not expired (this one included once it has beaten).
-fn live_instances(volume: &Path) -> u32 {
-    let names = fsbridge::spool::list_names(&instances_dir(volume), usize::MAX).unwrap_or_default();
+/// Instances whose heartbeat has not expired (this one included once it has beaten); `None` if the
+/// directory cannot be listed (the caller keeps its last count). A heartbeat that cannot be read
+/// or parsed counts by its file's age: an instance that beat within the last `term` is alive, so
+/// an I/O hiccup does not make the others take on its share.
+fn live_instances(volume: &Path, term: Duration) -> Option<u32> {
+    let dir = instances_dir(volume);
+    let names = fsbridge::spool::list_names(&dir, usize::MAX).ok()?;
     let now = now_ms();
-    names
-        .iter()
-        .filter_map(|name| std::fs::read_to_string(instances_dir(volume).join(name)).ok())
-        .filter_map(|text| toml::from_str::<Heartbeat>(&text).ok())
-        .filter(|heartbeat| heartbeat.expires_unix_ms > now)
-        .count() as u32
+    let alive = |name: &String| {
+        let path = dir.join(name);
+        let heartbeat = std::fs::read_to_string(&path).ok().and_then(|text| toml::from_str::<Heartbeat>(&text).ok());
+        match heartbeat {
+            Some(heartbeat) => heartbeat.expires_unix_ms > now,
+            None => std::fs::metadata(&path)
+                .and_then(|meta| meta.modified())
+                .is_ok_and(|modified| modified.elapsed().unwrap_or_default() < term),
+        }
+    };
+    Some(names.iter().filter(|name| alive(name)).count() as u32)
 }
 
 /// The settings of one partition's server: its queue inside every queue dir; the external
@@ -90,6 +99,7 @@ pub fn run(config: Config, ha: HaSettings, stop: &'static AtomicBool) -> Result<
     fsbridge::Volume::new(&config.volume).create().map_err(|error| error.to_string())?;
     let mut held: BTreeMap<u32, Held> = BTreeMap::new();
     let mut beaten_at: Option<Instant> = None;
+    let mut live = 1;
     eprintln!("ftss-server: instance {} serves a share of {count} partitions", ha.instance);
     while !stop.load(Ordering::SeqCst) {
         if beaten_at.is_none_or(|at| at.elapsed() >= ha.lease_term / 3) {
@@ -105,7 +115,8 @@ pub fn run(config: Config, ha: HaSettings, stop: &'static AtomicBool) -> Result<
             eprintln!("ftss-server: instance {} no longer serves partition {index}", ha.instance);
             false
         });
-        let share = count.div_ceil(live_instances(&config.volume).max(1)) as usize;
+        live = live_instances(&config.volume, ha.lease_term).unwrap_or(live);
+        let share = count.div_ceil(live.max(1)) as usize;
         let serving = held.values().filter(|partition| !partition.releasing).count();
         if serving > share {
             if let Some((index, partition)) = held.iter_mut().rev().find(|(_, partition)| !partition.releasing) {
@@ -184,5 +195,33 @@ fn serve(config: Config, mut lease: Lease, stop: &AtomicBool, global_stop: &Atom
         eprintln!("ftss-server: partition {index}: lost the lease (another instance serves it now): stopped");
     } else if let Err(error) = lease.borrow_mut().release() {
         eprintln!("ftss-server: partition {index}: cannot release the lease: {error}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_count_by_expiry_and_unreadable_ones_by_age() {
+        let volume = std::env::temp_dir().join(format!("ftss-heartbeats-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&volume);
+        let term = Duration::from_secs(10);
+        assert_eq!(live_instances(&volume, term), Some(0), "no directory yet");
+        beat(&volume, "one", term).unwrap();
+        let expired = Heartbeat { expires_unix_ms: now_ms() - 1, pid: 1 };
+        std::fs::write(instances_dir(&volume).join("gone"), toml::to_string(&expired).unwrap()).unwrap();
+        // Cut short by a crash of the file server, say: fresh, so its instance counts as alive.
+        std::fs::write(instances_dir(&volume).join("torn"), "expires_unix_ms = ").unwrap();
+        assert_eq!(live_instances(&volume, term), Some(2));
+        let old = std::time::SystemTime::now() - Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(instances_dir(&volume).join("torn"))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert_eq!(live_instances(&volume, term), Some(1));
+        std::fs::remove_dir_all(&volume).unwrap();
     }
 }
