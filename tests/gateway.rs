@@ -95,6 +95,46 @@ fn ingress_is_stored_while_the_receiver_is_down_and_across_a_server_kill() {
 }
 
 #[test]
+fn ingress_read_while_the_queue_disk_is_full_is_stored_once_space_returns() {
+    let mut fabric = Fabric::new("gw-queue-full");
+    let disk = SmallDisk::mount(&fabric.queue_dirs[0], "8m");
+    register(&fabric, "b", "10.77.0.2");
+    let ingress = free_udp_port();
+    let args = ["--ingress".to_string(), ingress_arg(ingress, 9402)];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    fabric.start_server_with(&args);
+    let receiver = Receiver::start_with_source(&fabric, "b", "10.77.0.2", 9402);
+    let filler = disk.fill();
+    let outside = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // Together more than the page the queue segment may still have room in.
+    let pad = "p".repeat(2000);
+    for index in 0..3 {
+        outside.send_to(format!("full-{index}{pad}").as_bytes(), ("127.0.0.1", ingress)).unwrap();
+    }
+    // The server reads them from its socket and cannot store them: the cycle's sync fails (and
+    // while it keeps what it read, the rest wait in the socket).
+    let received = || fabric.status()["gateway"]["counters"]["ingress_received"].as_u64().unwrap_or(0);
+    assert!(wait_until(Duration::from_secs(20), || received() >= 1), "{}", fabric.status());
+    assert!(
+        wait_until(Duration::from_secs(20), || fabric.status()["backpressure"]["active"] == true),
+        "{}",
+        fabric.status()
+    );
+    // Failed cycles for a while (the first may still have fit in the segment's last page).
+    std::thread::sleep(Duration::from_secs(1));
+    std::fs::remove_file(&filler).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || receiver.payloads().len() >= 3),
+        "got {}",
+        receiver.payloads().len()
+    );
+    let outside_port = outside.local_addr().unwrap().port();
+    let expected: Vec<String> = (0..3).map(|index| format!("127.0.0.1 {outside_port} full-{index}{pad}")).collect();
+    assert_eq!(receiver.payloads(), expected);
+    assert_eq!(received(), 3, "read once, kept across the failed cycles");
+}
+
+#[test]
 fn egress_is_best_effort_acked_and_a_closed_port_blocks_nothing() {
     let mut fabric = Fabric::new("gw-egress");
     fabric.start_server();

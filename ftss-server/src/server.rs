@@ -199,6 +199,9 @@ pub struct Server {
     outbox_backlog: HashMap<NodeName, VecDeque<String>>,
     /// Acks to write at the end of the cycle, per source node.
     pending_acks: BTreeMap<NodeName, Vec<Ack>>,
+    /// Gateway arrivals of a cycle whose sync failed, staged again next cycle (no new arrivals are
+    /// read meanwhile: they wait in the socket, so this holds at most one cycle's worth).
+    arrivals_kept: Vec<Packet>,
     registry_loaded_at: Option<Instant>,
     status_written_at: Option<Instant>,
     resync_checked_at: Instant,
@@ -331,6 +334,7 @@ impl Server {
             node_to_addr: HashMap::new(),
             outbox_backlog: HashMap::new(),
             pending_acks: BTreeMap::new(),
+            arrivals_kept: Vec::new(),
             registry_loaded_at: None,
             status_written_at: None,
             resync_checked_at: Instant::now(),
@@ -641,9 +645,15 @@ impl Server {
     /// Reads outbox files, fabric frames and gateway arrivals and appends their packets to the
     /// queue (not synced: the cycle syncs once for everything it staged). `None` if there was none.
     fn stage_drain(&mut self) -> Result<Option<DrainGroup>, fsbridge::SpoolError> {
-        let arrivals = self.gateway.receive();
-        let arrived = self.arrivals_to_packets(arrivals);
+        // Outboxes first: if reading them fails, the gateway's datagrams stay in its sockets.
         let drained = self.read_outboxes()?;
+        let arrived = match self.arrivals_kept.is_empty() {
+            true => {
+                let arrivals = self.gateway.receive();
+                self.arrivals_to_packets(arrivals)
+            }
+            false => std::mem::take(&mut self.arrivals_kept),
+        };
         let from_fabric = self.read_fabric(&drained);
         if drained.is_empty() && arrived.is_empty() && from_fabric.is_empty() {
             return Ok(None);
@@ -677,9 +687,10 @@ impl Server {
 
     /// The cycle's sync failed: nothing of the group is durable. No ack; the outbox files stay and
     /// are listed again (in order) next cycle; fabric frames go back in front of their
-    /// connections' queues, in order.
+    /// connections' queues, in order; gateway arrivals are kept for the next cycle.
     fn abort_drain(&mut self, group: DrainGroup) {
         self.outbox_backlog.clear();
+        self.arrivals_kept = group.arrived;
         for taken in group.from_fabric.into_iter().rev() {
             taken.conn.unpop(taken.packets);
         }

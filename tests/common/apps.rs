@@ -154,15 +154,19 @@ impl SmallDisk {
         SmallDisk(dir.to_path_buf())
     }
 
-    /// Fills the disk with a file of zeros; returns its path.
+    /// Fills the disk with zeros: a file in 64 KiB blocks, whose path it returns (removing it
+    /// gives the space back), and a small one in 4 KiB blocks for the last partial block's worth,
+    /// which stays.
     pub fn fill(&self) -> PathBuf {
         let filler = self.0.join("filler");
-        let _ = Command::new("dd")
-            .arg("if=/dev/zero")
-            .arg(format!("of={}", filler.display()))
-            .arg("bs=64k")
-            .stderr(Stdio::null())
-            .status();
+        for (path, block) in [(&filler, "bs=64k"), (&self.0.join("filler-tail"), "bs=4k")] {
+            let _ = Command::new("dd")
+                .arg("if=/dev/zero")
+                .arg(format!("of={}", path.display()))
+                .arg(block)
+                .stderr(Stdio::null())
+                .status();
+        }
         filler
     }
 }
