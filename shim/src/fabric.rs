@@ -205,7 +205,8 @@ pub struct Link {
     epoch: u64,
     state: Mutex<LinkState>,
     connected: Condvar,
-    /// The connection's fd, readable without a lock (a forked child closes its copy).
+    /// The connection's fd (from connect on, through the handshake), readable without a lock: a
+    /// forked child closes its copy.
     fd: AtomicI32,
 }
 
@@ -264,11 +265,26 @@ impl Link {
 
     fn handshake(&self) -> Result<(Wire, FrameOpener), String> {
         let wire = Wire::connect(&self.endpoint).map_err(|error| error.to_string())?;
+        // Published at once, so that a fork in the middle of the handshake leaves the child a copy
+        // to close; withdrawn before the wire (and its fd number) goes.
+        self.fd.store(wire.fd, Ordering::Release);
+        match self.greet(&wire) {
+            Ok(opener) => Ok((wire, opener)),
+            Err(reason) => {
+                self.fd.store(-1, Ordering::Release);
+                drop(wire);
+                Err(reason)
+            }
+        }
+    }
+
+    /// The handshake on a fresh connection: challenge, hello, welcome; the session's keys.
+    fn greet(&self, wire: &Wire) -> Result<FrameOpener, String> {
         wire.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
         // A server that stops reading fails a write (and the connection) instead of blocking the
         // flusher, the receive thread and the app's exit forever.
         wire.set_timeout(libc::SO_SNDTIMEO, Some(WRITE_TIMEOUT));
-        let server_nonce = match fabric::read_frame(&mut &wire) {
+        let server_nonce = match fabric::read_frame(&mut &*wire) {
             Ok(Frame::Challenge { version: FABRIC_VERSION, nonce }) => nonce,
             Ok(Frame::Challenge { version, .. }) => return Err(format!("the server speaks protocol {version}")),
             Ok(Frame::Refused { reason }) => return Err(format!("refused: {reason}")),
@@ -285,7 +301,7 @@ impl Link {
         };
         hello.proof = fabric::client_proof(&self.key, &server_nonce, &hello);
         wire.write_all(&Frame::Hello(hello.clone()).encode()).map_err(|error| error.to_string())?;
-        match fabric::read_frame(&mut &wire) {
+        match fabric::read_frame(&mut &*wire) {
             Ok(Frame::Welcome { proof }) if fabric::verify_server(&self.key, &server_nonce, &hello.nonce, &proof) => {}
             Ok(Frame::Welcome { .. }) => return Err("the server could not prove it holds this node's key".into()),
             Ok(Frame::Refused { reason }) => return Err(format!("refused: {reason}")),
@@ -295,7 +311,7 @@ impl Link {
         wire.set_read_timeout(None);
         let (sealer, opener) = fabric::session(&self.key, &server_nonce, &hello.nonce, Role::Node);
         *lock(&wire.sealer) = Some(sealer);
-        Ok((wire, opener))
+        Ok(opener)
     }
 
     fn install(&self, wire: Arc<Wire>) {
