@@ -2,13 +2,14 @@
 //! bound there too) into the app's fabric sockets, and writes receipts and reads acks.
 //!
 //! One pass, every `FTSS_POLL_MS` or sooner when a socket becomes writable or the real network has
-//! a datagram:
+//! a datagram (at once when the last pass took its full share of a backlog of inbox files):
 //! 1. write a receipt batch for everything the app received since the last pass;
 //! 2. for each fabric socket with a port: inject held datagrams, then claim its inbox files in name
 //!    order (a rename, so that two processes serving one port — a forked child and its parent, or
 //!    SO_REUSEPORT apps — never both take a file), drop duplicates, inject, and remove each file
 //!    once all of it is injected or held;
-//! 3. while a sender waits for the server's ack (`guaranteed`), read and remove the ack files the server wrote for this process;
+//! 3. while a sender waits for the server's ack (`guaranteed`), read and remove the ack files the
+//!    server wrote for this process;
 //! 4. relay datagrams that arrived on the real side sockets.
 //!
 //! Over the fabric transport, deliveries arrive on the link thread ([`deliver_from_fabric`]) and
@@ -23,6 +24,7 @@ use std::mem::{size_of, zeroed};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use fsbridge::format::{BatchEncoder, PAYLOAD_BYTES_MAX, decode_batch};
 use fsbridge::layout::{batch_file_name, parse_batch_file_name};
@@ -61,9 +63,12 @@ pub fn run(shim: &'static Shim) {
             shim.volume.inbox_ports(&shim.config.node).ok().map(|ports| ports.into_iter().collect())
         };
         let mut waiting_for_room = Vec::new();
+        let mut more = false;
         for sock in &socks {
-            if !fill(shim, sock, &open, inbox_ports.as_ref()) {
-                waiting_for_room.push(sock.clone());
+            match fill(shim, sock, &open, inbox_ports.as_ref()) {
+                Filled::Done => {}
+                Filled::More => more = true,
+                Filled::Full => waiting_for_room.push(sock.clone()),
             }
         }
         match fabric {
@@ -71,8 +76,20 @@ pub fn run(shim: &'static Shim) {
             None if shim.outbox().awaits_acks() => read_acks(shim, &mut seen_acks),
             None => {}
         }
-        wait(shim, &socks, &waiting_for_room);
+        // A backlog of inbox files: the next pass starts at once (relaying only what is there).
+        let timeout = if more { Duration::ZERO } else { shim.config.poll };
+        wait(&socks, &waiting_for_room, timeout);
     }
+}
+
+/// How far a pass got with one socket's inbox.
+enum Filled {
+    /// Everything there was is injected (or there was nothing).
+    Done,
+    /// The pass's share of files is injected; more may be waiting.
+    More,
+    /// The app's socket is full: the rest waits until it reads.
+    Full,
 }
 
 /// The ports of this process's fabric sockets.
@@ -121,8 +138,8 @@ pub fn deliver_from_fabric(shim: &Shim, packets: Vec<Packet>) {
     }
 }
 
-/// Sleeps until the poll interval ends, a side socket has a datagram, or a full socket has room.
-fn wait(shim: &Shim, socks: &[Arc<Sock>], waiting_for_room: &[Arc<Sock>]) {
+/// Sleeps until `timeout` ends, a side socket has a datagram, or a full socket has room.
+fn wait(socks: &[Arc<Sock>], waiting_for_room: &[Arc<Sock>], timeout: Duration) {
     let mut fds: Vec<libc::pollfd> = Vec::new();
     let mut relays = Vec::new();
     for sock in socks {
@@ -134,7 +151,7 @@ fn wait(shim: &Shim, socks: &[Arc<Sock>], waiting_for_room: &[Arc<Sock>]) {
     for sock in waiting_for_room {
         fds.push(libc::pollfd { fd: sock.shim_end, events: libc::POLLOUT, revents: 0 });
     }
-    let timeout = shim.config.poll.as_millis().min(60_000) as c_int;
+    let timeout = timeout.as_millis().min(60_000) as c_int;
     // SAFETY: fds is a valid array of pollfd.
     let ready = unsafe { (real().poll)(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
     if ready <= 0 {
@@ -208,33 +225,38 @@ fn claim(inbox: &Spool, name: &str) -> Option<std::path::PathBuf> {
 }
 
 /// Injects held datagrams, then new inbox files. Returns false if the app's socket is full.
-fn fill(shim: &Shim, sock: &Arc<Sock>, open: &HashSet<u64>, inbox_ports: Option<&HashSet<u16>>) -> bool {
+fn fill(shim: &Shim, sock: &Arc<Sock>, open: &HashSet<u64>, inbox_ports: Option<&HashSet<u16>>) -> Filled {
     let (local, peer) = {
         let state = sock.lock();
         (state.local, state.peer)
     };
-    let Some(local) = local else { return true };
+    let Some(local) = local else { return Filled::Done };
     let target = Target { sock, peer, open };
     let mut held = lock(&sock.held);
     while let Some(datagram) = held.front() {
         if !inject(sock, datagram) {
-            return false;
+            return Filled::Full;
         }
         held.pop_front();
     }
     if inbox_ports.is_some_and(|ports| !ports.contains(&local.port())) {
-        return true;
+        return Filled::Done;
     }
     let inbox = shim.volume.inbox(&shim.config.node, local.port());
     let names = match inbox.list(INBOX_FILES_PER_PASS) {
         Ok(names) => names,
         Err(error) => {
             log!("cannot list inbox of port {}: {error}", local.port());
-            return true;
+            return Filled::Done;
         }
     };
+    // More may wait only behind a full share of files this pass could take (files it cannot claim
+    // must not turn the wait into a spin).
+    let full_share = names.len() == INBOX_FILES_PER_PASS;
+    let mut claimed = 0;
     for name in names {
         let Some(path) = claim(&inbox, &name) else { continue };
+        claimed += 1;
         let batch = match read_regular_file(&path) {
             Ok(None) => continue,
             Ok(Some(bytes)) => decode_batch(&bytes).map_err(|error| error.to_string()),
@@ -266,12 +288,12 @@ fn fill(shim: &Shim, sock: &Arc<Sock>, open: &HashSet<u64>, inbox_ports: Option<
         }
         while let Some(datagram) = held.front() {
             if !inject(sock, datagram) {
-                return false;
+                return Filled::Full;
             }
             held.pop_front();
         }
     }
-    true
+    if full_share && claimed > 0 { Filled::More } else { Filled::Done }
 }
 
 /// The socket an inbox is read for, as it was when the pass began (read before its `held` lock).
