@@ -5,8 +5,8 @@
 //! Life of a socket:
 //! 1. `socket(AF_INET or AF_INET6, SOCK_DGRAM)`: a real UDP socket, marked CANDIDATE. Costs nothing
 //!    more.
-//! 2. When it binds to FTSS_ADDR or to a port of the wildcard address, or connects/sends to a
-//!    fabric address, it becomes FABRIC: the real socket moves to a side fd (still used for non-fabric traffic), and
+//! 2. When it binds to FTSS_ADDR or the wildcard address, or connects/sends to a fabric address, it
+//!    becomes FABRIC: the real socket moves to a side fd (still used for non-fabric traffic), and
 //!    the app's fd number is atomically replaced (dup3) by one end of an AF_UNIX datagram
 //!    socketpair. The receive thread writes arriving datagrams into the other end, so readiness is
 //!    the kernel's.
@@ -684,7 +684,7 @@ pub fn on_socket(fd: c_int, domain: c_int, socket_type: c_int, protocol: c_int) 
 enum BindTarget {
     /// FTSS_ADDR (or its IPv4-mapped form) with this port.
     Fabric(u16),
-    /// The wildcard address with a chosen port: the real network and the fabric.
+    /// The wildcard address: the real network and the fabric.
     Wildcard,
     /// Anything else: the kernel's business.
     Other,
@@ -699,14 +699,12 @@ fn bind_target(shim: &Shim, fd: c_int, addr: *const sockaddr, len: socklen_t) ->
         return BindTarget::Other;
     }
     let v6_only = family == Family::V6 && int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY) == Some(1);
-    // The wildcard address with port 0 is what a client socket binds to have some port: like a
-    // socket the kernel binds on its first send, it stays the kernel's until it sends to (or
-    // connects to) a fabric address, and its sends elsewhere cost no more than without the shim.
-    // Nobody on the fabric can know its port before that.
+    // The wildcard address with port 0 too: an event loop registers the socket with epoll right
+    // after the bind, and a later takeover (a new file behind the fd number) would go unseen.
     match addr::normalize(requested) {
         SocketAddr::V4(v4) if *v4.ip() == shim.config.addr && !v6_only => BindTarget::Fabric(v4.port()),
-        SocketAddr::V4(v4) if v4.ip().is_unspecified() && requested.is_ipv4() && v4.port() != 0 => BindTarget::Wildcard,
-        SocketAddr::V6(v6) if v6.ip().is_unspecified() && !v6_only && v6.port() != 0 => BindTarget::Wildcard,
+        SocketAddr::V4(v4) if v4.ip().is_unspecified() && requested.is_ipv4() => BindTarget::Wildcard,
+        SocketAddr::V6(v6) if v6.ip().is_unspecified() && !v6_only => BindTarget::Wildcard,
         _ => BindTarget::Other,
     }
 }
