@@ -262,14 +262,14 @@ fn an_event_loop_client_bound_to_wildcard_port_zero_gets_fabric_answers_through_
     let mut fabric = Fabric::new("apps-port-zero");
     fabric.start_server();
     let mut command = fabric.command("b", "10.77.0.2", "python3");
-    command.args(["-c", PY_SELECTORS_SERVER, "9406"]);
+    command.args(["-c", PY_SELECTORS_SERVER, "9420"]);
     let (mut server, server_lines) = spawn(&mut command, "selectors server");
     assert!(wait_for_line(&server_lines, "ready"), "server: {}", stderr_of(&mut server));
     let real = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     real.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let real_port = real.local_addr().unwrap().port().to_string();
     let mut command = fabric.command("a", "10.77.0.1", "python3");
-    command.args(["-c", PY_EPOLL_CLIENT, &real_port, "9406"]);
+    command.args(["-c", PY_EPOLL_CLIENT, &real_port, "9420"]);
     let (mut client, client_lines) = spawn(&mut command, "epoll client");
     let mut buffer = [0u8; 64];
     let (len, from) = real.recv_from(&mut buffer).expect("the plain datagram arrives");

@@ -9,7 +9,8 @@
 //!
 //! Every operation costs in proportion to the packets it touches, never to the size of the queue.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
@@ -135,6 +136,7 @@ impl Destination {
 
     /// Removes the undelivered item with `key` (normally at the front of its port's line).
     fn take_undelivered(&mut self, key: Key, port: Option<u16>) -> Option<Item> {
+        // Callers name the port; only an id of unknown port makes every line a candidate.
         let ports: Vec<u16> = match port {
             Some(port) => vec![port],
             None => self.ports.keys().copied().collect(),
@@ -242,15 +244,15 @@ impl Index {
     }
 
     /// Removes a packet (receipted, dead-lettered, sent); returns its entry. Packets not in flight
-    /// are found in their destination's queue (`destination`), normally at its front.
-    pub fn remove(&mut self, id: &PacketId, destination: Option<Ipv4Addr>) -> Option<Entry> {
+    /// are found in their destination port's line (`destination`), normally at its front.
+    pub fn remove(&mut self, id: &PacketId, destination: Option<SocketAddrV4>) -> Option<Entry> {
         let key = self.key(id)?;
         let (entry, was_in_flight) = match self.in_flight.remove(&key) {
             Some(flight) => (flight.entry, true),
             None => {
-                let ip = destination?;
-                let queue = self.destinations.get_mut(&ip)?;
-                (queue.take_undelivered(key, None)?.entry(ip), false)
+                let address = destination?;
+                let queue = self.destinations.get_mut(address.ip())?;
+                (queue.take_undelivered(key, Some(address.port()))?.entry(*address.ip()), false)
             }
         };
         let queue = self.destinations.get_mut(entry.destination.ip()).expect("queued packets have a destination");
@@ -374,22 +376,45 @@ impl Index {
         queue.ports.entry(destination.port()).or_default().in_flight += 1;
         queue.in_flight_order.push_back(key);
         self.in_flight.insert(key, InFlight { entry: item.entry(*destination.ip()), delivered_at: now, file });
+        // The order is trimmed from its front as receipts come; a packet that stays unreceipted
+        // there (its port's app stopped reading) would let it grow with every other delivery, so
+        // it is compacted once it holds twice what is in flight (amortized O(1) a delivery).
+        if queue.in_flight_order.len() > 2 * queue.in_flight_count + 1024 {
+            let in_flight = &self.in_flight;
+            queue.in_flight_order.retain(|key| in_flight.contains_key(key));
+        }
         true
     }
 
-    /// Undelivered packets for `destination` stored at or before `cutoff_unix_us`, oldest first.
-    pub fn stored_before(&self, destination: &Ipv4Addr, cutoff_unix_us: u64, limit: usize) -> Vec<PacketId> {
+    /// Undelivered packets for `destination` stored at or before `cutoff_unix_us`, oldest first,
+    /// each port's in its line's order (so removing them in this order always takes a line's front),
+    /// with the address each was sent to.
+    pub fn stored_before(
+        &self,
+        destination: &Ipv4Addr,
+        cutoff_unix_us: u64,
+        limit: usize,
+    ) -> Vec<(PacketId, SocketAddrV4)> {
         let Some(queue) = self.destinations.get(destination) else { return Vec::new() };
-        let mut old: Vec<&Item> = queue
+        let old = |item: &Item| u64::from(item.stored_unix_s) * 1_000_000 <= cutoff_unix_us;
+        // A merge of the lines by store time: the heap holds each line's next old item.
+        let mut next: BinaryHeap<Reverse<(u32, u16, usize)>> = queue
             .ports
-            .values()
-            .flat_map(|line| {
-                let old = |item: &&Item| u64::from(item.stored_unix_s) * 1_000_000 <= cutoff_unix_us;
-                line.undelivered.iter().take_while(old).take(limit)
-            })
+            .iter()
+            .filter_map(|(port, line)| line.undelivered.front().filter(|item| old(item)).map(|item| (item, *port)))
+            .map(|(item, port)| Reverse((item.stored_unix_s, port, 0)))
             .collect();
-        old.sort_by_key(|item| (item.stored_unix_s, item.origin, item.epoch, item.seq));
-        old.into_iter().take(limit).map(|item| self.id(item.key())).collect()
+        let mut found = Vec::new();
+        while found.len() < limit
+            && let Some(Reverse((_, port, at))) = next.pop()
+        {
+            let line = &queue.ports[&port].undelivered;
+            found.push((self.id(line[at].key()), SocketAddrV4::new(*destination, port)));
+            if let Some(item) = line.get(at + 1).filter(|item| old(item)) {
+                next.push(Reverse((item.stored_unix_s, port, at + 1)));
+            }
+        }
+        found
     }
 
     pub fn stats(&self, destination: &Ipv4Addr) -> DestinationStats {
@@ -467,7 +492,7 @@ mod tests {
         assert_eq!(index.queued_bytes(&destination), 40);
         // An undelivered packet is found through its destination.
         assert!(index.remove(&id(4), None).is_none());
-        assert!(index.remove(&id(4), Some(destination)).is_some());
+        assert!(index.remove(&id(4), Some("10.0.0.2:9".parse().unwrap())).is_some());
         assert_eq!(index.len(), 3);
     }
 
@@ -506,11 +531,34 @@ mod tests {
         index.remove(&id(1), None);
         assert_eq!(keys(index.next_undelivered(&destination, 100, 100, 3, &skip)), vec![key(4)]);
         for seq in [7, 8] {
-            index.remove(&id(seq), Some(destination));
+            index.remove(&id(seq), Some(SocketAddrV4::new(destination, 2)));
         }
         assert_eq!(index.waiting_ports(&destination), vec![1]);
         assert!(!index.destinations[&destination].ports.contains_key(&2));
         assert_eq!(index.stats(&destination).in_flight, 2);
+    }
+
+    #[test]
+    fn a_packet_never_receipted_does_not_let_the_delivery_order_grow() {
+        let mut index = Index::default();
+        let destination: Ipv4Addr = "10.0.0.2".parse().unwrap();
+        let now = Instant::now();
+        // Port 1's app never reads: its packet stays in flight at the front of the order.
+        index.insert(&id(0), entry(0, "10.0.0.2:1"));
+        index.mark_delivered(Key { epoch: 9, seq: 0, origin: 0 }, SocketAddrV4::new(destination, 1), now, 1);
+        for seq in 1..=20_000 {
+            index.insert(&id(seq), entry(seq, "10.0.0.2:2"));
+            index.mark_delivered(Key { epoch: 9, seq, origin: 0 }, SocketAddrV4::new(destination, 2), now, 1);
+            index.remove(&id(seq), None);
+        }
+        let queue = &index.destinations[&destination];
+        assert_eq!(queue.in_flight_count, 1);
+        assert!(
+            queue.in_flight_order.len() <= 2 + 1024 + 1, // twice the 1 in flight, plus the slack
+            "{} keys kept",
+            queue.in_flight_order.len()
+        );
+        assert_eq!(index.stats(&destination).in_flight, 1);
     }
 
     #[test]
@@ -541,11 +589,16 @@ mod tests {
         for seq in 1..=4 {
             index.insert(&id(seq), entry(seq, "10.9.9.9:1"));
         }
+        // A second port, stored in between.
+        index.insert(&id(9), entry(1, "10.9.9.9:2"));
         let destination: Ipv4Addr = "10.9.9.9".parse().unwrap();
-        assert_eq!(index.stored_before(&destination, 1002 * 1_000_000, 10), vec![id(1), id(2)]);
-        index.remove(&id(1), Some(destination));
-        index.remove(&id(2), Some(destination));
-        assert_eq!(index.stored_before(&destination, 1002 * 1_000_000, 10), Vec::<PacketId>::new());
+        let port = |port| SocketAddrV4::new(destination, port);
+        let expired = index.stored_before(&destination, 1002 * 1_000_000, 10);
+        assert_eq!(expired, vec![(id(1), port(1)), (id(9), port(2)), (id(2), port(1))]);
+        for (id, address) in expired {
+            assert!(index.remove(&id, Some(address)).is_some());
+        }
+        assert!(index.stored_before(&destination, 1002 * 1_000_000, 10).is_empty());
         assert_eq!(index.len(), 2);
     }
 

@@ -50,37 +50,51 @@ struct Open {
     reader: LogReader,
     bad_since: Option<(u64, Instant)>,
     used_at: Instant,
-    /// The segment's (mtime, length) when last looked at, and since when (by this server's
-    /// monotonic clock) it has not changed; plus the age its mtime claimed when first seen.
+}
+
+/// How long a segment has been seen unchanged: its (mtime, length) when last looked at, since when
+/// (by this server's monotonic clock) that has held, and the age its mtime claimed if it was
+/// trusted. Kept apart from the open file, so that closing it (more than `OPEN_SEGMENTS_MAX`
+/// writers) does not start the count again.
+struct Quiet {
     stamp: Option<(SystemTime, u64)>,
-    unchanged_since: Instant,
+    since: Instant,
     age_when_seen: Duration,
 }
 
+/// Segments first seen this soon after the server started may be older than the server: their
+/// mtime is taken for their age (an abandoned segment is not kept for another abandon time after
+/// a restart). Segments that appear later were written since, and are timed from when they were
+/// seen.
+const MTIME_TRUSTED_AFTER_START: Duration = Duration::from_secs(60);
+
+/// How long the segment read by `reader` has been unchanged. Only changes of mtime or length this
+/// server saw count, timed by its monotonic clock (the mtime itself only as said above), so a step
+/// of the wall clock (NTP, a restored VM) never makes a live writer's segment look abandoned.
+fn unchanged_for(
+    quiet: &mut HashMap<SegmentKey, Quiet>,
+    key: &SegmentKey,
+    reader: &LogReader,
+    started: Instant,
+) -> Duration {
+    let stamp = reader.stamp();
+    let now = Instant::now();
+    let entry = quiet.entry(key.clone()).or_insert_with(|| {
+        let trusted = now.duration_since(started) < MTIME_TRUSTED_AFTER_START;
+        let age = match stamp {
+            Some((modified, _)) if trusted => modified.elapsed().unwrap_or_default(),
+            _ => Duration::ZERO,
+        };
+        Quiet { stamp, since: now, age_when_seen: age }
+    });
+    // An fstat that fails says nothing: it counts as a change (never as quiet).
+    if stamp.is_none() || stamp != entry.stamp {
+        *entry = Quiet { stamp, since: now, age_when_seen: Duration::ZERO };
+    }
+    entry.age_when_seen + entry.since.elapsed()
+}
+
 impl Open {
-    fn new(reader: LogReader) -> Open {
-        let now = Instant::now();
-        Open { reader, bad_since: None, used_at: now, stamp: None, unchanged_since: now, age_when_seen: Duration::ZERO }
-    }
-
-    /// How long the segment has been unchanged. The file's mtime is trusted only when the segment
-    /// is first seen (after a restart of the server, an abandoned segment is not kept for another
-    /// abandon time); from then on only a change of mtime or length this server saw counts, timed
-    /// by its monotonic clock. So a step of the wall clock (NTP, a restored VM) never makes a live
-    /// writer's segment look abandoned, whichever way it goes.
-    fn unchanged_for(&mut self) -> Duration {
-        let stamp = self.reader.stamp();
-        if stamp.is_none() || stamp != self.stamp {
-            self.age_when_seen = match (self.stamp, stamp) {
-                (None, Some((modified, _))) => modified.elapsed().unwrap_or_default(),
-                _ => Duration::ZERO,
-            };
-            self.stamp = stamp;
-            self.unchanged_since = Instant::now();
-        }
-        self.age_when_seen + self.unchanged_since.elapsed()
-    }
-
     /// Damage from `from` to `to` (the bytes are kept only for a part; a whole rest of the file is
     /// moved aside as it is).
     fn damaged(&mut self, from: u64, to: Option<u64>, reason: String) -> Result<Step, LogError> {
@@ -94,15 +108,27 @@ impl Open {
 }
 
 /// Cursors and open segments.
-#[derive(Default)]
 pub struct Logs {
     cursors: HashMap<SegmentKey, u64>,
     open: HashMap<SegmentKey, Open>,
+    quiet: HashMap<SegmentKey, Quiet>,
+    /// When this server started.
+    started: Instant,
     /// The queue segment the cursors were last all written into.
     checkpointed_in: Option<u64>,
 }
 
 impl Logs {
+    pub fn new() -> Logs {
+        Logs {
+            cursors: HashMap::new(),
+            open: HashMap::new(),
+            quiet: HashMap::new(),
+            started: Instant::now(),
+            checkpointed_in: None,
+        }
+    }
+
     /// A cursor found by recovery (later ones replace earlier ones).
     pub fn recover(&mut self, node: NodeName, log: String, offset: u64) {
         self.cursors.insert((node, log), offset);
@@ -123,6 +149,7 @@ impl Logs {
     pub fn forget(&mut self, key: &SegmentKey) {
         self.cursors.remove(key);
         self.open.remove(key);
+        self.quiet.remove(key);
     }
 
     /// Segments of `node` to read now: for each writer (epoch), its lowest segment, and whether a
@@ -168,8 +195,10 @@ impl Logs {
                 return Ok(Step::Idle);
             };
             self.close_least_used();
-            self.open.insert(key.clone(), Open::new(reader));
+            self.open.insert(key.clone(), Open { reader, bad_since: None, used_at: Instant::now() });
         }
+        let started = self.started;
+        let quiet = &mut self.quiet;
         let open = self.open.get_mut(key).expect("opened above");
         open.used_at = Instant::now();
         let chunk = open.reader.read(from, budget)?;
@@ -179,7 +208,9 @@ impl Logs {
         }
         match chunk.tail {
             Tail::Sealed => Ok(Step::Finished),
-            Tail::Open if has_successor || open.unchanged_for() >= abandon_after => Ok(Step::Finished),
+            Tail::Open if has_successor || unchanged_for(quiet, key, &open.reader, started) >= abandon_after => {
+                Ok(Step::Finished)
+            }
             Tail::Open => Ok(Step::Idle),
             // The writer is done with this segment: what is not a frame is damage, or the end of
             // a failed write (its batch was written again in the next segment).
@@ -196,11 +227,13 @@ impl Logs {
                     }
                 };
                 // A frame still being written keeps changing the file; damage does not.
-                if since.elapsed() < BAD_FRAME_GRACE || open.unchanged_for() < BAD_FRAME_GRACE {
+                if since.elapsed() < BAD_FRAME_GRACE
+                    || unchanged_for(quiet, key, &open.reader, started) < BAD_FRAME_GRACE
+                {
                     return Ok(Step::Idle);
                 }
                 match open.reader.next_valid_frame(from)? {
-                    None if open.unchanged_for() < abandon_after => Ok(Step::Idle),
+                    None if unchanged_for(quiet, key, &open.reader, started) < abandon_after => Ok(Step::Idle),
                     to => open.damaged(from, to, reason),
                 }
             }

@@ -358,7 +358,7 @@ impl Server {
             fabric_turn: 0,
             ack_epochs: HashSet::new(),
             ack_epoch_order: VecDeque::new(),
-            logs: Logs::default(),
+            logs: Logs::new(),
             inbox_files: HashMap::new(),
         };
         server.replay(recovered);
@@ -414,7 +414,7 @@ impl Server {
 
     /// The packet is receipted or dead-lettered: it leaves the queue (its bytes may be retained).
     /// `destination` finds packets that were never delivered (dead letters, egress).
-    fn finish(&mut self, id: &PacketId, outcome: Outcome, at_unix_us: u64, destination: Option<Ipv4Addr>) {
+    fn finish(&mut self, id: &PacketId, outcome: Outcome, at_unix_us: u64, destination: Option<SocketAddrV4>) {
         let Some(entry) = self.index.remove(id, destination) else { return };
         let retain_us = self.config.retain.as_micros() as u64;
         if outcome != Outcome::DeadLettered && retain_us > 0 {
@@ -1429,15 +1429,15 @@ impl Server {
             let record =
                 QueueRecord::Done { id: packet.id.clone(), outcome: Outcome::Sent, at_unix_us, reason: String::new() };
             self.queue.append(&record);
-            sent.push(packet.id);
+            sent.push((packet.id, entry.destination));
         }
         if let Err(error) = self.sync_queue() {
             // They were sent; not recording it means they may be sent again (best effort allows it).
             self.push_back(format!("queue: {error}"));
             return Ok(0);
         }
-        for id in &sent {
-            self.finish(id, Outcome::Sent, at_unix_us, Some(*destination));
+        for (id, address) in &sent {
+            self.finish(id, Outcome::Sent, at_unix_us, Some(*address));
         }
         Ok(sent.len())
     }
@@ -1711,21 +1711,20 @@ impl Server {
         let now = now_us();
         let hold_us = self.config.hold.as_micros() as u64;
         let cutoff = now.saturating_sub(hold_us);
-        let mut expired: Vec<(PacketId, Ipv4Addr)> = Vec::new();
+        let mut expired: Vec<(PacketId, SocketAddrV4)> = Vec::new();
         for destination in self.index.destinations() {
             if self.addr_to_node.contains_key(&destination) || self.is_external(&destination) {
                 continue;
             }
             let room = DEAD_LETTERS_PER_CYCLE_MAX.saturating_sub(expired.len());
-            expired
-                .extend(self.index.stored_before(&destination, cutoff, room).into_iter().map(|id| (id, destination)));
+            expired.extend(self.index.stored_before(&destination, cutoff, room));
         }
         if expired.is_empty() {
             return;
         }
         let mut letters = Vec::new();
         for (id, destination) in &expired {
-            let reason = format!("no node registered for {destination} within {}s", self.config.hold.as_secs());
+            let reason = format!("no node registered for {} within {}s", destination.ip(), self.config.hold.as_secs());
             let record = QueueRecord::Done {
                 id: id.clone(),
                 outcome: Outcome::DeadLettered,
@@ -1746,7 +1745,7 @@ impl Server {
             self.ack_later(&id, AckState::Rejected, reason.clone());
             self.dead_letters.push_back(DeadLetter {
                 id: id_text(&id),
-                destination: destination.to_string(),
+                destination: destination.ip().to_string(),
                 reason,
                 at_unix_ms: now / 1000,
             });

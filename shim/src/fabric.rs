@@ -57,7 +57,9 @@ impl Drop for Wire {
 }
 
 impl Wire {
-    fn connect(endpoint: &Endpoint) -> io::Result<Wire> {
+    /// Connects to `endpoint`; the socket's fd is in `published` from its creation on (-1 again if
+    /// the connect fails), so that a child forked meanwhile closes its copy.
+    fn connect(endpoint: &Endpoint, published: &AtomicI32) -> io::Result<Wire> {
         match endpoint {
             Endpoint::Unix(path) => {
                 // SAFETY: zeroed sockaddr_un is valid.
@@ -71,7 +73,7 @@ impl Wire {
                     *slot = *byte as libc::c_char;
                 }
                 let length = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-                Wire::connect_raw(libc::AF_UNIX, (&raw as *const libc::sockaddr_un).cast(), length)
+                Wire::connect_raw(libc::AF_UNIX, (&raw as *const libc::sockaddr_un).cast(), length, published)
             }
             Endpoint::Tcp(address) => {
                 let target: SocketAddr = match address.parse() {
@@ -84,7 +86,7 @@ impl Wire {
                 let (family, domain) =
                     if target.is_ipv4() { (Family::V4, libc::AF_INET) } else { (Family::V6, libc::AF_INET6) };
                 let raw = Raw::new(target, family);
-                let wire = Wire::connect_raw(domain, raw.as_ptr(), raw.len())?;
+                let wire = Wire::connect_raw(domain, raw.as_ptr(), raw.len(), published)?;
                 wire.set_int_option(libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
                 // A server host that vanished is noticed in about half a minute, not two hours.
                 wire.set_int_option(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
@@ -96,20 +98,29 @@ impl Wire {
         }
     }
 
-    fn connect_raw(domain: c_int, addr: *const libc::sockaddr, length: libc::socklen_t) -> io::Result<Wire> {
+    fn connect_raw(
+        domain: c_int,
+        addr: *const libc::sockaddr,
+        length: libc::socklen_t,
+        published: &AtomicI32,
+    ) -> io::Result<Wire> {
         // SAFETY: plain socket calls on an fd we create.
         let fd = unsafe { (real().socket)(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         let wire = Wire { fd: crate::socket::make_internal(fd), sealer: Mutex::new(None) };
+        published.store(wire.fd, Ordering::Release);
         loop {
             // SAFETY: addr/length describe a valid address.
             if unsafe { (real().connect)(wire.fd, addr, length) } == 0 {
                 return Ok(wire);
             }
             if errno() != libc::EINTR {
-                return Err(io::Error::last_os_error());
+                let error = io::Error::last_os_error();
+                // Withdrawn before the wire (and its fd number) goes.
+                published.store(-1, Ordering::Release);
+                return Err(error);
             }
         }
     }
@@ -264,10 +275,10 @@ impl Link {
     }
 
     fn handshake(&self) -> Result<(Wire, FrameOpener), String> {
-        let wire = Wire::connect(&self.endpoint).map_err(|error| error.to_string())?;
-        // Published at once, so that a fork in the middle of the handshake leaves the child a copy
-        // to close; withdrawn before the wire (and its fd number) goes.
-        self.fd.store(wire.fd, Ordering::Release);
+        // The fd is published from the socket's creation on, so that a fork in the middle of the
+        // connect or the handshake leaves the child a copy to close; withdrawn before the wire
+        // (and its fd number) goes.
+        let wire = Wire::connect(&self.endpoint, &self.fd).map_err(|error| error.to_string())?;
         match self.greet(&wire) {
             Ok(opener) => Ok((wire, opener)),
             Err(reason) => {
