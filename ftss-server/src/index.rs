@@ -395,7 +395,7 @@ impl Index {
         cutoff_unix_us: u64,
         limit: usize,
     ) -> Vec<(PacketId, SocketAddrV4)> {
-        let Some(queue) = self.destinations.get(destination) else { return Vec::new() };
+        let Some(queue) = self.destinations.get(destination).filter(|_| limit > 0) else { return Vec::new() };
         let old = |item: &Item| u64::from(item.stored_unix_s) * 1_000_000 <= cutoff_unix_us;
         // A merge of the lines by store time: the heap holds each line's next old item.
         let mut next: BinaryHeap<Reverse<(u32, u16, usize)>> = queue

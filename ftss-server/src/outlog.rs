@@ -68,15 +68,15 @@ struct Quiet {
 /// seen.
 const MTIME_TRUSTED_AFTER_START: Duration = Duration::from_secs(60);
 
-/// How long the segment read by `reader` has been unchanged. Only changes of mtime or length this
-/// server saw count, timed by its monotonic clock (the mtime itself only as said above), so a step
-/// of the wall clock (NTP, a restored VM) never makes a live writer's segment look abandoned.
+/// How long the segment read by `reader` has been unchanged, and how long this server has watched
+/// it so. Only changes of mtime or length this server saw count, timed by its monotonic clock (the
+/// mtime itself only as said above).
 fn unchanged_for(
     quiet: &mut HashMap<SegmentKey, Quiet>,
     key: &SegmentKey,
     reader: &LogReader,
     started: Instant,
-) -> Duration {
+) -> (Duration, Duration) {
     let stamp = reader.stamp();
     let now = Instant::now();
     let entry = quiet.entry(key.clone()).or_insert_with(|| {
@@ -91,7 +91,23 @@ fn unchanged_for(
     if stamp.is_none() || stamp != entry.stamp {
         *entry = Quiet { stamp, since: now, age_when_seen: Duration::ZERO };
     }
-    entry.age_when_seen + entry.since.elapsed()
+    let watched = entry.since.elapsed();
+    (entry.age_when_seen + watched, watched)
+}
+
+/// Is the segment abandoned: unchanged for `abandon_after`, and watched unchanged by this server for
+/// longer than a writer may stay idle and still append ([`log::IDLE_ROTATE`])? The second part
+/// holds even when the mtime was trusted wrongly (a wall-clock step just after the start): a live
+/// writer has appended by then, or will start a new segment (and check that its old one exists).
+fn abandoned(
+    quiet: &mut HashMap<SegmentKey, Quiet>,
+    key: &SegmentKey,
+    reader: &LogReader,
+    started: Instant,
+    abandon_after: Duration,
+) -> bool {
+    let (age, watched) = unchanged_for(quiet, key, reader, started);
+    age >= abandon_after && watched >= log::IDLE_ROTATE
 }
 
 impl Open {
@@ -208,7 +224,7 @@ impl Logs {
         }
         match chunk.tail {
             Tail::Sealed => Ok(Step::Finished),
-            Tail::Open if has_successor || unchanged_for(quiet, key, &open.reader, started) >= abandon_after => {
+            Tail::Open if has_successor || abandoned(quiet, key, &open.reader, started, abandon_after) => {
                 Ok(Step::Finished)
             }
             Tail::Open => Ok(Step::Idle),
@@ -228,12 +244,12 @@ impl Logs {
                 };
                 // A frame still being written keeps changing the file; damage does not.
                 if since.elapsed() < BAD_FRAME_GRACE
-                    || unchanged_for(quiet, key, &open.reader, started) < BAD_FRAME_GRACE
+                    || unchanged_for(quiet, key, &open.reader, started).0 < BAD_FRAME_GRACE
                 {
                     return Ok(Step::Idle);
                 }
                 match open.reader.next_valid_frame(from)? {
-                    None if unchanged_for(quiet, key, &open.reader, started) < abandon_after => Ok(Step::Idle),
+                    None if !abandoned(quiet, key, &open.reader, started, abandon_after) => Ok(Step::Idle),
                     to => open.damaged(from, to, reason),
                 }
             }
@@ -256,10 +272,13 @@ impl Logs {
             return None;
         }
         // Only a segment that is certainly gone loses its cursor (not one an I/O error hides).
-        self.cursors.retain(|(node, name), _| {
+        let exists = |(node, name): &SegmentKey| {
             let path = volume.outbox(node).dir().join("log").join(name);
             !matches!(path.symlink_metadata(), Err(error) if error.kind() == std::io::ErrorKind::NotFound)
-        });
+        };
+        self.cursors.retain(|key, _| exists(key));
+        // Segments this server stopped reading (another instance took the node, say).
+        self.quiet.retain(|key, _| exists(key));
         Some(self.cursors.iter().map(|((node, name), offset)| (node.clone(), name.clone(), *offset)).collect())
     }
 

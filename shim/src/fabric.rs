@@ -282,6 +282,8 @@ impl Link {
         match self.greet(&wire) {
             Ok(opener) => Ok((wire, opener)),
             Err(reason) => {
+                // Shut first: a child forked before the close keeps no live connection.
+                wire.shut();
                 self.fd.store(-1, Ordering::Release);
                 drop(wire);
                 Err(reason)

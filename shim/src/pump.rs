@@ -224,7 +224,7 @@ fn claim(inbox: &Spool, name: &str) -> Option<std::path::PathBuf> {
     }
 }
 
-/// Injects held datagrams, then new inbox files. Returns false if the app's socket is full.
+/// Injects held datagrams, then new inbox files; says whether more may wait or the socket is full.
 fn fill(shim: &Shim, sock: &Arc<Sock>, open: &HashSet<u64>, inbox_ports: Option<&HashSet<u16>>) -> Filled {
     let (local, peer) = {
         let state = sock.lock();
