@@ -62,29 +62,15 @@ struct Quiet {
     age_when_seen: Duration,
 }
 
-/// Segments first seen this soon after the server started may be older than the server: their
-/// mtime is taken for their age (an abandoned segment is not kept for another abandon time after
-/// a restart). Segments that appear later were written since, and are timed from when they were
-/// seen.
-const MTIME_TRUSTED_AFTER_START: Duration = Duration::from_secs(60);
-
 /// How long the segment read by `reader` has been unchanged, and how long this server has watched
-/// it so. Only changes of mtime or length this server saw count, timed by its monotonic clock (the
-/// mtime itself only as said above).
-fn unchanged_for(
-    quiet: &mut HashMap<SegmentKey, Quiet>,
-    key: &SegmentKey,
-    reader: &LogReader,
-    started: Instant,
-) -> (Duration, Duration) {
+/// it so. The mtime gives the age when the segment is first seen (so that after a restart an
+/// abandoned segment is not kept for another abandon time); from then on only changes of mtime or
+/// length this server saw count, timed by its monotonic clock.
+fn unchanged_for(quiet: &mut HashMap<SegmentKey, Quiet>, key: &SegmentKey, reader: &LogReader) -> (Duration, Duration) {
     let stamp = reader.stamp();
     let now = Instant::now();
     let entry = quiet.entry(key.clone()).or_insert_with(|| {
-        let trusted = now.duration_since(started) < MTIME_TRUSTED_AFTER_START;
-        let age = match stamp {
-            Some((modified, _)) if trusted => modified.elapsed().unwrap_or_default(),
-            _ => Duration::ZERO,
-        };
+        let age = stamp.map(|(modified, _)| modified.elapsed().unwrap_or_default()).unwrap_or_default();
         Quiet { stamp, since: now, age_when_seen: age }
     });
     // An fstat that fails says nothing: it counts as a change (never as quiet).
@@ -96,17 +82,17 @@ fn unchanged_for(
 }
 
 /// Is the segment abandoned: unchanged for `abandon_after`, and watched unchanged by this server for
-/// longer than a writer may stay idle and still append ([`log::IDLE_ROTATE`])? The second part
-/// holds even when the mtime was trusted wrongly (a wall-clock step just after the start): a live
-/// writer has appended by then, or will start a new segment (and check that its old one exists).
+/// longer than a writer may stay idle and still append ([`log::IDLE_ROTATE`])? The second part is
+/// what makes a step of the wall clock (NTP, a restored VM) harmless whatever the mtime says: a
+/// live writer has appended by then, or will start a new segment (and check that its old one
+/// still exists).
 fn abandoned(
     quiet: &mut HashMap<SegmentKey, Quiet>,
     key: &SegmentKey,
     reader: &LogReader,
-    started: Instant,
     abandon_after: Duration,
 ) -> bool {
-    let (age, watched) = unchanged_for(quiet, key, reader, started);
+    let (age, watched) = unchanged_for(quiet, key, reader);
     age >= abandon_after && watched >= log::IDLE_ROTATE
 }
 
@@ -128,21 +114,13 @@ pub struct Logs {
     cursors: HashMap<SegmentKey, u64>,
     open: HashMap<SegmentKey, Open>,
     quiet: HashMap<SegmentKey, Quiet>,
-    /// When this server started.
-    started: Instant,
     /// The queue segment the cursors were last all written into.
     checkpointed_in: Option<u64>,
 }
 
 impl Logs {
     pub fn new() -> Logs {
-        Logs {
-            cursors: HashMap::new(),
-            open: HashMap::new(),
-            quiet: HashMap::new(),
-            started: Instant::now(),
-            checkpointed_in: None,
-        }
+        Logs { cursors: HashMap::new(), open: HashMap::new(), quiet: HashMap::new(), checkpointed_in: None }
     }
 
     /// A cursor found by recovery (later ones replace earlier ones).
@@ -213,7 +191,6 @@ impl Logs {
             self.close_least_used();
             self.open.insert(key.clone(), Open { reader, bad_since: None, used_at: Instant::now() });
         }
-        let started = self.started;
         let quiet = &mut self.quiet;
         let open = self.open.get_mut(key).expect("opened above");
         open.used_at = Instant::now();
@@ -224,9 +201,7 @@ impl Logs {
         }
         match chunk.tail {
             Tail::Sealed => Ok(Step::Finished),
-            Tail::Open if has_successor || abandoned(quiet, key, &open.reader, started, abandon_after) => {
-                Ok(Step::Finished)
-            }
+            Tail::Open if has_successor || abandoned(quiet, key, &open.reader, abandon_after) => Ok(Step::Finished),
             Tail::Open => Ok(Step::Idle),
             // The writer is done with this segment: what is not a frame is damage, or the end of
             // a failed write (its batch was written again in the next segment).
@@ -243,13 +218,11 @@ impl Logs {
                     }
                 };
                 // A frame still being written keeps changing the file; damage does not.
-                if since.elapsed() < BAD_FRAME_GRACE
-                    || unchanged_for(quiet, key, &open.reader, started).0 < BAD_FRAME_GRACE
-                {
+                if since.elapsed() < BAD_FRAME_GRACE || unchanged_for(quiet, key, &open.reader).0 < BAD_FRAME_GRACE {
                     return Ok(Step::Idle);
                 }
                 match open.reader.next_valid_frame(from)? {
-                    None if !abandoned(quiet, key, &open.reader, started, abandon_after) => Ok(Step::Idle),
+                    None if !abandoned(quiet, key, &open.reader, abandon_after) => Ok(Step::Idle),
                     to => open.damaged(from, to, reason),
                 }
             }
