@@ -228,7 +228,12 @@ fn wrong_keys_and_claimed_addresses_are_refused() {
 
 /// A session authenticated with `node`'s real key over the server's unix socket, and the sealer
 /// for the frames it sends.
-fn authenticated(fabric: &Fabric, path: &std::path::Path, node: &str, addr: &str) -> (UnixStream, fabric::FrameSealer) {
+fn authenticated(
+    fabric: &Fabric,
+    path: &std::path::Path,
+    node: &str,
+    addr: &str,
+) -> (UnixStream, fabric::FrameSealer, fabric::FrameOpener) {
     let key = fabric::read_key_file(&fabric.key_path(node)).unwrap();
     let mut stream = UnixStream::connect(path).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -244,8 +249,8 @@ fn authenticated(fabric: &Fabric, path: &std::path::Path, node: &str, addr: &str
     hello.proof = fabric::client_proof(&key, &nonce, &hello);
     fabric::write_frame(&mut stream, &Frame::Hello(hello.clone())).unwrap();
     assert!(matches!(fabric::read_frame(&mut stream), Ok(Frame::Welcome { .. })), "not welcomed");
-    let (sealer, _) = fabric::session(&key, &nonce, &hello.nonce, fabric::Role::Node);
-    (stream, sealer)
+    let (sealer, opener) = fabric::session(&key, &nonce, &hello.nonce, fabric::Role::Node);
+    (stream, sealer, opener)
 }
 
 /// A small xorshift generator: the fuzz cases are reproducible from the seed in a failure message.
@@ -321,7 +326,7 @@ fn hostile_stream(fabric: &Fabric, path: &std::path::Path, rng: &mut Rng, case: 
         let _ = stream.read_to_end(&mut rest);
         return;
     }
-    let (mut stream, mut sealer) = authenticated(fabric, path, "fuzz", "10.77.0.9");
+    let (mut stream, mut sealer, _) = authenticated(fabric, path, "fuzz", "10.77.0.9");
     let mut frame = match case % 6 {
         3 => valid_packets_frame("fuzz", case as u64),
         4 => Frame::Ports((0..rng.below(50)).map(|_| rng.next() as u16).collect()).encode(),
@@ -345,6 +350,29 @@ fn hostile_stream(fabric: &Fabric, path: &std::path::Path, rng: &mut Rng, case: 
     let _ = stream.shutdown(std::net::Shutdown::Write);
     let mut rest = Vec::new();
     let _ = stream.read_to_end(&mut rest);
+}
+
+#[test]
+fn a_node_that_breaks_the_protocol_after_the_handshake_is_told_why() {
+    let mut fabric = Fabric::new("fabric-farewell");
+    let endpoint = unix_endpoint(&fabric);
+    let path = fabric.dir.0.join("fabric.sock");
+    fabric.start_server_with(&["--fabric-listen", &endpoint]);
+    fabric.use_fabric("rude", &endpoint);
+    let (mut stream, mut sealer, mut opener) = authenticated(&fabric, &path, "rude", "10.77.0.9");
+    // Sealed correctly, but a node may not send a challenge.
+    let mut frame = Frame::Challenge { version: FABRIC_VERSION, nonce: [0; 32] }.encode();
+    let tag = sealer.seal(&frame);
+    frame.extend_from_slice(&tag);
+    stream.write_all(&frame).unwrap();
+    match opener.read(&mut stream, fabric::FRAME_BODY_BYTES_MAX) {
+        Ok(Frame::Refused { reason }) => assert!(reason.contains("may not send a challenge"), "{reason}"),
+        other => panic!("expected a sealed refusal, got {other:?}"),
+    }
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "the connection goes on after the refusal");
+    assert!(fabric.server_log().contains("may not send a challenge"), "{}", fabric.server_log());
 }
 
 #[test]

@@ -100,6 +100,8 @@ struct ConnState {
     /// Receipts read and not yet taken by the main loop.
     receipts: Vec<PacketId>,
     closed: Option<String>,
+    /// Why the connection is being ended, for the writer to tell the node before it closes it.
+    farewell: Option<String>,
 }
 
 /// One authenticated connection.
@@ -310,7 +312,8 @@ impl Conn {
     }
 
     pub fn is_closed(&self) -> bool {
-        lock(&self.state).closed.is_some()
+        let state = lock(&self.state);
+        state.closed.is_some() || state.farewell.is_some()
     }
 
     /// The next inbound item, if any (the caller may put it back with [`Conn::unpop`]).
@@ -354,7 +357,7 @@ impl Conn {
     /// Is there room for deliveries on this connection now?
     pub fn has_delivery_room(&self) -> bool {
         let state = lock(&self.state);
-        state.closed.is_none() && state.outbound_bytes < OUTBOUND_DELIVERY_BYTES_MAX
+        state.closed.is_none() && state.farewell.is_none() && state.outbound_bytes < OUTBOUND_DELIVERY_BYTES_MAX
     }
 
     /// Queues a frame for the writer. False if the connection is closed (or just closed because its
@@ -362,7 +365,7 @@ impl Conn {
     pub fn send(&self, frame: &Frame) -> bool {
         let bytes = frame.encode();
         let mut state = lock(&self.state);
-        if state.closed.is_some() {
+        if state.closed.is_some() || state.farewell.is_some() {
             return false;
         }
         if state.outbound_bytes + bytes.len() > OUTBOUND_BYTES_MAX {
@@ -376,6 +379,21 @@ impl Conn {
         drop(state);
         self.changed.notify_all();
         true
+    }
+
+    /// Ends the connection, telling the node why: the writer drops what is still queued (packets go
+    /// again over the next connection, acks are asked for again by sending again), sends a sealed
+    /// refusal with the reason and closes.
+    fn close_telling(&self, reason: String) {
+        let mut state = lock(&self.state);
+        if state.closed.is_none() && state.farewell.is_none() {
+            state.farewell = Some(reason);
+            state.outbound.clear();
+            state.outbound_bytes = 0;
+        }
+        drop(state);
+        self.changed.notify_all();
+        self.shared.wake();
     }
 
     fn close(&self, reason: String) {
@@ -581,6 +599,7 @@ fn handshake(mut stream: Stream, shared: &Arc<Shared>, peer: &str) -> Option<(Ar
             ports: Vec::new(),
             receipts: Vec::new(),
             closed: None,
+            farewell: None,
         }),
         changed: Condvar::new(),
         stream: write_stream,
@@ -710,12 +729,13 @@ fn read_loop(conn: &Arc<Conn>, mut opener: FrameOpener) {
     }
 }
 
-/// A bad frame after the handshake ends the connection; the reason is logged here (the node
-/// sees the connection close: a refusal frame written now could interleave with the writer's).
+/// A bad frame after the handshake ends the connection; the reason is logged here and sent to the
+/// node in a sealed refusal by the writer (the only thread that writes frames, so it cannot
+/// interleave with one).
 fn bad_frame(conn: &Conn, reason: String) {
     conn.shared.count(|counters| counters.bad_frames += 1);
     eprintln!("ftss-server: fabric: closing node {} at {}: {reason}", conn.node, conn.peer);
-    conn.close(reason);
+    conn.close_telling(reason);
 }
 
 /// A packets frame from `conn`: the source node is the authenticated one and the source address its
@@ -758,11 +778,20 @@ fn write_loop(conn: &Arc<Conn>, mut sealer: FrameSealer) {
     };
     loop {
         let mut state = lock(&conn.state);
-        while state.outbound.is_empty() && state.closed.is_none() {
+        while state.outbound.is_empty() && state.closed.is_none() && state.farewell.is_none() {
             state = conn.changed.wait(state).unwrap_or_else(|poisoned| poisoned.into_inner());
         }
         if state.closed.is_some() {
             return;
+        }
+        if let Some(reason) = state.farewell.clone() {
+            drop(state);
+            let mut sealed = Frame::Refused { reason: reason.clone() }.encode();
+            let tag = sealer.seal(&sealed);
+            sealed.extend_from_slice(&tag);
+            // Best effort (the stream's write timeout bounds it): the reason is logged anyway.
+            let _ = stream.write_all(&sealed);
+            return conn.close(reason);
         }
         let bytes = state.outbound.pop_front().expect("not empty");
         drop(state);
