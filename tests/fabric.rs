@@ -20,6 +20,18 @@ fn unix_endpoint(fabric: &Fabric) -> String {
     format!("unix:{}", fabric.dir.0.join("fabric.sock").display())
 }
 
+/// A fabric whose server listens on a unix socket, with these nodes using it; also the socket's path.
+fn listening_fabric(tag: &str, nodes: &[&str]) -> (Fabric, std::path::PathBuf) {
+    let mut fabric = Fabric::new(tag);
+    let endpoint = unix_endpoint(&fabric);
+    fabric.start_server_with(&["--fabric-listen", &endpoint]);
+    for node in nodes {
+        fabric.use_fabric(node, &endpoint);
+    }
+    let path = fabric.dir.0.join("fabric.sock");
+    (fabric, path)
+}
+
 fn tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -354,11 +366,7 @@ fn hostile_stream(fabric: &Fabric, path: &std::path::Path, rng: &mut Rng, case: 
 
 #[test]
 fn a_node_that_breaks_the_protocol_after_the_handshake_is_told_why() {
-    let mut fabric = Fabric::new("fabric-farewell");
-    let endpoint = unix_endpoint(&fabric);
-    let path = fabric.dir.0.join("fabric.sock");
-    fabric.start_server_with(&["--fabric-listen", &endpoint]);
-    fabric.use_fabric("rude", &endpoint);
+    let (fabric, path) = listening_fabric("fabric-farewell", &["rude"]);
     let (mut stream, mut sealer, mut opener) = authenticated(&fabric, &path, "rude", "10.77.0.9");
     // Sealed correctly, but a node may not send a challenge.
     let mut frame = Frame::Challenge { version: FABRIC_VERSION, nonce: [0; 32] }.encode();
@@ -377,13 +385,7 @@ fn a_node_that_breaks_the_protocol_after_the_handshake_is_told_why() {
 
 #[test]
 fn hostile_frame_streams_never_crash_the_server() {
-    let mut fabric = Fabric::new("fabric-fuzz");
-    let endpoint = unix_endpoint(&fabric);
-    let path = fabric.dir.0.join("fabric.sock");
-    fabric.start_server_with(&["--fabric-listen", &endpoint]);
-    fabric.use_fabric("fuzz", &endpoint);
-    fabric.use_fabric("a", &endpoint);
-    fabric.use_fabric("b", &endpoint);
+    let (mut fabric, path) = listening_fabric("fabric-fuzz", &["fuzz", "a", "b"]);
     let seed = fsbridge::random_u64() | 1;
     let mut rng = Rng(seed);
     for case in 0..600 {
