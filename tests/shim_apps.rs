@@ -218,14 +218,20 @@ print("answered", flush=True)
 s.sendto(b"quit", ("10.77.0.2", port))
 "#;
 
-#[test]
-fn python_selectors_server_answers_a_timeout_client() {
-    let mut fabric = Fabric::new("apps-selectors");
+/// A fabric with its server running and PY_SELECTORS_SERVER ready on node b's `port`.
+fn selectors_server(tag: &str, port: &str) -> (Fabric, Proc, LineCollector) {
+    let mut fabric = Fabric::new(tag);
     fabric.start_server();
     let mut command = fabric.command("b", "10.77.0.2", "python3");
-    command.args(["-c", PY_SELECTORS_SERVER, "9404"]);
+    command.args(["-c", PY_SELECTORS_SERVER, port]);
     let (mut server, server_lines) = spawn(&mut command, "selectors server");
     assert!(wait_for_line(&server_lines, "ready EpollSelector"), "server: {}", stderr_of(&mut server));
+    (fabric, server, server_lines)
+}
+
+#[test]
+fn python_selectors_server_answers_a_timeout_client() {
+    let (fabric, mut server, server_lines) = selectors_server("apps-selectors", "9404");
     let output = fabric.command("a", "10.77.0.1", "python3").args(["-c", PY_TIMEOUT_CLIENT, "9404"]).output().unwrap();
     assert!(output.status.success(), "client: {}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(String::from_utf8_lossy(&output.stdout), "timeout-ok\nanswered\n");
@@ -259,12 +265,7 @@ s.sendto(b"quit", ("10.77.0.2", fabric_port))
 
 #[test]
 fn an_event_loop_client_bound_to_wildcard_port_zero_gets_fabric_answers_through_epoll() {
-    let mut fabric = Fabric::new("apps-port-zero");
-    fabric.start_server();
-    let mut command = fabric.command("b", "10.77.0.2", "python3");
-    command.args(["-c", PY_SELECTORS_SERVER, "9420"]);
-    let (mut server, server_lines) = spawn(&mut command, "selectors server");
-    assert!(wait_for_line(&server_lines, "ready"), "server: {}", stderr_of(&mut server));
+    let (fabric, mut server, server_lines) = selectors_server("apps-port-zero", "9420");
     let real = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     real.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let real_port = real.local_addr().unwrap().port().to_string();

@@ -53,8 +53,8 @@ struct Open {
 }
 
 /// How long a segment has been seen unchanged: its (mtime, length) when last looked at, since when
-/// (by this server's monotonic clock) that has held, and the age its mtime claimed if it was
-/// trusted. Kept apart from the open file, so that closing it (more than `OPEN_SEGMENTS_MAX`
+/// (by this server's monotonic clock) that has held, and the age its mtime claimed when the server
+/// first saw it. Kept apart from the open file, so that closing it (more than `OPEN_SEGMENTS_MAX`
 /// writers) does not start the count again.
 struct Quiet {
     stamp: Option<(SystemTime, u64)>,
@@ -110,6 +110,7 @@ impl Open {
 }
 
 /// Cursors and open segments.
+#[derive(Default)]
 pub struct Logs {
     cursors: HashMap<SegmentKey, u64>,
     open: HashMap<SegmentKey, Open>,
@@ -119,10 +120,6 @@ pub struct Logs {
 }
 
 impl Logs {
-    pub fn new() -> Logs {
-        Logs { cursors: HashMap::new(), open: HashMap::new(), quiet: HashMap::new(), checkpointed_in: None }
-    }
-
     /// A cursor found by recovery (later ones replace earlier ones).
     pub fn recover(&mut self, node: NodeName, log: String, offset: u64) {
         self.cursors.insert((node, log), offset);

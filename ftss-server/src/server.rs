@@ -358,7 +358,7 @@ impl Server {
             fabric_turn: 0,
             ack_epochs: HashSet::new(),
             ack_epoch_order: VecDeque::new(),
-            logs: Logs::new(),
+            logs: Logs::default(),
             inbox_files: HashMap::new(),
         };
         server.replay(recovered);
