@@ -384,4 +384,5 @@ pub fn outbox_entries(volume: &Path, node: &str) -> Vec<String> {
 
 pub mod apps;
 pub mod gluster;
+pub mod lab;
 pub mod smb;
