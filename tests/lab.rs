@@ -135,3 +135,74 @@ fn measure_round_trips() {
         eprintln!("MEASURE {kind} {cache:?} p50 {:.3} p90 {:.3}", percentile(&results, 0.5), percentile(&results, 0.9));
     }
 }
+
+/// What a node sees of files the array host changes directly in the export's directory: a fresh
+/// listing, a buffered read and an O_DIRECT read of an appended file, and a rename of a new file
+/// by its name.
+#[test]
+#[ignore = "an experiment: cargo test --release --test lab visibility -- --ignored --nocapture"]
+fn measure_visibility() {
+    let _lab = lab::exclusive();
+    for cache in [GaneshaCache::Off, GaneshaCache::Default] {
+        let dir = TempDir::new("lab-visibility");
+        let volume = dir.0.join("volume");
+        std::fs::create_dir_all(volume.join("d/new")).unwrap();
+        std::fs::create_dir_all(volume.join("d/tmp")).unwrap();
+        std::fs::write(volume.join("d/bell"), b"").unwrap();
+        let ganesha = Ganesha::start(&volume, cache);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let volume = volume.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::fs::write(volume.join(format!("d/new/f{n}")), b"x").unwrap();
+                    let mut bell = std::fs::OpenOptions::new().append(true).open(volume.join("d/bell")).unwrap();
+                    bell.write_all(format!("{n:07}\n").as_bytes()).unwrap();
+                    n += 1;
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            })
+        };
+        let probe = r#"
+import os, mmap, time
+d = "/mnt/ftss/d"
+buf = mmap.mmap(-1, 1 << 16)
+for i in range(40):
+    fd = os.open(d + "/bell", os.O_RDONLY | os.O_DIRECT)
+    n = os.preadv(fd, [buf], 0)
+    os.close(fd)
+    direct = bytes(buf[:n]).split()
+    with open(d + "/bell", "rb") as f:
+        buffered = f.read().split()
+    listed = sorted(int(x[1:]) for x in os.listdir(d + "/new"))
+    last = int(direct[-1]) if direct else -1
+    renamed = "none"
+    if last >= 0:
+        try:
+            os.rename(f"{d}/new/f{last}", f"{d}/tmp/f{last}")
+            renamed = "ok"
+        except OSError as e:
+            renamed = f"errno {e.errno}"
+    print(f"VIS {i} direct {last} buffered {int(buffered[-1]) if buffered else -1} listed {listed[-1] if listed else -1} rename {renamed}", flush=True)
+    time.sleep(0.25)
+"#;
+        let script = format!(
+            "{}cat >/newroot/tmp/p.py <<'EOF'\n{probe}\nEOF\nin_root python3 /tmp/p.py\n",
+            mount_lines("nfs4.1")
+        );
+        let mut guest = Guest::boot(&GuestSpec {
+            name: "vis",
+            script,
+            nfs_port: Some(ganesha.port),
+            smb_port: None,
+            memory_mib: 512,
+        });
+        let status = guest.wait(Duration::from_secs(120));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        eprintln!("{cache:?} status {status:?}\n{}", guest.lines("VIS ").join("\n"));
+    }
+}

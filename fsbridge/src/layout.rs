@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::NodeName;
+use crate::bell::BellWriter;
 use crate::spool::{self, Spool, SpoolError};
 
 /// What a node registers about itself in `nodes/<node>/node.toml`.
@@ -68,6 +69,16 @@ impl Volume {
         Spool::new(self.node_dir(node).join("ack"))
     }
 
+    /// The directory of a node's doorbells, one per server writer (see [`crate::bell`]).
+    pub fn bell_dir(&self, node: &NodeName) -> PathBuf {
+        self.node_dir(node).join("bell")
+    }
+
+    /// The doorbell a server partition writes for a node.
+    pub fn bell_path(&self, node: &NodeName, partition: u32) -> PathBuf {
+        self.bell_dir(node).join(format!("p{partition}"))
+    }
+
     pub fn quarantine_dir(&self) -> PathBuf {
         self.root.join("quarantine")
     }
@@ -103,6 +114,23 @@ impl Volume {
     pub fn register_node(&self, node: &NodeName, config: &NodeConfig) -> Result<(), SpoolError> {
         for spool in [self.outbox(node), self.receipts(node), self.acks(node)] {
             spool.create()?;
+        }
+        // The node's inbox directory and bells exist before the server first writes them: a
+        // node that looked up a missing name could keep that answer in its NFS client's cache for
+        // up to a minute.
+        let inboxes = self.node_dir(node).join("in");
+        fs::create_dir_all(&inboxes).map_err(|source| SpoolError::Io {
+            operation: "creating",
+            path: inboxes.clone(),
+            source,
+        })?;
+        let bell = self.bell_path(node, 0);
+        if fs::symlink_metadata(&bell).is_err() {
+            BellWriter::create(&bell).map_err(|error| SpoolError::Io {
+                operation: "creating the bell",
+                path: bell.clone(),
+                source: error.into(),
+            })?;
         }
         if self.node_config(node).ok().flatten().as_ref() == Some(config) {
             return Ok(());

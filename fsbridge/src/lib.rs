@@ -10,6 +10,7 @@
 //!   nodes/<node>/in/<port>/{tmp,new}/ packet batches for the node's UDP port; written by ftss-server
 //!   nodes/<node>/rcpt/{tmp,new}/      receipts: packets the node's apps received; read by ftss-server
 //!   nodes/<node>/ack/{tmp,new}/       acks: the state of the node's packets; written by ftss-server
+//!   nodes/<node>/bell/<writer>        doorbells: every inbox and ack file published, read with O_DIRECT (`bell`)
 //!   quarantine/<file> + <file>.reason files that could not be read, moved aside with a reason
 //!   server/status.json                ftss-server's counters, rewritten every second
 //!   server/fabric-keys/<node>.key     fabric nodes' keys (`fabric`)
@@ -29,6 +30,7 @@
 //! (batches appended to a per-process segment, one fdatasync each); `fabric` the same batches
 //! framed for a stream connection to ftss-server.
 
+pub mod bell;
 pub mod fabric;
 pub mod format;
 pub mod layout;

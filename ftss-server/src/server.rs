@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fsbridge::bell::{BellWriter, Ring, RingKind};
 use fsbridge::format::BatchEncoder;
 use fsbridge::layout::batch_file_name;
 use fsbridge::{Ack, AckState, BatchHeader, BatchKind, NodeName, Packet, PacketId, Record, Volume};
@@ -41,6 +42,8 @@ const TRIM_AFTER_PACKETS: usize = 4096;
 /// Most payload bytes drained in one cycle: with large datagrams the packet count alone would let a
 /// cycle hold gigabytes (the decoded packets and the queue's write buffer).
 const DRAIN_BYTES_PER_CYCLE_MAX: usize = 32 * 1024 * 1024;
+/// Nodes whose bell the server keeps open (one fd each).
+const BELLS_OPEN_MAX: usize = 1024;
 /// Most packets written into one inbox batch file.
 const DELIVER_PACKETS_PER_FILE_MAX: usize = 4096;
 /// Most payload bytes written into one inbox batch file (bounds the receiving shim's memory).
@@ -199,6 +202,10 @@ pub struct Server {
     outbox_backlog: HashMap<NodeName, VecDeque<String>>,
     /// Acks to write at the end of the cycle, per source node.
     pending_acks: BTreeMap<NodeName, Vec<Ack>>,
+    /// Each node's doorbell, open for appending (at most `BELLS_OPEN_MAX`).
+    bells: HashMap<NodeName, BellWriter>,
+    /// Inbox and ack files published this cycle, announced in their node's bell at its end.
+    pending_rings: BTreeMap<NodeName, Vec<Ring>>,
     /// Gateway arrivals of a cycle whose sync failed, staged again next cycle (no new arrivals are
     /// read meanwhile: they wait in the socket, so this holds at most one cycle's worth).
     arrivals_kept: Vec<Packet>,
@@ -334,6 +341,8 @@ impl Server {
             node_to_addr: HashMap::new(),
             outbox_backlog: HashMap::new(),
             pending_acks: BTreeMap::new(),
+            bells: HashMap::new(),
+            pending_rings: BTreeMap::new(),
             arrivals_kept: Vec::new(),
             registry_loaded_at: None,
             status_written_at: None,
@@ -542,12 +551,15 @@ impl Server {
             work += self.tend_fabric();
         }
         work += self.store();
+        // "stored" acks are announced before the cycle spends time delivering.
+        self.ring_bells();
         match self.deliver() {
             Ok(count) => work += count,
             Err(error) => self.report("delivering", error),
         }
         self.dead_letter_expired();
         self.flush_acks();
+        self.ring_bells();
         self.reclaim();
         if self.resync_checked_at.elapsed() >= RESYNC_INTERVAL {
             self.resync_checked_at = Instant::now();
@@ -1253,8 +1265,14 @@ impl Server {
                 encoder.push(&Record::Ack((*ack).clone()));
             }
             // The server's own epoch keeps names from a restarted (or another) server apart.
-            let name = batch_file_name(epoch, self.epoch.wrapping_add(self.batch_seq), "ack");
-            self.volume.acks(node).publish_volatile(&name, &encoder.finish())?;
+            let seq = self.epoch.wrapping_add(self.batch_seq);
+            self.volume.acks(node).publish_volatile(&batch_file_name(epoch, seq, "ack"), &encoder.finish())?;
+            self.pending_rings.entry(node.clone()).or_default().push(Ring {
+                kind: RingKind::Acks,
+                port: 0,
+                epoch,
+                seq,
+            });
             self.counters.acked += acks.len() as u64;
         }
         Ok(())
@@ -1310,6 +1328,35 @@ impl Server {
         self.batch_seq += 1;
         let node = NodeName::new("ftss-server").expect("valid name");
         BatchEncoder::new(&BatchHeader { kind, node, epoch: self.epoch, batch_seq: self.batch_seq, flags: 0 })
+    }
+
+    /// Announces the inbox and ack files published since the last call in their nodes' bells (one
+    /// write a node), so that nodes on NFS find them without listing a directory. A bell that
+    /// cannot be written costs only time: the nodes' periodic sweep finds the files.
+    fn ring_bells(&mut self) {
+        for (node, rings) in std::mem::take(&mut self.pending_rings) {
+            if !self.bells.contains_key(&node) {
+                if self.bells.len() >= BELLS_OPEN_MAX {
+                    // Nodes beyond the bound reopen theirs on demand (an open and a read of the header).
+                    self.bells.clear();
+                }
+                let path = self.volume.bell_path(&node, self.config.partition.index);
+                match BellWriter::open(&path) {
+                    Ok(writer) => {
+                        self.bells.insert(node.clone(), writer);
+                    }
+                    Err(error) => {
+                        self.report("ringing a bell", error);
+                        continue;
+                    }
+                }
+            }
+            let writer = self.bells.get_mut(&node).expect("opened above");
+            if let Err(error) = writer.ring(&rings) {
+                self.bells.remove(&node);
+                self.report("ringing a bell", error);
+            }
+        }
     }
 
     /// Writes due packets into their destination inboxes, in store order, grouped per (node, port):
@@ -1459,6 +1506,8 @@ impl Server {
             self.skip_delivery(keys, now);
             return Ok(keys.len());
         }
+        let ring = Ring { kind: RingKind::Packets, port, epoch: self.epoch, seq: file_seq };
+        self.pending_rings.entry(node.clone()).or_default().push(ring);
         let waiting = self.inbox_files.entry((node.clone(), port)).or_default();
         waiting.push_back(file_seq);
         if waiting.len() > INBOX_FILES_WAITING_MAX * 4 {

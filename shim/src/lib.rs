@@ -15,6 +15,7 @@
 mod addr;
 mod capture;
 pub mod config;
+mod doorbell;
 mod fabric;
 mod fds;
 mod fork;

@@ -33,6 +33,7 @@ use fsbridge::{BatchHeader, BatchKind, Packet, Record, Spool};
 use libc::{c_int, socklen_t};
 
 use crate::addr::{self, INJECT_HEADER_BYTES, inject_header};
+use crate::doorbell::Doorbells;
 use crate::log;
 use crate::real::real;
 use crate::socket::{Seen, Shim, Sock, lock, mark_received};
@@ -46,26 +47,32 @@ const SEEN_ACK_FILES_MAX: usize = 4096;
 
 pub fn run(shim: &'static Shim) {
     let mut seen_acks: (HashSet<String>, VecDeque<String>) = (HashSet::new(), VecDeque::new());
+    let mut bells = Doorbells::new();
     loop {
         flush_receipts(shim);
         let socks = shim.socks();
         // Taken before any socket lock: the table comes first in the lock order.
         let open: HashSet<u64> = socks.iter().map(|sock| sock.id).collect();
-        // One listing of in/ per pass says which ports have an inbox at all: a send-only socket's
-        // port has none, and probing it every pass costs a failed open (a round trip on SMB/NFS).
         let fabric = shim.link();
-        let inbox_ports: Option<HashSet<u16>> = if fabric.is_some() {
-            // No inbox files over the fabric: only held datagrams are injected.
-            Some(HashSet::new())
-        } else if socks.is_empty() {
-            None
+        let awaits_acks = fabric.is_none() && shim.outbox().awaits_acks();
+        // Over the volume, the bells say which inbox and ack files are new; the directories are
+        // listed only on a sweep (see `doorbell`). Over the fabric there are no such files.
+        let sweep = if fabric.is_none() && (!socks.is_empty() || awaits_acks) {
+            bells.pass(shim, &bound_ports(&socks).into_iter().collect())
         } else {
-            shim.volume.inbox_ports(&shim.config.node).ok().map(|ports| ports.into_iter().collect())
+            false
+        };
+        // One listing of in/ per sweep says which ports have an inbox at all: a send-only
+        // socket's port has none, and probing it costs a failed open (a round trip on SMB/NFS).
+        let listed_ports: HashSet<u16> = if sweep {
+            shim.volume.inbox_ports(&shim.config.node).map(|ports| ports.into_iter().collect()).unwrap_or_default()
+        } else {
+            HashSet::new()
         };
         let mut waiting_for_room = Vec::new();
         let mut more = false;
         for sock in &socks {
-            match fill(shim, sock, &open, inbox_ports.as_ref()) {
+            match fill(shim, sock, &open, &mut bells, &listed_ports) {
                 Filled::Done => {}
                 Filled::More => more = true,
                 Filled::Full => waiting_for_room.push(sock.clone()),
@@ -73,7 +80,7 @@ pub fn run(shim: &'static Shim) {
         }
         match fabric {
             Some(link) => link.announce_ports(bound_ports(&socks)),
-            None if shim.outbox().awaits_acks() => read_acks(shim, &mut seen_acks),
+            None if awaits_acks => read_acks(shim, &mut bells, sweep, &mut seen_acks),
             None => {}
         }
         // A backlog of inbox files: the next pass starts at once (relaying only what is there).
@@ -224,8 +231,16 @@ fn claim(inbox: &Spool, name: &str) -> Option<std::path::PathBuf> {
     }
 }
 
-/// Injects held datagrams, then new inbox files; says whether more may wait or the socket is full.
-fn fill(shim: &Shim, sock: &Arc<Sock>, open: &HashSet<u64>, inbox_ports: Option<&HashSet<u16>>) -> Filled {
+/// Injects held datagrams, then new inbox files: those the bells announced for the socket's port,
+/// and on a sweep those listed in its inbox (`listed_ports`: the ports that have one). Says
+/// whether more may wait or the socket is full.
+fn fill(
+    shim: &Shim,
+    sock: &Arc<Sock>,
+    open: &HashSet<u64>,
+    bells: &mut Doorbells,
+    listed_ports: &HashSet<u16>,
+) -> Filled {
     let (local, peer) = {
         let state = sock.lock();
         (state.local, state.peer)
@@ -239,22 +254,32 @@ fn fill(shim: &Shim, sock: &Arc<Sock>, open: &HashSet<u64>, inbox_ports: Option<
         }
         held.pop_front();
     }
-    if inbox_ports.is_some_and(|ports| !ports.contains(&local.port())) {
-        return Filled::Done;
-    }
     let inbox = shim.volume.inbox(&shim.config.node, local.port());
-    let names = match inbox.list(INBOX_FILES_PER_PASS) {
-        Ok(names) => names,
-        Err(error) => {
-            log!("cannot list inbox of port {}: {error}", local.port());
-            return Filled::Done;
+    let mut names = bells.take_inbox(local.port(), INBOX_FILES_PER_PASS);
+    let mut full_share = bells.has_inbox(local.port());
+    if listed_ports.contains(&local.port()) {
+        match inbox.list(INBOX_FILES_PER_PASS) {
+            Ok(listed) => {
+                full_share |= listed.len() == INBOX_FILES_PER_PASS;
+                for name in listed {
+                    if !names.contains(&name) {
+                        names.push(name);
+                    }
+                }
+            }
+            Err(error) => log!("cannot list inbox of port {}: {error}", local.port()),
         }
-    };
+    }
     // More may wait only behind a full share of files this pass could take (files it cannot claim
     // must not turn the wait into a spin).
-    let full_share = names.len() == INBOX_FILES_PER_PASS;
+    // Names sort in publish order (one server epoch's sequence), so announced and listed files
+    // are taken in the order they were stored.
+    names.sort_unstable();
+    names.dedup();
+    let full_share = full_share || names.len() >= INBOX_FILES_PER_PASS;
     let mut claimed = 0;
-    for name in names {
+    let mut names = names.into_iter();
+    while let Some(name) = names.next() {
         let Some(path) = claim(&inbox, &name) else { continue };
         claimed += 1;
         let batch = match read_regular_file(&path) {
@@ -288,6 +313,8 @@ fn fill(shim: &Shim, sock: &Arc<Sock>, open: &HashSet<u64>, inbox_ports: Option<
         }
         while let Some(datagram) = held.front() {
             if !inject(sock, datagram) {
+                // The rest waits for the app to make room, in order.
+                bells.put_back_inbox(local.port(), names);
                 return Filled::Full;
             }
             held.pop_front();
@@ -372,9 +399,17 @@ pub fn flush_receipts(shim: &Shim) {
     }
 }
 
-fn read_acks(shim: &Shim, seen: &mut (HashSet<String>, VecDeque<String>)) {
+/// Reads the ack files the bells announced for this process and, on a sweep, those listed.
+fn read_acks(shim: &Shim, bells: &mut Doorbells, sweep: bool, seen: &mut (HashSet<String>, VecDeque<String>)) {
     let spool = shim.volume.acks(&shim.config.node);
-    let Ok(names) = spool.list(usize::MAX) else { return };
+    let mut names = bells.take_acks();
+    if sweep && let Ok(listed) = spool.list(usize::MAX) {
+        for name in listed {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
     let epoch = shim.epoch();
     // The server writes each process's acks into files named after its epoch; this process is
     // their only reader and removes each once read (the server sweeps those of dead processes).
