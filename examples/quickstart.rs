@@ -83,6 +83,8 @@ fn demo(root: &Path, shim: &Path, server_bin: &Path) -> Result<(), String> {
     let volume = root.join("volume");
     let queue = root.join("queue");
     std::fs::create_dir_all(&volume).map_err(|error| error.to_string())?;
+    // What `ftss-server init --volume` does: the nodes' shims refuse a volume without its marker.
+    fsbridge::Volume::new(&volume).create().map_err(|error| error.to_string())?;
     println!("volume:  {}", volume.display());
     println!("queue:   {}", queue.display());
 

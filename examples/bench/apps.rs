@@ -152,7 +152,7 @@ pub fn shim_passthrough(bench: &Bench, run: &Run) -> Result<Measurement, String>
     let port = free_udp_port()?;
     let dir = bench.run_dir("shim-passthrough")?;
     let volume = dir.0.join("volume");
-    std::fs::create_dir_all(&volume).map_err(|error| error.to_string())?;
+    Volume::new(&volume).create().map_err(|error| error.to_string())?;
     let env = |node: (&str, Ipv4Addr)| -> Vec<(String, String)> {
         vec![
             ("LD_PRELOAD".into(), bench.shim.display().to_string()),

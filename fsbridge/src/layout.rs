@@ -102,12 +102,16 @@ impl Volume {
         Spool::new(self.server_dir().join(format!("receipts-p{partition}")))
     }
 
-    /// Creates the top-level directories.
+    /// Creates the top-level directories and the volume's marker.
     pub fn create(&self) -> Result<(), SpoolError> {
         for dir in [self.nodes_dir(), self.quarantine_dir(), self.server_dir()] {
             fs::create_dir_all(&dir).map_err(|source| SpoolError::Io { operation: "creating", path: dir, source })?;
         }
-        Ok(())
+        crate::mounts::write_marker(&self.root).map_err(|source| SpoolError::Io {
+            operation: "writing the marker of",
+            path: self.root.clone(),
+            source,
+        })
     }
 
     /// Creates a node's spools and writes its `node.toml` (atomically, only if it changed).

@@ -4,6 +4,7 @@
 //! # Layout
 //! ```text
 //! VOLUME/
+//!   ftss-volume                       the marker: written by ftss-server; nodes refuse a volume without it
 //!   nodes/<node>/node.toml            addr = "10.77.0.2"   (written by the node's shim)
 //!   nodes/<node>/out/log/             outbox logs (`log`): one per sending process, drained by ftss-server
 //!   nodes/<node>/out/{tmp,new}/       packet batch files the node sends (FTSS_OUTBOX=files)
@@ -35,6 +36,7 @@ pub mod fabric;
 pub mod format;
 pub mod layout;
 pub mod log;
+pub mod mounts;
 pub mod pcap;
 pub mod spool;
 

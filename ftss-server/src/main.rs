@@ -55,6 +55,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Prepare a volume: its top-level directories and the `ftss-volume` marker.
+    ///
+    /// Run it on the array before nodes start (`run` does it too). A node's shim refuses a volume
+    /// path without the marker, so an unmounted mountpoint is never filled instead.
+    Init {
+        #[arg(long)]
+        volume: PathBuf,
+    },
+    /// Check that a volume is safe to use from here: its marker is there and it is not mounted in a
+    /// way that loses acknowledged writes (`soft` NFS, SMB `nostrictsync`).
+    ///
+    /// Run it on each node against its mountpoint; the shim makes the same checks at start and
+    /// refuses to carry traffic (fails closed) when one fails. Exits non-zero with the reasons.
+    Check {
+        #[arg(long)]
+        volume: PathBuf,
+    },
     /// Verify every queue segment in every mirror; truncate torn tails and repair bad mirrors.
     ///
     /// Run it while the server is stopped (the server does the same at every start).
@@ -131,6 +148,17 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(flags) => config::resolve(*flags).and_then(run),
         Command::Status { volume, json } => status::show(&volume, json),
+        Command::Init { volume } => fsbridge::Volume::new(&volume)
+            .create()
+            .map(|()| println!("{} is an FTSS volume", volume.display()))
+            .map_err(|error| error.to_string()),
+        Command::Check { volume } => match fsbridge::mounts::check_volume(&volume) {
+            Ok(()) => {
+                println!("{}: ok", volume.display());
+                Ok(())
+            }
+            Err(problems) => Err(problems.join("\n")),
+        },
         Command::Scrub { queue_dirs, json } => scrub(&queue_dirs, json),
         Command::FabricKey { keys, volume, node, force } => fabric_key(keys, volume, &node, force),
         Command::Dump { queue_dirs, state, node, volume, since, payload, json, pcap } => {

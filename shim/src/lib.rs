@@ -48,6 +48,41 @@ macro_rules! log {
 }
 pub(crate) use log;
 
+/// A shim that was configured but could not start safely (the volume is not mounted, or mounted
+/// in a way that loses acknowledged writes): it carries nothing and fails fabric sends.
+pub(crate) struct Refusal {
+    config: Config,
+    reason: String,
+}
+
+impl Refusal {
+    /// Is `addr` one the shim would have carried?
+    pub(crate) fn covers(&self, addr: std::net::SocketAddr) -> bool {
+        match addr::normalize(addr) {
+            std::net::SocketAddr::V4(v4) => self.config.is_fabric(*v4.ip()),
+            std::net::SocketAddr::V6(_) => false,
+        }
+    }
+
+    /// The errno a send or connect to `addr` fails with (the reason goes to FTSS_LOG).
+    pub(crate) fn refuse(&self, addr: std::net::SocketAddr) -> libc::c_int {
+        // The first few are logged: an app retrying in a loop must not fill the log.
+        if REFUSALS_LOGGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < REFUSALS_LOGGED_MAX {
+            log!("refused a datagram for {addr}: {}", self.reason);
+        }
+        libc::ENETUNREACH
+    }
+}
+
+static REFUSAL: OnceLock<Refusal> = OnceLock::new();
+/// Refused sends logged with their reason (the rest only fail).
+const REFUSALS_LOGGED_MAX: u32 = 16;
+static REFUSALS_LOGGED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+pub(crate) fn refusal() -> Option<&'static Refusal> {
+    REFUSAL.get()
+}
+
 /// The shim, once initialized; `None` while initializing, when disabled, or before the constructor.
 pub(crate) fn shim() -> Option<&'static socket::Shim> {
     SHIM.get().and_then(Option::as_ref)
@@ -81,10 +116,13 @@ fn init() {
             if let Some(path) = &config.pcap {
                 capture::open(path);
             }
-            match socket::Shim::start(config) {
+            match socket::Shim::start(config.clone()) {
                 Ok(shim) => Some(shim),
                 Err(error) => {
-                    log!("disabled, passing everything through: {error}");
+                    // Fail closed: the app runs, but nothing meant for the fabric reaches the
+                    // real network.
+                    log!("refusing to carry fabric traffic (sends to it fail with ENETUNREACH): {error}");
+                    let _ = REFUSAL.set(Refusal { config, reason: error });
                     None
                 }
             }

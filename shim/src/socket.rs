@@ -271,6 +271,9 @@ impl Shim {
                 if !config.volume.is_dir() {
                     return Err(format!("FTSS_VOLUME {} is not a directory", config.volume.display()));
                 }
+                // Not the volume (an unmounted mountpoint), or mounted so that acked writes can be
+                // lost: refuse before anything is written there.
+                fsbridge::mounts::check_volume(&config.volume).map_err(|problems| problems.join("; "))?;
                 log!(
                     "node {} addr {} volume {} ack {:?} epoch {epoch:016x}",
                     config.node,
@@ -666,9 +669,13 @@ fn timeout_option(fd: c_int, option: c_int) -> Option<Duration> {
 
 /// After the real socket() succeeded.
 pub fn on_socket(fd: c_int, domain: c_int, socket_type: c_int, protocol: c_int) {
-    let Some(shim) = crate::shim() else { return };
-    // An fd closed behind the shim's back (e.g. fclose of an fdopen'ed socket) may be reused.
-    shim.forget(fd);
+    match crate::shim() {
+        // An fd closed behind the shim's back (e.g. fclose of an fdopen'ed socket) may be reused.
+        Some(shim) => shim.forget(fd),
+        // A refusing shim watches UDP sockets only to keep fabric datagrams off the real network.
+        None if crate::refusal().is_some() => {}
+        None => return,
+    }
     // UDP only: ICMP "ping" sockets and UDP-Lite are datagram sockets too, and not ours.
     if socket_type & 0xF != libc::SOCK_DGRAM || !matches!(protocol, 0 | libc::IPPROTO_UDP) {
         return;
@@ -762,6 +769,13 @@ pub fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
 
 pub fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     let Some(shim) = crate::shim().filter(|_| fds::is_ours(fd)) else {
+        if fds::is_ours(fd)
+            && let Some(refusal) = crate::refusal()
+            && let Some(target) = unsafe { addr::read(addr, len, fds::family(fd)) }
+            && refusal.covers(target)
+        {
+            return fail(refusal.refuse(target)) as c_int;
+        }
         return unsafe { (real().connect)(fd, addr, len) };
     };
     // SAFETY: the app promises addr is valid for len.
@@ -814,7 +828,7 @@ pub enum Route {
 /// Decides where a send on `fd` (candidate or fabric) to the app's destination (null: the
 /// connected peer) goes, converting a candidate that sends to a fabric address.
 pub fn route(fd: c_int, raw_dest: (*const sockaddr, socklen_t)) -> Result<Route, c_int> {
-    let shim = crate::shim().ok_or(libc::EBADF)?;
+    let Some(shim) = crate::shim() else { return refused_route(fd, raw_dest) };
     // SAFETY: the app promises the address is valid for its length.
     let dest = unsafe { addr::read(raw_dest.0, raw_dest.1, fds::family(fd)) };
     let fabric_dest = dest.filter(|dest| shim.is_fabric(*dest));
@@ -842,6 +856,18 @@ pub fn route(fd: c_int, raw_dest: (*const sockaddr, socklen_t)) -> Result<Route,
         Some(SocketAddr::V4(peer)) if shim.config.is_fabric(*peer.ip()) => Ok(Route::Fabric(sock.clone(), peer)),
         Some(_) => Ok(Route::Kernel(sock.side)),
         None => Err(libc::EDESTADDRREQ),
+    }
+}
+
+/// Where a send goes while the shim refuses to carry traffic: fabric destinations fail with
+/// ENETUNREACH (never the real network), the rest go to the kernel. A socket watched by a
+/// refusing shim was never connected to a fabric address (`connect` refused it).
+fn refused_route(fd: c_int, raw_dest: (*const sockaddr, socklen_t)) -> Result<Route, c_int> {
+    let refusal = crate::refusal().ok_or(libc::EBADF)?;
+    // SAFETY: the app promises the address is valid for its length.
+    match unsafe { addr::read(raw_dest.0, raw_dest.1, fds::family(fd)) } {
+        Some(dest) if refusal.covers(dest) => Err(refusal.refuse(dest)),
+        _ => Ok(Route::Kernel(fd)),
     }
 }
 

@@ -137,12 +137,15 @@ impl Fabric {
         let dir = TempDir::new(tag);
         let volume = dir.0.join("volume");
         std::fs::create_dir_all(&volume).unwrap();
+        // Prepared as `ftss-server init` does (the nodes' shims refuse a volume without its marker).
+        fsbridge::Volume::new(&volume).create().unwrap();
         let queue_dirs = vec![dir.0.join("queue")];
         Fabric { dir, volume, queue_dirs, server: None, fabric_nodes: Default::default() }
     }
 
     pub fn with_volume(tag: &str, volume: PathBuf) -> Fabric {
         let mut fabric = Fabric::new(tag);
+        fsbridge::Volume::new(&volume).create().unwrap();
         fabric.volume = volume;
         fabric
     }
