@@ -319,15 +319,17 @@ fn a_node_vm_killed_mid_send_over_nfs_loses_no_acked_datagram() {
     eprintln!("node VM killed after {} acked sends; {} datagrams arrived in all", acked.len(), got.len());
 }
 
-/// Tries one datagram to node a; prints "SEND-OK" or "SEND-ERR <errno>".
+/// Tries one datagram to node a from a socket and from a dup of it; prints "SEND-OK" or
+/// "SEND-ERR <errno>" for each.
 const PY_TRY_SEND: &str = r#"
 import socket
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-try:
-    s.sendto(b"should-not-leave", ("10.77.0.1", 9100))
-    print("SEND-OK", flush=True)
-except OSError as error:
-    print(f"SEND-ERR {error.errno}", flush=True)
+for sock in (s, s.dup()):
+    try:
+        sock.sendto(b"should-not-leave", ("10.77.0.1", 9100))
+        print("SEND-OK", flush=True)
+    except OSError as error:
+        print(f"SEND-ERR {error.errno}", flush=True)
 "#;
 
 /// The job lines that run `ftss-server check` on the guest's volume path and print its verdict.
@@ -387,11 +389,8 @@ fn unsafe_or_missing_mounts_are_refused_and_fail_closed() {
             "{case}: check passed:\n{console}"
         );
         assert!(guest.lines("CHECK ").join("\n").contains(reason), "{case}: check did not say {reason:?}:\n{console}");
-        assert_eq!(
-            guest.lines("SEND-").first().map(String::as_str),
-            Some(&*format!("ERR {}", libc::ENETUNREACH)),
-            "{case}:\n{console}"
-        );
+        let refused = format!("ERR {}", libc::ENETUNREACH);
+        assert_eq!(guest.lines("SEND-"), vec![refused.clone(), refused], "{case}: sends not refused:\n{console}");
         assert!(
             guest.lines("LAB-SHIM-LOG ").join("").contains(reason),
             "{case}: the shim's log does not say why:\n{console}"
@@ -406,4 +405,44 @@ fn unsafe_or_missing_mounts_are_refused_and_fail_closed() {
             );
         }
     }
+}
+
+/// The NFS server restarted (kill -9, then started again) while a node sends over a hard NFSv4.2
+/// mount: the node waits and goes on; every send that returned arrives once.
+#[test]
+#[ignore = "fails today: the guest's sender does not finish after ganesha restarts (issue 21, open)"]
+fn an_nfs_server_restart_mid_send_loses_no_acked_datagram() {
+    let _lab = lab::exclusive();
+    let mut fabric = common::Fabric::new("lab-nfs-restart");
+    fabric.start_server();
+    let mut ganesha = Ganesha::start_with(&fabric.volume, GaneshaCache::Default, true);
+    let receiver =
+        common::apps::Receiver::start_script(&fabric, "a", "10.77.0.1", common::apps::PY_RECEIVER, &["9100"]);
+    let count = 400;
+    let script =
+        format!("{}{}", mount_lines("nfs4.2"), guest_app(PY_GUEST_SENDER, &format!("10.77.0.1 9100 restart {count}")));
+    let mut guest = Guest::boot(&GuestSpec {
+        name: "restart",
+        script,
+        nfs_port: Some(ganesha.port),
+        smb_port: None,
+        memory_mib: 512,
+    });
+    let sending = common::wait_until(Duration::from_secs(120), || guest.lines("SENT ").len() >= 100);
+    assert!(sending, "the guest did not get going:\n{}", guest.console());
+    ganesha.kill();
+    let before = guest.lines("SENT ").len();
+    std::thread::sleep(Duration::from_secs(3));
+    ganesha.restart();
+    let status = guest.wait(Duration::from_secs(180));
+    let console = guest.console();
+    assert_eq!(status, Some(0), "the guest's job failed after the NFS server came back:\n{console}");
+    let acked: Vec<String> = guest.lines("SENT ").iter().map(|n| format!("restart-{}", n.trim())).collect();
+    assert_eq!(acked.len(), count, "every send returns once the server is back:\n{console}");
+    let payloads = || -> Vec<String> { receiver.payloads().into_iter().filter(|line| !line.is_empty()).collect() };
+    let arrived = common::wait_until(Duration::from_secs(60), || payloads().len() >= count);
+    let got = payloads();
+    assert!(arrived, "{} of {count} arrived", got.len());
+    assert_eq!(got, acked, "lost, duplicated or reordered across the NFS server's restart");
+    eprintln!("NFS server killed after {before} sends and restarted 3 s later; {count} of {count} arrived once");
 }

@@ -42,6 +42,8 @@ const RECORDS_PER_READ_MAX: usize = 2048;
 /// Records a reader opening a bell looks back at (files announced shortly before it started that
 /// may still wait for it; older ones are left to the sweep).
 pub const BELL_BACKLOG_RECORDS: u64 = 1024;
+/// Records of a full bell written again at the start of its next generation.
+const BELL_CARRIED_RECORDS: u64 = 1024;
 /// `O_DIRECT` wants buffers, offsets and lengths aligned to the device's block (at most 4 KiB).
 const DIRECT_ALIGN: usize = 4096;
 
@@ -170,6 +172,15 @@ impl BellWriter {
     /// Starts a new generation of the bell at `path` (a reader holding the old one is told by a
     /// `Moved` record, or sees the new generation when it opens the name again).
     pub fn create(path: &Path) -> Result<BellWriter, BellError> {
+        BellWriter::create_carrying(path, &[])
+    }
+
+    /// Starts a new generation that begins with `carried` (whole records of the old one): a
+    /// reader that opens the bell by name each time never sees the end of the old generation,
+    /// so its last records are written again at the start of the new one (a reader that saw
+    /// them only finds the named files gone).
+    fn create_carrying(path: &Path, carried: &[u8]) -> Result<BellWriter, BellError> {
+        debug_assert_eq!(carried.len() % BELL_RECORD_BYTES, 0);
         let dir = path.parent().expect("a bell lives in a directory");
         fs::create_dir_all(dir).map_err(|source| BellError::Io {
             operation: "creating the directory of",
@@ -178,22 +189,25 @@ impl BellWriter {
         })?;
         let name = path.file_name().expect("file name").to_string_lossy();
         let tmp = dir.join(format!(".{name}.{}.{:x}", std::process::id(), crate::random_u64()));
-        let header = encode_header(crate::random_u64());
-        spool::write_file_durably(&tmp, &header)?;
-        if let Ok(old) = OpenOptions::new().append(true).open(path) {
-            let moved = Ring { kind: RingKind::Moved, port: 0, epoch: 0, seq: 0 };
-            let _ = old.write_all_at(&encode_ring(&moved), old.metadata().map(|meta| meta.len()).unwrap_or(0));
-        }
+        let mut bytes = encode_header(crate::random_u64()).to_vec();
+        bytes.extend_from_slice(carried);
+        spool::write_file_durably(&tmp, &bytes)?;
+        let old = OpenOptions::new().append(true).open(path).ok();
         fs::rename(&tmp, path).map_err(|source| {
             let _ = fs::remove_file(&tmp);
             BellError::Io { operation: "publishing", path: path.into(), source }
         })?;
-        let file = OpenOptions::new().write(true).open(path).map_err(|source| BellError::Io {
+        // Only once the new generation is in place: a Moved record must always lead somewhere.
+        if let Some(old) = old {
+            let moved = Ring { kind: RingKind::Moved, port: 0, epoch: 0, seq: 0 };
+            let _ = old.write_all_at(&encode_ring(&moved), old.metadata().map(|meta| meta.len()).unwrap_or(0));
+        }
+        let file = OpenOptions::new().read(true).write(true).open(path).map_err(|source| BellError::Io {
             operation: "opening",
             path: path.into(),
             source,
         })?;
-        Ok(BellWriter { path: path.to_path_buf(), file, len: BELL_RECORD_BYTES as u64 })
+        Ok(BellWriter { path: path.to_path_buf(), file, len: bytes.len() as u64 })
     }
 
     /// Opens the bell at `path` to append to it (a restarted server, or the instance taking over
@@ -220,7 +234,13 @@ impl BellWriter {
             return Ok(());
         }
         if self.len + (rings.len() * BELL_RECORD_BYTES) as u64 > BELL_BYTES_MAX {
-            *self = BellWriter::create(&self.path)?;
+            let records = (self.len / BELL_RECORD_BYTES as u64).saturating_sub(1).min(BELL_CARRIED_RECORDS);
+            let mut carried = vec![0u8; records as usize * BELL_RECORD_BYTES];
+            let from = self.len - carried.len() as u64;
+            if self.file.read_exact_at(&mut carried, from).is_err() {
+                carried.clear();
+            }
+            *self = BellWriter::create_carrying(&self.path, &carried)?;
         }
         let mut bytes = Vec::with_capacity(rings.len() * BELL_RECORD_BYTES);
         for ring in rings {
@@ -426,7 +446,13 @@ impl BellReader {
             if !moved {
                 return Ok(());
             }
+            let generation = self.generation;
             self.reopen(false)?;
+            if self.generation == generation {
+                // A Moved record with no new generation behind it (a writer that failed to
+                // replace the bell, then appended again): step past it.
+                self.offset += BELL_RECORD_BYTES as u64;
+            }
         }
         Ok(())
     }
@@ -513,9 +539,63 @@ mod tests {
             reader.poll(false, &mut seen).unwrap();
         }
         reader.poll(false, &mut seen).unwrap();
-        let seqs: Vec<u64> = seen.iter().map(|ring| ring.seq).collect();
+        // In order, each once, apart from the records a new generation repeats from the old.
+        let mut first_seen = std::collections::HashSet::new();
+        let seqs: Vec<u64> = seen.iter().map(|ring| ring.seq).filter(|seq| first_seen.insert(*seq)).collect();
         assert_eq!(seqs, (0..total as u64).collect::<Vec<_>>());
+        assert!(seen.len() <= total + BELL_CARRIED_RECORDS as usize);
         assert!(fs::metadata(&path).unwrap().len() <= BELL_BYTES_MAX);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_transient_reader_misses_nothing_when_a_full_bell_is_replaced_between_its_polls() {
+        let dir = temp_dir("transient");
+        let path = dir.join("p0");
+        let mut writer = BellWriter::create(&path).unwrap();
+        let mut reader = BellReader::with_transient_fd(path.clone(), true);
+        let mut seen = Vec::new();
+        reader.poll(false, &mut seen).unwrap();
+        let per_generation = BELL_BYTES_MAX as usize / BELL_RECORD_BYTES - 1;
+        let mut next = 0u64;
+        let mut ring_some = |writer: &mut BellWriter, count: usize| {
+            let rings: Vec<Ring> = (next..next + count as u64).map(|seq| ring(4, seq)).collect();
+            next += count as u64;
+            writer.ring(&rings).unwrap();
+        };
+        ring_some(&mut writer, per_generation - 10);
+        // Caught up (a reader takes at most 2048 records a poll; one more than 1024 records
+        // behind when the bell is replaced leaves the rest to the sweep).
+        for _ in 0..per_generation / 2048 + 1 {
+            reader.poll(false, &mut seen).unwrap();
+        }
+        // The last records of the full generation and the first of the next, with no poll between.
+        ring_some(&mut writer, 8);
+        ring_some(&mut writer, 20);
+        let total = next;
+        // A reader takes at most 2048 records a poll.
+        for _ in 0..(total as usize / 2048 + 2) {
+            reader.poll(false, &mut seen).unwrap();
+        }
+        let mut seqs: Vec<u64> = seen.iter().map(|ring| ring.seq).collect();
+        seqs.sort_unstable();
+        seqs.dedup();
+        assert_eq!(seqs, (0..total).collect::<Vec<_>>());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_moved_record_with_no_new_generation_behind_it_is_stepped_over() {
+        let dir = temp_dir("moved");
+        let path = dir.join("p0");
+        let mut writer = BellWriter::create(&path).unwrap();
+        let mut reader = BellReader::new(path.clone());
+        let mut seen = Vec::new();
+        reader.poll(false, &mut seen).unwrap();
+        writer.ring(&[ring(1, 1), Ring { kind: RingKind::Moved, port: 0, epoch: 0, seq: 0 }, ring(1, 2)]).unwrap();
+        reader.poll(false, &mut seen).unwrap();
+        reader.poll(false, &mut seen).unwrap();
+        assert_eq!(seen, vec![ring(1, 1), ring(1, 2)]);
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -86,7 +86,7 @@ pub fn mount_problems(mount: &Mount) -> Vec<String> {
             mount.source
         ));
     }
-    if mount.fstype == "cifs" && has("nostrictsync") {
+    if (mount.fstype == "cifs" || mount.fstype == "smb3") && has("nostrictsync") {
         problems.push(format!(
             "{} is an SMB mount with `nostrictsync` ({}): fsync does not reach the server, so nothing \
              is durable when ftss says it is; remove `nostrictsync`",

@@ -42,8 +42,11 @@ const TRIM_AFTER_PACKETS: usize = 4096;
 /// Most payload bytes drained in one cycle: with large datagrams the packet count alone would let a
 /// cycle hold gigabytes (the decoded packets and the queue's write buffer).
 const DRAIN_BYTES_PER_CYCLE_MAX: usize = 32 * 1024 * 1024;
-/// Nodes whose bell the server keeps open (one fd each).
-const BELLS_OPEN_MAX: usize = 1024;
+/// Nodes whose bell the server keeps open (one fd each; well under the usual soft limit of 1,024
+/// open files, which the queue and the spools also draw on).
+const BELLS_OPEN_MAX: usize = 256;
+/// Bell records kept for a node whose bell cannot be written now.
+const RINGS_HELD_MAX: usize = 65_536;
 /// Most packets written into one inbox batch file.
 const DELIVER_PACKETS_PER_FILE_MAX: usize = 4096;
 /// Most payload bytes written into one inbox batch file (bounds the receiving shim's memory).
@@ -1347,6 +1350,7 @@ impl Server {
                     }
                     Err(error) => {
                         self.report("ringing a bell", error);
+                        self.ring_later(node, rings);
                         continue;
                     }
                 }
@@ -1355,8 +1359,18 @@ impl Server {
             if let Err(error) = writer.ring(&rings) {
                 self.bells.remove(&node);
                 self.report("ringing a bell", error);
+                self.ring_later(node, rings);
             }
         }
+    }
+
+    /// Keeps records a bell could not take for the next cycle (in order, before newer ones), up
+    /// to `RINGS_HELD_MAX` a node; past that the nodes' sweep finds the files.
+    fn ring_later(&mut self, node: NodeName, mut rings: Vec<Ring>) {
+        let pending = self.pending_rings.entry(node).or_default();
+        rings.append(pending);
+        rings.truncate(RINGS_HELD_MAX);
+        *pending = rings;
     }
 
     /// Writes due packets into their destination inboxes, in store order, grouped per (node, port):

@@ -22,6 +22,9 @@ const BELLS_MAX: usize = 64;
 const ANNOUNCED_PER_PORT_MAX: usize = 4096;
 /// Announced ack files remembered until read (more are left to the sweep).
 const ANNOUNCED_ACKS_MAX: usize = 4096;
+/// Inbox file names remembered as taken (the bell backlog a reader may read again is 1,024
+/// records a bell).
+const TAKEN_NAMES_MAX: usize = 8192;
 
 pub struct Doorbells {
     readers: Vec<BellReader>,
@@ -33,6 +36,10 @@ pub struct Doorbells {
     /// Ack files announced for this process, not yet read.
     acks: VecDeque<String>,
     rings: Vec<Ring>,
+    /// Inbox files already taken (claimed or tried), oldest first: a bell read again from its
+    /// backlog (a newly bound port) or a generation that repeats its predecessor's last records
+    /// does not queue them again.
+    taken: (HashSet<String>, VecDeque<String>),
 }
 
 impl Doorbells {
@@ -44,6 +51,7 @@ impl Doorbells {
             inbox: HashMap::new(),
             acks: VecDeque::new(),
             rings: Vec::new(),
+            taken: (HashSet::new(), VecDeque::new()),
         }
     }
 
@@ -72,9 +80,10 @@ impl Doorbells {
         for ring in self.rings.drain(..) {
             match ring.kind {
                 RingKind::Packets if ports.contains(&ring.port) => {
+                    let name = batch_file_name(ring.epoch, ring.seq, "pkt");
                     let names = self.inbox.entry(ring.port).or_default();
-                    if names.len() < ANNOUNCED_PER_PORT_MAX {
-                        names.push_back(batch_file_name(ring.epoch, ring.seq, "pkt"));
+                    if names.len() < ANNOUNCED_PER_PORT_MAX && !self.taken.0.contains(&name) {
+                        names.push_back(name);
                     }
                 }
                 RingKind::Acks if ring.epoch == epoch && self.acks.len() < ANNOUNCED_ACKS_MAX => {
@@ -108,7 +117,18 @@ impl Doorbells {
     pub fn take_inbox(&mut self, port: u16, max: usize) -> Vec<String> {
         let Some(names) = self.inbox.get_mut(&port) else { return Vec::new() };
         let count = names.len().min(max);
-        names.drain(..count).collect()
+        let names: Vec<String> = names.drain(..count).collect();
+        for name in &names {
+            if self.taken.0.insert(name.clone()) {
+                self.taken.1.push_back(name.clone());
+            }
+        }
+        while self.taken.1.len() > TAKEN_NAMES_MAX {
+            if let Some(oldest) = self.taken.1.pop_front() {
+                self.taken.0.remove(&oldest);
+            }
+        }
+        names
     }
 
     /// Returns names taken by `take_inbox` but not tried (the socket was full), to be tried first.

@@ -169,11 +169,13 @@ fn check_fortified(len: size_t, buf_len: size_t) {
 /// After a successful dup of `old` into `new`: the new fd shares the entry.
 fn duplicated(old: c_int, new: c_int) -> c_int {
     let involved = fds::kind(old) != fds::NONE || fds::kind(new) != fds::NONE;
-    if new >= 0
-        && involved
-        && let Some(shim) = crate::shim()
-    {
-        shim.on_dup(old, new);
+    if new >= 0 && involved {
+        match crate::shim() {
+            Some(shim) => shim.on_dup(old, new),
+            // A refusing shim only watches candidates: the copy is one too (or no longer one).
+            None if crate::refusal().is_some() => fds::copy(old, new),
+            None => {}
+        }
     }
     new
 }

@@ -673,7 +673,7 @@ pub fn on_socket(fd: c_int, domain: c_int, socket_type: c_int, protocol: c_int) 
         // An fd closed behind the shim's back (e.g. fclose of an fdopen'ed socket) may be reused.
         Some(shim) => shim.forget(fd),
         // A refusing shim watches UDP sockets only to keep fabric datagrams off the real network.
-        None if crate::refusal().is_some() => {}
+        None if crate::refusal().is_some() => fds::clear(fd),
         None => return,
     }
     // UDP only: ICMP "ping" sockets and UDP-Lite are datagram sockets too, and not ours.
@@ -1025,6 +1025,9 @@ pub fn close(fd: c_int) -> c_int {
             return 0;
         }
         shim.forget(fd);
+    } else if crate::refusal().is_some() {
+        // The number may come back as another kind of socket.
+        fds::clear(fd);
     }
     unsafe { (real().close)(fd) }
 }
@@ -1035,6 +1038,13 @@ pub fn close_range(first: libc::c_uint, last: libc::c_uint, flags: c_int) -> c_i
     let Some(real_close_range) = real().close_range else { return fail(libc::ENOSYS) as c_int };
     let shim = crate::shim().filter(|shim| !shim.in_vfork_child());
     let Some(shim) = shim.filter(|_| flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 && first <= last) else {
+        if crate::refusal().is_some() && flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 && first <= last {
+            let low = first.min(c_int::MAX as libc::c_uint) as c_int;
+            let high = last.min(c_int::MAX as libc::c_uint) as c_int;
+            for fd in fds::of_kind_in(low, high, fds::CANDIDATE).collect::<Vec<_>>() {
+                fds::clear(fd);
+            }
+        }
         return unsafe { real_close_range(first, last, flags) };
     };
     let low = first.min(c_int::MAX as libc::c_uint) as c_int;

@@ -86,6 +86,12 @@ pub struct Ganesha {
 
 impl Ganesha {
     pub fn start(volume: &Path, cache: GaneshaCache) -> Ganesha {
+        Ganesha::start_with(volume, cache, false)
+    }
+
+    /// With `grace`, a restarted server holds a grace period in which clients reclaim their open
+    /// files (without it, as in [`Ganesha::start`], a restart makes their opens stale).
+    pub fn start_with(volume: &Path, cache: GaneshaCache, grace: bool) -> Ganesha {
         let dir = TempDir::new("ganesha");
         let port = free_tcp_port();
         let root = dir.0.clone();
@@ -104,7 +110,7 @@ impl Ganesha {
             format!(
                 "NFS_CORE_PARAM {{\n    NFS_Port = {port};\n    Bind_addr = 127.0.0.1;\n    Protocols = 4;\n    \
                  Enable_NLM = false;\n    Enable_RQUOTA = false;\n}}\n\
-                 NFSV4 {{\n    Graceless = true;\n    RecoveryBackend = fs;\n    RecoveryRoot = \"{r}/recovery\";\n    \
+                 NFSV4 {{\n    {grace}\n    RecoveryBackend = fs;\n    RecoveryRoot = \"{r}/recovery\";\n    \
                  Minor_Versions = 1, 2;\n}}\n{mdcache}\
                  EXPORT {{\n    Export_Id = 1;\n    Path = \"{vol}\";\n    Pseudo = /vol;\n    Access_Type = RW;\n    \
                  Squash = No_Root_Squash;\n    SecType = sys;\n    Transports = TCP;\n{cache_settings}    \
@@ -114,6 +120,11 @@ impl Ganesha {
                  LOG {{\n    Default_Log_Level = WARN;\n}}\n",
                 r = root.display(),
                 vol = volume.display(),
+                grace = if grace {
+                    "Graceless = false;\n    Grace_Period = 15;\n    Lease_Lifetime = 10;"
+                } else {
+                    "Graceless = true;"
+                },
             ),
         )
         .unwrap();
