@@ -16,21 +16,26 @@ fn guest_mounts_the_volume_over_nfs_and_smb() {
     std::fs::write(volume.join("from-host"), b"hello").unwrap();
     let ganesha = Ganesha::start(&volume, GaneshaCache::Off);
     let smbd = Smbd::start(&volume);
-    let mut guest = Guest::boot(&GuestSpec {
-        name: "smoke",
-        script: "host_root\nmount_volume nfs4.1\ncat /newroot$VOLUME/from-host; echo\necho from-nfs >/newroot$VOLUME/nfs-file\n\
+    let mut guest = boot_node("smoke", "host_root\nmount_volume nfs4.1\ncat /newroot$VOLUME/from-host; echo\necho from-nfs >/newroot$VOLUME/nfs-file\n\
                  VOLUME=/mnt/smb mount_volume smb3\necho from-smb >/newroot/mnt/smb/smb-file\n\
-                 in_root python3 -c 'print(\"PY-\" + \"OK\")'\n".into(),
-        nfs_port: Some(ganesha.port),
-        smb_port: Some(smbd.port),
-        memory_mib: 512,
-    });
+                 in_root python3 -c 'print(\"PY-\" + \"OK\")'\n".into(), &ganesha, Some(&smbd));
     let status = guest.wait(Duration::from_secs(60));
     let console = guest.console();
     assert_eq!(status, Some(0), "guest failed:\n{console}\nganesha: {}", ganesha.log());
     assert_eq!(std::fs::read_to_string(volume.join("nfs-file")).unwrap(), "from-nfs\n");
     assert_eq!(std::fs::read_to_string(volume.join("smb-file")).unwrap(), "from-smb\n");
     assert!(console.contains("PY-OK"), "{console}");
+}
+
+/// Boots a node guest that reaches `ganesha` (and `smbd`, if given) and runs `script`.
+fn boot_node(name: &str, script: String, ganesha: &Ganesha, smbd: Option<&Smbd>) -> Guest {
+    Guest::boot(&GuestSpec {
+        name,
+        script,
+        nfs_port: Some(ganesha.port),
+        smb_port: smbd.map(|smbd| smbd.port),
+        memory_mib: 512,
+    })
 }
 
 /// Answers every datagram with the same payload (node a, on the array host).
@@ -99,13 +104,7 @@ fn round_trips(kind: &str, cache: GaneshaCache, count: usize, wait: f64) -> Vec<
     assert!(common::wait_until(Duration::from_secs(10), || echo_lines.count() > 0), "echo app did not start");
     let script = format!("{}{}", mount_lines(kind), guest_app(PY_REQUESTER, &format!("10.77.0.1 7000 {count} {wait}")));
     let limit = Duration::from_secs_f64(60.0 + wait * count as f64);
-    let mut guest = Guest::boot(&GuestSpec {
-        name: "rtt",
-        script,
-        nfs_port: Some(ganesha.port),
-        smb_port: Some(smbd.port),
-        memory_mib: 512,
-    });
+    let mut guest = boot_node("rtt", script, &ganesha, Some(&smbd));
     let status = guest.wait(limit);
     let console = guest.console();
     assert_eq!(status, Some(0), "guest job failed:\n{console}\nserver: {}", fabric.server_log());
@@ -206,13 +205,7 @@ for i in range(40):
             "{}cat >/newroot/tmp/p.py <<'EOF'\n{probe}\nEOF\nin_root python3 /tmp/p.py\n",
             mount_lines("nfs4.1")
         );
-        let mut guest = Guest::boot(&GuestSpec {
-            name: "vis",
-            script,
-            nfs_port: Some(ganesha.port),
-            smb_port: None,
-            memory_mib: 512,
-        });
+        let mut guest = boot_node("vis", script, &ganesha, None);
         let status = guest.wait(Duration::from_secs(120));
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         writer.join().unwrap();
@@ -257,13 +250,7 @@ fn nc_and_python_exchange_lines_both_ways_over_kernel_nfs_and_smb() {
             shim = shim.display(),
             sender = guest_app(PY_GUEST_SENDER, &format!("10.77.0.1 9100 from-guest {count}")),
         );
-        let mut guest = Guest::boot(&GuestSpec {
-            name: "lines",
-            script,
-            nfs_port: Some(ganesha.port),
-            smb_port: Some(smbd.port),
-            memory_mib: 512,
-        });
+        let mut guest = boot_node("lines", script, &ganesha, Some(&smbd));
         let status = guest.wait(Duration::from_secs(150));
         let console = guest.console();
         assert_eq!(status, Some(0), "{kind}: guest job failed:\n{console}\nserver: {}", fabric.server_log());
@@ -292,8 +279,7 @@ fn a_node_vm_killed_mid_send_over_nfs_loses_no_acked_datagram() {
     let receiver =
         common::apps::Receiver::start_script(&fabric, "a", "10.77.0.1", common::apps::PY_RECEIVER, &["9100"]);
     let script = format!("{}{}", mount_lines("nfs4.2"), guest_app(PY_GUEST_SENDER, "10.77.0.1 9100 kill 100000"));
-    let mut guest =
-        Guest::boot(&GuestSpec { name: "kill", script, nfs_port: Some(ganesha.port), smb_port: None, memory_mib: 512 });
+    let mut guest = boot_node("kill", script, &ganesha, None);
     let sending = common::wait_until(Duration::from_secs(120), || guest.lines("SENT ").len() >= 200);
     assert!(sending, "the guest did not get going:\n{}", guest.console());
     guest.kill();
@@ -373,13 +359,7 @@ fn unsafe_or_missing_mounts_are_refused_and_fail_closed() {
             check_lines(),
             guest_app(PY_TRY_SEND, "")
         );
-        let mut guest = Guest::boot(&GuestSpec {
-            name: case,
-            script,
-            nfs_port: Some(ganesha.port),
-            smb_port: Some(smbd.port),
-            memory_mib: 512,
-        });
+        let mut guest = boot_node(case, script, &ganesha, Some(&smbd));
         let status = guest.wait(Duration::from_secs(120));
         let console = guest.console();
         assert_eq!(status, Some(0), "{case}: guest job failed:\n{console}");
@@ -421,13 +401,7 @@ fn an_nfs_server_restart_mid_send_loses_no_acked_datagram() {
     let count = 400;
     let script =
         format!("{}{}", mount_lines("nfs4.2"), guest_app(PY_GUEST_SENDER, &format!("10.77.0.1 9100 restart {count}")));
-    let mut guest = Guest::boot(&GuestSpec {
-        name: "restart",
-        script,
-        nfs_port: Some(ganesha.port),
-        smb_port: None,
-        memory_mib: 512,
-    });
+    let mut guest = boot_node("restart", script, &ganesha, None);
     let sending = common::wait_until(Duration::from_secs(120), || guest.lines("SENT ").len() >= 100);
     assert!(sending, "the guest did not get going:\n{}", guest.console());
     ganesha.kill();

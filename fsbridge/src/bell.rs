@@ -31,6 +31,7 @@ use std::ops::Range;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::log::read_at_most;
 use crate::spool::{self, SpoolError};
 
 /// Bytes of the header and of each record.
@@ -324,13 +325,13 @@ impl BellReader {
     fn read_at(&mut self, at: u64, len: usize) -> io::Result<Range<usize>> {
         let file = self.file.as_ref().expect("open");
         if !self.direct {
-            let read = read_fully_at(file, &mut self.buffer.as_mut()[..len], at)?;
+            let read = read_at_most(file, &mut self.buffer.as_mut()[..len], at)?;
             return Ok(0..read);
         }
         let aligned = at - at % DIRECT_ALIGN as u64;
         let skip = (at - aligned) as usize;
         let span = (skip + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-        match read_fully_at(file, &mut self.buffer.as_mut()[..span], aligned) {
+        match read_at_most(file, &mut self.buffer.as_mut()[..span], aligned) {
             Ok(read) => Ok(skip.min(read)..read.min(skip + len)),
             Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
                 // This file system takes no direct reads after all: read it plainly from now on.
@@ -456,19 +457,6 @@ impl BellReader {
         }
         Ok(())
     }
-}
-
-fn read_fully_at(file: &File, buffer: &mut [u8], at: u64) -> io::Result<usize> {
-    let mut read = 0;
-    while read < buffer.len() {
-        match file.read_at(&mut buffer[read..], at + read as u64) {
-            Ok(0) => break,
-            Ok(count) => read += count,
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-            Err(error) => return Err(error),
-        }
-    }
-    Ok(read)
 }
 
 #[cfg(test)]

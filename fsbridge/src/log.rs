@@ -549,7 +549,7 @@ fn is_valid_frame(bytes: &[u8]) -> bool {
 }
 
 /// Fills `buffer` from `offset` until it is full or the file ends; returns the bytes read.
-fn read_at_most(file: &File, buffer: &mut [u8], offset: u64) -> io::Result<usize> {
+pub(crate) fn read_at_most(file: &File, buffer: &mut [u8], offset: u64) -> io::Result<usize> {
     let mut filled = 0;
     while filled < buffer.len() {
         match file.read_at(&mut buffer[filled..], offset + filled as u64) {
