@@ -73,10 +73,15 @@ for n in range(count):
 
 /// The job line that runs a python script under the shim in the guest as node b (10.77.0.2).
 fn guest_app(script: &str, args: &str) -> String {
+    guest_app_with(script, args, "")
+}
+
+/// Like [`guest_app`], with more environment (`NAME=value ...`) for the shim.
+fn guest_app_with(script: &str, args: &str, env: &str) -> String {
     let shim = common::shim_path();
     format!(
         "cat >/newroot/tmp/app.py <<'PYEOF'\n{script}\nPYEOF\n\
-         in_root env LD_PRELOAD={shim} FTSS_VOLUME=$VOLUME FTSS_NODE=b FTSS_ADDR=10.77.0.2 FTSS_LOG=/tmp/shim.log \
+         in_root env LD_PRELOAD={shim} FTSS_VOLUME=$VOLUME FTSS_NODE=b FTSS_ADDR=10.77.0.2 FTSS_LOG=/tmp/shim.log {env} \
          python3 /tmp/app.py {args}\n\
          echo \"LAB-SHIM-LOG $(tail -n 5 /newroot/tmp/shim.log 2>/dev/null | tr '\\n' '|')\"\n",
         shim = shim.display(),
@@ -390,7 +395,6 @@ fn unsafe_or_missing_mounts_are_refused_and_fail_closed() {
 /// The NFS server restarted (kill -9, then started again) while a node sends over a hard NFSv4.2
 /// mount: the node waits and goes on; every send that returned arrives once.
 #[test]
-#[ignore = "fails today: the guest's sender does not finish after ganesha restarts (issue 21, open)"]
 fn an_nfs_server_restart_mid_send_loses_no_acked_datagram() {
     let _lab = lab::exclusive();
     let mut fabric = common::Fabric::new("lab-nfs-restart");
@@ -419,4 +423,61 @@ fn an_nfs_server_restart_mid_send_loses_no_acked_datagram() {
     assert!(arrived, "{} of {count} arrived", got.len());
     assert_eq!(got, acked, "lost, duplicated or reordered across the NFS server's restart");
     eprintln!("NFS server killed after {before} sends and restarted 3 s later; {count} of {count} arrived once");
+}
+
+/// A node cut off from the network for 30 s (its link taken down) while it sends and receives
+/// over a hard NFSv4.2 mount: it waits, then goes on; every send that returned arrives once, and
+/// it receives every datagram sent to it meanwhile, once.
+#[test]
+fn a_node_cut_off_for_30_s_loses_nothing_and_goes_on() {
+    let _lab = lab::exclusive();
+    let mut fabric = common::Fabric::new("lab-link-down");
+    fabric.start_server();
+    let ganesha = Ganesha::start(&fabric.volume, GaneshaCache::Default);
+    let receiver =
+        common::apps::Receiver::start_script(&fabric, "a", "10.77.0.1", common::apps::PY_RECEIVER, &["9100"]);
+    let count = 300;
+    let incoming: Vec<String> = (0..20).map(|n| format!("while-cut-off-{n}")).collect();
+    let shim = common::shim_path();
+    // Sends may wait out the cut (the default FTSS_TIMEOUT, 30 s, would report them unconfirmed).
+    let sender = guest_app_with(PY_GUEST_SENDER, &format!("10.77.0.1 9100 cut {count}"), "FTSS_TIMEOUT=120");
+    let script = format!(
+        "{mount}in_root env LD_PRELOAD={shim} FTSS_VOLUME=$VOLUME FTSS_NODE=b FTSS_ADDR=10.77.0.2 \
+         FTSS_LOG=/tmp/nc.log timeout 200 nc -u -l 9000 >/newroot/tmp/got &\n\
+         ( {sender_line} ) >/newroot/tmp/sent &\n\
+         sender=$!\n\
+         until [ \"$(grep -c SENT /newroot/tmp/sent)\" -ge 50 ]; do sleep 0.1; done\n\
+         ip link set eth0 down\n\
+         echo \"CUT $(grep -c SENT /newroot/tmp/sent)\"\n\
+         sleep 30\n\
+         echo \"DURING $(grep -c SENT /newroot/tmp/sent)\"\n\
+         ip link set eth0 up\n\
+         ip route add default via 10.0.2.2 2>/dev/null\n\
+         wait $sender\n\
+         cat /newroot/tmp/sent\n\
+         for i in $(seq 1 900); do [ \"$(wc -l </newroot/tmp/got)\" -ge {incoming} ] && break; sleep 0.1; done\n\
+         sed 's/^/GOT /' /newroot/tmp/got\n",
+        mount = mount_lines("nfs4.2"),
+        shim = shim.display(),
+        sender_line = sender.trim_end().replace('\n', "\n"),
+        incoming = incoming.len(),
+    );
+    let mut guest = boot_node("cut", script, &ganesha, None);
+    let cut = guest.wait_for("CUT ", Duration::from_secs(120));
+    assert!(cut, "the guest did not get going:\n{}", guest.console());
+    // Sent to the node while it is cut off: they wait in the array for it.
+    assert!(common::nc_send_lines(&fabric, "a", "10.77.0.1", "10.77.0.2", 9000, &incoming));
+    let status = guest.wait(Duration::from_secs(300));
+    let console = guest.console();
+    assert_eq!(status, Some(0), "the guest's job failed after its link came back:\n{console}");
+    let number = |prefix: &str| guest.lines(prefix).first().and_then(|n| n.trim().parse::<usize>().ok()).unwrap();
+    let (before, during) = (number("CUT "), number("DURING "));
+    assert!(during <= before + 2, "sends kept returning with the node cut off ({before} -> {during})");
+    let acked: Vec<String> = guest.lines("SENT ").iter().map(|n| format!("cut-{}", n.trim())).collect();
+    assert_eq!(acked.len(), count, "every send returns once the link is back:\n{console}");
+    assert_eq!(guest.lines("GOT "), incoming, "what the node received:\n{console}");
+    let payloads = || -> Vec<String> { receiver.payloads().into_iter().filter(|line| !line.is_empty()).collect() };
+    common::wait_until(Duration::from_secs(60), || payloads().len() >= count);
+    assert_eq!(payloads(), acked, "lost, duplicated or reordered across the cut");
+    eprintln!("cut off after {before} sends ({during} returned during the 30 s); {count} of {count} arrived once");
 }

@@ -46,7 +46,7 @@ pub struct BootFiles {
 pub fn boot_files() -> &'static BootFiles {
     static FILES: OnceLock<BootFiles> = OnceLock::new();
     FILES.get_or_init(|| {
-        for program in ["qemu-system-x86_64", "cpio", "ganesha.nfsd", "smbd"] {
+        for program in ["qemu-system-x86_64", "cpio", "ganesha.nfsd", "smbd", "socat"] {
             assert!(super::have(program), "{program} is not installed (bash .ci/run installs the lab's packages)");
         }
         let out = repo_dir().join("target/lab");
@@ -234,12 +234,18 @@ pub struct GuestSpec<'a> {
     pub memory_mib: u32,
 }
 
+/// What a guest's connection to a forwarded port is handed to: a `socat` started for each
+/// connection (a `tcp:` target would be one connection made when qemu starts, never made again
+/// once the server restarts).
+fn forwarder(port: u16) -> String {
+    format!("cmd:socat - TCP:127.0.0.1:{port}")
+}
+
 /// A running guest; killed -9 on drop.
 pub struct Guest {
     pub dir: TempDir,
     process: Option<Proc>,
     console: PathBuf,
-    monitor: PathBuf,
 }
 
 impl Guest {
@@ -264,15 +270,14 @@ impl Guest {
         file.write_all(&archive.stdout).unwrap();
         drop(file);
 
-        let mut nic = String::from("user,model=virtio-net-pci,restrict=on");
+        let mut nic = String::from("user,id=net0,restrict=on");
         if let Some(port) = spec.nfs_port {
-            nic.push_str(&format!(",guestfwd=tcp:{NFS_SERVER}:2049-tcp:127.0.0.1:{port}"));
+            nic.push_str(&format!(",guestfwd=tcp:{NFS_SERVER}:2049-{}", forwarder(port)));
         }
         if let Some(port) = spec.smb_port {
-            nic.push_str(&format!(",guestfwd=tcp:{SMB_SERVER}:445-tcp:127.0.0.1:{port}"));
+            nic.push_str(&format!(",guestfwd=tcp:{SMB_SERVER}:445-{}", forwarder(port)));
         }
         let console = dir.0.join("console.log");
-        let monitor = dir.0.join("monitor.sock");
         let child = Command::new("qemu-system-x86_64")
             .args(["-accel", "tcg", "-m", &spec.memory_mib.to_string(), "-smp", "1"])
             .args(["-display", "none", "-no-reboot", "-nodefaults"])
@@ -284,15 +289,13 @@ impl Guest {
             .arg(format!("console=ttyS0 panic=-1 quiet lab.name={} lab.ip=10.0.2.15/24 lab.gw=10.0.2.2", spec.name))
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
-            .arg("-monitor")
-            .arg(format!("unix:{},server,nowait", monitor.display()))
-            .args(["-nic", &nic])
+            .args(["-netdev", &nic, "-device", "virtio-net-pci,netdev=net0,id=nic0"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.0.join("qemu.stderr")).unwrap())
             .spawn()
             .expect("start qemu-system-x86_64");
-        Guest { dir, process: Some(Proc { child, name: format!("guest {}", spec.name) }), console, monitor }
+        Guest { dir, process: Some(Proc { child, name: format!("guest {}", spec.name) }), console }
     }
 
     /// Everything the guest printed on its console so far (CR LF turned into LF).
@@ -340,16 +343,6 @@ impl Guest {
         if let Some(mut process) = self.process.take() {
             process.kill();
         }
-    }
-
-    /// One command to the QEMU monitor (e.g. `set_link net0 off`).
-    pub fn monitor(&self, command: &str) {
-        use std::io::Read;
-        let mut stream = std::os::unix::net::UnixStream::connect(&self.monitor).expect("QEMU monitor");
-        stream.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
-        stream.write_all(format!("{command}\n").as_bytes()).unwrap();
-        let mut reply = [0u8; 4096];
-        let _ = stream.read(&mut reply);
     }
 }
 
