@@ -459,7 +459,7 @@ fn a_node_cut_off_for_30_s_loses_nothing_and_goes_on() {
          sed 's/^/GOT /' /newroot/tmp/got\n",
         mount = mount_lines("nfs4.2"),
         shim = shim.display(),
-        sender_line = sender.trim_end().replace('\n', "\n"),
+        sender_line = sender.trim_end(),
         incoming = incoming.len(),
     );
     let mut guest = boot_node("cut", script, &ganesha, None);
