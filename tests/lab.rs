@@ -35,6 +35,8 @@ fn boot_node(name: &str, script: String, ganesha: &Ganesha, smbd: Option<&Smbd>)
         nfs_port: Some(ganesha.port),
         smb_port: smbd.map(|smbd| smbd.port),
         memory_mib: 512,
+        cmdline: String::new(),
+        qemu_args: Vec::new(),
     })
 }
 
@@ -530,4 +532,129 @@ fn a_full_volume_seen_through_nfs_gives_a_clear_errno_and_traffic_resumes() {
         "volume filled after {filled_at} sends; {} refused sends retried; {count} of {count} arrived once",
         guest.lines("err ").len()
     );
+}
+
+/// The array as the claims describe it, in a VM: two virtio disks under md RAID1, fronted by
+/// dm-writecache on a pmem region (the non-volatile write cache), ext4 on top, exported by the
+/// kernel's nfsd, with ftss-server and an echo app (node a) running there. `node_mount` is the
+/// job line that mounts it on a node VM, which reaches the array over a guest-only network
+/// (10.9.0.0/24) and sends requests to the echo app. Returns the round trips.
+/// Requests a node sends to the array VM's echo app (p90 of ten: the first, which meets a new
+/// reply port, is the slowest).
+const ARRAY_REQUESTS: usize = 10;
+
+fn array_round_trips(kind: &str, node_mount: &str) -> Vec<Option<f64>> {
+    for program in ["mdadm", "dmsetup", "rpc.nfsd", "exportfs", "rpc.mountd", "rpcbind", "mkfs.ext4"] {
+        assert!(common::have(program), "{program} is not installed (bash .ci/run installs the array VM's programs)");
+    }
+    let dir = TempDir::new(&format!("lab-array-{kind}"));
+    let host_programs = TempDir::new("lab-array-host");
+    let ganesha = Ganesha::start(&host_programs.0, GaneshaCache::Default);
+    let artifacts = common::artifact_dir();
+    let server = common::server_path();
+    let shim = common::shim_path();
+    let network = lab::free_tcp_port();
+    let array_script = format!(
+        "host_root\nbind_host {artifacts}\n\
+         ip addr add 10.9.0.1/24 dev eth1\nip link set eth1 up\n\
+         in_root mdadm --create /dev/md0 --level=1 --raid-devices=2 --metadata=1.2 --run /dev/vda /dev/vdb >/dev/null 2>&1 || fail mdadm\n\
+         [ -b /dev/pmem0 ] || fail 'no pmem device'\n\
+         sectors=$(cat /sys/block/md0/size)\n\
+         in_root dmsetup create --noudevsync wc --table \"0 $sectors writecache p /dev/md0 /dev/pmem0 4096 0\" || fail dmsetup\n\
+         in_root mkfs.ext4 -q /dev/dm-0 || fail mkfs\n\
+         mkdir -p /newroot/array && mount -t ext4 /dev/dm-0 /newroot/array || fail 'mounting the array'\n\
+         mkdir -p /newroot/array/vol /newroot/array/queue /newroot/var/lib/nfs/v4recovery /newroot/run/rpcbind\n\
+         echo \"ARRAY-STACK $(cat /proc/mdstat | grep md0) | $(in_root dmsetup table wc)\"\n\
+         mount -t nfsd nfsd /newroot/proc/fs/nfsd || fail 'mounting nfsd'\n\
+         touch /newroot/var/lib/nfs/etab /newroot/var/lib/nfs/rmtab\n\
+         echo 10 >/newroot/proc/fs/nfsd/nfsv4gracetime; echo 10 >/newroot/proc/fs/nfsd/nfsv4leasetime\n\
+         in_root rpcbind -w || fail rpcbind\n\
+         in_root exportfs -o rw,sync,no_root_squash,no_subtree_check,insecure,fsid=1 10.9.0.0/24:/array/vol || fail exportfs\n\
+         in_root rpc.mountd || fail mountd\n\
+         in_root rpc.nfsd 4 || fail nfsd\n\
+         in_root {server} run --volume /array/vol --queue-dir /array/queue --poll 10ms 2>/newroot/tmp/server.log &\n\
+         until [ -f /newroot/array/vol/ftss-volume ]; do sleep 0.1; done\n\
+         cat >/newroot/tmp/echo.py <<'PYEOF'\n{PY_ECHO}\nPYEOF\n\
+         in_root env LD_PRELOAD={shim} FTSS_VOLUME=/array/vol FTSS_NODE=a FTSS_ADDR=10.77.0.1 FTSS_LOG=/tmp/echo.log python3 /tmp/echo.py 7000 >/dev/null &\n\
+         echo ARRAY-READY\n\
+         i=0; until [ -f /newroot/array/vol/lab-done ] || [ $i -ge 1200 ]; do sleep 0.25; i=$((i+1)); done\n\
+         tail -n 3 /newroot/tmp/server.log | sed 's/^/ARRAY-SERVER /'\n",
+        artifacts = artifacts.display(),
+        server = server.display(),
+        shim = shim.display(),
+    );
+    let mut array_args = lab::guest_network(network, true);
+    array_args.extend(lab::guest_disk(&dir.0, "leg-a.raw", 96));
+    array_args.extend(lab::guest_disk(&dir.0, "leg-b.raw", 96));
+    let mut array = Guest::boot(&GuestSpec {
+        name: "array",
+        script: array_script,
+        nfs_port: Some(ganesha.port),
+        smb_port: None,
+        memory_mib: 1024,
+        cmdline: "memmap=64M!768M".into(),
+        qemu_args: array_args,
+    });
+    let ready = array.wait_for("ARRAY-READY", Duration::from_secs(240));
+    assert!(ready, "the array VM did not come up:\n{}", array.console());
+    let node_script = format!(
+        "host_root\nbind_host {artifacts}\n\
+         ip addr add 10.9.0.2/24 dev eth1\nip link set eth1 up\nmkdir -p /newroot$VOLUME\n\
+         {node_mount}\n\
+         grep -q \" /newroot$VOLUME \" /proc/mounts || fail 'mounting the array'\n\
+         echo \"LAB-MOUNT $(grep \" /newroot$VOLUME \" /proc/mounts)\"\n\
+         {app}\
+         touch /newroot$VOLUME/lab-done\n",
+        artifacts = artifacts.display(),
+        app = guest_app(PY_REQUESTER, &format!("10.77.0.1 7000 {ARRAY_REQUESTS} 20")),
+    );
+    let mut node = Guest::boot(&GuestSpec {
+        name: "node",
+        script: node_script,
+        nfs_port: Some(ganesha.port),
+        smb_port: None,
+        memory_mib: 512,
+        cmdline: String::new(),
+        qemu_args: lab::guest_network(network, false),
+    });
+    let status = node.wait(Duration::from_secs(300));
+    let console = node.console();
+    assert_eq!(status, Some(0), "{kind}: the node's job failed:\n{console}\narray:\n{}", array.console());
+    let array_status = array.wait(Duration::from_secs(60));
+    assert_eq!(array_status, Some(0), "the array's job failed:\n{}", array.console());
+    let mut results = vec![None; ARRAY_REQUESTS];
+    for line in node.lines("RTT ") {
+        let mut parts = line.split_whitespace();
+        let n: usize = parts.next().unwrap().parse().unwrap();
+        results[n] = Some(parts.next().unwrap().parse().unwrap());
+    }
+    eprintln!(
+        "{kind}: {results:?}\n{}\n{}",
+        node.lines("LAB-MOUNT ").join("\n"),
+        array.lines("ARRAY-STACK ").join("\n")
+    );
+    results
+}
+
+/// Nodes on NFSv3 and NFSv4.2 with default mount options, against kernel nfsd exporting ext4 on
+/// dm-writecache (pmem) over md RAID1 in the array VM, where ftss-server runs: answers within a
+/// second.
+#[test]
+fn request_reply_against_the_array_vm_over_kernel_nfsd_answers_within_a_second() {
+    let _lab = lab::exclusive();
+    for (kind, mount) in [
+        (
+            "nfs3",
+            "for i in $(seq 1 60); do mount -t nfs -o vers=3,nolock,addr=10.9.0.1,mountaddr=10.9.0.1 10.9.0.1:/array/vol /newroot$VOLUME && break; sleep 1; done",
+        ),
+        (
+            "nfs4.2",
+            "for i in $(seq 1 60); do mount -t nfs4 -o vers=4.2,addr=10.9.0.1,clientaddr=10.9.0.2 10.9.0.1:/array/vol /newroot$VOLUME && break; sleep 1; done",
+        ),
+    ] {
+        let results = array_round_trips(kind, mount);
+        assert!(results.iter().all(Option::is_some), "{kind}: requests went unanswered: {results:?}");
+        let p90 = percentile(&results, 0.9);
+        assert!(p90 < 1.0, "{kind}: round trip p90 {p90:.3} s (all: {results:?})");
+    }
 }

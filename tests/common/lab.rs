@@ -232,6 +232,30 @@ pub struct GuestSpec<'a> {
     /// The host's smbd port the guest's SMB traffic is forwarded to.
     pub smb_port: Option<u16>,
     pub memory_mib: u32,
+    /// More kernel command line (e.g. `memmap=64M!512M` for a pmem region).
+    pub cmdline: String,
+    /// More qemu arguments (disks, a second network).
+    pub qemu_args: Vec<String>,
+}
+
+/// A second network between guests only: qemu's socket backend on a loopback port, one guest
+/// listening and the others connecting. The guest sees it as eth1; no packet leaves qemu.
+pub fn guest_network(port: u16, listen: bool) -> Vec<String> {
+    let role = if listen { "listen" } else { "connect" };
+    vec![
+        "-netdev".into(),
+        format!("socket,id=lab1,{role}=127.0.0.1:{port}"),
+        "-device".into(),
+        "virtio-net-pci,netdev=lab1,id=nic1".into(),
+    ]
+}
+
+/// A raw disk of `mib` MiB for a guest (`-drive`), created in `dir`.
+pub fn guest_disk(dir: &Path, name: &str, mib: u64) -> Vec<String> {
+    let path = dir.join(name);
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len(mib << 20).unwrap();
+    vec!["-drive".into(), format!("file={},format=raw,if=virtio,cache=none", path.display())]
 }
 
 /// What a guest's connection to a forwarded port is handed to: a `socat` started for each
@@ -286,10 +310,14 @@ impl Guest {
             .arg("-initrd")
             .arg(&initrd)
             .arg("-append")
-            .arg(format!("console=ttyS0 panic=-1 quiet lab.name={} lab.ip=10.0.2.15/24 lab.gw=10.0.2.2", spec.name))
+            .arg(format!(
+                "console=ttyS0 panic=-1 quiet lab.name={} lab.ip=10.0.2.15/24 lab.gw=10.0.2.2 {}",
+                spec.name, spec.cmdline
+            ))
             .arg("-serial")
             .arg(format!("file:{}", console.display()))
             .args(["-netdev", &nic, "-device", "virtio-net-pci,netdev=net0,id=nic0"])
+            .args(&spec.qemu_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.0.join("qemu.stderr")).unwrap())
