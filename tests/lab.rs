@@ -534,127 +534,412 @@ fn a_full_volume_seen_through_nfs_gives_a_clear_errno_and_traffic_resumes() {
     );
 }
 
-/// The array as the claims describe it, in a VM: two virtio disks under md RAID1, fronted by
-/// dm-writecache on a pmem region (the non-volatile write cache), ext4 on top, exported by the
-/// kernel's nfsd, with ftss-server and an echo app (node a) running there. `node_mount` is the
-/// job line that mounts it on a node VM, which reaches the array over a guest-only network
-/// (10.9.0.0/24) and sends requests to the echo app. Returns the round trips.
+/// The array as the claims describe it, in a VM: two virtio disks (each behind a dm device, so a
+/// test can make one fail) under md RAID1, fronted by dm-writecache on a file-backed NVDIMM (the
+/// non-volatile write cache: it outlives a kill -9 of the VM), then one more dm device (where a
+/// test injects I/O errors under the file system), ext4, exported by the kernel's nfsd (NFSv3 and
+/// NFSv4.2) and, if asked, by Samba; ftss-server runs there with its queue on the same stack, and
+/// the test's apps as node a (10.77.0.1). Nodes reach it over a guest-only network (10.9.0.0/24,
+/// qemu's UDP socket backend on loopback, so either side can be killed and booted again).
+struct Array {
+    dir: TempDir,
+    _host_programs: TempDir,
+    /// The host's ganesha: only the guests' programs (the host's `/`), read-only.
+    ganesha: Ganesha,
+    array_port: u16,
+    node_port: u16,
+    guest: Option<Guest>,
+    /// Earlier boots (killed), kept for their consoles.
+    earlier: Vec<Guest>,
+}
+
+/// The array's third disk: the replacement for a failed RAID leg.
+const ARRAY_DISK_MIB: u64 = 128;
+
+impl Array {
+    fn new(tag: &str) -> Array {
+        for program in ["mdadm", "ndctl", "dmsetup", "rpc.nfsd", "exportfs", "rpc.mountd", "rpcbind", "mkfs.ext4", "e2fsck"] {
+            assert!(common::have(program), "{program} is not installed (bash .ci/run installs the array VM's programs)");
+        }
+        let dir = TempDir::new(&format!("lab-array-{tag}"));
+        for disk in ["leg-a.raw", "leg-b.raw", "spare.raw"] {
+            std::fs::File::create(dir.0.join(disk)).unwrap().set_len(ARRAY_DISK_MIB << 20).unwrap();
+        }
+        let host_programs = TempDir::new("lab-array-host");
+        let ganesha = Ganesha::start(&host_programs.0, GaneshaCache::Default);
+        let array_port = common::free_udp_port();
+        let node_port = std::iter::repeat_with(common::free_udp_port).find(|port| *port != array_port).unwrap();
+        Array {
+            dir,
+            _host_programs: host_programs,
+            ganesha,
+            array_port,
+            node_port,
+            guest: None,
+            earlier: Vec::new(),
+        }
+    }
+
+    /// Boots the array (`fresh`: build the RAID and the file system; else assemble what the disks
+    /// and the cache hold, as after a power cut), starts nfsd (and smbd with `smb`), ftss-server
+    /// and `apps` (job lines; `$ARRAY_SHIM_ENV` runs a program under the shim as node a), then
+    /// runs `job`. Waits until the array is ready.
+    fn boot(&mut self, fresh: bool, smb: bool, apps: &str, job: &str) {
+        if let Some(old) = self.guest.take() {
+            self.earlier.push(old);
+        }
+        let artifacts = common::artifact_dir();
+        let server = common::server_path();
+        let shim = common::shim_path();
+        let build = if fresh {
+            "in_root mdadm --create /dev/md0 --level=1 --raid-devices=2 --metadata=1.2 --assume-clean --run $(dm leg0) $(dm leg1) >/dev/null 2>&1 || fail mdadm\n"
+        } else {
+            "in_root mdadm --assemble --run /dev/md0 $(dm leg0) $(dm leg1) >/dev/null 2>&1 || fail 'assembling the RAID'\n"
+        };
+        let namespace = if fresh {
+            "in_root ndctl create-namespace -f -e namespace0.0 -m fsdax -M dev >/newroot/tmp/ndctl 2>&1 || { cat /newroot/tmp/ndctl; fail ndctl; }\n"
+        } else {
+            ""
+        };
+        let mkfs = if fresh { "in_root mkfs.ext4 -q $(dm top) || fail mkfs\n" } else { "" };
+        let samba = if smb {
+            "mkdir -p /newroot/tmp/smb/private /newroot/tmp/smb/lock /newroot/tmp/smb/state /newroot/tmp/smb/cache /newroot/tmp/smb/pid /newroot/tmp/smb/rpc\n\
+             cat >/newroot/tmp/smb/smb.conf <<'SMBEOF'\n\
+             [global]\n  interfaces = 10.9.0.1/24\n  bind interfaces only = yes\n  private dir = /tmp/smb/private\n  \
+             lock directory = /tmp/smb/lock\n  state directory = /tmp/smb/state\n  cache directory = /tmp/smb/cache\n  \
+             pid directory = /tmp/smb/pid\n  ncalrpc dir = /tmp/smb/rpc\n  log file = /tmp/smb/smbd.log\n  map to guest = Bad User\n  \
+             server role = standalone server\n  load printers = no\n  disable spoolss = yes\n  server min protocol = SMB3_00\n\
+             [vol]\n  path = /array/vol\n  guest ok = yes\n  read only = no\n  force user = root\n  strict sync = yes\n\
+             SMBEOF\n\
+             mkdir -p /newroot/var/log/samba /newroot/var/lib/samba/private /newroot/var/cache/samba /newroot/run/samba\n\
+             in_root smbd -D -s /tmp/smb/smb.conf || fail smbd\n\
+             i=0; until netstat -ltn | grep -q ':445 '; do sleep 0.2; i=$((i+1)); [ $i -lt 150 ] || { cat /newroot/tmp/smb/smbd.log; fail 'smbd is not listening'; }; done\n"
+        } else {
+            ""
+        };
+        let script = format!(
+            "host_root\nbind_host {artifacts}\n\
+             ip addr add 10.9.0.1/24 dev eth1\nip link set eth1 up\n\
+             dm() {{ echo /dev/dm-$(in_root dmsetup info -c --noheadings -o minor \"$1\" | tr -d ' '); }}\n\
+             sectors() {{ cat /sys/class/block/${{1#/dev/}}/size; }}\n\
+             linear() {{ in_root dmsetup create --noudevsync \"$1\" --table \"0 $(sectors $2) linear $2 0\" || fail \"dmsetup $1\"; }}\n\
+             # Swaps the table of dm device $1 (e.g. to flakey and back) under a suspend.\n\
+             retable() {{ in_root dmsetup suspend \"$1\" && in_root dmsetup reload \"$1\" --table \"$2\" && in_root dmsetup resume \"$1\" || fail \"retable $1\"; }}\n\
+             {namespace}\
+             [ -b /dev/pmem0 ] || fail 'no pmem device (nvdimm)'\n\
+             linear leg0 /dev/vda\nlinear leg1 /dev/vdb\n\
+             {build}\
+             in_root dmsetup create --noudevsync wc --table \"0 $(sectors /dev/md0) writecache p /dev/md0 /dev/pmem0 4096 2 max_age 2000\" || fail 'dmsetup writecache'\n\
+             linear top $(dm wc)\n\
+             {mkfs}\
+             mkdir -p /newroot/array && mount -t ext4 $(dm top) /newroot/array || fail 'mounting the array'\n\
+             mkdir -p /newroot/array/vol /newroot/array/queue /newroot/var/lib/nfs/v4recovery /newroot/run/rpcbind\n\
+             echo \"ARRAY-STACK $(grep md0 /proc/mdstat) | wc: $(in_root dmsetup table wc)\"\n\
+             mount -t nfsd nfsd /newroot/proc/fs/nfsd || fail 'mounting nfsd'\n\
+             touch /newroot/var/lib/nfs/etab /newroot/var/lib/nfs/rmtab\n\
+             echo 10 >/newroot/proc/fs/nfsd/nfsv4gracetime; echo 10 >/newroot/proc/fs/nfsd/nfsv4leasetime\n\
+             in_root rpcbind -w || fail rpcbind\n\
+             export_volume() {{ in_root exportfs -o rw,sync,no_root_squash,no_subtree_check,insecure,fsid=1 10.9.0.0/24:/array/vol || fail exportfs; }}\n\
+             export_volume\n\
+             in_root rpc.mountd || fail mountd\n\
+             in_root rpc.nfsd 4 || fail nfsd\n\
+             {samba}\
+             start_server() {{ in_root {server} run --volume /array/vol --queue-dir /array/queue --poll 10ms 2>>/newroot/tmp/server.log & SERVER_PID=$!; }}\n\
+             start_server\n\
+             i=0; until [ -f /newroot/array/vol/ftss-volume ]; do sleep 0.1; i=$((i+1)); [ $i -lt 600 ] || fail 'the server did not start'; done\n\
+             ARRAY_SHIM_ENV=\"env LD_PRELOAD={shim} FTSS_VOLUME=/array/vol FTSS_NODE=a FTSS_ADDR=10.77.0.1 FTSS_LOG=/tmp/app.log\"\n\
+             {apps}\n\
+             echo ARRAY-READY\n\
+             {job}\n\
+             tail -n 5 /newroot/tmp/server.log | sed 's/^/ARRAY-SERVER /'\n",
+            artifacts = artifacts.display(),
+            server = server.display(),
+            shim = shim.display(),
+        );
+        let memory_mib = 1024;
+        let mut qemu_args = lab::guest_link(self.array_port, self.node_port);
+        for disk in ["leg-a.raw", "leg-b.raw", "spare.raw"] {
+            qemu_args.extend(lab::existing_disk(&self.dir.0.join(disk)));
+        }
+        qemu_args.extend(lab::nvdimm(&self.dir.0.join("cache.pmem"), 64, memory_mib));
+        let mut guest = Guest::boot(&GuestSpec {
+            name: "array",
+            script,
+            nfs_port: Some(self.ganesha.port),
+            smb_port: None,
+            memory_mib,
+            cmdline: String::new(),
+            qemu_args,
+        });
+        let ready = guest.wait_for("ARRAY-READY", Duration::from_secs(300));
+        assert!(ready, "the array VM did not come up:\n{}", guest.console());
+        self.guest = Some(guest);
+    }
+
+    /// Boots a node (10.9.0.2) that mounts the array's volume as `kind` (nfs3, nfs4.2 or smb3,
+    /// default options) and runs `app` (job lines; see [`guest_app`]).
+    fn node(&self, kind: &str, app: &str) -> Guest {
+        let mount = match kind {
+            "nfs3" => "mount -t nfs -o vers=3,nolock,addr=10.9.0.1,mountaddr=10.9.0.1 10.9.0.1:/array/vol /newroot$VOLUME",
+            "nfs4.2" => "mount -t nfs4 -o vers=4.2,addr=10.9.0.1,clientaddr=10.9.0.2 10.9.0.1:/array/vol /newroot$VOLUME",
+            "smb3" => "mount -t cifs -o ip=10.9.0.1,username=guest,password=,vers=3.0 //10.9.0.1/vol /newroot$VOLUME",
+            other => panic!("unknown mount kind {other}"),
+        };
+        let script = format!(
+            "host_root\nbind_host {artifacts}\n\
+             ip addr add 10.9.0.2/24 dev eth1\nip link set eth1 up\nmkdir -p /newroot$VOLUME\n\
+             for i in $(seq 1 60); do {mount} && break; sleep 1; done\n\
+             grep -q \" /newroot$VOLUME \" /proc/mounts || fail 'mounting the array'\n\
+             echo \"LAB-MOUNT $(grep \" /newroot$VOLUME \" /proc/mounts)\"\n\
+             {app}",
+            artifacts = common::artifact_dir().display(),
+        );
+        Guest::boot(&GuestSpec {
+            name: "node",
+            script,
+            nfs_port: Some(self.ganesha.port),
+            smb_port: None,
+            memory_mib: 512,
+            cmdline: String::new(),
+            qemu_args: lab::guest_link(self.node_port, self.array_port),
+        })
+    }
+
+    fn guest(&mut self) -> &mut Guest {
+        self.guest.as_mut().expect("the array is not booted")
+    }
+
+    /// kill -9 of the array VM (power loss); its disks and its NVDIMM keep what they held.
+    fn kill(&mut self) {
+        if let Some(mut guest) = self.guest.take() {
+            guest.kill();
+            self.earlier.push(guest);
+        }
+    }
+
+    /// The lines of every boot's console that start with `prefix`, with the boot's number.
+    fn lines(&self, prefix: &str) -> Vec<(usize, String)> {
+        self.earlier
+            .iter()
+            .chain(self.guest.as_ref())
+            .enumerate()
+            .flat_map(|(boot, guest)| guest.lines(prefix).into_iter().map(move |line| (boot, line)))
+            .collect()
+    }
+
+    fn consoles(&self) -> String {
+        self.earlier.iter().chain(self.guest.as_ref()).map(Guest::console).collect::<Vec<_>>().join("\n--- next boot ---\n")
+    }
+}
+
 /// Requests a node sends to the array VM's echo app (p90 of ten: the first, which meets a new
 /// reply port, is the slowest).
 const ARRAY_REQUESTS: usize = 10;
 
-fn array_round_trips(kind: &str, node_mount: &str) -> Vec<Option<f64>> {
-    for program in ["mdadm", "dmsetup", "rpc.nfsd", "exportfs", "rpc.mountd", "rpcbind", "mkfs.ext4"] {
-        assert!(common::have(program), "{program} is not installed (bash .ci/run installs the array VM's programs)");
-    }
-    let dir = TempDir::new(&format!("lab-array-{kind}"));
-    let host_programs = TempDir::new("lab-array-host");
-    let ganesha = Ganesha::start(&host_programs.0, GaneshaCache::Default);
-    let artifacts = common::artifact_dir();
-    let server = common::server_path();
-    let shim = common::shim_path();
-    let network = lab::free_tcp_port();
-    let array_script = format!(
-        "host_root\nbind_host {artifacts}\n\
-         ip addr add 10.9.0.1/24 dev eth1\nip link set eth1 up\n\
-         in_root mdadm --create /dev/md0 --level=1 --raid-devices=2 --metadata=1.2 --run /dev/vda /dev/vdb >/dev/null 2>&1 || fail mdadm\n\
-         [ -b /dev/pmem0 ] || fail 'no pmem device'\n\
-         sectors=$(cat /sys/block/md0/size)\n\
-         in_root dmsetup create --noudevsync wc --table \"0 $sectors writecache p /dev/md0 /dev/pmem0 4096 0\" || fail dmsetup\n\
-         in_root mkfs.ext4 -q /dev/dm-0 || fail mkfs\n\
-         mkdir -p /newroot/array && mount -t ext4 /dev/dm-0 /newroot/array || fail 'mounting the array'\n\
-         mkdir -p /newroot/array/vol /newroot/array/queue /newroot/var/lib/nfs/v4recovery /newroot/run/rpcbind\n\
-         echo \"ARRAY-STACK $(cat /proc/mdstat | grep md0) | $(in_root dmsetup table wc)\"\n\
-         mount -t nfsd nfsd /newroot/proc/fs/nfsd || fail 'mounting nfsd'\n\
-         touch /newroot/var/lib/nfs/etab /newroot/var/lib/nfs/rmtab\n\
-         echo 10 >/newroot/proc/fs/nfsd/nfsv4gracetime; echo 10 >/newroot/proc/fs/nfsd/nfsv4leasetime\n\
-         in_root rpcbind -w || fail rpcbind\n\
-         in_root exportfs -o rw,sync,no_root_squash,no_subtree_check,insecure,fsid=1 10.9.0.0/24:/array/vol || fail exportfs\n\
-         in_root rpc.mountd || fail mountd\n\
-         in_root rpc.nfsd 4 || fail nfsd\n\
-         in_root {server} run --volume /array/vol --queue-dir /array/queue --poll 10ms 2>/newroot/tmp/server.log &\n\
-         until [ -f /newroot/array/vol/ftss-volume ]; do sleep 0.1; done\n\
-         cat >/newroot/tmp/echo.py <<'PYEOF'\n{PY_ECHO}\nPYEOF\n\
-         in_root env LD_PRELOAD={shim} FTSS_VOLUME=/array/vol FTSS_NODE=a FTSS_ADDR=10.77.0.1 FTSS_LOG=/tmp/echo.log python3 /tmp/echo.py 7000 >/dev/null &\n\
-         echo ARRAY-READY\n\
-         i=0; until [ -f /newroot/array/vol/lab-done ] || [ $i -ge 1200 ]; do sleep 0.25; i=$((i+1)); done\n\
-         tail -n 3 /newroot/tmp/server.log | sed 's/^/ARRAY-SERVER /'\n",
-        artifacts = artifacts.display(),
-        server = server.display(),
-        shim = shim.display(),
-    );
-    let mut array_args = lab::guest_network(network, true);
-    array_args.extend(lab::guest_disk(&dir.0, "leg-a.raw", 96));
-    array_args.extend(lab::guest_disk(&dir.0, "leg-b.raw", 96));
-    let mut array = Guest::boot(&GuestSpec {
-        name: "array",
-        script: array_script,
-        nfs_port: Some(ganesha.port),
-        smb_port: None,
-        memory_mib: 1024,
-        cmdline: "memmap=64M!768M".into(),
-        qemu_args: array_args,
-    });
-    let ready = array.wait_for("ARRAY-READY", Duration::from_secs(240));
-    assert!(ready, "the array VM did not come up:\n{}", array.console());
-    let node_script = format!(
-        "host_root\nbind_host {artifacts}\n\
-         ip addr add 10.9.0.2/24 dev eth1\nip link set eth1 up\nmkdir -p /newroot$VOLUME\n\
-         {node_mount}\n\
-         grep -q \" /newroot$VOLUME \" /proc/mounts || fail 'mounting the array'\n\
-         echo \"LAB-MOUNT $(grep \" /newroot$VOLUME \" /proc/mounts)\"\n\
-         {app}\
-         touch /newroot$VOLUME/lab-done\n",
-        artifacts = artifacts.display(),
-        app = guest_app(PY_REQUESTER, &format!("10.77.0.1 7000 {ARRAY_REQUESTS} 20")),
-    );
-    let mut node = Guest::boot(&GuestSpec {
-        name: "node",
-        script: node_script,
-        nfs_port: Some(ganesha.port),
-        smb_port: None,
-        memory_mib: 512,
-        cmdline: String::new(),
-        qemu_args: lab::guest_network(network, false),
-    });
-    let status = node.wait(Duration::from_secs(300));
-    let console = node.console();
-    assert_eq!(status, Some(0), "{kind}: the node's job failed:\n{console}\narray:\n{}", array.console());
-    let array_status = array.wait(Duration::from_secs(60));
-    assert_eq!(array_status, Some(0), "the array's job failed:\n{}", array.console());
-    let mut results = vec![None; ARRAY_REQUESTS];
-    for line in node.lines("RTT ") {
-        let mut parts = line.split_whitespace();
-        let n: usize = parts.next().unwrap().parse().unwrap();
-        results[n] = Some(parts.next().unwrap().parse().unwrap());
-    }
-    eprintln!(
-        "{kind}: {results:?}\n{}\n{}",
-        node.lines("LAB-MOUNT ").join("\n"),
-        array.lines("ARRAY-STACK ").join("\n")
-    );
-    results
-}
-
-/// Nodes on NFSv3 and NFSv4.2 with default mount options, against kernel nfsd exporting ext4 on
-/// dm-writecache (pmem) over md RAID1 in the array VM, where ftss-server runs: answers within a
-/// second.
+/// Nodes on NFSv3, NFSv4.2 and SMB3 with default mount options, one after another, against kernel
+/// nfsd and Samba exporting ext4 on dm-writecache (NVDIMM) over md RAID1 in the array VM, where
+/// ftss-server and an echo app run: the requests are answered within a second.
 #[test]
-fn request_reply_against_the_array_vm_over_kernel_nfsd_answers_within_a_second() {
+fn request_reply_against_the_array_vm_over_nfs_and_smb_answers_within_a_second() {
     let _lab = lab::exclusive();
-    for (kind, mount) in [
-        (
-            "nfs3",
-            "for i in $(seq 1 60); do mount -t nfs -o vers=3,nolock,addr=10.9.0.1,mountaddr=10.9.0.1 10.9.0.1:/array/vol /newroot$VOLUME && break; sleep 1; done",
-        ),
-        (
-            "nfs4.2",
-            "for i in $(seq 1 60); do mount -t nfs4 -o vers=4.2,addr=10.9.0.1,clientaddr=10.9.0.2 10.9.0.1:/array/vol /newroot$VOLUME && break; sleep 1; done",
-        ),
-    ] {
-        let results = array_round_trips(kind, mount);
-        assert!(results.iter().all(Option::is_some), "{kind}: requests went unanswered: {results:?}");
+    let mut array = Array::new("rtt");
+    let apps = format!(
+        "cat >/newroot/tmp/echo.py <<'PYEOF'\n{PY_ECHO}\nPYEOF\n\
+         in_root $ARRAY_SHIM_ENV python3 /tmp/echo.py 7000 >/dev/null &"
+    );
+    array.boot(true, true, &apps, "i=0; until [ -f /newroot/array/vol/lab-done ] || [ $i -ge 2400 ]; do sleep 0.25; i=$((i+1)); done");
+    let kinds = ["nfs3", "nfs4.2", "smb3"];
+    for (index, kind) in kinds.iter().enumerate() {
+        let last = index + 1 == kinds.len();
+        let app = format!(
+            "{}{}",
+            guest_app(PY_REQUESTER, &format!("10.77.0.1 7000 {ARRAY_REQUESTS} 20")),
+            if last { "touch /newroot$VOLUME/lab-done\n" } else { "" }
+        );
+        let mut node = array.node(kind, &app);
+        let status = node.wait(Duration::from_secs(300));
+        let console = node.console();
+        assert_eq!(status, Some(0), "{kind}: the node's job failed:\n{console}\narray:\n{}", array.consoles());
+        let mut results = vec![None; ARRAY_REQUESTS];
+        for line in node.lines("RTT ") {
+            let mut parts = line.split_whitespace();
+            let n: usize = parts.next().unwrap().parse().unwrap();
+            results[n] = Some(parts.next().unwrap().parse().unwrap());
+        }
+        eprintln!("{kind}: {results:?}\n{}", node.lines("LAB-MOUNT ").join("\n"));
+        assert!(results.iter().all(Option::is_some), "{kind}: requests went unanswered: {results:?}\n{console}");
         let p90 = percentile(&results, 0.9);
         assert!(p90 < 1.0, "{kind}: round trip p90 {p90:.3} s (all: {results:?})");
     }
+    let status = array.guest().wait(Duration::from_secs(60));
+    assert_eq!(status, Some(0), "the array's job failed:\n{}", array.consoles());
+    eprintln!("{}", array.lines("ARRAY-STACK ").into_iter().map(|(_, line)| line).collect::<Vec<_>>().join("\n"));
+}
+
+/// A receiver for the array VM (node a): prints "GOT <pid> <payload>" for each datagram, and
+/// appends the same line to FILE (so the array's job can count them).
+const PY_ARRAY_RECEIVER: &str = r#"
+import os, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+log = open(sys.argv[2], "a")
+pid = os.getpid()
+while True:
+    data, addr = s.recvfrom(65535)
+    line = f"GOT {pid} {data.decode(errors='replace')}"
+    print(line, flush=True)
+    log.write(line + "\n")
+    log.flush()
+"#;
+
+/// Sends "<tag>-<n>" to HOST:PORT for n = 0, 1, ... until COUNT are sent or the file STOP exists;
+/// prints "OK n" when a send returned and "ERR n errno" when it failed, then retries that n after
+/// a pause, as an app would.
+const PY_RETRY_SENDER: &str = r#"
+import os, socket, sys, time
+host, port, tag, count, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+n = 0
+while n < count and not os.path.exists(stop):
+    try:
+        s.sendto(f"{tag}-{n}".encode(), (host, port))
+        print(f"OK {n}", flush=True)
+        n += 1
+    except OSError as error:
+        print(f"ERR {n} {error.errno}", flush=True)
+        time.sleep(0.2)
+"#;
+
+/// The array job lines that start [`PY_ARRAY_RECEIVER`] on port 9100 as node a (`RECEIVER_PID`).
+fn array_receiver() -> String {
+    format!(
+        "cat >/newroot/tmp/recv.py <<'PYEOF'\n{PY_ARRAY_RECEIVER}\nPYEOF\n\
+         start_receiver() {{ in_root $ARRAY_SHIM_ENV python3 /tmp/recv.py 9100 /tmp/got & RECEIVER_PID=$!; }}\n\
+         start_receiver\n\
+         got() {{ cat /newroot/tmp/got 2>/dev/null | wc -l; }}\n\
+         # Waits until the receiver has $1 more datagrams than when called, at most 10 minutes.\n\
+         wait_got() {{ want=$(( $(got) + $1 )); i=0; until [ $(got) -ge $want ]; do sleep 0.5; i=$((i+1)); [ $i -lt 1200 ] || fail \"the receiver got no more than $(got)\"; done; }}\n"
+    )
+}
+
+/// The history of a run: node sends that returned ("OK n" on the node's console, acked in
+/// `volume` mode) and what each receiver process on the array got.
+fn array_history(node: &Guest, array: &Array, tag: &str) -> common::history::History {
+    let mut history = common::history::History::new();
+    for line in node.lines("OK ") {
+        history.sent(format!("{tag}-{}", line.trim()), common::history::Ack::Volume);
+    }
+    for line in node.lines("ERR ") {
+        if let Some(n) = line.split_whitespace().next() {
+            history.send_failed(format!("{tag}-{n}"));
+        }
+    }
+    for (boot, line) in array.lines("GOT ") {
+        if let Some((pid, payload)) = line.split_once(' ') {
+            history.received(format!("boot {boot} pid {pid}"), payload);
+        }
+    }
+    history
+}
+
+/// Waits until every acked send of the node is among what the array's receivers got.
+fn wait_for_history(node: &Guest, array: &Array, tag: &str, limit: Duration) -> common::history::Verdict {
+    common::wait_until(limit, || array_history(node, array, tag).check().lost.is_empty());
+    array_history(node, array, tag).check()
+}
+
+/// The array VM killed -9 (power loss) while a node on NFSv4.2 (default, hard mount) sends to a
+/// receiver on the array, then booted again: it assembles the RAID, the write cache brings back
+/// what it held, ext4 replays its journal, ftss-server recovers and a new receiver starts; the
+/// node's stuck sends go on once the server is back. Every send that returned arrives, none twice
+/// to one receiver process.
+#[test]
+fn the_array_vm_killed_mid_transfer_and_booted_again_loses_no_acked_datagram() {
+    let _lab = lab::exclusive();
+    let mut array = Array::new("kill");
+    let forever = "while true; do sleep 60; done";
+    array.boot(true, false, &array_receiver(), forever);
+    let count = 400;
+    let app = guest_app(PY_RETRY_SENDER, &format!("10.77.0.1 9100 power {count} $VOLUME/lab-stop"));
+    let mut node = array.node("nfs4.2", &app);
+    let sending = common::wait_until(Duration::from_secs(300), || array.lines("GOT ").len() >= 80);
+    assert!(sending, "no traffic:\n{}\narray:\n{}", node.console(), array.consoles());
+    array.kill();
+    let acked_at_kill = node.lines("OK ").len();
+    std::thread::sleep(Duration::from_secs(2));
+    array.boot(false, false, &array_receiver(), forever);
+    let status = node.wait(Duration::from_secs(600));
+    assert_eq!(status, Some(0), "the node's job failed:\n{}\narray:\n{}", node.console(), array.consoles());
+    let verdict = wait_for_history(&node, &array, "power", Duration::from_secs(120));
+    verdict.assert_ok(&format!("array VM killed after {acked_at_kill} acked sends\n{}", array.consoles()));
+    assert_eq!(verdict.acked, count, "the node sent everything in the end");
+    eprintln!("{}", array.lines("ARRAY-STACK ").into_iter().map(|(_, line)| line).collect::<Vec<_>>().join("\n"));
+}
+
+/// Faults under the array while a node on NFSv3 sends to a receiver there:
+/// 1. one RAID1 leg fails every write (dm-flakey): md drops it and runs degraded; the leg is
+///    removed and a new disk added, rebuilt and checked (no mismatch);
+/// 2. the file system under the volume and the queue fills up, then space returns;
+/// 3. every write under the file system fails with EIO for 5 s; ext4 aborts its journal, and the
+///    operator's repair follows: stop the server and the receiver, unexport, fsck, mount, export,
+///    start again.
+///
+/// Every send that returned arrives, none twice to one receiver process.
+#[test]
+fn a_failing_raid_leg_a_full_disk_and_io_errors_under_the_array_lose_no_acked_datagram() {
+    let _lab = lab::exclusive();
+    let mut array = Array::new("faults");
+    let job = "\
+        wait_got 60\n\
+        echo ARRAY-PHASE leg\n\
+        retable leg0 \"0 $(sectors /dev/vda) flakey /dev/vda 0 0 1 1 error_writes\"\n\
+        i=0; until grep -q '(F)' /proc/mdstat; do sleep 0.5; i=$((i+1)); [ $i -lt 240 ] || fail 'md never failed the leg'; done\n\
+        echo \"ARRAY-RAID degraded: $(grep md0 /proc/mdstat)\"\n\
+        in_root mdadm /dev/md0 --remove $(dm leg0) || fail 'removing the failed leg'\n\
+        in_root mdadm /dev/md0 --add /dev/vdc || fail 'adding the new disk'\n\
+        sleep 1; in_root mdadm --wait /dev/md0\n\
+        echo check >/sys/block/md0/md/sync_action; sleep 1; in_root mdadm --wait /dev/md0\n\
+        echo \"ARRAY-RAID rebuilt: $(grep md0 /proc/mdstat) mismatches $(cat /sys/block/md0/md/mismatch_cnt)\"\n\
+        wait_got 60\n\
+        echo ARRAY-PHASE full\n\
+        dd if=/dev/zero of=/newroot/array/filler bs=1M 2>/dev/null; sync\n\
+        echo \"ARRAY-FULL $(df -k /newroot/array | tail -n 1)\"\n\
+        sleep 20\n\
+        rm /newroot/array/filler; sync\n\
+        wait_got 60\n\
+        echo ARRAY-PHASE eio\n\
+        retable top \"0 $(sectors $(dm wc)) flakey $(dm wc) 0 0 1 1 error_writes\"\n\
+        sleep 5\n\
+        retable top \"0 $(sectors $(dm wc)) linear $(dm wc) 0\"\n\
+        if ! touch /newroot/array/probe 2>/dev/null || grep -q ' /newroot/array ext4 ro' /proc/mounts; then\n\
+            echo ARRAY-REPAIR\n\
+            kill -9 $SERVER_PID $RECEIVER_PID; sleep 1\n\
+            in_root exportfs -ua; in_root rpc.nfsd 0\n\
+            umount /newroot/array || fail 'unmounting the array'\n\
+            in_root e2fsck -fy $(dm top) >/dev/null 2>&1; echo \"ARRAY-FSCK $?\"\n\
+            mount -t ext4 $(dm top) /newroot/array || fail 'mounting the array again'\n\
+            export_volume; in_root rpc.nfsd 4 || fail nfsd\n\
+            start_server; start_receiver\n\
+        fi\n\
+        wait_got 60\n\
+        touch /newroot/array/vol/lab-stop\n\
+        i=0; until [ -f /newroot/array/vol/lab-done ] || [ $i -ge 1200 ]; do sleep 0.5; i=$((i+1)); done\n\
+        sleep 10\n";
+    array.boot(true, false, &array_receiver(), job);
+    let app = format!(
+        "{}touch /newroot$VOLUME/lab-done\n",
+        guest_app(PY_RETRY_SENDER, &format!("10.77.0.1 9100 fault 100000 $VOLUME/lab-stop"))
+    );
+    let mut node = array.node("nfs3", &app);
+    let status = node.wait(Duration::from_secs(1500));
+    assert_eq!(status, Some(0), "the node's job failed:\n{}\narray:\n{}", node.console(), array.consoles());
+    let array_status = array.guest().wait(Duration::from_secs(120));
+    assert_eq!(array_status, Some(0), "the array's job failed:\n{}", array.consoles());
+    let verdict = wait_for_history(&node, &array, "fault", Duration::from_secs(60));
+    let report: Vec<String> =
+        ["ARRAY-RAID ", "ARRAY-FULL ", "ARRAY-REPAIR", "ARRAY-FSCK "].iter().flat_map(|prefix| array.lines(prefix)).map(|(_, line)| line).collect();
+    verdict.assert_ok(&format!("faults under the array ({} refused sends)\n{}", node.lines("ERR ").len(), array.consoles()));
+    let raid: Vec<(usize, String)> = array.lines("ARRAY-RAID rebuilt");
+    assert!(raid.iter().any(|(_, line)| line.ends_with("mismatches 0")), "the rebuilt RAID: {raid:?}");
+    eprintln!("{}", report.join("\n"));
 }

@@ -238,13 +238,14 @@ pub struct GuestSpec<'a> {
     pub qemu_args: Vec<String>,
 }
 
-/// A second network between guests only: qemu's socket backend on a loopback port, one guest
-/// listening and the others connecting. The guest sees it as eth1; no packet leaves qemu.
-pub fn guest_network(port: u16, listen: bool) -> Vec<String> {
-    let role = if listen { "listen" } else { "connect" };
+/// A second network between guests only: qemu's socket backend as UDP datagrams on loopback, this
+/// guest at `local`, its peer at `remote` (the peer passes the same two ports swapped). The guest
+/// sees it as eth1; no packet leaves qemu for anywhere but the peer's loopback port, and either
+/// side can be killed and booted again (nothing to reconnect).
+pub fn guest_link(local: u16, remote: u16) -> Vec<String> {
     vec![
         "-netdev".into(),
-        format!("socket,id=lab1,{role}=127.0.0.1:{port}"),
+        format!("socket,id=lab1,udp=127.0.0.1:{remote},localaddr=127.0.0.1:{local}"),
         "-device".into(),
         "virtio-net-pci,netdev=lab1,id=nic1".into(),
     ]
@@ -255,7 +256,36 @@ pub fn guest_disk(dir: &Path, name: &str, mib: u64) -> Vec<String> {
     let path = dir.join(name);
     let file = std::fs::File::create(&path).unwrap();
     file.set_len(mib << 20).unwrap();
+    existing_disk(&path)
+}
+
+/// A disk that already exists (a guest booted again keeps its disks).
+pub fn existing_disk(path: &Path) -> Vec<String> {
     vec!["-drive".into(), format!("file={},format=raw,if=virtio,cache=none", path.display())]
+}
+
+/// A non-volatile DIMM of `mib` MiB backed by a file (made if missing), with a label area: the
+/// guest makes it an fsdax namespace once (`ndctl create-namespace`), /dev/pmem0, which dax users
+/// such as dm-writecache need (a label-less NVDIMM is a raw namespace, without dax).
+/// Its stores land in the host's page cache through a shared mapping, so they outlive a kill -9 of
+/// qemu, as a battery-backed write cache outlives a power cut. `memory_mib` must be the guest's
+/// memory size.
+pub fn nvdimm(path: &Path, mib: u64, memory_mib: u32) -> Vec<String> {
+    // The label area comes out of the end, and the namespace must stay a multiple of 16 MiB.
+    let bytes = (mib << 20) + (128 << 10);
+    if !path.exists() {
+        std::fs::File::create(path).unwrap().set_len(bytes).unwrap();
+    }
+    vec![
+        "-machine".into(),
+        "pc,nvdimm=on".into(),
+        "-m".into(),
+        format!("{memory_mib}M,slots=2,maxmem={}M", memory_mib as u64 + mib + 1025),
+        "-object".into(),
+        format!("memory-backend-file,id=nv0,share=on,mem-path={},size={bytes}", path.display()),
+        "-device".into(),
+        "nvdimm,memdev=nv0,id=nvdimm0,label-size=128K".into(),
+    ]
 }
 
 /// What a guest's connection to a forwarded port is handed to: a `socat` started for each

@@ -387,5 +387,6 @@ pub fn outbox_entries(volume: &Path, node: &str) -> Vec<String> {
 
 pub mod apps;
 pub mod gluster;
+pub mod history;
 pub mod lab;
 pub mod smb;

@@ -26,7 +26,7 @@ cp "$work/x/boot/vmlinuz-$version" "$out/vmlinuz.new"
 
 # Modules in load order: each wanted module after everything it depends on (from modules.dep).
 wanted=(virtio_pci virtio_net virtio_blk nfsv3 nfsv4 nfsd cifs md-mod raid1 dm-mod dm-writecache dm-flakey
-        dm-delay nd_pmem nd_e820 overlay tun veth loop
+        dm-delay nd_pmem nd_e820 nfit overlay tun veth loop
         cmac ccm gcm ctr ghash-generic gf128mul ecb nls_utf8 sha512_generic sha256_generic hmac md5 aes_generic af_packet)
 moddir=$work/x/lib/modules/$version
 declare -A placed=()

@@ -23,6 +23,9 @@ host_root() {
     mount -t proc proc /newroot/proc
     mount -t sysfs sys /newroot/sys
     mount --bind /dev /newroot/dev
+    # The guest's own name resolves without DNS (smbd looks it up for every connection).
+    printf '127.0.0.1 localhost\n127.0.1.1 %s\n' "$(hostname)" >/tmp/hosts
+    mount --bind /tmp/hosts /newroot/etc/hosts
 }
 
 # Makes a host directory (read-only) appear at the same path in the root.
