@@ -871,7 +871,11 @@ fn the_array_vm_killed_mid_transfer_and_booted_again_loses_no_acked_datagram() {
     let status = node.wait(Duration::from_secs(600));
     assert_eq!(status, Some(0), "the node's job failed:\n{}\narray:\n{}", node.console(), array.consoles());
     let verdict = wait_for_history(&node, &array, "power", Duration::from_secs(120));
-    verdict.assert_ok(&format!("array VM killed after {acked_at_kill} acked sends\n{}", array.consoles()));
+    verdict.assert_ok(&format!(
+        "array VM killed after {acked_at_kill} acked sends; failed sends (n errno) {:?}\n{}",
+        node.lines("ERR "),
+        array.consoles()
+    ));
     assert_eq!(verdict.acked, count, "the node sent everything in the end");
     eprintln!("{}", array.lines("ARRAY-STACK ").into_iter().map(|(_, line)| line).collect::<Vec<_>>().join("\n"));
 }
@@ -928,7 +932,7 @@ fn a_failing_raid_leg_a_full_disk_and_io_errors_under_the_array_lose_no_acked_da
     array.boot(true, false, &array_receiver(), job);
     let app = format!(
         "{}touch /newroot$VOLUME/lab-done\n",
-        guest_app(PY_RETRY_SENDER, &format!("10.77.0.1 9100 fault 100000 $VOLUME/lab-stop"))
+        guest_app(PY_RETRY_SENDER, "10.77.0.1 9100 fault 100000 $VOLUME/lab-stop")
     );
     let mut node = array.node("nfs3", &app);
     let status = node.wait(Duration::from_secs(1500));

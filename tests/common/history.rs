@@ -5,7 +5,8 @@
 //! Receivers record every datagram they got, tagged with the receiving process (its incarnation:
 //! a pid, or any name that is different for each process lifetime). The checker then says:
 //! - **lost**: acknowledged in `volume` or `guaranteed` mode and never received by anyone;
-//! - **twice**: handed to one process more than once (always a violation);
+//! - **twice**: handed to one process more often than it was sent (a send that returned an error
+//!   counts as an attempt that may have gone through);
 //! - **again**: received by two different processes on the same port (a restarted receiver); legal
 //!   without `FTSS_RECV=once`, counted and reported;
 //! - **foreign**: received but never sent, i.e. a damaged payload.
@@ -34,8 +35,9 @@ impl Ack {
 pub struct History {
     /// Payloads whose send returned success, with the mode.
     sent: BTreeMap<String, Ack>,
-    /// Payloads whose send failed at least once (retried or not): never required.
-    failed: BTreeSet<String>,
+    /// Payloads whose send failed, and how often (retried or not): never required, and each failed
+    /// attempt may still have gone through (a timeout), so it allows one more copy.
+    failed: BTreeMap<String, usize>,
     /// (process, payload) in arrival order.
     received: Vec<(String, String)>,
 }
@@ -50,9 +52,10 @@ impl History {
         self.sent.insert(payload.into(), ack);
     }
 
-    /// A send of `payload` returned an error (the app may retry it; a success later counts).
+    /// A send of `payload` returned an error (the app may retry it; a success later counts). Like a
+    /// timed-out write, a failed send may still have been carried: each one allows one more copy.
     pub fn send_failed(&mut self, payload: impl Into<String>) {
-        self.failed.insert(payload.into());
+        *self.failed.entry(payload.into()).or_default() += 1;
     }
 
     /// Process `process` got `payload`.
@@ -67,13 +70,16 @@ impl History {
         for (process, payload) in &self.received {
             *per_process.entry((process, payload)).or_default() += 1;
             processes_per_payload.entry(payload).or_default().insert(process);
-            if !self.sent.contains_key(payload.as_str()) && !self.failed.contains(payload.as_str()) {
+            if !self.sent.contains_key(payload.as_str()) && !self.failed.contains_key(payload.as_str()) {
                 foreign.push(payload.clone());
             }
         }
+        let attempts = |payload: &str| {
+            usize::from(self.sent.contains_key(payload)) + self.failed.get(payload).copied().unwrap_or(0)
+        };
         let mut twice: Vec<String> = per_process
             .iter()
-            .filter(|(_, count)| **count > 1)
+            .filter(|((_, payload), count)| **count > attempts(payload).max(1))
             .map(|((process, payload), count)| format!("{payload} ×{count} in {process}"))
             .collect();
         twice.sort();
@@ -154,6 +160,10 @@ mod tests {
         history.sent("a-1", Ack::Guaranteed);
         history.sent("a-2", Ack::Async);
         history.send_failed("a-3");
+        history.sent("a-4", Ack::Volume);
+        history.send_failed("a-4");
+        history.received("p1", "a-4");
+        history.received("p1", "a-4");
         history.received("p1", "a-0");
         history.received("p2", "a-0");
         history.received("p1", "a-3");
@@ -163,8 +173,9 @@ mod tests {
 
         history.received("p2", "a-0");
         history.received("p2", "a-9");
+        history.received("p1", "a-4");
         let verdict = history.check();
-        assert_eq!(verdict.twice, vec!["a-0 ×2 in p2".to_string()]);
+        assert_eq!(verdict.twice, vec!["a-0 ×2 in p2".to_string(), "a-4 ×3 in p1".to_string()]);
         assert_eq!(verdict.foreign, vec!["a-9".to_string()]);
 
         let mut history = History::new();
