@@ -623,8 +623,9 @@ impl Array {
              dm() {{ echo /dev/dm-$(in_root dmsetup info -c --noheadings -o minor \"$1\" | tr -d ' '); }}\n\
              sectors() {{ cat /sys/class/block/${{1#/dev/}}/size; }}\n\
              linear() {{ in_root dmsetup create --noudevsync \"$1\" --table \"0 $(sectors $2) linear $2 0\" || fail \"dmsetup $1\"; }}\n\
-             # Swaps the table of dm device $1 (e.g. to flakey and back) under a suspend.\n\
-             retable() {{ in_root dmsetup suspend \"$1\" && in_root dmsetup reload \"$1\" --table \"$2\" && in_root dmsetup resume \"$1\" || fail \"retable $1\"; }}\n\
+             # Swaps the table of dm device $1 (e.g. to flakey and back) under a suspend that does not\n\
+             # flush (a flush cannot finish while writes fail).\n\
+             retable() {{ in_root dmsetup suspend --noflush \"$1\" && in_root dmsetup reload \"$1\" --table \"$2\" && in_root dmsetup resume \"$1\" || fail \"retable $1\"; }}\n\
              {namespace}\
              [ -b /dev/pmem0 ] || fail 'no pmem device (nvdimm)'\n\
              linear leg0 /dev/vda\nlinear leg1 /dev/vdb\n\
@@ -644,7 +645,7 @@ impl Array {
              in_root rpc.mountd || fail mountd\n\
              in_root rpc.nfsd 4 || fail nfsd\n\
              {samba}\
-             start_server() {{ in_root {server} run --volume /array/vol --queue-dir /array/queue --poll 10ms 2>>/newroot/tmp/server.log & SERVER_PID=$!; }}\n\
+             start_server() {{ bg_root {server} run --volume /array/vol --queue-dir /array/queue --poll 10ms 2>>/newroot/tmp/server.log; SERVER_PID=$!; }}\n\
              start_server\n\
              i=0; until [ -f /newroot/array/vol/ftss-volume ]; do sleep 0.1; i=$((i+1)); [ $i -lt 600 ] || fail 'the server did not start'; done\n\
              ARRAY_SHIM_ENV=\"env LD_PRELOAD={shim} FTSS_VOLUME=/array/vol FTSS_NODE=a FTSS_ADDR=10.77.0.1 FTSS_LOG=/tmp/app.log\"\n\
@@ -703,6 +704,19 @@ impl Array {
             cmdline: String::new(),
             qemu_args: lab::guest_link(self.node_port, self.array_port),
         })
+    }
+
+    /// Waits for `node`'s job to end; fails at once if the array's job ends first (its own job
+    /// failed, so the node would wait for nothing).
+    fn wait_node(&mut self, node: &mut Guest, limit: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + limit;
+        while node.running() && std::time::Instant::now() < deadline {
+            if !self.guest().running() {
+                panic!("the array's job ended before the node's:\n{}\nnode:\n{}", self.consoles(), node.console());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        node.wait(Duration::from_secs(5))
     }
 
     fn guest(&mut self) -> &mut Guest {
@@ -814,7 +828,7 @@ while n < count and not os.path.exists(stop):
 fn array_receiver() -> String {
     format!(
         "cat >/newroot/tmp/recv.py <<'PYEOF'\n{PY_ARRAY_RECEIVER}\nPYEOF\n\
-         start_receiver() {{ in_root $ARRAY_SHIM_ENV python3 /tmp/recv.py 9100 /tmp/got & RECEIVER_PID=$!; }}\n\
+         start_receiver() {{ bg_root $ARRAY_SHIM_ENV python3 /tmp/recv.py 9100 /tmp/got; RECEIVER_PID=$!; }}\n\
          start_receiver\n\
          got() {{ cat /newroot/tmp/got 2>/dev/null | wc -l; }}\n\
          # Waits until the receiver has $1 more datagrams than when called, at most 10 minutes.\n\
@@ -918,8 +932,8 @@ fn a_failing_raid_leg_a_full_disk_and_io_errors_under_the_array_lose_no_acked_da
         if ! touch /newroot/array/probe 2>/dev/null || grep -q ' /newroot/array ext4 ro' /proc/mounts; then\n\
             echo ARRAY-REPAIR\n\
             kill -9 $SERVER_PID $RECEIVER_PID; sleep 1\n\
-            in_root exportfs -ua; in_root rpc.nfsd 0\n\
-            umount /newroot/array || fail 'unmounting the array'\n\
+            in_root exportfs -ua; in_root rpc.nfsd 0; in_root exportfs -f; sleep 1\n\
+            i=0; until umount /newroot/array 2>/dev/null; do sleep 0.5; i=$((i+1)); [ $i -lt 40 ] || { echo \"nfsd threads $(cat /newroot/proc/fs/nfsd/threads)\"; ls -l /proc/*/fd /proc/*/cwd 2>/dev/null | grep array; fail 'unmounting the array'; }; done\n\
             in_root e2fsck -fy $(dm top) >/dev/null 2>&1; echo \"ARRAY-FSCK $?\"\n\
             mount -t ext4 $(dm top) /newroot/array || fail 'mounting the array again'\n\
             export_volume; in_root rpc.nfsd 4 || fail nfsd\n\
@@ -935,7 +949,7 @@ fn a_failing_raid_leg_a_full_disk_and_io_errors_under_the_array_lose_no_acked_da
         guest_app(PY_RETRY_SENDER, "10.77.0.1 9100 fault 100000 $VOLUME/lab-stop")
     );
     let mut node = array.node("nfs3", &app);
-    let status = node.wait(Duration::from_secs(1500));
+    let status = array.wait_node(&mut node, Duration::from_secs(1500));
     assert_eq!(status, Some(0), "the node's job failed:\n{}\narray:\n{}", node.console(), array.consoles());
     let array_status = array.guest().wait(Duration::from_secs(120));
     assert_eq!(array_status, Some(0), "the array's job failed:\n{}", array.consoles());

@@ -53,3 +53,8 @@ mount_volume() {
 in_root() {
     chroot /newroot /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/usr/sbin HOME=/root "$@"
 }
+
+# Starts a command inside the root in the background; $! is then its pid (not a subshell's).
+bg_root() {
+    chroot /newroot /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/usr/sbin HOME=/root "$@" &
+}
