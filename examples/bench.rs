@@ -19,6 +19,10 @@
 //!   with instances.
 //! - `ftss-smb`, `smb-file-per-packet`: the same over a private smbd + smbnetfs mount (skipped
 //!   unless samba, smbnetfs and fuse3 are installed and port 445 on loopback is free).
+//! - `nfs-file-per-packet`, `ftss-nfs`, `smb-kernel-file-per-packet`, `ftss-smb-kernel`: a node in
+//!   a QEMU guest on the kernel's NFSv4.2 / SMB3 client (default mounts of nfs-ganesha / smbd on
+//!   the host), the naive file-per-packet spool against ftss on the same mount (`bench/lab.rs`;
+//!   skipped unless the lab's packages are installed).
 //! - `redis-stream`: redis-server with appendonly + appendfsync always, XADD / XREADGROUP + XACK.
 //! - `server-rss`: ftss-server's RSS with 1M packets queued for an absent receiver, against idle.
 //!
@@ -29,8 +33,12 @@
 
 #[path = "bench/apps.rs"]
 mod apps;
+#[path = "../tests/common/mod.rs"]
+mod common;
 #[path = "bench/disk.rs"]
 mod disk;
+#[path = "bench/lab.rs"]
+mod lab;
 #[path = "bench/procs.rs"]
 mod procs;
 #[path = "bench/redis.rs"]
@@ -56,7 +64,7 @@ use report::{Measurement, TABLE_HEADER, table_row};
 const PAYLOADS: [usize; 3] = [64, 512, 8192];
 const SENDERS: [usize; 2] = [1, 8];
 /// Every scenario, in the order they run.
-const SCENARIOS: [&str; 14] = [
+const SCENARIOS: [&str; 18] = [
     "fsync-limit",
     "udp-raw",
     "shim-passthrough",
@@ -69,6 +77,10 @@ const SCENARIOS: [&str; 14] = [
     "ftss-2-instances",
     "ftss-smb",
     "smb-file-per-packet",
+    "nfs-file-per-packet",
+    "ftss-nfs",
+    "smb-kernel-file-per-packet",
+    "ftss-smb-kernel",
     "redis-stream",
     "server-rss",
 ];
@@ -306,6 +318,7 @@ fn run(options: Options) -> Result<bool, String> {
     if selected("ftss-smb") || selected("smb-file-per-packet") {
         run_smb(&bench, &grid(&plan.payloads), &selected, &mut emit)?;
     }
+    lab::run(&bench, &grid(&plan.payloads), &selected, &mut emit);
     if selected("redis-stream") {
         let missing = !procs::have("redis-server");
         for run in grid(&plan.payloads) {
@@ -457,6 +470,9 @@ fn targets(results: &[Measurement]) -> Vec<String> {
     };
     per_grid_point("shim-passthrough", "udp-raw", ">= 0.95");
     per_grid_point("ftss-smb", "smb-file-per-packet", ">= 20");
+    per_grid_point("ftss-nfs", "nfs-file-per-packet", "kernel NFSv4.2 client");
+    per_grid_point("ftss-smb-kernel", "nfs-file-per-packet", "kernel SMB3 client");
+    per_grid_point("ftss-smb-kernel", "smb-kernel-file-per-packet", "kernel SMB3 client");
     // The same comparison by CPU per datagram (sender + receiver), which background load does not skew.
     let cpu = |scenario: &str, payload: usize, senders: usize| {
         let measurement = find(scenario, payload, senders)?;

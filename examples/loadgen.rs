@@ -11,6 +11,10 @@
 //!     latency is how long each sendto call took: with FTSS_ACK=guaranteed, the time to the ack),
 //!     then waits for stdin to close before exiting, so that nothing still queued inside the process
 //!     (FTSS_ACK=async) is cut off.
+//! loadgen files --dir DIR --payload BYTES --threads N --duration-ms MS
+//!     The naive spool every packet-over-files design starts from, as a baseline: N threads each
+//!     write every packet as its own file (create in DIR/tmp, write, fsync, close, rename into
+//!     DIR/new) for MS milliseconds. Prints the same JSON line as `send` (without waiting for stdin).
 //! loadgen recv --bind IP:PORT --idle-ms MS
 //!     Prints "ready" once bound, then receives. A line on stdin gives the number of datagrams sent;
 //!     it stops when that many arrived, or MS milliseconds after the last one once the number is
@@ -44,7 +48,9 @@ fn main() {
     let result = match args.first().map(String::as_str) {
         Some("send") => send(&args[1..]),
         Some("recv") => receive(&args[1..]),
+        Some("files") => files(&args[1..]),
         _ => Err("usage: loadgen send --to IP:PORT --payload BYTES --threads N --duration-ms MS | \
+                  loadgen files --dir DIR --payload BYTES --threads N --duration-ms MS | \
                   loadgen recv --bind IP:PORT --idle-ms MS"
             .into()),
     };
@@ -144,6 +150,68 @@ fn send(args: &[String]) -> Result<(), String> {
     // Stay alive until the bench is done with us (the shim may still be flushing in async mode).
     let mut rest = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut rest);
+    Ok(())
+}
+
+fn files(args: &[String]) -> Result<(), String> {
+    let dir = std::path::PathBuf::from(option(args, "--dir")?);
+    let payload = number(args, "--payload")? as usize;
+    let threads = number(args, "--threads")?.max(1);
+    let duration = Duration::from_millis(number(args, "--duration-ms")?);
+    let (tmp, new) = (dir.join("tmp"), dir.join("new"));
+    for path in [&tmp, &new] {
+        std::fs::create_dir_all(path).map_err(|error| format!("{}: {error}", path.display()))?;
+    }
+    let started = Instant::now();
+    let workers: Vec<_> = (0..threads)
+        .map(|thread| {
+            let (tmp, new) = (tmp.clone(), new.clone());
+            std::thread::spawn(move || -> Result<SenderResult, String> {
+                let bytes = vec![0x3c_u8; payload];
+                let mut result = SenderResult { sent: 0, errors: 0, samples_us: Vec::new() };
+                let begun = Instant::now();
+                while begun.elapsed() < duration {
+                    let call = Instant::now();
+                    let name = format!("{thread:04x}-{:016x}.pkt", result.sent + result.errors);
+                    let staged = tmp.join(&name);
+                    let written = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&staged)
+                        .and_then(|mut file| {
+                            file.write_all(&bytes)?;
+                            file.sync_all()
+                        })
+                        .and_then(|()| std::fs::rename(&staged, new.join(&name)));
+                    match written {
+                        Ok(()) => result.sent += 1,
+                        Err(_) => result.errors += 1,
+                    }
+                    if result.samples_us.len() < SAMPLES_MAX / threads as usize {
+                        result.samples_us.push(call.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                    }
+                }
+                Ok(result)
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for worker in workers {
+        results.push(worker.join().map_err(|_| "a writer thread panicked")??);
+    }
+    let elapsed = started.elapsed();
+    let sent: u64 = results.iter().map(|result| result.sent).sum();
+    let errors: u64 = results.iter().map(|result| result.errors).sum();
+    let mut samples: Vec<u32> = results.into_iter().flat_map(|result| result.samples_us).collect();
+    samples.sort_unstable();
+    println!(
+        "{{\"sent\":{sent},\"errors\":{errors},\"elapsed_us\":{},\"send_p50_us\":{},\"send_p99_us\":{},\"max_rss_kib\":{},\"cpu_us\":{}}}",
+        elapsed.as_micros(),
+        percentile(&samples, 0.50),
+        percentile(&samples, 0.99),
+        max_rss_kib(),
+        cpu_us()
+    );
     Ok(())
 }
 

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::process::Command;
 
-const SCENARIOS: [&str; 14] = [
+const SCENARIOS: [&str; 18] = [
     "fsync-limit",
     "udp-raw",
     "shim-passthrough",
@@ -19,6 +19,10 @@ const SCENARIOS: [&str; 14] = [
     "ftss-2-instances",
     "ftss-smb",
     "smb-file-per-packet",
+    "nfs-file-per-packet",
+    "ftss-nfs",
+    "smb-kernel-file-per-packet",
+    "ftss-smb-kernel",
     "redis-stream",
     "server-rss",
 ];

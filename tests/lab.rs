@@ -558,8 +558,13 @@ const ARRAY_DISK_MIB: u64 = 128;
 
 impl Array {
     fn new(tag: &str) -> Array {
-        for program in ["mdadm", "ndctl", "dmsetup", "rpc.nfsd", "exportfs", "rpc.mountd", "rpcbind", "mkfs.ext4", "e2fsck"] {
-            assert!(common::have(program), "{program} is not installed (bash .ci/run installs the array VM's programs)");
+        for program in
+            ["mdadm", "ndctl", "dmsetup", "rpc.nfsd", "exportfs", "rpc.mountd", "rpcbind", "mkfs.ext4", "e2fsck"]
+        {
+            assert!(
+                common::have(program),
+                "{program} is not installed (bash .ci/run installs the array VM's programs)"
+            );
         }
         let dir = TempDir::new(&format!("lab-array-{tag}"));
         for disk in ["leg-a.raw", "leg-b.raw", "spare.raw"] {
@@ -569,15 +574,7 @@ impl Array {
         let ganesha = Ganesha::start(&host_programs.0, GaneshaCache::Default);
         let array_port = common::free_udp_port();
         let node_port = std::iter::repeat_with(common::free_udp_port).find(|port| *port != array_port).unwrap();
-        Array {
-            dir,
-            _host_programs: host_programs,
-            ganesha,
-            array_port,
-            node_port,
-            guest: None,
-            earlier: Vec::new(),
-        }
+        Array { dir, _host_programs: host_programs, ganesha, array_port, node_port, guest: None, earlier: Vec::new() }
     }
 
     /// Boots the array (`fresh`: build the RAID and the file system; else assemble what the disks
@@ -681,8 +678,12 @@ impl Array {
     /// default options) and runs `app` (job lines; see [`guest_app`]).
     fn node(&self, kind: &str, app: &str) -> Guest {
         let mount = match kind {
-            "nfs3" => "mount -t nfs -o vers=3,nolock,addr=10.9.0.1,mountaddr=10.9.0.1 10.9.0.1:/array/vol /newroot$VOLUME",
-            "nfs4.2" => "mount -t nfs4 -o vers=4.2,addr=10.9.0.1,clientaddr=10.9.0.2 10.9.0.1:/array/vol /newroot$VOLUME",
+            "nfs3" => {
+                "mount -t nfs -o vers=3,nolock,addr=10.9.0.1,mountaddr=10.9.0.1 10.9.0.1:/array/vol /newroot$VOLUME"
+            }
+            "nfs4.2" => {
+                "mount -t nfs4 -o vers=4.2,addr=10.9.0.1,clientaddr=10.9.0.2 10.9.0.1:/array/vol /newroot$VOLUME"
+            }
             "smb3" => "mount -t cifs -o ip=10.9.0.1,username=guest,password=,vers=3.0 //10.9.0.1/vol /newroot$VOLUME",
             other => panic!("unknown mount kind {other}"),
         };
@@ -742,7 +743,12 @@ impl Array {
     }
 
     fn consoles(&self) -> String {
-        self.earlier.iter().chain(self.guest.as_ref()).map(Guest::console).collect::<Vec<_>>().join("\n--- next boot ---\n")
+        self.earlier
+            .iter()
+            .chain(self.guest.as_ref())
+            .map(Guest::console)
+            .collect::<Vec<_>>()
+            .join("\n--- next boot ---\n")
     }
 }
 
@@ -761,7 +767,12 @@ fn request_reply_against_the_array_vm_over_nfs_and_smb_answers_within_a_second()
         "cat >/newroot/tmp/echo.py <<'PYEOF'\n{PY_ECHO}\nPYEOF\n\
          in_root $ARRAY_SHIM_ENV python3 /tmp/echo.py 7000 >/dev/null &"
     );
-    array.boot(true, true, &apps, "i=0; until [ -f /newroot/array/vol/lab-done ] || [ $i -ge 2400 ]; do sleep 0.25; i=$((i+1)); done");
+    array.boot(
+        true,
+        true,
+        &apps,
+        "i=0; until [ -f /newroot/array/vol/lab-done ] || [ $i -ge 2400 ]; do sleep 0.25; i=$((i+1)); done",
+    );
     let kinds = ["nfs3", "nfs4.2", "smb3"];
     for (index, kind) in kinds.iter().enumerate() {
         let last = index + 1 == kinds.len();
@@ -954,10 +965,75 @@ fn a_failing_raid_leg_a_full_disk_and_io_errors_under_the_array_lose_no_acked_da
     let array_status = array.guest().wait(Duration::from_secs(120));
     assert_eq!(array_status, Some(0), "the array's job failed:\n{}", array.consoles());
     let verdict = wait_for_history(&node, &array, "fault", Duration::from_secs(60));
-    let report: Vec<String> =
-        ["ARRAY-RAID ", "ARRAY-FULL ", "ARRAY-REPAIR", "ARRAY-FSCK "].iter().flat_map(|prefix| array.lines(prefix)).map(|(_, line)| line).collect();
-    verdict.assert_ok(&format!("faults under the array ({} refused sends)\n{}", node.lines("ERR ").len(), array.consoles()));
+    let report: Vec<String> = ["ARRAY-RAID ", "ARRAY-FULL ", "ARRAY-REPAIR", "ARRAY-FSCK "]
+        .iter()
+        .flat_map(|prefix| array.lines(prefix))
+        .map(|(_, line)| line)
+        .collect();
+    verdict.assert_ok(&format!(
+        "faults under the array ({} refused sends)\n{}",
+        node.lines("ERR ").len(),
+        array.consoles()
+    ));
     let raid: Vec<(usize, String)> = array.lines("ARRAY-RAID rebuilt");
     assert!(raid.iter().any(|(_, line)| line.ends_with("mismatches 0")), "the rebuilt RAID: {raid:?}");
     eprintln!("{}", report.join("\n"));
+}
+
+/// Times the file operations the spool makes, with python in a guest on NFSv4.2 (ganesha on the
+/// host, through qemu's user network): an append + fdatasync of a small record to a log, and the
+/// file-per-packet dance (create, write, fsync, close, rename) at 64 B and 8 KiB.
+const PY_FILE_OPS: &str = r#"
+import os, sys, time
+vol = sys.argv[1]
+def timed(name, count, op):
+    samples = []
+    for n in range(count):
+        started = time.monotonic()
+        op(n)
+        samples.append(time.monotonic() - started)
+    samples.sort()
+    print(f"OPS {name} p50 {samples[len(samples) // 2] * 1000:.1f} ms p90 {samples[len(samples) * 9 // 10] * 1000:.1f} ms", flush=True)
+log = os.open(f"{vol}/ops.log", os.O_RDWR | os.O_CREAT, 0o644)
+offset = [0]
+def append(size):
+    def op(n):
+        os.pwrite(log, b"r" * size, offset[0])
+        offset[0] += size
+        os.fdatasync(log)
+    return op
+def per_file(size):
+    os.makedirs(f"{vol}/tmp", exist_ok=True)
+    os.makedirs(f"{vol}/new", exist_ok=True)
+    def op(n):
+        name = f"{size}-{n}"
+        fd = os.open(f"{vol}/tmp/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, b"p" * size)
+        os.fsync(fd)
+        os.close(fd)
+        os.rename(f"{vol}/tmp/{name}", f"{vol}/new/{name}")
+    return op
+for size in (170, 618, 8300):
+    timed(f"append+fdatasync {size} B", 40, append(size))
+for size in (64, 512, 8192):
+    timed(f"file-per-packet {size} B", 40, per_file(size))
+"#;
+
+#[test]
+#[ignore = "a measurement, not a check: cargo test --release --test lab file_ops -- --ignored --nocapture"]
+fn measure_file_ops_over_kernel_nfs_and_smb() {
+    let _lab = lab::exclusive();
+    let dir = TempDir::new("lab-file-ops");
+    let ganesha = Ganesha::start(&dir.0, GaneshaCache::Default);
+    let smbd = Smbd::start(&dir.0);
+    for kind in ["nfs4.2", "smb3"] {
+        let script = format!(
+            "{}cat >/newroot/tmp/ops.py <<'PYEOF'\n{PY_FILE_OPS}\nPYEOF\nin_root python3 /tmp/ops.py $VOLUME\n",
+            mount_lines(kind)
+        );
+        let mut guest = boot_node("ops", script, &ganesha, Some(&smbd));
+        let status = guest.wait(Duration::from_secs(300));
+        assert_eq!(status, Some(0), "{}", guest.console());
+        eprintln!("{kind}:\n{}", guest.lines("OPS ").join("\n"));
+    }
 }

@@ -14,12 +14,12 @@ use crate::report::Measurement;
 use crate::{Bench, Run};
 
 /// Fabric addresses of the two nodes.
-const SENDER_NODE: (&str, Ipv4Addr) = ("a", Ipv4Addr::new(10, 77, 0, 1));
-const RECEIVER_NODE: (&str, Ipv4Addr) = ("b", Ipv4Addr::new(10, 77, 0, 2));
+pub const SENDER_NODE: (&str, Ipv4Addr) = ("a", Ipv4Addr::new(10, 77, 0, 1));
+pub const RECEIVER_NODE: (&str, Ipv4Addr) = ("b", Ipv4Addr::new(10, 77, 0, 2));
 /// How long the receiver waits after the last datagram once it knows the count (plain UDP may drop).
 const UDP_IDLE: Duration = Duration::from_millis(500);
 /// The same for ftss: a packet may wait for a poll of the server and of the receiving shim.
-const FTSS_IDLE: Duration = Duration::from_secs(10);
+pub const FTSS_IDLE: Duration = Duration::from_secs(10);
 /// How long a process may take to start, or to report once the work is over.
 const START_LIMIT: Duration = Duration::from_secs(20);
 const REPORT_LIMIT: Duration = Duration::from_secs(180);
@@ -100,7 +100,7 @@ impl Fabric {
     }
 
     /// Environment of an app on `node` with the shim preloaded.
-    fn env(&self, bench: &Bench, node: (&str, Ipv4Addr), ack: &str) -> Vec<(String, String)> {
+    pub fn env(&self, bench: &Bench, node: (&str, Ipv4Addr), ack: &str) -> Vec<(String, String)> {
         let mut env: Vec<(String, String)> = vec![
             ("LD_PRELOAD".into(), bench.shim.display().to_string()),
             ("FTSS_NODE".into(), node.0.into()),

@@ -292,7 +292,7 @@ pub fn nvdimm(path: &Path, mib: u64, memory_mib: u32) -> Vec<String> {
 /// connection (a `tcp:` target would be one connection made when qemu starts, never made again
 /// once the server restarts).
 fn forwarder(port: u16) -> String {
-    format!("cmd:socat - TCP:127.0.0.1:{port}")
+    format!("cmd:socat - TCP:127.0.0.1:{port},,nodelay")
 }
 
 /// A running guest; killed -9 on drop.
