@@ -166,6 +166,7 @@ mod tests {
         history.received("p1", "a-4");
         history.received("p1", "a-0");
         history.received("p2", "a-0");
+        history.received("p2", "a-1");
         history.received("p1", "a-3");
         let verdict = history.check();
         assert!(verdict.ok(), "{verdict}");
