@@ -90,6 +90,19 @@ impl Lease {
         fsbridge::spool::sync_directory(dir).map_err(|error| error.to_string())
     }
 
+    /// Rewrites `current` (another holder's record, read from the file) as expired now, so that
+    /// [`Lease::try_acquire`] may take it at once: for a holder known to be dead.
+    pub fn expire_stale(&self, current: &LeaseRecord) -> Result<(), String> {
+        let stale = Lease {
+            path: self.path.clone(),
+            holder: current.holder.clone(),
+            term: Duration::ZERO,
+            epoch: 0,
+            renewed_at: None,
+        };
+        stale.write(current.epoch)
+    }
+
     /// Tries to become active. True if this instance now holds the lease.
     pub fn try_acquire(&mut self) -> Result<bool, String> {
         let current = read(&self.path);
@@ -152,6 +165,23 @@ impl Lease {
             }
         }
         self.valid()
+    }
+
+    /// For a single (non-HA) server: renews the lease when due; false only once another server
+    /// holds it. A renewal that fails (the volume unreachable) is logged and tried again a third of
+    /// a term later: with no standby, stopping would only stop the service.
+    pub fn keep_unless_taken(&mut self, what: &str) -> bool {
+        if !self.renewal_due() {
+            return true;
+        }
+        match self.renew() {
+            Ok(still_mine) => still_mine,
+            Err(error) => {
+                eprintln!("ftss-server: {what}: cannot renew the lease: {error}");
+                self.renewed_at = Some(Instant::now());
+                true
+            }
+        }
     }
 
     /// Is a renewal due (a third of the term since the last one)?

@@ -12,6 +12,7 @@ mod progress;
 mod queue;
 mod scaleout;
 mod server;
+mod single;
 mod status;
 
 use std::path::PathBuf;
@@ -182,15 +183,20 @@ fn run(settings: config::RunSettings) -> Result<(), String> {
     if let Some(ha) = ha.clone().filter(|ha| ha.partitions > 1) {
         return scaleout::run(config, ha, &STOP);
     }
-    let lease = match &ha {
+    // Without --ha this is the only server of its queue directories and its volume: a second one
+    // is refused, naming this one (the locks live as long as `_single_locks`).
+    let (lease, _single_locks) = match &ha {
         Some(ha) => match become_active(&config, ha)? {
-            Some(lease) => Some(std::cell::RefCell::new(lease)),
+            Some(lease) => (std::cell::RefCell::new(lease), Vec::new()),
             None => return Ok(()),
         },
-        None => None,
+        None => {
+            let single::Guard { locks, lease } = single::claim(&config.volume, &config.queue_dirs)?;
+            (std::cell::RefCell::new(lease), locks)
+        }
     };
     let mut server = server::Server::open(config).map_err(|error| error.to_string())?;
-    if let Some(lease) = &lease {
+    if ha.is_some() {
         let lease = lease.borrow();
         server.take_over(lease.holder(), lease.epoch()).map_err(|error| error.to_string())?;
     }
@@ -213,9 +219,12 @@ fn run(settings: config::RunSettings) -> Result<(), String> {
         if STOP.load(Ordering::SeqCst) {
             return true;
         }
-        if let Some(lease) = &lease
-            && !lease.borrow_mut().keep("active instance")
-        {
+        let kept = if ha.is_some() {
+            lease.borrow_mut().keep("active instance")
+        } else {
+            lease.borrow_mut().keep_unless_taken("server")
+        };
+        if !kept {
             deposed.set(true);
         }
         deposed.get()
@@ -276,6 +285,8 @@ fn fabric_key(keys: Option<PathBuf>, volume: Option<PathBuf>, node: &str, force:
 }
 
 fn scrub(queue_dirs: &[PathBuf], json: bool) -> Result<(), String> {
+    // Scrubbing truncates torn tails: never under a running server's appends.
+    let _locks = single::lock_queue_dirs(queue_dirs, &single::Identity::this_process())?;
     let report = queue::scrub(queue_dirs).map_err(|error| error.to_string())?;
     if json {
         println!("{}", serde_json::to_string(&report).expect("report serializes"));

@@ -160,6 +160,10 @@ pub struct Queue {
     readers: BTreeMap<(usize, u64), File>,
     /// Records rewritten from a good mirror after a CRC failure.
     pub read_repairs: u64,
+    /// A segment past this size is closed and a new one started ([`SEGMENT_BYTES_MAX`]).
+    segment_bytes_max: u64,
+    /// Did the last try to start a new segment fail (logged once until it works again)?
+    rotation_failing: bool,
 }
 
 fn io_error<'a>(operation: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> QueueError + 'a {
@@ -349,8 +353,16 @@ impl Queue {
         report.segments = segments.len();
         let mirrors = dirs.iter().map(|dir| Mirror { dir: dir.clone(), active: None, failure: None }).collect();
         let active_segment = segments.keys().next_back().copied().unwrap_or(0);
-        let mut queue =
-            Queue { mirrors, segments, active_segment, pending: Vec::new(), readers: BTreeMap::new(), read_repairs: 0 };
+        let mut queue = Queue {
+            mirrors,
+            segments,
+            active_segment,
+            pending: Vec::new(),
+            readers: BTreeMap::new(),
+            read_repairs: 0,
+            segment_bytes_max: SEGMENT_BYTES_MAX,
+            rotation_failing: false,
+        };
         queue.open_active()?;
         Ok((queue, recovered, report))
     }
@@ -508,9 +520,27 @@ impl Queue {
         }
         *self.segments.get_mut(&self.active_segment).expect("active segment") += self.pending.len() as u64;
         self.pending.clear();
-        if self.segments[&self.active_segment] >= SEGMENT_BYTES_MAX {
-            self.active_segment += 1;
-            self.open_active()?;
+        if self.segments[&self.active_segment] >= self.segment_bytes_max {
+            // The group is durable whatever happens here. A new segment that cannot be started (a
+            // full disk, say) leaves this one active and whole, past its size, and the next sync
+            // tries again: the active segment, its committed size and the open files stay those of
+            // one segment.
+            match self.rotate() {
+                Ok(()) if self.rotation_failing => {
+                    self.rotation_failing = false;
+                    eprintln!("ftss-server: queue segment {} started", self.active_segment);
+                }
+                Ok(()) => {}
+                Err(error) => {
+                    if !self.rotation_failing {
+                        eprintln!(
+                            "ftss-server: cannot start a new queue segment ({error}); segment {} stays active",
+                            self.active_segment
+                        );
+                    }
+                    self.rotation_failing = true;
+                }
+            }
         }
         Ok(())
     }
@@ -796,6 +826,42 @@ mod tests {
             let mut bytes = Vec::new();
             encode_record(&mut bytes, &record);
             assert_eq!(read_record(&bytes, 0).unwrap(), (record, bytes.len()));
+        }
+    }
+
+    /// Issue 16, item 1: a sync that took the active segment past its size, followed by a failure
+    /// to start the next segment (ENOSPC on its header), left the old segment's file open as the
+    /// "active" one of the new segment with 0 bytes committed; the next failing sync truncated it
+    /// to 0, and even a good one wrote records where no read would find them.
+    #[test]
+    fn a_segment_that_cannot_be_started_leaves_the_full_one_active_and_whole() {
+        let dirs = temp_dirs(1);
+        let (mut queue, _, _) = Queue::open(&dirs).unwrap();
+        queue.segment_bytes_max = 1024;
+        // The next segment cannot be created: its name is taken (as a full disk refuses it).
+        fs::create_dir_all(dirs[0].join(segment_name(1))).unwrap();
+        let mut locations = Vec::new();
+        for seq in 1..=30 {
+            locations.push((seq, queue.append(&stored(seq))));
+            queue.sync().unwrap();
+        }
+        assert_eq!(queue.active_segment(), 0);
+        for (seq, location) in &locations {
+            assert_eq!(queue.read_stored(*location).unwrap().1, packet(*seq));
+        }
+        // Once the segment can be started, it is.
+        fs::remove_dir(dirs[0].join(segment_name(1))).unwrap();
+        let location = queue.append(&stored(31));
+        queue.sync().unwrap();
+        assert_eq!(queue.active_segment(), 1);
+        let next = queue.append(&stored(32));
+        queue.sync().unwrap();
+        assert_eq!((location.segment, next.segment), (0, 1));
+        drop(queue);
+        let (mut queue, recovered, _) = Queue::open(&dirs).unwrap();
+        assert_eq!(recovered.len(), 32);
+        for (seq, location) in locations.iter().chain([&(31, location), &(32, next)]) {
+            assert_eq!(queue.read_stored(*location).unwrap().1, packet(*seq));
         }
     }
 
