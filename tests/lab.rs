@@ -1002,11 +1002,13 @@ fn a_failing_raid_leg_and_a_full_disk_under_the_array_lose_no_acked_datagram() {
 /// EIO on every write under the array's file system for 5 s, then the operator's repair, while a
 /// node on NFSv3 sends.
 ///
-/// Ignored: a known defect under investigation (issue 16). It passed in two local runs (11,322 and
-/// 10,222 acked sends), but in a CI run 10 acked sends in a row (one batch, sent just as the errors
-/// began) never arrived, and nothing else was lost. Whether the storage stack lost a batch it had
-/// confirmed (nfsd's COMMIT) or the server passed over it is not settled yet; the test now lists
-/// what the server quarantined and said, to tell which.
+/// Ignored: a known defect under investigation (issue 16). It passed in three local runs (11,322,
+/// 12,692 and 12,763 acked sends, none lost), but in one CI run 10 acked sends in a row (fault-4298
+/// to fault-4307: one batch, sent just as the errors began) never arrived, out of 10,222, and
+/// nothing else was lost. Whether the storage stack lost a batch it had confirmed (nfsd's reply)
+/// or the server passed over it is not settled yet; the test lists what the server quarantined and
+/// said, to tell which. (Receipts and claimed inbox files the repair left empty are quarantined and
+/// their packets delivered again: expected, since neither is synced.)
 #[test]
 #[ignore = "issue 16: one CI run lost one acked batch around injected EIO; run with --ignored while investigating"]
 fn io_errors_under_the_array_then_the_operators_repair_lose_no_acked_datagram() {
