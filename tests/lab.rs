@@ -943,12 +943,14 @@ const FAULTS_EIO: &str = "\
             i=0; until umount /newroot/array 2>/dev/null; do sleep 0.5; i=$((i+1)); [ $i -lt 40 ] || { echo \"nfsd threads $(cat /newroot/proc/fs/nfsd/threads)\"; ls -l /proc/*/fd /proc/*/cwd 2>/dev/null | grep array; fail 'unmounting the array'; }; done\n\
             in_root e2fsck -fy $(dm top) >/dev/null 2>&1; echo \"ARRAY-FSCK $?\"\n\
             mount -t ext4 $(dm top) /newroot/array || fail 'mounting the array again'\n\
+            ls -l /newroot/array/vol/nodes/b/out/log/ | sed 's/^/ARRAY-NODE-LOG after fsck: /'\n\
             export_volume; in_root rpc.nfsd 4 || fail nfsd\n\
             start_server; start_receiver\n\
         fi\n\
         sleep 30\n\
         for reason in $(find /newroot/array/vol -path '*quarantine*' -name '*.reason' 2>/dev/null); do echo \"ARRAY-QUARANTINE $reason: $(head -c 300 $reason | tr '\\n' ' ')\"; done\n\
-        grep -i -E 'quarantin|damage|abandon|skipp' /newroot/tmp/server.log | tail -n 20 | sed 's/^/ARRAY-SERVER-SAYS /'\n";
+        grep -i -E 'quarantin|damage|abandon|skipp|outbox log' /newroot/tmp/server.log | tail -n 20 | sed 's/^/ARRAY-SERVER-SAYS /'\n\
+        ls -l /newroot/array/vol/nodes/b/out/log/ | sed 's/^/ARRAY-NODE-LOG /'\n";
 
 /// Runs `faults` (array job lines) while a node on NFSv3 sends to a receiver on the array, then
 /// checks the history: every send that returned arrives, none twice to one receiver process.
@@ -972,12 +974,19 @@ fn faults_under_the_array(tag: &str, faults: &str) -> Array {
     let array_status = array.guest().wait(Duration::from_secs(120));
     assert_eq!(array_status, Some(0), "the array's job failed:\n{}", array.consoles());
     let verdict = wait_for_history(&node, &array, "fault", Duration::from_secs(60));
-    let report: Vec<String> =
-        ["ARRAY-RAID ", "ARRAY-FULL ", "ARRAY-REPAIR", "ARRAY-FSCK ", "ARRAY-QUARANTINE ", "ARRAY-SERVER-SAYS "]
-            .iter()
-            .flat_map(|prefix| array.lines(prefix))
-            .map(|(_, line)| line)
-            .collect();
+    let report: Vec<String> = [
+        "ARRAY-RAID ",
+        "ARRAY-FULL ",
+        "ARRAY-REPAIR",
+        "ARRAY-FSCK ",
+        "ARRAY-QUARANTINE ",
+        "ARRAY-SERVER-SAYS ",
+        "ARRAY-NODE-LOG ",
+    ]
+    .iter()
+    .flat_map(|prefix| array.lines(prefix))
+    .map(|(_, line)| line)
+    .collect();
     verdict.assert_ok(&format!(
         "faults under the array ({} refused sends)\n{}\n{}",
         node.lines("ERR ").len(),
