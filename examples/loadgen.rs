@@ -129,9 +129,22 @@ fn send(args: &[String]) -> Result<(), String> {
             })
         })
         .collect();
+    report_senders(workers, started)?;
+    std::io::stdout().flush().map_err(|error| error.to_string())?;
+    // Stay alive until the bench is done with us (the shim may still be flushing in async mode).
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+    Ok(())
+}
+
+/// Joins the sending (or file-writing) threads and prints their one JSON line.
+fn report_senders(
+    workers: Vec<std::thread::JoinHandle<Result<SenderResult, String>>>,
+    started: Instant,
+) -> Result<(), String> {
     let mut results = Vec::new();
     for worker in workers {
-        results.push(worker.join().map_err(|_| "a sender thread panicked")??);
+        results.push(worker.join().map_err(|_| "a sending thread panicked")??);
     }
     let elapsed = started.elapsed();
     let sent: u64 = results.iter().map(|result| result.sent).sum();
@@ -146,10 +159,6 @@ fn send(args: &[String]) -> Result<(), String> {
         max_rss_kib(),
         cpu_us()
     );
-    std::io::stdout().flush().map_err(|error| error.to_string())?;
-    // Stay alive until the bench is done with us (the shim may still be flushing in async mode).
-    let mut rest = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut rest);
     Ok(())
 }
 
@@ -195,23 +204,7 @@ fn files(args: &[String]) -> Result<(), String> {
             })
         })
         .collect();
-    let mut results = Vec::new();
-    for worker in workers {
-        results.push(worker.join().map_err(|_| "a writer thread panicked")??);
-    }
-    let elapsed = started.elapsed();
-    let sent: u64 = results.iter().map(|result| result.sent).sum();
-    let errors: u64 = results.iter().map(|result| result.errors).sum();
-    let mut samples: Vec<u32> = results.into_iter().flat_map(|result| result.samples_us).collect();
-    samples.sort_unstable();
-    println!(
-        "{{\"sent\":{sent},\"errors\":{errors},\"elapsed_us\":{},\"send_p50_us\":{},\"send_p99_us\":{},\"max_rss_kib\":{},\"cpu_us\":{}}}",
-        elapsed.as_micros(),
-        percentile(&samples, 0.50),
-        percentile(&samples, 0.99),
-        max_rss_kib(),
-        cpu_us()
-    );
+    report_senders(workers, started)?;
     Ok(())
 }
 
