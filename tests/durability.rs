@@ -5,6 +5,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::history::{Ack, History};
 use common::{Fabric, Proc};
 
 /// Starts `ftss-server run` (no `--ha`) on `fabric`'s volume with `queue_dirs`; stderr to `log`.
@@ -17,6 +18,27 @@ fn start_plain_server(fabric: &Fabric, queue_dirs: &[std::path::PathBuf], log: &
     }
     command.args(["--poll", "10ms"]).stdout(Stdio::null()).stderr(log);
     Proc { child: command.spawn().expect("start ftss-server"), name: "second server".into() }
+}
+
+/// Node a sends `count` datagrams "<tag>-<n>" to 10.77.0.2:`port` and every send must succeed;
+/// the history records them as acked on the volume.
+fn send_all(fabric: &Fabric, port: u16, tag: &str, count: usize) -> History {
+    let mut sender = common::apps::Sender::start(fabric, port, tag, count, 0);
+    assert!(sender.proc.wait_exit(Duration::from_secs(30)), "the sender did not finish");
+    assert_eq!(sender.acknowledged().len(), count, "sends failed: {:?}", sender.errors());
+    let mut history = History::new();
+    for payload in sender.acknowledged() {
+        history.sent(payload, Ack::Volume);
+    }
+    history
+}
+
+/// Waits (up to 20 s) until `receiver` has `count` datagrams, and records what it got as `process`.
+fn record_received(history: &mut History, receiver: &common::apps::Receiver, process: &str, count: usize) {
+    common::wait_until(Duration::from_secs(20), || receiver.payloads().len() >= count);
+    for payload in receiver.payloads() {
+        history.received(process, payload);
+    }
 }
 
 /// Item 11: two `ftss-server run` without `--ha` on one queue directory, or on one volume with
@@ -58,4 +80,190 @@ fn a_second_server_without_ha_is_refused_and_names_the_running_one() {
     let restarted = fabric.server.as_mut().expect("server runs");
     assert!(!restarted.wait_exit(Duration::from_secs(2)), "the restarted server stopped:\n{}", fabric.server_log());
     assert!(started.elapsed() < Duration::from_secs(8), "the restart waited {:?}", started.elapsed());
+}
+
+/// Binds 0.0.0.0:PORT and prints "ready"; reads nothing until the file ARGV[2] exists, then prints
+/// every datagram until none came for a second, and exits (its shim writes the receipts at exit).
+const PY_LATE_READER: &str = r#"
+import os, socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.05)
+s.settimeout(1.0)
+try:
+    while True:
+        print(s.recv(65535).decode(), flush=True)
+except socket.timeout:
+    pass
+"#;
+
+/// Item 3: receipts were accepted only for packets in flight. After a restart nothing is, so
+/// every receipt written while the server was down was dropped and its packet delivered again:
+/// a receiver got 100 datagrams and exited, the server was killed -9 and restarted, and the next
+/// receiver on the port got all 100 again. A receipt from the destination's node must count for
+/// a packet the replay queued.
+#[test]
+fn receipts_written_while_the_server_was_down_count_after_its_restart() {
+    const COUNT: usize = 100;
+    let mut fabric = Fabric::new("receipts-restart");
+    fabric.start_server();
+    let port = 9110;
+    let go = fabric.dir.0.join("go");
+    let go_arg = go.display().to_string();
+    let first =
+        common::apps::Receiver::start_script(&fabric, "b", "10.77.0.2", PY_LATE_READER, &[&port.to_string(), &go_arg]);
+    let mut history = send_all(&fabric, port, "rr", COUNT);
+    // All of them delivered (in flight: in the receiver's socket, not yet read).
+    let in_flight = || fabric.status()["nodes"]["b"]["in_flight"].as_u64().unwrap_or(0);
+    assert!(common::wait_until(Duration::from_secs(20), || in_flight() == COUNT as u64), "in flight: {}", in_flight());
+
+    // The server stops (as if in a long poll or a hang); the app reads everything and exits, and
+    // its shim writes the receipts.
+    let server_pid = fabric.server.as_ref().expect("server runs").child.id();
+    assert!(Command::new("kill").args(["-STOP", &server_pid.to_string()]).status().unwrap().success());
+    std::fs::write(&go, b"").unwrap();
+    let mut first = first;
+    assert!(first.proc.wait_exit(Duration::from_secs(30)), "the first receiver did not exit");
+    for payload in first.payloads() {
+        history.received("first receiver", payload);
+    }
+    let receipts = common::files_in(&fabric.volume.join("nodes/b/rcpt/new"));
+    assert!(!receipts.is_empty(), "the first receiver wrote no receipt");
+
+    // Crash and restart: the replay queues all 100 again; the receipts on the volume must count.
+    fabric.kill_server();
+    fabric.start_server();
+    let second = common::apps::Receiver::start(&fabric, port);
+    assert!(
+        common::wait_until(Duration::from_secs(20), || fabric.counter("receipted") >= COUNT as u64),
+        "receipted after the restart: {} (of {COUNT})",
+        fabric.counter("receipted")
+    );
+    // Anything delivered again would have arrived by now (the server delivers in its next cycle).
+    std::thread::sleep(Duration::from_secs(2));
+    for payload in second.payloads() {
+        history.received("second receiver", payload);
+    }
+    let verdict = history.check();
+    verdict.assert_ok("receipts across a restart");
+    assert_eq!(verdict.again, 0, "delivered again after the restart: {verdict}");
+    assert_eq!(fabric.status()["queue"]["packets"].as_u64(), Some(0), "packets still queued");
+}
+
+/// Item 4: a node whose outbox, outbox log directory or receipt spool cannot be listed stopped
+/// draining and receipts for every node (one `?` for all). Node c's spools are files where
+/// directories belong (ENOTDIR, as a broken or hostile node could leave them): a and b must go
+/// on, and status must name c's trouble.
+#[test]
+fn one_node_whose_spools_cannot_be_listed_holds_up_no_other_node() {
+    const COUNT: usize = 50;
+    let mut fabric = Fabric::new("one-node-stalls");
+    let volume = fsbridge::Volume::new(&fabric.volume);
+    let broken = fsbridge::NodeName::new("c").unwrap();
+    volume.register_node(&broken, &fsbridge::NodeConfig { addr: "10.77.0.3".parse().unwrap() }).unwrap();
+    let node_dir = fabric.volume.join("nodes/c");
+    for spool in ["out/new", "out/log", "rcpt/new"] {
+        let path = node_dir.join(spool);
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::write(&path, b"not a directory").unwrap();
+    }
+    fabric.start_server();
+    let receiver = common::apps::Receiver::start(&fabric, 9120);
+    let mut history = send_all(&fabric, 9120, "stall", COUNT);
+    record_received(&mut history, &receiver, "receiver", COUNT);
+    history.check().assert_ok("beside a broken node");
+    // Receipts of b are taken although c's cannot be read.
+    assert!(
+        common::wait_until(Duration::from_secs(20), || fabric.counter("receipted") >= COUNT as u64),
+        "receipted: {}\n{}",
+        fabric.counter("receipted"),
+        fabric.server_log()
+    );
+    let status = fabric.status();
+    let errors = status["nodes"]["c"]["errors"].as_array().cloned().unwrap_or_default();
+    let said: Vec<String> = errors.iter().filter_map(|error| error.as_str().map(str::to_owned)).collect();
+    assert!(said.iter().any(|error| error.contains("outbox")), "status names no outbox trouble for c: {said:?}");
+    assert!(said.iter().any(|error| error.contains("receipts")), "status names no receipt trouble for c: {said:?}");
+    assert!(status["nodes"]["b"].get("errors").is_none(), "b shows errors: {}", status["nodes"]["b"]);
+}
+
+/// Item 12: two volume nodes registered one address and both were accepted; the last one by name
+/// silently won, so datagrams for the first went to the second's inbox. The holder keeps its
+/// address, the later claimant is refused and status says why.
+#[test]
+fn a_node_claiming_another_nodes_address_is_refused_and_the_holder_keeps_it() {
+    const COUNT: usize = 30;
+    let mut fabric = Fabric::new("address-claim");
+    fabric.start_server();
+    // b registers 10.77.0.2 (its receiver), then "c" claims the same address.
+    let receiver = common::apps::Receiver::start(&fabric, 9130);
+    std::thread::sleep(Duration::from_millis(1100));
+    let volume = fsbridge::Volume::new(&fabric.volume);
+    let impostor = fsbridge::NodeName::new("c").unwrap();
+    volume.register_node(&impostor, &fsbridge::NodeConfig { addr: "10.77.0.2".parse().unwrap() }).unwrap();
+    // The server reads the registry again within a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut history = send_all(&fabric, 9130, "claim", COUNT);
+    record_received(&mut history, &receiver, "b's receiver", COUNT);
+    let stolen = common::files_in(&fabric.volume.join("nodes/c/in/9130/new"));
+    history.check().assert_ok(&format!("with an impostor (its inbox holds {} files)", stolen.len()));
+    let status = fabric.status();
+    assert_eq!(status["nodes"]["b"]["addr"].as_str(), Some("10.77.0.2"), "{}", status["nodes"]);
+    let said = status["nodes"]["c"]["errors"].to_string();
+    assert!(said.contains("10.77.0.2") && said.contains("refused"), "status of c: {said}");
+}
+
+/// Flips the last byte of every copy of `needle` in the queue's segment files; returns how many.
+fn damage_stored_payload(queue_dirs: &[std::path::PathBuf], needle: &[u8]) -> usize {
+    let mut damaged = 0;
+    for dir in queue_dirs {
+        for name in common::files_in(dir).into_iter().filter(|name| name.starts_with("seg-")) {
+            let path = dir.join(&name);
+            let mut bytes = std::fs::read(&path).unwrap();
+            let mut at = 0;
+            while let Some(found) = bytes[at..].windows(needle.len()).position(|window| window == needle) {
+                let last = at + found + needle.len() - 1;
+                bytes[last] ^= 0x20;
+                at = last + 1;
+                damaged += 1;
+            }
+            std::fs::write(&path, &bytes).unwrap();
+        }
+    }
+    damaged
+}
+
+/// Item 5: a stored packet that failed its checksum in every mirror stopped delivery of every
+/// (node, port) after it, on every cycle, until a restart. The damaged packet is dead-lettered
+/// with its reason (its bytes kept in quarantine) and everything else is delivered.
+#[test]
+fn a_packet_damaged_in_every_mirror_is_dead_lettered_and_holds_up_no_other_port() {
+    const COUNT: usize = 20;
+    let mut fabric = Fabric::new("damaged-record");
+    fabric.start_server();
+    // Held for an address no node has yet, and damaged on the queue disk meanwhile.
+    let payload = format!("damaged-{}", "x".repeat(64));
+    assert!(common::nc_send_lines(&fabric, "a", "10.77.0.1", "10.77.0.9", 9140, std::slice::from_ref(&payload)));
+    assert!(common::wait_until(Duration::from_secs(20), || fabric.counter("stored") >= 1), "not stored");
+    assert_eq!(damage_stored_payload(&fabric.queue_dirs, payload.as_bytes()), 1, "the stored copy was not found");
+
+    // Node "aa" (sorting before b) takes that address; b receives on another port.
+    let first = common::apps::Receiver::start_script(&fabric, "aa", "10.77.0.9", common::apps::PY_RECEIVER, &["9140"]);
+    let receiver = common::apps::Receiver::start(&fabric, 9141);
+    let mut history = send_all(&fabric, 9141, "beside", COUNT);
+    record_received(&mut history, &receiver, "b's receiver", COUNT);
+    history.check().assert_ok(&format!("beside a damaged packet\n{}", fabric.server_log()));
+    assert!(first.payloads().is_empty(), "the damaged packet was delivered: {:?}", first.payloads());
+    assert!(
+        common::wait_until(Duration::from_secs(10), || fabric.counter("dead_lettered") == 1),
+        "dead-lettered: {}\n{}",
+        fabric.counter("dead_lettered"),
+        fabric.server_log()
+    );
+    let letters = fabric.status()["dead_letters"].to_string();
+    assert!(letters.contains("damaged"), "the dead letter gives no reason: {letters}");
+    let quarantined = common::files_in(&fabric.volume.join("quarantine"));
+    assert!(!quarantined.is_empty(), "the damaged bytes were not kept");
 }

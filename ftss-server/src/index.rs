@@ -417,6 +417,54 @@ impl Index {
         found
     }
 
+    /// Receipts for packets that are not in flight: the server restarted (or a partition changed
+    /// owner) after delivering them, so the replay queued them again as undelivered. Delivery takes
+    /// each port's line from its front, so such packets are among the first `window` of their line.
+    /// Returns those of `keys` found there, in one pass over each line's window.
+    pub fn find_undelivered(&self, destination: &Ipv4Addr, keys: &HashSet<Key>, window: usize) -> Vec<Key> {
+        let Some(queue) = self.destinations.get(destination) else { return Vec::new() };
+        queue
+            .ports
+            .values()
+            .flat_map(|line| line.undelivered.iter().take(window))
+            .map(Item::key)
+            .filter(|key| keys.contains(key))
+            .collect()
+    }
+
+    /// Removes the undelivered packets of `destination` with a key in `keys` from the first `window`
+    /// of each port's line (one pass per line, whatever their order), and returns their entries.
+    pub fn remove_undelivered(&mut self, destination: &Ipv4Addr, keys: &HashSet<Key>, window: usize) -> Vec<Entry> {
+        let Some(queue) = self.destinations.get_mut(destination) else { return Vec::new() };
+        let mut removed = Vec::new();
+        let ports: Vec<u16> = queue.ports.keys().copied().collect();
+        for port in ports {
+            let line = &mut queue.ports.get_mut(&port).expect("listed port").undelivered;
+            let scanned = window.min(line.len());
+            let mut kept: Vec<Item> = Vec::with_capacity(scanned);
+            for item in line.drain(..scanned) {
+                if keys.contains(&item.key()) {
+                    removed.push(item.entry(*destination));
+                } else {
+                    kept.push(item);
+                }
+            }
+            for item in kept.into_iter().rev() {
+                line.push_front(item);
+            }
+            queue.prune(port);
+        }
+        for entry in &removed {
+            queue.packets -= 1;
+            queue.bytes -= u64::from(entry.payload_bytes);
+            self.packets -= 1;
+        }
+        if queue.packets == 0 {
+            self.destinations.remove(destination);
+        }
+        removed
+    }
+
     pub fn stats(&self, destination: &Ipv4Addr) -> DestinationStats {
         let Some(queue) = self.destinations.get(destination) else { return DestinationStats::default() };
         let waiting = queue
@@ -559,6 +607,32 @@ mod tests {
             queue.in_flight_order.len()
         );
         assert_eq!(index.stats(&destination).in_flight, 1);
+    }
+
+    #[test]
+    fn receipts_for_packets_queued_again_after_a_restart_find_them_in_any_order() {
+        let mut index = Index::default();
+        for seq in 0..6 {
+            index.insert(&id(seq), entry(seq, "10.77.0.2:9000"));
+        }
+        index.insert(&id(6), entry(6, "10.77.0.2:9001"));
+        let destination: Ipv4Addr = "10.77.0.2".parse().unwrap();
+        let wanted: HashSet<Key> = [4, 1, 6, 5].into_iter().map(|seq| index.key(&id(seq)).unwrap()).collect();
+        // Seq 5 is beyond a window of 5 on its line: not found, not removed.
+        let mut found = index.find_undelivered(&destination, &wanted, 5);
+        found.sort_by_key(|key| key.seq);
+        assert_eq!(found.iter().map(|key| key.seq).collect::<Vec<_>>(), vec![1, 4, 6]);
+        let removed = index.remove_undelivered(&destination, &wanted, 5);
+        let mut seqs: Vec<u64> = removed.iter().map(|entry| entry.location.offset / 100).collect();
+        seqs.sort();
+        assert_eq!(seqs, vec![1, 4, 6]);
+        assert_eq!(index.len(), 4);
+        let stats = index.stats(&destination);
+        assert_eq!((stats.packets, stats.bytes), (4, 40));
+        // What is left is delivered in store order, and the emptied port line is gone.
+        assert_eq!(index.waiting_ports(&destination), vec![9000]);
+        let next = keys(index.next_undelivered(&destination, 10, 10, 10, &HashSet::new()));
+        assert_eq!(next.iter().map(|key| key.seq).collect::<Vec<_>>(), vec![0, 2, 3, 5]);
     }
 
     #[test]

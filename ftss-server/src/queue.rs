@@ -66,15 +66,27 @@ pub enum QueueError {
     /// Every mirror has failed: the group was rolled back; nothing of it may be acked.
     #[error("no healthy queue mirror left; last error: {last_error}")]
     NoHealthyMirror { last_error: String },
-    /// A stored record failed its checksum in every mirror.
+    /// A stored record could not be read from any mirror (an I/O error: it may read again later).
     #[error("packet at segment {segment} offset {offset} is unreadable in every mirror: {reason}")]
     Unreadable { segment: u64, offset: u64, reason: String },
+    /// A stored record was read from every healthy mirror and failed its checksum (or is not a
+    /// packet) in each: its bytes are bad, and no retry will change that.
+    #[error("packet at segment {segment} offset {offset} is damaged in every mirror: {reason}")]
+    Damaged { segment: u64, offset: u64, reason: String },
 }
 
 impl From<QueueError> for io::Error {
     fn from(error: QueueError) -> io::Error {
         io::Error::other(error)
     }
+}
+
+/// Why a record could not be read from one mirror.
+enum ReadFailure {
+    /// Opening or reading failed: the disk may answer again later.
+    Io(String),
+    /// The bytes were read and are not a valid record.
+    Damaged(String),
 }
 
 /// Where a record lives: the same in every mirror.
@@ -561,7 +573,8 @@ impl Queue {
     /// a bad copy from the good one (read-repair).
     pub fn read_stored(&mut self, location: Location) -> Result<(u64, Packet), QueueError> {
         let mut bad = Vec::new();
-        let mut last_reason = String::new();
+        let mut damage = String::new();
+        let mut io_error = None;
         for index in self.healthy().collect::<Vec<_>>() {
             match self.read_from_mirror(index, location) {
                 Ok((bytes, QueueRecord::Stored { stored_unix_us, packet })) => {
@@ -570,26 +583,51 @@ impl Queue {
                     }
                     return Ok((stored_unix_us, packet));
                 }
-                Ok(_) => last_reason = "record is not a stored packet".into(),
-                Err(reason) => {
-                    last_reason = reason;
+                Ok(_) => {
+                    damage = "record is not a stored packet".into();
                     bad.push(index);
                 }
+                Err(ReadFailure::Damaged(reason)) => {
+                    damage = reason;
+                    bad.push(index);
+                }
+                Err(ReadFailure::Io(reason)) => io_error = Some(reason),
             }
         }
-        Err(QueueError::Unreadable { segment: location.segment, offset: location.offset, reason: last_reason })
+        let (segment, offset) = (location.segment, location.offset);
+        match io_error {
+            Some(reason) => Err(QueueError::Unreadable { segment, offset, reason }),
+            None if damage.is_empty() => {
+                Err(QueueError::Unreadable { segment, offset, reason: "no healthy mirror".into() })
+            }
+            None => Err(QueueError::Damaged { segment, offset, reason: damage }),
+        }
     }
 
-    fn read_from_mirror(&mut self, index: usize, location: Location) -> Result<(Vec<u8>, QueueRecord), String> {
+    /// The bytes at `location` in the first healthy mirror that has them, unchecked (to keep a
+    /// damaged record's bytes in quarantine).
+    pub fn read_raw(&mut self, location: Location) -> Option<Vec<u8>> {
+        self.healthy().collect::<Vec<_>>().into_iter().find_map(|index| {
+            let path = self.mirrors[index].dir.join(segment_name(location.segment));
+            let mut bytes = vec![0u8; location.length as usize];
+            File::open(path).and_then(|file| file.read_exact_at(&mut bytes, location.offset)).ok().map(|()| bytes)
+        })
+    }
+
+    fn read_from_mirror(&mut self, index: usize, location: Location) -> Result<(Vec<u8>, QueueRecord), ReadFailure> {
         let key = (index, location.segment);
         if !self.readers.contains_key(&key) {
             let path = self.mirrors[index].dir.join(segment_name(location.segment));
-            let file = File::open(&path).map_err(|error| format!("{}: {error}", path.display()))?;
+            let file = File::open(&path).map_err(|error| ReadFailure::Io(format!("{}: {error}", path.display())))?;
             self.readers.insert(key, file);
         }
         let mut bytes = vec![0u8; location.length as usize];
-        self.readers[&key].read_exact_at(&mut bytes, location.offset).map_err(|error| error.to_string())?;
-        let (record, _) = read_record(&bytes, 0).map_err(|error| error.to_string())?;
+        self.readers[&key].read_exact_at(&mut bytes, location.offset).map_err(|error| match error.kind() {
+            // The file ends before the record: its bytes are not there to read.
+            io::ErrorKind::UnexpectedEof => ReadFailure::Damaged("the segment ends inside the record".into()),
+            _ => ReadFailure::Io(error.to_string()),
+        })?;
+        let (record, _) = read_record(&bytes, 0).map_err(|error| ReadFailure::Damaged(error.to_string()))?;
         Ok((bytes, record))
     }
 

@@ -81,6 +81,9 @@ const IN_FLIGHT_PER_DESTINATION_MAX: usize = 131_072;
 /// Packets delivered to one port and not yet receipted: a port whose app stopped reading takes at
 /// most this much of its node's room, so it takes eight such ports to hold up the node's others.
 const IN_FLIGHT_PER_PORT_MAX: usize = 16_384;
+/// How far into a port's line a receipt for a packet not in flight is looked for: what earlier
+/// instances can have delivered before this one replayed (their in-flight limit), twice over.
+const REQUEUED_WINDOW: usize = 2 * IN_FLIGHT_PER_PORT_MAX;
 /// Sending processes remembered as waiting for acks (most recent first to go when full).
 const ACK_EPOCHS_MAX: usize = 4096;
 /// Most acks in one fabric frame (a frame's bytes are bounded).
@@ -201,6 +204,10 @@ pub struct Server {
     nodes: Vec<NodeName>,
     addr_to_node: HashMap<Ipv4Addr, NodeName>,
     node_to_addr: HashMap<NodeName, Ipv4Addr>,
+    /// The steps failing for one node, with why (shown in status until they work again).
+    node_errors: HashMap<NodeName, BTreeMap<NodeStep, String>>,
+    /// Registered nodes refused for claiming another node's address: neither drained nor served.
+    refused: HashSet<NodeName>,
     /// Outbox names listed but not yet drained, per node, in name order.
     outbox_backlog: HashMap<NodeName, VecDeque<String>>,
     /// Acks to write at the end of the cycle, per source node.
@@ -247,6 +254,33 @@ pub struct Server {
 }
 
 /// What a cycle's drain has taken so far, against its bounds.
+/// What the server does per node, for errors that concern one node only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum NodeStep {
+    Register,
+    Drain,
+    Receipts,
+}
+
+impl NodeStep {
+    fn describe(self) -> &'static str {
+        match self {
+            NodeStep::Register => "registering",
+            NodeStep::Drain => "reading its outbox",
+            NodeStep::Receipts => "reading its receipts",
+        }
+    }
+}
+
+/// One delivery batch: `taken` of the keys offered are dealt with (`good` are in `bytes`, the
+/// rest were dead-lettered as damaged).
+struct Encoded {
+    bytes: Vec<u8>,
+    taken: usize,
+    file_seq: u64,
+    good: Vec<(Key, Entry)>,
+}
+
 struct DrainBudget {
     packets: usize,
     bytes: usize,
@@ -283,6 +317,8 @@ struct ReceiptGroup {
     done: Vec<PacketId>,
     /// Receipts for packets other partitions hold.
     forward: BTreeMap<(u32, NodeName), Vec<PacketId>>,
+    /// Of `done`, the packets that were not in flight (queued again by a replay), per destination.
+    requeued: Vec<(Ipv4Addr, HashSet<Key>)>,
     fabric_frames: usize,
     at_unix_us: u64,
 }
@@ -342,6 +378,8 @@ impl Server {
             nodes: Vec::new(),
             addr_to_node: HashMap::new(),
             node_to_addr: HashMap::new(),
+            node_errors: HashMap::new(),
+            refused: HashSet::new(),
             outbox_backlog: HashMap::new(),
             pending_acks: BTreeMap::new(),
             bells: HashMap::new(),
@@ -427,7 +465,13 @@ impl Server {
     /// The packet is receipted or dead-lettered: it leaves the queue (its bytes may be retained).
     /// `destination` finds packets that were never delivered (dead letters, egress).
     fn finish(&mut self, id: &PacketId, outcome: Outcome, at_unix_us: u64, destination: Option<SocketAddrV4>) {
-        let Some(entry) = self.index.remove(id, destination) else { return };
+        if let Some(entry) = self.index.remove(id, destination) {
+            self.finished(entry, outcome, at_unix_us);
+        }
+    }
+
+    /// A packet removed from the index: its bytes are retained or its segment released.
+    fn finished(&mut self, entry: Entry, outcome: Outcome, at_unix_us: u64) {
         let retain_us = self.config.retain.as_micros() as u64;
         if outcome != Outcome::DeadLettered && retain_us > 0 {
             // Still live for reclaiming until the retention ends.
@@ -626,16 +670,38 @@ impl Server {
             let path = self.volume.nodes_dir().join(&name);
             self.quarantine_path(path, "volume", "node directory name is not a valid node name");
         }
-        self.addr_to_node.clear();
+        // Each address belongs to one node: the one that holds it keeps it, otherwise the earliest
+        // registration (then the name) wins; a later claimant is refused until it changes address.
+        let previous = std::mem::take(&mut self.addr_to_node);
         self.node_to_addr.clear();
+        let mut claims = Vec::new();
         for node in &nodes {
             match self.volume.node_config(node) {
                 Ok(Some(config)) => {
-                    self.addr_to_node.insert(config.addr, node.clone());
-                    self.node_to_addr.insert(node.clone(), config.addr);
+                    let holds = previous.get(&config.addr) == Some(node);
+                    let registered = std::fs::metadata(self.volume.node_dir(node).join("node.toml"))
+                        .and_then(|meta| meta.modified())
+                        .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+                    claims.push((!holds, registered, node.clone(), config.addr));
                 }
                 Ok(None) => {}
                 Err(reason) => eprintln!("ftss-server: ignoring registration of {node}: {reason}"),
+            }
+        }
+        claims.sort();
+        self.refused.clear();
+        for (_, _, node, addr) in claims {
+            match self.addr_to_node.get(&addr).cloned() {
+                Some(holder) => {
+                    let reason = format!("its address {addr} is node {holder}'s: registration refused");
+                    self.node_failed(&node, NodeStep::Register, reason);
+                    self.refused.insert(node);
+                }
+                None => {
+                    self.node_recovered(&node, NodeStep::Register);
+                    self.addr_to_node.insert(addr, node.clone());
+                    self.node_to_addr.insert(node, addr);
+                }
             }
         }
         self.nodes = nodes;
@@ -660,8 +726,7 @@ impl Server {
     /// Reads outbox files, fabric frames and gateway arrivals and appends their packets to the
     /// queue (not synced: the cycle syncs once for everything it staged). `None` if there was none.
     fn stage_drain(&mut self) -> Result<Option<DrainGroup>, fsbridge::SpoolError> {
-        // Outboxes first: if reading them fails, the gateway's datagrams stay in its sockets.
-        let drained = self.read_outboxes()?;
+        let drained = self.read_outboxes();
         let arrived = match self.arrivals_kept.is_empty() {
             true => {
                 let arrivals = self.gateway.receive();
@@ -956,48 +1021,83 @@ impl Server {
         }
     }
 
-    /// Reads and decodes up to the cycle's bound of outbox files, quarantining bad ones and leaving
-    /// files whose destination is over its byte limit.
-    fn read_outboxes(&mut self) -> Result<Vec<Drained>, fsbridge::SpoolError> {
+    /// Reads and decodes up to the cycle's bound of outbox files and log frames, quarantining bad
+    /// ones and leaving those whose destination is over its limit. A node whose spool cannot be
+    /// read is reported and passed over: it holds up no other node.
+    fn read_outboxes(&mut self) -> Vec<Drained> {
         let mut drained: Vec<Drained> = Vec::new();
-        let mut packets_total = 0;
-        let mut bytes_total = 0;
-        // Bytes accepted this cycle, not yet in `bytes_per_destination`.
-        let mut accepted: HashMap<Ipv4Addr, u64> = HashMap::new();
+        let mut budget = DrainBudget { packets: 0, bytes: 0, accepted: HashMap::new() };
         let owned: Vec<NodeName> = self.nodes.iter().filter(|node| self.owns(node)).cloned().collect();
         for node in owned {
             if !self.node_is_sound(&node) {
                 continue;
             }
-            for attempt in 0..DRAIN_FILES_PER_NODE_MAX {
-                if packets_total >= DRAIN_PACKETS_PER_CYCLE_MAX || bytes_total >= DRAIN_BYTES_PER_CYCLE_MAX {
-                    break;
-                }
-                // List the directory again only at the start of a cycle: files drained earlier in
-                // this cycle are still there until the group is acked.
-                let Some(name) = self.next_outbox_name(&node, attempt == 0)? else { break };
-                let Some((packets, wants_acks)) = self.read_outbox_file(&node, &name) else {
-                    self.pop_outbox_name(&node);
-                    continue;
-                };
-                if let Some(reason) = self.over_limit(&packets, &accepted) {
-                    self.push_back(reason);
-                    // Files of one writer must stay in order: this one stays first in line.
-                    break;
-                }
-                self.pop_outbox_name(&node);
-                for packet in &packets {
-                    *accepted.entry(*packet.destination.ip()).or_insert(0) += packet.payload.len() as u64;
-                    bytes_total += packet.payload.len();
-                }
-                packets_total += packets.len();
-                drained.push(Drained { node: node.clone(), source: Source::File(name), packets, wants_acks });
+            let files = self.read_outbox_files(&node, &mut drained, &mut budget);
+            let logs = self.read_logs(&node, &mut drained, &mut budget);
+            match files.and(logs) {
+                Ok(()) => self.node_recovered(&node, NodeStep::Drain),
+                Err(error) => self.node_failed(&node, NodeStep::Drain, error),
             }
-            let mut budget = DrainBudget { packets: packets_total, bytes: bytes_total, accepted };
-            self.read_logs(&node, &mut drained, &mut budget)?;
-            (packets_total, bytes_total, accepted) = (budget.packets, budget.bytes, budget.accepted);
         }
-        Ok(drained)
+        drained
+    }
+
+    /// Reads `node`'s outbox files, in name order, within the cycle's bounds.
+    fn read_outbox_files(
+        &mut self,
+        node: &NodeName,
+        drained: &mut Vec<Drained>,
+        budget: &mut DrainBudget,
+    ) -> Result<(), fsbridge::SpoolError> {
+        for attempt in 0..DRAIN_FILES_PER_NODE_MAX {
+            if budget.packets >= DRAIN_PACKETS_PER_CYCLE_MAX || budget.bytes >= DRAIN_BYTES_PER_CYCLE_MAX {
+                break;
+            }
+            // List the directory again only at the start of a cycle: files drained earlier in
+            // this cycle are still there until the group is acked.
+            let Some(name) = self.next_outbox_name(node, attempt == 0)? else { break };
+            let Some((packets, wants_acks)) = self.read_outbox_file(node, &name) else {
+                self.pop_outbox_name(node);
+                continue;
+            };
+            if let Some(reason) = self.over_limit(&packets, &budget.accepted) {
+                self.push_back(reason);
+                // Files of one writer must stay in order: this one stays first in line.
+                break;
+            }
+            self.pop_outbox_name(node);
+            for packet in &packets {
+                *budget.accepted.entry(*packet.destination.ip()).or_insert(0) += packet.payload.len() as u64;
+                budget.bytes += packet.payload.len();
+            }
+            budget.packets += packets.len();
+            drained.push(Drained { node: node.clone(), source: Source::File(name), packets, wants_acks });
+        }
+        Ok(())
+    }
+
+    /// A step failed for one node only (its spool cannot be listed or read): counted, shown in
+    /// status, and logged once per new reason; other nodes go on.
+    fn node_failed(&mut self, node: &NodeName, step: NodeStep, error: impl std::fmt::Display) {
+        let message = format!("{}: {error}", step.describe());
+        self.counters.errors += 1;
+        let errors = self.node_errors.entry(node.clone()).or_default();
+        if errors.get(&step) != Some(&message) {
+            eprintln!("ftss-server: node {node}: {message}");
+            errors.insert(step, message.clone());
+        }
+        self.last_error = Some(format!("node {node}: {message}"));
+    }
+
+    fn node_recovered(&mut self, node: &NodeName, step: NodeStep) {
+        if let Some(errors) = self.node_errors.get_mut(node)
+            && errors.remove(&step).is_some()
+        {
+            eprintln!("ftss-server: node {node}: {} works again", step.describe());
+            if errors.is_empty() {
+                self.node_errors.remove(node);
+            }
+        }
     }
 
     /// Reads frames of `node`'s outbox log segments within the cycle's bounds, in each writer's
@@ -1404,8 +1504,9 @@ impl Server {
             due.entry((node, port)).or_default().push((key, entry));
             count += 1;
         }
-        // An error stops delivering this cycle; packets already taken off the redelivery schedule
-        // are put back on it, never dropped from it.
+        // An error stops delivering to its port (or external address) this cycle; packets already
+        // taken off the redelivery schedule are put back on it, never dropped from it. Other ports
+        // go on: one bad spot on the queue disk holds up no one else.
         let mut failure = None;
         for destination in self.index.destinations() {
             if self.is_external(&destination) {
@@ -1442,10 +1543,6 @@ impl Server {
             }
         }
         for ((node, port), keys) in due {
-            if failure.is_some() {
-                self.skip_delivery(&keys, now);
-                continue;
-            }
             let route = self.fabric_route(&node, port);
             let mut start = 0;
             while start < keys.len() {
@@ -1457,6 +1554,7 @@ impl Server {
                     Ok(taken) => start += taken,
                     Err(error) => {
                         self.skip_delivery(&keys[start..], now);
+                        self.report("delivering", format!("to {node}:{port}: {error}"));
                         failure = Some(error);
                         break;
                     }
@@ -1484,8 +1582,19 @@ impl Server {
         }
         let at_unix_us = now_us();
         let mut sent = Vec::new();
-        for (_, entry) in keys {
-            let (_, packet) = self.queue.read_stored(entry.location)?;
+        let mut failure = None;
+        for (key, entry) in keys {
+            let packet = match self.queue.read_stored(entry.location) {
+                Ok((_, packet)) => packet,
+                Err(QueueError::Damaged { reason, .. }) => {
+                    self.dead_letter_damaged(key, entry, reason);
+                    continue;
+                }
+                Err(error) => {
+                    failure = Some(error);
+                    break;
+                }
+            };
             self.gateway.send(Some(&packet.id.origin), packet.source, packet.destination, &packet.payload);
             let record =
                 QueueRecord::Done { id: packet.id.clone(), outcome: Outcome::Sent, at_unix_us, reason: String::new() };
@@ -1500,7 +1609,10 @@ impl Server {
         for (id, address) in &sent {
             self.finish(id, Outcome::Sent, at_unix_us, Some(*address));
         }
-        Ok(sent.len())
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(sent.len()),
+        }
     }
 
     /// Writes one inbox file with a prefix of `keys`; returns how many it took.
@@ -1511,7 +1623,10 @@ impl Server {
         keys: &[(Key, Entry)],
         now: Instant,
     ) -> Result<usize, QueueError> {
-        let (bytes, taken, file_seq) = self.encode_delivery(keys)?;
+        let Encoded { bytes, taken, file_seq, good } = self.encode_delivery(keys)?;
+        if good.is_empty() {
+            return Ok(taken);
+        }
         let name = batch_file_name(self.epoch, file_seq, "pkt");
         // No syncs: the queue holds the packet until it is receipted, so a delivery lost in a crash
         // is only delivered again.
@@ -1527,7 +1642,7 @@ impl Server {
         if waiting.len() > INBOX_FILES_WAITING_MAX * 4 {
             waiting.pop_front();
         }
-        self.mark_delivered(&keys[..taken], now, file_seq);
+        self.mark_delivered(&good, now, file_seq);
         Ok(taken)
     }
 
@@ -1557,36 +1672,62 @@ impl Server {
             self.skip_delivery(keys, now);
             return Ok(keys.len());
         }
-        let (bytes, taken, _) = self.encode_delivery(keys)?;
+        let Encoded { bytes, taken, good, .. } = self.encode_delivery(keys)?;
+        if good.is_empty() {
+            return Ok(taken);
+        }
         if !conn.send(&fsbridge::fabric::Frame::Packets(bytes)) {
             self.skip_delivery(keys, now);
             return Ok(keys.len());
         }
         if let Some(hub) = &self.fabric {
-            hub.count(|counters| counters.packets_delivered += taken as u64);
+            hub.count(|counters| counters.packets_delivered += good.len() as u64);
         }
         // No inbox file stands for these: a redelivery is never held back waiting for one.
-        self.mark_delivered(&keys[..taken], now, 0);
+        self.mark_delivered(&good, now, 0);
         Ok(taken)
     }
 
-    /// Encodes a prefix of `keys` (bounded per file) as one packets batch: (bytes, count, batch seq).
-    fn encode_delivery(&mut self, keys: &[(Key, Entry)]) -> Result<(Vec<u8>, usize, u64), QueueError> {
+    /// Encodes a prefix of `keys` (bounded per file) as one packets batch. A packet damaged in
+    /// every mirror is dead-lettered on the way; an error before anything was read is returned,
+    /// after that the batch ends where it struck.
+    fn encode_delivery(&mut self, keys: &[(Key, Entry)]) -> Result<Encoded, QueueError> {
         let mut encoder = self.encoder(BatchKind::Packets);
         let file_seq = self.batch_seq;
         let mut bytes = 0;
         let mut taken = 0;
-        for (_, entry) in keys.iter().take(DELIVER_PACKETS_PER_FILE_MAX) {
+        let mut good = Vec::new();
+        for (key, entry) in keys.iter().take(DELIVER_PACKETS_PER_FILE_MAX) {
             if taken > 0 && bytes + entry.payload_bytes as usize > DELIVER_FILE_BYTES_MAX {
                 break;
             }
+            match self.queue.read_stored(entry.location) {
+                Ok((_, packet)) => {
+                    encoder.push(&Record::Packet(packet));
+                    good.push((*key, *entry));
+                }
+                Err(QueueError::Damaged { reason, .. }) => self.dead_letter_damaged(*key, *entry, reason),
+                Err(error) if taken == 0 => return Err(error),
+                Err(_) => break,
+            }
             bytes += entry.payload_bytes as usize;
-            let (_, packet) = self.queue.read_stored(entry.location)?;
-            encoder.push(&Record::Packet(packet));
             taken += 1;
         }
         self.counters.read_repairs = self.queue.read_repairs;
-        Ok((encoder.finish(), taken, file_seq))
+        Ok(Encoded { bytes: encoder.finish(), taken, file_seq, good })
+    }
+
+    /// A packet whose stored bytes are damaged in every mirror: it can never be delivered. Its
+    /// bytes go to quarantine and it is dead-lettered with the reason, so that its port goes on.
+    fn dead_letter_damaged(&mut self, key: Key, entry: Entry, reason: String) {
+        let id = self.index.id(key);
+        let reason = format!("damaged in every queue mirror: {reason}");
+        if let Some(bytes) = self.queue.read_raw(entry.location) {
+            let name = format!("queue-{}-{}", entry.location.segment, entry.location.offset);
+            let origin = id.origin.clone();
+            self.quarantine_bytes(&origin, &name, &bytes, &format!("{} ({reason})", id_text(&id)));
+        }
+        self.dead_letter(vec![(id, entry.destination, reason)]);
     }
 
     fn mark_delivered(&mut self, keys: &[(Key, Entry)], now: Instant, file_seq: u64) {
@@ -1619,7 +1760,10 @@ impl Server {
         let owned: Vec<NodeName> = self.nodes.iter().filter(|node| self.owns(node)).cloned().collect();
         for node in owned {
             let spool = self.volume.receipts(&node);
-            self.read_receipt_spool(&spool, Some(&node), &mut files, &mut received)?;
+            match self.read_receipt_spool(&spool, Some(&node), &mut files, &mut received) {
+                Ok(()) => self.node_recovered(&node, NodeStep::Receipts),
+                Err(error) => self.node_failed(&node, NodeStep::Receipts, error),
+            }
         }
         if self.config.partition.count > 1 {
             let spool = self.volume.forwarded_receipts(self.config.partition.index);
@@ -1641,12 +1785,26 @@ impl Server {
         }
         let mut done = Vec::new();
         let mut forward: BTreeMap<(u32, NodeName), Vec<PacketId>> = BTreeMap::new();
+        // Receipts for packets not in flight, by the receiving node's address.
+        let mut strays: HashMap<Ipv4Addr, HashSet<Key>> = HashMap::new();
         for (node, id) in received {
             let owner = self.origin_partition(&id.origin);
             if owner != self.config.partition.index {
                 forward.entry((owner, node)).or_default().push(id);
             } else if self.is_receipt_of(&id, &node) {
                 done.push(id);
+            } else if let (Some(key), Some(addr)) = (self.index.key(&id), self.node_to_addr.get(&node)) {
+                strays.entry(*addr).or_default().insert(key);
+            }
+        }
+        // A receipt written while this server was down (or before a partition changed owner) is
+        // for a packet the replay queued again: it is at the front of its port's line.
+        let mut requeued = Vec::new();
+        for (addr, keys) in strays {
+            let found: HashSet<Key> = self.index.find_undelivered(&addr, &keys, REQUEUED_WINDOW).into_iter().collect();
+            if !found.is_empty() {
+                done.extend(found.iter().map(|key| self.index.id(*key)));
+                requeued.push((addr, found));
             }
         }
         let at_unix_us = now_us();
@@ -1657,13 +1815,18 @@ impl Server {
                 QueueRecord::Done { id: id.clone(), outcome: Outcome::Receipted, at_unix_us, reason: String::new() };
             self.queue.append(&record);
         }
-        Ok(Some(ReceiptGroup { files, done, forward, fabric_frames, at_unix_us }))
+        Ok(Some(ReceiptGroup { files, done, forward, requeued, fabric_frames, at_unix_us }))
     }
 
     /// The receipts are durable: release their packets, ack, forward the others' and remove the
     /// files. (If the cycle's sync failed this is not called: the files stay and are read again;
     /// fabric receipts are lost, which means a redelivery the receiving shim drops.)
     fn complete_receipts(&mut self, group: ReceiptGroup) -> Result<usize, fsbridge::SpoolError> {
+        for (addr, keys) in &group.requeued {
+            for entry in self.index.remove_undelivered(addr, keys, REQUEUED_WINDOW) {
+                self.finished(entry, Outcome::Receipted, group.at_unix_us);
+            }
+        }
         for id in &group.done {
             self.finish(id, Outcome::Receipted, group.at_unix_us, None);
             self.counters.receipted += 1;
@@ -1742,9 +1905,11 @@ impl Server {
     }
 
     /// Does this server (partition) serve `node`: drain its outbox, read its receipts?
+    /// Not for a node refused for claiming another's address: its files wait, untouched.
     fn owns(&self, node: &NodeName) -> bool {
         let partition = &self.config.partition;
-        partition.count <= 1 || fsbridge::layout::partition_of(node, partition.count) == partition.index
+        let mine = partition.count <= 1 || fsbridge::layout::partition_of(node, partition.count) == partition.index;
+        mine && !self.refused.contains(node)
     }
 
     /// The partition that holds packets from `origin`: the origin node's, or for packets that came
@@ -1785,9 +1950,22 @@ impl Server {
         if expired.is_empty() {
             return;
         }
-        let mut letters = Vec::new();
-        for (id, destination) in &expired {
-            let reason = format!("no node registered for {} within {}s", destination.ip(), self.config.hold.as_secs());
+        let letters = expired
+            .into_iter()
+            .map(|(id, destination)| {
+                let reason =
+                    format!("no node registered for {} within {}s", destination.ip(), self.config.hold.as_secs());
+                (id, destination, reason)
+            })
+            .collect();
+        self.dead_letter(letters);
+    }
+
+    /// Records each packet as dead-lettered (one sync for all), then lets it go, tells its sender
+    /// and shows it in status. If the sync fails nothing changes: they are tried again later.
+    fn dead_letter(&mut self, letters: Vec<(PacketId, SocketAddrV4, String)>) {
+        let now = now_us();
+        for (id, _, reason) in &letters {
             let record = QueueRecord::Done {
                 id: id.clone(),
                 outcome: Outcome::DeadLettered,
@@ -1795,14 +1973,13 @@ impl Server {
                 reason: reason.clone(),
             };
             self.queue.append(&record);
-            letters.push((id.clone(), destination, reason));
         }
         if let Err(error) = self.sync_queue() {
             self.push_back(format!("queue: {error}"));
             return;
         }
         for (id, destination, reason) in letters {
-            self.finish(&id, Outcome::DeadLettered, now, Some(*destination));
+            self.finish(&id, Outcome::DeadLettered, now, Some(destination));
             self.counters.dead_lettered += 1;
             eprintln!("ftss-server: dead-lettered {}: {reason}", id_text(&id));
             self.ack_later(&id, AckState::Rejected, reason.clone());
@@ -1891,7 +2068,9 @@ impl Server {
         let mut nodes: BTreeMap<String, NodeStatus> = BTreeMap::new();
         for node in &self.nodes {
             let addr = self.node_to_addr.get(node).map(|addr| addr.to_string());
-            nodes.insert(node.to_string(), NodeStatus { addr, ..NodeStatus::default() });
+            let errors =
+                self.node_errors.get(node).map(|errors| errors.values().cloned().collect()).unwrap_or_default();
+            nodes.insert(node.to_string(), NodeStatus { addr, errors, ..NodeStatus::default() });
         }
         let mut unknown_destination = 0;
         for destination in self.index.destinations() {
@@ -2089,4 +2268,7 @@ pub struct NodeStatus {
     pub queued_bytes: u64,
     pub in_flight: u64,
     pub oldest_age_ms: u64,
+    /// Why this node's spools cannot be served now (empty when all is well).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
 }
