@@ -260,18 +260,35 @@ pub fn tag_kind(tag: u8) -> Option<BatchKind> {
 
 /// Appends one framed record (tag, length, body, crc) to `out`; the body is written by `body`.
 pub fn write_record(out: &mut Vec<u8>, tag: u8, body: impl FnOnce(&mut Vec<u8>)) {
+    write_record_seeded(out, tag, 0, body);
+}
+
+/// Like [`write_record`], with the checksum started from `seed` instead of 0. A reader that does
+/// not know the seed cannot make a record that verifies (the server's queue keeps a random seed
+/// per segment, so that a payload imitating a record never passes for one).
+pub fn write_record_seeded(out: &mut Vec<u8>, tag: u8, seed: u32, body: impl FnOnce(&mut Vec<u8>)) {
     let start = out.len();
     out.push(tag);
     out.extend_from_slice(&[0; 4]);
     body(out);
     let body_len = (out.len() - start - 5) as u32;
     out[start + 1..start + 5].copy_from_slice(&body_len.to_le_bytes());
-    let crc = crc32c::crc32c(&out[start..]);
+    let crc = crc32c::crc32c_append(seed, &out[start..]);
     out.extend_from_slice(&crc.to_le_bytes());
 }
 
 /// Reads one framed record at `offset`. Returns (tag, body, offset after the record).
 pub fn read_record(bytes: &[u8], offset: usize, body_bytes_max: usize) -> Result<(u8, &[u8], usize), DecodeError> {
+    read_record_seeded(bytes, offset, body_bytes_max, 0)
+}
+
+/// Reads one framed record written by [`write_record_seeded`] with `seed`.
+pub fn read_record_seeded(
+    bytes: &[u8],
+    offset: usize,
+    body_bytes_max: usize,
+    seed: u32,
+) -> Result<(u8, &[u8], usize), DecodeError> {
     let mut reader = Reader { bytes, offset };
     let tag = reader.u8()?;
     let body_len = reader.u32()? as usize;
@@ -283,7 +300,7 @@ pub fn read_record(bytes: &[u8], offset: usize, body_bytes_max: usize) -> Result
         });
     }
     let body = reader.take(body_len)?;
-    let computed = crc32c::crc32c(&bytes[offset..reader.offset]);
+    let computed = crc32c::crc32c_append(seed, &bytes[offset..reader.offset]);
     let crc_offset = reader.offset;
     let stored = reader.u32()?;
     if stored != computed {

@@ -65,8 +65,8 @@ pub fn dump(dirs: &[PathBuf], options: &DumpOptions) -> Result<(), String> {
                     item.done = Some((outcome, at_unix_us, reason));
                 }
             }
-            // Read positions in outbox logs, not packets.
-            QueueRecord::Cursor { .. } => {}
+            // Read positions in outbox logs and filler over damage, not packets.
+            QueueRecord::Cursor { .. } | QueueRecord::Skipped { .. } => {}
         }
     }
     let mut pcap = match &options.pcap {

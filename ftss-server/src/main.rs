@@ -207,12 +207,16 @@ fn run(settings: config::RunSettings) -> Result<(), String> {
     }
     let recovery = server.recovery();
     eprintln!(
-        "ftss-server: started (pid {}); recovered {} records in {} segments, truncated {} torn bytes, repaired {} mirrors",
+        "ftss-server: started (pid {}); recovered {} records in {} segments, truncated {} torn bytes, repaired {} \
+         mirrors, skipped {} damaged records ({} bytes), {} mirrors failed",
         std::process::id(),
         recovery.records,
         recovery.segments,
         recovery.torn_bytes_truncated,
-        recovery.mirrors_repaired
+        recovery.mirrors_repaired,
+        recovery.damaged_records,
+        recovery.damaged_bytes,
+        recovery.mirrors_failed
     );
     let deposed = std::cell::Cell::new(false);
     server.run(|| {
@@ -292,12 +296,17 @@ fn scrub(queue_dirs: &[PathBuf], json: bool) -> Result<(), String> {
         println!("{}", serde_json::to_string(&report).expect("report serializes"));
     } else {
         println!(
-            "scrubbed {} mirrors: {} segments, {} records verified, {} torn bytes truncated, {} mirror copies repaired",
+            "scrubbed {} mirrors: {} segments, {} records verified, {} torn bytes truncated, {} mirror copies \
+             repaired, {} damaged records skipped ({} bytes, kept in {}/), {} mirrors failed",
             queue_dirs.len(),
             report.segments,
             report.records,
             report.torn_bytes_truncated,
-            report.mirrors_repaired
+            report.mirrors_repaired,
+            report.damaged_records,
+            report.damaged_bytes,
+            queue::DAMAGED_DIR,
+            report.mirrors_failed
         );
     }
     Ok(())

@@ -3,8 +3,11 @@
 //! ```text
 //! queue-dir/seg-<id:016x>.log
 //! segment := header record*
-//! header  := magic "FTSQ" | version u16 | segment id u64 | crc32c u32
-//! record  := fsbridge record framing (tag u8 | len u32 | body | crc32c u32)
+//! header  := magic "FTSQ" | version u16 (2) | segment id u64 | seed u32 | crc32c u32
+//!            (version 1, still read: no seed, i.e. seed 0)
+//! record  := fsbridge record framing (tag u8 | len u32 | body | crc32c u32), the checksum
+//!            started from the segment's random seed: a payload imitating a record never verifies
+//!   SKIP:   zeros                                       covers bytes recovery found damaged
 //!   STORED: stored µs u64 | fsbridge packet body          a packet the server took responsibility for
 //!   DONE:   outcome u8 | at µs u64 | reason (u16 + bytes) | packet id
 //!                                                       receipted or dead-lettered: no longer delivered
@@ -25,9 +28,22 @@
 //! | a failed mirror's directory is usable again| copy every segment from a healthy mirror; healthy    |
 //! | a record fails its CRC on read             | read it from another mirror, rewrite the bad copy    |
 //!
-//! Recovery reads each mirror, keeps the longest valid prefix of each segment, truncates torn tails
-//! and copies the chosen bytes over mirrors that differ. Payloads are read back from disk on
-//! delivery, so memory holds only the index.
+//! Recovery, as a decision table (each mirror's copy of a segment, walked record by record):
+//! | what recovery finds                               | decision                                      |
+//! |---------------------------------------------------|-----------------------------------------------|
+//! | a record valid in some copy                       | take it; copies that differ are rewritten     |
+//! | no valid record here, a valid chain further on    | damage: its bytes are kept for quarantine and |
+//! |                                                   | replaced by a SKIP record; the rest is kept   |
+//! | no valid record here, none further on             | a torn tail: cut                              |
+//! | a mirror that cannot be read or repaired          | that mirror fails; the queue runs degraded    |
+//! | a mirror with fewer failure events than the others| stale (it was failed): ignored, then resynced |
+//! | no mirror left                                    | the open fails                                |
+//!
+//! Every mirror failure is counted in an `events` file in each healthy mirror, as md counts
+//! events in its superblocks: a mirror that was failed when the server stopped has a smaller
+//! count, so its old segments (whose packets may have been receipted and reclaimed since) are
+//! never taken for current. Payloads are read back from disk on delivery, so memory holds only
+//! the index.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -41,18 +57,28 @@ use serde::Serialize;
 use thiserror::Error;
 
 const SEGMENT_MAGIC: [u8; 4] = *b"FTSQ";
-const SEGMENT_VERSION: u16 = 1;
-const SEGMENT_HEADER_BYTES: usize = 4 + 2 + 8 + 4;
+const SEGMENT_VERSION: u16 = 2;
+const SEGMENT_HEADER_BYTES: usize = 4 + 2 + 8 + 4 + 4;
+/// Version 1 segments (no seed) are still read.
+const SEGMENT_HEADER_BYTES_V1: usize = 4 + 2 + 8 + 4;
+/// The smallest record: tag, length and checksum around an empty body.
+const RECORD_BYTES_MIN: usize = 1 + 4 + 4;
 /// A segment is closed and a new one started past this size.
 pub const SEGMENT_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// Largest record body in the queue: a packet with its id, addresses and reason text.
 const RECORD_BODY_BYTES_MAX: usize = PAYLOAD_BYTES_MAX + 1024;
+/// A SKIP record covers a damaged stretch, which may be longer (a whole segment at most).
+const SKIP_BODY_BYTES_MAX: usize = SEGMENT_BYTES_MAX as usize * 2;
 /// Record tag: a stored packet.
 const TAG_STORED: u8 = 0x11;
 /// Record tag: a packet that is done (receipted or dead-lettered).
 const TAG_DONE: u8 = 0x12;
 /// Record tag: the read position in an outbox log.
 const TAG_CURSOR: u8 = 0x13;
+/// Record tag: filler over bytes recovery found damaged (they are kept in quarantine).
+const TAG_SKIP: u8 = 0x1f;
+/// Name of the failure-event counter in each queue dir.
+const EVENTS_FILE: &str = "events";
 
 /// Errors of the queue; each names the file.
 #[derive(Debug, Error)]
@@ -127,6 +153,10 @@ pub enum QueueRecord {
         log: String,
         offset: u64,
     },
+    /// Filler of `bytes` bytes (whole record) where recovery found damage; never replayed.
+    Skipped {
+        bytes: u32,
+    },
 }
 
 /// What recovery found, in log order.
@@ -144,6 +174,30 @@ pub struct RecoveryReport {
     pub mirrors_repaired: usize,
     /// Bytes cut because a deposed instance wrote them after the fence.
     pub fenced_bytes: u64,
+    /// Damaged stretches found inside segments (each skipped, its bytes quarantined) and their size.
+    pub damaged_records: usize,
+    pub damaged_bytes: u64,
+    /// Mirrors left failed by recovery: stale ones (failed before the stop) and unreadable ones.
+    pub mirrors_failed: usize,
+    /// The damaged stretches, for the server to quarantine.
+    #[serde(skip)]
+    pub damaged: Vec<Damage>,
+}
+
+/// Bytes recovery found damaged, replaced by a SKIP record in every mirror.
+#[derive(Debug, Clone)]
+pub struct Damage {
+    pub segment: u64,
+    pub offset: u64,
+    pub bytes: Vec<u8>,
+    pub reason: String,
+}
+
+/// How one segment's records are framed: where the first starts, and the seed of their checksums.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Format {
+    header_bytes: usize,
+    seed: u32,
 }
 
 /// Health of one mirror, for status.
@@ -176,6 +230,10 @@ pub struct Queue {
     segment_bytes_max: u64,
     /// Did the last try to start a new segment fail (logged once until it works again)?
     rotation_failing: bool,
+    /// Each segment's framing.
+    formats: BTreeMap<u64, Format>,
+    /// Mirror failures counted so far (see the module notes), as in every healthy mirror's file.
+    events: u64,
 }
 
 fn io_error<'a>(operation: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> QueueError + 'a {
@@ -194,48 +252,84 @@ fn parse_segment_name(name: &str) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
-fn segment_header(segment: u64) -> Vec<u8> {
+fn segment_header(segment: u64, seed: u32) -> Vec<u8> {
     let mut header = Vec::with_capacity(SEGMENT_HEADER_BYTES);
     header.extend_from_slice(&SEGMENT_MAGIC);
     header.extend_from_slice(&SEGMENT_VERSION.to_le_bytes());
     header.extend_from_slice(&segment.to_le_bytes());
+    header.extend_from_slice(&seed.to_le_bytes());
     let crc = crc32c::crc32c(&header);
     header.extend_from_slice(&crc.to_le_bytes());
     header
+}
+
+/// A new segment's random checksum seed (never 0, the seed of plain records).
+fn new_seed() -> u32 {
+    (fsbridge::random_u64() as u32).max(1)
+}
+
+/// The framing a segment's header declares, if the header is whole and names `segment`.
+fn parse_header(bytes: &[u8], segment: u64) -> Option<Format> {
+    let fixed = bytes.get(..14)?;
+    if fixed[..4] != SEGMENT_MAGIC || fixed[6..14] != segment.to_le_bytes() {
+        return None;
+    }
+    let (header_bytes, seed) = match u16::from_le_bytes([fixed[4], fixed[5]]) {
+        1 => (SEGMENT_HEADER_BYTES_V1, 0),
+        2 => (SEGMENT_HEADER_BYTES, u32::from_le_bytes(bytes.get(14..18)?.try_into().expect("4 bytes"))),
+        _ => return None,
+    };
+    let header = bytes.get(..header_bytes)?;
+    let crc = u32::from_le_bytes(header[header_bytes - 4..].try_into().expect("4 bytes"));
+    (crc32c::crc32c(&header[..header_bytes - 4]) == crc).then_some(Format { header_bytes, seed })
 }
 
 fn is_no_space(error: &io::Error) -> bool {
     matches!(error.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
-/// Encodes one queue record, framed, onto `out`.
-pub fn encode_record(out: &mut Vec<u8>, record: &QueueRecord) {
+/// Encodes one queue record, framed with the checksum seed of its segment, onto `out`.
+fn encode_record(out: &mut Vec<u8>, record: &QueueRecord, seed: u32) {
     match record {
-        QueueRecord::Stored { stored_unix_us, packet } => format::write_record(out, TAG_STORED, |body| {
+        QueueRecord::Stored { stored_unix_us, packet } => format::write_record_seeded(out, TAG_STORED, seed, |body| {
             body.extend_from_slice(&stored_unix_us.to_le_bytes());
             format::encode_packet(body, packet);
         }),
-        QueueRecord::Done { id, outcome, at_unix_us, reason } => format::write_record(out, TAG_DONE, |body| {
-            body.push(*outcome as u8);
-            body.extend_from_slice(&at_unix_us.to_le_bytes());
-            let reason = &reason.as_bytes()[..reason.len().min(512)];
-            body.extend_from_slice(&(reason.len() as u16).to_le_bytes());
-            body.extend_from_slice(reason);
-            format::encode_packet_id(body, id);
-        }),
-        QueueRecord::Cursor { node, log, offset } => format::write_record(out, TAG_CURSOR, |body| {
+        QueueRecord::Done { id, outcome, at_unix_us, reason } => {
+            format::write_record_seeded(out, TAG_DONE, seed, |body| {
+                body.push(*outcome as u8);
+                body.extend_from_slice(&at_unix_us.to_le_bytes());
+                let reason = &reason.as_bytes()[..reason.len().min(512)];
+                body.extend_from_slice(&(reason.len() as u16).to_le_bytes());
+                body.extend_from_slice(reason);
+                format::encode_packet_id(body, id);
+            })
+        }
+        QueueRecord::Cursor { node, log, offset } => format::write_record_seeded(out, TAG_CURSOR, seed, |body| {
             for text in [node.as_str(), log.as_str()] {
                 body.push(text.len().min(255) as u8);
                 body.extend_from_slice(&text.as_bytes()[..text.len().min(255)]);
             }
             body.extend_from_slice(&offset.to_le_bytes());
         }),
+        QueueRecord::Skipped { bytes } => format::write_record_seeded(out, TAG_SKIP, seed, |body| {
+            let zeros = (*bytes as usize).saturating_sub(RECORD_BYTES_MIN);
+            body.resize(body.len() + zeros, 0);
+        }),
     }
 }
 
-/// Reads and decodes one queue record at `offset`; returns it and the next offset.
-pub fn read_record(bytes: &[u8], offset: usize) -> Result<(QueueRecord, usize), DecodeError> {
-    let (tag, body, next) = format::read_record(bytes, offset, RECORD_BODY_BYTES_MAX)?;
+/// Reads and decodes one queue record at `offset`, checked with `seed`; returns it and the next
+/// offset.
+fn read_record(bytes: &[u8], offset: usize, seed: u32) -> Result<(QueueRecord, usize), DecodeError> {
+    let (tag, body, next) = format::read_record_seeded(bytes, offset, SKIP_BODY_BYTES_MAX, seed)?;
+    if tag != TAG_SKIP && body.len() > RECORD_BODY_BYTES_MAX {
+        return Err(DecodeError::LengthTooLarge {
+            offset: offset + 1,
+            length: body.len() as u64,
+            limit: RECORD_BODY_BYTES_MAX as u64,
+        });
+    }
     let invalid = |field| DecodeError::InvalidField { offset, field };
     let record = match tag {
         TAG_STORED => {
@@ -275,24 +369,73 @@ pub fn read_record(bytes: &[u8], offset: usize) -> Result<(QueueRecord, usize), 
             let offset = body.get(at..).filter(|rest| rest.len() == 8).ok_or(invalid("cursor offset"))?;
             QueueRecord::Cursor { node, log, offset: u64::from_le_bytes(offset.try_into().expect("8 bytes")) }
         }
+        TAG_SKIP => QueueRecord::Skipped { bytes: (next - offset) as u32 },
         _ => return Err(invalid("queue record tag")),
     };
     Ok((record, next))
 }
 
-/// Length of the valid prefix of a segment's bytes (0 if even the header is bad).
-fn valid_prefix(bytes: &[u8], segment: u64) -> usize {
-    if bytes.len() < SEGMENT_HEADER_BYTES || bytes[..SEGMENT_HEADER_BYTES] != segment_header(segment)[..] {
-        return 0;
+/// One segment merged from its mirrors' copies, record by record.
+struct Merged {
+    bytes: Vec<u8>,
+    format: Format,
+    torn_bytes: u64,
+    damaged: Vec<Damage>,
+}
+
+/// Does a valid record start at `offset` of `bytes`, followed by another valid record or by the
+/// end? (Two in a row: a false match in damaged bytes is then vanishingly unlikely.)
+fn chain_starts_at(bytes: &[u8], offset: usize, seed: u32) -> bool {
+    match read_record(bytes, offset, seed) {
+        Ok((_, next)) => next == bytes.len() || read_record(bytes, next, seed).is_ok(),
+        Err(_) => false,
     }
-    let mut offset = SEGMENT_HEADER_BYTES;
-    while offset < bytes.len() {
-        match read_record(bytes, offset) {
-            Ok((_, next)) => offset = next,
-            Err(_) => break,
+}
+
+/// Merges the copies of `segment` (one per mirror read, empty where it is missing): each record
+/// is taken from any copy where it is valid; a stretch valid in none but followed by valid
+/// records is damage, replaced by a SKIP record of the same size (so that every later record
+/// keeps its offset); what no valid record follows is a torn tail, cut. `None` if no copy has a
+/// whole header (nothing in it can be checked): a new empty segment is used instead.
+fn merge(copies: &[&[u8]], segment: u64) -> Option<Merged> {
+    let (format, header) = copies
+        .iter()
+        .find_map(|bytes| parse_header(bytes, segment).map(|format| (format, &bytes[..format.header_bytes])))?;
+    let seed = format.seed;
+    let mut merged = Merged { bytes: header.to_vec(), format, torn_bytes: 0, damaged: Vec::new() };
+    let mut offset = format.header_bytes;
+    loop {
+        let longer: Vec<&[u8]> = copies.iter().copied().filter(|bytes| bytes.len() > offset).collect();
+        if longer.is_empty() {
+            break;
         }
+        if let Some((bytes, next)) =
+            longer.iter().find_map(|bytes| read_record(bytes, offset, seed).ok().map(|(_, next)| (bytes, next)))
+        {
+            merged.bytes.extend_from_slice(&bytes[offset..next]);
+            offset = next;
+            continue;
+        }
+        let resume = longer
+            .iter()
+            .filter_map(|bytes| (offset + RECORD_BYTES_MIN..bytes.len()).find(|at| chain_starts_at(bytes, *at, seed)))
+            .min();
+        let longest = longer.iter().max_by_key(|bytes| bytes.len()).expect("one copy at least");
+        let Some(resume) = resume else {
+            merged.torn_bytes = (longest.len() - offset) as u64;
+            break;
+        };
+        let reason = read_record(longest, offset, seed).err().map_or_else(String::new, |error| error.to_string());
+        merged.damaged.push(Damage {
+            segment,
+            offset: offset as u64,
+            bytes: longest[offset..resume].to_vec(),
+            reason: format!("queue segment {segment} bytes {offset}..{resume} are damaged in every mirror: {reason}"),
+        });
+        encode_record(&mut merged.bytes, &QueueRecord::Skipped { bytes: (resume - offset) as u32 }, seed);
+        offset = resume;
     }
-    offset
+    Some(merged)
 }
 
 /// Segment ids present in any of `dirs`.
@@ -308,62 +451,108 @@ fn segment_ids(dirs: &[PathBuf]) -> Vec<u64> {
     ids.into_iter().collect()
 }
 
-/// Decodes every record of a valid segment prefix.
-fn records_of(bytes: &[u8], segment: u64) -> Vec<Recovered> {
+/// Decodes every record of a merged segment, leaving out SKIP records.
+fn records_of(bytes: &[u8], segment: u64, format: Format) -> Vec<Recovered> {
     let mut records = Vec::new();
-    let mut offset = SEGMENT_HEADER_BYTES;
+    let mut offset = format.header_bytes;
     while offset < bytes.len() {
-        let (record, next) = read_record(bytes, offset).expect("valid prefix decodes");
-        records.push(Recovered {
-            location: Location { segment, offset: offset as u64, length: (next - offset) as u32 },
-            record,
-        });
+        let (record, next) = read_record(bytes, offset, format.seed).expect("merged segments decode");
+        if !matches!(record, QueueRecord::Skipped { .. }) {
+            records.push(Recovered {
+                location: Location { segment, offset: offset as u64, length: (next - offset) as u32 },
+                record,
+            });
+        }
         offset = next;
     }
     records
 }
 
-/// Reads the queue without changing anything (for `dump` while the server runs): for each segment
-/// the longest valid prefix among the mirrors.
+/// Reads the queue without changing anything (for `dump` while the server runs): each segment
+/// merged from the mirrors that are not stale.
 pub fn read_only_scan(dirs: &[PathBuf]) -> Result<Vec<Recovered>, QueueError> {
+    let counts: Vec<u64> = dirs.iter().map(|dir| read_events(dir)).collect();
+    let current = counts.iter().copied().max().unwrap_or(0);
+    let dirs: Vec<PathBuf> =
+        dirs.iter().zip(&counts).filter(|(_, count)| **count == current).map(|(dir, _)| dir.clone()).collect();
     let mut all = Vec::new();
-    for segment in segment_ids(dirs) {
-        let mut best: Vec<u8> = Vec::new();
-        for dir in dirs {
-            let path = dir.join(segment_name(segment));
-            let Ok(bytes) = fs::read(&path) else { continue };
-            let valid = valid_prefix(&bytes, segment);
-            if valid > best.len() {
-                best = bytes[..valid].to_vec();
-            }
-        }
-        if !best.is_empty() {
-            all.extend(records_of(&best, segment));
+    for segment in segment_ids(&dirs) {
+        let copies: Vec<Vec<u8>> =
+            dirs.iter().map(|dir| fs::read(dir.join(segment_name(segment))).unwrap_or_default()).collect();
+        let views: Vec<&[u8]> = copies.iter().map(Vec::as_slice).collect();
+        if let Some(merged) = merge(&views, segment) {
+            all.extend(records_of(&merged.bytes, segment, merged.format));
         }
     }
     Ok(all)
 }
 
+/// A mirror's failure-event count (0 if it has none or it cannot be read).
+fn read_events(dir: &Path) -> u64 {
+    fs::read_to_string(dir.join(EVENTS_FILE)).ok().and_then(|text| text.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Writes a mirror's failure-event count in place: a fixed 32 bytes, one write in one sector, so
+/// that once the file exists no space is needed (a full disk cannot fail it) and no write tears it.
+fn write_events(dir: &Path, events: u64) -> io::Result<()> {
+    let mut text = format!("{events}");
+    text.push_str(&" ".repeat(31 - text.len()));
+    text.push('\n');
+    let path = dir.join(EVENTS_FILE);
+    let existed = path.exists();
+    let file = OpenOptions::new().write(true).create(true).truncate(false).open(&path)?;
+    file.write_all_at(text.as_bytes(), 0)?;
+    file.sync_data()?;
+    if !existed {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 impl Queue {
-    /// Opens (creating if needed) the queue in `dirs`, recovers it and returns what it holds.
+    /// Opens (creating if needed) the queue in `dirs`, recovers it and returns what it holds. A
+    /// mirror that is stale or cannot be read or repaired is left failed (the queue runs degraded
+    /// and resyncs it later); only when no mirror is left does the open fail.
     pub fn open(dirs: &[PathBuf]) -> Result<(Queue, Vec<Recovered>, RecoveryReport), QueueError> {
         assert!(!dirs.is_empty(), "at least one queue dir");
         for dir in dirs {
             fs::create_dir_all(dir).map_err(io_error("creating", dir))?;
         }
         let mut report = RecoveryReport::default();
-        apply_fence(dirs, &mut report)?;
+        let counts: Vec<u64> = dirs.iter().map(|dir| read_events(dir)).collect();
+        let events = counts.iter().copied().max().unwrap_or(0);
+        let mut failures: Vec<Option<String>> = counts
+            .iter()
+            .map(|count| {
+                (*count < events).then(|| {
+                    format!("stale: it was failed when the server stopped ({count} of {events} failure events)")
+                })
+            })
+            .collect();
+        apply_fence(dirs, &mut failures, &mut report);
         let mut recovered = Vec::new();
         let mut segments = BTreeMap::new();
-        for segment in segment_ids(dirs) {
-            let bytes = recover_segment(dirs, segment, &mut report)?;
-            let records = records_of(&bytes, segment);
+        let mut formats = BTreeMap::new();
+        let current: Vec<PathBuf> =
+            dirs.iter().zip(&failures).filter(|(_, failure)| failure.is_none()).map(|(dir, _)| dir.clone()).collect();
+        for segment in segment_ids(&current) {
+            let Some((bytes, format)) = recover_segment(dirs, &mut failures, segment, &mut report) else { continue };
+            let records = records_of(&bytes, segment, format);
             report.records += records.len();
             recovered.extend(records);
             segments.insert(segment, bytes.len() as u64);
+            formats.insert(segment, format);
+        }
+        if failures.iter().all(Option::is_some) {
+            let last_error = failures.iter().flatten().last().cloned().unwrap_or_default();
+            return Err(QueueError::NoHealthyMirror { last_error });
         }
         report.segments = segments.len();
-        let mirrors = dirs.iter().map(|dir| Mirror { dir: dir.clone(), active: None, failure: None }).collect();
+        let mirrors: Vec<Mirror> = dirs
+            .iter()
+            .zip(&failures)
+            .map(|(dir, failure)| Mirror { dir: dir.clone(), active: None, failure: failure.clone() })
+            .collect();
         let active_segment = segments.keys().next_back().copied().unwrap_or(0);
         let mut queue = Queue {
             mirrors,
@@ -374,7 +563,24 @@ impl Queue {
             read_repairs: 0,
             segment_bytes_max: SEGMENT_BYTES_MAX,
             rotation_failing: false,
+            formats,
+            events,
         };
+        for (index, failure) in failures.iter().enumerate() {
+            if let Some(reason) = failure {
+                report.mirrors_failed += 1;
+                eprintln!("ftss-server: queue mirror {} failed, running degraded: {reason}", dirs[index].display());
+            }
+        }
+        // Failed mirrors count one event fewer from now on, so they stay stale until resynced (a
+        // stale mirror already is: counting again changes nothing for it).
+        let unreadable = counts.iter().zip(&failures).any(|(count, failure)| *count == events && failure.is_some());
+        if unreadable || counts.iter().any(|count| *count != events) {
+            queue.record_failures();
+        }
+        if queue.healthy().next().is_none() {
+            return Err(QueueError::NoHealthyMirror { last_error: "recording a mirror failure".into() });
+        }
         queue.open_active()?;
         Ok((queue, recovered, report))
     }
@@ -408,7 +614,8 @@ impl Queue {
 
     /// Does the active segment hold any record (beyond its header), with nothing pending?
     pub fn active_has_records(&self) -> bool {
-        self.pending.is_empty() && self.segments[&self.active_segment] > SEGMENT_HEADER_BYTES as u64
+        let header = self.formats.get(&self.active_segment).map_or(SEGMENT_HEADER_BYTES, |format| format.header_bytes);
+        self.pending.is_empty() && self.segments[&self.active_segment] > header as u64
     }
 
     /// Fences the queue at `epoch` (a lease epoch, see `lease`): records every segment's length now,
@@ -435,7 +642,8 @@ impl Queue {
     pub fn rotate(&mut self) -> Result<(), QueueError> {
         assert!(self.pending.is_empty(), "rotate only between syncs");
         let next = self.active_segment + 1;
-        let header = segment_header(next);
+        let seed = new_seed();
+        let header = segment_header(next, seed);
         let mut opened = Vec::new();
         for index in self.healthy().collect::<Vec<_>>() {
             let dir = self.mirrors[index].dir.clone();
@@ -455,6 +663,7 @@ impl Queue {
         }
         self.active_segment = next;
         self.segments.insert(next, header.len() as u64);
+        self.formats.insert(next, Format { header_bytes: header.len(), seed });
         Ok(())
     }
 
@@ -463,6 +672,11 @@ impl Queue {
     }
 
     fn fail_mirror(&mut self, index: usize, reason: String) {
+        self.mark_failed(index, reason);
+        self.record_failures();
+    }
+
+    fn mark_failed(&mut self, index: usize, reason: String) {
         eprintln!("ftss-server: queue mirror {} failed, running degraded: {reason}", self.mirrors[index].dir.display());
         let mirror = &mut self.mirrors[index];
         mirror.failure = Some(reason);
@@ -470,11 +684,34 @@ impl Queue {
         self.readers.retain(|(mirror_index, _), _| *mirror_index != index);
     }
 
+    /// Counts one more failure event in every healthy mirror, so that the failed ones are stale
+    /// to a later open. A healthy mirror where that cannot be written fails too (and is counted).
+    fn record_failures(&mut self) {
+        while self.healthy().next().is_some() {
+            self.events += 1;
+            let failed: Vec<(usize, io::Error)> = self
+                .healthy()
+                .collect::<Vec<_>>()
+                .into_iter()
+                .filter_map(|index| {
+                    write_events(&self.mirrors[index].dir, self.events).err().map(|error| (index, error))
+                })
+                .collect();
+            if failed.is_empty() {
+                break;
+            }
+            for (index, error) in failed {
+                self.mark_failed(index, format!("recording a mirror failure: {error}"));
+            }
+        }
+    }
+
     /// Opens (creating with a header) the active segment in every healthy mirror.
     fn open_active(&mut self) -> Result<(), QueueError> {
         let segment = self.active_segment;
         let size = *self.segments.entry(segment).or_insert(0);
-        let header = segment_header(segment);
+        let seed = new_seed();
+        let header = segment_header(segment, seed);
         for index in self.healthy().collect::<Vec<_>>() {
             let dir = self.mirrors[index].dir.clone();
             match open_segment_for_append(&dir, segment, if size == 0 { Some(&header) } else { None }) {
@@ -485,6 +722,7 @@ impl Queue {
         }
         if size == 0 {
             self.segments.insert(segment, header.len() as u64);
+            self.formats.insert(segment, Format { header_bytes: header.len(), seed });
         }
         Ok(())
     }
@@ -492,7 +730,7 @@ impl Queue {
     /// Appends a record (buffered until [`Queue::sync`]); returns where it will live.
     pub fn append(&mut self, record: &QueueRecord) -> Location {
         let start = self.pending.len();
-        encode_record(&mut self.pending, record);
+        encode_record(&mut self.pending, record, self.formats[&self.active_segment].seed);
         let offset = self.segments[&self.active_segment] + start as u64;
         Location { segment: self.active_segment, offset, length: (self.pending.len() - start) as u32 }
     }
@@ -627,7 +865,8 @@ impl Queue {
             io::ErrorKind::UnexpectedEof => ReadFailure::Damaged("the segment ends inside the record".into()),
             _ => ReadFailure::Io(error.to_string()),
         })?;
-        let (record, _) = read_record(&bytes, 0).map_err(|error| ReadFailure::Damaged(error.to_string()))?;
+        let seed = self.formats.get(&location.segment).map_or(0, |format| format.seed);
+        let (record, _) = read_record(&bytes, 0, seed).map_err(|error| ReadFailure::Damaged(error.to_string()))?;
         Ok((bytes, record))
     }
 
@@ -663,6 +902,10 @@ impl Queue {
                     );
                     self.mirrors[index].failure = None;
                     rejoined += 1;
+                    if let Err(error) = write_events(&self.mirrors[index].dir, self.events) {
+                        self.mark_failed(index, format!("recording its resync: {error}"));
+                        rejoined -= 1;
+                    }
                 }
                 Err(error) => self.mirrors[index].failure = Some(format!("resync: {error}")),
             }
@@ -725,6 +968,7 @@ impl Queue {
                 }
             }
             self.segments.remove(&segment);
+            self.formats.remove(&segment);
             deleted += 1;
         }
         deleted
@@ -741,32 +985,41 @@ struct Fence {
     segments: Vec<(u64, u64)>,
 }
 
-/// Cuts every fenced segment back to its fenced length (late writes of a deposed instance).
-fn apply_fence(dirs: &[PathBuf], report: &mut RecoveryReport) -> Result<(), QueueError> {
+/// Cuts every fenced segment back to its fenced length (late writes of a deposed instance). A
+/// mirror where that fails is marked failed in `failures`.
+fn apply_fence(dirs: &[PathBuf], failures: &mut [Option<String>], report: &mut RecoveryReport) {
     let fence = dirs
         .iter()
-        .filter_map(|dir| fs::read_to_string(dir.join(FENCE_FILE)).ok())
+        .zip(failures.iter())
+        .filter(|(_, failure)| failure.is_none())
+        .filter_map(|(dir, _)| fs::read_to_string(dir.join(FENCE_FILE)).ok())
         .filter_map(|text| toml::from_str::<Fence>(&text).ok())
         .max_by_key(|fence| fence.epoch);
-    let Some(fence) = fence else { return Ok(()) };
+    let Some(fence) = fence else { return };
     for (segment, length) in fence.segments {
-        for dir in dirs {
+        for (dir, failure) in dirs.iter().zip(failures.iter_mut()) {
             let path = dir.join(segment_name(segment));
             let Ok(meta) = fs::metadata(&path) else { continue };
-            if meta.len() > length {
-                let file = OpenOptions::new().write(true).open(&path).map_err(io_error("opening", &path))?;
-                file.set_len(length).map_err(io_error("fencing", &path))?;
-                file.sync_all().map_err(io_error("syncing", &path))?;
-                eprintln!(
-                    "ftss-server: cut {} bytes a deposed instance wrote to {}",
-                    meta.len() - length,
-                    path.display()
-                );
-                report.fenced_bytes += meta.len() - length;
+            if failure.is_some() || meta.len() <= length {
+                continue;
+            }
+            let cut = OpenOptions::new().write(true).open(&path).and_then(|file| {
+                file.set_len(length)?;
+                file.sync_all()
+            });
+            match cut {
+                Ok(()) => {
+                    eprintln!(
+                        "ftss-server: cut {} bytes a deposed instance wrote to {}",
+                        meta.len() - length,
+                        path.display()
+                    );
+                    report.fenced_bytes += meta.len() - length;
+                }
+                Err(error) => *failure = Some(format!("fencing {}: {error}", path.display())),
             }
         }
     }
-    Ok(())
 }
 
 fn open_segment_for_append(dir: &Path, segment: u64, header: Option<&[u8]>) -> Result<File, QueueError> {
@@ -781,43 +1034,110 @@ fn open_segment_for_append(dir: &Path, segment: u64, header: Option<&[u8]>) -> R
     Ok(file)
 }
 
-/// Reads one segment from every mirror, picks the longest valid copy, truncates torn tails and
-/// rewrites mirrors whose bytes differ. Returns the chosen valid bytes.
-fn recover_segment(dirs: &[PathBuf], segment: u64, report: &mut RecoveryReport) -> Result<Vec<u8>, QueueError> {
-    let mut copies = Vec::new();
-    for dir in dirs {
+/// Reads one segment from every mirror not failed, merges the copies record by record (see
+/// [`merge`]) and writes the result over copies that differ. A mirror that cannot be read or
+/// written is marked failed in `failures`. Returns the merged bytes and framing; `None` if no
+/// mirror is left, or no copy has a whole header (its bytes are then kept as damage).
+fn recover_segment(
+    dirs: &[PathBuf],
+    failures: &mut [Option<String>],
+    segment: u64,
+    report: &mut RecoveryReport,
+) -> Option<(Vec<u8>, Format)> {
+    let mut copies: Vec<(usize, Vec<u8>)> = Vec::new();
+    for (index, dir) in dirs.iter().enumerate() {
+        if failures[index].is_some() {
+            continue;
+        }
         let path = dir.join(segment_name(segment));
-        let bytes = match fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(error) if error.kind() == io::ErrorKind::NotFound => Vec::new(),
-            Err(error) => return Err(io_error("reading", &path)(error)),
-        };
-        let valid = valid_prefix(&bytes, segment);
-        copies.push((path, bytes, valid));
+        match fs::read(&path) {
+            Ok(bytes) => copies.push((index, bytes)),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => copies.push((index, Vec::new())),
+            Err(error) => failures[index] = Some(format!("reading {}: {error}", path.display())),
+        }
     }
-    let best = copies.iter().max_by_key(|(_, _, valid)| *valid).expect("one mirror at least");
-    let mut chosen = best.1[..best.2].to_vec();
-    if chosen.is_empty() {
-        chosen = segment_header(segment);
+    let views: Vec<&[u8]> = copies.iter().map(|(_, bytes)| bytes.as_slice()).collect();
+    let Some(merged) = merge(&views, segment) else {
+        // No whole header anywhere: nothing in it can be checked. Kept as damage, and the files go.
+        if let Some((_, bytes)) =
+            copies.iter().max_by_key(|(_, bytes)| bytes.len()).filter(|(_, bytes)| !bytes.is_empty())
+        {
+            report.damaged_records += 1;
+            report.damaged_bytes += bytes.len() as u64;
+            report.damaged.push(Damage {
+                segment,
+                offset: 0,
+                bytes: bytes.clone(),
+                reason: format!("queue segment {segment} has no valid header in any mirror"),
+            });
+        }
+        for (index, _) in &copies {
+            let path = dirs[*index].join(segment_name(segment));
+            if let Err(error) = fs::remove_file(&path) {
+                failures[*index] = Some(format!("removing {}: {error}", path.display()));
+            }
+        }
+        return None;
+    };
+    report.torn_bytes_truncated += merged.torn_bytes;
+    report.damaged_records += merged.damaged.len();
+    report.damaged_bytes += merged.damaged.iter().map(|damage| damage.bytes.len() as u64).sum::<u64>();
+    // The damaged bytes are kept before any copy is rewritten over them.
+    if let Some(index) = copies.first().map(|(index, _)| *index) {
+        for damage in &merged.damaged {
+            if let Err(error) = keep_damage(&dirs[index], damage) {
+                eprintln!("ftss-server: cannot keep damaged queue bytes in {}: {error}", dirs[index].display());
+            }
+        }
     }
-    report.torn_bytes_truncated += (best.1.len() - best.2) as u64;
-    for (path, bytes, _) in &copies {
+    report.damaged.extend(merged.damaged);
+    let chosen = merged.bytes;
+    for (index, bytes) in &copies {
         if *bytes == chosen {
             continue;
         }
-        if bytes.starts_with(&chosen) {
-            let file = OpenOptions::new().write(true).open(path).map_err(io_error("opening", path))?;
-            file.set_len(chosen.len() as u64).map_err(io_error("truncating", path))?;
-            file.sync_all().map_err(io_error("syncing", path))?;
+        let path = dirs[*index].join(segment_name(segment));
+        let written = if bytes.starts_with(&chosen) {
+            OpenOptions::new().write(true).open(&path).and_then(|file| {
+                file.set_len(chosen.len() as u64)?;
+                file.sync_all()
+            })
         } else {
             let tmp = path.with_extension("repair");
-            fs::write(&tmp, &chosen).map_err(io_error("repairing", path))?;
-            File::open(&tmp).and_then(|file| file.sync_all()).map_err(io_error("syncing", &tmp))?;
-            fs::rename(&tmp, path).map_err(io_error("repairing", path))?;
-            report.mirrors_repaired += 1;
+            let written = fs::write(&tmp, &chosen)
+                .and_then(|()| File::open(&tmp)?.sync_all())
+                .and_then(|()| fs::rename(&tmp, &path))
+                .and_then(|()| File::open(&dirs[*index])?.sync_all());
+            if written.is_ok() {
+                report.mirrors_repaired += 1;
+            }
+            written
+        };
+        if let Err(error) = written {
+            failures[*index] = Some(format!("repairing {}: {error}", path.display()));
         }
     }
-    Ok(chosen)
+    if failures.iter().all(Option::is_some) {
+        return None;
+    }
+    Some((chosen, merged.format))
+}
+
+/// Name of the directory in a queue dir where recovery keeps damaged bytes it skipped.
+pub const DAMAGED_DIR: &str = "damaged";
+
+/// Writes a damaged stretch and its reason under `dir/damaged/` (synced).
+fn keep_damage(dir: &Path, damage: &Damage) -> Result<(), fsbridge::SpoolError> {
+    let kept = dir.join(DAMAGED_DIR);
+    fs::create_dir_all(&kept).map_err(|source| fsbridge::SpoolError::Io {
+        operation: "creating",
+        path: kept.clone(),
+        source,
+    })?;
+    let name = format!("{}-{}", segment_name(damage.segment), damage.offset);
+    fsbridge::spool::write_file_durably(&kept.join(format!("{name}.bin")), &damage.bytes)?;
+    fsbridge::spool::write_file_durably(&kept.join(format!("{name}.reason")), damage.reason.as_bytes())?;
+    fsbridge::spool::sync_directory(&kept)
 }
 
 /// Verifies every segment in every mirror; truncates torn tails and repairs mirrors from the longest
@@ -859,12 +1179,131 @@ mod tests {
     }
 
     #[test]
-    fn records_round_trip() {
-        for record in [stored(1), done(2)] {
+    fn records_round_trip_and_verify_only_with_their_seed() {
+        for record in [stored(1), done(2), QueueRecord::Skipped { bytes: 40 }] {
             let mut bytes = Vec::new();
-            encode_record(&mut bytes, &record);
-            assert_eq!(read_record(&bytes, 0).unwrap(), (record, bytes.len()));
+            encode_record(&mut bytes, &record, 0x5eed);
+            assert_eq!(read_record(&bytes, 0, 0x5eed).unwrap(), (record, bytes.len()));
+            assert!(read_record(&bytes, 0, 0).is_err(), "a record verified without its seed");
         }
+    }
+
+    /// Segment 0's file in `dir`, with the byte at `offset` flipped.
+    fn flip(dir: &Path, offset: u64) {
+        let path = dir.join(segment_name(0));
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[offset as usize] ^= 0x5a;
+        fs::write(&path, &bytes).unwrap();
+    }
+
+    fn stored_seqs(recovered: &[Recovered]) -> Vec<u64> {
+        recovered
+            .iter()
+            .filter_map(|item| match &item.record {
+                QueueRecord::Stored { packet, .. } => Some(packet.id.seq),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Item 6: recovery took the first bad record anywhere for a torn tail and cut every valid
+    /// record after it. Damage in the middle is skipped (its bytes kept for quarantine) and the
+    /// records after it stay, at their offsets; a second open finds nothing more to do.
+    #[test]
+    fn damage_inside_a_segment_costs_only_the_damaged_record() {
+        let dirs = temp_dirs(1);
+        let (mut queue, _, _) = Queue::open(&dirs).unwrap();
+        let locations: Vec<Location> = (0..10).map(|seq| queue.append(&stored(seq))).collect();
+        queue.sync().unwrap();
+        drop(queue);
+        flip(&dirs[0], locations[3].offset + 20);
+        let (mut queue, recovered, report) = Queue::open(&dirs).unwrap();
+        assert_eq!(stored_seqs(&recovered), vec![0, 1, 2, 4, 5, 6, 7, 8, 9]);
+        assert_eq!((report.damaged_records, report.damaged_bytes), (1, u64::from(locations[3].length)));
+        assert_eq!(report.damaged[0].offset, locations[3].offset);
+        let kept = dirs[0].join(DAMAGED_DIR).join(format!("{}-{}.bin", segment_name(0), locations[3].offset));
+        assert_eq!(fs::read(kept).unwrap().len(), locations[3].length as usize);
+        assert_eq!(report.torn_bytes_truncated, 0);
+        assert_eq!(queue.read_stored(locations[9]).unwrap().1, packet(9));
+        assert!(matches!(queue.read_stored(locations[3]), Err(QueueError::Damaged { .. })));
+        // Appends go on after the last good record; the next open finds no damage.
+        let location = queue.append(&stored(10));
+        queue.sync().unwrap();
+        drop(queue);
+        let (mut queue, recovered, report) = Queue::open(&dirs).unwrap();
+        assert_eq!(stored_seqs(&recovered).len(), 10);
+        assert_eq!(report.damaged_records, 0);
+        assert_eq!(queue.read_stored(location).unwrap().1, packet(10));
+    }
+
+    /// Item 6: mirrors were never merged record by record: the longest valid prefix won and was
+    /// copied over the others, so damage in different records of each mirror lost everything
+    /// after the first. Each record is taken from a copy where it is valid.
+    #[test]
+    fn mirrors_damaged_in_different_records_are_merged_record_by_record() {
+        let dirs = temp_dirs(2);
+        let (mut queue, _, _) = Queue::open(&dirs).unwrap();
+        let locations: Vec<Location> = (0..10).map(|seq| queue.append(&stored(seq))).collect();
+        queue.sync().unwrap();
+        drop(queue);
+        flip(&dirs[0], locations[2].offset + 30);
+        flip(&dirs[1], locations[6].offset + 30);
+        let (_, recovered, report) = Queue::open(&dirs).unwrap();
+        assert_eq!(stored_seqs(&recovered), (0..10).collect::<Vec<u64>>());
+        assert_eq!((report.damaged_records, report.mirrors_repaired), (0, 2));
+        assert_eq!(fs::read(dirs[0].join(segment_name(0))).unwrap(), fs::read(dirs[1].join(segment_name(0))).unwrap());
+    }
+
+    /// Item 6: a mirror that failed before a restart still held segments the healthy mirror had
+    /// reclaimed since; the next open took them back, and their receipted packets came back to life.
+    #[test]
+    fn a_mirror_failed_before_a_restart_brings_back_nothing_reclaimed() {
+        let dirs = temp_dirs(2);
+        let (mut queue, _, _) = Queue::open(&dirs).unwrap();
+        queue.append(&stored(1));
+        queue.sync().unwrap();
+        queue.rotate().unwrap();
+        // Mirror 1 fails (its active segment is unlinked under it); it keeps segment 0.
+        fs::remove_file(dirs[1].join(segment_name(1))).unwrap();
+        queue.append(&done(1));
+        queue.sync().unwrap();
+        assert!(queue.degraded());
+        queue.rotate().unwrap();
+        assert_eq!(queue.reclaim(|_| false), 2);
+        drop(queue);
+        let (mut queue, recovered, report) = Queue::open(&dirs).unwrap();
+        assert_eq!(stored_seqs(&recovered), Vec::<u64>::new(), "a receipted packet came back");
+        assert_eq!(report.mirrors_failed, 1);
+        assert!(queue.degraded());
+        // Resynced from the healthy mirror, it is current again, also for the next open.
+        assert_eq!(queue.resync_failed(), 1);
+        assert!(!dirs[1].join(segment_name(0)).exists());
+        drop(queue);
+        let (queue, _, report) = Queue::open(&dirs).unwrap();
+        assert!(!queue.degraded());
+        assert_eq!(report.mirrors_failed, 0);
+    }
+
+    /// Item 6: a mirror that could not be read during recovery stopped the server from starting,
+    /// although another mirror held everything. It runs degraded instead.
+    #[test]
+    fn a_mirror_unreadable_at_recovery_leaves_the_queue_degraded_not_down() {
+        let dirs = temp_dirs(2);
+        let (mut queue, _, _) = Queue::open(&dirs).unwrap();
+        let location = queue.append(&stored(5));
+        queue.sync().unwrap();
+        queue.rotate().unwrap();
+        drop(queue);
+        // Segment 0 of mirror 1 cannot be read (a directory where the file was: EISDIR).
+        fs::remove_file(dirs[1].join(segment_name(0))).unwrap();
+        fs::create_dir(dirs[1].join(segment_name(0))).unwrap();
+        let (mut queue, recovered, report) = Queue::open(&dirs).unwrap();
+        assert_eq!(stored_seqs(&recovered), vec![5]);
+        assert!(queue.degraded());
+        assert_eq!(report.mirrors_failed, 1);
+        assert_eq!(queue.read_stored(location).unwrap().1, packet(5));
+        queue.append(&stored(6));
+        queue.sync().unwrap();
     }
 
     /// Issue 16, item 1: a sync that took the active segment past its size, followed by a failure
@@ -936,12 +1375,32 @@ mod tests {
         flipped[location.offset as usize + 30] ^= 0xFF;
         fs::write(&path1, &flipped).unwrap();
         let (mut queue, recovered, report) = Queue::open(&dirs).unwrap();
-        // Mirror 0's valid prefix (record 1) is the longest; record 2 was torn from the only good copy.
-        assert_eq!(recovered.len(), 1);
-        assert_eq!(report.mirrors_repaired, 1);
-        assert!(report.torn_bytes_truncated > 0);
+        // Record 1 comes from mirror 0, record 2 from mirror 1: both copies are repaired.
+        assert_eq!(recovered.len(), 2);
+        assert_eq!(report.mirrors_repaired, 2);
+        assert_eq!(report.torn_bytes_truncated, 0);
         assert_eq!(queue.read_stored(location).unwrap().1, packet(1));
         assert_eq!(fs::read(&path0).unwrap(), fs::read(&path1).unwrap());
+    }
+
+    #[test]
+    fn a_torn_tail_in_every_mirror_is_cut() {
+        let dirs = temp_dirs(2);
+        let (mut queue, _, _) = Queue::open(&dirs).unwrap();
+        queue.append(&stored(1));
+        let last = queue.append(&stored(2));
+        queue.sync().unwrap();
+        drop(queue);
+        for dir in &dirs {
+            let path = dir.join(segment_name(0));
+            let bytes = fs::read(&path).unwrap();
+            fs::write(&path, &bytes[..bytes.len() - 7]).unwrap();
+        }
+        let (_, recovered, report) = Queue::open(&dirs).unwrap();
+        assert_eq!(stored_seqs(&recovered), vec![1]);
+        assert_eq!(report.torn_bytes_truncated, u64::from(last.length) - 7);
+        assert_eq!(report.damaged_records, 0);
+        assert_eq!(fs::metadata(dirs[1].join(segment_name(0))).unwrap().len(), last.offset);
     }
 
     #[test]
@@ -1031,7 +1490,7 @@ mod fence_tests {
             .iter()
             .filter_map(|item| match &item.record {
                 QueueRecord::Stored { packet, .. } => Some(packet.id.seq),
-                QueueRecord::Done { .. } | QueueRecord::Cursor { .. } => None,
+                QueueRecord::Done { .. } | QueueRecord::Cursor { .. } | QueueRecord::Skipped { .. } => None,
             })
             .collect();
         assert_eq!(seqs, vec![1, 3], "the late write of the deposed writer survived");

@@ -412,6 +412,13 @@ impl Server {
             inbox_files: HashMap::new(),
         };
         server.replay(recovered);
+        // Stretches of the queue recovery found damaged (now skipped) are kept for the operator.
+        let queue_origin = NodeName::new("queue").expect("valid name");
+        for damage in std::mem::take(&mut server.recovery.damaged) {
+            eprintln!("ftss-server: {}", damage.reason);
+            let name = format!("queue-{}-{}", damage.segment, damage.offset);
+            server.quarantine_bytes(&queue_origin, &name, &damage.bytes, &damage.reason);
+        }
         Ok(server)
     }
 
@@ -425,7 +432,7 @@ impl Server {
                     done.insert(id.clone(), (*outcome, *at_unix_us));
                 }
                 QueueRecord::Cursor { node, log, offset } => self.logs.recover(node.clone(), log.clone(), *offset),
-                QueueRecord::Stored { .. } => {}
+                QueueRecord::Stored { .. } | QueueRecord::Skipped { .. } => {}
             }
         }
         let retain_us = self.config.retain.as_micros() as u64;

@@ -94,9 +94,22 @@ impl Sender {
     }
 
     pub fn start_with(fabric: &Fabric, port: u16, tag: &str, count: usize, pad: usize, env: &[(&str, &str)]) -> Sender {
+        Sender::start_to(fabric, "10.77.0.2", port, tag, count, pad, env)
+    }
+
+    /// Like [`Sender::start_with`], to `host`.
+    pub fn start_to(
+        fabric: &Fabric,
+        host: &str,
+        port: u16,
+        tag: &str,
+        count: usize,
+        pad: usize,
+        env: &[(&str, &str)],
+    ) -> Sender {
         let mut command = fabric.command("a", "10.77.0.1", "python3");
         command
-            .args(["-c", PY_SENDER, "10.77.0.2", &port.to_string(), tag, &count.to_string(), &pad.to_string()])
+            .args(["-c", PY_SENDER, host, &port.to_string(), tag, &count.to_string(), &pad.to_string()])
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
