@@ -309,3 +309,46 @@ fn a_queue_damaged_in_the_middle_loses_only_the_damaged_packet_and_keeps_its_byt
     });
     assert!(kept, "no quarantined file holds the damaged packet: {:?}", common::files_in(&quarantine));
 }
+
+/// The instance named in `status` as active, if any.
+fn active_instance(fabric: &Fabric) -> Option<String> {
+    fabric.status()["active"]["instance"].as_str().map(str::to_owned)
+}
+
+/// Item 2, end to end: the active instance of an HA pair is stopped (SIGSTOP) past its lease term
+/// while a guaranteed sender sends; the standby takes over; the old one resumes (SIGCONT) and must
+/// stop without acting. Every send that returned success arrives, once to the receiver.
+#[test]
+fn an_active_instance_paused_past_its_term_stops_when_it_resumes_and_nothing_acked_is_lost() {
+    const COUNT: usize = 400;
+    let fabric = Fabric::new("ha-pause");
+    let mut first = fabric.start_instance("first", &["--lease-term", "2s"]);
+    assert!(
+        common::wait_until(Duration::from_secs(20), || active_instance(&fabric).as_deref() == Some("first")),
+        "the first instance never became active"
+    );
+    let _second = fabric.start_instance("second", &["--lease-term", "2s"]);
+    let receiver = common::apps::Receiver::start(&fabric, 9160);
+    let mut sender = common::apps::Sender::start_with(&fabric, 9160, "ha", COUNT, 0, &[("FTSS_ACK", "guaranteed")]);
+    assert!(common::wait_until(Duration::from_secs(30), || sender.acknowledged().len() >= 50), "no sends returned");
+    let pid = first.child.id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    assert!(
+        common::wait_until(Duration::from_secs(30), || active_instance(&fabric).as_deref() == Some("second")),
+        "the standby never took over"
+    );
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    assert!(first.wait_exit(Duration::from_secs(10)), "the deposed instance kept running after it resumed");
+    assert!(sender.proc.wait_exit(Duration::from_secs(120)), "the sender did not finish");
+    let mut history = History::new();
+    for payload in sender.acknowledged() {
+        history.sent(payload, Ack::Guaranteed);
+    }
+    for line in sender.errors() {
+        let n = line.split_whitespace().nth(1).unwrap_or_default();
+        history.send_failed(format!("ha-{n}"));
+    }
+    record_received(&mut history, &receiver, "receiver", COUNT);
+    let said = std::fs::read_to_string(fabric.dir.0.join("first.log")).unwrap_or_default();
+    history.check().assert_ok(&format!("across a paused active instance\nfirst instance:\n{said}"));
+}

@@ -3,18 +3,29 @@
 //!
 //! - The active instance renews the lease every third of its term. If it cannot renew (the volume is
 //!   unreachable, or another instance holds the lease) it stops before the term ends.
-//! - A standby takes over only after the lease has expired, by writing a lease with the next epoch
-//!   (tmp + rename) and reading it back after a pause: of two standbys racing, the later rename wins
-//!   and the other sees a holder that is not itself.
+//! - A standby takes over only after the lease has expired. It claims the next epoch by creating
+//!   `server/lease.epochs/<epoch>` exclusively (O_EXCL: of two standbys racing, exactly one gets
+//!   it), then writes the lease with that epoch (tmp + rename).
+//! - Epochs only go up. An instance whose epoch has a successor claim, or whose lease file shows a
+//!   higher epoch, is deposed; a lease file showing a lower epoch is a late write of a deposed
+//!   instance and is overwritten at the next renewal.
 //! - The epoch is a fencing token: a new active instance fences the queue at the epoch it won
-//!   (`Queue::fence`), so late appends of a deposed instance are cut off at the next recovery.
+//!   (`Queue::fence`, which refuses an epoch not above the last), so late appends of a deposed
+//!   instance are cut off at the next recovery. The server asks [`Lease::still_acting`] after every
+//!   group commit, before it acks or removes anything.
 //!
-//! No locks: NFS, SMB and Gluster all do rename atomically, which is all this needs.
+//! No locks: exclusive create and rename are atomic on NFS (v3 and later), SMB and Gluster. On an
+//! NFS client, a claim another host just created can stay hidden behind the negative lookup cache
+//! of the claims directory; the lease file is read by name (close-to-open), and the standby's next
+//! renewal rewrites it, so a deposed instance on NFS sees its successor within a third of a term.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+/// How many epoch claims are kept behind the newest.
+const CLAIMS_KEPT: u64 = 8;
 
 /// What the lease file says.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,6 +82,63 @@ impl Lease {
         &self.holder
     }
 
+    /// Where epoch claims live: `<lease>.epochs/`.
+    fn claims_dir(&self) -> PathBuf {
+        let name = self.path.file_name().expect("lease file name").to_string_lossy();
+        self.path.with_file_name(format!("{name}.epochs"))
+    }
+
+    /// Claims `epoch` for this instance by creating its claim file exclusively. False if another
+    /// instance claimed it first.
+    fn claim(&self, epoch: u64) -> Result<bool, String> {
+        use std::io::Write;
+        let dir = self.claims_dir();
+        std::fs::create_dir_all(&dir).map_err(|error| format!("{}: {error}", dir.display()))?;
+        let path = dir.join(epoch.to_string());
+        let mut file = match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+            Err(error) => return Err(format!("{}: {error}", path.display())),
+        };
+        file.write_all(self.holder.as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(|error| format!("{}: {error}", path.display()))?;
+        fsbridge::spool::sync_directory(&dir).map_err(|error| error.to_string())?;
+        // Claims older than the last few are of no use to anyone.
+        for old in self.claims().into_iter().filter(|old| *old + CLAIMS_KEPT < epoch) {
+            let _ = std::fs::remove_file(dir.join(old.to_string()));
+        }
+        Ok(true)
+    }
+
+    /// The epochs claimed so far.
+    fn claims(&self) -> Vec<u64> {
+        std::fs::read_dir(self.claims_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str().and_then(|name| name.parse().ok()))
+            .collect()
+    }
+
+    /// Has another instance claimed a later epoch than this one's, or written one into the lease?
+    pub fn superseded(&self) -> bool {
+        if self.epoch == 0 {
+            return true;
+        }
+        let successor = self.claims_dir().join((self.epoch + 1).to_string());
+        successor.symlink_metadata().is_ok()
+            || read(&self.path).is_some_and(|record| {
+                record.epoch > self.epoch || (record.epoch == self.epoch && record.holder != self.holder)
+            })
+    }
+
+    /// May this instance still act (ack, remove, rotate)? Its term has not run out by its own
+    /// clock, and no later epoch exists. Asked after every group commit.
+    pub fn still_acting(&self) -> bool {
+        self.valid() && !self.superseded()
+    }
+
     fn write(&self, epoch: u64) -> Result<(), String> {
         let record = LeaseRecord {
             holder: self.holder.clone(),
@@ -114,25 +182,24 @@ impl Lease {
                 return Ok(false);
             }
         }
-        let epoch = current.map_or(1, |current| current.epoch + 1);
-        self.write(epoch)?;
-        // Let a racing standby's rename land, then see who won.
-        std::thread::sleep((self.term / 10).min(Duration::from_millis(500)));
-        let won = read(&self.path).is_some_and(|record| record.holder == self.holder && record.epoch == epoch);
-        if won {
-            self.epoch = epoch;
-            self.renewed_at = Some(Instant::now());
+        // The next epoch above any written or claimed (a claimant may have died before writing).
+        let highest = self.claims().into_iter().max().unwrap_or(0);
+        let epoch = current.map_or(0, |current| current.epoch).max(highest) + 1;
+        if !self.claim(epoch)? {
+            return Ok(false);
         }
-        Ok(won)
+        self.epoch = epoch;
+        self.write(epoch)?;
+        self.renewed_at = Some(Instant::now());
+        Ok(true)
     }
 
     /// Renews the lease. False if another instance holds it now (this one is deposed).
     pub fn renew(&mut self) -> Result<bool, String> {
-        let still_mine =
-            read(&self.path).is_some_and(|record| record.holder == self.holder && record.epoch == self.epoch);
-        if !still_mine {
+        if self.superseded() {
             return Ok(false);
         }
+        // A lower epoch in the file is a late write of a deposed instance: overwritten.
         self.write(self.epoch)?;
         self.renewed_at = Some(Instant::now());
         Ok(true)
@@ -184,6 +251,30 @@ impl Lease {
         }
     }
 
+    /// Runs `open` (recovering a large queue can take longer than a term) while a second thread
+    /// keeps the lease renewed, so that no standby takes over an instance that is starting.
+    pub fn renew_during<T>(&mut self, what: &str, open: impl FnOnce() -> T) -> T {
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let step = (self.term / 10).max(Duration::from_millis(10));
+        std::thread::scope(|scope| {
+            let lease = &mut *self;
+            let done = &done;
+            scope.spawn(move || {
+                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                    if lease.renewal_due()
+                        && let Err(error) = lease.renew()
+                    {
+                        eprintln!("ftss-server: {what}: cannot renew the lease while starting: {error}");
+                    }
+                    std::thread::sleep(step);
+                }
+            });
+            let result = open();
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            result
+        })
+    }
+
     /// Is a renewal due (a third of the term since the last one)?
     pub fn renewal_due(&self) -> bool {
         self.renewed_at.is_none_or(|at| at.elapsed() >= self.term / 3)
@@ -215,6 +306,38 @@ mod tests {
         assert_eq!(second.epoch(), 2);
         assert!(!first.renew().unwrap(), "the deposed holder renewed");
         assert_eq!(read(&volume.join("server/lease")).unwrap().holder, "second");
+        std::fs::remove_dir_all(volume).unwrap();
+    }
+
+    /// Item 2 of the durability audit: a standby took the next epoch by rewriting the lease and
+    /// reading it back after a pause, so one that had read the expired lease before another's write
+    /// could write the same epoch after the other had already checked: two instances, one epoch.
+    #[test]
+    fn two_standbys_never_win_one_epoch_and_a_deposed_write_does_not_depose_the_successor() {
+        let volume = std::env::temp_dir().join(format!("ftss-lease-{}-{}", std::process::id(), fsbridge::random_u64()));
+        let path = volume.join("server/lease");
+        let term = Duration::from_millis(600);
+        let mut old = Lease::new(&volume, "old".into(), term);
+        assert!(old.try_acquire().unwrap());
+        std::thread::sleep(term + Duration::from_millis(50));
+        let expired = std::fs::read(&path).unwrap();
+        let mut first = Lease::new(&volume, "first".into(), term);
+        let mut second = Lease::new(&volume, "second".into(), term);
+        assert!(first.try_acquire().unwrap());
+        // The second read the expired lease before the first wrote: it acts on that view now.
+        std::fs::write(&path, &expired).unwrap();
+        let second_won = second.try_acquire().unwrap();
+        assert!(!(second_won && second.epoch() == first.epoch()), "two instances hold epoch {}", first.epoch());
+        if second_won {
+            assert!(!first.renew().unwrap() && !first.still_acting(), "the first still acts under a later epoch");
+        }
+        // A deposed instance that writes its old epoch into the lease does not depose the current one.
+        let (mut current, mut deposed) = if second_won { (second, first) } else { (first, second) };
+        deposed.epoch = current.epoch - 1;
+        deposed.write(deposed.epoch).unwrap();
+        assert!(current.renew().unwrap(), "a lower epoch in the lease deposed the current holder");
+        assert!(current.still_acting());
+        assert!(!deposed.still_acting());
         std::fs::remove_dir_all(volume).unwrap();
     }
 }

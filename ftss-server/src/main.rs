@@ -187,18 +187,27 @@ fn run(settings: config::RunSettings) -> Result<(), String> {
     // is refused, naming this one (the locks live as long as `_single_locks`).
     let (lease, _single_locks) = match &ha {
         Some(ha) => match become_active(&config, ha)? {
-            Some(lease) => (std::cell::RefCell::new(lease), Vec::new()),
+            Some(lease) => (lease, Vec::new()),
             None => return Ok(()),
         },
         None => {
             let single::Guard { locks, lease } = single::claim(&config.volume, &config.queue_dirs)?;
-            (std::cell::RefCell::new(lease), locks)
+            (lease, locks)
         }
     };
-    let mut server = server::Server::open(config).map_err(|error| error.to_string())?;
+    let lease = std::rc::Rc::new(std::cell::RefCell::new(lease));
+    // Recovering a large queue can outlast a term: the lease is renewed meanwhile.
+    let opened = lease.borrow_mut().renew_during("starting", || server::Server::open(config));
+    let mut server = opened.map_err(|error| error.to_string())?;
     if ha.is_some() {
-        let lease = lease.borrow();
-        server.take_over(lease.holder(), lease.epoch()).map_err(|error| error.to_string())?;
+        let lease_now = lease.borrow();
+        if !lease_now.still_acting() {
+            return Err("lost the lease while starting (another instance is active): stopped".into());
+        }
+        server.take_over(lease_now.holder(), lease_now.epoch()).map_err(|error| error.to_string())?;
+        drop(lease_now);
+        let gate = lease.clone();
+        server.set_gate(move || gate.borrow().still_acting());
     }
     if let Some(addr) = metrics {
         let snapshot = metrics::Snapshot::default();
@@ -233,7 +242,7 @@ fn run(settings: config::RunSettings) -> Result<(), String> {
         }
         deposed.get()
     });
-    if deposed.get() {
+    if deposed.get() || server.deposed() {
         return Err("lost the lease (another instance is active, or the volume is unreachable): stopped".into());
     }
     Ok(())

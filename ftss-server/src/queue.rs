@@ -99,6 +99,9 @@ pub enum QueueError {
     /// packet) in each: its bytes are bad, and no retry will change that.
     #[error("packet at segment {segment} offset {offset} is damaged in every mirror: {reason}")]
     Damaged { segment: u64, offset: u64, reason: String },
+    /// Another instance fenced the queue at a later epoch: this one is deposed.
+    #[error("the queue is fenced at epoch {fenced}, not below this instance's {epoch}: another instance took over")]
+    Deposed { epoch: u64, fenced: u64 },
 }
 
 impl From<QueueError> for io::Error {
@@ -623,6 +626,11 @@ impl Queue {
     /// starts a new segment for this instance's own appends.
     pub fn fence(&mut self, epoch: u64) -> Result<(), QueueError> {
         assert!(self.pending.is_empty(), "fence only between syncs");
+        // Epochs only go up: a fence at or above this one is a later instance's.
+        let dirs: Vec<PathBuf> = self.healthy().map(|index| self.mirrors[index].dir.clone()).collect();
+        if let Some(fenced) = read_fence(&dirs).map(|fence| fence.epoch).filter(|fenced| *fenced >= epoch) {
+            return Err(QueueError::Deposed { epoch, fenced });
+        }
         let fence = Fence { epoch, segments: self.segments.iter().map(|(id, len)| (*id, *len)).collect() };
         let text = toml::to_string(&fence).expect("fence serializes");
         for index in self.healthy().collect::<Vec<_>>() {
@@ -647,13 +655,14 @@ impl Queue {
         let mut opened = Vec::new();
         for index in self.healthy().collect::<Vec<_>>() {
             let dir = self.mirrors[index].dir.clone();
-            match open_segment_for_append(&dir, next, Some(&header)) {
+            // Created exclusively: a segment file that exists belongs to another instance (a
+            // deposed one must never truncate its successor's segment).
+            match create_segment(&dir, next, &header) {
                 Ok(file) => opened.push((index, file)),
                 Err(error) => {
                     for (opened_index, _) in opened {
                         let _ = fs::remove_file(self.mirrors[opened_index].dir.join(segment_name(next)));
                     }
-                    let _ = fs::remove_file(dir.join(segment_name(next)));
                     return Err(error);
                 }
             }
@@ -985,17 +994,20 @@ struct Fence {
     segments: Vec<(u64, u64)>,
 }
 
+/// The latest fence written in any of `dirs`.
+fn read_fence(dirs: &[PathBuf]) -> Option<Fence> {
+    dirs.iter()
+        .filter_map(|dir| fs::read_to_string(dir.join(FENCE_FILE)).ok())
+        .filter_map(|text| toml::from_str::<Fence>(&text).ok())
+        .max_by_key(|fence| fence.epoch)
+}
+
 /// Cuts every fenced segment back to its fenced length (late writes of a deposed instance). A
 /// mirror where that fails is marked failed in `failures`.
 fn apply_fence(dirs: &[PathBuf], failures: &mut [Option<String>], report: &mut RecoveryReport) {
-    let fence = dirs
-        .iter()
-        .zip(failures.iter())
-        .filter(|(_, failure)| failure.is_none())
-        .filter_map(|(dir, _)| fs::read_to_string(dir.join(FENCE_FILE)).ok())
-        .filter_map(|text| toml::from_str::<Fence>(&text).ok())
-        .max_by_key(|fence| fence.epoch);
-    let Some(fence) = fence else { return };
+    let current: Vec<PathBuf> =
+        dirs.iter().zip(failures.iter()).filter(|(_, failure)| failure.is_none()).map(|(dir, _)| dir.clone()).collect();
+    let Some(fence) = read_fence(&current) else { return };
     for (segment, length) in fence.segments {
         for (dir, failure) in dirs.iter().zip(failures.iter_mut()) {
             let path = dir.join(segment_name(segment));
@@ -1020,6 +1032,28 @@ fn apply_fence(dirs: &[PathBuf], failures: &mut [Option<String>], report: &mut R
             }
         }
     }
+}
+
+/// Creates a new segment file (it must not exist) with its header, synced with its directory. On
+/// failure nothing of it is left.
+fn create_segment(dir: &Path, segment: u64, header: &[u8]) -> Result<File, QueueError> {
+    let path = dir.join(segment_name(segment));
+    let mut file = OpenOptions::new().append(true).create_new(true).open(&path).map_err(io_error("creating", &path))?;
+    let written =
+        file.write_all(header).and_then(|()| file.sync_data()).and_then(|()| File::open(dir)?.sync_all()).map_err(
+            |source| {
+                if is_no_space(&source) {
+                    QueueError::NoSpace { path: path.clone(), source }
+                } else {
+                    io_error("writing", &path)(source)
+                }
+            },
+        );
+    if let Err(error) = written {
+        let _ = fs::remove_file(&path);
+        return Err(error);
+    }
+    Ok(file)
 }
 
 fn open_segment_for_append(dir: &Path, segment: u64, header: Option<&[u8]>) -> Result<File, QueueError> {
@@ -1467,6 +1501,36 @@ mod fence_tests {
                 payload: vec![1; 10],
             },
         }
+    }
+
+    /// Item 2: a deposed instance that rotated after its successor fenced the queue created "its"
+    /// next segment over the successor's (truncating it), and a fence never checked its epoch.
+    #[test]
+    fn a_deposed_writer_neither_truncates_its_successors_segment_nor_fences_below_it() {
+        let dirs =
+            vec![std::env::temp_dir().join(format!("ftss-fence-{}-{}", std::process::id(), fsbridge::random_u64()))];
+        let (mut old, _, _) = Queue::open(&dirs).unwrap();
+        old.append(&stored(1));
+        old.sync().unwrap();
+        let (mut new, _, _) = Queue::open(&dirs).unwrap();
+        new.fence(5).unwrap();
+        new.append(&stored(2));
+        new.sync().unwrap();
+        // The deposed one resumes and starts its next segment: the successor's active one.
+        assert!(old.rotate().is_err(), "the deposed writer took over its successor's segment");
+        assert!(matches!(old.fence(4), Err(QueueError::Deposed { epoch: 4, fenced: 5 })));
+        assert!(matches!(old.fence(5), Err(QueueError::Deposed { .. })));
+        new.append(&stored(3));
+        new.sync().unwrap();
+        let (_, recovered, _) = Queue::open(&dirs).unwrap();
+        let seqs: Vec<u64> = recovered
+            .iter()
+            .filter_map(|item| match &item.record {
+                QueueRecord::Stored { packet, .. } => Some(packet.id.seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
     }
 
     #[test]

@@ -167,7 +167,8 @@ fn start(config: Config, lease: Lease, global_stop: &'static AtomicBool) -> Resu
 /// or deposed (it cannot renew: it stops before its term ends and leaves the lease alone).
 fn serve(config: Config, mut lease: Lease, stop: &AtomicBool, global_stop: &AtomicBool) {
     let index = config.partition.index;
-    let mut server = match Server::open(config) {
+    let opened = lease.renew_during(&format!("partition {index}"), || Server::open(config));
+    let mut server = match opened {
         Ok(server) => server,
         Err(error) => {
             eprintln!("ftss-server: partition {index}: {error}");
@@ -175,12 +176,18 @@ fn serve(config: Config, mut lease: Lease, stop: &AtomicBool, global_stop: &Atom
             return;
         }
     };
+    if !lease.still_acting() {
+        eprintln!("ftss-server: partition {index}: lost the lease while starting: stopped");
+        return;
+    }
     if let Err(error) = server.take_over(lease.holder(), lease.epoch()) {
         eprintln!("ftss-server: partition {index}: fencing the queue: {error}");
         let _ = lease.release();
         return;
     }
-    let lease = std::cell::RefCell::new(lease);
+    let lease = std::rc::Rc::new(std::cell::RefCell::new(lease));
+    let gate = lease.clone();
+    server.set_gate(move || gate.borrow().still_acting());
     let deposed = std::cell::Cell::new(false);
     server.run(|| {
         if stop.load(Ordering::SeqCst) || global_stop.load(Ordering::SeqCst) {
@@ -191,7 +198,7 @@ fn serve(config: Config, mut lease: Lease, stop: &AtomicBool, global_stop: &Atom
         }
         deposed.get()
     });
-    if deposed.get() {
+    if deposed.get() || server.deposed() {
         eprintln!("ftss-server: partition {index}: lost the lease (another instance serves it now): stopped");
     } else if let Err(error) = lease.borrow_mut().release() {
         eprintln!("ftss-server: partition {index}: cannot release the lease: {error}");

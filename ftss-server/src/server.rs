@@ -208,6 +208,10 @@ pub struct Server {
     node_errors: HashMap<NodeName, BTreeMap<NodeStep, String>>,
     /// Registered nodes refused for claiming another node's address: neither drained nor served.
     refused: HashSet<NodeName>,
+    /// Asked after every group commit, before anything is acked or removed: may this instance still
+    /// act? (With `--ha`: does it still hold the lease?) Once it says no, the server stops.
+    gate: Option<Box<dyn FnMut() -> bool>>,
+    deposed: bool,
     /// Outbox names listed but not yet drained, per node, in name order.
     outbox_backlog: HashMap<NodeName, VecDeque<String>>,
     /// Acks to write at the end of the cycle, per source node.
@@ -380,6 +384,8 @@ impl Server {
             node_to_addr: HashMap::new(),
             node_errors: HashMap::new(),
             refused: HashSet::new(),
+            gate: None,
+            deposed: false,
             outbox_backlog: HashMap::new(),
             pending_acks: BTreeMap::new(),
             bells: HashMap::new(),
@@ -503,9 +509,31 @@ impl Server {
         }
     }
 
-    /// Runs cycles until `stop` returns true.
+    /// Sets the gate asked after every group commit (see the field).
+    pub fn set_gate(&mut self, gate: impl FnMut() -> bool + 'static) {
+        self.gate = Some(Box::new(gate));
+    }
+
+    /// Did the gate say this instance may no longer act?
+    pub fn deposed(&self) -> bool {
+        self.deposed
+    }
+
+    /// Asks the gate; false (for good) once it said no.
+    fn may_act(&mut self) -> bool {
+        if !self.deposed
+            && let Some(gate) = self.gate.as_mut()
+            && !gate()
+        {
+            eprintln!("ftss-server: no longer the active instance: nothing more is acked or removed");
+            self.deposed = true;
+        }
+        !self.deposed
+    }
+
+    /// Runs cycles until `stop` returns true or the gate deposes this instance.
     pub fn run(&mut self, stop: impl Fn() -> bool) {
-        while !stop() {
+        while !stop() && !self.deposed {
             let busy = self.cycle();
             if !busy {
                 self.wait_for_work();
@@ -596,6 +624,9 @@ impl Server {
 
     /// One pass over every step. Returns whether anything was done.
     pub fn cycle(&mut self) -> bool {
+        if self.deposed {
+            return false;
+        }
         let mut work = 0;
         if let Err(error) = self.refresh_registry() {
             self.report("reading the node registry", error);
@@ -612,6 +643,9 @@ impl Server {
             Err(error) => self.report("delivering", error),
         }
         self.dead_letter_expired();
+        if !self.may_act() {
+            return false;
+        }
         self.flush_acks();
         self.ring_bells();
         self.reclaim();
@@ -642,8 +676,13 @@ impl Server {
         });
         let appended = drain.is_some() || receipts.as_ref().is_some_and(|group| !group.done.is_empty());
         if appended {
-            if let Err(error) = self.sync_queue() {
+            let synced = self.sync_queue();
+            if let Err(error) = &synced {
                 self.push_back(format!("queue: {error}"));
+            }
+            // A deposed instance (paused past its term, say) acks nothing and removes nothing:
+            // what it appended after its successor fenced the queue is cut at the next recovery.
+            if synced.is_err() || !self.may_act() {
                 if let Some(group) = drain {
                     self.abort_drain(group);
                 }
@@ -2278,4 +2317,73 @@ pub struct NodeStatus {
     /// Why this node's spools cannot be served now (empty when all is well).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path) -> Config {
+        Config {
+            volume: dir.join("volume"),
+            queue_dirs: vec![dir.join("queue")],
+            poll: Duration::from_millis(10),
+            redeliver_after: Duration::from_secs(5),
+            retain: Duration::ZERO,
+            hold: Duration::from_secs(3600),
+            destination_bytes_max: 1 << 30,
+            fabric: vec!["10.77.0.0/16".parse().unwrap()],
+            ingress: Vec::new(),
+            fabric_listen: Vec::new(),
+            fabric_keys: dir.join("keys"),
+            partition: Partition::default(),
+            log_abandon_after: Duration::from_secs(600),
+        }
+    }
+
+    /// Publishes one outbox file of node a with `count` packets for 10.77.0.2:9000.
+    fn outbox_file(volume: &Volume, count: u64) -> PathBuf {
+        let node = NodeName::new("a").unwrap();
+        for (name, addr) in [("a", "10.77.0.1"), ("b", "10.77.0.2")] {
+            let config = fsbridge::NodeConfig { addr: addr.parse().unwrap() };
+            volume.register_node(&NodeName::new(name).unwrap(), &config).unwrap();
+        }
+        let header = BatchHeader { kind: BatchKind::Packets, node: node.clone(), epoch: 7, batch_seq: 1, flags: 0 };
+        let mut encoder = BatchEncoder::new(&header);
+        for seq in 1..=count {
+            encoder.push(&Record::Packet(Packet {
+                id: PacketId { origin: node.clone(), epoch: 7, seq },
+                source: "10.77.0.1:5000".parse().unwrap(),
+                destination: "10.77.0.2:9000".parse().unwrap(),
+                sent_unix_us: seq,
+                payload: vec![b'x'; 10],
+            }));
+        }
+        volume.outbox(&node).publish(&batch_file_name(7, 1, "pkt"), &encoder.finish()).unwrap()
+    }
+
+    /// Item 2 of the durability audit: the lease was checked only between cycles, so an instance
+    /// paused mid-cycle past its term (SIGSTOP, a hung disk or NFS call) resumed after its successor
+    /// fenced the queue and went on to ack and remove outbox files. After every group commit the
+    /// gate is asked; once it says no, nothing is acked or removed and the server stops.
+    #[test]
+    fn a_deposed_instance_acks_and_removes_nothing_after_its_group_commit() {
+        let dir = std::env::temp_dir().join(format!("ftss-gate-{}-{}", std::process::id(), fsbridge::random_u64()));
+        let mut server = Server::open(config(&dir)).unwrap();
+        let file = outbox_file(&server.volume, 3);
+        server.set_gate(|| false);
+        server.cycle();
+        assert!(server.deposed());
+        assert!(file.exists(), "a deposed instance removed an outbox file");
+        assert_eq!((server.counters.acked, server.counters.delivered), (0, 0));
+        // The one that may act takes the same file normally.
+        drop(server);
+        let mut server = Server::open(config(&dir)).unwrap();
+        server.set_gate(|| true);
+        server.cycle();
+        assert!(!file.exists());
+        // (Its records reached the queue in the deposed one's commit: found again, stored once.)
+        assert_eq!(server.index.len(), 3);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }
