@@ -352,3 +352,83 @@ fn an_active_instance_paused_past_its_term_stops_when_it_resumes_and_nothing_ack
     let said = std::fs::read_to_string(fabric.dir.0.join("first.log")).unwrap_or_default();
     history.check().assert_ok(&format!("across a paused active instance\nfirst instance:\n{said}"));
 }
+
+/// Sends COUNT empty datagrams to HOST:PORT; prints "ok" after each send that returned.
+const PY_EMPTY_SENDER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for n in range(int(sys.argv[3])):
+    s.sendto(b"", (sys.argv[1], int(sys.argv[2])))
+    print("ok", flush=True)
+"#;
+
+/// Registers node `name` with `addr` on the volume (as its shim would).
+fn register(fabric: &Fabric, name: &str, addr: &str) {
+    let config = fsbridge::NodeConfig { addr: addr.parse().unwrap() };
+    fsbridge::Volume::new(&fabric.volume).register_node(&fsbridge::NodeName::new(name).unwrap(), &config).unwrap();
+}
+
+/// Queued packets and whether backpressure is on with a reason containing `why`, from status.
+fn queue_and_pushback(fabric: &Fabric, why: &str) -> (u64, bool) {
+    let status = fabric.status();
+    let reasons = status["backpressure"]["reasons"].to_string();
+    (status["queue"]["packets"].as_u64().unwrap_or(0), reasons.contains(why))
+}
+
+/// Item 7: the bounds counted payload bytes only, so empty datagrams never pushed back: 300 of
+/// them for an absent receiver all went into a queue limited to 2,000 bytes. Each stored packet
+/// now counts its record too.
+#[test]
+fn empty_datagrams_count_against_a_destinations_byte_limit() {
+    const COUNT: usize = 300;
+    let mut fabric = Fabric::new("empty-bounds");
+    register(&fabric, "b", "10.77.0.2");
+    fabric.start_server_with(&["--destination-bytes-max", "2000"]);
+    let mut command = fabric.command("a", "10.77.0.1", "python3");
+    command.args(["-c", PY_EMPTY_SENDER, "10.77.0.2", "9170", &COUNT.to_string()]).stdout(Stdio::piped());
+    let output = command.output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&output.stdout).lines().count(), COUNT, "sends failed");
+    std::thread::sleep(Duration::from_secs(2));
+    let (queued, pushed_back) = queue_and_pushback(&fabric, "10.77.0.2");
+    assert!(
+        pushed_back && queued < 100,
+        "{queued} empty datagrams queued for a 2,000-byte limit, pushback {pushed_back}"
+    );
+    // Nothing is lost: they wait in the outbox and arrive once a receiver reads.
+    let receiver = common::apps::Receiver::start(&fabric, 9170);
+    common::wait_until(Duration::from_secs(30), || receiver.payloads().len() >= COUNT);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(receiver.payloads().len(), COUNT);
+    assert!(receiver.payloads().iter().all(String::is_empty));
+}
+
+/// Item 7: nothing capped the queue over all destinations. With --queue-packets-max, senders to
+/// two destinations each under their own limit are pushed back once the whole queue is full.
+#[test]
+fn the_whole_queue_has_a_packet_limit_across_destinations() {
+    const COUNT: usize = 60;
+    let mut fabric = Fabric::new("total-bounds");
+    register(&fabric, "b", "10.77.0.2");
+    register(&fabric, "c", "10.77.0.3");
+    fabric.start_server_with(&["--queue-packets-max", "50"]);
+    let mut to_b = common::apps::Sender::start_to(&fabric, "10.77.0.2", 9171, "tb", COUNT, 0, &[]);
+    let mut to_c = common::apps::Sender::start_to(&fabric, "10.77.0.3", 9172, "tc", COUNT, 0, &[]);
+    assert!(to_b.proc.wait_exit(Duration::from_secs(30)) && to_c.proc.wait_exit(Duration::from_secs(30)));
+    std::thread::sleep(Duration::from_secs(2));
+    let (queued, pushed_back) = queue_and_pushback(&fabric, "the queue holds");
+    assert!(
+        pushed_back && queued < 2 * COUNT as u64,
+        "{queued} packets queued for a limit of 50, pushback {pushed_back}"
+    );
+    let mut history = History::new();
+    for sender in [&to_b, &to_c] {
+        for payload in sender.acknowledged() {
+            history.sent(payload, Ack::Volume);
+        }
+    }
+    let at_b = common::apps::Receiver::start(&fabric, 9171);
+    let at_c = common::apps::Receiver::start_script(&fabric, "c", "10.77.0.3", common::apps::PY_RECEIVER, &["9172"]);
+    record_received(&mut history, &at_b, "b", COUNT);
+    record_received(&mut history, &at_c, "c", COUNT);
+    history.check().assert_ok("under the queue's packet limit");
+}

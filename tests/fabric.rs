@@ -158,7 +158,7 @@ fn server_killed_during_a_fabric_transfer_loses_nothing_acknowledged_and_repeats
     let mut sender = Sender::start(&fabric, 9400, "k", count, 100);
     let mut kills = 0;
     while kills < 6 && sender.acknowledged().len() < count {
-        std::thread::sleep(Duration::from_millis(400 + 150 * kills));
+        std::thread::sleep(Duration::from_millis(250 + 100 * kills));
         fabric.kill_server();
         kills += 1;
         std::thread::sleep(Duration::from_millis(200));

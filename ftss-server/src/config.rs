@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use fsbridge::fabric::Endpoint;
 
+use crate::admission::Limits;
 use crate::gateway::{Cidr, IngressRule};
 use crate::server::Config;
 
@@ -27,6 +28,9 @@ pub struct FileSettings {
     pub hold: Option<String>,
     pub log_abandon_after: Option<String>,
     pub destination_bytes_max: Option<u64>,
+    pub destination_packets_max: Option<u64>,
+    pub queue_bytes_max: Option<u64>,
+    pub queue_packets_max: Option<u64>,
     pub fabric: Option<Vec<String>>,
     pub ingress: Option<Vec<String>>,
     pub metrics: Option<String>,
@@ -68,10 +72,22 @@ pub struct FlagSettings {
     /// left idle for a minute instead of appending to it; at least 6m [default: 10m].
     #[arg(long)]
     pub log_abandon_after: Option<String>,
-    /// Most queued payload bytes for one destination before its senders are pushed back
-    /// [default: 1073741824].
+    /// Most queued bytes for one destination (payloads plus 64 bytes a packet) before its
+    /// senders are pushed back [default: 1073741824].
     #[arg(long)]
     pub destination_bytes_max: Option<u64>,
+    /// Most queued packets for one destination before its senders are pushed back
+    /// [default: 1048576].
+    #[arg(long)]
+    pub destination_packets_max: Option<u64>,
+    /// Most queued bytes in all (payloads plus 64 bytes a packet) before every sender is pushed
+    /// back [default: 17179869184].
+    #[arg(long)]
+    pub queue_bytes_max: Option<u64>,
+    /// Most queued packets in all before every sender is pushed back; the index costs about 40
+    /// bytes of memory a packet [default: 8388608].
+    #[arg(long)]
+    pub queue_packets_max: Option<u64>,
     /// The fabric's addresses (repeatable). Packets for unregistered addresses inside are held;
     /// packets for addresses outside go to the external network [default: 10.77.0.0/16].
     #[arg(long)]
@@ -204,7 +220,12 @@ pub fn resolve(flags: FlagSettings) -> Result<RunSettings, String> {
                     Ok(after)
                 }
             })?,
-        destination_bytes_max: flags.destination_bytes_max.or(file.destination_bytes_max).unwrap_or(1 << 30),
+        limits: Limits {
+            destination_bytes: flags.destination_bytes_max.or(file.destination_bytes_max).unwrap_or(1 << 30),
+            destination_packets: flags.destination_packets_max.or(file.destination_packets_max).unwrap_or(1 << 20),
+            total_bytes: flags.queue_bytes_max.or(file.queue_bytes_max).unwrap_or(1 << 34),
+            total_packets: flags.queue_packets_max.or(file.queue_packets_max).unwrap_or(1 << 23),
+        },
         fabric: list::<Cidr>("fabric", flags.fabric, file.fabric, &["10.77.0.0/16"])?,
         ingress: list::<IngressRule>("ingress", flags.ingress, file.ingress, &[])?,
         fabric_listen: list::<Endpoint>("fabric-listen", flags.fabric_listen, file.fabric_listen, &[])?,

@@ -93,6 +93,8 @@ pub struct GatewayCounters {
     pub egress_sent: u64,
     pub egress_send_errors: u64,
     pub nat_sockets: u64,
+    /// Datagrams from outside dropped because the queue was at its bounds.
+    pub dropped_over_limit: u64,
 }
 
 struct Ingress {

@@ -178,6 +178,8 @@ pub struct Index {
     recent: HashSet<Key>,
     recent_order: VecDeque<Key>,
     packets: usize,
+    /// Payload bytes of every queued packet.
+    bytes: u64,
     origins: Vec<NodeName>,
     origin_numbers: HashMap<NodeName, u32>,
 }
@@ -230,6 +232,7 @@ impl Index {
         destination.packets += 1;
         destination.bytes += u64::from(entry.payload_bytes);
         self.packets += 1;
+        self.bytes += u64::from(entry.payload_bytes);
         true
     }
 
@@ -274,12 +277,18 @@ impl Index {
             self.destinations.remove(entry.destination.ip());
         }
         self.packets -= 1;
+        self.bytes -= u64::from(entry.payload_bytes);
         Some(entry)
     }
 
-    /// Queued payload bytes for a destination address.
-    pub fn queued_bytes(&self, destination: &Ipv4Addr) -> u64 {
-        self.destinations.get(destination).map_or(0, |queue| queue.bytes)
+    /// Queued packets and their payload bytes for a destination address.
+    pub fn queued(&self, destination: &Ipv4Addr) -> (u64, u64) {
+        self.destinations.get(destination).map_or((0, 0), |queue| (queue.packets, queue.bytes))
+    }
+
+    /// Payload bytes of every queued packet.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 
     /// Destination addresses with packets queued.
@@ -458,6 +467,7 @@ impl Index {
             queue.packets -= 1;
             queue.bytes -= u64::from(entry.payload_bytes);
             self.packets -= 1;
+            self.bytes -= u64::from(entry.payload_bytes);
         }
         if queue.packets == 0 {
             self.destinations.remove(destination);
@@ -537,7 +547,7 @@ mod tests {
         let stats = index.stats(&destination);
         assert_eq!((stats.packets, stats.bytes, stats.in_flight), (4, 40, 1));
         assert_eq!(stats.oldest_stored_unix_us, Some(1001 * 1_000_000));
-        assert_eq!(index.queued_bytes(&destination), 40);
+        assert_eq!(index.queued(&destination), (4, 40));
         // An undelivered packet is found through its destination.
         assert!(index.remove(&id(4), None).is_none());
         assert!(index.remove(&id(4), Some("10.0.0.2:9".parse().unwrap())).is_some());

@@ -1,5 +1,6 @@
 //! ftss-server: the store-and-forward routing agent that runs on the storage array.
 
+mod admission;
 mod config;
 mod dump;
 mod fabric;

@@ -22,6 +22,7 @@ use fsbridge::layout::batch_file_name;
 use fsbridge::{Ack, AckState, BatchHeader, BatchKind, NodeName, Packet, PacketId, Record, Volume};
 use serde::Serialize;
 
+use crate::admission::{Budget, Limits, Load};
 use crate::fabric::{Conn, FabricCounters, Hub};
 use crate::gateway::{Arrival, Cidr, Gateway, GatewayCounters, IngressRule, IngressStatus, Target};
 use crate::index::{Entry, Index, Key};
@@ -104,8 +105,9 @@ pub struct Config {
     pub retain: Duration,
     /// Hold packets for unknown destinations this long, then dead-letter them.
     pub hold: Duration,
-    /// Most queued payload bytes for one destination node before its senders are pushed back.
-    pub destination_bytes_max: u64,
+    /// The queue's bounds: packets and stored bytes, per destination and in all. Senders whose
+    /// packets would go past them are pushed back.
+    pub limits: Limits,
     /// Addresses of the fabric: unknown ones are held; addresses outside go out through the gateway.
     pub fabric: Vec<Cidr>,
     /// External UDP ports whose datagrams are delivered to a node's port.
@@ -283,13 +285,6 @@ struct Encoded {
     taken: usize,
     file_seq: u64,
     good: Vec<(Key, Entry)>,
-}
-
-struct DrainBudget {
-    packets: usize,
-    bytes: usize,
-    /// Payload bytes accepted per destination this cycle, not yet in the index.
-    accepted: HashMap<Ipv4Addr, u64>,
 }
 
 /// Packets staged in the queue by one cycle, waiting for its sync.
@@ -772,7 +767,9 @@ impl Server {
     /// Reads outbox files, fabric frames and gateway arrivals and appends their packets to the
     /// queue (not synced: the cycle syncs once for everything it staged). `None` if there was none.
     fn stage_drain(&mut self) -> Result<Option<DrainGroup>, fsbridge::SpoolError> {
-        let drained = self.read_outboxes();
+        let mut budget = Budget::new(self.config.limits, DRAIN_PACKETS_PER_CYCLE_MAX, DRAIN_BYTES_PER_CYCLE_MAX);
+        let drained = self.read_outboxes(&mut budget);
+        let from_fabric = self.read_fabric(&mut budget);
         let arrived = match self.arrivals_kept.is_empty() {
             true => {
                 let arrivals = self.gateway.receive();
@@ -780,7 +777,19 @@ impl Server {
             }
             false => std::mem::take(&mut self.arrivals_kept),
         };
-        let from_fabric = self.read_fabric(&drained);
+        // Datagrams from outside come best effort: past the queue's bounds they are dropped (and
+        // counted), as an interface drops when its queue is full.
+        let mut admitted = Vec::with_capacity(arrived.len());
+        for packet in arrived {
+            let batch = std::slice::from_ref(&packet);
+            if self.refusal(batch, &budget).is_some() {
+                self.gateway.counters.dropped_over_limit += 1;
+                continue;
+            }
+            budget.take(batch);
+            admitted.push(packet);
+        }
+        let arrived = admitted;
         if drained.is_empty() && arrived.is_empty() && from_fabric.is_empty() {
             return Ok(None);
         }
@@ -868,15 +877,8 @@ impl Server {
     /// after `drained`; a frame for a destination over its byte limit stays first in its
     /// connection's line (and the connection's reader stops when its queue is full). Receipts are
     /// queued apart and taken by `stage_receipts`, so they never wait behind such a frame.
-    fn read_fabric(&mut self, drained: &[Drained]) -> Vec<FabricDrained> {
+    fn read_fabric(&mut self, budget: &mut Budget) -> Vec<FabricDrained> {
         let Some(hub) = &self.fabric else { return Vec::new() };
-        let mut packets_total: usize = drained.iter().map(|batch| batch.packets.len()).sum();
-        let mut bytes_total: usize = 0;
-        let mut accepted: HashMap<Ipv4Addr, u64> = HashMap::new();
-        for packet in drained.iter().flat_map(|batch| &batch.packets) {
-            *accepted.entry(*packet.destination.ip()).or_insert(0) += packet.payload.len() as u64;
-            bytes_total += packet.payload.len();
-        }
         let mut taken = Vec::new();
         let mut full_reasons = Vec::new();
         // A different connection goes first each cycle, so that none starves the others.
@@ -886,28 +888,21 @@ impl Server {
             connections.rotate_left(self.fabric_turn);
         }
         for conn in connections {
-            while packets_total < DRAIN_PACKETS_PER_CYCLE_MAX && bytes_total < DRAIN_BYTES_PER_CYCLE_MAX {
+            while !budget.cycle_full() {
                 let Some(packets) = conn.pop() else { break };
-                let full = packets.iter().find(|packet| {
-                    let ip = packet.destination.ip();
-                    self.index.queued_bytes(ip) + accepted.get(ip).copied().unwrap_or(0)
-                        >= self.config.destination_bytes_max
-                });
-                if let Some(full) = full {
-                    full_reasons.push(format!("queue for {} is over its limit", full.destination.ip()));
+                if let Some(reason) = self.refusal(&packets, budget) {
+                    full_reasons.push(reason);
                     conn.unpop(packets);
                     break;
                 }
-                for packet in &packets {
-                    *accepted.entry(*packet.destination.ip()).or_insert(0) += packet.payload.len() as u64;
-                    bytes_total += packet.payload.len();
-                }
-                packets_total += packets.len();
+                budget.take(&packets);
                 taken.push(FabricDrained { conn: conn.clone(), packets });
             }
         }
         let received: usize = taken.iter().map(|taken| taken.packets.len()).sum();
-        hub.count(|counters| counters.packets_received += received as u64);
+        if let Some(hub) = &self.fabric {
+            hub.count(|counters| counters.packets_received += received as u64);
+        }
         for reason in full_reasons {
             self.push_back(reason);
         }
@@ -1070,16 +1065,15 @@ impl Server {
     /// Reads and decodes up to the cycle's bound of outbox files and log frames, quarantining bad
     /// ones and leaving those whose destination is over its limit. A node whose spool cannot be
     /// read is reported and passed over: it holds up no other node.
-    fn read_outboxes(&mut self) -> Vec<Drained> {
+    fn read_outboxes(&mut self, budget: &mut Budget) -> Vec<Drained> {
         let mut drained: Vec<Drained> = Vec::new();
-        let mut budget = DrainBudget { packets: 0, bytes: 0, accepted: HashMap::new() };
         let owned: Vec<NodeName> = self.nodes.iter().filter(|node| self.owns(node)).cloned().collect();
         for node in owned {
             if !self.node_is_sound(&node) {
                 continue;
             }
-            let files = self.read_outbox_files(&node, &mut drained, &mut budget);
-            let logs = self.read_logs(&node, &mut drained, &mut budget);
+            let files = self.read_outbox_files(&node, &mut drained, budget);
+            let logs = self.read_logs(&node, &mut drained, budget);
             match files.and(logs) {
                 Ok(()) => self.node_recovered(&node, NodeStep::Drain),
                 Err(error) => self.node_failed(&node, NodeStep::Drain, error),
@@ -1093,10 +1087,10 @@ impl Server {
         &mut self,
         node: &NodeName,
         drained: &mut Vec<Drained>,
-        budget: &mut DrainBudget,
+        budget: &mut Budget,
     ) -> Result<(), fsbridge::SpoolError> {
         for attempt in 0..DRAIN_FILES_PER_NODE_MAX {
-            if budget.packets >= DRAIN_PACKETS_PER_CYCLE_MAX || budget.bytes >= DRAIN_BYTES_PER_CYCLE_MAX {
+            if budget.cycle_full() {
                 break;
             }
             // List the directory again only at the start of a cycle: files drained earlier in
@@ -1106,17 +1100,13 @@ impl Server {
                 self.pop_outbox_name(node);
                 continue;
             };
-            if let Some(reason) = self.over_limit(&packets, &budget.accepted) {
+            if let Some(reason) = self.refusal(&packets, budget) {
                 self.push_back(reason);
                 // Files of one writer must stay in order: this one stays first in line.
                 break;
             }
             self.pop_outbox_name(node);
-            for packet in &packets {
-                *budget.accepted.entry(*packet.destination.ip()).or_insert(0) += packet.payload.len() as u64;
-                budget.bytes += packet.payload.len();
-            }
-            budget.packets += packets.len();
+            budget.take(&packets);
             drained.push(Drained { node: node.clone(), source: Source::File(name), packets, wants_acks });
         }
         Ok(())
@@ -1152,7 +1142,7 @@ impl Server {
         &mut self,
         node: &NodeName,
         drained: &mut Vec<Drained>,
-        budget: &mut DrainBudget,
+        budget: &mut Budget,
     ) -> Result<(), fsbridge::SpoolError> {
         let (segments, foreign) = Logs::readable(&self.volume, node)?;
         let log_dir = self.volume.outbox(node).dir().join("log");
@@ -1161,11 +1151,11 @@ impl Server {
         }
         let node_addr = self.node_to_addr.get(node).copied();
         for (name, has_successor) in segments {
-            if budget.packets >= DRAIN_PACKETS_PER_CYCLE_MAX || budget.bytes >= DRAIN_BYTES_PER_CYCLE_MAX {
+            if budget.cycle_full() {
                 break;
             }
             let key = (node.clone(), name.clone());
-            let room = (DRAIN_BYTES_PER_CYCLE_MAX - budget.bytes).min(LOG_READ_BYTES_MAX);
+            let room = budget.cycle_bytes_left().min(LOG_READ_BYTES_MAX);
             let step = match self.logs.step(&self.volume, &key, has_successor, room, self.config.log_abandon_after) {
                 Ok(step) => step,
                 Err(fsbridge::log::LogError::Invalid { path, reason }) => {
@@ -1214,17 +1204,12 @@ impl Server {
                                 (Vec::new(), false)
                             }
                         };
-                        if let Some(reason) = self.over_limit(&packets, &budget.accepted) {
+                        if let Some(reason) = self.refusal(&packets, budget) {
                             // Frames of one writer stay in order: the rest waits for room.
                             self.push_back(reason);
                             break;
                         }
-                        for packet in &packets {
-                            *budget.accepted.entry(*packet.destination.ip()).or_insert(0) +=
-                                packet.payload.len() as u64;
-                            budget.bytes += packet.payload.len();
-                        }
-                        budget.packets += packets.len();
+                        budget.take(&packets);
                         let sealed = sealed && index + 1 == count;
                         drained.push(Drained {
                             node: node.clone(),
@@ -1263,13 +1248,13 @@ impl Server {
         }
     }
 
-    /// Why `packets` may not be taken now (a destination over its byte limit), if so.
-    fn over_limit(&self, packets: &[Packet], accepted: &HashMap<Ipv4Addr, u64>) -> Option<String> {
-        let full = packets.iter().find(|packet| {
-            let ip = packet.destination.ip();
-            self.queued_bytes(ip) + accepted.get(ip).copied().unwrap_or(0) >= self.config.destination_bytes_max
-        })?;
-        Some(format!("queue for {} is over its limit", full.destination.ip()))
+    /// Why `packets` may not be taken now (a destination, or the queue, at its bounds), if so.
+    fn refusal(&self, packets: &[Packet], budget: &Budget) -> Option<String> {
+        let queued = |ip: &Ipv4Addr| {
+            let (packets, bytes) = self.index.queued(ip);
+            Load::stored(packets, bytes)
+        };
+        budget.refuse(packets, queued, Load::stored(self.index.len() as u64, self.index.bytes()))
     }
 
     /// The next outbox file of `node` in name order. Names come from a bounded listing kept between
@@ -1338,10 +1323,6 @@ impl Server {
             }
         }
         true
-    }
-
-    fn queued_bytes(&self, destination: &Ipv4Addr) -> u64 {
-        self.index.queued_bytes(destination)
     }
 
     /// Writes the "stored" acks of each source node (a file per waiting process), then removes the outbox files.
@@ -2154,7 +2135,10 @@ impl Server {
                 retain_seconds: self.config.retain.as_secs(),
                 hold_seconds: self.config.hold.as_secs(),
                 redeliver_after_ms: self.config.redeliver_after.as_millis() as u64,
-                destination_bytes_max: self.config.destination_bytes_max,
+                destination_bytes_max: self.config.limits.destination_bytes,
+                destination_packets_max: self.config.limits.destination_packets,
+                queue_bytes_max: self.config.limits.total_bytes,
+                queue_packets_max: self.config.limits.total_packets,
             },
             recovery: self.recovery.clone(),
             dead_letters: self.dead_letters.iter().cloned().collect(),
@@ -2305,6 +2289,9 @@ pub struct ConfigStatus {
     pub hold_seconds: u64,
     pub redeliver_after_ms: u64,
     pub destination_bytes_max: u64,
+    pub destination_packets_max: u64,
+    pub queue_bytes_max: u64,
+    pub queue_packets_max: u64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -2331,7 +2318,12 @@ mod tests {
             redeliver_after: Duration::from_secs(5),
             retain: Duration::ZERO,
             hold: Duration::from_secs(3600),
-            destination_bytes_max: 1 << 30,
+            limits: Limits {
+                destination_packets: 1 << 20,
+                destination_bytes: 1 << 30,
+                total_packets: 1 << 23,
+                total_bytes: 1 << 34,
+            },
             fabric: vec!["10.77.0.0/16".parse().unwrap()],
             ingress: Vec::new(),
             fabric_listen: Vec::new(),
