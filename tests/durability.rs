@@ -432,3 +432,34 @@ fn the_whole_queue_has_a_packet_limit_across_destinations() {
     record_received(&mut history, &at_c, "c", COUNT);
     history.check().assert_ok("under the queue's packet limit");
 }
+
+/// Item 9: a receipt batch that could not be written was dropped, so every packet in it was
+/// delivered again after --redeliver-after (and, past the receiver's filter, handed over twice).
+/// The shim keeps such receipts and writes them once it can.
+#[test]
+fn receipts_that_cannot_be_written_for_a_while_are_written_later_not_dropped() {
+    const COUNT: usize = 50;
+    let mut fabric = Fabric::new("receipts-retry");
+    fabric.start_server_with(&["--redeliver-after", "4s"]);
+    let receiver = common::apps::Receiver::start(&fabric, 9180);
+    // The receipt spool's tmp/ is a file for a while (ENOTDIR for every receipt write).
+    let tmp = fabric.volume.join("nodes/b/rcpt/tmp");
+    let away = fabric.volume.join("nodes/b/rcpt/tmp.away");
+    std::fs::rename(&tmp, &away).unwrap();
+    std::fs::write(&tmp, b"in the way").unwrap();
+    let mut history = send_all(&fabric, 9180, "rr9", COUNT);
+    record_received(&mut history, &receiver, "receiver", COUNT);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(fabric.counter("receipted"), 0, "receipts got through the broken spool");
+    std::fs::remove_file(&tmp).unwrap();
+    std::fs::rename(&away, &tmp).unwrap();
+    assert!(
+        common::wait_until(Duration::from_secs(3), || fabric.counter("receipted") >= COUNT as u64),
+        "receipted: {}",
+        fabric.counter("receipted")
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(fabric.counter("redelivered"), 0, "packets whose receipts were held back were delivered again");
+    history.check().assert_ok("receipts held back");
+    assert!(fabric.node_log("b").contains("tried again"), "{}", fabric.node_log("b"));
+}

@@ -38,6 +38,7 @@ pub mod layout;
 pub mod log;
 pub mod mounts;
 pub mod pcap;
+pub mod seqset;
 pub mod spool;
 
 pub use format::{Ack, AckState, Batch, BatchEncoder, BatchHeader, BatchKind, DecodeError, Packet, PacketId, Record};

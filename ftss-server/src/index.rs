@@ -4,8 +4,9 @@
 //!
 //! Memory is what a queue of millions of held packets (a receiver that is away) costs, so a packet
 //! waiting for delivery is 40 bytes in its destination's queue and nothing else. Lookups by id are
-//! only needed for packets in flight (receipts) and for the most recently stored ones (an outbox file
-//! drained again after a crash): those two have maps of their own, both bounded.
+//! only needed for packets in flight (receipts) and for ids stored before (an outbox file drained
+//! again after a crash, a batch sent again over a new fabric connection): the first has a map of its
+//! own, the second a few sequence ranges per sender epoch (`fsbridge::seqset`), both bounded.
 //!
 //! Every operation costs in proportion to the packets it touches, never to the size of the queue.
 
@@ -14,13 +15,15 @@ use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
+use fsbridge::seqset::SeenIds;
 use fsbridge::{NodeName, PacketId};
 
 use crate::queue::Location;
 
-/// Ids of the most recently stored packets remembered for duplicate detection: at least one drain
-/// cycle's worth, which is all a crash between storing and removing outbox files can replay.
-pub const RECENT_IDS_MAX: usize = 1 << 16;
+/// Sender epochs whose stored ids are remembered (the least recently stored to go first), and
+/// sequence ranges kept per epoch: a sender's ids are one range unless its batches were reordered.
+const STORED_EPOCHS_MAX: usize = 8192;
+const STORED_RANGES_PER_EPOCH_MAX: usize = 256;
 
 /// A packet id with its origin node interned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -169,19 +172,33 @@ pub struct DestinationStats {
 }
 
 /// The index.
-#[derive(Default)]
 pub struct Index {
     destinations: HashMap<Ipv4Addr, Destination>,
     in_flight: HashMap<Key, InFlight>,
     /// Deliveries in time order, for finding redeliveries due; stale items are skipped.
     deliveries: VecDeque<(Instant, Key)>,
-    recent: HashSet<Key>,
-    recent_order: VecDeque<Key>,
+    /// Every id stored (by origin and epoch), for recognising one drained or sent again.
+    stored: SeenIds<(u32, u64)>,
     packets: usize,
     /// Payload bytes of every queued packet.
     bytes: u64,
     origins: Vec<NodeName>,
     origin_numbers: HashMap<NodeName, u32>,
+}
+
+impl Default for Index {
+    fn default() -> Index {
+        Index {
+            destinations: HashMap::new(),
+            in_flight: HashMap::new(),
+            deliveries: VecDeque::new(),
+            stored: SeenIds::new(STORED_EPOCHS_MAX, STORED_RANGES_PER_EPOCH_MAX),
+            packets: 0,
+            bytes: 0,
+            origins: Vec::new(),
+            origin_numbers: HashMap::new(),
+        }
+    }
 }
 
 impl Index {
@@ -211,7 +228,9 @@ impl Index {
 
     /// Was this id stored recently (a duplicate drain) or is it in flight?
     pub fn seen(&self, id: &PacketId) -> bool {
-        self.key(id).is_some_and(|key| self.recent.contains(&key) || self.in_flight.contains_key(&key))
+        self.key(id).is_some_and(|key| {
+            self.stored.contains((key.origin, key.epoch), key.seq) || self.in_flight.contains_key(&key)
+        })
     }
 
     /// The entry of a packet in flight, with the batch seq of its last inbox file.
@@ -223,7 +242,7 @@ impl Index {
     pub fn insert(&mut self, id: &PacketId, entry: Entry) -> bool {
         let origin = self.intern(&id.origin);
         let key = Key { epoch: id.epoch, seq: id.seq, origin };
-        if self.recent.contains(&key) || self.in_flight.contains_key(&key) {
+        if self.stored.contains((key.origin, key.epoch), key.seq) || self.in_flight.contains_key(&key) {
             return false;
         }
         self.remember(key);
@@ -237,13 +256,14 @@ impl Index {
     }
 
     fn remember(&mut self, key: Key) {
-        if self.recent_order.len() >= RECENT_IDS_MAX
-            && let Some(oldest) = self.recent_order.pop_front()
-        {
-            self.recent.remove(&oldest);
-        }
-        self.recent.insert(key);
-        self.recent_order.push_back(key);
+        self.stored.insert((key.origin, key.epoch), key.seq);
+    }
+
+    /// Notes that `id` was stored and is done already (replay): a copy that comes again is not
+    /// stored a second time.
+    pub fn note_done(&mut self, id: &PacketId) {
+        let origin = self.intern(&id.origin);
+        self.remember(Key { epoch: id.epoch, seq: id.seq, origin });
     }
 
     /// Removes a packet (receipted, dead-lettered, sent); returns its entry. Packets not in flight
@@ -643,6 +663,25 @@ mod tests {
         assert_eq!(index.waiting_ports(&destination), vec![9000]);
         let next = keys(index.next_undelivered(&destination, 10, 10, 10, &HashSet::new()));
         assert_eq!(next.iter().map(|key| key.seq).collect::<Vec<_>>(), vec![0, 2, 3, 5]);
+    }
+
+    /// Item 9 of the durability audit: only the last 65,536 stored ids were remembered, so an
+    /// outbox file or fabric batch sent again after that many others was stored twice.
+    #[test]
+    fn an_id_stored_long_ago_is_still_known_when_it_comes_again() {
+        let mut index = Index::default();
+        assert!(index.insert(&id(1), entry(1, "10.77.0.2:9000")));
+        for seq in 2..200_000 {
+            let other = PacketId { origin: NodeName::new("c").unwrap(), epoch: 3, seq };
+            assert!(index.insert(&other, entry(seq, "10.77.0.3:9000")));
+        }
+        assert!(index.seen(&id(1)), "an id stored 200,000 packets ago was forgotten");
+        assert!(!index.insert(&id(1), entry(1, "10.77.0.2:9000")));
+        let destination: Ipv4Addr = "10.77.0.2".parse().unwrap();
+        index.remove(&id(1), Some("10.77.0.2:9000".parse().unwrap())).unwrap();
+        // Receipted and gone: a copy that comes now is still not stored again.
+        assert!(!index.insert(&id(1), entry(1, "10.77.0.2:9000")));
+        assert_eq!(index.queued(&destination), (0, 0));
     }
 
     #[test]

@@ -441,6 +441,9 @@ impl Server {
         let mut retained = Vec::new();
         for item in recovered {
             let QueueRecord::Stored { stored_unix_us, packet } = item.record else { continue };
+            if done.contains_key(&packet.id) {
+                self.index.note_done(&packet.id);
+            }
             match done.get(&packet.id) {
                 None => self.insert(&packet, item.location, stored_unix_us),
                 Some((outcome, at)) if *outcome != Outcome::DeadLettered && at + retain_us > now && retain_us > 0 => {

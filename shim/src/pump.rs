@@ -394,10 +394,26 @@ pub fn flush_receipts(shim: &Shim) {
     let name = batch_file_name(epoch, receipt_seq, "rcpt");
     // Not synced: a receipt lost in a crash of this node only makes the server deliver the packet
     // again, and the receiving shim hands a packet it has seen to the app only once.
-    if let Err(error) = shim.volume.receipts(&shim.config.node).publish_volatile(&name, &encoder.finish()) {
-        log!("cannot write receipts ({} packets; the server will deliver them again): {error}", ids.len());
+    match shim.volume.receipts(&shim.config.node).publish_volatile(&name, &encoder.finish()) {
+        Ok(_) => {
+            if RECEIPTS_FAILING.swap(false, Ordering::Relaxed) {
+                log!("receipts are written again");
+            }
+        }
+        Err(error) => {
+            // Kept for the next pass (bounded): a dropped receipt costs a redelivery.
+            if !RECEIPTS_FAILING.swap(true, Ordering::Relaxed) {
+                log!("cannot write receipts ({} packets; kept and tried again each pass): {error}", ids.len());
+            }
+            let mut pending = lock(&shim.receipts);
+            let room = crate::fabric::RECEIPTS_PENDING_MAX.saturating_sub(pending.len());
+            pending.extend(ids.into_iter().take(room));
+        }
     }
 }
+
+/// Did the last receipt write fail (logged once until one works again)?
+static RECEIPTS_FAILING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Reads the ack files the bells announced for this process and, on a sweep, those listed.
 fn read_acks(shim: &Shim, bells: &mut Doorbells, sweep: bool, seen: &mut (HashSet<String>, VecDeque<String>)) {

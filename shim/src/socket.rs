@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use fsbridge::format::PAYLOAD_BYTES_MAX;
 use fsbridge::log::LogWriter;
+use fsbridge::seqset::SeenIds;
 use fsbridge::{NodeConfig, Packet, PacketId, Volume};
 use libc::{c_int, c_void, iovec, msghdr, sockaddr, socklen_t, ssize_t};
 
@@ -145,53 +146,81 @@ pub enum Seen {
     Received,
 }
 
-/// Receive-side duplicate filter: a redelivered packet id is not handed to the app twice.
+/// Receive-side duplicate filter: a redelivered packet id is not handed to the app twice. Ids the
+/// app has read are kept as sequence ranges per sender epoch (a few bytes per sender, however many
+/// packets), so redelivery cannot outrun the filter; ids waiting in a socket are kept exactly.
 pub struct Dedupe {
-    seen: HashMap<u128, Seen>,
+    queued: HashMap<u128, u64>,
     order: VecDeque<u128>,
+    received: SeenIds<u64>,
 }
 
-/// Packet ids remembered by [`Dedupe`]; redelivery happens within seconds, far inside this window.
+/// Packet ids waiting in sockets that are remembered (beyond this, the oldest are forgotten).
 pub const DEDUPE_IDS_MAX: usize = 1 << 18;
+/// Sender epochs whose received ids are remembered, and sequence ranges kept per epoch.
+const RECEIVED_EPOCHS_MAX: usize = 4096;
+const RECEIVED_RANGES_PER_EPOCH_MAX: usize = 256;
 
 impl Dedupe {
     pub fn new() -> Dedupe {
-        Dedupe { seen: HashMap::new(), order: VecDeque::new() }
+        Dedupe {
+            queued: HashMap::new(),
+            order: VecDeque::new(),
+            received: SeenIds::new(RECEIVED_EPOCHS_MAX, RECEIVED_RANGES_PER_EPOCH_MAX),
+        }
     }
 
-    pub fn key(id: &PacketId) -> u128 {
-        // FNV-1a of origin and epoch; the seq is kept exact.
+    /// FNV-1a of origin and epoch: names the sender epoch.
+    fn epoch_key(id: &PacketId) -> u64 {
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         for byte in id.origin.as_str().bytes().chain(id.epoch.to_le_bytes()) {
             hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
         }
-        (u128::from(hash) << 64) | u128::from(id.seq)
+        hash
+    }
+
+    pub fn key(id: &PacketId) -> u128 {
+        (u128::from(Dedupe::epoch_key(id)) << 64) | u128::from(id.seq)
     }
 
     /// What is known of `id` (None: new).
     pub fn get(&self, id: &PacketId) -> Option<Seen> {
-        self.seen.get(&Dedupe::key(id)).copied()
+        if self.received.contains(Dedupe::epoch_key(id), id.seq) {
+            return Some(Seen::Received);
+        }
+        self.queued.get(&Dedupe::key(id)).map(|sock| Seen::Queued(*sock))
     }
 
     /// Records where `id` is now.
     pub fn set(&mut self, id: &PacketId, seen: Seen) {
         let key = Dedupe::key(id);
-        if self.seen.insert(key, seen).is_some() {
-            return;
-        }
-        self.order.push_back(key);
-        if self.order.len() > DEDUPE_IDS_MAX
-            && let Some(oldest) = self.order.pop_front()
-        {
-            self.seen.remove(&oldest);
+        match seen {
+            Seen::Received => {
+                self.queued.remove(&key);
+                self.received.insert(Dedupe::epoch_key(id), id.seq);
+            }
+            Seen::Queued(sock) => {
+                if self.queued.insert(key, sock).is_some() {
+                    return;
+                }
+                self.order.push_back(key);
+                while self.order.len() > DEDUPE_IDS_MAX
+                    && let Some(oldest) = self.order.pop_front()
+                {
+                    self.queued.remove(&oldest);
+                }
+                // Keys of ids read since are stale in the age order: dropped when it is long.
+                if self.order.len() > 2 * self.queued.len() + 1024 {
+                    let queued = &self.queued;
+                    self.order.retain(|key| queued.contains_key(key));
+                }
+            }
         }
     }
-}
 
-impl Dedupe {
-    /// Forgets `id` (its slot in the age order goes when it comes round).
+    /// Forgets `id` while it waits in a socket (a forked child leaves it to its parent).
     pub fn forget(&mut self, id: &PacketId) {
-        self.seen.remove(&Dedupe::key(id));
+        self.queued.remove(&Dedupe::key(id));
     }
 }
 
@@ -1186,13 +1215,30 @@ mod tests {
         assert_eq!(dedupe.get(&id(1)), Some(Seen::Received));
         let other_epoch = PacketId { epoch: 8, ..id(1) };
         assert_eq!(dedupe.get(&other_epoch), None, "same seq, other epoch: another packet");
-        dedupe.forget(&id(1));
-        assert_eq!(dedupe.get(&id(1)), None);
-        for seq in 2..(DEDUPE_IDS_MAX as u64 + 3) {
+        dedupe.set(&id(2), Seen::Queued(3));
+        dedupe.forget(&id(2));
+        assert_eq!(dedupe.get(&id(2)), None);
+        for seq in 3..(DEDUPE_IDS_MAX as u64 + 5) {
+            dedupe.set(&id(seq), Seen::Queued(4));
+        }
+        assert_eq!(dedupe.get(&id(3)), None, "the oldest waiting ids are forgotten first");
+        assert!(dedupe.queued.len() <= DEDUPE_IDS_MAX);
+    }
+
+    /// Item 9 of the durability audit: the filter kept the last 2^18 ids, which async senders
+    /// outrun in under five seconds (the server's redelivery time): a redelivery after that was
+    /// handed to the app again. Ids read are now kept as ranges per sender epoch.
+    #[test]
+    fn a_packet_read_long_ago_is_still_known_when_it_is_delivered_again() {
+        let id = |seq| PacketId { origin: NodeName::new("a").unwrap(), epoch: 7, seq };
+        let mut dedupe = Dedupe::new();
+        dedupe.set(&id(1), Seen::Queued(3));
+        dedupe.set(&id(1), Seen::Received);
+        for seq in 2..(4 * DEDUPE_IDS_MAX as u64) {
+            dedupe.set(&id(seq), Seen::Queued(3));
             dedupe.set(&id(seq), Seen::Received);
         }
-        assert_eq!(dedupe.get(&id(2)), None, "the oldest ids are forgotten first");
-        assert_eq!(dedupe.get(&id(DEDUPE_IDS_MAX as u64 + 2)), Some(Seen::Received));
-        assert!(dedupe.seen.len() <= DEDUPE_IDS_MAX);
+        assert_eq!(dedupe.get(&id(1)), Some(Seen::Received), "forgotten after {} others", 4 * DEDUPE_IDS_MAX);
+        assert!(dedupe.queued.is_empty() && dedupe.order.len() <= 1024 + 1);
     }
 }
