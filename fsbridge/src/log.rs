@@ -508,8 +508,13 @@ impl LogReader {
             if !(rest.starts_with(&FRAME_MAGIC) || rest.starts_with(&SEAL_MAGIC)) {
                 continue;
             }
-            checksummed +=
-                rest.get(4..8).map_or(0, |len| u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize);
+            // Only a length that can be a frame's, and whose frame fits in what was read, costs a
+            // checksum: frame-like bytes with a huge length (inside a payload, say) cost nothing.
+            let len = rest.get(4..8).map_or(0, |len| u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize);
+            if len > FRAME_BATCH_BYTES_MAX || FRAME_HEAD_BYTES as usize + len > rest.len() {
+                continue;
+            }
+            checksummed += len;
             if checksummed > RESYNC_CHECKSUM_BYTES_MAX {
                 // A file made to be slow to search: give up (the segment is moved aside whole once
                 // its writer is done with it).
@@ -654,6 +659,32 @@ mod tests {
         let rest = reader.read(next, 4096).unwrap();
         assert_eq!(rest.frames, vec![(next + FRAME_HEAD_BYTES + 50, vec![2u8; 50])]);
         assert_eq!(reader.next_valid_frame(rest.end).unwrap(), None);
+        fs::remove_dir_all(outbox).unwrap();
+    }
+
+    /// Item 10 of the durability audit: the search for the next frame after damage added each
+    /// frame-like candidate's claimed length to its budget before checking it, so a payload holding
+    /// "FTLF" and a huge length used the whole budget at once: the search gave up and the frames
+    /// after the damage (acked ones) were quarantined with it.
+    #[test]
+    fn frame_like_bytes_with_a_huge_length_do_not_stop_the_search_for_the_next_frame() {
+        let outbox = temp_outbox("huge");
+        let mut writer = LogWriter::new(&outbox, 4);
+        let mut decoy = b"FTLF".to_vec();
+        decoy.extend_from_slice(&u32::MAX.to_le_bytes());
+        decoy.extend_from_slice(&[0x55; 4]);
+        let payload: Vec<u8> = decoy.iter().copied().cycle().take(1200).collect();
+        writer.append(&payload).unwrap();
+        writer.append(&[7; 40]).unwrap();
+        let path = only_segment(&outbox);
+        // The first frame's head is damaged: the search has to go through its payload.
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(b"XX", SEGMENT_HEADER_BYTES + 5).unwrap();
+        let reader = LogReader::open(&path).unwrap().unwrap();
+        let second = SEGMENT_HEADER_BYTES + FRAME_HEAD_BYTES + payload.len() as u64;
+        assert_eq!(reader.next_valid_frame(SEGMENT_HEADER_BYTES).unwrap(), Some(second));
+        let rest = reader.read(second, 4096).unwrap();
+        assert_eq!(rest.frames, vec![(second + FRAME_HEAD_BYTES + 40, vec![7u8; 40])]);
         fs::remove_dir_all(outbox).unwrap();
     }
 

@@ -322,7 +322,7 @@ pub fn list_hidden(dir: &Path, limit: usize) -> Result<Vec<String>, SpoolError> 
 }
 
 /// Calls `visit` with every name in `dir`; a missing directory has none.
-fn visit_names(dir: &Path, mut visit: impl FnMut(String)) -> Result<(), SpoolError> {
+pub fn visit_names(dir: &Path, mut visit: impl FnMut(String)) -> Result<(), SpoolError> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(error) if is_gone(&error) => return Ok(()),

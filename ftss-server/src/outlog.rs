@@ -21,7 +21,7 @@ use fsbridge::{NodeName, Volume};
 
 /// Most segments kept open; beyond, the least recently read are closed (and reopened as needed).
 const OPEN_SEGMENTS_MAX: usize = 4096;
-/// Most segment names taken from one node's log directory per cycle.
+/// Most writers whose segments are taken from one node's log directory per cycle.
 const SEGMENTS_LISTED_MAX: usize = 4096;
 /// A frame that stays invalid this long is damage, not a write in progress.
 pub const BAD_FRAME_GRACE: Duration = Duration::from_secs(10);
@@ -117,6 +117,8 @@ pub struct Logs {
     quiet: HashMap<SegmentKey, Quiet>,
     /// The queue segment the cursors were last all written into.
     checkpointed_in: Option<u64>,
+    /// Per node, the epoch the next listing of its log directory starts from (see `readable`).
+    turn: HashMap<NodeName, u64>,
 }
 
 impl Logs {
@@ -144,26 +146,52 @@ impl Logs {
     }
 
     /// Segments of `node` to read now: for each writer (epoch), its lowest segment, and whether a
-    /// later one exists. Also the names that are not segment names (to quarantine).
-    pub fn readable(volume: &Volume, node: &NodeName) -> Result<Listing, fsbridge::SpoolError> {
+    /// later one exists. Also the names that are not segment names (to quarantine). At most
+    /// `SEGMENTS_LISTED_MAX` writers a cycle, taken in turn: each listing starts with the epochs
+    /// after the last one served, so that a pile of lingering segments (dead writers waiting for
+    /// the abandon time) cannot starve the writers whose epochs sort after theirs.
+    pub fn readable(&mut self, volume: &Volume, node: &NodeName) -> Result<Listing, fsbridge::SpoolError> {
         let dir = volume.outbox(node).dir().join("log");
-        let names = fsbridge::spool::list_names(&dir, SEGMENTS_LISTED_MAX)?;
-        let mut writers: BTreeMap<u64, Vec<(u64, String)>> = BTreeMap::new();
+        let from = self.turn.get(node).copied().unwrap_or(0);
+        // Per epoch: (lowest segment, its name, whether another exists); the smallest epochs at or
+        // after `from`, and (for the wrap) the smallest before it, each bounded.
+        let mut after: BTreeMap<u64, (u64, String, bool)> = BTreeMap::new();
+        let mut before: BTreeMap<u64, (u64, String, bool)> = BTreeMap::new();
         let mut foreign = Vec::new();
-        for name in names {
-            match log::parse_segment_name(&name) {
-                Some((epoch, segment)) => writers.entry(epoch).or_default().push((segment, name)),
-                None => foreign.push(name),
+        fsbridge::spool::visit_names(&dir, |name| {
+            let Some((epoch, segment)) = log::parse_segment_name(&name) else {
+                if !name.starts_with('.') && foreign.len() < SEGMENTS_LISTED_MAX {
+                    foreign.push(name);
+                }
+                return;
+            };
+            let side = if epoch >= from { &mut after } else { &mut before };
+            match side.get_mut(&epoch) {
+                Some(lowest) => {
+                    lowest.2 = true;
+                    if segment < lowest.0 {
+                        lowest.0 = segment;
+                        lowest.1 = name;
+                    }
+                }
+                None => {
+                    side.insert(epoch, (segment, name, false));
+                    if side.len() > SEGMENTS_LISTED_MAX {
+                        side.pop_last();
+                    }
+                }
             }
-        }
-        let readable = writers
-            .into_values()
-            .map(|mut segments| {
-                segments.sort_unstable();
-                let has_successor = segments.len() > 1;
-                (segments.swap_remove(0).1, has_successor)
-            })
-            .collect();
+        })?;
+        let wrapped = SEGMENTS_LISTED_MAX.saturating_sub(after.len());
+        let chosen: Vec<(u64, (u64, String, bool))> =
+            after.into_iter().chain(before.into_iter().take(wrapped)).take(SEGMENTS_LISTED_MAX).collect();
+        // The next listing starts after the last epoch served (from the start once all were).
+        let next = match chosen.last() {
+            Some((epoch, _)) if chosen.len() == SEGMENTS_LISTED_MAX => epoch.wrapping_add(1),
+            _ => 0,
+        };
+        self.turn.insert(node.clone(), next);
+        let readable = chosen.into_iter().map(|(_, (_, name, has_successor))| (name, has_successor)).collect();
         Ok((readable, foreign))
     }
 
@@ -255,5 +283,41 @@ impl Logs {
     /// The cursors returned by [`Logs::checkpoint`] are durable in `active`.
     pub fn checkpointed(&mut self, active: u64) {
         self.checkpointed_in = Some(active);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Item 10 of the durability audit: only the 4,096 smallest segment names of a node were
+    /// listed, so with more lingering segments (dead writers waiting for the abandon time) a live
+    /// writer whose epoch sorts after them was never read. Writers now take turns.
+    #[test]
+    fn more_lingering_segments_than_one_listing_takes_starve_no_writer() {
+        let root = std::env::temp_dir().join(format!("ftss-outlog-{}-{}", std::process::id(), fsbridge::random_u64()));
+        let volume = Volume::new(&root);
+        let node = NodeName::new("a").unwrap();
+        let dir = volume.outbox(&node).dir().join("log");
+        std::fs::create_dir_all(&dir).unwrap();
+        let name = |epoch: u64, segment: u64| format!("{epoch:016x}-{segment:016x}.log");
+        for epoch in 1..=(SEGMENTS_LISTED_MAX as u64 + 500) {
+            std::fs::write(dir.join(name(epoch, 1)), b"").unwrap();
+        }
+        let live = u64::MAX - 7;
+        std::fs::write(dir.join(name(live, 3)), b"").unwrap();
+        std::fs::write(dir.join(name(live, 4)), b"").unwrap();
+        std::fs::write(dir.join("stray.txt"), b"").unwrap();
+        let mut logs = Logs::default();
+        let mut served = Vec::new();
+        for _ in 0..2 {
+            let (readable, foreign) = logs.readable(&volume, &node).unwrap();
+            assert!(readable.len() <= SEGMENTS_LISTED_MAX);
+            assert_eq!(foreign, vec!["stray.txt".to_string()]);
+            served.extend(readable);
+        }
+        assert!(served.contains(&(name(live, 3), true)), "the live writer was never listed");
+        assert!(served.contains(&(name(1, 1), false)) && served.contains(&(name(4596, 1), false)));
+        std::fs::remove_dir_all(root).unwrap();
     }
 }

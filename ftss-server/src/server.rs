@@ -1147,7 +1147,7 @@ impl Server {
         drained: &mut Vec<Drained>,
         budget: &mut Budget,
     ) -> Result<(), fsbridge::SpoolError> {
-        let (segments, foreign) = Logs::readable(&self.volume, node)?;
+        let (segments, foreign) = self.logs.readable(&self.volume, node)?;
         let log_dir = self.volume.outbox(node).dir().join("log");
         for name in foreign {
             self.quarantine_path(log_dir.join(name), node.as_str(), "unexpected file name in an outbox log directory");
