@@ -31,7 +31,7 @@ impl Ack {
     }
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct History {
     /// Payloads whose send returned success, with the mode.
     sent: BTreeMap<String, Ack>,
