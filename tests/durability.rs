@@ -82,16 +82,21 @@ fn a_second_server_without_ha_is_refused_and_names_the_running_one() {
     assert!(started.elapsed() < Duration::from_secs(8), "the restart waited {:?}", started.elapsed());
 }
 
-/// Binds 0.0.0.0:PORT and prints "ready"; reads nothing until the file ARGV[2] exists, then prints
-/// every datagram until none came for a second, and exits (its shim writes the receipts at exit).
+/// Binds 0.0.0.0:PORT (with SO_REUSEPORT if ARGV[3] says "reuseport") and prints "ready". If
+/// ARGV[2] names a file (not "-"), reads nothing until it exists and then prints every datagram
+/// until none came for a second, and exits (its shim writes the receipts at exit); with "-" it
+/// prints every datagram, for ever.
 const PY_LATE_READER: &str = r#"
 import os, socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+if sys.argv[3:] == ["reuseport"]:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
 s.bind(("0.0.0.0", int(sys.argv[1])))
 print("ready", flush=True)
-while not os.path.exists(sys.argv[2]):
-    time.sleep(0.05)
-s.settimeout(1.0)
+if sys.argv[2] != "-":
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.05)
+    s.settimeout(1.0)
 try:
     while True:
         print(s.recv(65535).decode(), flush=True)
@@ -462,4 +467,48 @@ fn receipts_that_cannot_be_written_for_a_while_are_written_later_not_dropped() {
     assert_eq!(fabric.counter("redelivered"), 0, "packets whose receipts were held back were delivered again");
     history.check().assert_ok("receipts held back");
     assert!(fabric.node_log("b").contains("tried again"), "{}", fabric.node_log("b"));
+}
+
+/// Item 8: processes sharing a port (SO_REUSEPORT apps, forked receivers with sockets of their
+/// own) got duplicates: a packet one of them had taken but not yet read was delivered again after
+/// --redeliver-after, and its sibling took and read the copy. A claimed inbox file is now kept and
+/// refreshed while its packets wait in the process's socket, and the server does not deliver them
+/// again meanwhile.
+#[test]
+fn processes_sharing_a_port_never_both_get_a_datagram() {
+    const BURSTS: usize = 10;
+    let mut fabric = Fabric::new("shared-port");
+    fabric.start_server_with(&["--redeliver-after", "1s"]);
+    let port = "9190";
+    let go = fabric.dir.0.join("go");
+    let go_arg = go.display().to_string();
+    let reader = |go: &str| {
+        common::apps::Receiver::start_script(&fabric, "b", "10.77.0.2", PY_LATE_READER, &[port, go, "reuseport"])
+    };
+    let mut slow = reader(&go_arg);
+    let fast = reader("-");
+    let mut history = History::new();
+    for burst in 0..BURSTS {
+        let mut sender = common::apps::Sender::start(&fabric, 9190, &format!("sp{burst}"), 5, 0);
+        assert!(sender.proc.wait_exit(Duration::from_secs(30)), "the sender did not finish");
+        for payload in sender.acknowledged() {
+            history.sent(payload, Ack::Volume);
+        }
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    // Several redelivery times pass while the slow one holds what it took.
+    std::thread::sleep(Duration::from_secs(5));
+    std::fs::write(&go, b"").unwrap();
+    assert!(slow.proc.wait_exit(Duration::from_secs(30)), "the slow reader did not finish");
+    std::thread::sleep(Duration::from_secs(1));
+    for payload in slow.payloads() {
+        history.received("slow reader", payload);
+    }
+    for payload in fast.payloads() {
+        history.received("fast reader", payload);
+    }
+    let verdict = history.check();
+    verdict.assert_ok("two processes on one port");
+    assert_eq!(verdict.again, 0, "a datagram reached both processes: {verdict}");
+    assert!(!slow.payloads().is_empty(), "the slow reader took nothing: the test shows nothing");
 }

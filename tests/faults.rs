@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use common::apps::*;
+use common::history::{Ack, History};
 use common::*;
 
 #[test]
@@ -51,22 +52,20 @@ fn kill_9_of_senders_receivers_and_the_server_at_random_points() {
     for sender in &mut senders {
         sender.proc.wait_exit(Duration::from_secs(60));
     }
-    let acknowledged: Vec<String> = senders.iter().flat_map(Sender::acknowledged).collect();
-    assert!(acknowledged.len() > 500, "too little traffic: {}", acknowledged.len());
-    let everything =
-        || -> HashSet<String> { receivers.iter().flat_map(|r| r.lines.lines().into_iter().skip(1)).collect() };
-    let arrived = wait_until(Duration::from_secs(120), || {
-        let got = everything();
-        acknowledged.iter().all(|line| got.contains(line))
-    });
-    let got = everything();
-    let missing: Vec<_> = acknowledged.iter().filter(|line| !got.contains(*line)).take(5).collect();
-    assert!(arrived, "acknowledged but lost: {missing:?} ({} acknowledged)", acknowledged.len());
-    for (index, receiver) in receivers.iter().enumerate() {
-        let lines = receiver.lines.lines();
-        let unique: HashSet<&String> = lines.iter().collect();
-        assert_eq!(unique.len(), lines.len(), "receiver {index} was handed a packet twice");
+    let mut sent = History::new();
+    for sender in &senders {
+        sender.record(&mut sent, Ack::Volume);
     }
+    let history = |receivers: &[Receiver]| {
+        let mut history = sent.clone();
+        for (index, receiver) in receivers.iter().enumerate() {
+            receiver.record(&mut history, &format!("receiver {index}"));
+        }
+        history.check()
+    };
+    assert!(history(&receivers).acked > 500, "too little traffic: {}", history(&receivers));
+    wait_until(Duration::from_secs(120), || history(&receivers).lost.is_empty());
+    history(&receivers).assert_ok(&format!("kill -9 of senders, receivers and the server ({kills:?})"));
 }
 
 #[test]

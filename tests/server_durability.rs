@@ -3,12 +3,13 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::apps::*;
+use common::history::{Ack, History};
 use common::*;
 
 fn start_receiver(fabric: &Fabric, port: u16) -> (Proc, LineCollector) {
@@ -51,17 +52,15 @@ fn kill_9_of_the_server_during_a_transfer_loses_nothing_acknowledged_and_duplica
     let acked: BTreeSet<usize> =
         acked.lines().iter().filter_map(|line| line.strip_prefix("ok ")).map(|n| n.parse().unwrap()).collect();
     assert_eq!(acked.len(), count, "every send returned (the server is not on the send path in volume mode)");
-    let all_arrived = wait_until(Duration::from_secs(120), || payloads(&received).len() >= count);
-    let got = payloads(&received);
-    let mut seen: HashMap<&str, usize> = HashMap::new();
-    for line in &got {
-        *seen.entry(line.as_str()).or_default() += 1;
+    wait_until(Duration::from_secs(120), || payloads(&received).len() >= count);
+    let mut history = History::new();
+    for n in acked {
+        history.sent(format!("k-{n}"), Ack::Volume);
     }
-    let twice: Vec<_> = seen.iter().filter(|(_, times)| **times > 1).take(5).collect();
-    assert!(twice.is_empty(), "handed twice to one process: {twice:?}");
-    let missing: Vec<_> =
-        expected("k", count, 0).into_iter().filter(|line| !seen.contains_key(line.as_str())).take(5).collect();
-    assert!(all_arrived && missing.is_empty(), "{kills} kills: missing {missing:?}, got {} of {count}", got.len());
+    for payload in payloads(&received) {
+        history.received("receiver", payload);
+    }
+    history.check().assert_ok(&format!("{kills} kills of the server"));
 }
 
 fn segment_files(dir: &Path) -> Vec<PathBuf> {

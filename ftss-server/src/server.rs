@@ -1510,6 +1510,8 @@ impl Server {
         let mut due: BTreeMap<(NodeName, u16), Vec<(Key, Entry)>> = BTreeMap::new();
         let mut count = 0;
         let mut still_in_inbox: HashMap<(NodeName, u16, u64), bool> = HashMap::new();
+        // Per inbox, the files held claimed by a live receiving process (listed once a cycle).
+        let mut claims: HashMap<(NodeName, u16), HashSet<String>> = HashMap::new();
         let mut over_fabric: HashMap<(NodeName, u16), bool> = HashMap::new();
         for key in self.index.due_again(now, self.config.redeliver_after, DELIVER_PACKETS_PER_CYCLE_MAX) {
             let (entry, file) = self.index.in_flight(key).expect("due packets are in flight");
@@ -1522,10 +1524,17 @@ impl Server {
             // process has the port now: it never reads inbox files, so the packet goes to it.
             let routed =
                 *over_fabric.entry((node.clone(), port)).or_insert_with(|| self.fabric_route(&node, port).is_some());
+            // Also not while a receiving process holds the file claimed and fresh: it will hand
+            // the packet over, and a copy could reach a sibling process on the same port.
             let waiting = !routed
                 && *still_in_inbox.entry((node.clone(), port, file)).or_insert_with(|| {
                     let name = batch_file_name(self.epoch, file, "pkt");
-                    self.volume.inbox(&node, port).new_dir().join(name).exists()
+                    let inbox = self.volume.inbox(&node, port);
+                    inbox.new_dir().join(&name).exists()
+                        || claims
+                            .entry((node.clone(), port))
+                            .or_insert_with(|| fresh_claims(&inbox.tmp_dir()))
+                            .contains(&name)
                 });
             if waiting {
                 self.index.postpone(key, now);
@@ -2185,6 +2194,28 @@ impl Server {
 
 /// Decodes an outbox batch and stamps each packet with the node it was drained from.
 /// Returns the packets and whether the sender wants acks.
+/// A receiving shim refreshes a claimed file's mtime every second while the app has not read all
+/// of it; a claim older than this is a dead process's.
+const CLAIM_FRESH: Duration = Duration::from_secs(5);
+
+/// Names of the inbox files held claimed (`tmp/<name>.claimed-<pid>`) and refreshed within
+/// `CLAIM_FRESH`, in the inbox whose `tmp/` is `tmp_dir`.
+fn fresh_claims(tmp_dir: &std::path::Path) -> HashSet<String> {
+    let mut fresh = HashSet::new();
+    for entry in std::fs::read_dir(tmp_dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some((file, _)) = name.to_str().and_then(|name| name.split_once(".claimed-")) else { continue };
+        let recent = entry
+            .metadata()
+            .and_then(|meta| meta.modified())
+            .is_ok_and(|modified| modified.elapsed().unwrap_or_default() < CLAIM_FRESH);
+        if recent {
+            fresh.insert(file.to_owned());
+        }
+    }
+    fresh
+}
+
 fn decode_outbox_batch(
     bytes: &[u8],
     node: &NodeName,

@@ -14,6 +14,7 @@
 
 mod addr;
 mod capture;
+mod claims;
 pub mod config;
 mod doorbell;
 mod fabric;

@@ -53,6 +53,7 @@ pub fn run(shim: &'static Shim) {
         let socks = shim.socks();
         // Taken before any socket lock: the table comes first in the lock order.
         let open: HashSet<u64> = socks.iter().map(|sock| sock.id).collect();
+        tend_claims(shim, &open);
         let fabric = shim.link();
         let awaits_acks = fabric.is_none() && shim.outbox().awaits_acks();
         // Over the volume, the bells say which inbox and ack files are new; the directories are
@@ -302,13 +303,20 @@ fn fill(
                 continue;
             }
         };
+        let mut waiting = Vec::new();
         for record in batch.records {
             let Record::Packet(packet) = record else { continue };
-            take_packet(shim, &target, &mut held, packet);
+            let key = crate::socket::Dedupe::key(&packet.id);
+            if take_packet(shim, &target, &mut held, packet) {
+                waiting.push(key);
+            }
         }
-        // Everything in the file is now injected or held in memory; if this process dies the
-        // missing receipts make the server deliver it again.
-        if let Err(error) = remove_file_idempotent(&path) {
+        // Everything in the file is now injected or held in memory. The file stays claimed while
+        // the app has not read all of it (so that no sibling on the port gets it again); if this
+        // process dies the missing receipts make the server deliver it again.
+        if !lock(&shim.claims).hold(path.clone(), sock.id, &waiting)
+            && let Err(error) = remove_file_idempotent(&path)
+        {
             log!("cannot remove claimed inbox file {}: {error}", path.display());
         }
         while let Some(datagram) = held.front() {
@@ -331,19 +339,48 @@ struct Target<'a> {
     open: &'a HashSet<u64>,
 }
 
+/// Removes claimed files that are done and refreshes the others (see `claims`).
+fn tend_claims(shim: &Shim, open: &HashSet<u64>) {
+    let chores = lock(&shim.claims).chores(open);
+    for path in chores.remove {
+        if let Err(error) = remove_file_idempotent(&path) {
+            log!("cannot remove claimed inbox file {}: {error}", path.display());
+        }
+    }
+    for path in chores.touch {
+        let Ok(name) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { continue };
+        // SAFETY: a valid C string; a null times pointer sets both times to now (the file
+        // server's now, over NFS).
+        unsafe { libc::utimensat(libc::AT_FDCWD, name.as_ptr(), std::ptr::null(), 0) };
+    }
+}
+
+/// At exit: every claimed file goes, so that what the app did not read is delivered again soon.
+pub fn release_claims(shim: &Shim) {
+    for path in lock(&shim.claims).take_all() {
+        let _ = remove_file_idempotent(&path);
+    }
+}
+
 /// Decides what becomes of one packet from the inbox: held for injection, receipted at once, or
-/// ignored as a duplicate.
-fn take_packet(shim: &Shim, target: &Target, held: &mut VecDeque<Vec<u8>>, packet: Packet) {
+/// ignored as a duplicate. True if it is held for the app.
+fn take_packet(shim: &Shim, target: &Target, held: &mut VecDeque<Vec<u8>>, packet: Packet) -> bool {
     let seen = lock(&shim.dedupe).get(&packet.id);
     let from_peer = target.peer.is_none_or(|peer| peer == SocketAddr::V4(packet.source));
     let sock = target.sock;
     match seen {
         // Redelivered after the app already had it: the receipt was lost or late; send it again.
-        Some(Seen::Received) => lock(&shim.receipts).push(packet.id),
+        Some(Seen::Received) => {
+            lock(&shim.receipts).push(packet.id);
+            false
+        }
         // Still waiting in a socket that is open: the app will read it.
-        Some(Seen::Queued(holder)) if target.open.contains(&holder) => {}
+        Some(Seen::Queued(holder)) if target.open.contains(&holder) => false,
         // A connected socket does not receive from others: dropped, as the kernel would, and done.
-        _ if !from_peer => mark_received(shim, &packet.id),
+        _ if !from_peer => {
+            mark_received(shim, &packet.id);
+            false
+        }
         // New, or its socket was closed before the app read it: hand it over (again).
         _ => {
             lock(&shim.dedupe).set(&packet.id, Seen::Queued(sock.id));
@@ -351,6 +388,7 @@ fn take_packet(shim: &Shim, target: &Target, held: &mut VecDeque<Vec<u8>>, packe
             datagram.extend_from_slice(&inject_header(SocketAddr::V4(packet.source), Some(&packet.id)));
             datagram.extend_from_slice(&packet.payload);
             held.push_back(datagram);
+            true
         }
     }
 }

@@ -253,6 +253,8 @@ pub struct Shim {
     pub receipts: Mutex<Vec<PacketId>>,
     pub receipt_seq: AtomicU64,
     pub dedupe: Mutex<Dedupe>,
+    /// Inbox files claimed with packets the app has not read yet (see `claims`).
+    pub claims: Mutex<crate::claims::Claims>,
     next_sock_id: AtomicU64,
     /// A candidate was dup'ed: converting one must look for its twins.
     candidate_dups: AtomicBool,
@@ -334,6 +336,7 @@ impl Shim {
             receipts: Mutex::new(Vec::new()),
             receipt_seq: AtomicU64::new(0),
             dedupe: Mutex::new(Dedupe::new()),
+            claims: Mutex::new(crate::claims::Claims::default()),
             next_sock_id: AtomicU64::new(1),
             candidate_dups: AtomicBool::new(false),
         })
@@ -386,6 +389,7 @@ impl Shim {
             }
         }
         drop(dedupe);
+        lock(&self.claims).clear();
         log!("forked child: new epoch {epoch:016x}");
     }
 
@@ -1030,6 +1034,7 @@ pub fn receive(fd: c_int, iov: &[iovec], flags: c_int, out: NameOut) -> Result<(
 /// The app has the datagram (or the kernel's rules dropped it): queue its receipt.
 pub fn mark_received(shim: &Shim, id: &PacketId) {
     lock(&shim.dedupe).set(id, Seen::Received);
+    lock(&shim.claims).read(Dedupe::key(id));
     lock(&shim.receipts).push(id.clone());
 }
 

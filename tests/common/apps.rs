@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use super::history::{Ack, History};
 use super::{Fabric, LineCollector, Proc, wait_until};
 
 /// Binds 0.0.0.0:PORT, prints "ready", then every datagram's payload on its own line.
@@ -78,6 +79,13 @@ impl Receiver {
     pub fn payloads(&self) -> Vec<String> {
         self.lines.lines().into_iter().skip(1).collect()
     }
+
+    /// Records what this process received into `history`, as `process`.
+    pub fn record(&self, history: &mut History, process: &str) {
+        for payload in self.payloads() {
+            history.received(process, payload);
+        }
+    }
 }
 
 /// A python3 sender under the shim (PY_SENDER), as node a (10.77.0.1) unless told otherwise.
@@ -133,6 +141,24 @@ impl Sender {
     /// "err n errno" lines.
     pub fn errors(&self) -> Vec<String> {
         self.said.lines().into_iter().filter(|line| line.starts_with("err ")).collect()
+    }
+
+    /// Records this sender's sends into `history`: those that returned (in mode `ack`) and those
+    /// that failed.
+    pub fn record(&self, history: &mut History, ack: Ack) {
+        for payload in self.acknowledged() {
+            history.sent(payload, ack);
+        }
+        let pad = "p".repeat(self.pad);
+        for line in self.errors() {
+            if let Some(n) = line.split_whitespace().nth(1) {
+                history.send_failed(format!("{}-{n}{pad}", self.tag));
+            }
+        }
+        // A sender killed -9 may have been inside its next send, which may have gone through
+        // without its line being printed: an attempt, allowed but not required.
+        let sent = self.acknowledged().len();
+        history.send_failed(format!("{}-{sent}{pad}", self.tag));
     }
 }
 

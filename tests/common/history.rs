@@ -134,7 +134,7 @@ impl fmt::Display for Verdict {
         write!(
             f,
             "{} acked sends, {} datagrams received by {} processes; lost {} [{}]; twice to one process {} [{}]; \
-             again after a receiver restart {}; damaged or never sent {} [{}]",
+             in more than one process (restarts, shared ports) {}; damaged or never sent {} [{}]",
             self.acked,
             self.received,
             self.processes,
