@@ -512,3 +512,53 @@ fn processes_sharing_a_port_never_both_get_a_datagram() {
     assert_eq!(verdict.again, 0, "a datagram reached both processes: {verdict}");
     assert!(!slow.payloads().is_empty(), "the slow reader took nothing: the test shows nothing");
 }
+
+/// Item 12: forwarded receipts (a partition's receipts for packets another partition holds) name
+/// the receiving node in their header, and any writer of the volume could put one there: a node
+/// could receipt other nodes' packets. Only files owned by the server's user are taken; others
+/// are quarantined with the reason.
+#[test]
+fn forwarded_receipts_written_by_anyone_but_a_server_are_quarantined() {
+    let fabric = Fabric::new("forwarded-receipts");
+    let mut instance = fabric.start_instance("only", &["--lease-term", "2s", "--partitions", "2"]);
+    let served = || {
+        fabric.status()["partitions"]
+            .as_array()
+            .is_some_and(|parts| parts.len() == 2 && parts.iter().all(|part| part["running"] == true))
+    };
+    assert!(common::wait_until(Duration::from_secs(30), served), "the instance never served both partitions");
+    let node = fsbridge::NodeName::new("b").unwrap();
+    let header = fsbridge::BatchHeader {
+        kind: fsbridge::BatchKind::Receipts,
+        node: node.clone(),
+        epoch: 0x5eed,
+        batch_seq: 1,
+        flags: 0,
+    };
+    let mut encoder = fsbridge::BatchEncoder::new(&header);
+    encoder.push(&fsbridge::Record::Receipt(fsbridge::PacketId { origin: node, epoch: 9, seq: 1 }));
+    let bytes = encoder.finish();
+    for partition in 0..2 {
+        let dir = fabric.volume.join(format!("server/receipts-p{partition}/new"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("0000000000005eed-0000000000000001.rcpt");
+        std::fs::write(&path, &bytes).unwrap();
+        // Written by a node: another user.
+        std::os::unix::fs::chown(&path, Some(4242), Some(4242)).unwrap();
+    }
+    let quarantine = fabric.volume.join("quarantine");
+    let reasons = || -> Vec<String> {
+        common::files_in(&quarantine)
+            .into_iter()
+            .filter(|name| name.ends_with(".reason"))
+            .map(|name| std::fs::read_to_string(quarantine.join(name)).unwrap_or_default())
+            .filter(|reason| reason.contains("uid 4242"))
+            .collect()
+    };
+    assert!(
+        common::wait_until(Duration::from_secs(15), || reasons().len() == 2),
+        "forged forwarded receipts were not quarantined: {:?}",
+        common::files_in(&quarantine)
+    );
+    assert!(!instance.wait_exit(Duration::from_millis(100)), "the instance stopped");
+}

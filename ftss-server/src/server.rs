@@ -1900,6 +1900,16 @@ impl Server {
         }
         for name in scan.names {
             let path = spool.new_dir().join(&name);
+            // Forwarded receipts name the receiving node in their header, so only servers may
+            // write them: a file there owned by another user (a node) is not taken.
+            if node.is_none()
+                && let Some(owner) = foreign_owner(&path)
+            {
+                let reason =
+                    format!("forwarded receipts owned by uid {owner}, not the server's: only servers write here");
+                self.quarantine_path(path, &origin, &reason);
+                continue;
+            }
             let bytes = match spool.read(&name) {
                 Ok(Some(bytes)) => bytes,
                 Ok(None) => continue,
@@ -2194,6 +2204,13 @@ impl Server {
 
 /// Decodes an outbox batch and stamps each packet with the node it was drained from.
 /// Returns the packets and whether the sender wants acks.
+/// The owner of `path` if it is not this process's user (`None` if it is, or the file is gone).
+fn foreign_owner(path: &std::path::Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::symlink_metadata(path).ok()?.uid();
+    (owner != nix::unistd::geteuid().as_raw()).then_some(owner)
+}
+
 /// A receiving shim refreshes a claimed file's mtime every second while the app has not read all
 /// of it; a claim older than this is a dead process's.
 const CLAIM_FRESH: Duration = Duration::from_secs(5);
