@@ -562,3 +562,28 @@ fn forwarded_receipts_written_by_anyone_but_a_server_are_quarantined() {
     );
     assert!(!instance.wait_exit(Duration::from_millis(100)), "the instance stopped");
 }
+
+/// Found by the fault campaign (seed 4): on a full volume no standby could take the lease (its
+/// claim and the lease file both needed new space), epoch claims ran up by the thousand, and with
+/// no server running nothing drained the volume: a deadlock. Taking over needs no new space now.
+#[test]
+fn a_standby_takes_over_on_a_full_volume() {
+    let base = Fabric::new("full-takeover");
+    let disk_dir = base.dir.0.join("volume-disk");
+    let disk = common::apps::SmallDisk::mount(&disk_dir, "8m");
+    let fabric = Fabric::with_volume("full-takeover-volume", disk_dir.join("volume"));
+    let mut first = fabric.start_instance("first", &["--lease-term", "2s"]);
+    let holder = || std::fs::read_to_string(fabric.volume.join("server/lease")).unwrap_or_default();
+    assert!(common::wait_until(Duration::from_secs(20), || holder().contains("\"first\"")), "first never active");
+    first.kill();
+    let filler = disk.fill();
+    let _second = fabric.start_instance("second", &["--lease-term", "2s"]);
+    assert!(
+        common::wait_until(Duration::from_secs(20), || holder().contains("\"second\"")),
+        "no standby took over the full volume:\n{}",
+        std::fs::read_to_string(fabric.dir.0.join("second.log")).unwrap_or_default()
+    );
+    let claims = common::files_in(&fabric.volume.join("server/lease.epochs"));
+    assert!(claims.len() <= 10, "epoch claims ran up: {} of them", claims.len());
+    drop(filler);
+}

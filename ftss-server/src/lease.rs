@@ -24,6 +24,9 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+/// Bytes of the lease file (padded), so that it can be rewritten in place on a full volume.
+const LEASE_FILE_BYTES: usize = 512;
+
 /// How many epoch claims are kept behind the newest.
 const CLAIMS_KEPT: u64 = 8;
 
@@ -100,9 +103,10 @@ impl Lease {
             Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
             Err(error) => return Err(format!("{}: {error}", path.display())),
         };
-        file.write_all(self.holder.as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(|error| format!("{}: {error}", path.display()))?;
+        // The name is the claim; the holder inside is for people, written if there is room (on a
+        // full volume it is not, and taking over must still work: the new active instance is
+        // what drains the volume).
+        let _ = file.write_all(self.holder.as_bytes()).and_then(|()| file.sync_all());
         fsbridge::spool::sync_directory(&dir).map_err(|error| error.to_string())?;
         // Claims older than the last few are of no use to anyone.
         for old in self.claims().into_iter().filter(|old| *old + CLAIMS_KEPT < epoch) {
@@ -149,13 +153,27 @@ impl Lease {
         let dir = self.path.parent().expect("lease lives in server/");
         std::fs::create_dir_all(dir).map_err(|error| error.to_string())?;
         let tmp = dir.join(format!(".lease.{}.{:x}", std::process::id(), fsbridge::random_u64()));
-        let text = toml::to_string(&record).expect("lease serializes");
-        fsbridge::spool::write_file_durably(&tmp, text.as_bytes()).map_err(|error| error.to_string())?;
+        let mut text = toml::to_string(&record).expect("lease serializes");
+        // Always the same size, so that it can be rewritten in place.
+        text.push_str(&" ".repeat(LEASE_FILE_BYTES.saturating_sub(text.len() + 1)));
+        text.push('\n');
+        if let Err(error) = fsbridge::spool::write_file_durably(&tmp, text.as_bytes()) {
+            let _ = std::fs::remove_file(&tmp);
+            // A full volume: the lease file's own block is rewritten instead (no new space). Only
+            // this way can a standby take over, and the active server drain, a volume that filled.
+            return self.write_in_place(&text).map_err(|in_place| format!("{error}; in place: {in_place}"));
+        }
         std::fs::rename(&tmp, &self.path).map_err(|error| {
             let _ = std::fs::remove_file(&tmp);
             format!("{}: {error}", self.path.display())
         })?;
         fsbridge::spool::sync_directory(dir).map_err(|error| error.to_string())
+    }
+
+    fn write_in_place(&self, text: &str) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().write(true).open(&self.path).map_err(|error| error.to_string())?;
+        file.write_all_at(text.as_bytes(), 0).and_then(|()| file.sync_data()).map_err(|error| error.to_string())
     }
 
     /// Rewrites `current` (another holder's record, read from the file) as expired now, so that
