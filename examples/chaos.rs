@@ -15,7 +15,8 @@
 //! At the end the faults stop, everything is resumed, the senders finish and the history is
 //! checked: every datagram whose send returned success in `volume` or `guaranteed` mode arrived,
 //! none reached one process twice, every payload is one that was sent. The seed and the verdict are
-//! printed; the exit status is 1 on a violation (replay it with the same seed).
+//! printed; the exit status is 1 on a violation (replay it with the same seed). Run one campaign at
+//! a time: the receivers bind ports 9201–9203 on the host, and the clock is the machine's.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
