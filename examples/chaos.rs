@@ -16,7 +16,8 @@
 //! checked: every datagram whose send returned success in `volume` or `guaranteed` mode arrived,
 //! none reached one process twice, every payload is one that was sent. The seed and the verdict are
 //! printed; the exit status is 1 on a violation (replay it with the same seed). Run one campaign at
-//! a time: the receivers bind ports 9201–9203 on the host, and the clock is the machine's.
+//! a time: the receivers bind ports 9781–9783 on the host (no test uses them), and the clock is
+//! the machine's.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -389,9 +390,9 @@ fn run(args: &Args) -> Result<bool, String> {
     campaign.tend_servers();
     type Env = Vec<(&'static str, &'static str)>;
     let specs: [(u16, Ack, Env); 3] = [
-        (9201, Ack::Guaranteed, vec![]),
-        (9202, Ack::Volume, vec![]),
-        (9203, Ack::Volume, vec![("FTSS_OUTBOX", "files")]),
+        (9781, Ack::Guaranteed, vec![]),
+        (9782, Ack::Volume, vec![]),
+        (9783, Ack::Volume, vec![("FTSS_OUTBOX", "files")]),
     ];
     for (port, ack, env) in specs {
         let receiver = Campaign::spawn_receiver(&campaign.fabric, port, format!("receiver {port} #1"));
