@@ -218,7 +218,8 @@ fn a_destination_over_its_byte_limit_pushes_back_its_senders() {
         fabric.status()
     );
     let stored = fabric.counter("stored");
-    assert!((10..30).contains(&stored), "stored {stored} despite the limit");
+    // Each counts its payload and 64 bytes of record: a handful fit, passed by at most one batch.
+    assert!((2..30).contains(&stored), "stored {stored} despite the limit");
     let (_receiver, received) = start_receiver(&fabric, 7500);
     assert!(
         wait_until(Duration::from_secs(60), || payloads(&received).len() >= 30),
