@@ -46,6 +46,8 @@ pub const TAG_PACKET: u8 = 1;
 pub const TAG_ACK: u8 = 2;
 /// Record tag of a receipt (the server's queue log uses it for "done").
 pub const TAG_RECEIPT: u8 = 3;
+/// Record tag of a once-ledger record (`ledger`).
+pub const TAG_LEDGER: u8 = 0x4c;
 /// Record tag of the end record.
 pub const TAG_END: u8 = 0xEE;
 /// tag + body_len + crc.

@@ -35,6 +35,7 @@ pub mod bell;
 pub mod fabric;
 pub mod format;
 pub mod layout;
+pub mod ledger;
 pub mod log;
 pub mod mounts;
 pub mod pcap;

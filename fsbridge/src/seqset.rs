@@ -48,6 +48,33 @@ impl SeqRanges {
         true
     }
 
+    /// Adds every sequence number in `start..end` (merging with the ranges it touches).
+    pub fn insert_range(&mut self, start: u64, end: u64) {
+        if start >= end {
+            return;
+        }
+        let (mut start, mut end) = (start, end);
+        // The range that begins at or before `start` and reaches it, then every range beginning
+        // inside `start..=end`: all merge into one.
+        if let Some((&first, &first_end)) = self.ranges.range(..=start).next_back()
+            && first_end >= start
+        {
+            start = first;
+            end = end.max(first_end);
+        }
+        let touching: Vec<(u64, u64)> = self.ranges.range(start..=end).map(|(s, e)| (*s, *e)).collect();
+        for (touching_start, touching_end) in touching {
+            self.ranges.remove(&touching_start);
+            end = end.max(touching_end);
+        }
+        self.ranges.insert(start, end);
+    }
+
+    /// The ranges `start..end`, lowest first.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.ranges.iter().map(|(start, end)| (*start, *end))
+    }
+
     pub fn range_count(&self) -> usize {
         self.ranges.len()
     }
@@ -90,6 +117,26 @@ impl<K: Hash + Eq + Copy> SeenIds<K> {
             ranges.drop_lowest();
         }
         new
+    }
+
+    /// Records every sequence number in `start..end` of `epoch`.
+    pub fn insert_range(&mut self, epoch: K, start: u64, end: u64) {
+        self.clock += 1;
+        let clock = self.clock;
+        if !self.epochs.contains_key(&epoch) && self.epochs.len() >= self.epochs_max {
+            self.forget_least_recent();
+        }
+        let (ranges, used) = self.epochs.entry(epoch).or_default();
+        *used = clock;
+        ranges.insert_range(start, end);
+        while ranges.range_count() > self.ranges_max {
+            ranges.drop_lowest();
+        }
+    }
+
+    /// Every remembered range as (epoch, start, end).
+    pub fn ranges(&self) -> impl Iterator<Item = (K, u64, u64)> + '_ {
+        self.epochs.iter().flat_map(|(epoch, (ranges, _))| ranges.iter().map(|(start, end)| (*epoch, start, end)))
     }
 
     /// How many epochs are remembered.
@@ -135,6 +182,28 @@ mod tests {
             ranges.insert(seq);
         }
         assert_eq!(ranges.range_count(), 1);
+    }
+
+    #[test]
+    fn inserted_ranges_merge_with_what_they_touch() {
+        let mut ranges = SeqRanges::default();
+        for seq in [1, 2, 10, 20, 21, 40] {
+            ranges.insert(seq);
+        }
+        ranges.insert_range(3, 11);
+        assert_eq!(ranges.iter().collect::<Vec<_>>(), vec![(1, 11), (20, 22), (40, 41)]);
+        ranges.insert_range(15, 45);
+        assert_eq!(ranges.iter().collect::<Vec<_>>(), vec![(1, 11), (15, 45)]);
+        ranges.insert_range(11, 15);
+        assert_eq!(ranges.iter().collect::<Vec<_>>(), vec![(1, 45)]);
+        ranges.insert_range(50, 50);
+        assert_eq!(ranges.range_count(), 1);
+        let mut seen: SeenIds<u8> = SeenIds::new(4, 2);
+        seen.insert_range(1, 0, 5);
+        seen.insert_range(1, 10, 12);
+        seen.insert_range(1, 20, 30);
+        assert!(!seen.contains(1, 3) && seen.contains(1, 11) && seen.contains(1, 29), "the lowest range goes");
+        assert_eq!(seen.ranges().count(), 2);
     }
 
     #[test]

@@ -73,6 +73,10 @@ pub struct Config {
     pub pcap: Option<PathBuf>,
     /// How often the inbox is polled.
     pub poll: Duration,
+    /// `FTSS_RECV=once`: a datagram is recorded durably in its port's once-ledger before recv
+    /// returns it, and never handed to a later process on that port (see `once`). Default
+    /// (`FTSS_RECV=all`): at least once.
+    pub recv_once: bool,
     /// How long a send may wait for durability or an ack before it fails with ETIMEDOUT.
     pub timeout: Duration,
 }
@@ -125,6 +129,14 @@ impl Config {
             Some("files") => false,
             Some(other) => return Err(format!("FTSS_OUTBOX {other:?} is not one of log, files")),
         };
+        let recv_once = match var("FTSS_RECV").as_deref() {
+            None | Some("all") => false,
+            Some("once") => true,
+            Some(other) => return Err(format!("FTSS_RECV {other:?} is not one of all, once")),
+        };
+        if recv_once && volume.is_empty() {
+            return Err("FTSS_RECV=once needs FTSS_VOLUME: the ports' once-ledgers live on the volume".into());
+        }
         let poll = millis_var("FTSS_POLL_MS", 10)?;
         let timeout = millis_var("FTSS_TIMEOUT_MS", 30_000)?;
         let timeout = match var("FTSS_TIMEOUT") {
@@ -149,6 +161,7 @@ impl Config {
             log: var("FTSS_LOG").map(PathBuf::from),
             pcap: var("FTSS_PCAP").map(PathBuf::from),
             poll,
+            recv_once,
             timeout,
         }))
     }

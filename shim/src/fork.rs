@@ -54,6 +54,7 @@ fn take_locks(shim: &'static Shim) -> Held {
             guards.push(keep(lock(&sock.state)));
             guards.push(keep(lock(&sock.held)));
         }
+        guards.push(keep(lock(&shim.once)));
         guards.push(keep(lock(&shim.dedupe)));
         guards.push(keep(lock(&shim.receipts)));
         guards.push(keep(lock(&crate::LOG)));

@@ -21,6 +21,7 @@ mod fabric;
 mod fds;
 mod fork;
 mod hooks;
+mod once;
 pub mod outbox;
 mod pump;
 mod real;

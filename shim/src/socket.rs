@@ -14,7 +14,8 @@
 //!    refers to the socket is closed (the entry is an `Arc`).
 //!
 //! Lock order (the fork handlers take them all in this order): `start_lock`, `table`, each socket's
-//! `state`, `held`, then `dedupe`, `receipts`, the log. The outbox has its own locks and is
+//! `state`, `held`, then `once` (the map of once-ledgers; a port ledger's own locks are taken with
+//! nothing else held, and a forked child drops them), `dedupe`, `receipts`, the log. The outbox has its own locks and is
 //! replaced, not locked, in a forked child.
 
 use std::collections::{HashMap, VecDeque};
@@ -80,6 +81,9 @@ pub struct SockState {
     pub side_bound: bool,
     /// SO_SNDTIMEO as the app set it: how long a send may wait for room in the ring.
     pub send_timeout: Option<Duration>,
+    /// `FTSS_RECV=once` and bound to this explicit port: every datagram is recorded in the port's
+    /// once-ledger before recv returns it (see `once`).
+    pub once_port: Option<u16>,
 }
 
 /// A fabric socket; shared by every app fd dup'ed from it.
@@ -171,7 +175,7 @@ impl Dedupe {
     }
 
     /// FNV-1a of origin and epoch: names the sender epoch.
-    fn epoch_key(id: &PacketId) -> u64 {
+    pub fn epoch_key(id: &PacketId) -> u64 {
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         for byte in id.origin.as_str().bytes().chain(id.epoch.to_le_bytes()) {
             hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
@@ -222,6 +226,12 @@ impl Dedupe {
     pub fn forget(&mut self, id: &PacketId) {
         self.queued.remove(&Dedupe::key(id));
     }
+
+    /// Sequence numbers `start..end` of the sender epoch keyed `epoch` were handed to the app (by
+    /// an earlier process on a once port): received.
+    pub fn mark_received_range(&mut self, epoch: u64, start: u64, end: u64) {
+        self.received.insert_range(epoch, start, end);
+    }
 }
 
 impl Default for Dedupe {
@@ -255,6 +265,8 @@ pub struct Shim {
     pub dedupe: Mutex<Dedupe>,
     /// Inbox files claimed with packets the app has not read yet (see `claims`).
     pub claims: Mutex<crate::claims::Claims>,
+    /// Once-ledgers open in this process (`FTSS_RECV=once`), by port.
+    pub once: Mutex<crate::once::Ledgers>,
     next_sock_id: AtomicU64,
     /// A candidate was dup'ed: converting one must look for its twins.
     candidate_dups: AtomicBool,
@@ -337,6 +349,7 @@ impl Shim {
             receipt_seq: AtomicU64::new(0),
             dedupe: Mutex::new(Dedupe::new()),
             claims: Mutex::new(crate::claims::Claims::default()),
+            once: Mutex::new(crate::once::Ledgers::default()),
             next_sock_id: AtomicU64::new(1),
             candidate_dups: AtomicBool::new(false),
         })
@@ -390,6 +403,8 @@ impl Shim {
         }
         drop(dedupe);
         lock(&self.claims).clear();
+        // The ledger files are named for the parent: this process opens its own on first use.
+        lock(&self.once).clear();
         log!("forked child: new epoch {epoch:016x}");
     }
 
@@ -749,6 +764,12 @@ fn bind_target(shim: &Shim, fd: c_int, addr: *const sockaddr, len: socklen_t) ->
     }
 }
 
+/// The port the app asked bind for (0: any).
+fn requested_port(fd: c_int, addr: *const sockaddr, len: socklen_t) -> u16 {
+    // SAFETY: the app promises addr is valid for len (bind_target read it already).
+    unsafe { addr::read(addr, len, fds::family(fd)) }.map_or(0, |requested| requested.port())
+}
+
 fn int_option(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
     let mut value: c_int = 0;
     let mut len = size_of::<c_int>() as socklen_t;
@@ -788,12 +809,19 @@ pub fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
         Ok(port) => port,
         Err(errno) => return fail(errno) as c_int,
     };
+    // FTSS_RECV=once on an explicit port: what earlier processes on the port were handed is known
+    // before anything can be injected for it (the port is not ours until `local` is set).
+    let once_port = shim.config.recv_once && requested_port(fd, addr, len) != 0;
+    if once_port && let Err(errno) = crate::once::prepare(shim, bound_port) {
+        return fail(errno) as c_int;
+    }
     match shim.convert(fd) {
         Ok(sock) => {
             let mut state = sock.lock();
             state.local = Some(SocketAddrV4::new(shim.config.addr, bound_port));
             state.wildcard = wildcard;
             state.side_bound = wildcard;
+            state.once_port = once_port.then_some(bound_port);
             0
         }
         Err(errno) => fail(errno) as c_int,
@@ -991,11 +1019,17 @@ pub fn receive(fd: c_int, iov: &[iovec], flags: c_int, out: NameOut) -> Result<(
         return Err(libc::EMSGSIZE);
     }
     let peek = flags & libc::MSG_PEEK != 0;
+    let once_port = if peek { None } else { sock.lock().once_port };
     let mut header = [0u8; INJECT_HEADER_BYTES];
     let mut vectors = Vec::with_capacity(iov.len() + 1);
     vectors.push(iovec { iov_base: header.as_mut_ptr().cast(), iov_len: header.len() });
     vectors.extend_from_slice(iov);
     loop {
+        // FTSS_RECV=once: the next datagram is recorded as handed before it leaves the socket.
+        let committed = match once_port {
+            Some(port) => Some(commit_next(shim, fd, flags, port)?),
+            None => None,
+        };
         // SAFETY: zeroed msghdr is valid; vectors point at live buffers.
         let mut message: msghdr = unsafe { zeroed() };
         message.msg_iov = vectors.as_mut_ptr();
@@ -1019,6 +1053,18 @@ pub fn receive(fd: c_int, iov: &[iovec], flags: c_int, out: NameOut) -> Result<(
             continue;
         };
         if !peek && let Some(id) = id {
+            if let Some(port) = once_port
+                && committed.as_ref().and_then(Option::as_ref) != Some(id)
+            {
+                // Another reader of the socket took the datagram that was recorded (it records
+                // it too): this one is recorded now. Until that is done it is the app's only
+                // copy, so a failure cannot give it back to the socket; it is returned anyway,
+                // and a restart may hand it again (at least once, as without FTSS_RECV=once).
+                let recorded = crate::once::prepare(shim, port).and_then(|ledger| ledger.commit(id));
+                if recorded.is_err() {
+                    log!("FTSS_RECV=once: a datagram was returned before the ledger recorded it");
+                }
+            }
             mark_received(shim, id);
         }
         unsafe { addr::write(*source, sock.family, out.name, out.len) };
@@ -1028,6 +1074,40 @@ pub fn receive(fd: c_int, iov: &[iovec], flags: c_int, out: NameOut) -> Result<(
             crate::capture::record_received(*source, SocketAddr::V4(local), iov, length);
         }
         return Ok((length as ssize_t, message.msg_flags));
+    }
+}
+
+/// FTSS_RECV=once: waits (as the app's recv would) for the next datagram on `fd`, reads its
+/// header without taking it, and makes its id durable in the port's ledger. Returns the id (None:
+/// not one of ours to record). While the ledger cannot be written the datagram stays in the
+/// socket: a blocking call tries again every 100 ms, a non-blocking one says EAGAIN after a short
+/// pause (so an event loop does not spin).
+fn commit_next(shim: &Shim, fd: c_int, flags: c_int, port: u16) -> Result<Option<PacketId>, c_int> {
+    let blocking =
+        flags & libc::MSG_DONTWAIT == 0 && unsafe { (real().fcntl)(fd, libc::F_GETFL) } & libc::O_NONBLOCK == 0;
+    loop {
+        let mut header = [0u8; INJECT_HEADER_BYTES];
+        let mut vector = iovec { iov_base: header.as_mut_ptr().cast(), iov_len: header.len() };
+        // SAFETY: zeroed msghdr is valid; the vector points at a live buffer.
+        let mut message: msghdr = unsafe { zeroed() };
+        message.msg_iov = &mut vector;
+        message.msg_iovlen = 1;
+        let peek_flags = (flags & (libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC)) | libc::MSG_PEEK;
+        let peeked = unsafe { (real().recvmsg)(fd, &mut message, peek_flags) };
+        if peeked < 0 {
+            return Err(errno());
+        }
+        let parsed = if (peeked as usize) < INJECT_HEADER_BYTES { None } else { addr::parse_header(&header) };
+        let Some((_, Some(id))) = parsed else { return Ok(None) };
+        let result = crate::once::prepare(shim, port).and_then(|ledger| ledger.commit(&id));
+        match result {
+            Ok(()) => return Ok(Some(id)),
+            Err(_) if blocking => std::thread::sleep(Duration::from_millis(100)),
+            Err(_) => {
+                std::thread::sleep(Duration::from_millis(20));
+                return Err(libc::EAGAIN);
+            }
+        }
     }
 }
 
