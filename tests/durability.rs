@@ -587,3 +587,27 @@ fn a_standby_takes_over_on_a_full_volume() {
     assert!(claims.len() <= 10, "epoch claims ran up: {} of them", claims.len());
     drop(filler);
 }
+
+/// Found by the fault campaign: a queue disk filled with queued packets took no receipts either
+/// (done records need space too), so nothing was ever released and the disk stayed full: delivery
+/// stopped for good (old code: 16,384 of 30,000 delivered, then nothing). Draining now stops at a
+/// reserve kept for done records, and segments are sized to the disk so that done ones free space.
+#[test]
+fn a_queue_disk_filled_by_queued_packets_still_takes_their_receipts() {
+    const COUNT: usize = 30_000;
+    let mut fabric = Fabric::new("queue-reserve");
+    let queue_disk = fabric.dir.0.join("queue-disk");
+    let _disk = common::apps::SmallDisk::mount(&queue_disk, "6m");
+    fabric.queue_dirs = vec![queue_disk.join("queue")];
+    register(&fabric, "b", "10.77.0.2");
+    fabric.start_server();
+    // Nobody reads yet: more than the disk holds is sent.
+    let mut sender = common::apps::Sender::start(&fabric, 9195, "qr", COUNT, 150);
+    assert!(sender.proc.wait_exit(Duration::from_secs(120)), "the sender did not finish");
+    let mut history = History::new();
+    sender.record(&mut history, Ack::Volume);
+    let receiver = common::apps::Receiver::start(&fabric, 9195);
+    common::wait_until(Duration::from_secs(120), || receiver.payloads().len() >= COUNT);
+    receiver.record(&mut history, "receiver");
+    history.check().assert_ok(&format!("through a queue disk that filled\n{}", fabric.server_log()));
+}

@@ -185,7 +185,8 @@ fn a_full_queue_disk_pushes_back_loses_nothing_and_recovers() {
         fabric.status()
     );
     let reasons = fabric.status()["backpressure"]["reasons"].to_string();
-    assert!(reasons.contains("disk full"), "{reasons}");
+    // "disk full" from a write, or the drain stopping at the reserve kept for receipts.
+    assert!(reasons.contains("disk full") || reasons.contains("disk nearly full"), "{reasons}");
     // A few may still fit in the last allocated page of the segment; most cannot be stored.
     assert!(payloads(&received).len() < 100, "{} delivered although the disk is full", payloads(&received).len());
     assert!(!outbox_entries(&fabric.volume, "a").is_empty(), "outbox must keep what was not stored");

@@ -59,6 +59,7 @@ pub struct Budget {
     /// Taken this cycle, per destination and in all (stored bytes), not yet in the queue.
     accepted: HashMap<Ipv4Addr, Load>,
     total: Load,
+    closed: Option<String>,
 }
 
 impl Budget {
@@ -71,6 +72,7 @@ impl Budget {
             bytes: 0,
             accepted: HashMap::new(),
             total: Load::default(),
+            closed: None,
         }
     }
 
@@ -84,9 +86,17 @@ impl Budget {
         self.cycle_bytes_max.saturating_sub(self.bytes)
     }
 
+    /// Nothing more is taken this cycle, for `reason` (the queue disk is down to its reserve).
+    pub fn close(&mut self, reason: String) {
+        self.closed = Some(reason);
+    }
+
     /// Why `packets` may not be taken now, if so. `queued` is what the queue holds for a
     /// destination, `queued_total` what it holds in all.
     pub fn refuse(&self, packets: &[Packet], queued: impl Fn(&Ipv4Addr) -> Load, queued_total: Load) -> Option<String> {
+        if let Some(reason) = &self.closed {
+            return Some(reason.clone());
+        }
         let total = queued_total.plus(self.total);
         if total.packets >= self.limits.total_packets {
             return Some(format!("the queue holds {} packets, its limit", total.packets));

@@ -63,8 +63,13 @@ const SEGMENT_HEADER_BYTES: usize = 4 + 2 + 8 + 4 + 4;
 const SEGMENT_HEADER_BYTES_V1: usize = 4 + 2 + 8 + 4;
 /// The smallest record: tag, length and checksum around an empty body.
 const RECORD_BYTES_MIN: usize = 1 + 4 + 4;
+/// Most space kept free on a queue disk for done records (a tenth of the disk when smaller).
+const QUEUE_RESERVE_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// A segment is closed and a new one started past this size.
 pub const SEGMENT_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// Segments are at most a 32nd of the smallest queue disk (so that a small disk frees space in
+/// steps as its oldest packets are done), and at least this.
+const SEGMENT_BYTES_MIN: u64 = 256 * 1024;
 /// Largest record body in the queue: a packet with its id, addresses and reason text.
 const RECORD_BODY_BYTES_MAX: usize = PAYLOAD_BYTES_MAX + 1024;
 /// A SKIP record covers a damaged stretch, which may be longer (a whole segment at most).
@@ -564,7 +569,7 @@ impl Queue {
             pending: Vec::new(),
             readers: BTreeMap::new(),
             read_repairs: 0,
-            segment_bytes_max: SEGMENT_BYTES_MAX,
+            segment_bytes_max: segment_bytes_for(dirs),
             rotation_failing: false,
             formats,
             events,
@@ -597,6 +602,21 @@ impl Queue {
                 error: mirror.failure.clone(),
             })
             .collect()
+    }
+
+    /// Free bytes on the fullest healthy mirror's file system, and the reserve it keeps for
+    /// records that free space (done records, whose packets' segments can then go): draining
+    /// stops while the free space is below it, so that a queue disk filled by packets can still
+    /// take their receipts. `None` if no file system could be asked.
+    pub fn space(&self) -> Option<(u64, u64)> {
+        self.healthy()
+            .filter_map(|index| nix::sys::statvfs::statvfs(&self.mirrors[index].dir).ok())
+            .map(|stat| {
+                let block = stat.fragment_size();
+                let size = stat.blocks() * block;
+                (stat.blocks_available() * block, (size / 10).min(QUEUE_RESERVE_BYTES_MAX))
+            })
+            .min_by_key(|(free, _)| *free)
     }
 
     pub fn degraded(&self) -> bool {
@@ -982,6 +1002,18 @@ impl Queue {
         }
         deleted
     }
+}
+
+/// Segment size for queue dirs on these file systems: a 32nd of the smallest, within
+/// `SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX`. Space is freed a whole segment at a time, so on a disk
+/// only a few segments large the oldest packets' receipts could never free any.
+fn segment_bytes_for(dirs: &[PathBuf]) -> u64 {
+    dirs.iter()
+        .filter_map(|dir| nix::sys::statvfs::statvfs(dir).ok())
+        .map(|stat| stat.blocks() * stat.fragment_size() / 32)
+        .min()
+        .unwrap_or(SEGMENT_BYTES_MAX)
+        .clamp(SEGMENT_BYTES_MIN, SEGMENT_BYTES_MAX)
 }
 
 /// Name of the fence file in each queue dir.

@@ -771,6 +771,15 @@ impl Server {
     /// queue (not synced: the cycle syncs once for everything it staged). `None` if there was none.
     fn stage_drain(&mut self) -> Result<Option<DrainGroup>, fsbridge::SpoolError> {
         let mut budget = Budget::new(self.config.limits, DRAIN_PACKETS_PER_CYCLE_MAX, DRAIN_BYTES_PER_CYCLE_MAX);
+        // A queue disk down to its reserve takes no new packets: the space left is for the done
+        // records that let full segments go (else a disk filled by packets could never drain).
+        // The reserve grows with the queue: every queued packet's done record must fit.
+        let done_records = self.index.len() as u64 * DONE_RECORD_BYTES;
+        if let Some((free, reserve)) = self.queue.space().map(|(free, base)| (free, base + done_records))
+            && free < reserve
+        {
+            budget.close(format!("queue disk nearly full: {free} bytes free, {reserve} kept for receipts"));
+        }
         let drained = self.read_outboxes(&mut budget);
         let from_fabric = self.read_fabric(&mut budget);
         let arrived = match self.arrivals_kept.is_empty() {
@@ -2210,6 +2219,10 @@ fn foreign_owner(path: &std::path::Path) -> Option<u32> {
     let owner = std::fs::symlink_metadata(path).ok()?.uid();
     (owner != nix::unistd::geteuid().as_raw()).then_some(owner)
 }
+
+/// Space a done record takes in the queue (with its origin name and a reason: at most about 100
+/// bytes), kept free for every queued packet.
+const DONE_RECORD_BYTES: u64 = 128;
 
 /// A receiving shim refreshes a claimed file's mtime every second while the app has not read all
 /// of it; a claim older than this is a dead process's.
