@@ -10,6 +10,9 @@
 //! - `ftss-async`, `ftss-volume`, `ftss-guaranteed`: end to end through a real ftss-server on a
 //!   local-directory volume; latency from the sender's call to the receiver's recvfrom (and, as
 //!   `ack_p50_us`/`ack_p99_us`, from the call to its return after the server's ack).
+//! - `ftss-recv-once`: `ftss-volume` with the receiver in `FTSS_RECV=once` (each datagram's id
+//!   appended to the port's once-ledger and fdatasync'd before recv returns it): the cost of
+//!   exactly once per port, against `ftss-volume` in the same run.
 //! - `ftss-fabric`, `ftss-fabric-async`: the same through the fabric transport (both nodes connected
 //!   to the server over a unix socket; `volume` ack mode, which over the fabric waits for the
 //!   server's stored ack, and `async`).
@@ -64,12 +67,13 @@ use report::{Measurement, TABLE_HEADER, table_row};
 const PAYLOADS: [usize; 3] = [64, 512, 8192];
 const SENDERS: [usize; 2] = [1, 8];
 /// Every scenario, in the order they run.
-const SCENARIOS: [&str; 18] = [
+const SCENARIOS: [&str; 19] = [
     "fsync-limit",
     "udp-raw",
     "shim-passthrough",
     "ftss-async",
     "ftss-volume",
+    "ftss-recv-once",
     "ftss-guaranteed",
     "ftss-fabric",
     "ftss-fabric-async",
@@ -299,9 +303,10 @@ fn run(options: Options) -> Result<bool, String> {
             }
         }
     }
-    let app_scenarios: [AppScenario; 7] = [
+    let app_scenarios: [AppScenario; 8] = [
         ("ftss-async", false, |bench, run| apps::ftss_local(bench, run, "ftss-async", "async")),
         ("ftss-volume", true, |bench, run| apps::ftss_local(bench, run, "ftss-volume", "volume")),
+        ("ftss-recv-once", true, |bench, run| apps::ftss_recv_once(bench, run)),
         ("ftss-guaranteed", true, |bench, run| apps::ftss_local(bench, run, "ftss-guaranteed", "guaranteed")),
         ("ftss-fabric", true, |bench, run| apps::ftss_fabric(bench, run, "ftss-fabric", "volume")),
         ("ftss-fabric-async", false, |bench, run| apps::ftss_fabric(bench, run, "ftss-fabric-async", "async")),

@@ -192,6 +192,16 @@ pub fn ftss_fabric(bench: &Bench, run: &Run, scenario: &'static str, ack: &str) 
     ftss(bench, run, scenario, ack, fabric)
 }
 
+/// `ftss-recv-once`: as `ftss-volume`, with the receiver in `FTSS_RECV=once` (every datagram
+/// recorded in the port's once-ledger, fdatasync'd, before recv returns it).
+pub fn ftss_recv_once(bench: &Bench, run: &Run) -> Result<Measurement, String> {
+    let scenario = "ftss-recv-once";
+    let dir = bench.run_dir(scenario)?;
+    let volume = dir.0.join("volume");
+    let fabric = Fabric::start(bench, &dir.0, &volume, &volume)?;
+    ftss_with(bench, run, scenario, "volume", fabric, &[("FTSS_RECV", "once")])
+}
+
 /// End to end through `fabric`'s server: node a sends to node b.
 pub fn ftss(
     bench: &Bench,
@@ -200,9 +210,23 @@ pub fn ftss(
     ack: &str,
     fabric: Fabric,
 ) -> Result<Measurement, String> {
+    ftss_with(bench, run, scenario, ack, fabric, &[])
+}
+
+/// [`ftss`], with `receiver_extra` added to the receiver's environment.
+fn ftss_with(
+    bench: &Bench,
+    run: &Run,
+    scenario: &'static str,
+    ack: &str,
+    fabric: Fabric,
+    receiver_extra: &[(&str, &str)],
+) -> Result<Measurement, String> {
     let port = free_udp_port()?;
+    let mut receiver_env = fabric.env(bench, RECEIVER_NODE, ack);
+    receiver_env.extend(receiver_extra.iter().map(|(key, value)| (key.to_string(), value.to_string())));
     let apps = Apps {
-        receiver_env: fabric.env(bench, RECEIVER_NODE, ack),
+        receiver_env,
         sender_env: fabric.env(bench, SENDER_NODE, ack),
         bind: format!("0.0.0.0:{port}"),
         to: format!("{}:{port}", RECEIVER_NODE.1),
