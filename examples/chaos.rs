@@ -25,6 +25,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::apps::{PY_RECEIVER, Random, SmallDisk};
@@ -292,10 +293,9 @@ impl Campaign {
     }
 
     fn step_clock(&mut self, seconds: i64) {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-        let set = Command::new("date").arg("-s").arg(format!("@{}", now + seconds)).stdout(Stdio::null()).status();
-        if set.is_ok_and(|status| status.success()) {
+        if step_wall_clock(seconds) {
             self.clock_offset_s += seconds;
+            CLOCK_OFFSET_S.store(self.clock_offset_s, Ordering::SeqCst);
             self.count(if seconds > 0 { "clock stepped forward" } else { "clock stepped back" });
         }
     }
@@ -404,6 +404,7 @@ fn run(args: &Args) -> Result<bool, String> {
     while Instant::now() < deadline {
         let pause = campaign.pause(200, 2500);
         std::thread::sleep(pause);
+        stop_if_interrupted()?;
         campaign.fault(args.clock);
         campaign.tend_servers();
     }
@@ -413,6 +414,7 @@ fn run(args: &Args) -> Result<bool, String> {
         let offset = campaign.clock_offset_s;
         campaign.step_clock(-offset);
     }
+    stop_if_interrupted()?;
     for line in &campaign.lines {
         signal(&line.sender.proc, libc::SIGCONT);
         signal(&line.receiver.proc, libc::SIGCONT);
@@ -426,6 +428,7 @@ fn run(args: &Args) -> Result<bool, String> {
     std::fs::write(&campaign.stop_file, b"").map_err(|error| error.to_string())?;
     for line in &mut campaign.lines {
         line.sender.proc.wait_exit(Duration::from_secs(120));
+        stop_if_interrupted()?;
     }
     for line in &campaign.lines {
         Campaign::record_sender(&mut campaign.history, &line.sender);
@@ -433,6 +436,7 @@ fn run(args: &Args) -> Result<bool, String> {
     // Everything acked must arrive: wait for it (receivers keep receiving meanwhile).
     let settle = Instant::now() + Duration::from_secs(240);
     loop {
+        stop_if_interrupted()?;
         campaign.tend_servers();
         let mut probe = campaign.history.clone();
         for line in &campaign.lines {
@@ -458,6 +462,55 @@ fn run(args: &Args) -> Result<bool, String> {
     Ok(verdict.ok())
 }
 
+/// How far the campaign has stepped the wall clock (for the signal handler to undo).
+static CLOCK_OFFSET_S: AtomicI64 = AtomicI64::new(0);
+
+/// Steps CLOCK_REALTIME by `seconds`; async-signal-safe (two system calls).
+fn step_wall_clock(seconds: i64) -> bool {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime and clock_settime read and write the timespec given.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_REALTIME, &mut now) == 0 && {
+            now.tv_sec += seconds as libc::time_t;
+            libc::clock_settime(libc::CLOCK_REALTIME, &now) == 0
+        }
+    }
+}
+
+/// Set by SIGINT, SIGTERM or SIGHUP: the campaign stops at once (its processes and disks go as it
+/// unwinds).
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// A stopped campaign must not leave the clock stepped: the handler steps it back at once (two
+/// async-signal-safe calls) and tells the campaign to stop, which kills its processes and
+/// unmounts its disks on the way out.
+extern "C" fn interrupted(_signal: libc::c_int) {
+    let offset = CLOCK_OFFSET_S.swap(0, Ordering::SeqCst);
+    if offset != 0 {
+        step_wall_clock(-offset);
+    }
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn on_interrupt() {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler makes async-signal-safe calls and touches atomics only.
+        unsafe { libc::signal(signal, interrupted as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+    }
+}
+
+fn stop_if_interrupted() -> Result<(), String> {
+    if !INTERRUPTED.load(Ordering::SeqCst) {
+        return Ok(());
+    }
+    // A step taken while the handler ran is undone here.
+    let offset = CLOCK_OFFSET_S.swap(0, Ordering::SeqCst);
+    if offset != 0 {
+        step_wall_clock(-offset);
+    }
+    Err("interrupted: the clock is back, the campaign's processes are killed".into())
+}
+
 fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(args) => args,
@@ -477,6 +530,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    on_interrupt();
     match run(&args) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {

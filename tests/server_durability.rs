@@ -405,3 +405,67 @@ fn recv_once_hands_no_datagram_to_two_incarnations_of_a_port() {
     assert!(control.lost.len() < 300 && control.twice.is_empty() && control.foreign.is_empty(), "{control}");
     assert!(control.again > 0, "the control run handed nothing twice, so the test shows nothing: {control}");
 }
+
+/// Binds 0.0.0.0:PORT, prints "ready", waits until the file GO exists, then prints every
+/// datagram's payload.
+const PY_WAITING_RECEIVER: &str = r#"
+import os, socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.05)
+while True:
+    data, addr = s.recvfrom(65535)
+    print(data.decode(), flush=True)
+"#;
+
+/// FTSS_RECV=once on a full volume: datagrams already in the app's socket are not handed over
+/// while the ledger cannot record them (recv waits), and all of them are once space returns.
+#[test]
+fn recv_once_hands_nothing_it_cannot_record_and_loses_nothing() {
+    let base = Fabric::new("once-full");
+    let disk_dir = base.dir.0.join("volume-disk");
+    let disk = SmallDisk::mount(&disk_dir, "8m");
+    let mut fabric = Fabric::with_volume("once-full-volume", disk_dir.join("volume"));
+    fabric.start_server();
+    let go = fabric.dir.0.join("go");
+    let mut command = fabric.command("b", "10.77.0.2", "python3");
+    command
+        .args(["-c", PY_WAITING_RECEIVER, "7760", go.to_str().unwrap()])
+        .env("FTSS_RECV", "once")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = command.spawn().expect("python3");
+    let lines = LineCollector::start(child.stdout.take().unwrap());
+    let _receiver = Proc { child, name: "receiver".into() };
+    assert!(wait_until(Duration::from_secs(20), || lines.count() >= 1), "receiver not ready");
+    let count = 40;
+    let (mut sender, said) = start_sender(&fabric, count, 7760, "held", 0);
+    assert!(sender.wait_exit(Duration::from_secs(30)), "sender stuck");
+    // Delivered into the receiver's socket (its inbox is empty), not read yet.
+    let inbox = fabric.volume.join("nodes/b/in/7760/new");
+    assert!(
+        wait_until(Duration::from_secs(20), || fabric.counter("delivered") >= count as u64
+            && files_in(&inbox).is_empty()),
+        "{}",
+        fabric.status()
+    );
+    let filler = disk.fill();
+    std::fs::write(&go, b"").unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(payloads(&lines), Vec::<String>::new(), "handed over before the ledger recorded them");
+    assert!(fabric.node_log("b").contains("cannot write the ledger"), "{}", fabric.node_log("b"));
+    std::fs::remove_file(filler).unwrap();
+    assert!(wait_until(Duration::from_secs(30), || payloads(&lines).len() >= count), "got {:?}", payloads(&lines));
+    std::thread::sleep(Duration::from_millis(500));
+    let mut history = History::new();
+    for n in said.lines().iter().filter_map(|line| line.strip_prefix("ok ")) {
+        history.sent(format!("held-{n}"), Ack::Volume);
+    }
+    for payload in payloads(&lines) {
+        history.received("receiver", payload);
+    }
+    history.check().assert_ok("FTSS_RECV=once through a full volume");
+}

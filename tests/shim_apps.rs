@@ -610,3 +610,120 @@ fn forking_while_other_threads_send_never_deadlocks_and_loses_nothing() {
     expected.sort();
     assert_eq!(payloads, expected);
 }
+
+/// In a network namespace of its own (only `lo`, with 10.77.0.2 on it): a plain UDP listener on
+/// the fabric address 10.77.0.2:7900 and on 127.0.0.1:7901, then python under the shim with
+/// `env` sending one datagram to each. Prints what the sender saw ("fabric errno N" or "fabric
+/// sent", "other ...") and what reached the listeners ("leaked ...", "got other").
+const NETNS_PROBE: &str = r#"
+ip link set lo up && ip addr add 10.77.0.2/32 dev lo || exit 3
+python3 -c '
+import socket, sys
+fabric = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); fabric.bind(("10.77.0.2", 7900))
+other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); other.bind(("127.0.0.1", 7901))
+for s in (fabric, other): s.settimeout(2)
+print("listening", flush=True)
+for s, name in ((fabric, "leaked"), (other, "got other")):
+    try:
+        data, _ = s.recvfrom(100); print(name, data.decode(), flush=True)
+    except socket.timeout:
+        pass
+' &
+sleep 0.5
+env "$@" python3 -c '
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for target, name in ((("10.77.0.2", 7900), "fabric"), (("127.0.0.1", 7901), "other")):
+    try:
+        s.sendto(name.encode(), target); print(name, "sent", flush=True)
+    except OSError as error:
+        print(name, "errno", error.errno, flush=True)
+'
+wait
+"#;
+
+/// Runs the probe with the shim and `env`; returns its output.
+fn probe_in_netns(env: &[String]) -> String {
+    let output = Command::new("unshare")
+        .args(["--net", "sh", "-c", NETNS_PROBE, "probe"])
+        .arg(format!("LD_PRELOAD={}", shim_path().display()))
+        .args(env)
+        .output()
+        .expect("unshare");
+    let text = String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr);
+    assert!(text.contains("listening"), "the probe did not run: {text}");
+    text
+}
+
+/// A shim asked to carry fabric traffic (FTSS_VOLUME or FTSS_TRANSPORT set) whose configuration is
+/// unusable fails closed: a send to a fabric address fails with ENETUNREACH and never reaches the
+/// real network (a listener on that address in the namespace gets nothing), other traffic passes,
+/// and FTSS_LOG says why. Each case: a missing fabric key, an unreadable one, a bad FTSS_ADDR, a
+/// directory that is not the volume (an unmounted mountpoint), a read-only volume, unreadable
+/// FTSS_ROUTES (then every IPv4 destination is refused).
+#[test]
+fn a_misconfigured_shim_fails_closed_and_leaks_nothing() {
+    let fabric = Fabric::new("fail-closed");
+    let log = fabric.dir.0.join("shim.log");
+    let not_volume = fabric.dir.0.join("not-a-volume");
+    std::fs::create_dir_all(&not_volume).unwrap();
+    let read_only = fabric.dir.0.join("read-only");
+    std::fs::create_dir_all(&read_only).unwrap();
+    fsbridge::Volume::new(&read_only).create().unwrap();
+    assert!(Command::new("mount").args(["--bind"]).arg(&read_only).arg(&read_only).status().unwrap().success());
+    assert!(
+        Command::new("mount").args(["-o", "remount,bind,ro"]).arg(&read_only).status().unwrap().success(),
+        "remount read-only"
+    );
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(read_only.clone());
+    let volume = fabric.volume.display().to_string();
+    let base = |extra: &[&str]| -> Vec<String> {
+        let mut env = vec![format!("FTSS_LOG={}", log.display()), "FTSS_NODE=a".into()];
+        env.extend(extra.iter().map(|text| text.to_string()));
+        env
+    };
+    let cases: Vec<(&str, Vec<String>, bool)> = vec![
+        (
+            "no fabric key",
+            base(&["FTSS_ADDR=10.77.0.1", "FTSS_TRANSPORT=fabric", "FTSS_FABRIC=unix:/nonexistent"]),
+            true,
+        ),
+        (
+            "unreadable fabric key",
+            base(&[
+                "FTSS_ADDR=10.77.0.1",
+                "FTSS_TRANSPORT=fabric",
+                "FTSS_FABRIC=unix:/nonexistent",
+                "FTSS_FABRIC_KEY=/nonexistent/a.key",
+            ]),
+            true,
+        ),
+        ("bad FTSS_ADDR", base(&["FTSS_ADDR=10.77.0.300", &format!("FTSS_VOLUME={volume}")]), true),
+        ("not the volume", base(&["FTSS_ADDR=10.77.0.1", &format!("FTSS_VOLUME={}", not_volume.display())]), true),
+        ("read-only volume", base(&["FTSS_ADDR=10.77.0.1", &format!("FTSS_VOLUME={}", read_only.display())]), true),
+        (
+            "unreadable FTSS_ROUTES",
+            base(&["FTSS_ADDR=10.77.0.1", &format!("FTSS_VOLUME={volume}"), "FTSS_ROUTES=10.77.0.0/99"]),
+            false,
+        ),
+    ];
+    for (case, env, other_passes) in cases {
+        let _ = std::fs::remove_file(&log);
+        let said = probe_in_netns(&env);
+        assert!(said.contains("fabric errno 101"), "{case}: the fabric send did not fail with ENETUNREACH:\n{said}");
+        assert!(!said.contains("leaked"), "{case}: a fabric datagram reached the real network:\n{said}");
+        if other_passes {
+            assert!(said.contains("other sent") && said.contains("got other"), "{case}: other traffic:\n{said}");
+        } else {
+            assert!(said.contains("other errno 101"), "{case}: with the fabric's extent unknown:\n{said}");
+        }
+        let logged = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(logged.contains("refus"), "{case}: FTSS_LOG does not say why:\n{logged}");
+    }
+}

@@ -81,6 +81,28 @@ pub struct Config {
     pub timeout: Duration,
 }
 
+/// What a shim that cannot carry traffic must refuse: the networks `FTSS_ROUTES` and
+/// `FTSS_EGRESS` name (`FTSS_ROUTES` unset: the default), or `None` when either cannot be parsed
+/// (then every IPv4 destination is refused: the fabric's extent is unknown).
+pub fn carried_networks_from_env() -> Option<Vec<Cidr>> {
+    let var = |name: &str| std::env::var(name).ok().filter(|value| !value.is_empty());
+    let routes = var("FTSS_ROUTES").unwrap_or_else(|| DEFAULT_ROUTES.to_owned());
+    let egress = var("FTSS_EGRESS").unwrap_or_default();
+    routes
+        .split(',')
+        .chain(egress.split(','))
+        .filter(|part| !part.trim().is_empty())
+        .map(Cidr::parse)
+        .collect::<Result<Vec<_>, _>>()
+        .ok()
+}
+
+/// Does the environment ask for ftss (`FTSS_VOLUME` or `FTSS_TRANSPORT` set)? Then a configuration
+/// that cannot be used fails closed.
+pub fn wanted_from_env() -> bool {
+    ["FTSS_VOLUME", "FTSS_TRANSPORT"].iter().any(|name| std::env::var_os(name).is_some_and(|value| !value.is_empty()))
+}
+
 /// Default `FTSS_ROUTES`.
 pub const DEFAULT_ROUTES: &str = "10.77.0.0/16";
 

@@ -53,7 +53,8 @@ pub(crate) use log;
 /// A shim that was configured but could not start safely (the volume is not mounted, or mounted
 /// in a way that loses acknowledged writes): it carries nothing and fails fabric sends.
 pub(crate) struct Refusal {
-    config: Config,
+    /// The networks the shim would have carried; `None`: unknown, so every IPv4 destination.
+    carried: Option<Vec<config::Cidr>>,
     reason: String,
 }
 
@@ -61,7 +62,9 @@ impl Refusal {
     /// Is `addr` one the shim would have carried?
     pub(crate) fn covers(&self, addr: std::net::SocketAddr) -> bool {
         match addr::normalize(addr) {
-            std::net::SocketAddr::V4(v4) => self.config.is_fabric(*v4.ip()),
+            std::net::SocketAddr::V4(v4) => {
+                self.carried.as_ref().is_none_or(|carried| carried.iter().any(|network| network.contains(*v4.ip())))
+            }
             std::net::SocketAddr::V6(_) => false,
         }
     }
@@ -91,9 +94,13 @@ pub(crate) fn shim() -> Option<&'static socket::Shim> {
 }
 
 fn open_log(config: &Config) {
-    if let Some(path) = &config.log
-        && let Ok(file) = std::fs::OpenOptions::new().create(true).append(true).open(path)
-    {
+    if let Some(path) = &config.log {
+        open_log_at(path);
+    }
+}
+
+fn open_log_at(path: &std::path::Path) {
+    if let Ok(file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
         // The app's closefrom-style loops leave the log open (see `fds`).
         fds::set(std::os::fd::AsRawFd::as_raw_fd(&file), fds::INTERNAL, addr::Family::V4);
         *LOG.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(file);
@@ -124,10 +131,23 @@ fn init() {
                     // Fail closed: the app runs, but nothing meant for the fabric reaches the
                     // real network.
                     log!("refusing to carry fabric traffic (sends to it fail with ENETUNREACH): {error}");
-                    let _ = REFUSAL.set(Refusal { config, reason: error });
+                    let carried = Some(config.routes.iter().chain(&config.egress).copied().collect());
+                    let _ = REFUSAL.set(Refusal { carried, reason: error });
                     None
                 }
             }
+        }
+        // Asked to carry fabric traffic but unable to: fail closed, as above. The networks it
+        // would have carried are read as far as they can be (all of IPv4 if not at all).
+        Err(error) if config::wanted_from_env() => {
+            let carried = config::carried_networks_from_env();
+            if let Ok(path) = std::env::var("FTSS_LOG") {
+                open_log_at(std::path::Path::new(&path));
+            }
+            let extent = if carried.is_some() { "fabric traffic" } else { "any IPv4 traffic (FTSS_ROUTES unreadable)" };
+            log!("misconfigured, refusing to carry {extent} (sends to it fail with ENETUNREACH): {error}");
+            let _ = REFUSAL.set(Refusal { carried, reason: format!("misconfigured: {error}") });
+            None
         }
         Err(error) => {
             if let Ok(path) = std::env::var("FTSS_LOG")

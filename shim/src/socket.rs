@@ -317,6 +317,10 @@ impl Shim {
                 // Not the volume (an unmounted mountpoint), or mounted so that acked writes can be
                 // lost: refuse before anything is written there.
                 fsbridge::mounts::check_volume(&config.volume).map_err(|problems| problems.join("; "))?;
+                // A read-only mount (or one this user cannot write) would fail every send: say why
+                // once, at start.
+                nix::unistd::access(&config.volume, nix::unistd::AccessFlags::W_OK)
+                    .map_err(|error| format!("FTSS_VOLUME {} is not writable: {error}", config.volume.display()))?;
                 log!(
                     "node {} addr {} volume {} ack {:?} epoch {epoch:016x}",
                     config.node,
