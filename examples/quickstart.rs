@@ -3,7 +3,9 @@
 //! Builds the shim and the server (same profile as this example), makes a temporary directory the
 //! FTSS volume, starts ftss-server, runs `nc -u -l 9000` as node b and `nc -u 10.77.0.2 9000` as
 //! node a (both under the shim), sends a few lines, prints what b received and the server status,
-//! and cleans up. Set FTSS_BIN_DIR to use already-built binaries instead of building.
+//! and cleans up. Without nc it runs itself as the two UDP apps instead (`udp-listen`,
+//! `udp-send`: plain `std::net::UdpSocket`) and says so. Set FTSS_BIN_DIR to use already-built
+//! binaries instead of building.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -20,6 +22,13 @@ const LINES: [&str; 5] = [
 ];
 
 fn main() {
+    // The fallback for machines without nc: this program, run again as a plain UDP app.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["udp-listen", port] => return udp_listen(port),
+        ["udp-send", host, port] => return udp_send(host, port),
+        _ => {}
+    }
     if let Err(message) = run() {
         eprintln!("quickstart failed: {message}");
         std::process::exit(1);
@@ -66,11 +75,14 @@ fn run() -> Result<(), String> {
             return Err(format!("{} not found", path.display()));
         }
     }
-    if Command::new("nc").arg("-h").stderr(Stdio::null()).stdout(Stdio::null()).status().is_err() {
-        return Err("nc (netcat-openbsd) is not installed: apt-get install netcat-openbsd".into());
-    }
+    let apps = if Command::new("nc").arg("-h").stderr(Stdio::null()).stdout(Stdio::null()).status().is_ok() {
+        Apps::Nc
+    } else {
+        println!("nc (netcat-openbsd) is not installed: using quickstart's own UDP programs (std::net::UdpSocket)");
+        Apps::Own(std::env::current_exe().map_err(|error| error.to_string())?)
+    };
     let root = std::env::temp_dir().join(format!("ftss-quickstart-{}", std::process::id()));
-    let result = demo(&root, &shim, &server_bin);
+    let result = demo(&root, &shim, &server_bin, &apps);
     if std::env::var_os("FTSS_KEEP").is_some() {
         println!("kept {} (FTSS_KEEP is set)", root.display());
     } else {
@@ -79,7 +91,70 @@ fn run() -> Result<(), String> {
     result
 }
 
-fn demo(root: &Path, shim: &Path, server_bin: &Path) -> Result<(), String> {
+/// The UDP programs the demo runs under the shim.
+enum Apps {
+    /// `nc -u -l 9000` and `nc -u 10.77.0.2 9000`.
+    Nc,
+    /// This program again: `udp-listen 9000` and `udp-send 10.77.0.2 9000` (no nc needed).
+    Own(PathBuf),
+}
+
+impl Apps {
+    fn listener(&self) -> (Command, &'static str) {
+        match self {
+            Apps::Nc => {
+                let mut command = Command::new("nc");
+                command.args(["-u", "-l", "9000"]);
+                (command, "nc -u -l 9000            ")
+            }
+            Apps::Own(exe) => {
+                let mut command = Command::new(exe);
+                command.args(["udp-listen", "9000"]);
+                (command, "quickstart udp-listen 9000")
+            }
+        }
+    }
+
+    fn sender(&self) -> (Command, &'static str) {
+        match self {
+            Apps::Nc => {
+                let mut command = Command::new("nc");
+                command.args(["-u", "-q", "1", "10.77.0.2", "9000"]);
+                (command, "nc -u 10.77.0.2 9000     ")
+            }
+            Apps::Own(exe) => {
+                let mut command = Command::new(exe);
+                command.args(["udp-send", "10.77.0.2", "9000"]);
+                (command, "quickstart udp-send 10.77.0.2 9000")
+            }
+        }
+    }
+}
+
+/// `udp-listen PORT`: prints every datagram received on 0.0.0.0:PORT as a line.
+fn udp_listen(port: &str) {
+    let socket = std::net::UdpSocket::bind(format!("0.0.0.0:{port}")).expect("bind");
+    let mut buffer = [0u8; 65536];
+    let mut out = std::io::stdout();
+    while let Ok(length) = socket.recv(&mut buffer) {
+        let text = String::from_utf8_lossy(&buffer[..length]);
+        let _ = writeln!(out, "{}", text.trim_end_matches('\n'));
+        let _ = out.flush();
+    }
+}
+
+/// `udp-send HOST PORT`: sends every line of stdin as one datagram.
+fn udp_send(host: &str, port: &str) {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+    for line in std::io::stdin().lines().map_while(Result::ok) {
+        if let Err(error) = socket.send_to(format!("{line}\n").as_bytes(), format!("{host}:{port}")) {
+            eprintln!("udp-send: {error}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn demo(root: &Path, shim: &Path, server_bin: &Path, apps: &Apps) -> Result<(), String> {
     let volume = root.join("volume");
     let queue = root.join("queue");
     std::fs::create_dir_all(&volume).map_err(|error| error.to_string())?;
@@ -98,8 +173,7 @@ fn demo(root: &Path, shim: &Path, server_bin: &Path) -> Result<(), String> {
         .map_err(|error| format!("starting ftss-server: {error}"))?;
     let _server = Killed(server);
 
-    let node = |name: &str, addr: &str| {
-        let mut command = Command::new("nc");
+    let node = |(mut command, _): (Command, &str), name: &str, addr: &str| {
         command
             .env("LD_PRELOAD", shim)
             .env("FTSS_VOLUME", &volume)
@@ -109,9 +183,8 @@ fn demo(root: &Path, shim: &Path, server_bin: &Path) -> Result<(), String> {
         command
     };
 
-    println!("node b:  nc -u -l 9000            (FTSS_NODE=b FTSS_ADDR=10.77.0.2)");
-    let mut receiver = node("b", "10.77.0.2")
-        .args(["-u", "-l", "9000"])
+    println!("node b:  {} (FTSS_NODE=b FTSS_ADDR=10.77.0.2)", apps.listener().1);
+    let mut receiver = node(apps.listener(), "b", "10.77.0.2")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
@@ -128,9 +201,8 @@ fn demo(root: &Path, shim: &Path, server_bin: &Path) -> Result<(), String> {
     });
     std::thread::sleep(Duration::from_millis(300));
 
-    println!("node a:  nc -u 10.77.0.2 9000     (FTSS_NODE=a FTSS_ADDR=10.77.0.1)");
-    let mut sender = node("a", "10.77.0.1")
-        .args(["-u", "-q", "1", "10.77.0.2", "9000"])
+    println!("node a:  {} (FTSS_NODE=a FTSS_ADDR=10.77.0.1)", apps.sender().1);
+    let mut sender = node(apps.sender(), "a", "10.77.0.1")
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()

@@ -275,3 +275,29 @@ fn ftss_pcap_records_what_one_process_sent_and_received() {
     assert_eq!(tshark_fields(&sent_pcap), expected, "the sender's capture");
     assert_eq!(tshark_fields(&received_pcap), expected, "the receiver's capture");
 }
+
+/// Every subcommand's `--help` describes that subcommand (old: `fabric-key --help` described
+/// `dump`, and `dump --help` had no description), and `--version` works.
+#[test]
+fn each_subcommand_help_describes_it_and_version_works() {
+    let help = |command: &str| {
+        let output = Command::new(server_path()).args([command, "--help"]).output().unwrap();
+        assert!(output.status.success(), "{command} --help failed");
+        String::from_utf8_lossy(&output.stdout).lines().next().unwrap_or_default().to_string()
+    };
+    for (command, first_line_starts) in [
+        ("run", "Drain every node's outbox"),
+        ("status", "Show the server's counters"),
+        ("init", "Prepare a volume"),
+        ("check", "Check that a volume is safe"),
+        ("scrub", "Verify every queue segment"),
+        ("fabric-key", "Make a fabric key for a node"),
+        ("dump", "List the packets in the queue"),
+    ] {
+        let first = help(command);
+        assert!(first.starts_with(first_line_starts), "{command} --help begins {first:?}");
+    }
+    let version = Command::new(server_path()).arg("--version").output().unwrap();
+    assert!(version.status.success());
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("ftss-server 0."), "{version:?}");
+}

@@ -83,9 +83,6 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the packets in the queue (queued, retained after receipt, dead-lettered), like postcat.
-    ///
-    /// Read-only: safe while the server runs.
     /// Make a fabric key for a node: writes KEYS/NODE.key (mode 600) and prints its path.
     ///
     /// Copy the file to the node (FTSS_FABRIC_KEY=/path/to/NODE.key); the server reads the keys
@@ -104,6 +101,9 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// List the packets in the queue (queued, retained after receipt, dead-lettered), like postcat.
+    ///
+    /// Read-only: safe while the server runs.
     Dump {
         #[arg(long = "queue-dir", required = true)]
         queue_dirs: Vec<PathBuf>,
