@@ -23,13 +23,31 @@ fn ingress_arg(port: u16, node_port: u16) -> String {
 
 #[test]
 fn an_outside_nc_and_an_inside_nc_talk_both_ways() {
-    let mut fabric = Fabric::new("gw-nc");
+    outside_and_inside_nc_talk("gw-nc", 9400, Some("127.0.0.0/8"));
+}
+
+/// Replies go back the way they came: the inside nc has no FTSS_EGRESS for the outside peer, yet
+/// its replies reach the outside nc, a connected UDP client that accepts them only from the
+/// ingress address it sent to (old: they left b's own network from b's own port, and the outside
+/// heard nothing).
+#[test]
+fn replies_to_an_ingress_peer_go_back_through_the_gateway_without_egress_settings() {
+    outside_and_inside_nc_talk("gw-reply", 9401, None);
+}
+
+/// An outside `nc -u` (no shim, connected to the ingress address) and `nc -u -l` on node b under
+/// the shim (with `egress` as its FTSS_EGRESS) exchange three rounds of lines.
+fn outside_and_inside_nc_talk(tag: &str, node_port: u16, egress: Option<&str>) {
+    let mut fabric = Fabric::new(tag);
     register(&fabric, "b", "10.77.0.2");
     let ingress = free_udp_port();
-    fabric.start_server_with(&["--ingress", &ingress_arg(ingress, 9400)]);
+    fabric.start_server_with(&["--ingress", &ingress_arg(ingress, node_port)]);
 
     let mut inside = fabric.command("b", "10.77.0.2", "nc");
-    inside.env("FTSS_EGRESS", "127.0.0.0/8").args(["-u", "-l", "9400"]);
+    if let Some(egress) = egress {
+        inside.env("FTSS_EGRESS", egress);
+    }
+    inside.args(["-u", "-l", &node_port.to_string()]);
     inside.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null());
     let mut inside = inside.spawn().unwrap();
     let mut inside_stdin = inside.stdin.take().unwrap();

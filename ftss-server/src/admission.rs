@@ -91,6 +91,10 @@ impl Budget {
         self.closed = Some(reason);
     }
 
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_some()
+    }
+
     /// Why `packets` may not be taken now, if so. `queued` is what the queue holds for a
     /// destination, `queued_total` what it holds in all.
     pub fn refuse(&self, packets: &[Packet], queued: impl Fn(&Ipv4Addr) -> Load, queued_total: Load) -> Option<String> {

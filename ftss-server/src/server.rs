@@ -778,7 +778,9 @@ impl Server {
         if let Some((free, reserve)) = self.queue.space().map(|(free, base)| (free, base + done_records))
             && free < reserve
         {
-            budget.close(format!("queue disk nearly full: {free} bytes free, {reserve} kept for receipts"));
+            let reason = "queue disk nearly full: the space left is kept for receipts".to_string();
+            self.push_back(reason.clone());
+            budget.close(reason);
         }
         let drained = self.read_outboxes(&mut budget);
         let from_fabric = self.read_fabric(&mut budget);
@@ -793,6 +795,11 @@ impl Server {
         // counted), as an interface drops when its queue is full.
         let mut admitted = Vec::with_capacity(arrived.len());
         for packet in arrived {
+            if budget.is_closed() {
+                // The queue disk, not a limit: kept (one cycle's read at most) until there is room.
+                self.arrivals_kept.push(packet);
+                continue;
+            }
             let batch = std::slice::from_ref(&packet);
             if self.refusal(batch, &budget).is_some() {
                 self.gateway.counters.dropped_over_limit += 1;
@@ -837,7 +844,9 @@ impl Server {
     /// connections' queues, in order; gateway arrivals are kept for the next cycle.
     fn abort_drain(&mut self, group: DrainGroup) {
         self.outbox_backlog.clear();
-        self.arrivals_kept = group.arrived;
+        // In order: the group's arrivals, then any this cycle kept back.
+        let kept = std::mem::replace(&mut self.arrivals_kept, group.arrived);
+        self.arrivals_kept.extend(kept);
         for taken in group.from_fabric.into_iter().rev() {
             taken.conn.unpop(taken.packets);
         }

@@ -365,6 +365,10 @@ pub fn release_claims(shim: &Shim) {
 /// Decides what becomes of one packet from the inbox: held for injection, receipted at once, or
 /// ignored as a duplicate. True if it is held for the app.
 fn take_packet(shim: &Shim, target: &Target, held: &mut VecDeque<Vec<u8>>, packet: Packet) -> bool {
+    if !shim.config.is_fabric(*packet.source.ip()) {
+        // From outside, through the gateway's ingress: replies to it go back that way.
+        lock(&shim.ingress_peers).heard(packet.source);
+    }
     let seen = lock(&shim.dedupe).get(&packet.id);
     let from_peer = target.peer.is_none_or(|peer| peer == SocketAddr::V4(packet.source));
     let sock = target.sock;

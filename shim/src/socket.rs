@@ -15,7 +15,8 @@
 //!
 //! Lock order (the fork handlers take them all in this order): `start_lock`, `table`, each socket's
 //! `state`, `held`, then `once` (the map of once-ledgers; a port ledger's own locks are taken with
-//! nothing else held, and a forked child drops them), `dedupe`, `receipts`, the log. The outbox has its own locks and is
+//! nothing else held, and a forked child drops them), `dedupe`, `receipts`, `ingress_peers` (a leaf:
+//! nothing is taken while it is held), the log. The outbox has its own locks and is
 //! replaced, not locked, in a forked child.
 
 use std::collections::{HashMap, VecDeque};
@@ -240,6 +241,37 @@ impl Default for Dedupe {
     }
 }
 
+/// Outside peers heard through the gateway's ingress, as NAT keeps its way back: a reply to one
+/// is carried through ftss (the server sends it from the ingress socket the peer talks to), not
+/// sent from this node's own network. At most `INGRESS_PEERS_MAX`, each for `INGRESS_PEER_TTL`
+/// after it was last heard.
+#[derive(Default)]
+pub struct IngressPeers {
+    heard: HashMap<SocketAddrV4, Instant>,
+}
+
+pub const INGRESS_PEERS_MAX: usize = 4096;
+pub const INGRESS_PEER_TTL: Duration = Duration::from_secs(300);
+
+impl IngressPeers {
+    pub fn heard(&mut self, peer: SocketAddrV4) {
+        let now = Instant::now();
+        if self.heard.len() >= INGRESS_PEERS_MAX && !self.heard.contains_key(&peer) {
+            self.heard.retain(|_, at| now.duration_since(*at) < INGRESS_PEER_TTL);
+            if self.heard.len() >= INGRESS_PEERS_MAX
+                && let Some(oldest) = self.heard.iter().min_by_key(|(_, at)| **at).map(|(peer, _)| *peer)
+            {
+                self.heard.remove(&oldest);
+            }
+        }
+        self.heard.insert(peer, now);
+    }
+
+    pub fn contains(&self, peer: &SocketAddrV4) -> bool {
+        self.heard.get(peer).is_some_and(|at| at.elapsed() < INGRESS_PEER_TTL)
+    }
+}
+
 /// The shim's process-wide state.
 pub struct Shim {
     pub config: Config,
@@ -267,6 +299,8 @@ pub struct Shim {
     pub claims: Mutex<crate::claims::Claims>,
     /// Once-ledgers open in this process (`FTSS_RECV=once`), by port.
     pub once: Mutex<crate::once::Ledgers>,
+    /// Outside peers whose datagrams came in through the gateway's ingress.
+    pub ingress_peers: Mutex<IngressPeers>,
     next_sock_id: AtomicU64,
     /// A candidate was dup'ed: converting one must look for its twins.
     candidate_dups: AtomicBool,
@@ -354,6 +388,7 @@ impl Shim {
             dedupe: Mutex::new(Dedupe::new()),
             claims: Mutex::new(crate::claims::Claims::default()),
             once: Mutex::new(crate::once::Ledgers::default()),
+            ingress_peers: Mutex::new(IngressPeers::default()),
             next_sock_id: AtomicU64::new(1),
             candidate_dups: AtomicBool::new(false),
         })
@@ -513,10 +548,11 @@ impl Shim {
         Ok(local)
     }
 
-    /// Is `addr` carried by ftss?
+    /// Is `addr` carried by ftss? Fabric routes and `FTSS_EGRESS`, and outside peers recently heard
+    /// through the gateway's ingress (their replies go back the way they came).
     pub fn is_fabric(&self, addr: SocketAddr) -> bool {
         match addr::normalize(addr) {
-            SocketAddr::V4(v4) => self.config.is_fabric(*v4.ip()),
+            SocketAddr::V4(v4) => self.config.is_fabric(*v4.ip()) || lock(&self.ingress_peers).contains(&v4),
             SocketAddr::V6(_) => false,
         }
     }
@@ -918,7 +954,7 @@ pub fn route(fd: c_int, raw_dest: (*const sockaddr, socklen_t)) -> Result<Route,
         };
     }
     match sock.lock().peer {
-        Some(SocketAddr::V4(peer)) if shim.config.is_fabric(*peer.ip()) => Ok(Route::Fabric(sock.clone(), peer)),
+        Some(SocketAddr::V4(peer)) if shim.is_fabric(SocketAddr::V4(peer)) => Ok(Route::Fabric(sock.clone(), peer)),
         Some(_) => Ok(Route::Kernel(sock.side)),
         None => Err(libc::EDESTADDRREQ),
     }
