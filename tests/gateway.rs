@@ -195,3 +195,62 @@ fn egress_is_best_effort_acked_and_a_closed_port_blocks_nothing() {
     assert_eq!(status["queue"]["packets"], 0, "{status}");
     assert_eq!(status["counters"]["dead_lettered"], 0, "{status}");
 }
+
+/// dig (outside, no shim) asks dnsmasq on node b through an ingress mapping and gets its answer:
+/// dnsmasq learns where the query came to from IP_PKTINFO (which the shim supplies for fabric
+/// datagrams) and its reply goes back through the gateway from the ingress port, the only source
+/// dig accepts. (dnsmasq runs with `--user=root` here: a daemon that drops its privileges is
+/// issue 17's first item.)
+#[test]
+fn dig_gets_answers_from_dnsmasq_on_a_node_behind_ingress() {
+    assert!(
+        have("dnsmasq") && have("dig"),
+        "dnsmasq and dig are needed (.ci/run installs dnsmasq-base and bind9-dnsutils)"
+    );
+    let mut fabric = Fabric::new("gw-dns");
+    register(&fabric, "b", "10.77.0.2");
+    let ingress = free_udp_port();
+    fabric.start_server_with(&["--ingress", &ingress_arg(ingress, 5399)]);
+    let mut dnsmasq = fabric.command("b", "10.77.0.2", "dnsmasq");
+    dnsmasq
+        .args([
+            "--keep-in-foreground",
+            "--port=5399",
+            "--user=root",
+            "--group=root",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--pid-file=",
+            "--log-facility=-",
+            "--log-queries",
+            "--address=/printer.example.test/10.1.2.3",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut dnsmasq = dnsmasq.spawn().expect("dnsmasq");
+    let said = LineCollector::start(dnsmasq.stderr.take().unwrap());
+    let _dnsmasq = Proc { child: dnsmasq, name: "dnsmasq".into() };
+    assert!(
+        wait_until(Duration::from_secs(10), || said.lines().iter().any(|line| line.contains("started"))),
+        "{:?}",
+        said.lines()
+    );
+    for round in 0..3 {
+        let output = Command::new("dig")
+            .args(["@127.0.0.1", "-p", &ingress.to_string(), "+short", "+tries=2", "+time=10", "printer.example.test"])
+            .env_remove("LD_PRELOAD")
+            .output()
+            .expect("dig");
+        let answer = String::from_utf8_lossy(&output.stdout).trim().to_string();
+        assert_eq!(
+            answer,
+            "10.1.2.3",
+            "round {round}: dig said {answer:?}\ndnsmasq: {:?}\nb: {}\n{}",
+            said.lines(),
+            fabric.node_log("b"),
+            fabric.status()
+        );
+    }
+}

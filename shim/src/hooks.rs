@@ -150,9 +150,12 @@ unsafe fn receive_message(fd: c_int, message: &mut msghdr, flags: c_int) -> ssiz
     match logic::receive(fd, vectors, flags, NameOut { name, len: &mut name_len }) {
         Ok((received, out_flags)) => {
             message.msg_namelen = if name.is_null() { 0 } else { name_len };
-            // No control messages are produced for fabric datagrams.
-            message.msg_controllen = 0;
-            message.msg_flags = out_flags;
+            // The one control message a fabric datagram has: IP_PKTINFO, when the app asked for
+            // it (servers on the wildcard address learn which address a query came to from it,
+            // and dnsmasq drops queries without it).
+            let (length, truncated) = unsafe { logic::fabric_control(fd, message.msg_control, message.msg_controllen) };
+            message.msg_controllen = length;
+            message.msg_flags = out_flags | if truncated { libc::MSG_CTRUNC } else { 0 };
             received
         }
         Err(errno) => fail(errno),

@@ -1151,6 +1151,45 @@ fn commit_next(shim: &Shim, fd: c_int, flags: c_int, port: u16) -> Result<Option
     }
 }
 
+/// Control messages for a datagram received on fabric fd `fd`, written into the app's buffer
+/// (`control`, `room` bytes): IP_PKTINFO if the app turned it on (its destination is the socket's
+/// fabric address, on the loopback interface's index: the fabric has no interface of its own).
+/// Returns the length written and whether it did not fit (MSG_CTRUNC).
+///
+/// # Safety
+/// `control` valid for `room` bytes (or null).
+pub unsafe fn fabric_control(fd: c_int, control: *mut libc::c_void, room: usize) -> (usize, bool) {
+    let Some(shim) = crate::shim() else { return (0, false) };
+    let Some(sock) = shim.sock(fd) else { return (0, false) };
+    if sock.family != Family::V4 || int_option(sock.side, libc::IPPROTO_IP, libc::IP_PKTINFO) != Some(1) {
+        return (0, false);
+    }
+    // SAFETY: CMSG_SPACE/CMSG_LEN are arithmetic.
+    let space = unsafe { libc::CMSG_SPACE(size_of::<libc::in_pktinfo>() as u32) } as usize;
+    if control.is_null() || room < space {
+        return (0, true);
+    }
+    let local = sock.lock().local.map_or(shim.config.addr, |local| *local.ip());
+    let address = libc::in_addr { s_addr: u32::from(local).to_be() };
+    // SAFETY: if_nametoindex reads a C string.
+    let loopback = unsafe { libc::if_nametoindex(c"lo".as_ptr()) };
+    let info = libc::in_pktinfo { ipi_ifindex: loopback as c_int, ipi_spec_dst: address, ipi_addr: address };
+    // SAFETY: the buffer holds `space` bytes; a msghdr over it lets the CMSG macros find the first
+    // header and its data.
+    unsafe {
+        std::ptr::write_bytes(control.cast::<u8>(), 0, space);
+        let mut message: msghdr = zeroed();
+        message.msg_control = control;
+        message.msg_controllen = space;
+        let header = libc::CMSG_FIRSTHDR(&message);
+        (*header).cmsg_level = libc::IPPROTO_IP;
+        (*header).cmsg_type = libc::IP_PKTINFO;
+        (*header).cmsg_len = libc::CMSG_LEN(size_of::<libc::in_pktinfo>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(header).cast::<libc::in_pktinfo>(), info);
+    }
+    (space, false)
+}
+
 /// The app has the datagram (or the kernel's rules dropped it): queue its receipt.
 pub fn mark_received(shim: &Shim, id: &PacketId) {
     lock(&shim.dedupe).set(id, Seen::Received);
