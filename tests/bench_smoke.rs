@@ -6,12 +6,13 @@ mod common;
 use std::collections::BTreeSet;
 use std::process::Command;
 
-const SCENARIOS: [&str; 18] = [
+const SCENARIOS: [&str; 19] = [
     "fsync-limit",
     "udp-raw",
     "shim-passthrough",
     "ftss-async",
     "ftss-volume",
+    "ftss-recv-once",
     "ftss-guaranteed",
     "ftss-fabric",
     "ftss-fabric-async",
