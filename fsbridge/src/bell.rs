@@ -464,10 +464,7 @@ mod tests {
     use super::*;
 
     fn temp_dir(tag: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("fsbridge-bell-{tag}-{}-{:x}", std::process::id(), crate::random_u64()));
-        fs::create_dir_all(&dir).unwrap();
-        dir
+        crate::test_dir(&format!("bell-{tag}"))
     }
 
     fn ring(port: u16, seq: u64) -> Ring {

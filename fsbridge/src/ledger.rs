@@ -227,7 +227,7 @@ impl Ledger {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&tmp)?;
         file.write_all_at(&bytes, 0).and_then(|()| file.sync_data())?;
         fs::rename(&tmp, &self.path)?;
-        File::open(&self.dir).and_then(|dir| dir.sync_all())?;
+        spool::sync_directory(&self.dir)?;
         self.file = file;
         self.length = bytes.len() as u64;
         self.compact_length = self.length;
@@ -315,10 +315,7 @@ mod tests {
     use super::*;
 
     fn temp_dir(tag: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("ftss-ledger-{tag}-{}-{}", std::process::id(), crate::random_u64()));
-        fs::create_dir_all(&dir).unwrap();
-        dir
+        crate::test_dir(&format!("ledger-{tag}"))
     }
 
     #[test]

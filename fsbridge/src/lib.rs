@@ -107,6 +107,14 @@ pub fn random_u64() -> u64 {
     u64::from_le_bytes(bytes)
 }
 
+/// A fresh directory under the system temp dir for one unit test (`fsbridge-<tag>-<pid>-<random>`).
+#[cfg(test)]
+pub(crate) fn test_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("fsbridge-{tag}-{}-{:x}", std::process::id(), random_u64()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

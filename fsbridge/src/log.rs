@@ -572,10 +572,7 @@ mod tests {
     use super::*;
 
     fn temp_outbox(tag: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("fsbridge-log-{tag}-{}-{}", std::process::id(), crate::random_u64()));
-        fs::create_dir_all(&dir).unwrap();
-        dir
+        crate::test_dir(&format!("log-{tag}"))
     }
 
     fn only_segment(outbox: &Path) -> PathBuf {

@@ -507,9 +507,7 @@ mod tests {
     }
 
     fn temp_dir(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("fsbridge-{tag}-{}-{}", std::process::id(), crate::random_u64()));
-        fs::create_dir_all(&dir).unwrap();
-        dir
+        crate::test_dir(tag)
     }
 
     #[test]

@@ -610,12 +610,8 @@ impl Queue {
     /// take their receipts. `None` if no file system could be asked.
     pub fn space(&self) -> Option<(u64, u64)> {
         self.healthy()
-            .filter_map(|index| nix::sys::statvfs::statvfs(&self.mirrors[index].dir).ok())
-            .map(|stat| {
-                let block = stat.fragment_size();
-                let size = stat.blocks() * block;
-                (stat.blocks_available() * block, (size / 10).min(QUEUE_RESERVE_BYTES_MAX))
-            })
+            .filter_map(|index| disk_bytes(&self.mirrors[index].dir))
+            .map(|(size, free)| (free, (size / 10).min(QUEUE_RESERVE_BYTES_MAX)))
             .min_by_key(|(free, _)| *free)
     }
 
@@ -1009,11 +1005,17 @@ impl Queue {
 /// only a few segments large the oldest packets' receipts could never free any.
 fn segment_bytes_for(dirs: &[PathBuf]) -> u64 {
     dirs.iter()
-        .filter_map(|dir| nix::sys::statvfs::statvfs(dir).ok())
-        .map(|stat| stat.blocks() * stat.fragment_size() / 32)
+        .filter_map(|dir| disk_bytes(dir))
+        .map(|(size, _)| size / 32)
         .min()
         .unwrap_or(SEGMENT_BYTES_MAX)
         .clamp(SEGMENT_BYTES_MIN, SEGMENT_BYTES_MAX)
+}
+
+/// Size and free bytes (for this user) of the file system holding `dir`.
+fn disk_bytes(dir: &Path) -> Option<(u64, u64)> {
+    let stat = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some((stat.blocks() * stat.fragment_size(), stat.blocks_available() * stat.fragment_size()))
 }
 
 /// Name of the fence file in each queue dir.
