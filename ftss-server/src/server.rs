@@ -770,14 +770,22 @@ impl Server {
     /// Reads outbox files, fabric frames and gateway arrivals and appends their packets to the
     /// queue (not synced: the cycle syncs once for everything it staged). `None` if there was none.
     fn stage_drain(&mut self) -> Result<Option<DrainGroup>, fsbridge::SpoolError> {
-        let mut budget = Budget::new(self.config.limits, DRAIN_PACKETS_PER_CYCLE_MAX, DRAIN_BYTES_PER_CYCLE_MAX);
         // A queue disk down to its reserve takes no new packets: the space left is for the done
         // records that let full segments go (else a disk filled by packets could never drain).
-        // The reserve grows with the queue: every queued packet's done record must fit.
+        // The reserve grows with the queue: every queued packet's done record must fit. Above
+        // it, a cycle takes no more than the room left: at most half of it in payload, and
+        // packets whose records and later done records fit in the other half.
         let done_records = self.index.len() as u64 * DONE_RECORD_BYTES;
-        if let Some((free, reserve)) = self.queue.space().map(|(free, base)| (free, base + done_records))
-            && free < reserve
-        {
+        let room = self.queue.space().map(|(free, base)| free.saturating_sub(base + done_records));
+        let (packets_max, bytes_max) = match room {
+            Some(room) => (
+                DRAIN_PACKETS_PER_CYCLE_MAX.min((room / 2 / PACKET_SPACE_BYTES) as usize),
+                DRAIN_BYTES_PER_CYCLE_MAX.min((room / 2) as usize),
+            ),
+            None => (DRAIN_PACKETS_PER_CYCLE_MAX, DRAIN_BYTES_PER_CYCLE_MAX),
+        };
+        let mut budget = Budget::new(self.config.limits, packets_max, bytes_max);
+        if packets_max == 0 {
             let reason = "queue disk nearly full: the space left is kept for receipts".to_string();
             self.push_back(reason.clone());
             budget.close(reason);
@@ -2232,6 +2240,9 @@ fn foreign_owner(path: &std::path::Path) -> Option<u32> {
 /// Space a done record takes in the queue (with its origin name and a reason: at most about 100
 /// bytes), kept free for every queued packet.
 const DONE_RECORD_BYTES: u64 = 128;
+/// Queue space a packet takes besides its payload, counted generously: its stored record's
+/// framing, id and addresses, and its done record to come.
+const PACKET_SPACE_BYTES: u64 = 256;
 
 /// A receiving shim refreshes a claimed file's mtime every second while the app has not read all
 /// of it; a claim older than this is a dead process's.
