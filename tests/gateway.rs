@@ -199,8 +199,9 @@ fn egress_is_best_effort_acked_and_a_closed_port_blocks_nothing() {
 /// dig (outside, no shim) asks dnsmasq on node b through an ingress mapping and gets its answer:
 /// dnsmasq learns where the query came to from IP_PKTINFO (which the shim supplies for fabric
 /// datagrams) and its reply goes back through the gateway from the ingress port, the only source
-/// dig accepts. (dnsmasq runs with `--user=root` here: a daemon that drops its privileges is
-/// issue 17's first item.)
+/// dig accepts. dnsmasq runs in its default mode: it drops root for `nobody` once its socket is
+/// bound, on a volume whose root only root may enter; the shim's privilege helper (forked before
+/// the drop, still root) makes its volume operations.
 #[test]
 fn dig_gets_answers_from_dnsmasq_on_a_node_behind_ingress() {
     assert!(
@@ -208,6 +209,7 @@ fn dig_gets_answers_from_dnsmasq_on_a_node_behind_ingress() {
         "dnsmasq and dig are needed (.ci/run installs dnsmasq-base and bind9-dnsutils)"
     );
     let mut fabric = Fabric::new("gw-dns");
+    std::fs::set_permissions(&fabric.volume, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     register(&fabric, "b", "10.77.0.2");
     let ingress = free_udp_port();
     fabric.start_server_with(&["--ingress", &ingress_arg(ingress, 5399)]);
@@ -216,8 +218,6 @@ fn dig_gets_answers_from_dnsmasq_on_a_node_behind_ingress() {
         .args([
             "--keep-in-foreground",
             "--port=5399",
-            "--user=root",
-            "--group=root",
             "--conf-file=/dev/null",
             "--no-resolv",
             "--no-hosts",
@@ -231,11 +231,17 @@ fn dig_gets_answers_from_dnsmasq_on_a_node_behind_ingress() {
         .stderr(Stdio::piped());
     let mut dnsmasq = dnsmasq.spawn().expect("dnsmasq");
     let said = LineCollector::start(dnsmasq.stderr.take().unwrap());
+    let pid = dnsmasq.id();
     let _dnsmasq = Proc { child: dnsmasq, name: "dnsmasq".into() };
     assert!(
         wait_until(Duration::from_secs(10), || said.lines().iter().any(|line| line.contains("started"))),
         "{:?}",
         said.lines()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || dropped_root(pid)),
+        "dnsmasq did not drop root: {:?}",
+        uid_line(pid)
     );
     for round in 0..3 {
         let output = Command::new("dig")
@@ -253,4 +259,19 @@ fn dig_gets_answers_from_dnsmasq_on_a_node_behind_ingress() {
             fabric.status()
         );
     }
+    // The helper goes when the app does (the app's end of its socket closes).
+    let log = fabric.node_log("b");
+    let helper: u32 = log
+        .lines()
+        .find_map(|line| line.split("helper ").nth(1)?.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no privilege helper in the log:\n{log}"));
+    drop(_dnsmasq);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            // Gone, or a zombie waiting for whoever adopted it.
+            std::fs::read_to_string(format!("/proc/{helper}/stat"))
+                .map_or(true, |stat| stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
+        }),
+        "helper {helper} outlived dnsmasq"
+    );
 }

@@ -727,3 +727,64 @@ fn a_misconfigured_shim_fails_closed_and_leaks_nothing() {
         assert!(logged.contains("refus"), "{case}: FTSS_LOG does not say why:\n{logged}");
     }
 }
+
+/// rsyslogd with `$PrivDropToUser nobody` on node b (it binds its UDP input as root, then drops
+/// root), on a volume whose root only root may enter: `logger` on node a sends it lines through
+/// ftss, and rsyslogd, now nobody, writes each to its file once. The shim's privilege helper,
+/// forked before the drop, makes the volume operations.
+#[test]
+fn rsyslogd_that_drops_root_receives_lines_from_logger() {
+    assert!(have("rsyslogd") && have("logger"), "rsyslogd and logger are needed (.ci/run installs rsyslog)");
+    let mut fabric = Fabric::new("apps-rsyslog");
+    std::fs::set_permissions(&fabric.volume, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    fabric.start_server();
+    let dir = fabric.dir.0.join("rsyslog");
+    for sub in ["work", "out"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+        std::fs::set_permissions(dir.join(sub), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    }
+    let messages = dir.join("out/messages");
+    let conf = dir.join("rsyslog.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "global(workDirectory=\"{work}\")\n\
+             module(load=\"imudp\")\n\
+             input(type=\"imudp\" address=\"0.0.0.0\" port=\"5514\")\n\
+             $PrivDropToUser nobody\n\
+             $PrivDropToGroup nogroup\n\
+             *.* action(type=\"omfile\" file=\"{messages}\")\n",
+            work = dir.join("work").display(),
+            messages = messages.display()
+        ),
+    )
+    .unwrap();
+    let mut command = fabric.command("b", "10.77.0.2", "rsyslogd");
+    command.arg("-n").arg("-f").arg(&conf).arg("-i").arg(dir.join("rsyslogd.pid"));
+    let (mut rsyslogd, _) = spawn(&mut command, "rsyslogd");
+    let pid = rsyslogd.child.id();
+    assert!(
+        wait_until(Duration::from_secs(20), || dropped_root(pid)),
+        "rsyslogd did not drop root: {:?}\n{}\n{}",
+        uid_line(pid),
+        stderr_of(&mut rsyslogd),
+        fabric.node_log("b")
+    );
+    let count = 5;
+    for n in 0..count {
+        let status = fabric
+            .command("a", "10.77.0.1", "logger")
+            .args(["--udp", "--server", "10.77.0.2", "--port", "5514", "--tag", "ftss-test"])
+            .arg(format!("line {n} through the array"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "logger {n}: {status}");
+    }
+    let got = || std::fs::read_to_string(&messages).unwrap_or_default();
+    let all = wait_until(ARRIVAL_LIMIT, || (0..count).all(|n| got().contains(&format!("line {n} through the array"))));
+    assert!(all, "rsyslogd wrote {:?}\nb: {}\nserver: {}", got(), fabric.node_log("b"), fabric.server_log());
+    for n in 0..count {
+        assert_eq!(got().matches(&format!("line {n} through the array")).count(), 1, "{}", got());
+    }
+    assert!(fabric.node_log("b").contains("keeps root for the volume"), "{}", fabric.node_log("b"));
+}

@@ -25,10 +25,12 @@
 //! the sweep finds it, and the packets it holds stay in the server's queue until receipted.
 //! Integers are little-endian.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
+
+use crate::fsops::{self as fs, OpenOptions};
 use std::io;
 use std::ops::Range;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::log::read_at_most;
@@ -462,6 +464,7 @@ impl BellReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn temp_dir(tag: &str) -> PathBuf {
         crate::test_dir(&format!("bell-{tag}"))

@@ -1,6 +1,6 @@
 //! Paths on the volume (see the crate docs for the tree) and the node registry (`node.toml`).
 
-use std::fs;
+use crate::fsops as fs;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -221,6 +221,7 @@ pub fn parse_batch_file_name(name: &str) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn register_and_quarantine() {

@@ -22,9 +22,11 @@
 //! compact form, it is rewritten compact (temporary file, fdatasync, rename). Forgetting the
 //! oldest ranges can only let a very old redelivery through again, never drop a datagram.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
+
+use crate::fsops::{self as fs, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::format::{self, TAG_LEDGER};
@@ -313,6 +315,7 @@ fn process_start(pid: u32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn temp_dir(tag: &str) -> PathBuf {
         crate::test_dir(&format!("ledger-{tag}"))

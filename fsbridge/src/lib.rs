@@ -34,6 +34,7 @@
 pub mod bell;
 pub mod fabric;
 pub mod format;
+pub mod fsops;
 pub mod layout;
 pub mod ledger;
 pub mod log;

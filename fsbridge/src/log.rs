@@ -33,9 +33,11 @@
 //! (an I/O error: space is allocated beforehand) the writer retries in a fresh segment and the
 //! server keeps the first copy, so the app that saw the error may have its datagram delivered.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
+
+use crate::fsops::{self as fs, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -570,6 +572,7 @@ pub(crate) fn read_at_most(file: &File, buffer: &mut [u8], offset: u64) -> io::R
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn temp_outbox(tag: &str) -> PathBuf {
         crate::test_dir(&format!("log-{tag}"))

@@ -12,10 +12,11 @@
 
 use std::collections::BinaryHeap;
 use std::ffi::OsString;
-use std::fs::{self, File, OpenOptions};
+
+use crate::fsops::{self as fs, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, IntoRawFd};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
@@ -111,7 +112,7 @@ fn retry_transient<T>(mut operation: impl FnMut() -> io::Result<T>) -> io::Resul
 
 /// fsyncs a directory so that a create, rename or unlink in it is durable.
 pub fn sync_directory(path: &Path) -> Result<(), SpoolError> {
-    let directory = File::open(path).map_err(|source| SpoolError::SyncDirectory { path: path.into(), source })?;
+    let directory = fs::open(path).map_err(|source| SpoolError::SyncDirectory { path: path.into(), source })?;
     match directory.sync_all() {
         // Some FUSE and SMB file systems do not implement fsync on directories; their renames are
         // synchronous on the server, so there is nothing more to do.
@@ -323,20 +324,14 @@ pub fn list_hidden(dir: &Path, limit: usize) -> Result<Vec<String>, SpoolError> 
 
 /// Calls `visit` with every name in `dir`; a missing directory has none.
 pub fn visit_names(dir: &Path, mut visit: impl FnMut(String)) -> Result<(), SpoolError> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
+    let names = match fs::read_dir_names(dir) {
+        Ok(names) => names,
         Err(error) if is_gone(&error) => return Ok(()),
         Err(source) => return Err(SpoolError::Io { operation: "listing", path: dir.into(), source }),
     };
-    for entry in entries {
-        match entry {
-            // Names that are not UTF-8 cannot have been written by ftss; they are shown escaped so
-            // that the server can quarantine them.
-            Ok(entry) => visit(os_name(entry.file_name())),
-            Err(error) if is_gone(&error) => continue,
-            Err(source) => return Err(SpoolError::Io { operation: "listing", path: dir.into(), source }),
-        }
-    }
+    // Names that are not UTF-8 cannot have been written by ftss; they are shown escaped so that
+    // the server can quarantine them.
+    names.into_iter().for_each(|name| visit(os_name(name)));
     Ok(())
 }
 
@@ -394,18 +389,19 @@ pub fn remove_file_idempotent(path: &Path) -> Result<(), SpoolError> {
 
 /// Removes regular files in `dir` whose mtime is older than `age`; returns how many.
 pub fn sweep_older_than(dir: &Path, age: Duration) -> Result<usize, SpoolError> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
+    let names = match fs::read_dir_names(dir) {
+        Ok(names) => names,
         Err(error) if is_gone(&error) => return Ok(0),
         Err(source) => return Err(SpoolError::Io { operation: "listing", path: dir.into(), source }),
     };
     let now = std::time::SystemTime::now();
     let mut removed = 0;
-    for entry in entries.flatten() {
-        let Ok(meta) = entry.path().symlink_metadata() else { continue };
+    for name in names {
+        let path = dir.join(name);
+        let Ok(meta) = fs::symlink_metadata(&path) else { continue };
         let old =
             meta.modified().ok().and_then(|mtime| now.duration_since(mtime).ok()).is_some_and(|elapsed| elapsed > age);
-        if old && !meta.is_dir() && remove_file_idempotent(&entry.path()).is_ok() {
+        if old && !meta.is_dir() && remove_file_idempotent(&path).is_ok() {
             removed += 1;
         }
     }
@@ -474,6 +470,7 @@ mod faults {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn nfs_and_smb_misbehaviour() {

@@ -23,6 +23,7 @@ mod fork;
 mod hooks;
 mod once;
 pub mod outbox;
+mod privsep;
 mod pump;
 mod real;
 mod socket;

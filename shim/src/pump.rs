@@ -222,7 +222,7 @@ fn inject(sock: &Sock, datagram: &[u8]) -> bool {
 /// Takes `name` out of the inbox by renaming it aside; `None` if another process took it first.
 fn claim(inbox: &Spool, name: &str) -> Option<std::path::PathBuf> {
     let claimed = inbox.tmp_dir().join(format!("{name}.claimed-{}", std::process::id()));
-    match std::fs::rename(inbox.new_dir().join(name), &claimed) {
+    match fsbridge::fsops::rename(inbox.new_dir().join(name), &claimed) {
         Ok(()) => Some(claimed),
         Err(error) if fsbridge::spool::is_gone(&error) => None,
         Err(error) => {
@@ -348,10 +348,8 @@ fn tend_claims(shim: &Shim, open: &HashSet<u64>) {
         }
     }
     for path in chores.touch {
-        let Ok(name) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else { continue };
-        // SAFETY: a valid C string; a null times pointer sets both times to now (the file
-        // server's now, over NFS).
-        unsafe { libc::utimensat(libc::AT_FDCWD, name.as_ptr(), std::ptr::null(), 0) };
+        // Both times become now (the file server's now, over NFS).
+        let _ = fsbridge::fsops::touch(&path);
     }
 }
 

@@ -74,6 +74,16 @@ real_functions! {
     getsockopt: unsafe extern "C" fn(c_int, c_int, c_int, *mut c_void, *mut socklen_t) -> c_int;
     setsockopt: unsafe extern "C" fn(c_int, c_int, c_int, *const c_void, socklen_t) -> c_int;
     __chk_fail: unsafe extern "C" fn() -> !;
+    setuid: unsafe extern "C" fn(libc::uid_t) -> c_int;
+    setgid: unsafe extern "C" fn(libc::gid_t) -> c_int;
+    seteuid: unsafe extern "C" fn(libc::uid_t) -> c_int;
+    setegid: unsafe extern "C" fn(libc::gid_t) -> c_int;
+    setreuid: unsafe extern "C" fn(libc::uid_t, libc::uid_t) -> c_int;
+    setregid: unsafe extern "C" fn(libc::gid_t, libc::gid_t) -> c_int;
+    setresuid: unsafe extern "C" fn(libc::uid_t, libc::uid_t, libc::uid_t) -> c_int;
+    setresgid: unsafe extern "C" fn(libc::gid_t, libc::gid_t, libc::gid_t) -> c_int;
+    setgroups: unsafe extern "C" fn(size_t, *const libc::gid_t) -> c_int;
+    initgroups: unsafe extern "C" fn(*const libc::c_char, libc::gid_t) -> c_int;
 }
 
 type CloseRange = unsafe extern "C" fn(c_uint, c_uint, c_int) -> c_int;

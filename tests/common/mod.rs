@@ -390,3 +390,15 @@ pub mod gluster;
 pub mod history;
 pub mod lab;
 pub mod smb;
+
+/// The `Uid:` line of process `pid` (real, effective, saved and file-system uids).
+pub fn uid_line(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| status.lines().find(|line| line.starts_with("Uid:")).map(str::to_owned))
+}
+
+/// Has process `pid` given up root in all four of its uids?
+pub fn dropped_root(pid: u32) -> bool {
+    uid_line(pid).is_some_and(|line| !line.split_whitespace().skip(1).any(|id| id == "0"))
+}

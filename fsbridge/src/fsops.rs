@@ -1,0 +1,451 @@
+//! Every operation the spool makes on a path, in one place.
+//!
+//! Daemons such as dnsmasq, named, chronyd or rsyslogd bind their sockets as root and then drop
+//! to an unprivileged user. From then on the volume, as root made it, may be closed to them. The
+//! shim then forks a helper that keeps root (privilege separation, as OpenSSH does it) and
+//! [`install`]s it here: from that moment every operation on a path inside the volume is made by
+//! the helper, which hands back open file descriptors for opens (an open fd keeps the access it
+//! was opened with, so reading, writing and syncing it need nothing more). Paths outside the
+//! volume, and every process without a helper, get the plain system calls.
+
+use std::ffi::OsString;
+use std::fs::{File, Metadata};
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// One operation for the helper, on paths relative to the volume ("" is the volume itself).
+#[derive(Debug, Clone, Copy)]
+pub enum Request<'a> {
+    /// `open(2)` with these flags and mode; answered with the fd.
+    Open {
+        path: &'a Path,
+        flags: i32,
+        mode: u32,
+    },
+    Mkdir {
+        path: &'a Path,
+        mode: u32,
+    },
+    Rename {
+        from: &'a Path,
+        to: &'a Path,
+    },
+    Link {
+        from: &'a Path,
+        to: &'a Path,
+    },
+    Unlink {
+        path: &'a Path,
+    },
+    Rmdir {
+        path: &'a Path,
+    },
+    /// Sets the access and modification times to now.
+    Touch {
+        path: &'a Path,
+    },
+}
+
+/// Makes [`Request`]s on the caller's behalf.
+pub trait Helper: Send + Sync {
+    /// Makes `request`: `Ok(Some(fd))` for an open, `Ok(None)` for the others.
+    fn make(&self, request: Request<'_>) -> io::Result<Option<OwnedFd>>;
+}
+
+struct Installed {
+    root: PathBuf,
+    helper: Box<dyn Helper>,
+}
+
+static HELPER: OnceLock<Installed> = OnceLock::new();
+
+/// From now on, operations on paths under `root` go through `helper`. Once per process; false if
+/// one was installed already.
+pub fn install(root: PathBuf, helper: Box<dyn Helper>) -> bool {
+    HELPER.set(Installed { root, helper }).is_ok()
+}
+
+/// Is a helper making this process's volume operations?
+pub fn helped() -> bool {
+    HELPER.get().is_some()
+}
+
+/// The helper and `path` relative to its root, if `path` is under the root.
+fn delegated(path: &Path) -> Option<(&'static dyn Helper, &Path)> {
+    let installed = HELPER.get()?;
+    let relative = path.strip_prefix(&installed.root).ok()?;
+    Some((installed.helper.as_ref(), relative))
+}
+
+/// Both paths under the helper's root, or neither (EXDEV otherwise, as across mounts).
+fn delegated_pair<'a>(from: &'a Path, to: &'a Path) -> io::Result<Option<(&'static dyn Helper, &'a Path, &'a Path)>> {
+    match (delegated(from), delegated(to)) {
+        (Some((helper, from)), Some((_, to))) => Ok(Some((helper, from, to))),
+        (None, None) => Ok(None),
+        _ => Err(io::Error::from_raw_os_error(libc::EXDEV)),
+    }
+}
+
+fn helper_open(helper: &dyn Helper, path: &Path, flags: i32, mode: u32) -> io::Result<File> {
+    match helper.make(Request::Open { path, flags: flags | libc::O_CLOEXEC, mode })? {
+        Some(fd) => Ok(File::from(fd)),
+        None => Err(io::Error::other("the privilege helper answered an open without an fd")),
+    }
+}
+
+/// `std::fs::OpenOptions`, through the helper when there is one.
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    read: bool,
+    write: bool,
+    append: bool,
+    truncate: bool,
+    create: bool,
+    create_new: bool,
+    mode: u32,
+    custom_flags: i32,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl OpenOptions {
+    pub fn new() -> OpenOptions {
+        OpenOptions {
+            read: false,
+            write: false,
+            append: false,
+            truncate: false,
+            create: false,
+            create_new: false,
+            mode: 0o666,
+            custom_flags: 0,
+        }
+    }
+
+    pub fn read(&mut self, read: bool) -> &mut Self {
+        self.read = read;
+        self
+    }
+
+    pub fn write(&mut self, write: bool) -> &mut Self {
+        self.write = write;
+        self
+    }
+
+    pub fn append(&mut self, append: bool) -> &mut Self {
+        self.append = append;
+        self
+    }
+
+    pub fn truncate(&mut self, truncate: bool) -> &mut Self {
+        self.truncate = truncate;
+        self
+    }
+
+    pub fn create(&mut self, create: bool) -> &mut Self {
+        self.create = create;
+        self
+    }
+
+    pub fn create_new(&mut self, create_new: bool) -> &mut Self {
+        self.create_new = create_new;
+        self
+    }
+
+    pub fn mode(&mut self, mode: u32) -> &mut Self {
+        self.mode = mode;
+        self
+    }
+
+    pub fn custom_flags(&mut self, flags: i32) -> &mut Self {
+        self.custom_flags = flags;
+        self
+    }
+
+    /// The `open(2)` flags these options stand for (as std computes them).
+    fn flags(&self) -> i32 {
+        let writes = self.write || self.append;
+        let access = match (self.read, writes) {
+            (true, true) => libc::O_RDWR,
+            (false, true) => libc::O_WRONLY,
+            _ => libc::O_RDONLY,
+        };
+        let mut flags = access | self.custom_flags;
+        if self.append {
+            flags |= libc::O_APPEND;
+        }
+        if self.truncate {
+            flags |= libc::O_TRUNC;
+        }
+        if self.create_new {
+            flags |= libc::O_CREAT | libc::O_EXCL;
+        } else if self.create {
+            flags |= libc::O_CREAT;
+        }
+        flags
+    }
+
+    pub fn open(&self, path: impl AsRef<Path>) -> io::Result<File> {
+        let path = path.as_ref();
+        if let Some((helper, relative)) = delegated(path) {
+            return helper_open(helper, relative, self.flags(), self.mode);
+        }
+        std::fs::OpenOptions::new()
+            .read(self.read)
+            .write(self.write)
+            .append(self.append)
+            .truncate(self.truncate)
+            .create(self.create)
+            .create_new(self.create_new)
+            .mode(self.mode)
+            .custom_flags(self.custom_flags)
+            .open(path)
+    }
+}
+
+/// `File::open`: read only.
+pub fn open(path: impl AsRef<Path>) -> io::Result<File> {
+    OpenOptions::new().read(true).open(path)
+}
+
+pub fn read(path: impl AsRef<Path>) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    open(path)?.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+pub fn read_to_string(path: impl AsRef<Path>) -> io::Result<String> {
+    let mut text = String::new();
+    open(path)?.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// Metadata, following a final symlink.
+pub fn metadata(path: impl AsRef<Path>) -> io::Result<Metadata> {
+    let path = path.as_ref();
+    match delegated(path) {
+        Some((helper, relative)) => helper_open(helper, relative, libc::O_PATH, 0)?.metadata(),
+        None => std::fs::metadata(path),
+    }
+}
+
+/// Metadata of the path itself (a symlink is not followed).
+pub fn symlink_metadata(path: impl AsRef<Path>) -> io::Result<Metadata> {
+    let path = path.as_ref();
+    match delegated(path) {
+        Some((helper, relative)) => helper_open(helper, relative, libc::O_PATH | libc::O_NOFOLLOW, 0)?.metadata(),
+        None => std::fs::symlink_metadata(path),
+    }
+}
+
+pub fn create_dir(path: impl AsRef<Path>) -> io::Result<()> {
+    let path = path.as_ref();
+    match delegated(path) {
+        Some((helper, relative)) => helper.make(Request::Mkdir { path: relative, mode: 0o777 }).map(drop),
+        None => std::fs::create_dir(path),
+    }
+}
+
+/// Creates `path` and its missing parents; an existing directory is fine.
+pub fn create_dir_all(path: impl AsRef<Path>) -> io::Result<()> {
+    let path = path.as_ref();
+    if delegated(path).is_none() {
+        return std::fs::create_dir_all(path);
+    }
+    match create_dir(path) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists && metadata(path)?.is_dir() => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            let parent = path.parent().ok_or(error)?;
+            create_dir_all(parent)?;
+            match create_dir(path) {
+                Err(error) if error.kind() == io::ErrorKind::AlreadyExists && metadata(path)?.is_dir() => Ok(()),
+                other => other,
+            }
+        }
+        Err(error) => Err(error),
+    }
+}
+
+pub fn rename(from: impl AsRef<Path>, to: impl AsRef<Path>) -> io::Result<()> {
+    let (from, to) = (from.as_ref(), to.as_ref());
+    match delegated_pair(from, to)? {
+        Some((helper, from, to)) => helper.make(Request::Rename { from, to }).map(drop),
+        None => std::fs::rename(from, to),
+    }
+}
+
+pub fn hard_link(from: impl AsRef<Path>, to: impl AsRef<Path>) -> io::Result<()> {
+    let (from, to) = (from.as_ref(), to.as_ref());
+    match delegated_pair(from, to)? {
+        Some((helper, from, to)) => helper.make(Request::Link { from, to }).map(drop),
+        None => std::fs::hard_link(from, to),
+    }
+}
+
+pub fn remove_file(path: impl AsRef<Path>) -> io::Result<()> {
+    let path = path.as_ref();
+    match delegated(path) {
+        Some((helper, relative)) => helper.make(Request::Unlink { path: relative }).map(drop),
+        None => std::fs::remove_file(path),
+    }
+}
+
+pub fn remove_dir(path: impl AsRef<Path>) -> io::Result<()> {
+    let path = path.as_ref();
+    match delegated(path) {
+        Some((helper, relative)) => helper.make(Request::Rmdir { path: relative }).map(drop),
+        None => std::fs::remove_dir(path),
+    }
+}
+
+/// Sets the access and modification times of `path` to now (`touch`).
+pub fn touch(path: impl AsRef<Path>) -> io::Result<()> {
+    let path = path.as_ref();
+    if let Some((helper, relative)) = delegated(path) {
+        return helper.make(Request::Touch { path: relative }).map(drop);
+    }
+    let name =
+        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: a NUL-terminated path; a null times pointer means "now".
+    match unsafe { libc::utimensat(libc::AT_FDCWD, name.as_ptr(), std::ptr::null(), 0) } {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+/// The names in directory `path` (without `.` and `..`), in the order the directory gives them.
+pub fn read_dir_names(path: impl AsRef<Path>) -> io::Result<Vec<OsString>> {
+    let path = path.as_ref();
+    let Some((helper, relative)) = delegated(path) else {
+        return std::fs::read_dir(path)?.map(|entry| entry.map(|entry| entry.file_name())).collect();
+    };
+    let directory = helper_open(helper, relative, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+    names_of(directory)
+}
+
+/// Reads the entries of an open directory (getdents needs no permission beyond the open's).
+fn names_of(directory: File) -> io::Result<Vec<OsString>> {
+    let fd = directory.as_raw_fd();
+    // SAFETY: fdopendir takes ownership of a valid directory fd on success.
+    let stream = unsafe { libc::fdopendir(fd) };
+    if stream.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    std::mem::forget(directory);
+    let mut names = Vec::new();
+    let result = loop {
+        // SAFETY: errno is this thread's.
+        unsafe { *libc::__errno_location() = 0 };
+        // SAFETY: stream is an open DIR*.
+        let entry = unsafe { libc::readdir(stream) };
+        if entry.is_null() {
+            let errno = io::Error::last_os_error();
+            break if errno.raw_os_error() == Some(0) { Ok(()) } else { Err(errno) };
+        }
+        // SAFETY: d_name is NUL-terminated within the entry readdir returned.
+        let name = unsafe { std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()) }.to_bytes();
+        if name != b"." && name != b".." {
+            names.push(OsString::from(std::ffi::OsStr::from_bytes(name)));
+        }
+    };
+    // SAFETY: stream came from fdopendir and is closed once (it closes fd).
+    unsafe { libc::closedir(stream) };
+    result.map(|()| names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A helper that makes each request itself (as root would) and records it.
+    struct Recording {
+        root: PathBuf,
+        seen: Mutex<Vec<String>>,
+    }
+
+    impl Helper for Recording {
+        fn make(&self, request: Request<'_>) -> io::Result<Option<OwnedFd>> {
+            self.seen.lock().unwrap().push(format!("{request:?}"));
+            let at = |path: &Path| self.root.join(path);
+            match request {
+                Request::Open { path, flags, mode } => {
+                    let name = std::ffi::CString::new(at(path).as_os_str().as_bytes()).unwrap();
+                    // SAFETY: a NUL-terminated path.
+                    let fd = unsafe { libc::open(name.as_ptr(), flags, mode) };
+                    if fd < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    // SAFETY: a fresh fd we own.
+                    Ok(Some(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }))
+                }
+                Request::Mkdir { path, .. } => std::fs::create_dir(at(path)).map(|()| None),
+                Request::Rename { from, to } => std::fs::rename(at(from), at(to)).map(|()| None),
+                Request::Link { from, to } => std::fs::hard_link(at(from), at(to)).map(|()| None),
+                Request::Unlink { path } => std::fs::remove_file(at(path)).map(|()| None),
+                Request::Rmdir { path } => std::fs::remove_dir(at(path)).map(|()| None),
+                Request::Touch { path } => {
+                    std::fs::File::options().write(true).open(at(path))?.set_modified(std::time::SystemTime::now())?;
+                    Ok(None)
+                }
+            }
+        }
+    }
+
+    /// With a helper installed, every operation under its root is a request to it (and works);
+    /// a path outside it is the plain call, and a rename across the boundary is EXDEV.
+    #[test]
+    fn operations_under_the_root_go_through_the_helper() {
+        let root = crate::test_dir("fsops");
+        let outside = crate::test_dir("fsops-outside");
+        let recording: &'static Recording =
+            Box::leak(Box::new(Recording { root: root.clone(), seen: Mutex::new(Vec::new()) }));
+        struct Forward(&'static Recording);
+        impl Helper for Forward {
+            fn make(&self, request: Request<'_>) -> io::Result<Option<OwnedFd>> {
+                self.0.make(request)
+            }
+        }
+        assert!(install(root.clone(), Box::new(Forward(recording))));
+        assert!(helped());
+        create_dir_all(root.join("a/b/c")).unwrap();
+        create_dir_all(root.join("a/b/c")).unwrap();
+        let file = root.join("a/b/c/file");
+        std::io::Write::write_all(
+            &mut OpenOptions::new().write(true).create_new(true).mode(0o600).open(&file).unwrap(),
+            b"hello",
+        )
+        .unwrap();
+        assert_eq!(read(&file).unwrap(), b"hello");
+        assert_eq!(metadata(&file).unwrap().len(), 5);
+        touch(&file).unwrap();
+        hard_link(&file, root.join("a/linked")).unwrap();
+        rename(root.join("a/linked"), root.join("a/renamed")).unwrap();
+        let mut names = read_dir_names(root.join("a")).unwrap();
+        names.sort();
+        assert_eq!(names, vec![OsString::from("b"), OsString::from("renamed")]);
+        remove_file(root.join("a/renamed")).unwrap();
+        assert!(symlink_metadata(root.join("a/renamed")).is_err());
+        let error = rename(&file, outside.join("file")).unwrap_err();
+        assert_eq!(error.raw_os_error(), Some(libc::EXDEV));
+        std::fs::write(outside.join("plain"), b"x").unwrap();
+        assert_eq!(read(outside.join("plain")).unwrap(), b"x");
+        let seen = recording.seen.lock().unwrap().join("\n");
+        for kind in ["Mkdir", "Open", "Touch", "Link", "Rename", "Unlink"] {
+            assert!(seen.contains(kind), "{kind} not asked of the helper:\n{seen}");
+        }
+        assert!(!seen.contains("plain"), "a path outside the root went to the helper:\n{seen}");
+        remove_dir(root.join("a/b/c")).unwrap_err();
+        std::fs::remove_dir_all(&root).unwrap();
+        std::fs::remove_dir_all(&outside).unwrap();
+    }
+}
