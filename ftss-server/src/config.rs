@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use fsbridge::fabric::Endpoint;
 
-use crate::admission::Limits;
+use crate::core::admission::Limits;
 use crate::gateway::{Cidr, IngressRule};
 use crate::server::Config;
 

@@ -1,20 +1,7 @@
 //! ftss-server: the store-and-forward routing agent that runs on the storage array.
 
-mod admission;
-mod config;
-mod dump;
-mod fabric;
-mod gateway;
-mod index;
-mod lease;
-mod metrics;
-mod outlog;
-mod progress;
-mod queue;
-mod scaleout;
-mod server;
-mod single;
-mod status;
+// The I/O ban of `clippy.toml` is for `core` alone.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use ftss_server::{config, dump, lease, metrics, queue, scaleout, server, single, status};
 
 /// Guaranteed delivery for UDP apps through a shared fault-tolerant volume.
 ///

@@ -123,13 +123,7 @@ enum ReadFailure {
     Damaged(String),
 }
 
-/// Where a record lives: the same in every mirror.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Location {
-    pub segment: u64,
-    pub offset: u64,
-    pub length: u32,
-}
+pub use crate::core::Location;
 
 /// Why a packet left the queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

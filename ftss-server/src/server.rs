@@ -22,10 +22,11 @@ use fsbridge::layout::batch_file_name;
 use fsbridge::{Ack, AckState, BatchHeader, BatchKind, NodeName, Packet, PacketId, Record, Volume};
 use serde::Serialize;
 
-use crate::admission::{Budget, Limits, Load};
+use crate::core::Time;
+use crate::core::admission::{Budget, Limits, Load};
+use crate::core::index::{Entry, Index, Key};
 use crate::fabric::{Conn, FabricCounters, Hub};
 use crate::gateway::{Arrival, Cidr, Gateway, GatewayCounters, IngressRule, IngressStatus, Target};
-use crate::index::{Entry, Index, Key};
 use crate::metrics::{Histogram, Snapshot};
 use crate::outlog::{Logs, Step};
 use crate::queue::{Location, MirrorStatus, Outcome, Queue, QueueError, QueueRecord, RecoveryReport};
@@ -1039,7 +1040,7 @@ impl Server {
     fn reclaim_inbox(&mut self, node: &NodeName, port: u16) {
         let inbox = self.volume.inbox(node, port);
         let Ok(names) = inbox.list(RECLAIM_FILES_MAX) else { return };
-        let now = Instant::now();
+        let now = monotonic_now();
         let mut keys = Vec::new();
         for name in names {
             let claimed = inbox.tmp_dir().join(format!("{name}.claimed-server-{}", std::process::id()));
@@ -1532,7 +1533,7 @@ impl Server {
     /// Writes due packets into their destination inboxes, in store order, grouped per (node, port):
     /// redeliveries that came due, then packets not delivered yet.
     fn deliver(&mut self) -> Result<usize, QueueError> {
-        let now = Instant::now();
+        let now = monotonic_now();
         let mut due: BTreeMap<(NodeName, u16), Vec<(Key, Entry)>> = BTreeMap::new();
         let mut count = 0;
         let mut still_in_inbox: HashMap<(NodeName, u16, u64), bool> = HashMap::new();
@@ -1686,7 +1687,7 @@ impl Server {
         node: &NodeName,
         port: u16,
         keys: &[(Key, Entry)],
-        now: Instant,
+        now: Time,
     ) -> Result<usize, QueueError> {
         let Encoded { bytes, taken, file_seq, good } = self.encode_delivery(keys)?;
         if good.is_empty() {
@@ -1732,7 +1733,7 @@ impl Server {
 
     /// Sends a prefix of `keys` over a fabric connection; returns how many it took. A connection
     /// without room (its node reads slowly) takes none this cycle.
-    fn deliver_over(&mut self, conn: &Conn, keys: &[(Key, Entry)], now: Instant) -> Result<usize, QueueError> {
+    fn deliver_over(&mut self, conn: &Conn, keys: &[(Key, Entry)], now: Time) -> Result<usize, QueueError> {
         if !conn.has_delivery_room() {
             self.skip_delivery(keys, now);
             return Ok(keys.len());
@@ -1795,7 +1796,7 @@ impl Server {
         self.dead_letter(vec![(id, entry.destination, reason)]);
     }
 
-    fn mark_delivered(&mut self, keys: &[(Key, Entry)], now: Instant, file_seq: u64) {
+    fn mark_delivered(&mut self, keys: &[(Key, Entry)], now: Time, file_seq: u64) {
         for (key, entry) in keys {
             if self.index.mark_delivered(*key, entry.destination, now, file_seq) {
                 self.counters.delivered += 1;
@@ -1809,7 +1810,7 @@ impl Server {
 
     /// `keys` could not be delivered now: undelivered ones stay first in their queue; ones in flight
     /// (due again) go back on the redelivery schedule.
-    fn skip_delivery(&mut self, keys: &[(Key, Entry)], now: Instant) {
+    fn skip_delivery(&mut self, keys: &[(Key, Entry)], now: Time) {
         for (key, _) in keys {
             self.index.postpone(*key, now);
         }
@@ -2388,6 +2389,13 @@ pub struct NodeStatus {
     /// Why this node's spools cannot be served now (empty when all is well).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
+}
+
+/// The monotonic clock as the core counts it: microseconds since this process first asked.
+pub fn monotonic_now() -> Time {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    Time(u64::try_from(origin.elapsed().as_micros()).unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

@@ -13,12 +13,12 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fsbridge::seqset::SeenIds;
 use fsbridge::{NodeName, PacketId};
 
-use crate::queue::Location;
+use crate::core::{Location, Time};
 
 /// Sender epochs whose stored ids are remembered (the least recently stored to go first), and
 /// sequence ranges kept per epoch: a sender's ids are one range unless its batches were reordered.
@@ -105,7 +105,7 @@ impl Item {
 struct InFlight {
     entry: Entry,
     /// When it was last written to an inbox, and the batch seq of that inbox file.
-    delivered_at: Instant,
+    delivered_at: Time,
     file: u64,
 }
 
@@ -176,7 +176,7 @@ pub struct Index {
     destinations: HashMap<Ipv4Addr, Destination>,
     in_flight: HashMap<Key, InFlight>,
     /// Deliveries in time order, for finding redeliveries due; stale items are skipped.
-    deliveries: VecDeque<(Instant, Key)>,
+    deliveries: VecDeque<(Time, Key)>,
     /// Every id stored (by origin and epoch), for recognising one drained or sent again.
     stored: SeenIds<(u32, u64)>,
     packets: usize,
@@ -204,6 +204,10 @@ impl Default for Index {
 impl Index {
     pub fn len(&self) -> usize {
         self.packets
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     fn intern(&mut self, origin: &NodeName) -> u32 {
@@ -353,7 +357,7 @@ impl Index {
     }
 
     /// Packets delivered before `now - redeliver_after` and still not receipted, oldest first.
-    pub fn due_again(&mut self, now: Instant, redeliver_after: Duration, limit: usize) -> Vec<Key> {
+    pub fn due_again(&mut self, now: Time, redeliver_after: Duration, limit: usize) -> Vec<Key> {
         let mut due = Vec::new();
         while due.len() < limit {
             let Some(&(at, key)) = self.deliveries.front() else { break };
@@ -373,7 +377,7 @@ impl Index {
     }
 
     /// Puts a due packet back in line without delivering it (its inbox copy still waits).
-    pub fn postpone(&mut self, key: Key, now: Instant) {
+    pub fn postpone(&mut self, key: Key, now: Time) {
         if let Some(flight) = self.in_flight.get_mut(&key) {
             flight.delivered_at = now;
             self.deliveries.push_back((now, key));
@@ -381,7 +385,7 @@ impl Index {
     }
 
     /// Makes a packet in flight due for redelivery at once (its inbox copy was taken back).
-    pub fn due_now(&mut self, key: Key, now: Instant, redeliver_after: Duration) {
+    pub fn due_now(&mut self, key: Key, now: Time, redeliver_after: Duration) {
         let Some(flight) = self.in_flight.get_mut(&key) else { return };
         let at = now.checked_sub(redeliver_after).unwrap_or(now);
         flight.delivered_at = at;
@@ -391,7 +395,7 @@ impl Index {
 
     /// Records that `key` (for `destination`) was written to an inbox file; returns whether it was
     /// the first time.
-    pub fn mark_delivered(&mut self, key: Key, destination: SocketAddrV4, now: Instant, file: u64) -> bool {
+    pub fn mark_delivered(&mut self, key: Key, destination: SocketAddrV4, now: Time, file: u64) -> bool {
         self.deliveries.push_back((now, key));
         if let Some(flight) = self.in_flight.get_mut(&key) {
             flight.delivered_at = now;
@@ -554,7 +558,7 @@ mod tests {
         }
         assert!(!index.insert(&id(3), entry(3, "10.0.0.2:9")), "duplicate accepted");
         let destination: Ipv4Addr = "10.0.0.2".parse().unwrap();
-        let now = Instant::now();
+        let now = Time(1_000_000_000);
         let none = HashSet::new();
         let first = keys(index.next_undelivered(&destination, 10, 2, 2, &none));
         assert_eq!(first, vec![index.key(&id(1)).unwrap(), index.key(&id(2)).unwrap()]);
@@ -587,7 +591,7 @@ mod tests {
         let destination: Ipv4Addr = "10.0.0.2".parse().unwrap();
         // Origin "a" is the first interned: number 0.
         let key = |seq| Key { epoch: 9, seq, origin: 0 };
-        let now = Instant::now();
+        let now = Time(1_000_000_000);
         // At most 3 in flight per port: port 1 gives 3, port 2 both of its own.
         let first = keys(index.next_undelivered(&destination, 100, 100, 3, &HashSet::new()));
         assert_eq!(first, vec![key(1), key(2), key(3), key(7), key(8)]);
@@ -620,7 +624,7 @@ mod tests {
     fn a_packet_never_receipted_does_not_let_the_delivery_order_grow() {
         let mut index = Index::default();
         let destination: Ipv4Addr = "10.0.0.2".parse().unwrap();
-        let now = Instant::now();
+        let now = Time(1_000_000_000);
         // Port 1's app never reads: its packet stays in flight at the front of the order.
         index.insert(&id(0), entry(0, "10.0.0.2:1"));
         index.mark_delivered(Key { epoch: 9, seq: 0, origin: 0 }, SocketAddrV4::new(destination, 1), now, 1);
@@ -689,7 +693,7 @@ mod tests {
         let mut index = Index::default();
         index.insert(&id(1), entry(1, "10.0.0.2:9"));
         index.insert(&id(2), entry(2, "10.0.0.2:9"));
-        let start = Instant::now();
+        let start = Time(1_000_000_000);
         let key1 = index.key(&id(1)).unwrap();
         let key2 = index.key(&id(2)).unwrap();
         let port: SocketAddrV4 = "10.0.0.2:9".parse().unwrap();
