@@ -19,12 +19,12 @@ use std::time::{Duration, Instant, SystemTime};
 use fsbridge::log::{self, LogError, LogReader, Tail};
 use fsbridge::{NodeName, Volume};
 
+use crate::core::segment_end::{self, Decision, Facts, Later};
+
 /// Most segments kept open; beyond, the least recently read are closed (and reopened as needed).
 const OPEN_SEGMENTS_MAX: usize = 4096;
 /// Most writers whose segments are taken from one node's log directory per cycle.
 const SEGMENTS_LISTED_MAX: usize = 4096;
-/// A frame that stays invalid this long is damage, not a write in progress.
-pub const BAD_FRAME_GRACE: Duration = Duration::from_secs(10);
 
 /// A segment: the node whose outbox holds it, and its name.
 pub type SegmentKey = (NodeName, String);
@@ -79,21 +79,6 @@ fn unchanged_for(quiet: &mut HashMap<SegmentKey, Quiet>, key: &SegmentKey, reade
     }
     let watched = entry.since.elapsed();
     (entry.age_when_seen + watched, watched)
-}
-
-/// Is the segment abandoned: unchanged for `abandon_after`, and watched unchanged by this server for
-/// longer than a writer may stay idle and still append ([`log::IDLE_ROTATE`])? The second part is
-/// what makes a step of the wall clock (NTP, a restored VM) harmless whatever the mtime says: a
-/// live writer has appended by then, or will start a new segment (and check that its old one
-/// still exists).
-fn abandoned(
-    quiet: &mut HashMap<SegmentKey, Quiet>,
-    key: &SegmentKey,
-    reader: &LogReader,
-    abandon_after: Duration,
-) -> bool {
-    let (age, watched) = unchanged_for(quiet, key, reader);
-    age >= abandon_after && watched >= log::IDLE_ROTATE
 }
 
 impl Open {
@@ -224,33 +209,37 @@ impl Logs {
             open.bad_since = None;
             return Ok(Step::Frames { frames: chunk.frames, sealed: chunk.tail == Tail::Sealed });
         }
-        match chunk.tail {
-            Tail::Sealed => Ok(Step::Finished),
-            Tail::Open if has_successor || abandoned(quiet, key, &open.reader, abandon_after) => Ok(Step::Finished),
-            Tail::Open => Ok(Step::Idle),
-            // The writer is done with this segment: what is not a frame is damage, or the end of
-            // a failed write (its batch was written again in the next segment).
-            Tail::Bad(reason) if has_successor => {
-                let to = open.reader.next_valid_frame(from)?;
-                open.damaged(from, to, reason)
-            }
-            Tail::Bad(reason) => {
-                let since = match open.bad_since {
-                    Some((offset, since)) if offset == from => since,
-                    _ => {
-                        open.bad_since = Some((from, Instant::now()));
-                        return Ok(Step::Idle);
-                    }
-                };
-                // A frame still being written keeps changing the file; damage does not.
-                if since.elapsed() < BAD_FRAME_GRACE || unchanged_for(quiet, key, &open.reader).0 < BAD_FRAME_GRACE {
-                    return Ok(Step::Idle);
+        let tail = match &chunk.tail {
+            Tail::Sealed => segment_end::Tail::Sealed,
+            Tail::Open => segment_end::Tail::Open,
+            Tail::Bad(_) => segment_end::Tail::Bad,
+        };
+        let unchanged = unchanged_for(quiet, key, &open.reader);
+        let abandoned = segment_end::abandoned(unchanged.0, unchanged.1, abandon_after, log::IDLE_ROTATE);
+        let bad = match open.bad_since {
+            Some((offset, since)) if offset == from => segment_end::bad_state(Some(since.elapsed()), unchanged.0),
+            _ => segment_end::bad_state(None, unchanged.0),
+        };
+        let mut facts = Facts { tail, has_successor, abandoned, bad, later: Later::Unknown };
+        let mut to = None;
+        loop {
+            return match segment_end::decide(&facts).decision {
+                Decision::Finished => Ok(Step::Finished),
+                Decision::Idle => Ok(Step::Idle),
+                Decision::WatchBad => {
+                    open.bad_since = Some((from, Instant::now()));
+                    Ok(Step::Idle)
                 }
-                match open.reader.next_valid_frame(from)? {
-                    None if !abandoned(quiet, key, &open.reader, abandon_after) => Ok(Step::Idle),
-                    to => open.damaged(from, to, reason),
+                Decision::Look => {
+                    to = open.reader.next_valid_frame(from)?;
+                    facts.later = if to.is_some() { Later::Yes } else { Later::No };
+                    continue;
                 }
-            }
+                Decision::Damage => {
+                    let Tail::Bad(reason) = chunk.tail else { unreachable!("only bad bytes are damage") };
+                    open.damaged(from, to, reason)
+                }
+            };
         }
     }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 pub mod admission;
 pub mod index;
+pub mod segment_end;
 
 /// A point on the server's monotonic clock, in microseconds from an arbitrary origin. The shell
 /// reads the clock ([`crate::server::monotonic_now`]); a simulator makes the time up.
