@@ -108,6 +108,10 @@ fn metrics_are_served_in_prometheus_text_format() {
     }
     assert!(text.contains("# TYPE ftss_sync_seconds histogram"));
     assert!(sample(&text, "ftss_sync_seconds_count").is_some_and(|count| count >= 1.0), "{text}");
+    // Every group commit is counted, whatever it carried (packets, receipts, egress records,
+    // dead letters, log cursors): the status's counter and the histogram agree (issue 18: three
+    // of the four sync sites were not counted).
+    assert_eq!(sample(&text, "ftss_syncs_total"), sample(&text, "ftss_sync_seconds_count"), "{text}");
     assert_eq!(sample(&text, "ftss_queue_packets"), Some(7.0), "{text}");
     assert_eq!(sample(&text, "ftss_degraded"), Some(0.0));
     assert_eq!(sample(&text, "ftss_backpressure"), Some(0.0));

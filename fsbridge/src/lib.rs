@@ -13,7 +13,7 @@
 //!   nodes/<node>/ack/{tmp,new}/       acks: the state of the node's packets; written by ftss-server
 //!   nodes/<node>/bell/<writer>        doorbells: every inbox and ack file published, read with O_DIRECT (`bell`)
 //!   quarantine/<file> + <file>.reason files that could not be read, moved aside with a reason
-//!   server/status.json                ftss-server's counters, rewritten every second
+//!   server/status.json                ftss-server's counters, rewritten every 250 ms
 //!   server/fabric-keys/<node>.key     fabric nodes' keys (`fabric`)
 //!   server/lease, server/lease-p<K>   high availability: the active server (of partition K)
 //!   server/instances/<instance>       scale-out: instance heartbeats

@@ -532,95 +532,21 @@ fn refuse(mut stream: Stream, shared: &Shared, peer: &str, reason: String) {
 
 /// Challenge, verify the node's proof, let the main loop admit it, welcome it. Returns the
 /// connection and the opener of its sealed frames; `None` if refused.
-fn handshake(mut stream: Stream, shared: &Arc<Shared>, peer: &str) -> Option<(Arc<Conn>, FrameOpener)> {
-    stream.set_timeouts(Some(HANDSHAKE_TIMEOUT), Some(HANDSHAKE_TIMEOUT));
+fn handshake(stream: Stream, shared: &Arc<Shared>, peer: &str) -> Option<(Arc<Conn>, FrameOpener)> {
     let server_nonce = fabric::nonce();
-    if fabric::write_frame(&mut stream, &Frame::Challenge { version: FABRIC_VERSION, nonce: server_nonce }).is_err() {
-        return None;
-    }
-    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
-    let hello = match fabric::read_frame_limited(
-        &mut DeadlineReader { stream: &mut stream, deadline },
-        HANDSHAKE_FRAME_BYTES_MAX,
-    ) {
-        Ok(Frame::Hello(hello)) => hello,
-        Ok(other) => {
-            shared.count(|counters| counters.bad_frames += 1);
-            refuse(stream, shared, peer, format!("expected a hello frame, got {}", frame_name(&other)));
-            return None;
-        }
-        Err(FrameError::Closed) => return None,
-        Err(error) => {
-            shared.count(|counters| counters.bad_frames += 1);
-            refuse(stream, shared, peer, format!("bad hello: {error}"));
-            return None;
-        }
-    };
+    let (mut stream, hello) = read_hello(stream, shared, peer, server_nonce)?;
     let who = format!("node {} at {peer}", hello.node);
-    if hello.version != FABRIC_VERSION {
-        refuse(
-            stream,
-            shared,
-            &who,
-            format!("protocol version {} (this server speaks {FABRIC_VERSION})", hello.version),
-        );
-        return None;
-    }
-    let key = match read_node_key(&shared.keys_dir, &hello.node) {
+    let key = match authenticate(shared, &hello, &server_nonce) {
         Ok(key) => key,
         Err(reason) => {
             refuse(stream, shared, &who, reason);
             return None;
         }
     };
-    if !fabric::verify_client(&key, &server_nonce, &hello) {
-        refuse(stream, shared, &who, "authentication failed: wrong key for this node".into());
-        return None;
-    }
-    let connected = lock(&shared.conns).values().filter(|conn| conn.node == hello.node).count();
-    if connected >= CONNECTIONS_PER_NODE_MAX {
-        refuse(stream, shared, &who, format!("node {} has {CONNECTIONS_PER_NODE_MAX} connections", hello.node));
-        return None;
-    }
-    let write_stream = stream.try_clone().ok()?;
-    let conn = Arc::new(Conn {
-        id: shared.next_id.fetch_add(1, Ordering::Relaxed),
-        node: hello.node.clone(),
-        addr: hello.addr,
-        epoch: hello.epoch,
-        peer: peer.to_owned(),
-        state: Mutex::new(ConnState {
-            admission: Admission::Pending,
-            inbound: VecDeque::new(),
-            inbound_bytes: 0,
-            outbound: VecDeque::new(),
-            outbound_bytes: 0,
-            ports_announced: None,
-            ports: Vec::new(),
-            receipts: Vec::new(),
-            closed: None,
-            farewell: None,
-        }),
-        changed: Condvar::new(),
-        stream: write_stream,
-        shared: shared.clone(),
-    });
+    let conn = new_conn(shared, &hello, peer, stream.try_clone().ok()?);
     lock(&shared.conns).insert(conn.id, conn.clone());
     shared.wake();
-    let admission = {
-        let state = lock(&conn.state);
-        let (state, _) = conn
-            .changed
-            .wait_timeout_while(state, HANDSHAKE_TIMEOUT, |state| state.admission == Admission::Pending)
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        state.admission.clone()
-    };
-    let reason = match admission {
-        Admission::Admitted => None,
-        Admission::Refused(reason) => Some(reason),
-        Admission::Pending => Some("the server did not admit the node in time".into()),
-    };
-    if let Some(reason) = reason {
+    if let Some(reason) = await_admission(&conn) {
         lock(&shared.conns).remove(&conn.id);
         refuse(stream, shared, &who, reason);
         return None;
@@ -643,6 +569,93 @@ fn handshake(mut stream: Stream, shared: &Arc<Shared>, peer: &str) -> Option<(Ar
     }
     drop(stream);
     Some((conn, opener))
+}
+
+/// Sends the challenge and reads the node's hello (within the handshake's time); `None` if the
+/// peer left or was refused for a bad frame.
+fn read_hello(
+    mut stream: Stream,
+    shared: &Arc<Shared>,
+    peer: &str,
+    server_nonce: fabric::Nonce,
+) -> Option<(Stream, fabric::Hello)> {
+    stream.set_timeouts(Some(HANDSHAKE_TIMEOUT), Some(HANDSHAKE_TIMEOUT));
+    if fabric::write_frame(&mut stream, &Frame::Challenge { version: FABRIC_VERSION, nonce: server_nonce }).is_err() {
+        return None;
+    }
+    let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+    let read =
+        fabric::read_frame_limited(&mut DeadlineReader { stream: &mut stream, deadline }, HANDSHAKE_FRAME_BYTES_MAX);
+    let reason = match read {
+        Ok(Frame::Hello(hello)) => return Some((stream, hello)),
+        Err(FrameError::Closed) => return None,
+        Ok(other) => format!("expected a hello frame, got {}", frame_name(&other)),
+        Err(error) => format!("bad hello: {error}"),
+    };
+    shared.count(|counters| counters.bad_frames += 1);
+    refuse(stream, shared, peer, reason);
+    None
+}
+
+/// Checks the hello: the protocol version, the node's key and its proof, and the node's number
+/// of connections. Returns the node's key, or why it is refused.
+fn authenticate(shared: &Shared, hello: &fabric::Hello, server_nonce: &fabric::Nonce) -> Result<Vec<u8>, String> {
+    if hello.version != FABRIC_VERSION {
+        return Err(format!("protocol version {} (this server speaks {FABRIC_VERSION})", hello.version));
+    }
+    let key = read_node_key(&shared.keys_dir, &hello.node)?;
+    if !fabric::verify_client(&key, server_nonce, hello) {
+        return Err("authentication failed: wrong key for this node".into());
+    }
+    let connected = lock(&shared.conns).values().filter(|conn| conn.node == hello.node).count();
+    if connected >= CONNECTIONS_PER_NODE_MAX {
+        return Err(format!("node {} has {CONNECTIONS_PER_NODE_MAX} connections", hello.node));
+    }
+    Ok(key)
+}
+
+/// A connection for an authenticated hello, waiting for admission.
+fn new_conn(shared: &Arc<Shared>, hello: &fabric::Hello, peer: &str, write_stream: Stream) -> Arc<Conn> {
+    Arc::new(Conn {
+        id: shared.next_id.fetch_add(1, Ordering::Relaxed),
+        node: hello.node.clone(),
+        addr: hello.addr,
+        epoch: hello.epoch,
+        peer: peer.to_owned(),
+        state: Mutex::new(ConnState {
+            admission: Admission::Pending,
+            inbound: VecDeque::new(),
+            inbound_bytes: 0,
+            outbound: VecDeque::new(),
+            outbound_bytes: 0,
+            ports_announced: None,
+            ports: Vec::new(),
+            receipts: Vec::new(),
+            closed: None,
+            farewell: None,
+        }),
+        changed: Condvar::new(),
+        stream: write_stream,
+        shared: shared.clone(),
+    })
+}
+
+/// Waits (within the handshake's time) for the main loop to admit or refuse `conn`; returns why
+/// it is refused, or `None` once admitted.
+fn await_admission(conn: &Conn) -> Option<String> {
+    let admission = {
+        let state = lock(&conn.state);
+        let (state, _) = conn
+            .changed
+            .wait_timeout_while(state, HANDSHAKE_TIMEOUT, |state| state.admission == Admission::Pending)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.admission.clone()
+    };
+    match admission {
+        Admission::Admitted => None,
+        Admission::Refused(reason) => Some(reason),
+        Admission::Pending => Some("the server did not admit the node in time".into()),
+    }
 }
 
 /// Reads `keys_dir/<node>.key`.

@@ -90,109 +90,136 @@ impl Histogram {
 
 /// Renders the status document (as `status --json` shows it) and the sync histogram.
 pub fn render(status: &Value, sync: &Histogram) -> String {
-    let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+    let mut out = Exposition::default();
+    out.counters(status);
+    out.queue(status);
+    out.nodes(status);
+    out.histogram(sync);
+    out.text
+}
+
+/// Prometheus text being written.
+#[derive(Default)]
+struct Exposition {
+    text: String,
+}
+
+fn number(value: &Value) -> f64 {
+    value.as_f64().unwrap_or(0.0)
+}
+
+fn flag(value: &Value) -> f64 {
+    if *value == true { 1.0 } else { 0.0 }
+}
+
+impl Exposition {
+    fn metric(&mut self, name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>) {
+        self.text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
         for (labels, value) in samples {
-            out.push_str(&format!("{name}{labels} {value}\n"));
-        }
-    };
-    let number = |value: &Value| value.as_f64().unwrap_or(0.0);
-    if let Some(counters) = status["counters"].as_object() {
-        for (name, value) in counters {
-            metric(
-                &format!("ftss_{name}_total"),
-                "counter",
-                &format!("Packets or events counted as {name}."),
-                vec![(String::new(), number(value))],
-            );
+            self.text.push_str(&format!("{name}{labels} {value}\n"));
         }
     }
-    if let Some(counters) = status["gateway"]["counters"].as_object() {
-        for (name, value) in counters {
-            let kind = if name == "nat_sockets" { "gauge" } else { "counter" };
-            let suffix = if kind == "counter" { "_total" } else { "" };
-            metric(
-                &format!("ftss_gateway_{name}{suffix}"),
-                kind,
-                &format!("Gateway {name}."),
-                vec![(String::new(), number(value))],
-            );
+
+    /// A metric with one sample and no labels.
+    fn single(&mut self, name: &str, kind: &str, help: &str, value: f64) {
+        self.metric(name, kind, help, vec![(String::new(), value)]);
+    }
+
+    /// The server's counters and the gateway's.
+    fn counters(&mut self, status: &Value) {
+        if let Some(counters) = status["counters"].as_object() {
+            for (name, value) in counters {
+                let help = format!("Packets or events counted as {name}.");
+                self.single(&format!("ftss_{name}_total"), "counter", &help, number(value));
+            }
+        }
+        if let Some(counters) = status["gateway"]["counters"].as_object() {
+            for (name, value) in counters {
+                let kind = if name == "nat_sockets" { "gauge" } else { "counter" };
+                let suffix = if kind == "counter" { "_total" } else { "" };
+                self.single(&format!("ftss_gateway_{name}{suffix}"), kind, &format!("Gateway {name}."), number(value));
+            }
         }
     }
-    let queue = &status["queue"];
-    metric(
-        "ftss_queue_packets",
-        "gauge",
-        "Packets in the queue (not yet receipted).",
-        vec![(String::new(), number(&queue["packets"]))],
-    );
-    metric(
-        "ftss_queue_retained_packets",
-        "gauge",
-        "Receipted packets kept for --retain.",
-        vec![(String::new(), number(&queue["retained"]))],
-    );
-    metric(
-        "ftss_queue_bytes",
-        "gauge",
-        "Bytes of queue segments (one mirror).",
-        vec![(String::new(), number(&queue["bytes"]))],
-    );
-    metric(
-        "ftss_queue_unknown_destination_packets",
-        "gauge",
-        "Packets held for unregistered fabric addresses.",
-        vec![(String::new(), number(&queue["held_unknown_destination"]))],
-    );
-    let mirrors: Vec<(String, f64)> = queue["mirrors"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|mirror| {
-            (
-                format!("{{dir=\"{}\"}}", escape(mirror["dir"].as_str().unwrap_or(""))),
-                if mirror["healthy"] == true { 1.0 } else { 0.0 },
-            )
-        })
-        .collect();
-    metric("ftss_mirror_healthy", "gauge", "1 if the queue mirror is healthy.", mirrors);
-    metric(
-        "ftss_degraded",
-        "gauge",
-        "1 if a queue mirror has failed.",
-        vec![(String::new(), if status["degraded"] == true { 1.0 } else { 0.0 })],
-    );
-    metric(
-        "ftss_backpressure",
-        "gauge",
-        "1 while some outboxes are not drained (full disk, destination over its limit).",
-        vec![(String::new(), if status["backpressure"]["active"] == true { 1.0 } else { 0.0 })],
-    );
-    let mut depth = Vec::new();
-    let mut bytes = Vec::new();
-    let mut oldest = Vec::new();
-    let mut in_flight = Vec::new();
-    if let Some(nodes) = status["nodes"].as_object() {
-        for (name, node) in nodes {
-            let labels = format!("{{node=\"{}\"}}", escape(name));
-            depth.push((labels.clone(), number(&node["queued"])));
-            bytes.push((labels.clone(), number(&node["queued_bytes"])));
-            in_flight.push((labels.clone(), number(&node["in_flight"])));
-            oldest.push((labels, number(&node["oldest_age_ms"]) / 1000.0));
+
+    /// The queue, its mirrors and the server's state.
+    fn queue(&mut self, status: &Value) {
+        let queue = &status["queue"];
+        self.single(
+            "ftss_queue_packets",
+            "gauge",
+            "Packets in the queue (not yet receipted).",
+            number(&queue["packets"]),
+        );
+        self.single(
+            "ftss_queue_retained_packets",
+            "gauge",
+            "Receipted packets kept for --retain.",
+            number(&queue["retained"]),
+        );
+        self.single("ftss_queue_bytes", "gauge", "Bytes of queue segments (one mirror).", number(&queue["bytes"]));
+        self.single(
+            "ftss_queue_unknown_destination_packets",
+            "gauge",
+            "Packets held for unregistered fabric addresses.",
+            number(&queue["held_unknown_destination"]),
+        );
+        let mirrors: Vec<(String, f64)> = queue["mirrors"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|mirror| {
+                (format!("{{dir=\"{}\"}}", escape(mirror["dir"].as_str().unwrap_or(""))), flag(&mirror["healthy"]))
+            })
+            .collect();
+        self.metric("ftss_mirror_healthy", "gauge", "1 if the queue mirror is healthy.", mirrors);
+        self.single("ftss_degraded", "gauge", "1 if a queue mirror has failed.", flag(&status["degraded"]));
+        self.single(
+            "ftss_backpressure",
+            "gauge",
+            "1 while some outboxes are not drained (full disk, destination over its limit).",
+            flag(&status["backpressure"]["active"]),
+        );
+    }
+
+    /// Per node: queued packets and bytes, in flight, the oldest's age.
+    fn nodes(&mut self, status: &Value) {
+        let mut depth = Vec::new();
+        let mut bytes = Vec::new();
+        let mut oldest = Vec::new();
+        let mut in_flight = Vec::new();
+        if let Some(nodes) = status["nodes"].as_object() {
+            for (name, node) in nodes {
+                let labels = format!("{{node=\"{}\"}}", escape(name));
+                depth.push((labels.clone(), number(&node["queued"])));
+                bytes.push((labels.clone(), number(&node["queued_bytes"])));
+                in_flight.push((labels.clone(), number(&node["in_flight"])));
+                oldest.push((labels, number(&node["oldest_age_ms"]) / 1000.0));
+            }
         }
+        self.metric("ftss_node_queued_packets", "gauge", "Packets queued for the node.", depth);
+        self.metric("ftss_node_queued_bytes", "gauge", "Payload bytes queued for the node.", bytes);
+        self.metric(
+            "ftss_node_in_flight_packets",
+            "gauge",
+            "Packets delivered to the node and not yet receipted.",
+            in_flight,
+        );
+        self.metric("ftss_node_oldest_age_seconds", "gauge", "Age of the oldest packet queued for the node.", oldest);
     }
-    metric("ftss_node_queued_packets", "gauge", "Packets queued for the node.", depth);
-    metric("ftss_node_queued_bytes", "gauge", "Payload bytes queued for the node.", bytes);
-    metric("ftss_node_in_flight_packets", "gauge", "Packets delivered to the node and not yet receipted.", in_flight);
-    metric("ftss_node_oldest_age_seconds", "gauge", "Age of the oldest packet queued for the node.", oldest);
-    out.push_str("# HELP ftss_sync_seconds Time of one group commit (write and fdatasync on every mirror).\n# TYPE ftss_sync_seconds histogram\n");
-    for (index, bound) in SYNC_BUCKETS.iter().enumerate() {
-        out.push_str(&format!("ftss_sync_seconds_bucket{{le=\"{bound}\"}} {}\n", sync.counts[index]));
+
+    /// The group-commit time histogram.
+    fn histogram(&mut self, sync: &Histogram) {
+        self.text.push_str(
+            "# HELP ftss_sync_seconds Time of one group commit (write and fdatasync on every mirror).\n# TYPE ftss_sync_seconds histogram\n",
+        );
+        for (index, bound) in SYNC_BUCKETS.iter().enumerate() {
+            self.text.push_str(&format!("ftss_sync_seconds_bucket{{le=\"{bound}\"}} {}\n", sync.counts[index]));
+        }
+        self.text.push_str(&format!("ftss_sync_seconds_bucket{{le=\"+Inf\"}} {}\n", sync.count));
+        self.text
+            .push_str(&format!("ftss_sync_seconds_sum {}\nftss_sync_seconds_count {}\n", sync.sum_seconds, sync.count));
     }
-    out.push_str(&format!("ftss_sync_seconds_bucket{{le=\"+Inf\"}} {}\n", sync.count));
-    out.push_str(&format!("ftss_sync_seconds_sum {}\nftss_sync_seconds_count {}\n", sync.sum_seconds, sync.count));
-    out
 }
 
 fn escape(text: &str) -> String {

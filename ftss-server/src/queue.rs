@@ -754,6 +754,11 @@ impl Queue {
         Location { segment: self.active_segment, offset, length: (self.pending.len() - start) as u32 }
     }
 
+    /// Has anything been appended since the last sync?
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// Writes everything appended to every healthy mirror and fdatasyncs each: after this returns
     /// Ok, every appended record is durable on every healthy mirror. On Err nothing appended since
     /// the last sync is kept (every mirror is rolled back), so nothing of it may be acked.
@@ -1106,39 +1111,10 @@ fn recover_segment(
     segment: u64,
     report: &mut RecoveryReport,
 ) -> Option<(Vec<u8>, Format)> {
-    let mut copies: Vec<(usize, Vec<u8>)> = Vec::new();
-    for (index, dir) in dirs.iter().enumerate() {
-        if failures[index].is_some() {
-            continue;
-        }
-        let path = dir.join(segment_name(segment));
-        match fs::read(&path) {
-            Ok(bytes) => copies.push((index, bytes)),
-            Err(error) if error.kind() == io::ErrorKind::NotFound => copies.push((index, Vec::new())),
-            Err(error) => failures[index] = Some(format!("reading {}: {error}", path.display())),
-        }
-    }
+    let copies = read_copies(dirs, failures, segment);
     let views: Vec<&[u8]> = copies.iter().map(|(_, bytes)| bytes.as_slice()).collect();
     let Some(merged) = merge(&views, segment) else {
-        // No whole header anywhere: nothing in it can be checked. Kept as damage, and the files go.
-        if let Some((_, bytes)) =
-            copies.iter().max_by_key(|(_, bytes)| bytes.len()).filter(|(_, bytes)| !bytes.is_empty())
-        {
-            report.damaged_records += 1;
-            report.damaged_bytes += bytes.len() as u64;
-            report.damaged.push(Damage {
-                segment,
-                offset: 0,
-                bytes: bytes.clone(),
-                reason: format!("queue segment {segment} has no valid header in any mirror"),
-            });
-        }
-        for (index, _) in &copies {
-            let path = dirs[*index].join(segment_name(segment));
-            if let Err(error) = fs::remove_file(&path) {
-                failures[*index] = Some(format!("removing {}: {error}", path.display()));
-            }
-        }
+        drop_headerless(dirs, failures, segment, &copies, report);
         return None;
     };
     report.torn_bytes_truncated += merged.torn_bytes;
@@ -1153,20 +1129,82 @@ fn recover_segment(
         }
     }
     report.damaged.extend(merged.damaged);
-    let chosen = merged.bytes;
-    for (index, bytes) in &copies {
-        if *bytes == chosen {
+    write_merged(dirs, failures, segment, &copies, &merged.bytes, report);
+    if failures.iter().all(Option::is_some) {
+        return None;
+    }
+    Some((merged.bytes, merged.format))
+}
+
+/// Each mirror's copy of `segment` (empty where it is missing), from the mirrors not failed; a
+/// mirror that cannot be read is marked failed.
+fn read_copies(dirs: &[PathBuf], failures: &mut [Option<String>], segment: u64) -> Vec<(usize, Vec<u8>)> {
+    let mut copies = Vec::new();
+    for (index, dir) in dirs.iter().enumerate() {
+        if failures[index].is_some() {
+            continue;
+        }
+        let path = dir.join(segment_name(segment));
+        match fs::read(&path) {
+            Ok(bytes) => copies.push((index, bytes)),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => copies.push((index, Vec::new())),
+            Err(error) => failures[index] = Some(format!("reading {}: {error}", path.display())),
+        }
+    }
+    copies
+}
+
+/// No whole header in any copy: nothing in the segment can be checked. Its bytes are kept as
+/// damage and the files go.
+fn drop_headerless(
+    dirs: &[PathBuf],
+    failures: &mut [Option<String>],
+    segment: u64,
+    copies: &[(usize, Vec<u8>)],
+    report: &mut RecoveryReport,
+) {
+    if let Some((_, bytes)) = copies.iter().max_by_key(|(_, bytes)| bytes.len()).filter(|(_, bytes)| !bytes.is_empty())
+    {
+        report.damaged_records += 1;
+        report.damaged_bytes += bytes.len() as u64;
+        report.damaged.push(Damage {
+            segment,
+            offset: 0,
+            bytes: bytes.clone(),
+            reason: format!("queue segment {segment} has no valid header in any mirror"),
+        });
+    }
+    for (index, _) in copies {
+        let path = dirs[*index].join(segment_name(segment));
+        if let Err(error) = fs::remove_file(&path) {
+            failures[*index] = Some(format!("removing {}: {error}", path.display()));
+        }
+    }
+}
+
+/// Writes the merged segment over every copy that differs (a longer copy is cut, another is
+/// replaced through a synced temporary file); a mirror that cannot be written is marked failed.
+fn write_merged(
+    dirs: &[PathBuf],
+    failures: &mut [Option<String>],
+    segment: u64,
+    copies: &[(usize, Vec<u8>)],
+    chosen: &[u8],
+    report: &mut RecoveryReport,
+) {
+    for (index, bytes) in copies {
+        if bytes.as_slice() == chosen {
             continue;
         }
         let path = dirs[*index].join(segment_name(segment));
-        let written = if bytes.starts_with(&chosen) {
+        let written = if bytes.starts_with(chosen) {
             OpenOptions::new().write(true).open(&path).and_then(|file| {
                 file.set_len(chosen.len() as u64)?;
                 file.sync_all()
             })
         } else {
             let tmp = path.with_extension("repair");
-            let written = fs::write(&tmp, &chosen)
+            let written = fs::write(&tmp, chosen)
                 .and_then(|()| File::open(&tmp)?.sync_all())
                 .and_then(|()| fs::rename(&tmp, &path))
                 .and_then(|()| File::open(&dirs[*index])?.sync_all());
@@ -1179,10 +1217,6 @@ fn recover_segment(
             failures[*index] = Some(format!("repairing {}: {error}", path.display()));
         }
     }
-    if failures.iter().all(Option::is_some) {
-        return None;
-    }
-    Some((chosen, merged.format))
 }
 
 /// Name of the directory in a queue dir where recovery keeps damaged bytes it skipped.

@@ -28,7 +28,7 @@ use crate::core::index::{Entry, Index, Key};
 use crate::fabric::{Conn, FabricCounters, Hub};
 use crate::gateway::{Arrival, Cidr, Gateway, GatewayCounters, IngressRule, IngressStatus, Target};
 use crate::metrics::{Histogram, Snapshot};
-use crate::outlog::{Logs, Step};
+use crate::outlog::{Logs, SegmentKey, Step};
 use crate::queue::{Location, MirrorStatus, Outcome, Queue, QueueError, QueueRecord, RecoveryReport};
 
 /// Unclaimed inbox files of one port after which new packets for it wait for the receiver.
@@ -141,9 +141,13 @@ pub const GATEWAY_ORIGIN: &str = "ftss-gateway";
 
 /// The origin of packets that come in through this partition's gateway: partition 0 (or a lone
 /// server) uses the plain name, others add their index so that receipts find their way back.
-fn gateway_origin(partition: Partition) -> String {
-    if partition.index == 0 { GATEWAY_ORIGIN.to_owned() } else { format!("{GATEWAY_ORIGIN}-p{}", partition.index) }
+fn gateway_origin(index: u32) -> NodeName {
+    let name = if index == 0 { GATEWAY_ORIGIN.to_owned() } else { format!("{GATEWAY_ORIGIN}-p{index}") };
+    NodeName::new(&name).expect("a valid node name")
 }
+
+/// Packets to deliver this cycle, per destination (node, port), in store order.
+type Due = BTreeMap<(NodeName, u16), Vec<(Key, Entry)>>;
 
 /// Errors that stop the server at start. Once running, errors are retried, never fatal.
 #[derive(Debug, thiserror::Error)]
@@ -241,6 +245,9 @@ pub struct Server {
     started_unix_ms: u64,
     gateway: Gateway,
     gateway_origin: NodeName,
+    /// Every partition's gateway origin, and its partition: a receipt for a packet that came in
+    /// through a gateway goes to the partition that holds it.
+    gateway_partitions: HashMap<NodeName, u32>,
     sync_seconds: Histogram,
     metrics: Option<Snapshot>,
     /// Set when running as one of several instances (`--ha`).
@@ -401,7 +408,10 @@ impl Server {
             batch_seq: 0,
             started_unix_ms: now_us() / 1000,
             gateway,
-            gateway_origin: NodeName::new(&gateway_origin(config_partition)).expect("valid name"),
+            gateway_origin: gateway_origin(config_partition.index),
+            gateway_partitions: (0..config_partition.count.max(1))
+                .map(|index| (gateway_origin(index), index))
+                .collect(),
             sync_seconds: Histogram::default(),
             metrics: None,
             active: None,
@@ -549,11 +559,16 @@ impl Server {
         Ok(())
     }
 
-    /// One group commit, timed for the metrics.
+    /// One group commit (if anything was appended since the last), counted and timed for the
+    /// status and the metrics. Every sync of the queue goes through here.
     fn sync_queue(&mut self) -> Result<(), QueueError> {
+        if !self.queue.has_pending() {
+            return Ok(());
+        }
         let started = Instant::now();
         let result = self.queue.sync();
         if result.is_ok() {
+            self.counters.syncs += 1;
             self.sync_seconds.observe(started.elapsed().as_secs_f64());
         }
         result
@@ -687,7 +702,6 @@ impl Server {
                 }
                 return 0;
             }
-            self.counters.syncs += 1;
         }
         let mut work = 0;
         if let Some(group) = receipts {
@@ -1205,53 +1219,82 @@ impl Server {
                 Step::Idle => {}
                 Step::Finished => self.finish_log(&key),
                 Step::Damaged { from, to, reason, bytes } => {
-                    let reason = format!("outbox log {name} at byte {from}: {reason}");
-                    match to {
-                        Some(to) => {
-                            self.quarantine_bytes(node, &format!("{name}-{from}"), &bytes, &reason);
-                            drained.push(Drained {
-                                node: node.clone(),
-                                source: Source::Log { name, end: to, sealed: false },
-                                packets: Vec::new(),
-                                wants_acks: false,
-                            });
-                        }
-                        None => {
-                            if self.quarantine_path(log_dir.join(&name), node.as_str(), &reason) {
-                                self.logs.forget(&key);
-                            }
-                        }
-                    }
+                    self.log_damaged(&key, from, to, &reason, &bytes, drained);
                 }
-                Step::Frames { frames, sealed } => {
-                    let count = frames.len();
-                    for (index, (end, batch)) in frames.into_iter().enumerate() {
-                        let (packets, wants_acks) = match decode_outbox_batch(&batch, node, node_addr) {
-                            Ok(decoded) => decoded,
-                            Err(reason) => {
-                                let reason = format!("outbox log {name}, frame ending at byte {end}: {reason}");
-                                self.quarantine_bytes(node, &format!("{name}-{end}"), &batch, &reason);
-                                (Vec::new(), false)
-                            }
-                        };
-                        if let Some(reason) = self.refusal(&packets, budget) {
-                            // Frames of one writer stay in order: the rest waits for room.
-                            self.push_back(reason);
-                            break;
-                        }
-                        budget.take(&packets);
-                        let sealed = sealed && index + 1 == count;
-                        drained.push(Drained {
-                            node: node.clone(),
-                            source: Source::Log { name: name.clone(), end, sealed },
-                            packets,
-                            wants_acks,
-                        });
-                    }
-                }
+                Step::Frames { frames, sealed } => self.log_frames(&key, node_addr, frames, sealed, drained, budget),
             }
         }
         Ok(())
+    }
+
+    /// Damage in log segment `key` from byte `from`: up to `to` (the next valid frame), its bytes
+    /// are quarantined and reading goes on from there; to the end (`None`), the segment is moved
+    /// aside whole.
+    fn log_damaged(
+        &mut self,
+        key: &SegmentKey,
+        from: u64,
+        to: Option<u64>,
+        reason: &str,
+        bytes: &[u8],
+        drained: &mut Vec<Drained>,
+    ) {
+        let (node, name) = key;
+        let reason = format!("outbox log {name} at byte {from}: {reason}");
+        match to {
+            Some(to) => {
+                self.quarantine_bytes(node, &format!("{name}-{from}"), bytes, &reason);
+                drained.push(Drained {
+                    node: node.clone(),
+                    source: Source::Log { name: name.clone(), end: to, sealed: false },
+                    packets: Vec::new(),
+                    wants_acks: false,
+                });
+            }
+            None => {
+                let path = self.volume.outbox(node).dir().join("log").join(name);
+                if self.quarantine_path(path, node.as_str(), &reason) {
+                    self.logs.forget(key);
+                }
+            }
+        }
+    }
+
+    /// Decodes the frames read from log segment `key` and takes their packets while the bounds
+    /// allow (frames of one writer stay in order: the rest waits for room).
+    fn log_frames(
+        &mut self,
+        key: &SegmentKey,
+        node_addr: Option<Ipv4Addr>,
+        frames: Vec<(u64, Vec<u8>)>,
+        sealed: bool,
+        drained: &mut Vec<Drained>,
+        budget: &mut Budget,
+    ) {
+        let (node, name) = key;
+        let count = frames.len();
+        for (index, (end, batch)) in frames.into_iter().enumerate() {
+            let (packets, wants_acks) = match decode_outbox_batch(&batch, node, node_addr) {
+                Ok(decoded) => decoded,
+                Err(reason) => {
+                    let reason = format!("outbox log {name}, frame ending at byte {end}: {reason}");
+                    self.quarantine_bytes(node, &format!("{name}-{end}"), &batch, &reason);
+                    (Vec::new(), false)
+                }
+            };
+            if let Some(reason) = self.refusal(&packets, budget) {
+                self.push_back(reason);
+                break;
+            }
+            budget.take(&packets);
+            let sealed = sealed && index + 1 == count;
+            drained.push(Drained {
+                node: node.clone(),
+                source: Source::Log { name: name.clone(), end, sealed },
+                packets,
+                wants_acks,
+            });
+        }
     }
 
     /// A log segment is read to its seal (or abandoned and read to its end): remove it.
@@ -1534,8 +1577,25 @@ impl Server {
     /// redeliveries that came due, then packets not delivered yet.
     fn deliver(&mut self) -> Result<usize, QueueError> {
         let now = monotonic_now();
-        let mut due: BTreeMap<(NodeName, u16), Vec<(Key, Entry)>> = BTreeMap::new();
-        let mut count = 0;
+        let mut due = self.redeliveries_due(now);
+        let mut count = due.values().map(Vec::len).sum();
+        // An error stops delivering to its port (or external address) this cycle; packets already
+        // taken off the redelivery schedule are put back on it, never dropped from it. Other ports
+        // go on: one bad spot on the queue disk holds up no one else.
+        let mut failure = self.first_deliveries_due(&mut due, &mut count);
+        if let Some(error) = self.write_deliveries(due, now) {
+            failure = Some(error);
+        }
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(count),
+        }
+    }
+
+    /// Packets whose redelivery came due, per (node, port), except those still waiting in an inbox
+    /// or held claimed by a live receiver (postponed).
+    fn redeliveries_due(&mut self, now: Time) -> Due {
+        let mut due = Due::new();
         let mut still_in_inbox: HashMap<(NodeName, u16, u64), bool> = HashMap::new();
         // Per inbox, the files held claimed by a live receiving process (listed once a cycle).
         let mut claims: HashMap<(NodeName, u16), HashSet<String>> = HashMap::new();
@@ -1568,16 +1628,18 @@ impl Server {
                 continue;
             }
             due.entry((node, port)).or_default().push((key, entry));
-            count += 1;
         }
-        // An error stops delivering to its port (or external address) this cycle; packets already
-        // taken off the redelivery schedule are put back on it, never dropped from it. Other ports
-        // go on: one bad spot on the queue disk holds up no one else.
+        due
+    }
+
+    /// Adds packets not delivered yet (within the cycle's and the in-flight bounds) to `due`, and
+    /// sends those for external addresses through the gateway. Returns the last error.
+    fn first_deliveries_due(&mut self, due: &mut Due, count: &mut usize) -> Option<QueueError> {
         let mut failure = None;
         for destination in self.index.destinations() {
             if self.is_external(&destination) {
                 match self.send_external(&destination) {
-                    Ok(sent) => count += sent,
+                    Ok(sent) => *count += sent,
                     Err(error) => failure = Some(error),
                 }
                 continue;
@@ -1595,7 +1657,7 @@ impl Server {
                 .into_iter()
                 .filter(|port| self.fabric_route(&node, *port).is_none() && self.inbox_backlogged(&node, *port))
                 .collect();
-            let room = DELIVER_PACKETS_PER_CYCLE_MAX.saturating_sub(count);
+            let room = DELIVER_PACKETS_PER_CYCLE_MAX.saturating_sub(*count);
             let next = self.index.next_undelivered(
                 &destination,
                 room,
@@ -1605,9 +1667,15 @@ impl Server {
             );
             for (key, entry) in next {
                 due.entry((node.clone(), entry.destination.port())).or_default().push((key, entry));
-                count += 1;
+                *count += 1;
             }
         }
+        failure
+    }
+
+    /// Writes `due` out, over the fabric or into inbox files. Returns the last error.
+    fn write_deliveries(&mut self, due: Due, now: Time) -> Option<QueueError> {
+        let mut failure = None;
         for ((node, port), keys) in due {
             let route = self.fabric_route(&node, port);
             let mut start = 0;
@@ -1627,10 +1695,7 @@ impl Server {
                 }
             }
         }
-        match failure {
-            Some(error) => Err(error),
-            None => Ok(count),
-        }
+        failure
     }
 
     /// Sends queued packets for an external address through the gateway (best effort) and marks
@@ -1995,9 +2060,8 @@ impl Server {
         if partition.count <= 1 {
             return 0;
         }
-        match origin.as_str().strip_prefix(GATEWAY_ORIGIN) {
-            Some("") => 0,
-            Some(suffix) => suffix.strip_prefix("-p").and_then(|index| index.parse().ok()).unwrap_or(0),
+        match self.gateway_partitions.get(origin) {
+            Some(index) => *index,
             None => fsbridge::layout::partition_of(origin, partition.count),
         }
     }
@@ -2122,13 +2186,18 @@ impl Server {
         }
     }
 
-    fn rates(&mut self) -> Rates {
+    /// Takes a sample of the counters for the rates (at every status write).
+    fn sample_rates(&mut self) {
         let now = Instant::now();
         self.samples.push_back((now, self.counters.stored, self.counters.delivered, self.counters.receipted));
         while self.samples.front().is_some_and(|(at, ..)| now.duration_since(*at) > RATE_WINDOW) {
             self.samples.pop_front();
         }
-        let (first, last) = (self.samples.front().expect("just pushed"), self.samples.back().expect("just pushed"));
+    }
+
+    /// Rates over the samples of the last `RATE_WINDOW`.
+    fn rates(&self) -> Rates {
+        let (Some(first), Some(last)) = (self.samples.front(), self.samples.back()) else { return Rates::default() };
         let seconds = last.0.duration_since(first.0).as_secs_f64();
         let rate = |from: u64, to: u64| if seconds > 0.0 { (to - from) as f64 / seconds } else { 0.0 };
         Rates {
@@ -2139,7 +2208,7 @@ impl Server {
     }
 
     /// The status document (also what `status --json` prints).
-    pub fn status(&mut self, stopped: bool) -> Status {
+    pub fn status(&self, stopped: bool) -> Status {
         let now = now_us();
         let mut nodes: BTreeMap<String, NodeStatus> = BTreeMap::new();
         for node in &self.nodes {
@@ -2162,7 +2231,8 @@ impl Server {
             let oldest = stats.oldest_stored_unix_us.map_or(0, |stored| now.saturating_sub(stored) / 1000);
             status.oldest_age_ms = status.oldest_age_ms.max(oldest);
         }
-        self.counters.read_repairs = self.queue.read_repairs;
+        let mut counters = self.counters.clone();
+        counters.read_repairs = self.queue.read_repairs;
         Status {
             running: !stopped,
             pid: std::process::id(),
@@ -2170,7 +2240,7 @@ impl Server {
             updated_unix_ms: now / 1000,
             degraded: self.queue.degraded(),
             backpressure: self.backpressure.clone(),
-            counters: self.counters.clone(),
+            counters,
             rates: self.rates(),
             queue: QueueStatus {
                 packets: self.index.len() as u64,
@@ -2212,6 +2282,7 @@ impl Server {
     }
 
     fn write_status(&mut self, stopped: bool) {
+        self.sample_rates();
         let status = self.status(stopped);
         let text = serde_json::to_vec_pretty(&status).expect("status serializes");
         if let Some(snapshot) = &self.metrics {

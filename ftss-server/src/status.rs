@@ -6,7 +6,7 @@ use std::path::Path;
 use fsbridge::Volume;
 use serde_json::{Value, json};
 
-/// The server rewrites status.json every second; older than this means it is not running.
+/// The server rewrites status.json every 250 ms; older than this means it is not running.
 const STALE_AFTER_MS: u64 = 5000;
 
 pub fn show(volume_dir: &Path, as_json: bool) -> Result<(), String> {
@@ -153,6 +153,17 @@ fn number(value: &Value) -> String {
 }
 
 fn print_table(status: &Value) {
+    print_state(status);
+    print_counters(status);
+    print_queue(status);
+    print_gateway(status);
+    print_fabric(status);
+    print_dead_letters(status);
+    print_nodes(status);
+}
+
+/// The server's state: running, lease, partitions, degraded, backpressure, last error.
+fn print_state(status: &Value) {
     let running = if status["running"].as_bool().unwrap_or(false) { "running" } else { "not running" };
     println!("ftss-server: {running} (pid {})", number(&status["pid"]));
     if status["lease"].is_object() {
@@ -186,6 +197,10 @@ fn print_table(status: &Value) {
     if let Some(error) = status["last_error"].as_str() {
         println!("last error: {error}");
     }
+}
+
+/// Counters and rates.
+fn print_counters(status: &Value) {
     println!("counters:");
     if let Some(counters) = status["counters"].as_object() {
         for (name, value) in counters {
@@ -201,6 +216,10 @@ fn print_table(status: &Value) {
             rates["receipted_per_second"].as_f64().unwrap_or(0.0)
         );
     }
+}
+
+/// The queue, its mirrors, quarantine.
+fn print_queue(status: &Value) {
     let queue = &status["queue"];
     println!(
         "queue: {} packets ({} retained, {} for unknown destinations), {} segments, {} bytes",
@@ -216,6 +235,9 @@ fn print_table(status: &Value) {
         println!("  mirror {} {health}{error}", mirror["dir"].as_str().unwrap_or("?"));
     }
     println!("quarantine: {} files", number(&status["quarantine_files"]));
+}
+
+fn print_gateway(status: &Value) {
     let gateway = &status["gateway"]["counters"];
     if gateway.is_object() {
         println!(
@@ -236,6 +258,9 @@ fn print_table(status: &Value) {
             );
         }
     }
+}
+
+fn print_fabric(status: &Value) {
     let fabric = &status["fabric"];
     if fabric.is_object() {
         let counters = &fabric["counters"];
@@ -262,6 +287,9 @@ fn print_table(status: &Value) {
             );
         }
     }
+}
+
+fn print_dead_letters(status: &Value) {
     for letter in status["dead_letters"].as_array().into_iter().flatten() {
         println!(
             "dead letter {} to {}: {}",
@@ -270,6 +298,10 @@ fn print_table(status: &Value) {
             letter["reason"].as_str().unwrap_or("?")
         );
     }
+}
+
+/// One line per node.
+fn print_nodes(status: &Value) {
     println!(
         "{:<20} {:<16} {:>10} {:>12} {:>12} {:>12} {:>12}",
         "NODE", "ADDR", "QUEUED", "BYTES", "OLDEST MS", "OUTBOX FILES", "LOG SEGMENTS"

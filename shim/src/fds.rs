@@ -1,11 +1,11 @@
 //! What each fd number is to the shim, in one atomic byte per fd: the pass-through fast path of
 //! every hook is one load from this table.
 //!
-//! - `NONE`: not ours; every call goes straight to libc.
-//! - `CANDIDATE`: an app's UDP socket (IPv4 or IPv6) that may become a fabric socket.
-//! - `FABRIC`: an app's fd that is one end of a socketpair fed by the shim (an entry in the
+//! - `Kind::None`: not ours; every call goes straight to libc.
+//! - `Kind::Candidate`: an app's UDP socket (IPv4 or IPv6) that may become a fabric socket.
+//! - `Kind::Fabric`: an app's fd that is one end of a socketpair fed by the shim (an entry in the
 //!   shim's table, shared by every fd dup'ed from it).
-//! - `INTERNAL`: the shim's own fds (side sockets, socketpair ends, the log): the app's `close`,
+//! - `Kind::Internal`: the shim's own fds (side sockets, socketpair ends, the log): the app's `close`,
 //!   `close_range` and `closefrom` leave them alone.
 
 use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
@@ -17,14 +17,33 @@ use crate::addr::Family;
 /// fds at or above this are never ours (passed through); bounds the table.
 pub const FD_TABLE_MAX: usize = 65_536;
 
-pub const NONE: u8 = 0;
-pub const CANDIDATE: u8 = 1;
-pub const FABRIC: u8 = 2;
-pub const INTERNAL: u8 = 3;
+/// What an fd is to the shim (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    None = 0,
+    Candidate = 1,
+    Fabric = 2,
+    Internal = 3,
+}
+
+impl Kind {
+    fn from_bits(bits: u8) -> Kind {
+        match bits & KIND_BITS {
+            1 => Kind::Candidate,
+            2 => Kind::Fabric,
+            3 => Kind::Internal,
+            _ => Kind::None,
+        }
+    }
+}
+
+/// The bits of a table byte that hold the kind.
+const KIND_BITS: u8 = 0x0f;
 /// Flag bit: the app's socket is AF_INET6.
 const V6: u8 = 0x10;
 
-static KIND: [AtomicU8; FD_TABLE_MAX] = [const { AtomicU8::new(NONE) }; FD_TABLE_MAX];
+static KIND: [AtomicU8; FD_TABLE_MAX] = [const { AtomicU8::new(Kind::None as u8) }; FD_TABLE_MAX];
 
 /// For each FABRIC fd, its socket's side fd plus one (0: none). Lets a send to a destination
 /// outside the fabric go straight to the kernel socket without the shim's socket-table lock (the
@@ -38,22 +57,22 @@ fn slot(fd: c_int) -> Option<&'static AtomicU8> {
 }
 
 /// The kind of `fd` (one of the constants above).
-pub fn kind(fd: c_int) -> u8 {
-    slot(fd).map_or(NONE, |slot| slot.load(Ordering::Acquire) & !V6)
+pub fn kind(fd: c_int) -> Kind {
+    slot(fd).map_or(Kind::None, |slot| Kind::from_bits(slot.load(Ordering::Acquire)))
 }
 
 /// The family of a candidate or fabric fd.
 pub fn family(fd: c_int) -> Family {
-    match slot(fd).map_or(NONE, |slot| slot.load(Ordering::Acquire)) & V6 {
+    match slot(fd).map_or(0, |slot| slot.load(Ordering::Acquire)) & V6 {
         0 => Family::V4,
         _ => Family::V6,
     }
 }
 
-pub fn set(fd: c_int, kind: u8, family: Family) {
+pub fn set(fd: c_int, kind: Kind, family: Family) {
     if let Some(slot) = slot(fd) {
         let flag = if family == Family::V6 { V6 } else { 0 };
-        slot.store(kind | flag, Ordering::Release);
+        slot.store(kind as u8 | flag, Ordering::Release);
     }
 }
 
@@ -70,7 +89,7 @@ pub fn copy(old: c_int, new: c_int) {
 
 pub fn clear(fd: c_int) {
     if let Some(slot) = slot(fd) {
-        slot.store(NONE, Ordering::Release);
+        slot.store(Kind::None as u8, Ordering::Release);
     }
     if let Some(side) = side_slot(fd) {
         side.store(0, Ordering::Release);
@@ -95,15 +114,15 @@ pub fn side(fd: c_int) -> Option<c_int> {
 
 /// Is `fd` an app socket the shim handles (candidate or fabric)?
 pub fn is_ours(fd: c_int) -> bool {
-    matches!(kind(fd), CANDIDATE | FABRIC)
+    matches!(kind(fd), Kind::Candidate | Kind::Fabric)
 }
 
 pub fn is_fabric(fd: c_int) -> bool {
-    kind(fd) == FABRIC
+    kind(fd) == Kind::Fabric
 }
 
 /// Every fd of `wanted` kind in `first..=last` (bounded by the table).
-pub fn of_kind_in(first: c_int, last: c_int, wanted: u8) -> impl Iterator<Item = c_int> {
+pub fn of_kind_in(first: c_int, last: c_int, wanted: Kind) -> impl Iterator<Item = c_int> {
     let first = first.max(0);
     let last = last.min(FD_TABLE_MAX as c_int - 1);
     (first..=last).filter(move |fd| kind(*fd) == wanted)

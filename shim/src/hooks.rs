@@ -171,7 +171,7 @@ fn check_fortified(len: size_t, buf_len: size_t) {
 
 /// After a successful dup of `old` into `new`: the new fd shares the entry.
 fn duplicated(old: c_int, new: c_int) -> c_int {
-    let involved = fds::kind(old) != fds::NONE || fds::kind(new) != fds::NONE;
+    let involved = fds::kind(old) != fds::Kind::None || fds::kind(new) != fds::Kind::None;
     if new >= 0 && involved {
         match crate::shim() {
             Some(shim) => shim.on_dup(old, new),
@@ -378,7 +378,7 @@ hooks! {
     }
 
     fn close(fd: c_int) -> c_int {
-        if fds::kind(fd) == fds::NONE {
+        if fds::kind(fd) == fds::Kind::None {
             return unsafe { (real().close)(fd) };
         }
         logic::close(fd)

@@ -103,7 +103,7 @@ fn open_log(config: &Config) {
 fn open_log_at(path: &std::path::Path) {
     if let Ok(file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
         // The app's closefrom-style loops leave the log open (see `fds`).
-        fds::set(std::os::fd::AsRawFd::as_raw_fd(&file), fds::INTERNAL, addr::Family::V4);
+        fds::set(std::os::fd::AsRawFd::as_raw_fd(&file), fds::Kind::Internal, addr::Family::V4);
         *LOG.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(file);
     }
 }

@@ -256,61 +256,13 @@ fn fill(
         held.pop_front();
     }
     let inbox = shim.volume.inbox(&shim.config.node, local.port());
-    let mut names = bells.take_inbox(local.port(), INBOX_FILES_PER_PASS);
-    let mut full_share = bells.has_inbox(local.port());
-    if listed_ports.contains(&local.port()) {
-        match inbox.list(INBOX_FILES_PER_PASS) {
-            Ok(listed) => {
-                full_share |= listed.len() == INBOX_FILES_PER_PASS;
-                for name in listed {
-                    if !names.contains(&name) {
-                        names.push(name);
-                    }
-                }
-            }
-            Err(error) => log!("cannot list inbox of port {}: {error}", local.port()),
-        }
-    }
-    // More may wait only behind a full share of files this pass could take (files it cannot claim
-    // must not turn the wait into a spin).
-    // Names sort in publish order (one server epoch's sequence), so announced and listed files
-    // are taken in the order they were stored.
-    names.sort_unstable();
-    names.dedup();
-    let full_share = full_share || names.len() >= INBOX_FILES_PER_PASS;
+    let (names, full_share) = inbox_names(&inbox, local.port(), bells, listed_ports);
     let mut claimed = 0;
     let mut names = names.into_iter();
     while let Some(name) = names.next() {
         let Some(path) = claim(&inbox, &name) else { continue };
         claimed += 1;
-        let batch = match read_regular_file(&path) {
-            Ok(None) => continue,
-            Ok(Some(bytes)) => decode_batch(&bytes).map_err(|error| error.to_string()),
-            Err(error) => Err(error.to_string()),
-        };
-        let batch = match batch {
-            Ok(batch) if batch.header.kind == BatchKind::Packets => batch,
-            Ok(batch) => {
-                quarantine(
-                    shim,
-                    &path,
-                    &format!("an inbox holds packet batches, found a {:?} batch", batch.header.kind),
-                );
-                continue;
-            }
-            Err(reason) => {
-                quarantine(shim, &path, &reason);
-                continue;
-            }
-        };
-        let mut waiting = Vec::new();
-        for record in batch.records {
-            let Record::Packet(packet) = record else { continue };
-            let key = crate::socket::Dedupe::key(&packet.id);
-            if take_packet(shim, &target, &mut held, packet) {
-                waiting.push(key);
-            }
-        }
+        let Some(waiting) = take_file(shim, &target, &mut held, &path) else { continue };
         // Everything in the file is now injected or held in memory. The file stays claimed while
         // the app has not read all of it (so that no sibling on the port gets it again); if this
         // process dies the missing receipts make the server deliver it again.
@@ -329,6 +281,69 @@ fn fill(
         }
     }
     if full_share && claimed > 0 { Filled::More } else { Filled::Done }
+}
+
+/// The inbox files to take for `port` this pass, in publish order: those the bells announced,
+/// and on a sweep (`listed_ports`) those listed. Also whether more may wait: only behind a full
+/// share of files this pass could take (files it cannot claim must not turn the wait into a spin).
+fn inbox_names(inbox: &Spool, port: u16, bells: &mut Doorbells, listed_ports: &HashSet<u16>) -> (Vec<String>, bool) {
+    let mut names = bells.take_inbox(port, INBOX_FILES_PER_PASS);
+    let mut full_share = bells.has_inbox(port);
+    if listed_ports.contains(&port) {
+        match inbox.list(INBOX_FILES_PER_PASS) {
+            Ok(listed) => {
+                full_share |= listed.len() == INBOX_FILES_PER_PASS;
+                for name in listed {
+                    if !names.contains(&name) {
+                        names.push(name);
+                    }
+                }
+            }
+            Err(error) => log!("cannot list inbox of port {port}: {error}"),
+        }
+    }
+    // Names sort in publish order (one server epoch's sequence), so announced and listed files
+    // are taken in the order they were stored.
+    names.sort_unstable();
+    names.dedup();
+    let full_share = full_share || names.len() >= INBOX_FILES_PER_PASS;
+    (names, full_share)
+}
+
+/// Reads the claimed inbox file at `path` and takes its packets (injected, or held in order).
+/// Returns the keys of those still waiting for the app; `None` if the file was gone or was
+/// quarantined.
+fn take_file(
+    shim: &Shim,
+    target: &Target<'_>,
+    held: &mut VecDeque<Vec<u8>>,
+    path: &std::path::Path,
+) -> Option<Vec<u128>> {
+    let batch = match read_regular_file(path) {
+        Ok(None) => return None,
+        Ok(Some(bytes)) => decode_batch(&bytes).map_err(|error| error.to_string()),
+        Err(error) => Err(error.to_string()),
+    };
+    let batch = match batch {
+        Ok(batch) if batch.header.kind == BatchKind::Packets => batch,
+        Ok(batch) => {
+            quarantine(shim, path, &format!("an inbox holds packet batches, found a {:?} batch", batch.header.kind));
+            return None;
+        }
+        Err(reason) => {
+            quarantine(shim, path, &reason);
+            return None;
+        }
+    };
+    let mut waiting = Vec::new();
+    for record in batch.records {
+        let Record::Packet(packet) = record else { continue };
+        let key = crate::socket::Dedupe::key(&packet.id);
+        if take_packet(shim, target, held, packet) {
+            waiting.push(key);
+        }
+    }
+    Some(waiting)
 }
 
 /// The socket an inbox is read for, as it was when the pass began (read before its `held` lock).

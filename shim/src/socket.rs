@@ -515,7 +515,7 @@ impl Shim {
             }
             table.insert(target, sock.clone());
             fds::set_side(target, sock.side);
-            fds::set(target, fds::FABRIC, family);
+            fds::set(target, fds::Kind::Fabric, family);
             log!("fd {target} is now a fabric socket");
         }
         // SAFETY: the app's fds now refer to this socketpair end; the spare number goes.
@@ -565,13 +565,13 @@ impl Shim {
         }
         self.forget(new);
         match fds::kind(old) {
-            fds::FABRIC => {
+            fds::Kind::Fabric => {
                 if let Some(sock) = self.sock(old) {
                     self.table().insert(new, sock);
                     fds::copy(old, new);
                 }
             }
-            fds::CANDIDATE => {
+            fds::Kind::Candidate => {
                 fds::copy(old, new);
                 self.candidate_dups.store(true, Ordering::Relaxed);
             }
@@ -583,7 +583,7 @@ impl Shim {
     /// when its last app fd is gone.
     pub fn forget(&self, fd: c_int) {
         match fds::kind(fd) {
-            fds::FABRIC => {
+            fds::Kind::Fabric => {
                 fds::clear(fd);
                 let mut table = self.table();
                 let Some(sock) = table.remove(&fd) else { return };
@@ -592,8 +592,8 @@ impl Shim {
                     sock.release_port();
                 }
             }
-            fds::CANDIDATE => fds::clear(fd),
-            fds::INTERNAL => log!("the app replaced the shim's fd {fd} (dup2/dup3 onto it)"),
+            fds::Kind::Candidate => fds::clear(fd),
+            fds::Kind::Internal => log!("the app replaced the shim's fd {fd} (dup2/dup3 onto it)"),
             _ => {}
         }
     }
@@ -624,7 +624,7 @@ fn candidate_twins(fd: c_int) -> Vec<c_int> {
         (unsafe { libc::fstat(fd, &mut stat) } == 0).then_some((stat.st_dev, stat.st_ino))
     };
     let Some(wanted) = inode(fd) else { return Vec::new() };
-    fds::of_kind_in(0, c_int::MAX, fds::CANDIDATE)
+    fds::of_kind_in(0, c_int::MAX, fds::Kind::Candidate)
         .filter(|other| *other != fd && inode(*other) == Some(wanted))
         .collect()
 }
@@ -677,7 +677,7 @@ pub(crate) fn make_internal(fd: c_int) -> c_int {
     } else {
         fd
     };
-    fds::set(fd, fds::INTERNAL, Family::V4);
+    fds::set(fd, fds::Kind::Internal, Family::V4);
     fd
 }
 
@@ -769,8 +769,8 @@ pub fn on_socket(fd: c_int, domain: c_int, socket_type: c_int, protocol: c_int) 
         return;
     }
     match domain {
-        libc::AF_INET => fds::set(fd, fds::CANDIDATE, Family::V4),
-        libc::AF_INET6 => fds::set(fd, fds::CANDIDATE, Family::V6),
+        libc::AF_INET => fds::set(fd, fds::Kind::Candidate, Family::V4),
+        libc::AF_INET6 => fds::set(fd, fds::Kind::Candidate, Family::V6),
         _ => {}
     }
 }
@@ -822,8 +822,8 @@ pub fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     let Some(shim) = crate::shim() else { return unsafe { (real().bind)(fd, addr, len) } };
     match fds::kind(fd) {
         // A fabric socket already has its address; a second bind fails as on any bound socket.
-        fds::FABRIC => return fail(libc::EINVAL) as c_int,
-        fds::CANDIDATE => {}
+        fds::Kind::Fabric => return fail(libc::EINVAL) as c_int,
+        fds::Kind::Candidate => {}
         _ => return unsafe { (real().bind)(fd, addr, len) },
     }
     let family = fds::family(fd);
@@ -882,7 +882,7 @@ pub fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     // SAFETY: the app promises addr is valid for len.
     let target = unsafe { addr::read(addr, len, fds::family(fd)) };
     let sock = match (fds::kind(fd), target) {
-        (fds::FABRIC, _) => match shim.sock(fd) {
+        (fds::Kind::Fabric, _) => match shim.sock(fd) {
             Some(sock) => sock,
             None => return fail(libc::EBADF) as c_int,
         },
@@ -934,7 +934,7 @@ pub fn route(fd: c_int, raw_dest: (*const sockaddr, socklen_t)) -> Result<Route,
     let dest = unsafe { addr::read(raw_dest.0, raw_dest.1, fds::family(fd)) };
     let fabric_dest = dest.filter(|dest| shim.is_fabric(*dest));
     let kind = fds::kind(fd);
-    if kind == fds::FABRIC
+    if kind == fds::Kind::Fabric
         && !raw_dest.0.is_null()
         && fabric_dest.is_none()
         && let Some(side) = fds::side(fd)
@@ -943,7 +943,7 @@ pub fn route(fd: c_int, raw_dest: (*const sockaddr, socklen_t)) -> Result<Route,
         return Ok(Route::Kernel(side));
     }
     let sock = match (kind, fabric_dest) {
-        (fds::FABRIC, _) => shim.sock(fd).ok_or(libc::EBADF)?,
+        (fds::Kind::Fabric, _) => shim.sock(fd).ok_or(libc::EBADF)?,
         (_, Some(_)) => shim.convert(fd)?,
         _ => return Ok(Route::Kernel(fd)),
     };
@@ -1211,7 +1211,7 @@ pub fn close(fd: c_int) -> c_int {
     if let Some(shim) = crate::shim()
         && !shim.in_vfork_child()
     {
-        if fds::kind(fd) == fds::INTERNAL {
+        if fds::kind(fd) == fds::Kind::Internal {
             // closefrom-style loops and careless closes must not take the shim's fds; the kernel
             // would have closed them at exec anyway (they are close-on-exec).
             log!("ignored the app's close of the shim's fd {fd}");
@@ -1234,7 +1234,7 @@ pub fn close_range(first: libc::c_uint, last: libc::c_uint, flags: c_int) -> c_i
         if crate::refusal().is_some() && flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 && first <= last {
             let low = first.min(c_int::MAX as libc::c_uint) as c_int;
             let high = last.min(c_int::MAX as libc::c_uint) as c_int;
-            for fd in fds::of_kind_in(low, high, fds::CANDIDATE).collect::<Vec<_>>() {
+            for fd in fds::of_kind_in(low, high, fds::Kind::Candidate).collect::<Vec<_>>() {
                 fds::clear(fd);
             }
         }
@@ -1242,13 +1242,13 @@ pub fn close_range(first: libc::c_uint, last: libc::c_uint, flags: c_int) -> c_i
     };
     let low = first.min(c_int::MAX as libc::c_uint) as c_int;
     let high = last.min(c_int::MAX as libc::c_uint) as c_int;
-    for kind in [fds::FABRIC, fds::CANDIDATE] {
+    for kind in [fds::Kind::Fabric, fds::Kind::Candidate] {
         for fd in fds::of_kind_in(low, high, kind).collect::<Vec<_>>() {
             shim.forget(fd);
         }
     }
     let mut start = first;
-    for internal in fds::of_kind_in(low, high, fds::INTERNAL).collect::<Vec<_>>() {
+    for internal in fds::of_kind_in(low, high, fds::Kind::Internal).collect::<Vec<_>>() {
         let internal = internal as libc::c_uint;
         if internal > start && unsafe { real_close_range(start, internal - 1, flags) } != 0 {
             return -1;
