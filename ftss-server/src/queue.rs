@@ -18,26 +18,27 @@
 //! Appends go to every healthy mirror at the same offset and are made durable together by
 //! [`Queue::sync`] (one write and one fdatasync per mirror for the whole group: group commit).
 //!
-//! Mirror failures, as a decision table:
-//! | what happened                              | decision                                             |
-//! |--------------------------------------------|------------------------------------------------------|
-//! | write/sync ENOSPC or EDQUOT on any mirror  | roll every mirror back to the last sync; `NoSpace`   |
-//! | other write/sync error, healthy ones left  | mark that mirror failed (degraded), keep going       |
-//! | segment file unlinked (directory removed)  | mark that mirror failed (degraded), keep going       |
-//! | no healthy mirror left                     | roll back; `NoHealthyMirror` (nothing is acked)      |
-//! | a failed mirror's directory is usable again| copy every segment from a healthy mirror; healthy    |
-//! | a record fails its CRC on read             | read it from another mirror, rewrite the bad copy    |
+//! Mirror failures, as a decision table (each row's test in `tests`):
+//! | what happened                              | decision                                             | test |
+//! |--------------------------------------------|------------------------------------------------------|------|
+//! | write/sync ENOSPC or EDQUOT on any mirror  | roll every mirror back to the last sync; `NoSpace`   | `a_segment_that_cannot_be_started_leaves_the_full_one_active_and_whole` |
+//! | other write/sync error, healthy ones left  | mark that mirror failed (degraded), keep going       | `removed_mirror_degrades_and_resyncs_when_back` |
+//! | segment file unlinked (directory removed)  | mark that mirror failed (degraded), keep going       | `removed_mirror_degrades_and_resyncs_when_back` |
+//! | no healthy mirror left                     | roll back; `NoHealthyMirror` (nothing is acked)      | `all_mirrors_failing_rolls_back` |
+//! | a failed mirror's directory is usable again| copy every segment from a healthy mirror; healthy    | `removed_mirror_degrades_and_resyncs_when_back` |
+//! | a record fails its CRC on read             | read it from another mirror, rewrite the bad copy    | `read_falls_back_to_the_good_mirror_and_repairs_the_bad_copy` |
 //!
 //! Recovery, as a decision table (each mirror's copy of a segment, walked record by record):
-//! | what recovery finds                               | decision                                      |
-//! |---------------------------------------------------|-----------------------------------------------|
-//! | a record valid in some copy                       | take it; copies that differ are rewritten     |
-//! | no valid record here, a valid chain further on    | damage: its bytes are kept for quarantine and |
-//! |                                                   | replaced by a SKIP record; the rest is kept   |
-//! | no valid record here, none further on             | a torn tail: cut                              |
-//! | a mirror that cannot be read or repaired          | that mirror fails; the queue runs degraded    |
-//! | a mirror with fewer failure events than the others| stale (it was failed): ignored, then resynced |
-//! | no mirror left                                    | the open fails                                |
+//! | what recovery finds                               | decision                                      | test |
+//! |---------------------------------------------------|-----------------------------------------------|------|
+//! | a record valid in some copy                       | take it; copies that differ are rewritten     | `mirrors_damaged_in_different_records_are_merged_record_by_record` |
+//! | no valid record here, a valid chain further on    | damage: its bytes are kept for quarantine and | `damage_inside_a_segment_costs_only_the_damaged_record` |
+//! |                                                   | replaced by a SKIP record; the rest is kept   | |
+//! | no valid record here, none further on             | a torn tail: cut                              | `a_torn_tail_in_every_mirror_is_cut` |
+//! | no copy with a whole header                       | the bytes are kept as damage; the files go    | `a_segment_without_a_header_in_any_mirror_is_kept_as_damage_and_replaced` |
+//! | a mirror that cannot be read or repaired          | that mirror fails; the queue runs degraded    | `a_mirror_unreadable_at_recovery_leaves_the_queue_degraded_not_down` |
+//! | a mirror with fewer failure events than the others| stale (it was failed): ignored, then resynced | `a_mirror_failed_before_a_restart_brings_back_nothing_reclaimed` |
+//! | no mirror left                                    | the open fails                                | `no_readable_mirror_at_recovery_fails_the_open` |
 //!
 //! Every mirror failure is counted in an `events` file in each healthy mirror, as md counts
 //! events in its superblocks: a mirror that was failed when the server stopped has a smaller
@@ -1378,6 +1379,62 @@ mod tests {
         let (queue, _, report) = Queue::open(&dirs).unwrap();
         assert!(!queue.degraded());
         assert_eq!(report.mirrors_failed, 0);
+    }
+
+    /// Every row of the two decision tables in the module docs names a test that exists.
+    #[test]
+    fn every_row_of_the_decision_tables_names_a_test() {
+        let source = include_str!("queue.rs");
+        let mut named = 0;
+        for line in source.lines().filter(|line| line.starts_with("//! |")) {
+            let last = line.trim_end_matches('|').rsplit('|').next().unwrap_or("").trim();
+            if let Some(name) = last.strip_prefix('`').and_then(|rest| rest.strip_suffix('`')) {
+                assert!(source.contains(&format!("fn {name}()")), "the table names {name}, which is not a test here");
+                named += 1;
+            }
+        }
+        assert!(named >= 13, "only {named} rows name a test");
+    }
+
+    /// Recovery table, "no copy with a whole header": the segment's bytes are kept as damage
+    /// (for quarantine), its files removed, and the queue opens with what the others hold.
+    #[test]
+    fn a_segment_without_a_header_in_any_mirror_is_kept_as_damage_and_replaced() {
+        let dirs = temp_dirs(2);
+        let (mut queue, _, _) = Queue::open(&dirs).unwrap();
+        queue.append(&stored(1));
+        queue.sync().unwrap();
+        queue.rotate().unwrap();
+        queue.append(&stored(2));
+        queue.sync().unwrap();
+        drop(queue);
+        for dir in &dirs {
+            fs::write(dir.join(segment_name(0)), b"not a queue segment header at all").unwrap();
+        }
+        let (_, recovered, report) = Queue::open(&dirs).unwrap();
+        assert_eq!(stored_seqs(&recovered), vec![2]);
+        assert_eq!(report.damaged_records, 1);
+        assert_eq!(report.damaged[0].bytes, b"not a queue segment header at all");
+        assert!(report.damaged[0].reason.contains("no valid header"), "{}", report.damaged[0].reason);
+        for dir in &dirs {
+            assert!(!dir.join(segment_name(0)).exists());
+        }
+    }
+
+    /// Recovery table, "no mirror left": when no mirror can be read, the open fails (the server
+    /// does not start on nothing).
+    #[test]
+    fn no_readable_mirror_at_recovery_fails_the_open() {
+        let dirs = temp_dirs(2);
+        let (mut queue, _, _) = Queue::open(&dirs).unwrap();
+        queue.append(&stored(1));
+        queue.sync().unwrap();
+        drop(queue);
+        for dir in &dirs {
+            fs::remove_file(dir.join(segment_name(0))).unwrap();
+            fs::create_dir(dir.join(segment_name(0))).unwrap();
+        }
+        assert!(Queue::open(&dirs).is_err(), "opened with no readable mirror");
     }
 
     /// Item 6: a mirror that could not be read during recovery stopped the server from starting,
