@@ -272,23 +272,24 @@ impl Lease {
     /// Runs `open` (recovering a large queue can take longer than a term) while a second thread
     /// keeps the lease renewed, so that no standby takes over an instance that is starting.
     pub fn renew_during<T>(&mut self, what: &str, open: impl FnOnce() -> T) -> T {
-        let done = std::sync::atomic::AtomicBool::new(false);
         let step = (self.term / 10).max(Duration::from_millis(10));
+        // The renewing thread waits on this channel between renewals: when `open` is done the
+        // sender is dropped and it stops at once (a plain sleep kept every start waiting for up
+        // to a step, a second with the default term).
+        let (opened, wait) = std::sync::mpsc::channel::<()>();
         std::thread::scope(|scope| {
             let lease = &mut *self;
-            let done = &done;
             scope.spawn(move || {
-                while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = wait.recv_timeout(step) {
                     if lease.renewal_due()
                         && let Err(error) = lease.renew()
                     {
                         eprintln!("ftss-server: {what}: cannot renew the lease while starting: {error}");
                     }
-                    std::thread::sleep(step);
                 }
             });
             let result = open();
-            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            drop(opened);
             result
         })
     }
@@ -307,6 +308,23 @@ impl Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Starting with a long lease term returned only after the renewing thread's next step (a
+    /// tenth of the term: a second at the default, six minutes here): it returns once the open
+    /// is done.
+    #[test]
+    fn renewing_during_a_quick_open_does_not_wait_for_the_next_renewal() {
+        let volume = std::env::temp_dir().join(format!("ftss-lease-{}-{}", std::process::id(), fsbridge::random_u64()));
+        let mut lease = Lease::new(&volume, "starting".into(), Duration::from_secs(3600));
+        assert!(lease.try_acquire().unwrap());
+        // The open takes long enough for the renewing thread to be waiting between renewals.
+        let open = || {
+            std::thread::sleep(Duration::from_millis(100));
+            42
+        };
+        assert_eq!(lease.renew_during("test", open), 42);
+        std::fs::remove_dir_all(&volume).unwrap();
+    }
 
     #[test]
     fn one_holder_at_a_time_and_takeover_after_expiry() {
