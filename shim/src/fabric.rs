@@ -26,7 +26,7 @@ use crate::addr::{Family, Raw};
 use crate::fds;
 use crate::log;
 use crate::real::real;
-use crate::socket::{errno, lock};
+use crate::sys::{errno, lock};
 
 /// Time the server has to answer each step of the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -109,7 +109,7 @@ impl Wire {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let wire = Wire { fd: crate::socket::make_internal(fd), sealer: Mutex::new(None) };
+        let wire = Wire { fd: crate::sys::make_internal(fd), sealer: Mutex::new(None) };
         published.store(wire.fd, Ordering::Release);
         loop {
             // SAFETY: addr/length describe a valid address.

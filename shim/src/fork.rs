@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Arc, MutexGuard};
 use std::time::Instant;
 
-use crate::socket::{Shim, Sock, lock};
+use crate::socket::{Shim, Sock};
+use crate::sys::lock;
 
 /// The locks the forking thread holds between `prepare` and `parent`/`child`.
 struct Held {

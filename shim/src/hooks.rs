@@ -21,7 +21,8 @@ use libc::{c_int, c_uint, c_ulong, c_void, iovec, mmsghdr, msghdr, size_t, socka
 use crate::fds::{self, is_fabric, is_ours};
 use crate::log;
 use crate::real::real;
-use crate::socket::{self as logic, IOV_MAX, NameOut, Route, fail, set_errno};
+use crate::socket::{self as logic, IOV_MAX, NameOut, Route};
+use crate::sys::{fail, set_errno};
 
 /// What a hook returns when its body panicked: -1 (errno EIO).
 trait Failure {

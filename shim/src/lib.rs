@@ -16,6 +16,7 @@ mod addr;
 mod capture;
 mod claims;
 pub mod config;
+mod dedupe;
 mod doorbell;
 mod fabric;
 mod fds;
@@ -27,6 +28,7 @@ mod privsep;
 mod pump;
 mod real;
 mod socket;
+mod sys;
 
 use std::fs::File;
 use std::io::Write;

@@ -24,8 +24,10 @@ use fsbridge::PacketId;
 use fsbridge::ledger::{self, Ledger};
 use libc::c_int;
 
+use crate::dedupe::Dedupe;
 use crate::log;
-use crate::socket::{Dedupe, Shim, lock};
+use crate::socket::Shim;
+use crate::sys::lock;
 
 /// Ledger failures remembered per port (enough for every caller waiting when they happen).
 const FAILURES_KEPT: usize = 1024;

@@ -158,7 +158,7 @@ fn start(root: &Path) -> io::Result<(Client, i32)> {
             return Err(io::Error::other("the helper could not be forked"));
         }
     }
-    let fd = crate::socket::make_internal(app_end);
+    let fd = crate::sys::make_internal(app_end);
     Ok((Client { fd }, pid))
 }
 
