@@ -11,7 +11,7 @@
 use std::ffi::OsString;
 use std::fs::{File, Metadata};
 use std::io::{self, Read};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -313,13 +313,9 @@ pub fn touch(path: impl AsRef<Path>) -> io::Result<()> {
     if let Some((helper, relative)) = delegated(path) {
         return helper.make(Request::Touch { path: relative }).map(drop);
     }
-    let name =
-        std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: a NUL-terminated path; a null times pointer means "now".
-    match unsafe { libc::utimensat(libc::AT_FDCWD, name.as_ptr(), std::ptr::null(), 0) } {
-        0 => Ok(()),
-        _ => Err(io::Error::last_os_error()),
-    }
+    let now = nix::sys::time::TimeSpec::UTIME_NOW;
+    nix::sys::stat::utimensat(nix::fcntl::AT_FDCWD, path, &now, &now, nix::sys::stat::UtimensatFlags::FollowSymlink)
+        .map_err(io::Error::from)
 }
 
 /// The names in directory `path` (without `.` and `..`), in the order the directory gives them.
@@ -334,32 +330,14 @@ pub fn read_dir_names(path: impl AsRef<Path>) -> io::Result<Vec<OsString>> {
 
 /// Reads the entries of an open directory (getdents needs no permission beyond the open's).
 fn names_of(directory: File) -> io::Result<Vec<OsString>> {
-    let fd = directory.as_raw_fd();
-    // SAFETY: fdopendir takes ownership of a valid directory fd on success.
-    let stream = unsafe { libc::fdopendir(fd) };
-    if stream.is_null() {
-        return Err(io::Error::last_os_error());
-    }
-    std::mem::forget(directory);
     let mut names = Vec::new();
-    let result = loop {
-        // SAFETY: errno is this thread's.
-        unsafe { *libc::__errno_location() = 0 };
-        // SAFETY: stream is an open DIR*.
-        let entry = unsafe { libc::readdir(stream) };
-        if entry.is_null() {
-            let errno = io::Error::last_os_error();
-            break if errno.raw_os_error() == Some(0) { Ok(()) } else { Err(errno) };
-        }
-        // SAFETY: d_name is NUL-terminated within the entry readdir returned.
-        let name = unsafe { std::ffi::CStr::from_ptr((*entry).d_name.as_ptr()) }.to_bytes();
+    for entry in nix::dir::Dir::from_fd(OwnedFd::from(directory))?.iter() {
+        let name = entry?.file_name().to_bytes().to_vec();
         if name != b"." && name != b".." {
-            names.push(OsString::from(std::ffi::OsStr::from_bytes(name)));
+            names.push(OsString::from(std::ffi::OsStr::from_bytes(&name)));
         }
-    };
-    // SAFETY: stream came from fdopendir and is closed once (it closes fd).
-    unsafe { libc::closedir(stream) };
-    result.map(|()| names)
+    }
+    Ok(names)
 }
 
 #[cfg(test)]
@@ -379,14 +357,9 @@ mod tests {
             let at = |path: &Path| self.root.join(path);
             match request {
                 Request::Open { path, flags, mode } => {
-                    let name = std::ffi::CString::new(at(path).as_os_str().as_bytes()).unwrap();
-                    // SAFETY: a NUL-terminated path.
-                    let fd = unsafe { libc::open(name.as_ptr(), flags, mode) };
-                    if fd < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    // SAFETY: a fresh fd we own.
-                    Ok(Some(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }))
+                    let flags = nix::fcntl::OFlag::from_bits_retain(flags);
+                    let mode = nix::sys::stat::Mode::from_bits_retain(mode);
+                    Ok(Some(nix::fcntl::open(&at(path), flags, mode)?))
                 }
                 Request::Mkdir { path, .. } => std::fs::create_dir(at(path)).map(|()| None),
                 Request::Rename { from, to } => std::fs::rename(at(from), at(to)).map(|()| None),

@@ -293,10 +293,8 @@ impl LogWriter {
 
 /// Time since boot, suspended time included (CLOCK_BOOTTIME).
 fn boot_time() -> Duration {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime fills the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
-    Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map_or(Duration::ZERO, |now| Duration::new(now.tv_sec() as u64, now.tv_nsec() as u32))
 }
 
 /// Is `dir` on a local disk file system (not NFS, SMB/CIFS, FUSE, or one statfs cannot tell)?
@@ -306,13 +304,12 @@ fn is_local_file_system(dir: &Path) -> bool {
     const SMB2: i64 = 0xFE53_4D42;
     const CIFS: i64 = 0xFF53_4D42;
     const FUSE: i64 = 0x6573_5546;
-    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) else { return false };
-    // SAFETY: a zeroed statfs is valid; statfs fills it from a NUL-terminated path.
-    let mut info: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statfs(path.as_ptr(), &mut info) } != 0 {
-        return false;
+    match nix::sys::statfs::statfs(dir) {
+        // The magic's type is the C `long` of the target (i64 here, i32 on 32-bit ones).
+        #[allow(clippy::unnecessary_cast)]
+        Ok(info) => !matches!(info.filesystem_type().0 as i64, NFS | SMB | SMB2 | CIFS | FUSE),
+        Err(_) => false,
     }
-    !matches!(info.f_type as i64, NFS | SMB | SMB2 | CIFS | FUSE)
 }
 
 /// What a read found after its last whole frame.

@@ -15,7 +15,7 @@ use std::ffi::OsString;
 
 use crate::fsops::{self as fs, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, IntoRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::thread;
@@ -143,12 +143,8 @@ fn write_file(path: &Path, bytes: &[u8], durable: bool) -> Result<(), SpoolError
     if durable {
         file.sync_all().map_err(write_error)?;
     }
-    let fd = file.into_raw_fd();
-    // SAFETY: we own fd (into_raw_fd) and close it exactly once.
-    if unsafe { libc::close(fd) } != 0 {
-        return Err(SpoolError::Close { path: path.into(), source: io::Error::last_os_error() });
-    }
-    Ok(())
+    // Closed here, so that its error is seen (NFS reports deferred write errors there).
+    nix::unistd::close(file).map_err(|errno| SpoolError::Close { path: path.into(), source: errno.into() })
 }
 
 impl Spool {

@@ -11,12 +11,14 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use fsbridge::fabric::{self, Endpoint, FABRIC_VERSION, Frame, FrameError, FrameOpener, FrameSealer, Role};
 use fsbridge::format::decode_batch;
@@ -39,9 +41,9 @@ const HANDSHAKE_FRAME_BYTES_MAX: usize = 1024;
 /// How often a reader held back by the all-connections bound looks again.
 const INBOUND_RECHECK: Duration = Duration::from_millis(50);
 /// TCP keepalive: a peer that vanished (power loss) is noticed after about idle + interval × count.
-const KEEPALIVE_IDLE_SECONDS: libc::c_int = 10;
-const KEEPALIVE_INTERVAL_SECONDS: libc::c_int = 5;
-const KEEPALIVE_PROBES: libc::c_int = 3;
+const KEEPALIVE_IDLE_SECONDS: u32 = 10;
+const KEEPALIVE_INTERVAL_SECONDS: u32 = 5;
+const KEEPALIVE_PROBES: u32 = 3;
 /// Encoded frames waiting for the writer, per connection, beyond which no deliveries are queued.
 pub const OUTBOUND_DELIVERY_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// Hard bound of a connection's outbound queue: a peer that does not read is disconnected.
@@ -124,7 +126,7 @@ struct Shared {
     /// Connections not yet authenticated or admitted, counted against [`CONNECTIONS_MAX`].
     connecting: AtomicU64,
     next_id: AtomicU64,
-    wake: OwnedFd,
+    wake: EventFd,
     keys_dir: PathBuf,
     counters: Mutex<FabricCounters>,
 }
@@ -192,9 +194,8 @@ impl Write for Stream {
 
 impl Shared {
     fn wake(&self) {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: writing 8 bytes to our eventfd.
-        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        // Fails only when the counter would overflow: the main loop is woken already.
+        let _ = self.wake.write(1);
     }
 
     fn count(&self, update: impl FnOnce(&mut FabricCounters)) {
@@ -206,18 +207,13 @@ impl Hub {
     /// Binds every endpoint (a stale unix socket file left by a killed server is replaced) and
     /// starts accepting. Keys are read from `keys_dir/<node>.key` at each handshake.
     pub fn open(endpoints: &[Endpoint], keys_dir: PathBuf) -> io::Result<Hub> {
-        // SAFETY: eventfd returns a new fd or -1.
-        let wake = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if wake < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let wake = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?;
         let shared = Arc::new(Shared {
             conns: Mutex::new(BTreeMap::new()),
             inbound_total: AtomicUsize::new(0),
             connecting: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
-            // SAFETY: wake is a new fd we own.
-            wake: unsafe { OwnedFd::from_raw_fd(wake) },
+            wake,
             keys_dir,
             counters: Mutex::new(FabricCounters::default()),
         });
@@ -233,15 +229,14 @@ impl Hub {
     }
 
     /// The fd the main loop polls to learn that a connection has something for it.
-    pub fn wake_fd(&self) -> RawFd {
-        self.shared.wake.as_raw_fd()
+    pub fn wake_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.shared.wake.as_fd()
     }
 
     /// Clears the wake fd (call before looking at the connections).
     pub fn clear_wake(&self) {
-        let mut value = [0u8; 8];
-        // SAFETY: reading 8 bytes from our nonblocking eventfd.
-        unsafe { libc::read(self.shared.wake.as_raw_fd(), value.as_mut_ptr().cast(), value.len()) };
+        // EAGAIN when nothing was signalled: nothing to clear.
+        let _ = self.shared.wake.read();
     }
 
     /// Authenticated connections waiting for the main loop to admit or refuse them.
@@ -445,7 +440,7 @@ fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             Listener::Unix(listener) => listener.accept().map(|(stream, _)| (Stream::Unix(stream), "unix".to_owned())),
             Listener::Tcp(listener) => listener.accept().map(|(stream, peer)| {
                 let _ = stream.set_nodelay(true);
-                set_keepalive(stream.as_raw_fd());
+                set_keepalive(&stream);
                 (Stream::Tcp(stream), peer.to_string())
             }),
         };
@@ -482,25 +477,12 @@ fn accept_loop(listener: Listener, shared: Arc<Shared>) {
 
 /// Turns on TCP keepalive with short timers, so that a connection whose node lost power is closed
 /// (and its threads and slot freed) within about half a minute.
-fn set_keepalive(fd: RawFd) {
-    let options = [
-        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, KEEPALIVE_IDLE_SECONDS),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, KEEPALIVE_INTERVAL_SECONDS),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, KEEPALIVE_PROBES),
-    ];
-    for (level, name, value) in options {
-        // SAFETY: one int option on a socket we own.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                name,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-    }
+fn set_keepalive(socket: &TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = setsockopt(socket, sockopt::KeepAlive, &true);
+    let _ = setsockopt(socket, sockopt::TcpKeepIdle, &KEEPALIVE_IDLE_SECONDS);
+    let _ = setsockopt(socket, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL_SECONDS);
+    let _ = setsockopt(socket, sockopt::TcpKeepCount, &KEEPALIVE_PROBES);
 }
 
 /// Reads from a stream with one deadline for everything read (a peer that sends a byte now and then

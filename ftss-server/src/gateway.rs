@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::AsFd;
 use std::time::Instant;
 
 use fsbridge::NodeName;
@@ -140,11 +140,11 @@ impl Gateway {
     }
 
     /// Raw fds to wait on for arrivals.
-    pub fn fds(&self) -> Vec<i32> {
+    pub fn fds(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
         self.ingress
             .iter()
-            .map(|ingress| ingress.socket.as_raw_fd())
-            .chain(self.nat.values().map(|nat| nat.socket.as_raw_fd()))
+            .map(|ingress| ingress.socket.as_fd())
+            .chain(self.nat.values().map(|nat| nat.socket.as_fd()))
             .collect()
     }
 

@@ -581,17 +581,13 @@ impl Server {
 
     /// Sleeps for the poll interval, or less if a datagram arrives at the gateway.
     fn wait_for_work(&self) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         let fabric = self.fabric.as_ref().map(Hub::wake_fd);
-        let mut fds: Vec<libc::pollfd> = self
-            .gateway
-            .fds()
-            .into_iter()
-            .chain(fabric)
-            .map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
-            .collect();
-        let timeout = self.config.poll.as_millis().min(60_000) as libc::c_int;
-        // SAFETY: fds is a valid array of pollfd for the duration of the call.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        let mut fds: Vec<PollFd> =
+            self.gateway.fds().into_iter().chain(fabric).map(|fd| PollFd::new(fd, PollFlags::POLLIN)).collect();
+        let timeout = PollTimeout::try_from(self.config.poll.min(Duration::from_secs(60))).unwrap_or(PollTimeout::MAX);
+        // EINTR (a stop signal) or anything else: the caller's loop looks again.
+        let _ = poll(&mut fds, timeout);
     }
 
     /// Is this an address outside the fabric that no node registered (sent through the gateway)?
