@@ -454,57 +454,30 @@ hooks! {
     fn setsockopt(fd: c_int, level: c_int, name: c_int, value: *const c_void, len: socklen_t) -> c_int {
         logic::setsockopt(fd, level, name, value, len)
     }
+}
 
-    // Credentials: before a root app becomes another user, a helper that keeps root for the
-    // volume's files is started (see `privsep`). The call itself is the real one.
+/// Credential hooks: before a root app becomes another user, a helper that keeps root for the
+/// volume's files is started (see `privsep`). The call itself is the real one.
+macro_rules! credential_hooks {
+    ($($name:ident($($arg:ident: $type:ty),*);)*) => {
+        hooks! {
+            $(fn $name($($arg: $type),*) -> c_int {
+                crate::privsep::before_credentials_change();
+                unsafe { (real().$name)($($arg),*) }
+            })*
+        }
+    };
+}
 
-    fn setuid(uid: libc::uid_t) -> c_int {
-        crate::privsep::before_credentials_change();
-        unsafe { (real().setuid)(uid) }
-    }
-
-    fn setgid(gid: libc::gid_t) -> c_int {
-        crate::privsep::before_credentials_change();
-        unsafe { (real().setgid)(gid) }
-    }
-
-    fn seteuid(uid: libc::uid_t) -> c_int {
-        crate::privsep::before_credentials_change();
-        unsafe { (real().seteuid)(uid) }
-    }
-
-    fn setegid(gid: libc::gid_t) -> c_int {
-        crate::privsep::before_credentials_change();
-        unsafe { (real().setegid)(gid) }
-    }
-
-    fn setreuid(real_uid: libc::uid_t, effective: libc::uid_t) -> c_int {
-        crate::privsep::before_credentials_change();
-        unsafe { (real().setreuid)(real_uid, effective) }
-    }
-
-    fn setregid(real_gid: libc::gid_t, effective: libc::gid_t) -> c_int {
-        crate::privsep::before_credentials_change();
-        unsafe { (real().setregid)(real_gid, effective) }
-    }
-
-    fn setresuid(real_uid: libc::uid_t, effective: libc::uid_t, saved: libc::uid_t) -> c_int {
-        crate::privsep::before_credentials_change();
-        unsafe { (real().setresuid)(real_uid, effective, saved) }
-    }
-
-    fn setresgid(real_gid: libc::gid_t, effective: libc::gid_t, saved: libc::gid_t) -> c_int {
-        crate::privsep::before_credentials_change();
-        unsafe { (real().setresgid)(real_gid, effective, saved) }
-    }
-
-    fn setgroups(count: size_t, groups: *const libc::gid_t) -> c_int {
-        crate::privsep::before_credentials_change();
-        unsafe { (real().setgroups)(count, groups) }
-    }
-
-    fn initgroups(user: *const libc::c_char, group: libc::gid_t) -> c_int {
-        crate::privsep::before_credentials_change();
-        unsafe { (real().initgroups)(user, group) }
-    }
+credential_hooks! {
+    setuid(uid: libc::uid_t);
+    setgid(gid: libc::gid_t);
+    seteuid(uid: libc::uid_t);
+    setegid(gid: libc::gid_t);
+    setreuid(real_uid: libc::uid_t, effective: libc::uid_t);
+    setregid(real_gid: libc::gid_t, effective: libc::gid_t);
+    setresuid(real_uid: libc::uid_t, effective: libc::uid_t, saved: libc::uid_t);
+    setresgid(real_gid: libc::gid_t, effective: libc::gid_t, saved: libc::gid_t);
+    setgroups(count: size_t, groups: *const libc::gid_t);
+    initgroups(user: *const libc::c_char, group: libc::gid_t);
 }
