@@ -26,6 +26,9 @@ pub const SMB_SERVER: &str = "10.0.2.101";
 /// Where a job mounts the volume inside its root.
 pub const GUEST_VOLUME: &str = "/mnt/ftss";
 
+/// How long a guest that has printed its job's status may take to power off before it is killed.
+const POWER_OFF_GRACE: Duration = Duration::from_secs(20);
+
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Serializes lab tests of one binary (each boots guests and servers on fixed guest ports).
@@ -385,15 +388,22 @@ impl Guest {
         self.process.as_mut().is_some_and(|process| matches!(process.child.try_wait(), Ok(None)))
     }
 
-    /// Waits for the job to end and the guest to power off; returns the job's exit status (`None`
-    /// when it did not finish within `limit`, after which the guest is killed).
+    /// Waits for the job to end and returns its exit status (`None` when it did not finish within
+    /// `limit`). The guest prints the status after its `sync`, so the status is final once printed:
+    /// a guest that then hangs powering off (a TCG guest starved of CPU can stall in a soft lockup
+    /// there) is given a grace period and killed.
     pub fn wait(&mut self, limit: Duration) -> Option<i32> {
-        let finished = self.process.as_mut().is_some_and(|process| process.wait_exit(limit));
-        self.process = None;
-        if !finished {
-            return None;
+        let status = |guest: &Guest| -> Option<i32> {
+            guest.lines("LAB-EXIT ").last().and_then(|status| status.trim().parse().ok())
+        };
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline && self.running() && status(self).is_none() {
+            std::thread::sleep(Duration::from_millis(50));
         }
-        self.lines("LAB-EXIT ").last().and_then(|status| status.trim().parse().ok())
+        if let Some(mut process) = self.process.take() {
+            process.wait_exit(POWER_OFF_GRACE);
+        }
+        status(self)
     }
 
     /// kill -9 of the whole machine (power loss).
