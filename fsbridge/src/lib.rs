@@ -32,6 +32,7 @@
 //! framed for a stream connection to ftss-server.
 
 pub mod bell;
+pub mod disk;
 pub mod fabric;
 pub mod format;
 pub mod fsops;

@@ -47,11 +47,11 @@
 //! the index.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use fsbridge::disk::{self, File, OpenOptions};
 use fsbridge::format::{self, DecodeError, PAYLOAD_BYTES_MAX};
 use fsbridge::{NodeName, Packet, PacketId};
 use serde::Serialize;
@@ -268,7 +268,7 @@ fn segment_header(segment: u64, seed: u32) -> Vec<u8> {
 
 /// A new segment's random checksum seed (never 0, the seed of plain records).
 fn new_seed() -> u32 {
-    (fsbridge::random_u64() as u32).max(1)
+    (disk::random_u64() as u32).max(1)
 }
 
 /// The framing a segment's header declares, if the header is whole and names `segment`.
@@ -445,8 +445,8 @@ fn merge(copies: &[&[u8]], segment: u64) -> Option<Merged> {
 fn segment_ids(dirs: &[PathBuf]) -> Vec<u64> {
     let mut ids = std::collections::BTreeSet::new();
     for dir in dirs {
-        for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
-            if let Some(id) = entry.file_name().to_str().and_then(parse_segment_name) {
+        for name in disk::read_dir_names(dir).into_iter().flatten() {
+            if let Some(id) = name.to_str().and_then(parse_segment_name) {
                 ids.insert(id);
             }
         }
@@ -481,7 +481,7 @@ pub fn read_only_scan(dirs: &[PathBuf]) -> Result<Vec<Recovered>, QueueError> {
     let mut all = Vec::new();
     for segment in segment_ids(&dirs) {
         let copies: Vec<Vec<u8>> =
-            dirs.iter().map(|dir| fs::read(dir.join(segment_name(segment))).unwrap_or_default()).collect();
+            dirs.iter().map(|dir| disk::read(dir.join(segment_name(segment))).unwrap_or_default()).collect();
         let views: Vec<&[u8]> = copies.iter().map(Vec::as_slice).collect();
         if let Some(merged) = merge(&views, segment) {
             all.extend(records_of(&merged.bytes, segment, merged.format));
@@ -492,7 +492,7 @@ pub fn read_only_scan(dirs: &[PathBuf]) -> Result<Vec<Recovered>, QueueError> {
 
 /// A mirror's failure-event count (0 if it has none or it cannot be read).
 fn read_events(dir: &Path) -> u64 {
-    fs::read_to_string(dir.join(EVENTS_FILE)).ok().and_then(|text| text.trim().parse().ok()).unwrap_or(0)
+    disk::read_to_string(dir.join(EVENTS_FILE)).ok().and_then(|text| text.trim().parse().ok()).unwrap_or(0)
 }
 
 /// Writes a mirror's failure-event count in place: a fixed 32 bytes, one write in one sector, so
@@ -502,12 +502,12 @@ fn write_events(dir: &Path, events: u64) -> io::Result<()> {
     text.push_str(&" ".repeat(31 - text.len()));
     text.push('\n');
     let path = dir.join(EVENTS_FILE);
-    let existed = path.exists();
+    let existed = disk::exists(&path);
     let file = OpenOptions::new().write(true).create(true).truncate(false).open(&path)?;
     file.write_all_at(text.as_bytes(), 0)?;
     file.sync_data()?;
     if !existed {
-        File::open(dir)?.sync_all()?;
+        disk::sync_dir(dir)?;
     }
     Ok(())
 }
@@ -519,7 +519,7 @@ impl Queue {
     pub fn open(dirs: &[PathBuf]) -> Result<(Queue, Vec<Recovered>, RecoveryReport), QueueError> {
         assert!(!dirs.is_empty(), "at least one queue dir");
         for dir in dirs {
-            fs::create_dir_all(dir).map_err(io_error("creating", dir))?;
+            disk::create_dir_all(dir).map_err(io_error("creating", dir))?;
         }
         let mut report = RecoveryReport::default();
         let counts: Vec<u64> = dirs.iter().map(|dir| read_events(dir)).collect();
@@ -605,7 +605,7 @@ impl Queue {
     /// take their receipts. `None` if no file system could be asked.
     pub fn space(&self) -> Option<(u64, u64)> {
         self.healthy()
-            .filter_map(|index| disk_bytes(&self.mirrors[index].dir))
+            .filter_map(|index| disk::space(&self.mirrors[index].dir))
             .map(|(size, free)| (free, (size / 10).min(QUEUE_RESERVE_BYTES_MAX)))
             .min_by_key(|(free, _)| *free)
     }
@@ -647,10 +647,9 @@ impl Queue {
         for index in self.healthy().collect::<Vec<_>>() {
             let dir = self.mirrors[index].dir.clone();
             let tmp = dir.join(format!(".fence.{}", std::process::id()));
-            let written = fsbridge::spool::write_file_durably(&tmp, text.as_bytes())
-                .map_err(io::Error::from)
-                .and_then(|()| fs::rename(&tmp, dir.join(FENCE_FILE)))
-                .and_then(|()| File::open(&dir)?.sync_all());
+            let written = disk::write_new_synced(&tmp, text.as_bytes())
+                .and_then(|()| disk::rename(&tmp, dir.join(FENCE_FILE)))
+                .and_then(|()| disk::sync_dir(&dir));
             written.map_err(io_error("fencing", &dir))?;
         }
         self.rotate()
@@ -672,7 +671,7 @@ impl Queue {
                 Ok(file) => opened.push((index, file)),
                 Err(error) => {
                     for (opened_index, _) in opened {
-                        let _ = fs::remove_file(self.mirrors[opened_index].dir.join(segment_name(next)));
+                        let _ = disk::remove_file(self.mirrors[opened_index].dir.join(segment_name(next)));
                     }
                     return Err(error);
                 }
@@ -774,7 +773,7 @@ impl Queue {
             let file = self.mirrors[index].active.as_mut().expect("healthy mirror has its active segment open");
             let result = file.write_all(&self.pending).and_then(|()| file.sync_data()).and_then(|()| file.metadata());
             match result {
-                Ok(meta) if meta.nlink() == 0 => {
+                Ok(meta) if meta.nlink == 0 => {
                     last_error = format!("{} was removed", path.display());
                     self.fail_mirror(index, last_error.clone());
                 }
@@ -916,7 +915,7 @@ impl Queue {
         let Some(source) = self.healthy().next() else { return 0 };
         let mut rejoined = 0;
         for index in 0..self.mirrors.len() {
-            if self.mirrors[index].failure.is_none() || !self.mirrors[index].dir.is_dir() {
+            if self.mirrors[index].failure.is_none() || !disk::is_dir(&self.mirrors[index].dir) {
                 continue;
             }
             match self.copy_mirror(source, index) {
@@ -941,17 +940,16 @@ impl Queue {
     fn copy_mirror(&mut self, source: usize, target: usize) -> io::Result<()> {
         let source_dir = self.mirrors[source].dir.clone();
         let target_dir = self.mirrors[target].dir.clone();
-        for entry in fs::read_dir(&target_dir)?.flatten() {
-            if entry.file_name() == FENCE_FILE {
+        for name in disk::read_dir_names(&target_dir)? {
+            if name == FENCE_FILE {
                 continue;
             }
-            let stale = entry
-                .file_name()
+            let stale = name
                 .to_str()
                 .and_then(parse_segment_name)
                 .is_some_and(|id| !self.segments.contains_key(&id));
             if stale {
-                fs::remove_file(entry.path())?;
+                disk::remove_file(target_dir.join(&name))?;
             }
         }
         let progress = crate::progress::Progress::new("resyncing a queue mirror");
@@ -964,9 +962,9 @@ impl Queue {
             let mut file = File::create(&tmp)?;
             file.write_all(&bytes)?;
             file.sync_all()?;
-            fs::rename(&tmp, target_dir.join(segment_name(segment)))?;
+            disk::rename(&tmp, target_dir.join(segment_name(segment)))?;
         }
-        File::open(&target_dir)?.sync_all()?;
+        disk::sync_dir(&target_dir)?;
         progress.done();
         let active = OpenOptions::new().append(true).open(target_dir.join(segment_name(self.active_segment)))?;
         self.mirrors[target].active = Some(active);
@@ -984,9 +982,9 @@ impl Queue {
             for index in self.healthy().collect::<Vec<_>>() {
                 self.readers.remove(&(index, segment));
                 let dir = self.mirrors[index].dir.clone();
-                let removed = match fs::remove_file(dir.join(segment_name(segment))) {
+                let removed = match disk::remove_file(dir.join(segment_name(segment))) {
                     Err(error) if error.kind() != io::ErrorKind::NotFound => Err(error),
-                    _ => File::open(&dir).and_then(|file| file.sync_all()),
+                    _ => disk::sync_dir(&dir),
                 };
                 if let Err(error) = removed {
                     self.fail_mirror(index, format!("removing segment {segment}: {error}"));
@@ -1005,17 +1003,11 @@ impl Queue {
 /// only a few segments large the oldest packets' receipts could never free any.
 fn segment_bytes_for(dirs: &[PathBuf]) -> u64 {
     dirs.iter()
-        .filter_map(|dir| disk_bytes(dir))
+        .filter_map(disk::space)
         .map(|(size, _)| size / 32)
         .min()
         .unwrap_or(SEGMENT_BYTES_MAX)
         .clamp(SEGMENT_BYTES_MIN, SEGMENT_BYTES_MAX)
-}
-
-/// Size and free bytes (for this user) of the file system holding `dir`.
-fn disk_bytes(dir: &Path) -> Option<(u64, u64)> {
-    let stat = nix::sys::statvfs::statvfs(dir).ok()?;
-    Some((stat.blocks() * stat.fragment_size(), stat.blocks_available() * stat.fragment_size()))
 }
 
 /// Name of the fence file in each queue dir.
@@ -1031,7 +1023,7 @@ struct Fence {
 /// The latest fence written in any of `dirs`.
 fn read_fence(dirs: &[PathBuf]) -> Option<Fence> {
     dirs.iter()
-        .filter_map(|dir| fs::read_to_string(dir.join(FENCE_FILE)).ok())
+        .filter_map(|dir| disk::read_to_string(dir.join(FENCE_FILE)).ok())
         .filter_map(|text| toml::from_str::<Fence>(&text).ok())
         .max_by_key(|fence| fence.epoch)
 }
@@ -1045,8 +1037,8 @@ fn apply_fence(dirs: &[PathBuf], failures: &mut [Option<String>], report: &mut R
     for (segment, length) in fence.segments {
         for (dir, failure) in dirs.iter().zip(failures.iter_mut()) {
             let path = dir.join(segment_name(segment));
-            let Ok(meta) = fs::metadata(&path) else { continue };
-            if failure.is_some() || meta.len() <= length {
+            let Ok(meta) = disk::metadata(&path) else { continue };
+            if failure.is_some() || meta.len <= length {
                 continue;
             }
             let cut = OpenOptions::new().write(true).open(&path).and_then(|file| {
@@ -1057,10 +1049,10 @@ fn apply_fence(dirs: &[PathBuf], failures: &mut [Option<String>], report: &mut R
                 Ok(()) => {
                     eprintln!(
                         "ftss-server: cut {} bytes a deposed instance wrote to {}",
-                        meta.len() - length,
+                        meta.len - length,
                         path.display()
                     );
-                    report.fenced_bytes += meta.len() - length;
+                    report.fenced_bytes += meta.len - length;
                 }
                 Err(error) => *failure = Some(format!("fencing {}: {error}", path.display())),
             }
@@ -1074,7 +1066,7 @@ fn create_segment(dir: &Path, segment: u64, header: &[u8]) -> Result<File, Queue
     let path = dir.join(segment_name(segment));
     let mut file = OpenOptions::new().append(true).create_new(true).open(&path).map_err(io_error("creating", &path))?;
     let written =
-        file.write_all(header).and_then(|()| file.sync_data()).and_then(|()| File::open(dir)?.sync_all()).map_err(
+        file.write_all(header).and_then(|()| file.sync_data()).and_then(|()| disk::sync_dir(dir)).map_err(
             |source| {
                 if is_no_space(&source) {
                     QueueError::NoSpace { path: path.clone(), source }
@@ -1084,7 +1076,7 @@ fn create_segment(dir: &Path, segment: u64, header: &[u8]) -> Result<File, Queue
             },
         );
     if let Err(error) = written {
-        let _ = fs::remove_file(&path);
+        let _ = disk::remove_file(&path);
         return Err(error);
     }
     Ok(file)
@@ -1097,7 +1089,7 @@ fn open_segment_for_append(dir: &Path, segment: u64, header: Option<&[u8]>) -> R
         file.set_len(0).map_err(io_error("truncating", &path))?;
         file.write_all(header).map_err(io_error("writing", &path))?;
         file.sync_data().map_err(io_error("syncing", &path))?;
-        File::open(dir).and_then(|dir| dir.sync_all()).map_err(io_error("syncing", dir))?;
+        disk::sync_dir(dir).map_err(io_error("syncing", dir))?;
     }
     Ok(file)
 }
@@ -1146,7 +1138,7 @@ fn read_copies(dirs: &[PathBuf], failures: &mut [Option<String>], segment: u64) 
             continue;
         }
         let path = dir.join(segment_name(segment));
-        match fs::read(&path) {
+        match disk::read(&path) {
             Ok(bytes) => copies.push((index, bytes)),
             Err(error) if error.kind() == io::ErrorKind::NotFound => copies.push((index, Vec::new())),
             Err(error) => failures[index] = Some(format!("reading {}: {error}", path.display())),
@@ -1177,7 +1169,7 @@ fn drop_headerless(
     }
     for (index, _) in copies {
         let path = dirs[*index].join(segment_name(segment));
-        if let Err(error) = fs::remove_file(&path) {
+        if let Err(error) = disk::remove_file(&path) {
             failures[*index] = Some(format!("removing {}: {error}", path.display()));
         }
     }
@@ -1205,10 +1197,10 @@ fn write_merged(
             })
         } else {
             let tmp = path.with_extension("repair");
-            let written = fs::write(&tmp, chosen)
+            let written = disk::write(&tmp, chosen)
                 .and_then(|()| File::open(&tmp)?.sync_all())
-                .and_then(|()| fs::rename(&tmp, &path))
-                .and_then(|()| File::open(&dirs[*index])?.sync_all());
+                .and_then(|()| disk::rename(&tmp, &path))
+                .and_then(|()| disk::sync_dir(&dirs[*index]));
             if written.is_ok() {
                 report.mirrors_repaired += 1;
             }
@@ -1226,15 +1218,18 @@ pub const DAMAGED_DIR: &str = "damaged";
 /// Writes a damaged stretch and its reason under `dir/damaged/` (synced).
 fn keep_damage(dir: &Path, damage: &Damage) -> Result<(), fsbridge::SpoolError> {
     let kept = dir.join(DAMAGED_DIR);
-    fs::create_dir_all(&kept).map_err(|source| fsbridge::SpoolError::Io {
+    disk::create_dir_all(&kept).map_err(|source| fsbridge::SpoolError::Io {
         operation: "creating",
         path: kept.clone(),
         source,
     })?;
     let name = format!("{}-{}", segment_name(damage.segment), damage.offset);
-    fsbridge::spool::write_file_durably(&kept.join(format!("{name}.bin")), &damage.bytes)?;
-    fsbridge::spool::write_file_durably(&kept.join(format!("{name}.reason")), damage.reason.as_bytes())?;
-    fsbridge::spool::sync_directory(&kept)
+    for (path, bytes) in [(format!("{name}.bin"), &damage.bytes[..]), (format!("{name}.reason"), damage.reason.as_bytes())] {
+        let path = kept.join(path);
+        disk::write_new_synced(&path, bytes)
+            .map_err(|source| fsbridge::SpoolError::Io { operation: "writing", path: path.clone(), source })?;
+    }
+    disk::sync_dir(&kept).map_err(|source| fsbridge::SpoolError::SyncDirectory { path: kept.clone(), source })
 }
 
 /// Verifies every segment in every mirror; truncates torn tails and repairs mirrors from the longest
@@ -1250,6 +1245,7 @@ pub fn scrub(dirs: &[PathBuf]) -> Result<RecoveryReport, QueueError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use fsbridge::NodeName;
 
     fn temp_dirs(count: usize) -> Vec<PathBuf> {

@@ -1,0 +1,664 @@
+//! The simulated disk: an in-memory file system that keeps what was synced apart from what was
+//! only written, and fails, tears and crashes on a schedule drawn from one seed.
+//!
+//! - A file's data is durable once the file is synced; a name (create, rename, remove) once its
+//!   directory is synced. Directories themselves are durable when made (the queue's are set up
+//!   before it runs).
+//! - [`SimDisk::crash`] is a power loss: every name goes back to its last synced state, and every
+//!   file keeps its synced bytes plus, as a real disk may, none, some or all of what was written
+//!   after them, the last sector of that sometimes garbage (a torn write). Bytes overwritten in
+//!   place and not synced come back old or new.
+//! - Any call can fail with EIO, and writes with ENOSPC, at the rate the [`Faults`] say; renames
+//!   and removes can fail after doing their work (an NFS reply lost and the retransmission
+//!   refused). Writes past the capacity fail with ENOSPC.
+//! - The process dies at the call numbered [`Faults::crash_at`]: that call unwinds with a
+//!   [`Crash`] payload (no panic message), and the simulator catches it, crashes the disk and
+//!   starts the code again.
+//!
+//! Not simulated: directory listings that lag behind (the queue's disks are local), hard links,
+//! renaming directories, and permissions.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use super::{Meta, OpenOptions};
+
+/// The payload a simulated crash unwinds with.
+#[derive(Debug)]
+pub struct Crash;
+
+/// Fault rates and the crash point of one run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Faults {
+    /// Calls failing with EIO (or ENOSPC, for writes), per million.
+    pub error_per_million: u32,
+    /// Renames and removes that fail after doing their work, per million.
+    pub late_error_per_million: u32,
+    /// The call (counted from 1 over the disk's life) at which the process dies.
+    pub crash_at: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    File(u64),
+    Dir,
+}
+
+#[derive(Debug, Default)]
+struct Inode {
+    current: Vec<u8>,
+    durable: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Open {
+    inode: u64,
+    position: u64,
+    read: bool,
+    write: bool,
+    append: bool,
+}
+
+/// The kinds of call, for fault injection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Read,
+    Write,
+    Sync,
+    Name,
+}
+
+#[derive(Debug)]
+struct State {
+    rng: u64,
+    inodes: HashMap<u64, Inode>,
+    next_inode: u64,
+    current: BTreeMap<PathBuf, Entry>,
+    durable: BTreeMap<PathBuf, Entry>,
+    open: HashMap<u64, Open>,
+    next_handle: u64,
+    capacity: u64,
+    calls: u64,
+    faults: Faults,
+    errors_injected: u64,
+    /// Bumped by every crash: handles from before it are dead.
+    boot: u64,
+}
+
+/// A simulated disk; clones share it.
+#[derive(Debug, Clone)]
+pub struct SimDisk(Rc<RefCell<State>>);
+
+/// An open simulated file.
+#[derive(Debug)]
+pub struct Handle {
+    id: u64,
+    boot: u64,
+    disk: SimDisk,
+}
+
+thread_local! {
+    static CURRENT: RefCell<Option<SimDisk>> = const { RefCell::new(None) };
+}
+
+/// The disk installed on this thread, if any.
+pub fn current() -> Option<SimDisk> {
+    CURRENT.with(|current| current.borrow().clone())
+}
+
+/// While this lives, the thread's file calls in [`crate::disk`] go to the simulated disk.
+pub struct Installed(());
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        CURRENT.with(|current| current.borrow_mut().take());
+    }
+}
+
+/// Sends this thread's [`crate::disk`] calls to `disk` until the guard is dropped.
+pub fn install(disk: &SimDisk) -> Installed {
+    CURRENT.with(|current| *current.borrow_mut() = Some(disk.clone()));
+    Installed(())
+}
+
+fn errno(code: i32) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+fn parent(path: &Path) -> PathBuf {
+    path.parent().map_or_else(|| PathBuf::from("/"), Path::to_path_buf)
+}
+
+impl State {
+    fn next_random(&mut self) -> u64 {
+        // splitmix64
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn chance(&mut self, per_million: u32) -> bool {
+        per_million > 0 && self.next_random() % 1_000_000 < u64::from(per_million)
+    }
+
+    fn used(&self) -> u64 {
+        self.inodes.values().map(|inode| inode.current.len() as u64).sum()
+    }
+
+    fn is_dir(&self, path: &Path) -> bool {
+        path == Path::new("/") || self.current.get(path) == Some(&Entry::Dir)
+    }
+
+    fn links(&self, inode: u64) -> u64 {
+        self.current.values().filter(|entry| **entry == Entry::File(inode)).count() as u64
+    }
+
+    fn open_file(&mut self, id: u64, boot: u64) -> io::Result<&mut Open> {
+        if boot != self.boot {
+            return Err(errno(libc::EBADF));
+        }
+        self.open.get_mut(&id).ok_or_else(|| errno(libc::EBADF))
+    }
+
+    /// Grows `inode` to hold `end` bytes, within the capacity.
+    fn make_room(&mut self, inode: u64, end: u64) -> io::Result<()> {
+        let len = self.inodes[&inode].current.len() as u64;
+        if end > len && self.used() + (end - len) > self.capacity {
+            return Err(errno(libc::ENOSPC));
+        }
+        Ok(())
+    }
+
+    fn write_at(&mut self, inode: u64, bytes: &[u8], offset: u64) -> io::Result<()> {
+        let end = offset + bytes.len() as u64;
+        self.make_room(inode, end)?;
+        let data = &mut self.inodes.get_mut(&inode).expect("open inode").current;
+        if data.len() < end as usize {
+            data.resize(end as usize, 0);
+        }
+        data[offset as usize..end as usize].copy_from_slice(bytes);
+        Ok(())
+    }
+
+    /// What a file holds after a power loss.
+    fn survivor(&mut self, durable: &[u8], current: &[u8]) -> Vec<u8> {
+        if current.len() > durable.len() && current.starts_with(durable) {
+            let extra = current.len() - durable.len();
+            let kept = match self.next_random() % 3 {
+                0 => 0,
+                1 => (self.next_random() % (extra as u64 + 1)) as usize,
+                _ => extra,
+            };
+            let mut bytes = current[..durable.len() + kept].to_vec();
+            if kept > 0 && self.next_random() % 8 == 0 {
+                let torn = kept.min(1 + (self.next_random() % 16) as usize);
+                let len = bytes.len();
+                for byte in &mut bytes[len - torn..] {
+                    *byte = self.next_random() as u8;
+                }
+            }
+            bytes
+        } else if current != durable && self.next_random() % 2 == 0 {
+            current.to_vec()
+        } else {
+            durable.to_vec()
+        }
+    }
+}
+
+impl SimDisk {
+    /// An empty disk of `capacity` bytes whose randomness comes from `seed`.
+    pub fn new(seed: u64, capacity: u64) -> SimDisk {
+        SimDisk(Rc::new(RefCell::new(State {
+            rng: seed,
+            inodes: HashMap::new(),
+            next_inode: 1,
+            current: BTreeMap::new(),
+            durable: BTreeMap::new(),
+            open: HashMap::new(),
+            next_handle: 1,
+            capacity,
+            calls: 0,
+            faults: Faults::default(),
+            errors_injected: 0,
+            boot: 0,
+        })))
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        self.0.borrow_mut().faults = faults;
+    }
+
+    pub fn set_capacity(&self, capacity: u64) {
+        self.0.borrow_mut().capacity = capacity;
+    }
+
+    /// Calls made so far.
+    pub fn calls(&self) -> u64 {
+        self.0.borrow().calls
+    }
+
+    /// Errors injected so far.
+    pub fn errors_injected(&self) -> u64 {
+        self.0.borrow().errors_injected
+    }
+
+    /// A number from the disk's random stream.
+    pub fn random(&self) -> u64 {
+        self.0.borrow_mut().next_random()
+    }
+
+    /// Power loss: see the module notes. Open handles die.
+    pub fn crash(&self) {
+        let mut state = self.0.borrow_mut();
+        let state = &mut *state;
+        state.current = state.durable.clone();
+        state.open.clear();
+        state.boot += 1;
+        let live: std::collections::HashSet<u64> = state
+            .current
+            .values()
+            .filter_map(|entry| match entry {
+                Entry::File(inode) => Some(*inode),
+                Entry::Dir => None,
+            })
+            .collect();
+        state.inodes.retain(|inode, _| live.contains(inode));
+        let mut inodes: Vec<u64> = state.inodes.keys().copied().collect();
+        inodes.sort_unstable();
+        for inode in inodes {
+            let (durable, current) = {
+                let entry = state.inodes.get_mut(&inode).expect("listed");
+                (std::mem::take(&mut entry.durable), std::mem::take(&mut entry.current))
+            };
+            let bytes = state.survivor(&durable, &current);
+            let entry = state.inodes.get_mut(&inode).expect("listed");
+            entry.durable = bytes.clone();
+            entry.current = bytes;
+        }
+    }
+
+    /// Counts a call and decides its fate: go on, fail, or die here.
+    fn enter(&self, call: Call) -> io::Result<()> {
+        let verdict = {
+            let mut state = self.0.borrow_mut();
+            state.calls += 1;
+            let (calls, faults) = (state.calls, state.faults);
+            if faults.crash_at.is_some_and(|at| calls >= at) {
+                None
+            } else if state.chance(faults.error_per_million) {
+                state.errors_injected += 1;
+                let no_space = call == Call::Write && state.next_random() % 2 == 0;
+                Some(Err(errno(if no_space { libc::ENOSPC } else { libc::EIO })))
+            } else {
+                Some(Ok(()))
+            }
+        };
+        // Unwound outside the borrow, so that handles dropped on the way can reach the disk.
+        verdict.unwrap_or_else(|| std::panic::resume_unwind(Box::new(Crash)))
+    }
+
+    /// After a rename or remove did its work: perhaps report a failure anyway.
+    fn late(&self) -> io::Result<()> {
+        let mut state = self.0.borrow_mut();
+        let rate = state.faults.late_error_per_million;
+        if state.chance(rate) {
+            state.errors_injected += 1;
+            return Err(errno(libc::EIO));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn open(&self, path: &Path, options: OpenOptions) -> io::Result<Handle> {
+        self.enter(if options.write || options.append { Call::Write } else { Call::Read })?;
+        let mut state = self.0.borrow_mut();
+        if !state.is_dir(&parent(path)) {
+            return Err(errno(libc::ENOENT));
+        }
+        let inode = match state.current.get(path).copied() {
+            Some(Entry::Dir) => return Err(errno(libc::EISDIR)),
+            Some(Entry::File(_)) if options.create_new => return Err(errno(libc::EEXIST)),
+            Some(Entry::File(inode)) => {
+                if options.truncate {
+                    state.inodes.get_mut(&inode).expect("named inode").current.clear();
+                }
+                inode
+            }
+            None if options.create || options.create_new => {
+                let inode = state.next_inode;
+                state.next_inode += 1;
+                state.inodes.insert(inode, Inode::default());
+                state.current.insert(path.to_path_buf(), Entry::File(inode));
+                inode
+            }
+            None => return Err(errno(libc::ENOENT)),
+        };
+        let id = state.next_handle;
+        state.next_handle += 1;
+        let open = Open {
+            inode,
+            position: 0,
+            read: options.read,
+            write: options.write || options.append,
+            append: options.append,
+        };
+        state.open.insert(id, open);
+        Ok(Handle { id, boot: state.boot, disk: self.clone() })
+    }
+
+    pub(crate) fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.enter(Call::Sync)?;
+        let mut state = self.0.borrow_mut();
+        if !state.is_dir(dir) {
+            return Err(errno(libc::ENOENT));
+        }
+        let state = &mut *state;
+        let children = |map: &BTreeMap<PathBuf, Entry>| -> Vec<PathBuf> {
+            map.keys().filter(|path| path.parent() == Some(dir)).cloned().collect()
+        };
+        for path in children(&state.durable) {
+            if !state.current.contains_key(&path) {
+                state.durable.remove(&path);
+            }
+        }
+        for path in children(&state.current) {
+            state.durable.insert(path.clone(), state.current[&path]);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.enter(Call::Name)?;
+        {
+            let mut state = self.0.borrow_mut();
+            let entry = state.current.get(from).copied().ok_or_else(|| errno(libc::ENOENT))?;
+            if entry == Entry::Dir {
+                return Err(errno(libc::EINVAL));
+            }
+            if !state.is_dir(&parent(to)) {
+                return Err(errno(libc::ENOENT));
+            }
+            if state.current.get(to) == Some(&Entry::Dir) {
+                return Err(errno(libc::EISDIR));
+            }
+            state.current.remove(from);
+            state.current.insert(to.to_path_buf(), entry);
+        }
+        self.late()
+    }
+
+    pub(crate) fn remove(&self, path: &Path, dir: bool) -> io::Result<()> {
+        self.enter(Call::Name)?;
+        {
+            let mut state = self.0.borrow_mut();
+            match (state.current.get(path).copied(), dir) {
+                (None, _) => return Err(errno(libc::ENOENT)),
+                (Some(Entry::Dir), false) => return Err(errno(libc::EISDIR)),
+                (Some(Entry::File(_)), true) => return Err(errno(libc::ENOTDIR)),
+                (Some(Entry::Dir), true) => {
+                    if state.current.keys().any(|child| child.parent() == Some(path)) {
+                        return Err(errno(libc::ENOTEMPTY));
+                    }
+                    state.current.remove(path);
+                    state.durable.remove(path);
+                }
+                (Some(Entry::File(_)), false) => {
+                    state.current.remove(path);
+                }
+            }
+        }
+        self.late()
+    }
+
+    pub(crate) fn create_dir(&self, path: &Path, all: bool) -> io::Result<()> {
+        self.enter(Call::Name)?;
+        let mut state = self.0.borrow_mut();
+        if state.is_dir(path) {
+            return if all { Ok(()) } else { Err(errno(libc::EEXIST)) };
+        }
+        if state.current.contains_key(path) {
+            return Err(errno(libc::EEXIST));
+        }
+        let missing: Vec<PathBuf> = path.ancestors().skip(1).filter(|dir| !state.is_dir(dir)).map(PathBuf::from).collect();
+        if !missing.is_empty() && !all {
+            return Err(errno(libc::ENOENT));
+        }
+        for dir in missing.iter().rev().map(PathBuf::as_path).chain([path]) {
+            if state.current.contains_key(dir) {
+                return Err(errno(libc::ENOTDIR));
+            }
+            state.current.insert(dir.to_path_buf(), Entry::Dir);
+            state.durable.insert(dir.to_path_buf(), Entry::Dir);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn metadata(&self, path: &Path) -> io::Result<Meta> {
+        self.enter(Call::Read)?;
+        let state = self.0.borrow();
+        if state.is_dir(path) {
+            return Ok(Meta { len: 0, nlink: 1, is_dir: true });
+        }
+        match state.current.get(path) {
+            Some(Entry::File(inode)) => {
+                Ok(Meta { len: state.inodes[inode].current.len() as u64, nlink: state.links(*inode), is_dir: false })
+            }
+            _ => Err(errno(libc::ENOENT)),
+        }
+    }
+
+    pub(crate) fn list(&self, dir: &Path) -> io::Result<Vec<OsString>> {
+        self.enter(Call::Read)?;
+        let state = self.0.borrow();
+        if !state.is_dir(dir) {
+            return Err(errno(if state.current.contains_key(dir) { libc::ENOTDIR } else { libc::ENOENT }));
+        }
+        Ok(state
+            .current
+            .keys()
+            .filter(|path| path.parent() == Some(dir))
+            .filter_map(|path| path.file_name().map(OsString::from))
+            .collect())
+    }
+
+    pub(crate) fn space(&self) -> (u64, u64) {
+        let state = self.0.borrow();
+        (state.capacity, state.capacity.saturating_sub(state.used()))
+    }
+}
+
+impl Handle {
+    /// Runs `action` on this open file, after the call's fault check.
+    fn with<T>(&self, call: Call, action: impl FnOnce(&mut State, u64) -> io::Result<T>) -> io::Result<T> {
+        self.disk.enter(call)?;
+        let mut state = self.disk.0.borrow_mut();
+        state.open_file(self.id, self.boot)?;
+        action(&mut state, self.id)
+    }
+
+    pub(crate) fn sync(&self) -> io::Result<()> {
+        self.with(Call::Sync, |state, id| {
+            let inode = state.open[&id].inode;
+            let entry = state.inodes.get_mut(&inode).expect("open inode");
+            entry.durable = entry.current.clone();
+            Ok(())
+        })
+    }
+
+    pub(crate) fn set_len(&self, len: u64) -> io::Result<()> {
+        self.with(Call::Write, |state, id| {
+            let open = &state.open[&id];
+            if !open.write {
+                return Err(errno(libc::EINVAL));
+            }
+            let inode = open.inode;
+            state.make_room(inode, len)?;
+            state.inodes.get_mut(&inode).expect("open inode").current.resize(len as usize, 0);
+            Ok(())
+        })
+    }
+
+    pub(crate) fn metadata(&self) -> io::Result<Meta> {
+        self.with(Call::Read, |state, id| {
+            let inode = state.open[&id].inode;
+            Ok(Meta { len: state.inodes[&inode].current.len() as u64, nlink: state.links(inode), is_dir: false })
+        })
+    }
+
+    pub(crate) fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.with(Call::Read, |state, id| {
+            let open = &state.open[&id];
+            let (inode, position) = (open.inode, open.position);
+            if !open.read {
+                return Err(errno(libc::EBADF));
+            }
+            let data = &state.inodes[&inode].current;
+            let start = (position as usize).min(data.len());
+            let count = buf.len().min(data.len() - start);
+            buf[..count].copy_from_slice(&data[start..start + count]);
+            state.open.get_mut(&id).expect("open handle").position += count as u64;
+            Ok(count)
+        })
+    }
+
+    pub(crate) fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.with(Call::Read, |state, id| {
+            let open = &state.open[&id];
+            if !open.read {
+                return Err(errno(libc::EBADF));
+            }
+            let data = &state.inodes[&open.inode].current;
+            let start = (offset as usize).min(data.len());
+            let count = buf.len().min(data.len() - start);
+            buf[..count].copy_from_slice(&data[start..start + count]);
+            Ok(count)
+        })
+    }
+
+    pub(crate) fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.with(Call::Write, |state, id| {
+            let open = &state.open[&id];
+            if !open.write {
+                return Err(errno(libc::EBADF));
+            }
+            let inode = open.inode;
+            let offset = if open.append { state.inodes[&inode].current.len() as u64 } else { open.position };
+            state.write_at(inode, buf, offset)?;
+            state.open.get_mut(&id).expect("open handle").position = offset + buf.len() as u64;
+            Ok(buf.len())
+        })
+    }
+
+    pub(crate) fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        self.with(Call::Write, |state, id| {
+            let open = &state.open[&id];
+            if !open.write {
+                return Err(errno(libc::EBADF));
+            }
+            // pwrite on an O_APPEND file appends on Linux.
+            let inode = open.inode;
+            let offset = if open.append { state.inodes[&inode].current.len() as u64 } else { offset };
+            state.write_at(inode, buf, offset)?;
+            Ok(buf.len())
+        })
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        if let Ok(mut state) = self.disk.0.try_borrow_mut()
+            && state.boot == self.boot
+        {
+            state.open.remove(&self.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk;
+    use std::io::Write;
+
+    fn file_bytes(path: &str) -> Option<Vec<u8>> {
+        disk::read(path).ok()
+    }
+
+    #[test]
+    fn synced_data_and_names_survive_a_crash_and_the_rest_may_not() {
+        for seed in 0..200 {
+            let sim = SimDisk::new(seed, 1 << 20);
+            let _installed = install(&sim);
+            disk::create_dir_all("/q").unwrap();
+            let mut file = disk::OpenOptions::new().append(true).create(true).open("/q/a").unwrap();
+            file.write_all(b"synced").unwrap();
+            file.sync_data().unwrap();
+            disk::sync_dir("/q").unwrap();
+            file.write_all(b"-unsynced").unwrap();
+            disk::write_new_synced("/q/b", b"data synced, name not").unwrap();
+            sim.crash();
+            let a = file_bytes("/q/a").expect("a synced name survives");
+            assert!(a.starts_with(b"synced") && a.len() <= b"synced-unsynced".len(), "seed {seed}: {a:?}");
+            assert_eq!(file_bytes("/q/b"), None, "seed {seed}: a name whose directory was not synced");
+            assert!(file.write_all(b"x").is_err(), "a handle from before the crash is dead");
+        }
+    }
+
+    #[test]
+    fn an_unsynced_rename_or_remove_is_undone_by_a_crash() {
+        let sim = SimDisk::new(7, 1 << 20);
+        let _installed = install(&sim);
+        disk::create_dir_all("/q").unwrap();
+        disk::write_new_synced("/q/old", b"x").unwrap();
+        disk::write_new_synced("/q/gone", b"y").unwrap();
+        disk::sync_dir("/q").unwrap();
+        disk::rename("/q/old", "/q/new").unwrap();
+        disk::remove_file("/q/gone").unwrap();
+        let mut names = disk::read_dir_names("/q").unwrap();
+        names.sort();
+        assert_eq!(names, ["new"]);
+        sim.crash();
+        let mut names = disk::read_dir_names("/q").unwrap();
+        names.sort();
+        assert_eq!(names, ["gone", "old"]);
+    }
+
+    #[test]
+    fn writes_past_the_capacity_fail_with_enospc() {
+        let sim = SimDisk::new(1, 10);
+        let _installed = install(&sim);
+        disk::create_dir_all("/q").unwrap();
+        let mut file = disk::File::create("/q/a").unwrap();
+        file.write_all(b"0123456789").unwrap();
+        assert_eq!(file.write_all(b"!").unwrap_err().raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(disk::space("/q"), Some((10, 0)));
+    }
+
+    #[test]
+    fn the_crash_point_unwinds_with_the_crash_payload() {
+        let sim = SimDisk::new(1, 1 << 20);
+        let _installed = install(&sim);
+        disk::create_dir_all("/q").unwrap();
+        sim.set_faults(Faults { crash_at: Some(sim.calls() + 2), ..Faults::default() });
+        let result = std::panic::catch_unwind(|| {
+            disk::write("/q/a", b"x").unwrap();
+            unreachable!("the second call crashes");
+        });
+        assert!(result.unwrap_err().downcast::<Crash>().is_ok());
+    }
+
+    #[test]
+    fn without_the_simulator_the_calls_are_the_real_ones() {
+        let dir = std::env::temp_dir().join(format!("ftss-disk-{}", crate::random_u64()));
+        disk::create_dir_all(&dir).unwrap();
+        disk::write_new_synced(dir.join("a"), b"real").unwrap();
+        assert_eq!(std::fs::read(dir.join("a")).unwrap(), b"real");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
