@@ -944,10 +944,7 @@ impl Queue {
             if name == FENCE_FILE {
                 continue;
             }
-            let stale = name
-                .to_str()
-                .and_then(parse_segment_name)
-                .is_some_and(|id| !self.segments.contains_key(&id));
+            let stale = name.to_str().and_then(parse_segment_name).is_some_and(|id| !self.segments.contains_key(&id));
             if stale {
                 disk::remove_file(target_dir.join(&name))?;
             }
@@ -1066,15 +1063,13 @@ fn create_segment(dir: &Path, segment: u64, header: &[u8]) -> Result<File, Queue
     let path = dir.join(segment_name(segment));
     let mut file = OpenOptions::new().append(true).create_new(true).open(&path).map_err(io_error("creating", &path))?;
     let written =
-        file.write_all(header).and_then(|()| file.sync_data()).and_then(|()| disk::sync_dir(dir)).map_err(
-            |source| {
-                if is_no_space(&source) {
-                    QueueError::NoSpace { path: path.clone(), source }
-                } else {
-                    io_error("writing", &path)(source)
-                }
-            },
-        );
+        file.write_all(header).and_then(|()| file.sync_data()).and_then(|()| disk::sync_dir(dir)).map_err(|source| {
+            if is_no_space(&source) {
+                QueueError::NoSpace { path: path.clone(), source }
+            } else {
+                io_error("writing", &path)(source)
+            }
+        });
     if let Err(error) = written {
         let _ = disk::remove_file(&path);
         return Err(error);
@@ -1224,10 +1219,15 @@ fn keep_damage(dir: &Path, damage: &Damage) -> Result<(), fsbridge::SpoolError> 
         source,
     })?;
     let name = format!("{}-{}", segment_name(damage.segment), damage.offset);
-    for (path, bytes) in [(format!("{name}.bin"), &damage.bytes[..]), (format!("{name}.reason"), damage.reason.as_bytes())] {
+    for (path, bytes) in
+        [(format!("{name}.bin"), &damage.bytes[..]), (format!("{name}.reason"), damage.reason.as_bytes())]
+    {
         let path = kept.join(path);
-        disk::write_new_synced(&path, bytes)
-            .map_err(|source| fsbridge::SpoolError::Io { operation: "writing", path: path.clone(), source })?;
+        disk::write_new_synced(&path, bytes).map_err(|source| fsbridge::SpoolError::Io {
+            operation: "writing",
+            path: path.clone(),
+            source,
+        })?;
     }
     disk::sync_dir(&kept).map_err(|source| fsbridge::SpoolError::SyncDirectory { path: kept.clone(), source })
 }
@@ -1245,8 +1245,8 @@ pub fn scrub(dirs: &[PathBuf]) -> Result<RecoveryReport, QueueError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::fs;
     use fsbridge::NodeName;
+    use std::fs;
 
     fn temp_dirs(count: usize) -> Vec<PathBuf> {
         let base = std::env::temp_dir().join(format!("ftss-queue-{}-{}", std::process::id(), fsbridge::random_u64()));

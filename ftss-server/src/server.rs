@@ -24,6 +24,7 @@ use serde::Serialize;
 
 use crate::core::Time;
 use crate::core::admission::{Budget, Limits, Load};
+use crate::core::book::{Book, Replayed};
 use crate::core::index::{Entry, Index, Key};
 use crate::fabric::{Conn, FabricCounters, Hub};
 use crate::gateway::{Arrival, Cidr, Gateway, GatewayCounters, IngressRule, IngressStatus, Target};
@@ -204,10 +205,8 @@ pub struct Server {
     volume: Volume,
     queue: Queue,
     index: Index,
-    /// Live records per segment (queued, or receipted but retained), for reclaiming.
-    live_per_segment: BTreeMap<u64, u64>,
-    /// Receipted packets kept for `--retain`: (until µs, segment), oldest first.
-    retained: VecDeque<(u64, u64)>,
+    /// Which segments hold something live, for reclaiming.
+    book: Book,
     nodes: Vec<NodeName>,
     addr_to_node: HashMap<Ipv4Addr, NodeName>,
     node_to_addr: HashMap<NodeName, Ipv4Addr>,
@@ -369,6 +368,7 @@ impl Server {
         volume.create()?;
         let (queue, recovered, recovery) = Queue::open(&config.queue_dirs)?;
         let gateway = Gateway::open(&config.ingress)?;
+        let book = Book::new(config.retain);
         let config_partition = config.partition;
         let fabric = if config.fabric_listen.is_empty() {
             None
@@ -380,8 +380,7 @@ impl Server {
             volume,
             queue,
             index: Index::default(),
-            live_per_segment: BTreeMap::new(),
-            retained: VecDeque::new(),
+            book,
             nodes: Vec::new(),
             addr_to_node: HashMap::new(),
             node_to_addr: HashMap::new(),
@@ -437,35 +436,20 @@ impl Server {
     /// Rebuilds the index from the recovered log: packets without a `done` record are queued;
     /// receipted or sent ones still inside `--retain` keep their segment alive.
     fn replay(&mut self, recovered: Vec<crate::queue::Recovered>) {
-        let mut done: HashMap<PacketId, (Outcome, u64)> = HashMap::new();
-        for item in &recovered {
-            match &item.record {
-                QueueRecord::Done { id, outcome, at_unix_us, .. } => {
-                    done.insert(id.clone(), (*outcome, *at_unix_us));
-                }
-                QueueRecord::Cursor { node, log, offset } => self.logs.recover(node.clone(), log.clone(), *offset),
-                QueueRecord::Stored { .. } | QueueRecord::Skipped { .. } => {}
+        let (index, logs) = (&mut self.index, &mut self.logs);
+        self.book.replay(&recovered, now_us(), |replayed| match replayed {
+            Replayed::Queued { packet, location, stored_unix_us } => {
+                index.insert(&packet.id, entry(packet, location, stored_unix_us))
             }
-        }
-        let retain_us = self.config.retain.as_micros() as u64;
-        let now = now_us();
-        let mut retained = Vec::new();
-        for item in recovered {
-            let QueueRecord::Stored { stored_unix_us, packet } = item.record else { continue };
-            if done.contains_key(&packet.id) {
-                self.index.note_done(&packet.id);
+            Replayed::Done { id } => {
+                index.note_done(id);
+                true
             }
-            match done.get(&packet.id) {
-                None => self.insert(&packet, item.location, stored_unix_us),
-                Some((outcome, at)) if *outcome != Outcome::DeadLettered && at + retain_us > now && retain_us > 0 => {
-                    *self.live_per_segment.entry(item.location.segment).or_insert(0) += 1;
-                    retained.push((at + retain_us, item.location.segment));
-                }
-                Some(_) => {}
+            Replayed::Cursor { node, log, offset } => {
+                logs.recover(node.clone(), log.to_string(), offset);
+                true
             }
-        }
-        retained.sort_unstable();
-        self.retained.extend(retained);
+        });
     }
 
     pub fn recovery(&self) -> &RecoveryReport {
@@ -473,14 +457,8 @@ impl Server {
     }
 
     fn insert(&mut self, packet: &Packet, location: Location, stored_unix_us: u64) {
-        let entry = Entry {
-            location,
-            destination: packet.destination,
-            stored_unix_us,
-            payload_bytes: packet.payload.len() as u16,
-        };
-        if self.index.insert(&packet.id, entry) {
-            *self.live_per_segment.entry(location.segment).or_insert(0) += 1;
+        if self.index.insert(&packet.id, entry(packet, location, stored_unix_us)) {
+            self.book.stored(location.segment);
         }
     }
 
@@ -494,28 +472,7 @@ impl Server {
 
     /// A packet removed from the index: its bytes are retained or its segment released.
     fn finished(&mut self, entry: Entry, outcome: Outcome, at_unix_us: u64) {
-        let retain_us = self.config.retain.as_micros() as u64;
-        if outcome != Outcome::DeadLettered && retain_us > 0 {
-            // Still live for reclaiming until the retention ends.
-            self.retained.push_back((at_unix_us + retain_us, entry.location.segment));
-        } else {
-            self.release_segment(entry.location.segment);
-        }
-    }
-
-    fn release_segment(&mut self, segment: u64) {
-        let live = self.live_per_segment.get_mut(&segment).expect("segment counted");
-        *live -= 1;
-        if *live == 0 {
-            self.live_per_segment.remove(&segment);
-        }
-    }
-
-    fn expire_retained(&mut self, now_unix_us: u64) {
-        while self.retained.front().is_some_and(|(until, _)| *until <= now_unix_us) {
-            let (_, segment) = self.retained.pop_front().expect("front exists");
-            self.release_segment(segment);
-        }
+        self.book.finished(entry.location.segment, outcome, at_unix_us);
     }
 
     /// Sets the gate asked after every group commit (see the field).
@@ -2135,8 +2092,8 @@ impl Server {
     /// active segment holds nothing live, a new one is started so the old one can go too: without
     /// `--retain`, receipted bytes do not linger.
     fn reclaim(&mut self) {
-        self.expire_retained(now_us());
-        let active_idle = !self.live_per_segment.contains_key(&self.active_segment_id());
+        self.book.expire(now_us());
+        let active_idle = !self.book.is_live(self.active_segment_id());
         if active_idle
             && self.queue.active_has_records()
             && let Err(error) = self.queue.rotate()
@@ -2156,7 +2113,7 @@ impl Server {
             }
             self.logs.checkpointed(active);
         }
-        self.queue.reclaim(|segment| self.live_per_segment.contains_key(&segment));
+        self.queue.reclaim(|segment| self.book.is_live(segment));
     }
 
     fn active_segment_id(&self) -> u64 {
@@ -2240,7 +2197,7 @@ impl Server {
             rates: self.rates(),
             queue: QueueStatus {
                 packets: self.index.len() as u64,
-                retained: self.retained.len() as u64,
+                retained: self.book.retained() as u64,
                 held_unknown_destination: unknown_destination,
                 segments: self.queue.segment_count() as u64,
                 bytes: self.queue.bytes(),
@@ -2463,6 +2420,11 @@ pub fn monotonic_now() -> Time {
     static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let origin = *ORIGIN.get_or_init(Instant::now);
     Time(u64::try_from(origin.elapsed().as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The index entry of a stored packet.
+fn entry(packet: &Packet, location: Location, stored_unix_us: u64) -> Entry {
+    Entry { location, destination: packet.destination, stored_unix_us, payload_bytes: packet.payload.len() as u16 }
 }
 
 #[cfg(test)]

@@ -196,7 +196,7 @@ impl State {
                 _ => extra,
             };
             let mut bytes = current[..durable.len() + kept].to_vec();
-            if kept > 0 && self.next_random() % 8 == 0 {
+            if kept > 0 && self.next_random().is_multiple_of(8) {
                 let torn = kept.min(1 + (self.next_random() % 16) as usize);
                 let len = bytes.len();
                 for byte in &mut bytes[len - torn..] {
@@ -204,7 +204,7 @@ impl State {
                 }
             }
             bytes
-        } else if current != durable && self.next_random() % 2 == 0 {
+        } else if current != durable && self.next_random().is_multiple_of(2) {
             current.to_vec()
         } else {
             durable.to_vec()
@@ -294,7 +294,7 @@ impl SimDisk {
                 None
             } else if state.chance(faults.error_per_million) {
                 state.errors_injected += 1;
-                let no_space = call == Call::Write && state.next_random() % 2 == 0;
+                let no_space = call == Call::Write && state.next_random().is_multiple_of(2);
                 Some(Err(errno(if no_space { libc::ENOSPC } else { libc::EIO })))
             } else {
                 Some(Ok(()))
@@ -425,7 +425,8 @@ impl SimDisk {
         if state.current.contains_key(path) {
             return Err(errno(libc::EEXIST));
         }
-        let missing: Vec<PathBuf> = path.ancestors().skip(1).filter(|dir| !state.is_dir(dir)).map(PathBuf::from).collect();
+        let missing: Vec<PathBuf> =
+            path.ancestors().skip(1).filter(|dir| !state.is_dir(dir)).map(PathBuf::from).collect();
         if !missing.is_empty() && !all {
             return Err(errno(libc::ENOENT));
         }

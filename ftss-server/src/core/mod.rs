@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 pub mod admission;
+pub mod book;
 pub mod index;
 pub mod segment_end;
 
