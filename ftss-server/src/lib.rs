@@ -8,6 +8,8 @@
 //!   [`gateway`] (the external network), [`lease`] (high availability), [`status`] and
 //!   [`metrics`], driven cycle by cycle by [`server`]; [`single`] and [`scaleout`] run one
 //!   server or one per partition.
+//! - [`sim`]: the deterministic simulator, running the queue and the core on a simulated disk
+//!   under crashes and faults.
 
 // The I/O ban is for `core` alone (it denies these lints); the shell makes the calls.
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
@@ -24,5 +26,6 @@ pub mod progress;
 pub mod queue;
 pub mod scaleout;
 pub mod server;
+pub mod sim;
 pub mod single;
 pub mod status;

@@ -441,14 +441,17 @@ fn merge(copies: &[&[u8]], segment: u64) -> Option<Merged> {
     Some(merged)
 }
 
-/// Segment ids present in any of `dirs`.
-fn segment_ids(dirs: &[PathBuf]) -> Vec<u64> {
+/// Segment ids present in any of `dirs` whose `failures` entry is empty. A directory that cannot
+/// be listed fails its mirror: taking it for empty would start its segments over.
+fn segment_ids(dirs: &[PathBuf], failures: &mut [Option<String>]) -> Vec<u64> {
     let mut ids = std::collections::BTreeSet::new();
-    for dir in dirs {
-        for name in disk::read_dir_names(dir).into_iter().flatten() {
-            if let Some(id) = name.to_str().and_then(parse_segment_name) {
-                ids.insert(id);
-            }
+    for (dir, failure) in dirs.iter().zip(failures.iter_mut()) {
+        if failure.is_some() {
+            continue;
+        }
+        match disk::read_dir_names(dir) {
+            Ok(names) => ids.extend(names.iter().filter_map(|name| name.to_str().and_then(parse_segment_name))),
+            Err(error) => *failure = Some(format!("listing {}: {error}", dir.display())),
         }
     }
     ids.into_iter().collect()
@@ -479,7 +482,8 @@ pub fn read_only_scan(dirs: &[PathBuf]) -> Result<Vec<Recovered>, QueueError> {
     let dirs: Vec<PathBuf> =
         dirs.iter().zip(&counts).filter(|(_, count)| **count == current).map(|(dir, _)| dir.clone()).collect();
     let mut all = Vec::new();
-    for segment in segment_ids(&dirs) {
+    let mut failures = vec![None; dirs.len()];
+    for segment in segment_ids(&dirs, &mut failures) {
         let copies: Vec<Vec<u8>> =
             dirs.iter().map(|dir| disk::read(dir.join(segment_name(segment))).unwrap_or_default()).collect();
         let views: Vec<&[u8]> = copies.iter().map(Vec::as_slice).collect();
@@ -490,9 +494,21 @@ pub fn read_only_scan(dirs: &[PathBuf]) -> Result<Vec<Recovered>, QueueError> {
     Ok(all)
 }
 
-/// A mirror's failure-event count (0 if it has none or it cannot be read).
+/// A mirror's failure-event count (0 if it has none, or for `dump`, if it cannot be read).
 fn read_events(dir: &Path) -> u64 {
-    disk::read_to_string(dir.join(EVENTS_FILE)).ok().and_then(|text| text.trim().parse().ok()).unwrap_or(0)
+    read_events_checked(dir).unwrap_or(0)
+}
+
+/// A mirror's failure-event count: 0 if it has none. An events file that exists and cannot be
+/// read is an error: its mirror might be the only current one, and taking it for 0 would make
+/// stale mirrors look current.
+fn read_events_checked(dir: &Path) -> Result<u64, QueueError> {
+    let path = dir.join(EVENTS_FILE);
+    match disk::read_to_string(&path) {
+        Ok(text) => Ok(text.trim().parse().unwrap_or(0)),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(source) => Err(QueueError::Io { operation: "reading", path, source }),
+    }
 }
 
 /// Writes a mirror's failure-event count in place: a fixed 32 bytes, one write in one sector, so
@@ -522,7 +538,7 @@ impl Queue {
             disk::create_dir_all(dir).map_err(io_error("creating", dir))?;
         }
         let mut report = RecoveryReport::default();
-        let counts: Vec<u64> = dirs.iter().map(|dir| read_events(dir)).collect();
+        let counts = dirs.iter().map(|dir| read_events_checked(dir)).collect::<Result<Vec<u64>, _>>()?;
         let events = counts.iter().copied().max().unwrap_or(0);
         let mut failures: Vec<Option<String>> = counts
             .iter()
@@ -536,9 +552,7 @@ impl Queue {
         let mut recovered = Vec::new();
         let mut segments = BTreeMap::new();
         let mut formats = BTreeMap::new();
-        let current: Vec<PathBuf> =
-            dirs.iter().zip(&failures).filter(|(_, failure)| failure.is_none()).map(|(dir, _)| dir.clone()).collect();
-        for segment in segment_ids(&current) {
+        for segment in segment_ids(dirs, &mut failures) {
             let Some((bytes, format)) = recover_segment(dirs, &mut failures, segment, &mut report) else { continue };
             let records = records_of(&bytes, segment, format);
             report.records += records.len();
@@ -624,6 +638,17 @@ impl Queue {
 
     pub fn active_segment(&self) -> u64 {
         self.active_segment
+    }
+
+    /// The oldest segment still kept.
+    pub fn oldest_segment(&self) -> Option<u64> {
+        self.segments.keys().next().copied()
+    }
+
+    /// Closes segments past `bytes` from now on (the simulator's small disks; the server sizes
+    /// segments from its disks, see [`SEGMENT_BYTES_MAX`]).
+    pub fn set_segment_bytes_max(&mut self, bytes: u64) {
+        self.segment_bytes_max = bytes;
     }
 
     /// Does the active segment hold any record (beyond its header), with nothing pending?
@@ -770,7 +795,9 @@ impl Queue {
         let mut last_error = String::new();
         for index in self.healthy().collect::<Vec<_>>() {
             let path = self.mirrors[index].dir.join(segment_name(self.active_segment));
-            let file = self.mirrors[index].active.as_mut().expect("healthy mirror has its active segment open");
+            // A mirror failed earlier in this loop (recording another's failure) is skipped.
+            let mirror = &mut self.mirrors[index];
+            let Some(file) = mirror.active.as_mut().filter(|_| mirror.failure.is_none()) else { continue };
             let result = file.write_all(&self.pending).and_then(|()| file.sync_data()).and_then(|()| file.metadata());
             match result {
                 Ok(meta) if meta.nlink == 0 => {
@@ -819,14 +846,17 @@ impl Queue {
         Ok(())
     }
 
-    /// Truncates the active segment of every healthy mirror back to `committed` bytes.
+    /// Truncates the active segment of every healthy mirror back to `committed` bytes, durably: a
+    /// truncation left unsynced can be undone by a power loss, bringing back records that were
+    /// never acked (done records among them, which would then retire packets whose receipt
+    /// failed). A mirror that cannot be cut back fails: its segment no longer matches the others.
     fn roll_back(&mut self, committed: u64) {
         self.pending.clear();
         for index in self.healthy().collect::<Vec<_>>() {
-            if let Some(file) = &self.mirrors[index].active {
-                // A failed truncate leaves a tail that recovery would read as records that were never
-                // acked; they are then delivered (at least once), never lost.
-                let _ = file.set_len(committed);
+            let Some(file) = &self.mirrors[index].active else { continue };
+            if let Err(error) = file.set_len(committed).and_then(|()| file.sync_data()) {
+                let path = self.mirrors[index].dir.join(segment_name(self.active_segment));
+                self.fail_mirror(index, format!("rolling back {}: {error}", path.display()));
             }
         }
     }
@@ -927,7 +957,9 @@ impl Queue {
                     self.mirrors[index].failure = None;
                     rejoined += 1;
                     if let Err(error) = write_events(&self.mirrors[index].dir, self.events) {
-                        self.mark_failed(index, format!("recording its resync: {error}"));
+                        // Its count may have been written all the same: one more failure event in
+                        // the healthy mirrors keeps it stale.
+                        self.fail_mirror(index, format!("recording its resync: {error}"));
                         rejoined -= 1;
                     }
                 }
@@ -1081,11 +1113,18 @@ fn open_segment_for_append(dir: &Path, segment: u64, header: Option<&[u8]>) -> R
     let path = dir.join(segment_name(segment));
     let mut file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_error("opening", &path))?;
     if let Some(header) = header {
-        file.set_len(0).map_err(io_error("truncating", &path))?;
+        // A new segment: a file already there with bytes in it was not recovered, and is never cut.
+        let len = file.metadata().map_err(io_error("reading the size of", &path))?.len;
+        if len > 0 {
+            let found = io::Error::other(format!("{len} bytes that recovery did not read are there"));
+            return Err(io_error("starting a new segment at", &path)(found));
+        }
         file.write_all(header).map_err(io_error("writing", &path))?;
         file.sync_data().map_err(io_error("syncing", &path))?;
-        disk::sync_dir(dir).map_err(io_error("syncing", dir))?;
     }
+    // Also for a segment recovery found: an earlier start may have created it and failed before
+    // its name was made durable, and what is acked into it must not vanish with the name.
+    disk::sync_dir(dir).map_err(io_error("syncing", dir))?;
     Ok(file)
 }
 
@@ -1181,10 +1220,17 @@ fn write_merged(
     report: &mut RecoveryReport,
 ) {
     for (index, bytes) in copies {
+        let path = dirs[*index].join(segment_name(segment));
         if bytes.as_slice() == chosen {
+            // What was read may be only in the page cache (written, its sync failed or never
+            // came): it is made durable before anything is decided on it, or its mirror fails.
+            if !bytes.is_empty()
+                && let Err(error) = File::open(&path).and_then(|file| file.sync_data())
+            {
+                failures[*index] = Some(format!("syncing {}: {error}", path.display()));
+            }
             continue;
         }
-        let path = dirs[*index].join(segment_name(segment));
         let written = if bytes.starts_with(chosen) {
             OpenOptions::new().write(true).open(&path).and_then(|file| {
                 file.set_len(chosen.len() as u64)?;

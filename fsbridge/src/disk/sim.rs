@@ -254,6 +254,20 @@ impl SimDisk {
         self.0.borrow_mut().next_random()
     }
 
+    /// Every file with its length, and the durable length (for tracing a seed).
+    pub fn describe(&self) -> String {
+        let state = self.0.borrow();
+        let mut text = String::new();
+        for (path, entry) in &state.current {
+            if let Entry::File(inode) = entry {
+                let inode = &state.inodes[inode];
+                let named = if state.durable.get(path) == Some(entry) { "" } else { " (name not synced)" };
+                text.push_str(&format!("{} {}/{}{named}; ", path.display(), inode.current.len(), inode.durable.len()));
+            }
+        }
+        text
+    }
+
     /// Power loss: see the module notes. Open handles die.
     pub fn crash(&self) {
         let mut state = self.0.borrow_mut();

@@ -1,0 +1,537 @@
+//! The deterministic simulator: the real queue, index and book, on a simulated disk that fails,
+//! tears and crashes, with simulated time, checked against a model after every step.
+//!
+//! One seed is one schedule: the disk's size and fault rates, the segment size, the mirrors, the
+//! retention, and every step (store a group, deliver, receipt, dead-letter, redeliver, reclaim,
+//! resync, restart, crash, move the clock). The code under test is the server's own: [`Queue`]
+//! (recovery, mirroring, group commit, rollback, reclaim), [`Index`] and [`Book`] (replay,
+//! liveness, retention). The disk is [`fsbridge::disk::sim`]: a crash keeps only what was synced
+//! (plus, perhaps, torn bits of the rest), and the process can die inside any file call.
+//!
+//! The model records what the code told its callers, and after every step and every restart the
+//! simulator checks:
+//! - **no acked packet lost**: every packet whose group sync returned Ok and that is not
+//!   receipted or dead-lettered is queued (after a restart: replayed);
+//! - **nothing handed out after it was done**: a packet whose receipt was synced is never
+//!   delivered again, so no receiver is handed it twice;
+//! - **payloads intact, nothing invented**: every packet read back is one that was sent, byte for
+//!   byte, and each is queued at most once;
+//! - **bounds**: after a reclaim, no segment older than the oldest live one is left.
+//!
+//! `cargo test` runs 10,000 seeds; `FTSS_SIM_SEEDS=n` runs more, `FTSS_SIM_SEED=s` replays one.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fsbridge::disk::sim::{self, Crash, Faults, SimDisk};
+use fsbridge::{NodeName, Packet, PacketId};
+
+use crate::core::Time;
+use crate::core::book::{Book, Replayed};
+use crate::core::index::{Entry, Index};
+use crate::queue::{Outcome, Queue, QueueError, QueueRecord};
+
+/// A small random number generator (splitmix64): the schedule's.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn pick<T: Copy>(&mut self, choices: &[T]) -> T {
+        choices[self.below(choices.len() as u64) as usize]
+    }
+}
+
+/// What one seed did, for the summary.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Outcomes {
+    pub steps: u64,
+    pub acked: u64,
+    pub receipted: u64,
+    pub crashes: u64,
+    pub restarts: u64,
+    pub errors_injected: u64,
+}
+
+/// The running server's part under test.
+struct Process {
+    queue: Queue,
+    index: Index,
+    book: Book,
+}
+
+/// What the code told its callers.
+#[derive(Default)]
+struct Model {
+    /// Every packet ever appended, by seq.
+    sent: BTreeMap<u64, Packet>,
+    /// Stored and acked (its group's sync returned Ok), not yet known done.
+    acked: BTreeSet<u64>,
+    /// Appended, but the sync failed: it may or may not come back after a restart.
+    maybe_stored: BTreeSet<u64>,
+    /// Its done record was synced: it must never be handed out again.
+    done: BTreeSet<u64>,
+    /// A done record was appended but the sync failed.
+    maybe_done: BTreeSet<u64>,
+    /// Delivered, not yet receipted (the receiver's view).
+    in_flight: BTreeSet<u64>,
+    next_seq: u64,
+}
+
+struct World {
+    /// Print each step (`FTSS_SIM_TRACE=1`, for replaying a seed).
+    trace: bool,
+    rng: Rng,
+    disk: SimDisk,
+    dirs: Vec<PathBuf>,
+    retain: Duration,
+    segment_bytes: Option<u64>,
+    faults: Faults,
+    crash_rate: u64,
+    now_unix_us: u64,
+    process: Option<Process>,
+    model: Model,
+    outcomes: Outcomes,
+}
+
+const DESTINATIONS: [SocketAddrV4; 3] = [
+    SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 2), 5000),
+    SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 2), 5001),
+    SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 3), 5000),
+];
+const REDELIVER_AFTER: Duration = Duration::from_secs(2);
+
+fn packet(seq: u64, rng: &mut Rng) -> Packet {
+    let destination = rng.pick(&DESTINATIONS);
+    let len = rng.pick(&[0, 1, 40, 200, 1400]);
+    Packet {
+        id: PacketId { origin: NodeName::new("a").expect("valid name"), epoch: 7, seq },
+        source: SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 1000),
+        destination,
+        sent_unix_us: seq,
+        payload: (0..len).map(|at| (seq as usize * 31 + at) as u8).collect(),
+    }
+}
+
+impl World {
+    fn new(seed: u64) -> World {
+        let mut rng = Rng(seed);
+        let capacity = rng.pick(&[64 << 10, 512 << 10, 64 << 20]);
+        let disk = SimDisk::new(rng.next(), capacity);
+        let mirrors = rng.pick(&[1, 2, 2, 3]);
+        let faults = Faults {
+            error_per_million: rng.pick(&[0, 0, 2_000, 20_000, 80_000]),
+            late_error_per_million: rng.pick(&[0, 20_000]),
+            crash_at: None,
+        };
+        World {
+            trace: std::env::var_os("FTSS_SIM_TRACE").is_some(),
+            disk,
+            dirs: (0..mirrors).map(|mirror| PathBuf::from(format!("/array/q{mirror}"))).collect(),
+            retain: rng.pick(&[Duration::ZERO, Duration::ZERO, Duration::from_secs(3)]),
+            segment_bytes: rng.pick(&[Some(2048), Some(16 << 10), None]),
+            faults,
+            crash_rate: rng.pick(&[0, 30, 300]),
+            now_unix_us: 1_000_000_000,
+            process: None,
+            model: Model::default(),
+            outcomes: Outcomes::default(),
+            rng,
+        }
+    }
+
+    fn time(&self) -> Time {
+        Time(self.now_unix_us)
+    }
+
+    /// Starts the process: opens the queue (recovery), replays it and checks what came back.
+    fn start(&mut self) -> Result<(), String> {
+        self.outcomes.restarts += 1;
+        let crash_at = (self.crash_rate > 0 && self.rng.below(2) == 0)
+            .then(|| self.disk.calls() + 1 + self.rng.below(self.crash_rate * 10));
+        self.disk.set_faults(Faults { crash_at, ..self.faults });
+        let (mut queue, recovered, report) = match Queue::open(&self.dirs) {
+            Ok(opened) => opened,
+            // The disk failed the open (injected errors): the operator starts it again later.
+            Err(QueueError::Io { .. } | QueueError::NoHealthyMirror { .. } | QueueError::NoSpace { .. }) => {
+                return Ok(());
+            }
+            Err(error) => return Err(format!("the queue did not open: {error}")),
+        };
+        if let Some(bytes) = self.segment_bytes {
+            queue.set_segment_bytes_max(bytes);
+        }
+        let (mut index, mut book) = (Index::default(), Book::new(self.retain));
+        let mut queued = Vec::new();
+        book.replay(&recovered, self.now_unix_us, |replayed| match replayed {
+            Replayed::Queued { packet, location, stored_unix_us } => {
+                let taken = index.insert(&packet.id, entry(packet, location, stored_unix_us));
+                if taken {
+                    queued.push(packet.clone());
+                }
+                taken
+            }
+            Replayed::Done { id } => {
+                index.note_done(id);
+                true
+            }
+            Replayed::Cursor { .. } => true,
+        });
+        if self.trace {
+            let at: Vec<(u64, u64)> = recovered
+                .iter()
+                .filter_map(|item| match &item.record {
+                    QueueRecord::Stored { packet, .. } => Some((packet.id.seq, item.location.segment)),
+                    _ => None,
+                })
+                .collect();
+            eprintln!("sim: stored records (seq, segment): {at:?}");
+            eprintln!("sim: disk at call {}: {}", self.disk.calls(), self.disk.describe());
+            eprintln!("sim: recovered {} records: {report:?}", recovered.len());
+            let seqs: Vec<u64> = queued.iter().map(|packet| packet.id.seq).collect();
+            eprintln!("sim: started, queued {seqs:?}, acked {:?}", self.model.acked);
+        }
+        self.check_replay(&queued)?;
+        self.process = Some(Process { queue, index, book });
+        Ok(())
+    }
+
+    /// After a restart: every acked packet not done is queued, nothing done is, and what is
+    /// queued was sent, byte for byte. The model then takes what came back as the truth.
+    fn check_replay(&mut self, queued: &[Packet]) -> Result<(), String> {
+        let model = &mut self.model;
+        let seqs: BTreeSet<u64> = queued.iter().map(|packet| packet.id.seq).collect();
+        if seqs.len() != queued.len() {
+            return Err("a packet was queued twice by replay".into());
+        }
+        for packet in queued {
+            if model.sent.get(&packet.id.seq) != Some(packet) {
+                return Err(format!("replay queued packet {} unlike any sent", packet.id.seq));
+            }
+            if model.done.contains(&packet.id.seq) {
+                return Err(format!("packet {} was receipted (synced) and is queued again", packet.id.seq));
+            }
+        }
+        for seq in &model.acked {
+            if !seqs.contains(seq) && !model.maybe_done.contains(seq) {
+                return Err(format!("acked packet {seq} was lost (not queued after the restart)"));
+            }
+        }
+        for seq in &model.maybe_done {
+            if !seqs.contains(seq) {
+                model.done.insert(*seq);
+            }
+        }
+        model.maybe_done.clear();
+        model.maybe_stored.clear();
+        model.in_flight.clear();
+        model.acked = seqs;
+        Ok(())
+    }
+
+    /// One step of the schedule.
+    fn step(&mut self) -> Result<(), String> {
+        self.outcomes.steps += 1;
+        self.now_unix_us += self.rng.below(500_000);
+        if self.process.is_none() {
+            return self.start();
+        }
+        match self.rng.below(100) {
+            0..=34 => self.store(),
+            35..=54 => self.deliver(),
+            55..=74 => self.finish(Outcome::Receipted),
+            75..=77 => self.finish(Outcome::DeadLettered),
+            78..=81 => self.redeliver(),
+            82..=89 => self.reclaim(),
+            90..=91 => {
+                self.process.as_mut().expect("running").queue.resync_failed();
+                Ok(())
+            }
+            92..=93 => {
+                // A clean stop.
+                if self.trace {
+                    eprintln!("sim: stop");
+                }
+                self.process = None;
+                Ok(())
+            }
+            94..=95 => {
+                // Power loss between calls.
+                if self.trace {
+                    eprintln!("sim: crash");
+                }
+                self.process = None;
+                self.disk.crash();
+                self.outcomes.crashes += 1;
+                Ok(())
+            }
+            96 => {
+                // The wall clock is stepped back (retention is wall-clock time).
+                self.now_unix_us = self.now_unix_us.saturating_sub(self.rng.below(5_000_000));
+                Ok(())
+            }
+            _ => {
+                self.now_unix_us += self.rng.below(10_000_000);
+                Ok(())
+            }
+        }
+    }
+
+    /// A group of new packets (and perhaps one sent again after a failed sync) is stored.
+    fn store(&mut self) -> Result<(), String> {
+        let count = 1 + self.rng.below(6);
+        let mut group: Vec<Packet> = Vec::new();
+        if let Some(&seq) = self.model.maybe_stored.iter().next() {
+            group.push(self.model.sent[&seq].clone());
+        }
+        for _ in 0..count {
+            let seq = self.model.next_seq;
+            self.model.next_seq += 1;
+            let packet = packet(seq, &mut self.rng);
+            self.model.sent.insert(seq, packet.clone());
+            group.push(packet);
+        }
+        let process = self.process.as_mut().expect("running");
+        let mut appended = Vec::new();
+        for packet in group {
+            // A packet stored before (sent again) is not stored twice.
+            if process.index.seen(&packet.id) {
+                continue;
+            }
+            let record = QueueRecord::Stored { stored_unix_us: self.now_unix_us, packet: packet.clone() };
+            appended.push((process.queue.append(&record), packet));
+        }
+        // Until the sync answers, the group may or may not be stored (the process can die inside).
+        self.model.maybe_stored.extend(appended.iter().map(|(_, packet)| packet.id.seq));
+        let synced = process.queue.sync();
+        if self.trace {
+            let seqs: Vec<(u64, u64, u64)> =
+                appended.iter().map(|(at, packet)| (packet.id.seq, at.segment, at.offset)).collect();
+            eprintln!("sim: store {seqs:?}: {synced:?}");
+        }
+        match synced {
+            Ok(()) => {
+                for (location, packet) in appended {
+                    if process.index.insert(&packet.id, entry(&packet, location, self.now_unix_us)) {
+                        process.book.stored(location.segment);
+                    }
+                    self.model.maybe_stored.remove(&packet.id.seq);
+                    self.model.acked.insert(packet.id.seq);
+                    self.outcomes.acked += 1;
+                }
+                Ok(())
+            }
+            Err(error) => self.after_error(error),
+        }
+    }
+
+    /// A failed sync: nothing of the group may be acked. With no mirror left the process stops.
+    fn after_error(&mut self, error: QueueError) -> Result<(), String> {
+        if matches!(error, QueueError::NoHealthyMirror { .. }) {
+            self.process = None;
+        }
+        Ok(())
+    }
+
+    /// Delivers the next packets of each destination, reading each back from the queue.
+    fn deliver(&mut self) -> Result<(), String> {
+        let now = self.time();
+        let process = self.process.as_mut().expect("running");
+        for destination in DESTINATIONS {
+            let next = process.index.next_undelivered(destination.ip(), 4, 64, 64, &HashSet::new());
+            for (key, entry) in next {
+                let id = process.index.id(key);
+                let packet = match process.queue.read_stored(entry.location) {
+                    Ok((_, packet)) => packet,
+                    Err(QueueError::Unreadable { .. }) => continue,
+                    Err(error) => return Err(format!("packet {} cannot be read back: {error}", id.seq)),
+                };
+                hand_out(&self.model, &packet)?;
+                process.index.mark_delivered(key, entry.destination, now, 0);
+                self.model.in_flight.insert(id.seq);
+            }
+        }
+        Ok(())
+    }
+
+    /// Packets delivered long enough ago and not receipted are delivered again.
+    fn redeliver(&mut self) -> Result<(), String> {
+        let now = self.time();
+        let process = self.process.as_mut().expect("running");
+        for key in process.index.due_again(now, REDELIVER_AFTER, 8) {
+            let Some((entry, _)) = process.index.in_flight(key) else { continue };
+            let Ok((_, packet)) = process.queue.read_stored(entry.location) else { continue };
+            hand_out(&self.model, &packet)?;
+            process.index.mark_delivered(key, entry.destination, now, 0);
+        }
+        Ok(())
+    }
+
+    /// Receipts (or dead-letters) some packets in flight: a done record, synced, then removal.
+    fn finish(&mut self, outcome: Outcome) -> Result<(), String> {
+        let count = 1 + self.rng.below(4) as usize;
+        let seqs: Vec<u64> = self.model.in_flight.iter().copied().take(count).collect();
+        let process = self.process.as_mut().expect("running");
+        let ids: Vec<PacketId> = seqs.iter().map(|seq| self.model.sent[seq].id.clone()).collect();
+        for id in &ids {
+            let record = QueueRecord::Done { id: id.clone(), outcome, at_unix_us: self.now_unix_us, reason: String::new() };
+            process.queue.append(&record);
+        }
+        // Until the sync answers, the packets may or may not be done.
+        self.model.maybe_done.extend(&seqs);
+        let synced = process.queue.sync();
+        if self.trace {
+            eprintln!("sim: {outcome:?} {seqs:?}: {synced:?}");
+        }
+        if let Err(error) = synced {
+            return self.after_error(error);
+        }
+        for id in &ids {
+            if let Some(entry) = process.index.remove(id, None) {
+                process.book.finished(entry.location.segment, outcome, self.now_unix_us);
+            }
+            self.model.in_flight.remove(&id.seq);
+            self.model.acked.remove(&id.seq);
+            self.model.maybe_done.remove(&id.seq);
+            self.model.done.insert(id.seq);
+            self.outcomes.receipted += 1;
+        }
+        Ok(())
+    }
+
+    /// Expires retention, starts a new segment when the active one holds nothing live, deletes
+    /// dead segments; then no segment older than the oldest live one may be left.
+    fn reclaim(&mut self) -> Result<(), String> {
+        let process = self.process.as_mut().expect("running");
+        process.book.expire(self.now_unix_us);
+        let active = process.queue.active_segment();
+        if !process.book.is_live(active) && process.queue.active_has_records() {
+            let _ = process.queue.rotate();
+        }
+        let oldest_before = process.queue.oldest_segment();
+        let deleted = process.queue.reclaim(|segment| process.book.is_live(segment));
+        if self.trace {
+            eprintln!(
+                "sim: reclaim: {deleted} deleted from {oldest_before:?}, active {}, oldest live {:?}",
+                process.queue.active_segment(),
+                process.book.oldest_live()
+            );
+        }
+        let oldest_kept = process.queue.oldest_segment();
+        let bound = process.book.oldest_live().unwrap_or(u64::MAX).min(process.queue.active_segment());
+        if oldest_kept.is_some_and(|oldest| oldest < bound) {
+            return Err(format!("segment {oldest_kept:?} outlived a reclaim (oldest live or active: {bound})"));
+        }
+        Ok(())
+    }
+}
+
+/// A packet about to be handed to its receiver: it must be one sent, intact, and not done.
+fn hand_out(model: &Model, packet: &Packet) -> Result<(), String> {
+    let seq = packet.id.seq;
+    if model.sent.get(&seq) != Some(packet) {
+        return Err(format!("packet {seq} read back changed"));
+    }
+    if model.done.contains(&seq) {
+        return Err(format!("packet {seq} handed out again after its receipt was synced"));
+    }
+    Ok(())
+}
+
+fn entry(packet: &Packet, location: crate::core::Location, stored_unix_us: u64) -> Entry {
+    Entry { location, destination: packet.destination, stored_unix_us, payload_bytes: packet.payload.len() as u16 }
+}
+
+/// Runs one seed's schedule of `steps` steps. `Err` names the first invariant broken.
+pub fn run(seed: u64, steps: u64) -> Result<Outcomes, String> {
+    let mut world = World::new(seed);
+    let _installed = sim::install(&world.disk);
+    while world.outcomes.steps < steps {
+        match catch_unwind(AssertUnwindSafe(|| world.step())) {
+            Ok(Ok(())) => {}
+            Ok(Err(broken)) => return Err(format!("seed {seed}, step {}: {broken}", world.outcomes.steps)),
+            Err(payload) if payload.is::<Crash>() => {
+                if world.trace {
+                    eprintln!("sim: crash inside file call {}: {}", world.disk.calls(), world.disk.describe());
+                }
+                // The process died inside a file call: power loss.
+                world.process = None;
+                world.disk.set_faults(Faults { crash_at: None, ..world.faults });
+                world.disk.crash();
+                world.outcomes.crashes += 1;
+            }
+            Err(payload) => {
+                eprintln!("simulator: seed {seed} panicked at step {}", world.outcomes.steps);
+                resume_unwind(payload);
+            }
+        }
+    }
+    // The end: a last crash and restart must still find every acked packet.
+    world.process = None;
+    (world.faults, world.crash_rate) = (Faults::default(), 0);
+    world.disk.set_faults(world.faults);
+    world.disk.crash();
+    world.start().map_err(|broken| format!("seed {seed}, final restart: {broken}"))?;
+    world.outcomes.errors_injected = world.disk.errors_injected();
+    Ok(world.outcomes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<u64> {
+        std::env::var(name).ok().and_then(|value| value.parse().ok())
+    }
+
+    /// 10,000 seeds (`FTSS_SIM_SEEDS` for more, from `FTSS_SIM_FIRST`); `FTSS_SIM_SEED` replays one.
+    #[test]
+    fn the_simulator_finds_every_invariant_held() {
+        let steps = env("FTSS_SIM_STEPS").unwrap_or(200);
+        let seeds: Vec<u64> = match env("FTSS_SIM_SEED") {
+            Some(seed) => vec![seed],
+            None => {
+                let first = env("FTSS_SIM_FIRST").unwrap_or(0);
+                (first..first + env("FTSS_SIM_SEEDS").unwrap_or(10_000)).collect()
+            }
+        };
+        let mut total = Outcomes::default();
+        for seed in &seeds {
+            match run(*seed, steps) {
+                Ok(outcomes) => {
+                    total.steps += outcomes.steps;
+                    total.acked += outcomes.acked;
+                    total.receipted += outcomes.receipted;
+                    total.crashes += outcomes.crashes;
+                    total.restarts += outcomes.restarts;
+                    total.errors_injected += outcomes.errors_injected;
+                }
+                Err(broken) => panic!("{broken}\nreplay: FTSS_SIM_SEED={seed} cargo test --release -p ftss-server simulator"),
+            }
+        }
+        eprintln!("simulator: {} seeds: {total:?}", seeds.len());
+        // The schedules did what they are for.
+        assert!(seeds.len() < 100 || (total.crashes > seeds.len() as u64 && total.receipted > 0));
+        assert!(seeds.len() < 100 || total.errors_injected > 0);
+    }
+
+    #[test]
+    fn a_seed_replays_exactly() {
+        let first = run(42, 300).expect("seed 42 holds");
+        let again = run(42, 300).expect("seed 42 holds");
+        assert_eq!(format!("{first:?}"), format!("{again:?}"));
+    }
+}
