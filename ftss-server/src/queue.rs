@@ -728,8 +728,9 @@ impl Queue {
         self.readers.retain(|(mirror_index, _), _| *mirror_index != index);
     }
 
-    /// Counts one more failure event in every healthy mirror, so that the failed ones are stale
-    /// to a later open. A healthy mirror where that cannot be written fails too (and is counted).
+    /// Counts one more event (a mirror failed or rejoined) in every healthy mirror, so that the
+    /// failed ones are stale to a later open. A healthy mirror where that cannot be written fails
+    /// too (and is counted).
     fn record_failures(&mut self) {
         while self.healthy().next().is_some() {
             self.events += 1;
@@ -942,25 +943,26 @@ impl Queue {
     /// Tries to bring failed mirrors back: when a failed mirror's directory is usable again, every
     /// segment is copied from a healthy mirror and the mirror rejoins. Returns how many rejoined.
     pub fn resync_failed(&mut self) -> usize {
-        let Some(source) = self.healthy().next() else { return 0 };
         let mut rejoined = 0;
         for index in 0..self.mirrors.len() {
+            // Copied from a mirror healthy now: one may have failed since the last copy.
+            let Some(source) = self.healthy().next() else { break };
             if self.mirrors[index].failure.is_none() || !disk::is_dir(&self.mirrors[index].dir) {
                 continue;
             }
             match self.copy_mirror(source, index) {
                 Ok(()) => {
-                    eprintln!(
-                        "ftss-server: queue mirror {} resynced and healthy again",
-                        self.mirrors[index].dir.display()
-                    );
                     self.mirrors[index].failure = None;
-                    rejoined += 1;
-                    if let Err(error) = write_events(&self.mirrors[index].dir, self.events) {
-                        // Its count may have been written all the same: one more failure event in
-                        // the healthy mirrors keeps it stale.
-                        self.fail_mirror(index, format!("recording its resync: {error}"));
-                        rejoined -= 1;
+                    // A new membership is one more event in every healthy mirror, the rejoined
+                    // one included: a mirror that failed meanwhile, perhaps after its count was
+                    // written, stays behind and so stale.
+                    self.record_failures();
+                    if self.mirrors[index].failure.is_none() {
+                        eprintln!(
+                            "ftss-server: queue mirror {} resynced and healthy again",
+                            self.mirrors[index].dir.display()
+                        );
+                        rejoined += 1;
                     }
                 }
                 Err(error) => self.mirrors[index].failure = Some(format!("resync: {error}")),

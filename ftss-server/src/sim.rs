@@ -66,6 +66,17 @@ pub struct Outcomes {
     pub errors_injected: u64,
 }
 
+impl Outcomes {
+    fn add(&mut self, other: &Outcomes) {
+        self.steps += other.steps;
+        self.acked += other.acked;
+        self.receipted += other.receipted;
+        self.crashes += other.crashes;
+        self.restarts += other.restarts;
+        self.errors_injected += other.errors_injected;
+    }
+}
+
 /// The running server's part under test.
 struct Process {
     queue: Queue,
@@ -387,7 +398,8 @@ impl World {
         let process = self.process.as_mut().expect("running");
         let ids: Vec<PacketId> = seqs.iter().map(|seq| self.model.sent[seq].id.clone()).collect();
         for id in &ids {
-            let record = QueueRecord::Done { id: id.clone(), outcome, at_unix_us: self.now_unix_us, reason: String::new() };
+            let record =
+                QueueRecord::Done { id: id.clone(), outcome, at_unix_us: self.now_unix_us, reason: String::new() };
             process.queue.append(&record);
         }
         // Until the sync answers, the packets may or may not be done.
@@ -508,18 +520,33 @@ mod tests {
                 (first..first + env("FTSS_SIM_SEEDS").unwrap_or(10_000)).collect()
             }
         };
+        // Each seed runs on one thread from start to end (the disk is the thread's), so the
+        // threads change nothing but the wall time.
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let chunks: Vec<&[u64]> = seeds.chunks(seeds.len().div_ceil(threads).max(1)).collect();
+        let results: Vec<Result<Outcomes, String>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = chunks
+                .iter()
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        let mut total = Outcomes::default();
+                        for seed in *chunk {
+                            let outcomes = run(*seed, steps).map_err(|broken| {
+                                format!("{broken}\nreplay: FTSS_SIM_SEED={seed} FTSS_SIM_TRACE=1 cargo test --release -p ftss-server simulator")
+                            })?;
+                            total.add(&outcomes);
+                        }
+                        Ok(total)
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|worker| worker.join().expect("a simulator thread panicked")).collect()
+        });
         let mut total = Outcomes::default();
-        for seed in &seeds {
-            match run(*seed, steps) {
-                Ok(outcomes) => {
-                    total.steps += outcomes.steps;
-                    total.acked += outcomes.acked;
-                    total.receipted += outcomes.receipted;
-                    total.crashes += outcomes.crashes;
-                    total.restarts += outcomes.restarts;
-                    total.errors_injected += outcomes.errors_injected;
-                }
-                Err(broken) => panic!("{broken}\nreplay: FTSS_SIM_SEED={seed} cargo test --release -p ftss-server simulator"),
+        for result in results {
+            match result {
+                Ok(outcomes) => total.add(&outcomes),
+                Err(broken) => panic!("{broken}"),
             }
         }
         eprintln!("simulator: {} seeds: {total:?}", seeds.len());
