@@ -67,7 +67,7 @@ pub struct Outcomes {
 }
 
 impl Outcomes {
-    fn add(&mut self, other: &Outcomes) {
+    pub fn add(&mut self, other: &Outcomes) {
         self.steps += other.steps;
         self.acked += other.acked;
         self.receipted += other.receipted;
