@@ -15,6 +15,8 @@
 //!   [`Crash`] payload (no panic message), and the simulator catches it, crashes the disk and
 //!   starts the code again.
 //!
+//! - [`SimDisk::break_path`] fails every call on one path (a bad block under one file).
+//!
 //! Not simulated: directory listings that lag behind (the queue's disks are local), hard links,
 //! renaming directories, and permissions.
 
@@ -56,6 +58,7 @@ struct Inode {
 
 #[derive(Debug)]
 struct Open {
+    path: PathBuf,
     inode: u64,
     position: u64,
     read: bool,
@@ -63,9 +66,10 @@ struct Open {
     append: bool,
 }
 
-/// The kinds of call, for fault injection.
+/// The kinds of call, for fault injection. Listing a directory, reading a file and its metadata
+/// are reads; making, renaming and removing names are name calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Call {
+pub enum Call {
     Read,
     Write,
     Sync,
@@ -87,6 +91,9 @@ struct State {
     errors_injected: u64,
     /// Bumped by every crash: handles from before it are dead.
     boot: u64,
+    /// Paths whose every call fails with this errno (a bad block under one file, a directory
+    /// that cannot be read), until [`SimDisk::repair`].
+    broken: Vec<(PathBuf, Option<Call>, i32)>,
 }
 
 /// A simulated disk; clones share it.
@@ -228,6 +235,7 @@ impl SimDisk {
             faults: Faults::default(),
             errors_injected: 0,
             boot: 0,
+            broken: Vec::new(),
         })))
     }
 
@@ -298,14 +306,37 @@ impl SimDisk {
         }
     }
 
-    /// Counts a call and decides its fate: go on, fail, or die here.
-    fn enter(&self, call: Call) -> io::Result<()> {
+    /// Every call on `path` (by name or through a handle opened by that name) fails with `errno`
+    /// from now on, until [`SimDisk::repair`].
+    pub fn break_path(&self, path: impl Into<PathBuf>, errno: i32) {
+        self.0.borrow_mut().broken.push((path.into(), None, errno));
+    }
+
+    /// Calls of one kind on `path` fail with `errno`, until [`SimDisk::repair`].
+    pub fn break_calls(&self, path: impl Into<PathBuf>, call: Call, errno: i32) {
+        self.0.borrow_mut().broken.push((path.into(), Some(call), errno));
+    }
+
+    /// Calls on every broken path work again.
+    pub fn repair(&self) {
+        self.0.borrow_mut().broken.clear();
+    }
+
+    /// Counts a call on `path` and decides its fate: go on, fail, or die here.
+    fn enter(&self, call: Call, path: &Path) -> io::Result<()> {
         let verdict = {
             let mut state = self.0.borrow_mut();
             state.calls += 1;
             let (calls, faults) = (state.calls, state.faults);
+            let broken = state
+                .broken
+                .iter()
+                .find(|(broken, kind, _)| broken == path && kind.is_none_or(|kind| kind == call))
+                .map(|(_, _, errno)| *errno);
             if faults.crash_at.is_some_and(|at| calls >= at) {
                 None
+            } else if let Some(code) = broken {
+                Some(Err(errno(code)))
             } else if state.chance(faults.error_per_million) {
                 state.errors_injected += 1;
                 let no_space = call == Call::Write && state.next_random().is_multiple_of(2);
@@ -330,7 +361,7 @@ impl SimDisk {
     }
 
     pub(crate) fn open(&self, path: &Path, options: OpenOptions) -> io::Result<Handle> {
-        self.enter(if options.write || options.append { Call::Write } else { Call::Read })?;
+        self.enter(if options.write || options.append { Call::Write } else { Call::Read }, path)?;
         let mut state = self.0.borrow_mut();
         if !state.is_dir(&parent(path)) {
             return Err(errno(libc::ENOENT));
@@ -356,6 +387,7 @@ impl SimDisk {
         let id = state.next_handle;
         state.next_handle += 1;
         let open = Open {
+            path: path.to_path_buf(),
             inode,
             position: 0,
             read: options.read,
@@ -367,7 +399,7 @@ impl SimDisk {
     }
 
     pub(crate) fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        self.enter(Call::Sync)?;
+        self.enter(Call::Sync, dir)?;
         let mut state = self.0.borrow_mut();
         if !state.is_dir(dir) {
             return Err(errno(libc::ENOENT));
@@ -388,7 +420,7 @@ impl SimDisk {
     }
 
     pub(crate) fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        self.enter(Call::Name)?;
+        self.enter(Call::Name, from)?;
         {
             let mut state = self.0.borrow_mut();
             let entry = state.current.get(from).copied().ok_or_else(|| errno(libc::ENOENT))?;
@@ -408,7 +440,7 @@ impl SimDisk {
     }
 
     pub(crate) fn remove(&self, path: &Path, dir: bool) -> io::Result<()> {
-        self.enter(Call::Name)?;
+        self.enter(Call::Name, path)?;
         {
             let mut state = self.0.borrow_mut();
             match (state.current.get(path).copied(), dir) {
@@ -431,7 +463,7 @@ impl SimDisk {
     }
 
     pub(crate) fn create_dir(&self, path: &Path, all: bool) -> io::Result<()> {
-        self.enter(Call::Name)?;
+        self.enter(Call::Name, path)?;
         let mut state = self.0.borrow_mut();
         if state.is_dir(path) {
             return if all { Ok(()) } else { Err(errno(libc::EEXIST)) };
@@ -455,7 +487,7 @@ impl SimDisk {
     }
 
     pub(crate) fn metadata(&self, path: &Path) -> io::Result<Meta> {
-        self.enter(Call::Read)?;
+        self.enter(Call::Read, path)?;
         let state = self.0.borrow();
         if state.is_dir(path) {
             return Ok(Meta { len: 0, nlink: 1, is_dir: true });
@@ -469,7 +501,7 @@ impl SimDisk {
     }
 
     pub(crate) fn list(&self, dir: &Path) -> io::Result<Vec<OsString>> {
-        self.enter(Call::Read)?;
+        self.enter(Call::Read, dir)?;
         let state = self.0.borrow();
         if !state.is_dir(dir) {
             return Err(errno(if state.current.contains_key(dir) { libc::ENOTDIR } else { libc::ENOENT }));
@@ -491,7 +523,14 @@ impl SimDisk {
 impl Handle {
     /// Runs `action` on this open file, after the call's fault check.
     fn with<T>(&self, call: Call, action: impl FnOnce(&mut State, u64) -> io::Result<T>) -> io::Result<T> {
-        self.disk.enter(call)?;
+        let path = {
+            let state = self.disk.0.borrow();
+            match state.open.get(&self.id).filter(|_| state.boot == self.boot) {
+                Some(open) => open.path.clone(),
+                None => return Err(errno(libc::EBADF)),
+            }
+        };
+        self.disk.enter(call, &path)?;
         let mut state = self.disk.0.borrow_mut();
         state.open_file(self.id, self.boot)?;
         action(&mut state, self.id)
