@@ -1,0 +1,313 @@
+//! Delivering: first deliveries and redeliveries written to inbox files, fabric links or the gateway.
+
+use super::*;
+
+impl Server {
+    /// Writes due packets into their destination inboxes, in store order, grouped per (node, port):
+    /// redeliveries that came due, then packets not delivered yet.
+    pub(super) fn deliver(&mut self) -> Result<usize, QueueError> {
+        let now = monotonic_now();
+        let mut due = self.redeliveries_due(now);
+        let mut count = due.values().map(Vec::len).sum();
+        // An error stops delivering to its port (or external address) this cycle; packets already
+        // taken off the redelivery schedule are put back on it, never dropped from it. Other ports
+        // go on: one bad spot on the queue disk holds up no one else.
+        let mut failure = self.first_deliveries_due(&mut due, &mut count);
+        if let Some(error) = self.write_deliveries(due, now) {
+            failure = Some(error);
+        }
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(count),
+        }
+    }
+
+    /// Packets whose redelivery came due, per (node, port), except those still waiting in an inbox
+    /// or held claimed by a live receiver (postponed).
+    pub(super) fn redeliveries_due(&mut self, now: Time) -> Due {
+        let mut due = Due::new();
+        let mut still_in_inbox: HashMap<(NodeName, u16, u64), bool> = HashMap::new();
+        // Per inbox, the files held claimed by a live receiving process (listed once a cycle).
+        let mut claims: HashMap<(NodeName, u16), HashSet<String>> = HashMap::new();
+        let mut over_fabric: HashMap<(NodeName, u16), bool> = HashMap::new();
+        for key in self.index.due_again(now, self.config.redeliver_after, DELIVER_PACKETS_PER_CYCLE_MAX) {
+            let (entry, file) = self.index.in_flight(key).expect("due packets are in flight");
+            let port = entry.destination.port();
+            let Some(node) = self.addr_to_node.get(entry.destination.ip()).cloned() else {
+                self.index.postpone(key, now);
+                continue;
+            };
+            // Not picked up yet (no receiver bound): another copy would only pile up. Unless a fabric
+            // process has the port now: it never reads inbox files, so the packet goes to it.
+            let routed =
+                *over_fabric.entry((node.clone(), port)).or_insert_with(|| self.fabric_route(&node, port).is_some());
+            // Also not while a receiving process holds the file claimed and fresh: it will hand
+            // the packet over, and a copy could reach a sibling process on the same port.
+            let waiting = !routed
+                && *still_in_inbox.entry((node.clone(), port, file)).or_insert_with(|| {
+                    let name = batch_file_name(self.epoch, file, "pkt");
+                    let inbox = self.volume.inbox(&node, port);
+                    inbox.new_dir().join(&name).exists()
+                        || claims
+                            .entry((node.clone(), port))
+                            .or_insert_with(|| fresh_claims(&inbox.tmp_dir()))
+                            .contains(&name)
+                });
+            if waiting {
+                self.index.postpone(key, now);
+                continue;
+            }
+            due.entry((node, port)).or_default().push((key, entry));
+        }
+        due
+    }
+
+    /// Adds packets not delivered yet (within the cycle's and the in-flight bounds) to `due`, and
+    /// sends those for external addresses through the gateway. Returns the last error.
+    pub(super) fn first_deliveries_due(&mut self, due: &mut Due, count: &mut usize) -> Option<QueueError> {
+        let mut failure = None;
+        for destination in self.index.destinations() {
+            if self.is_external(&destination) {
+                match self.send_external(&destination) {
+                    Ok(sent) => *count += sent,
+                    Err(error) => failure = Some(error),
+                }
+                continue;
+            }
+            // Unknown destinations stay queued: the receiver may register later.
+            let Some(node) = self.addr_to_node.get(&destination).cloned() else { continue };
+            // While a port's receiver has not taken its last inbox files (a slow mount, or no
+            // socket bound), its new packets wait in the queue and go out together in the next
+            // file, instead of one small file per cycle that it would read one at a time. Each
+            // port has its own line and in-flight room, so a port whose app stopped reading holds
+            // back nothing but its own packets.
+            let held: HashSet<u16> = self
+                .index
+                .waiting_ports(&destination)
+                .into_iter()
+                .filter(|port| self.fabric_route(&node, *port).is_none() && self.inbox_backlogged(&node, *port))
+                .collect();
+            let room = DELIVER_PACKETS_PER_CYCLE_MAX.saturating_sub(*count);
+            let next = self.index.next_undelivered(
+                &destination,
+                room,
+                IN_FLIGHT_PER_DESTINATION_MAX,
+                IN_FLIGHT_PER_PORT_MAX,
+                &held,
+            );
+            for (key, entry) in next {
+                due.entry((node.clone(), entry.destination.port())).or_default().push((key, entry));
+                *count += 1;
+            }
+        }
+        failure
+    }
+
+    /// Writes `due` out, over the fabric or into inbox files. Returns the last error.
+    pub(super) fn write_deliveries(&mut self, due: Due, now: Time) -> Option<QueueError> {
+        let mut failure = None;
+        for ((node, port), keys) in due {
+            let route = self.fabric_route(&node, port);
+            let mut start = 0;
+            while start < keys.len() {
+                let delivered = match &route {
+                    Some(conn) => self.deliver_over(conn, &keys[start..], now),
+                    None => self.deliver_file(&node, port, &keys[start..], now),
+                };
+                match delivered {
+                    Ok(taken) => start += taken,
+                    Err(error) => {
+                        self.skip_delivery(&keys[start..], now);
+                        self.report("delivering", format!("to {node}:{port}: {error}"));
+                        failure = Some(error);
+                        break;
+                    }
+                }
+            }
+        }
+        failure
+    }
+
+    /// Sends queued packets for an external address through the gateway (best effort) and marks
+    /// them done. Returns how many were sent.
+    pub(super) fn send_external(&mut self, destination: &Ipv4Addr) -> Result<usize, QueueError> {
+        let keys = self.index.next_undelivered(
+            destination,
+            DELIVER_PACKETS_PER_CYCLE_MAX,
+            usize::MAX,
+            usize::MAX,
+            &HashSet::new(),
+        );
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let at_unix_us = now_us();
+        let mut sent = Vec::new();
+        let mut failure = None;
+        for (key, entry) in keys {
+            let packet = match self.queue.read_stored(entry.location) {
+                Ok((_, packet)) => packet,
+                Err(QueueError::Damaged { reason, .. }) => {
+                    self.dead_letter_damaged(key, entry, reason);
+                    continue;
+                }
+                Err(error) => {
+                    failure = Some(error);
+                    break;
+                }
+            };
+            self.gateway.send(Some(&packet.id.origin), packet.source, packet.destination, &packet.payload);
+            let record =
+                QueueRecord::Done { id: packet.id.clone(), outcome: Outcome::Sent, at_unix_us, reason: String::new() };
+            self.queue.append(&record);
+            sent.push((packet.id, entry.destination));
+        }
+        if let Err(error) = self.sync_queue() {
+            // They were sent; not recording it means they may be sent again (best effort allows it).
+            self.push_back(format!("queue: {error}"));
+            return Ok(0);
+        }
+        for (id, address) in &sent {
+            self.finish(id, Outcome::Sent, at_unix_us, Some(*address));
+        }
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(sent.len()),
+        }
+    }
+
+    /// Writes one inbox file with a prefix of `keys`; returns how many it took.
+    pub(super) fn deliver_file(
+        &mut self,
+        node: &NodeName,
+        port: u16,
+        keys: &[(Key, Entry)],
+        now: Time,
+    ) -> Result<usize, QueueError> {
+        let Encoded { bytes, taken, file_seq, good } = self.encode_delivery(keys)?;
+        if good.is_empty() {
+            return Ok(taken);
+        }
+        let name = batch_file_name(self.epoch, file_seq, "pkt");
+        // No syncs: the queue holds the packet until it is receipted, so a delivery lost in a crash
+        // is only delivered again.
+        if let Err(error) = self.volume.inbox(node, port).publish_volatile(&name, &bytes) {
+            self.report("delivering", format!("inbox of {node}:{port}: {error}"));
+            self.skip_delivery(keys, now);
+            return Ok(keys.len());
+        }
+        let ring = Ring { kind: RingKind::Packets, port, epoch: self.epoch, seq: file_seq };
+        self.pending_rings.entry(node.clone()).or_default().push(ring);
+        let waiting = self.inbox_files.entry((node.clone(), port)).or_default();
+        waiting.push_back(file_seq);
+        if waiting.len() > INBOX_FILES_WAITING_MAX * 4 {
+            waiting.pop_front();
+        }
+        self.mark_delivered(&good, now, file_seq);
+        Ok(taken)
+    }
+
+    /// Are `INBOX_FILES_WAITING_MAX` of the files written for `node`'s `port` still unclaimed?
+    /// (One stat a cycle while the receiver keeps up: the oldest file written.)
+    pub(super) fn inbox_backlogged(&mut self, node: &NodeName, port: u16) -> bool {
+        let Some(waiting) = self.inbox_files.get_mut(&(node.clone(), port)) else { return false };
+        let new_dir = self.volume.inbox(node, port).new_dir();
+        while let Some(file_seq) = waiting.front() {
+            if new_dir.join(batch_file_name(self.epoch, *file_seq, "pkt")).exists() {
+                break;
+            }
+            waiting.pop_front();
+        }
+        let backlogged = waiting.len() >= INBOX_FILES_WAITING_MAX;
+        if waiting.is_empty() {
+            // Only ports with unclaimed files keep an entry.
+            self.inbox_files.remove(&(node.clone(), port));
+        }
+        backlogged
+    }
+
+    /// Sends a prefix of `keys` over a fabric connection; returns how many it took. A connection
+    /// without room (its node reads slowly) takes none this cycle.
+    pub(super) fn deliver_over(&mut self, conn: &Conn, keys: &[(Key, Entry)], now: Time) -> Result<usize, QueueError> {
+        if !conn.has_delivery_room() {
+            self.skip_delivery(keys, now);
+            return Ok(keys.len());
+        }
+        let Encoded { bytes, taken, good, .. } = self.encode_delivery(keys)?;
+        if good.is_empty() {
+            return Ok(taken);
+        }
+        if !conn.send(&fsbridge::fabric::Frame::Packets(bytes)) {
+            self.skip_delivery(keys, now);
+            return Ok(keys.len());
+        }
+        if let Some(hub) = &self.fabric {
+            hub.count(|counters| counters.packets_delivered += good.len() as u64);
+        }
+        // No inbox file stands for these: a redelivery is never held back waiting for one.
+        self.mark_delivered(&good, now, 0);
+        Ok(taken)
+    }
+
+    /// Encodes a prefix of `keys` (bounded per file) as one packets batch. A packet damaged in
+    /// every mirror is dead-lettered on the way; an error before anything was read is returned,
+    /// after that the batch ends where it struck.
+    pub(super) fn encode_delivery(&mut self, keys: &[(Key, Entry)]) -> Result<Encoded, QueueError> {
+        let mut encoder = self.encoder(BatchKind::Packets);
+        let file_seq = self.batch_seq;
+        let mut bytes = 0;
+        let mut taken = 0;
+        let mut good = Vec::new();
+        for (key, entry) in keys.iter().take(DELIVER_PACKETS_PER_FILE_MAX) {
+            if taken > 0 && bytes + entry.payload_bytes as usize > DELIVER_FILE_BYTES_MAX {
+                break;
+            }
+            match self.queue.read_stored(entry.location) {
+                Ok((_, packet)) => {
+                    encoder.push(&Record::Packet(packet));
+                    good.push((*key, *entry));
+                }
+                Err(QueueError::Damaged { reason, .. }) => self.dead_letter_damaged(*key, *entry, reason),
+                Err(error) if taken == 0 => return Err(error),
+                Err(_) => break,
+            }
+            bytes += entry.payload_bytes as usize;
+            taken += 1;
+        }
+        self.counters.read_repairs = self.queue.read_repairs;
+        Ok(Encoded { bytes: encoder.finish(), taken, file_seq, good })
+    }
+
+    /// A packet whose stored bytes are damaged in every mirror: it can never be delivered. Its
+    /// bytes go to quarantine and it is dead-lettered with the reason, so that its port goes on.
+    pub(super) fn dead_letter_damaged(&mut self, key: Key, entry: Entry, reason: String) {
+        let id = self.index.id(key);
+        let reason = format!("damaged in every queue mirror: {reason}");
+        if let Some(bytes) = self.queue.read_raw(entry.location) {
+            let name = format!("queue-{}-{}", entry.location.segment, entry.location.offset);
+            let origin = id.origin.clone();
+            self.quarantine_bytes(&origin, &name, &bytes, &format!("{} ({reason})", id_text(&id)));
+        }
+        self.dead_letter(vec![(id, entry.destination, reason)]);
+    }
+
+    pub(super) fn mark_delivered(&mut self, keys: &[(Key, Entry)], now: Time, file_seq: u64) {
+        for (key, entry) in keys {
+            if self.index.mark_delivered(*key, entry.destination, now, file_seq) {
+                self.counters.delivered += 1;
+                let id = self.index.id(*key);
+                self.ack_later(&id, AckState::Delivered, String::new());
+            } else {
+                self.counters.redelivered += 1;
+            }
+        }
+    }
+
+    /// `keys` could not be delivered now: undelivered ones stay first in their queue; ones in flight
+    /// (due again) go back on the redelivery schedule.
+    pub(super) fn skip_delivery(&mut self, keys: &[(Key, Entry)], now: Time) {
+        for (key, _) in keys {
+            self.index.postpone(*key, now);
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Maintenance: the node registry, quarantine, reclaiming segments and housekeeping.
+
+use super::*;
+
+/// The owner of `path` if it is not this process's user (`None` if it is, or the file is gone).
+pub(super) fn foreign_owner(path: &std::path::Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::symlink_metadata(path).ok()?.uid();
+    (owner != nix::unistd::geteuid().as_raw()).then_some(owner)
+}
+
+/// A receiving shim refreshes a claimed file's mtime every second while the app has not read all
+/// of it; a claim older than this is a dead process's.
+pub(super) const CLAIM_FRESH: Duration = Duration::from_secs(5);
+
+/// Names of the inbox files held claimed (`tmp/<name>.claimed-<pid>`) and refreshed within
+/// `CLAIM_FRESH`, in the inbox whose `tmp/` is `tmp_dir`.
+pub(super) fn fresh_claims(tmp_dir: &std::path::Path) -> HashSet<String> {
+    let mut fresh = HashSet::new();
+    for entry in std::fs::read_dir(tmp_dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some((file, _)) = name.to_str().and_then(|name| name.split_once(".claimed-")) else { continue };
+        let recent = entry
+            .metadata()
+            .and_then(|meta| meta.modified())
+            .is_ok_and(|modified| modified.elapsed().unwrap_or_default() < CLAIM_FRESH);
+        if recent {
+            fresh.insert(file.to_owned());
+        }
+    }
+    fresh
+}
+
+impl Server {
+    pub(super) fn refresh_registry(&mut self) -> Result<(), fsbridge::SpoolError> {
+        if self.registry_loaded_at.is_some_and(|at| at.elapsed() < REGISTRY_REFRESH) {
+            return Ok(());
+        }
+        self.registry_loaded_at = Some(Instant::now());
+        let (nodes, invalid) = self.volume.list_nodes()?;
+        for name in invalid {
+            let path = self.volume.nodes_dir().join(&name);
+            self.quarantine_path(path, "volume", "node directory name is not a valid node name");
+        }
+        // Each address belongs to one node: the one that holds it keeps it, otherwise the earliest
+        // registration (then the name) wins; a later claimant is refused until it changes address.
+        let previous = std::mem::take(&mut self.addr_to_node);
+        self.node_to_addr.clear();
+        let mut claims = Vec::new();
+        for node in &nodes {
+            match self.volume.node_config(node) {
+                Ok(Some(config)) => {
+                    let holds = previous.get(&config.addr) == Some(node);
+                    let registered = std::fs::metadata(self.volume.node_dir(node).join("node.toml"))
+                        .and_then(|meta| meta.modified())
+                        .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+                    claims.push((!holds, registered, node.clone(), config.addr));
+                }
+                Ok(None) => {}
+                Err(reason) => eprintln!("ftss-server: ignoring registration of {node}: {reason}"),
+            }
+        }
+        claims.sort();
+        self.refused.clear();
+        for (_, _, node, addr) in claims {
+            match self.addr_to_node.get(&addr).cloned() {
+                Some(holder) => {
+                    let reason = format!("its address {addr} is node {holder}'s: registration refused");
+                    self.node_failed(&node, NodeStep::Register, reason);
+                    self.refused.insert(node);
+                }
+                None => {
+                    self.node_recovered(&node, NodeStep::Register);
+                    self.addr_to_node.insert(addr, node.clone());
+                    self.node_to_addr.insert(node, addr);
+                }
+            }
+        }
+        self.nodes = nodes;
+        Ok(())
+    }
+
+    /// Moves `path` into quarantine with `reason`; returns whether it was moved.
+    pub(super) fn quarantine_path(&mut self, path: PathBuf, origin: &str, reason: &str) -> bool {
+        match self.volume.quarantine(&path, origin, reason) {
+            Ok(target) => {
+                self.counters.quarantined += 1;
+                eprintln!("ftss-server: quarantined {} as {}: {reason}", path.display(), target.display());
+                true
+            }
+            Err(error) => {
+                self.report("quarantining", format!("{}: {error} (reason was: {reason})", path.display()));
+                false
+            }
+        }
+    }
+
+    /// Writes `bytes` (a damaged or undecodable part of an outbox log) into quarantine with a reason.
+    pub(super) fn quarantine_bytes(&mut self, node: &NodeName, name: &str, bytes: &[u8], reason: &str) {
+        let dir = self.volume.quarantine_dir();
+        let staged = dir.join(format!(".{name}.{}", fsbridge::random_u64()));
+        let written = std::fs::create_dir_all(&dir)
+            .map_err(|source| fsbridge::SpoolError::Io { operation: "creating", path: dir.clone(), source })
+            .and_then(|()| fsbridge::spool::write_file_durably(&staged, bytes));
+        match written {
+            Ok(()) => {
+                self.quarantine_path(staged, node.as_str(), reason);
+            }
+            Err(error) => self.report("quarantining", format!("{name}: {error} (reason was: {reason})")),
+        }
+    }
+
+    /// Frees retained packets whose time is up and deletes segments nothing lives in. When the
+    /// active segment holds nothing live, a new one is started so the old one can go too: without
+    /// `--retain`, receipted bytes do not linger.
+    pub(super) fn reclaim(&mut self) {
+        self.book.expire(now_us());
+        let active_idle = !self.book.is_live(self.active_segment_id());
+        if active_idle
+            && self.queue.active_has_records()
+            && let Err(error) = self.queue.rotate()
+        {
+            self.report("starting a new segment", error);
+        }
+        let active = self.active_segment_id();
+        if let Some(cursors) = self.logs.checkpoint(&self.volume, active) {
+            // Older segments may hold the only copy of a cursor: write them all into the active
+            // segment before any is reclaimed.
+            for (node, log, offset) in cursors {
+                self.queue.append(&QueueRecord::Cursor { node, log, offset });
+            }
+            if let Err(error) = self.sync_queue() {
+                self.report("writing outbox log cursors", error);
+                return;
+            }
+            self.logs.checkpointed(active);
+        }
+        self.queue.reclaim(|segment| self.book.is_live(segment));
+    }
+
+    pub(super) fn active_segment_id(&self) -> u64 {
+        self.queue.active_segment()
+    }
+
+    /// Removes what dead writers left behind: old ack files, and files in `tmp/` of every spool
+    /// (including inbox files a receiving shim claimed and then died holding; their packets are
+    /// delivered again because no receipt came).
+    pub(super) fn housekeeping(&mut self) {
+        if self.housekept_at.is_some_and(|at| at.elapsed() < HOUSEKEEPING_INTERVAL) {
+            return;
+        }
+        self.housekept_at = Some(Instant::now());
+        for node in self.nodes.iter().filter(|node| self.owns(node)) {
+            let _ = fsbridge::spool::sweep_older_than(&self.volume.acks(node).new_dir(), ACK_FILE_AGE_MAX);
+            let inboxes =
+                self.volume.inbox_ports(node).unwrap_or_default().into_iter().map(|port| self.volume.inbox(node, port));
+            let spools = [self.volume.outbox(node), self.volume.receipts(node), self.volume.acks(node)];
+            for spool in spools.into_iter().chain(inboxes) {
+                let _ = spool.sweep_tmp(TMP_FILE_AGE_MAX);
+            }
+        }
+    }
+}

@@ -1,0 +1,390 @@
+//! The routing agent: drain outboxes → store durably → ack the source → deliver to inboxes →
+//! take receipts → delete or retain. One cycle does each step once with bounded work; `run` repeats
+//! cycles until stopped. Operating errors (a full disk, a failed mirror, an unreachable volume) are
+//! logged and retried; they never stop the server.
+//!
+//! Invariants:
+//! - A packet is acked (`Stored`) only after `Queue::sync` returned Ok for the group that holds it.
+//! - An outbox file is removed only after its packets are durable and acked.
+//! - The source node of a packet is the outbox it was drained from, never the file's own claim.
+//! - A packet leaves the queue only after its destination node receipted it (or it is
+//!   dead-lettered); with `--retain` its bytes stay for that long after.
+//!
+//! This file is the driver: the `Server`, one `cycle` and the group commit in `store`. Each kind
+//! of I/O has its own file: `startup` (recovery and replay), `drain` (outbox files and logs),
+//! `acks` (ack files, fabric acks, doorbells), `links` (fabric connections), `deliver` (inbox
+//! files, fabric deliveries, the gateway), `receipts` (receipts and dead letters), `maintenance`
+//! (registry, quarantine, reclaim, housekeeping) and `report` (status.json); `limits` holds every
+//! bound and `types` the configuration and the groups a cycle builds. The decisions they carry
+//! out are in `crate::core`.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fsbridge::bell::{BellWriter, Ring, RingKind};
+use fsbridge::format::BatchEncoder;
+use fsbridge::layout::batch_file_name;
+use fsbridge::{Ack, AckState, BatchHeader, BatchKind, NodeName, Packet, PacketId, Record, Volume};
+use serde::Serialize;
+
+use crate::core::Time;
+use crate::core::admission::{Budget, Limits, Load};
+use crate::core::book::{Book, Replayed};
+use crate::core::index::{Entry, Index, Key};
+use crate::fabric::{Conn, FabricCounters, Hub};
+use crate::gateway::{Arrival, Cidr, Gateway, GatewayCounters, IngressRule, IngressStatus, Target};
+use crate::metrics::{Histogram, Snapshot};
+use crate::outlog::{Logs, SegmentKey, Step};
+use crate::queue::{Location, MirrorStatus, Outcome, Queue, QueueError, QueueRecord, RecoveryReport};
+
+mod acks;
+mod deliver;
+mod drain;
+mod limits;
+mod links;
+mod maintenance;
+mod receipts;
+mod report;
+mod startup;
+mod types;
+
+use self::limits::*;
+use self::maintenance::{foreign_owner, fresh_claims};
+pub use self::report::*;
+pub use self::types::*;
+
+/// The server's state and its I/O.
+pub struct Server {
+    config: Config,
+    volume: Volume,
+    queue: Queue,
+    index: Index,
+    /// Which segments hold something live, for reclaiming.
+    book: Book,
+    nodes: Vec<NodeName>,
+    addr_to_node: HashMap<Ipv4Addr, NodeName>,
+    node_to_addr: HashMap<NodeName, Ipv4Addr>,
+    /// The steps failing for one node, with why (shown in status until they work again).
+    node_errors: HashMap<NodeName, BTreeMap<NodeStep, String>>,
+    /// Registered nodes refused for claiming another node's address: neither drained nor served.
+    refused: HashSet<NodeName>,
+    /// Asked after every group commit, before anything is acked or removed: may this instance still
+    /// act? (With `--ha`: does it still hold the lease?) Once it says no, the server stops.
+    gate: Option<Box<dyn FnMut() -> bool>>,
+    deposed: bool,
+    /// Outbox names listed but not yet drained, per node, in name order.
+    outbox_backlog: HashMap<NodeName, VecDeque<String>>,
+    /// Acks to write at the end of the cycle, per source node.
+    pending_acks: BTreeMap<NodeName, Vec<Ack>>,
+    /// Each node's doorbell, open for appending (at most `BELLS_OPEN_MAX`).
+    bells: HashMap<NodeName, BellWriter>,
+    /// Inbox and ack files published this cycle, announced in their node's bell at its end.
+    pending_rings: BTreeMap<NodeName, Vec<Ring>>,
+    /// Gateway arrivals of a cycle whose sync failed, staged again next cycle (no new arrivals are
+    /// read meanwhile: they wait in the socket, so this holds at most one cycle's worth).
+    arrivals_kept: Vec<Packet>,
+    registry_loaded_at: Option<Instant>,
+    status_written_at: Option<Instant>,
+    resync_checked_at: Instant,
+    housekept_at: Option<Instant>,
+    counters: Counters,
+    samples: VecDeque<(Instant, u64, u64, u64)>,
+    dead_letters: VecDeque<DeadLetter>,
+    backpressure: Backpressure,
+    last_error: Option<String>,
+    recovery: RecoveryReport,
+    epoch: u64,
+    batch_seq: u64,
+    started_unix_ms: u64,
+    gateway: Gateway,
+    gateway_origin: NodeName,
+    /// Every partition's gateway origin, and its partition: a receipt for a packet that came in
+    /// through a gateway goes to the partition that holds it.
+    gateway_partitions: HashMap<NodeName, u32>,
+    sync_seconds: Histogram,
+    metrics: Option<Snapshot>,
+    /// Set when running as one of several instances (`--ha`).
+    active: Option<Active>,
+    /// Sequence of packets that came in through the gateway (ids: gateway origin, this epoch).
+    gateway_seq: u64,
+    /// The fabric listener, with `--fabric-listen`.
+    fabric: Option<Hub>,
+    /// Sending processes (node, epoch) that asked for acks, and the order they were seen in.
+    ack_epochs: HashSet<(NodeName, u64)>,
+    ack_epoch_order: VecDeque<(NodeName, u64)>,
+    /// Which fabric connection is drained first this cycle (turns rotate).
+    fabric_turn: usize,
+    /// Nodes' outbox logs: committed read positions and open segments.
+    logs: Logs,
+    /// Inbox files written per (node, port), oldest first, until seen claimed.
+    inbox_files: HashMap<(NodeName, u16), VecDeque<u64>>,
+}
+
+fn now_us() -> u64 {
+    fsbridge::unix_now_us()
+}
+
+fn id_text(id: &PacketId) -> String {
+    format!("{}/{:016x}/{}", id.origin, id.epoch, id.seq)
+}
+
+/// The monotonic clock as the core counts it: microseconds since this process first asked.
+pub fn monotonic_now() -> Time {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    Time(u64::try_from(origin.elapsed().as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The index entry of a stored packet.
+fn entry(packet: &Packet, location: Location, stored_unix_us: u64) -> Entry {
+    Entry { location, destination: packet.destination, stored_unix_us, payload_bytes: packet.payload.len() as u16 }
+}
+
+impl Server {
+    /// Sets the gate asked after every group commit (see the field).
+    pub fn set_gate(&mut self, gate: impl FnMut() -> bool + 'static) {
+        self.gate = Some(Box::new(gate));
+    }
+
+    /// Did the gate say this instance may no longer act?
+    pub fn deposed(&self) -> bool {
+        self.deposed
+    }
+
+    /// Asks the gate; false (for good) once it said no.
+    fn may_act(&mut self) -> bool {
+        if !self.deposed
+            && let Some(gate) = self.gate.as_mut()
+            && !gate()
+        {
+            eprintln!("ftss-server: no longer the active instance: nothing more is acked or removed");
+            self.deposed = true;
+        }
+        !self.deposed
+    }
+
+    /// Runs cycles until `stop` returns true or the gate deposes this instance.
+    pub fn run(&mut self, stop: impl Fn() -> bool) {
+        while !stop() && !self.deposed {
+            let busy = self.cycle();
+            if !busy {
+                self.wait_for_work();
+            }
+        }
+        self.write_status(true);
+    }
+
+    /// Called once when this instance won the lease: fences the queue at its epoch and records who
+    /// is active for status.
+    pub fn take_over(&mut self, instance: &str, epoch: u64) -> Result<(), QueueError> {
+        self.queue.fence(epoch)?;
+        self.active = Some(Active { instance: instance.to_owned(), lease_epoch: epoch });
+        Ok(())
+    }
+
+    /// One group commit (if anything was appended since the last), counted and timed for the
+    /// status and the metrics. Every sync of the queue goes through here.
+    fn sync_queue(&mut self) -> Result<(), QueueError> {
+        if !self.queue.has_pending() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let result = self.queue.sync();
+        if result.is_ok() {
+            self.counters.syncs += 1;
+            self.sync_seconds.observe(started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    /// Renders metrics into `snapshot` at every status interval from now on.
+    pub fn export_metrics(&mut self, snapshot: Snapshot) {
+        self.metrics = Some(snapshot);
+    }
+
+    /// Sleeps for the poll interval, or less if a datagram arrives at the gateway.
+    fn wait_for_work(&self) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let fabric = self.fabric.as_ref().map(Hub::wake_fd);
+        let mut fds: Vec<PollFd> =
+            self.gateway.fds().into_iter().chain(fabric).map(|fd| PollFd::new(fd, PollFlags::POLLIN)).collect();
+        let timeout = PollTimeout::try_from(self.config.poll.min(Duration::from_secs(60))).unwrap_or(PollTimeout::MAX);
+        // EINTR (a stop signal) or anything else: the caller's loop looks again.
+        let _ = poll(&mut fds, timeout);
+    }
+
+    /// Is this an address outside the fabric that no node registered (sent through the gateway)?
+    fn is_external(&self, addr: &Ipv4Addr) -> bool {
+        !self.addr_to_node.contains_key(addr) && !self.config.fabric.iter().any(|cidr| cidr.contains(addr))
+    }
+
+    /// Logs an operating error (once per distinct message in a row) and counts it.
+    fn report(&mut self, step: &str, error: impl std::fmt::Display) {
+        let message = format!("{step}: {error}");
+        if self.last_error.as_deref() != Some(message.as_str()) {
+            eprintln!("ftss-server: {message}");
+        }
+        self.counters.errors += 1;
+        self.last_error = Some(message);
+    }
+
+    /// One pass over every step. Returns whether anything was done.
+    pub fn cycle(&mut self) -> bool {
+        if self.deposed {
+            return false;
+        }
+        let mut work = 0;
+        if let Err(error) = self.refresh_registry() {
+            self.report("reading the node registry", error);
+        }
+        self.backpressure = Backpressure::default();
+        if self.fabric.is_some() {
+            work += self.tend_fabric();
+        }
+        work += self.store();
+        // "stored" acks are announced before the cycle spends time delivering.
+        self.ring_bells();
+        match self.deliver() {
+            Ok(count) => work += count,
+            Err(error) => self.report("delivering", error),
+        }
+        self.dead_letter_expired();
+        if !self.may_act() {
+            return false;
+        }
+        self.flush_acks();
+        self.ring_bells();
+        self.reclaim();
+        if self.resync_checked_at.elapsed() >= RESYNC_INTERVAL {
+            self.resync_checked_at = Instant::now();
+            if self.queue.degraded() {
+                self.queue.resync_failed();
+            }
+        }
+        if self.status_written_at.is_none_or(|at| at.elapsed() >= STATUS_INTERVAL) {
+            self.housekeeping();
+            self.write_status(false);
+        }
+        work > 0
+    }
+
+    /// Drains new packets and takes receipts with one group commit for both: every record of the
+    /// cycle is appended, then one sync, and only then are packets acked and receipted ones
+    /// released. Returns how much was done.
+    fn store(&mut self) -> usize {
+        let drain = self.stage_drain().unwrap_or_else(|error| {
+            self.report("draining", error);
+            None
+        });
+        let receipts = self.stage_receipts().unwrap_or_else(|error| {
+            self.report("taking receipts", error);
+            None
+        });
+        let appended = drain.is_some() || receipts.as_ref().is_some_and(|group| !group.done.is_empty());
+        if appended {
+            let synced = self.sync_queue();
+            if let Err(error) = &synced {
+                self.push_back(format!("queue: {error}"));
+            }
+            // A deposed instance (paused past its term, say) acks nothing and removes nothing:
+            // what it appended after its successor fenced the queue is cut at the next recovery.
+            if synced.is_err() || !self.may_act() {
+                if let Some(group) = drain {
+                    self.abort_drain(group);
+                }
+                return 0;
+            }
+        }
+        let mut work = 0;
+        if let Some(group) = receipts {
+            match self.complete_receipts(group) {
+                Ok(count) => work += count,
+                Err(error) => self.report("taking receipts", error),
+            }
+        }
+        if let Some(group) = drain {
+            match self.complete_drain(group) {
+                Ok(count) => work += count,
+                Err(error) => self.report("draining", error),
+            }
+        }
+        work
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path) -> Config {
+        Config {
+            volume: dir.join("volume"),
+            queue_dirs: vec![dir.join("queue")],
+            poll: Duration::from_millis(10),
+            redeliver_after: Duration::from_secs(5),
+            retain: Duration::ZERO,
+            hold: Duration::from_secs(3600),
+            limits: Limits {
+                destination_packets: 1 << 20,
+                destination_bytes: 1 << 30,
+                total_packets: 1 << 23,
+                total_bytes: 1 << 34,
+            },
+            fabric: vec!["10.77.0.0/16".parse().unwrap()],
+            ingress: Vec::new(),
+            fabric_listen: Vec::new(),
+            fabric_keys: dir.join("keys"),
+            partition: Partition::default(),
+            log_abandon_after: Duration::from_secs(600),
+        }
+    }
+
+    /// Publishes one outbox file of node a with `count` packets for 10.77.0.2:9000.
+    fn outbox_file(volume: &Volume, count: u64) -> PathBuf {
+        let node = NodeName::new("a").unwrap();
+        for (name, addr) in [("a", "10.77.0.1"), ("b", "10.77.0.2")] {
+            let config = fsbridge::NodeConfig { addr: addr.parse().unwrap() };
+            volume.register_node(&NodeName::new(name).unwrap(), &config).unwrap();
+        }
+        let header = BatchHeader { kind: BatchKind::Packets, node: node.clone(), epoch: 7, batch_seq: 1, flags: 0 };
+        let mut encoder = BatchEncoder::new(&header);
+        for seq in 1..=count {
+            encoder.push(&Record::Packet(Packet {
+                id: PacketId { origin: node.clone(), epoch: 7, seq },
+                source: "10.77.0.1:5000".parse().unwrap(),
+                destination: "10.77.0.2:9000".parse().unwrap(),
+                sent_unix_us: seq,
+                payload: vec![b'x'; 10],
+            }));
+        }
+        volume.outbox(&node).publish(&batch_file_name(7, 1, "pkt"), &encoder.finish()).unwrap()
+    }
+
+    /// Item 2 of the durability audit: the lease was checked only between cycles, so an instance
+    /// paused mid-cycle past its term (SIGSTOP, a hung disk or NFS call) resumed after its successor
+    /// fenced the queue and went on to ack and remove outbox files. After every group commit the
+    /// gate is asked; once it says no, nothing is acked or removed and the server stops.
+    #[test]
+    fn a_deposed_instance_acks_and_removes_nothing_after_its_group_commit() {
+        let dir = std::env::temp_dir().join(format!("ftss-gate-{}-{}", std::process::id(), fsbridge::random_u64()));
+        let mut server = Server::open(config(&dir)).unwrap();
+        let file = outbox_file(&server.volume, 3);
+        server.set_gate(|| false);
+        server.cycle();
+        assert!(server.deposed());
+        assert!(file.exists(), "a deposed instance removed an outbox file");
+        assert_eq!((server.counters.acked, server.counters.delivered), (0, 0));
+        // The one that may act takes the same file normally.
+        drop(server);
+        let mut server = Server::open(config(&dir)).unwrap();
+        server.set_gate(|| true);
+        server.cycle();
+        assert!(!file.exists());
+        // (Its records reached the queue in the deposed one's commit: found again, stored once.)
+        assert_eq!(server.index.len(), 3);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,193 @@
+//! The server's configuration, errors and counters, and the groups a cycle builds.
+
+use super::*;
+
+/// Settings of `ftss-server run`.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub volume: PathBuf,
+    pub queue_dirs: Vec<PathBuf>,
+    pub poll: Duration,
+    pub redeliver_after: Duration,
+    /// Keep receipted packets this long (zero: delete on receipt).
+    pub retain: Duration,
+    /// Hold packets for unknown destinations this long, then dead-letter them.
+    pub hold: Duration,
+    /// The queue's bounds: packets and stored bytes, per destination and in all. Senders whose
+    /// packets would go past them are pushed back.
+    pub limits: Limits,
+    /// Addresses of the fabric: unknown ones are held; addresses outside go out through the gateway.
+    pub fabric: Vec<Cidr>,
+    /// External UDP ports whose datagrams are delivered to a node's port.
+    pub ingress: Vec<IngressRule>,
+    /// Where fabric nodes connect (none: the fabric transport is off).
+    pub fabric_listen: Vec<fsbridge::fabric::Endpoint>,
+    /// Directory of the fabric nodes' keys (`NODE.key`).
+    pub fabric_keys: PathBuf,
+    /// Which share of the nodes this server serves (scale-out); one partition of one by default.
+    pub partition: Partition,
+    /// Remove an unsealed outbox log segment read to its end and unchanged this long.
+    pub log_abandon_after: Duration,
+}
+
+/// A share of the nodes: those whose name hashes to `index` of `count` partitions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Partition {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Default for Partition {
+    fn default() -> Partition {
+        Partition { index: 0, count: 1 }
+    }
+}
+
+/// The origin node name of packets that came in from the external network.
+pub const GATEWAY_ORIGIN: &str = "ftss-gateway";
+
+/// The origin of packets that come in through this partition's gateway: partition 0 (or a lone
+/// server) uses the plain name, others add their index so that receipts find their way back.
+pub(super) fn gateway_origin(index: u32) -> NodeName {
+    let name = if index == 0 { GATEWAY_ORIGIN.to_owned() } else { format!("{GATEWAY_ORIGIN}-p{index}") };
+    NodeName::new(&name).expect("a valid node name")
+}
+
+/// Packets to deliver this cycle, per destination (node, port), in store order.
+pub(super) type Due = BTreeMap<(NodeName, u16), Vec<(Key, Entry)>>;
+
+/// Errors that stop the server at start. Once running, errors are retried, never fatal.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("queue: {0}")]
+    Queue(#[from] QueueError),
+    #[error("volume: {0}")]
+    Volume(#[from] fsbridge::SpoolError),
+    #[error("gateway: {0}")]
+    Gateway(#[from] std::io::Error),
+    #[error("fabric: {0}")]
+    Fabric(std::io::Error),
+}
+
+/// Counters, as shown by `ftss-server status`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Counters {
+    pub drained_files: u64,
+    pub drained_log_frames: u64,
+    pub drained: u64,
+    pub stored: u64,
+    pub duplicates: u64,
+    pub acked: u64,
+    pub delivered: u64,
+    pub redelivered: u64,
+    pub receipted: u64,
+    pub dead_lettered: u64,
+    pub quarantined: u64,
+    pub syncs: u64,
+    pub read_repairs: u64,
+    pub backpressure_events: u64,
+    pub errors: u64,
+}
+
+/// A dead letter, for status.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeadLetter {
+    pub id: String,
+    pub destination: String,
+    pub reason: String,
+    pub at_unix_ms: u64,
+}
+
+/// Why the server is not draining everything right now.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Backpressure {
+    pub active: bool,
+    pub reasons: Vec<String>,
+}
+
+/// What a cycle's drain has taken so far, against its bounds.
+/// What the server does per node, for errors that concern one node only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum NodeStep {
+    Register,
+    Drain,
+    Receipts,
+}
+
+impl NodeStep {
+    pub(super) fn describe(self) -> &'static str {
+        match self {
+            NodeStep::Register => "registering",
+            NodeStep::Drain => "reading its outbox",
+            NodeStep::Receipts => "reading its receipts",
+        }
+    }
+}
+
+/// One delivery batch: `taken` of the keys offered are dealt with (`good` are in `bytes`, the
+/// rest were dead-lettered as damaged).
+pub(super) struct Encoded {
+    pub(super) bytes: Vec<u8>,
+    pub(super) taken: usize,
+    pub(super) file_seq: u64,
+    pub(super) good: Vec<(Key, Entry)>,
+}
+
+/// Packets staged in the queue by one cycle, waiting for its sync.
+pub(super) struct DrainGroup {
+    pub(super) arrived: Vec<Packet>,
+    pub(super) drained: Vec<Drained>,
+    pub(super) from_fabric: Vec<FabricDrained>,
+    /// Per packet, in the order of [`DrainGroup::packets`]: where it was appended (`None`: a
+    /// duplicate of a stored one).
+    pub(super) locations: Vec<Option<Location>>,
+    pub(super) stored_unix_us: u64,
+}
+
+impl DrainGroup {
+    /// Every packet of the group: gateway arrivals, outbox files, fabric frames.
+    pub(super) fn packets(&self) -> impl Iterator<Item = &Packet> {
+        self.arrived
+            .iter()
+            .chain(self.drained.iter().flat_map(|batch| &batch.packets))
+            .chain(self.from_fabric.iter().flat_map(|taken| &taken.packets))
+    }
+}
+
+/// Receipts staged in the queue by one cycle, waiting for its sync.
+pub(super) struct ReceiptGroup {
+    /// Every file read, removed once its receipts are durable here or forwarded.
+    pub(super) files: Vec<(fsbridge::Spool, String)>,
+    /// Packets of this partition receipted by their destination (a done record is appended).
+    pub(super) done: Vec<PacketId>,
+    /// Receipts for packets other partitions hold.
+    pub(super) forward: BTreeMap<(u32, NodeName), Vec<PacketId>>,
+    /// Of `done`, the packets that were not in flight (queued again by a replay), per destination.
+    pub(super) requeued: Vec<(Ipv4Addr, HashSet<Key>)>,
+    pub(super) fabric_frames: usize,
+    pub(super) at_unix_us: u64,
+}
+
+/// Packets taken from one fabric connection this cycle.
+pub(super) struct FabricDrained {
+    pub(super) conn: Arc<Conn>,
+    pub(super) packets: Vec<Packet>,
+}
+
+/// One outbox file, or one frame of an outbox log, that was read and decoded this cycle.
+pub(super) struct Drained {
+    pub(super) node: NodeName,
+    pub(super) source: Source,
+    pub(super) packets: Vec<Packet>,
+    /// The sender waits for acks (the batch has `FLAG_WANTS_ACKS`).
+    pub(super) wants_acks: bool,
+}
+
+/// Where drained packets came from.
+pub(super) enum Source {
+    /// A batch file in `out/new/`, removed once its packets are durable.
+    File(String),
+    /// Frames of an outbox log segment up to `end`; with `sealed` the segment ends there and is
+    /// removed once they are durable.
+    Log { name: String, end: u64, sealed: bool },
+}
