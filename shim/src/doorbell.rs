@@ -12,7 +12,7 @@ use fsbridge::layout::batch_file_name;
 use fsbridge::spool::list_names;
 
 use crate::log;
-use crate::socket::Shim;
+use crate::state::Shim;
 
 /// How often the inbox and ack directories are listed even though the bells are read.
 pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Arc, MutexGuard};
 use std::time::Instant;
 
-use crate::socket::{Shim, Sock};
+use crate::state::{Shim, Sock};
 use crate::sys::lock;
 
 /// The locks the forking thread holds between `prepare` and `parent`/`child`.
@@ -66,7 +66,7 @@ fn take_locks(shim: &'static Shim) -> Held {
 
 extern "C" fn prepare() {
     let _ = catch_unwind(|| {
-        if let Some(shim) = crate::shim() {
+        if let Some(shim) = crate::state::shim() {
             HELD.store(Box::into_raw(Box::new(take_locks(shim))), Ordering::Release);
         }
     });
@@ -87,7 +87,7 @@ extern "C" fn parent() {
 extern "C" fn child() {
     let _ = catch_unwind(AssertUnwindSafe(|| {
         release_locks();
-        if let Some(shim) = crate::shim() {
+        if let Some(shim) = crate::state::shim() {
             shim.after_fork_in_child();
             if !shim.socks().is_empty() {
                 shim.ensure_started();
@@ -98,7 +98,7 @@ extern "C" fn child() {
 
 extern "C" fn at_exit() {
     let _ = catch_unwind(|| {
-        let Some(shim) = crate::shim() else { return };
+        let Some(shim) = crate::state::shim() else { return };
         if shim.in_vfork_child() {
             return;
         }

@@ -139,7 +139,7 @@ unsafe fn send_message(fd: c_int, message: &msghdr, flags: c_int) -> ssize_t {
 /// `message` valid as for recvmsg(2).
 unsafe fn receive_message(fd: c_int, message: &mut msghdr, flags: c_int) -> ssize_t {
     if flags & libc::MSG_ERRQUEUE != 0 {
-        let side = crate::shim().and_then(|shim| shim.sock(fd)).map_or(fd, |sock| sock.side);
+        let side = crate::state::shim().and_then(|shim| shim.sock(fd)).map_or(fd, |sock| sock.side);
         return unsafe { (real().recvmsg)(side, message, flags) };
     }
     let vectors = match unsafe { vectors(message.msg_iov, message.msg_iovlen) } {
@@ -174,7 +174,7 @@ fn check_fortified(len: size_t, buf_len: size_t) {
 fn duplicated(old: c_int, new: c_int) -> c_int {
     let involved = fds::kind(old) != fds::Kind::None || fds::kind(new) != fds::Kind::None;
     if new >= 0 && involved {
-        match crate::shim() {
+        match crate::state::shim() {
             Some(shim) => shim.on_dup(old, new),
             // A refusing shim only watches candidates: the copy is one too (or no longer one).
             None if crate::refusal().is_some() => fds::copy(old, new),

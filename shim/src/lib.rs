@@ -5,7 +5,12 @@
 //!
 //! Layers, as in Samba's socket_wrapper: `real` (the libc functions, resolved once), `socket` (the
 //! logic, starting every call with "is this fd ours?") and `hooks` (the exported symbols, one line
-//! each).
+//! each). The modules form one chain, each importing only those before it in [`LAYERS`] (a test
+//! holds it): the low-level pieces (`real`, `addr`, `fds`, `config`, `sys`), the pieces of state
+//! (`capture`, `claims`, `dedupe`), the fabric link and the outbox, the once-ledgers, the
+//! process state (`state`), then the logic (`doorbell`, `pump`, `socket`), privilege separation
+//! and fork handling, and the exported hooks. The crate root keeps only the constructor, the log
+//! and the fail-closed refusal.
 //!
 //! A fabric socket is a real kernel object: the app's fd becomes one end of an AF_UNIX datagram
 //! socketpair, and the shim's receive thread writes each arriving datagram (with a small header
@@ -28,6 +33,7 @@ mod privsep;
 mod pump;
 mod real;
 mod socket;
+mod state;
 mod sys;
 
 use std::fs::File;
@@ -36,8 +42,6 @@ use std::sync::{Mutex, OnceLock};
 
 use config::Config;
 
-/// The shim's process-wide state; `None` inside means pass-through (FTSS_VOLUME unset or invalid).
-static SHIM: OnceLock<Option<socket::Shim>> = OnceLock::new();
 pub(crate) static LOG: Mutex<Option<File>> = Mutex::new(None);
 
 /// Writes one line to FTSS_LOG (never to the app's stdout/stderr).
@@ -91,11 +95,6 @@ pub(crate) fn refusal() -> Option<&'static Refusal> {
     REFUSAL.get()
 }
 
-/// The shim, once initialized; `None` while initializing, when disabled, or before the constructor.
-pub(crate) fn shim() -> Option<&'static socket::Shim> {
-    SHIM.get().and_then(Option::as_ref)
-}
-
 fn open_log(config: &Config) {
     if let Some(path) = &config.log {
         open_log_at(path);
@@ -128,7 +127,7 @@ fn init() {
             if let Some(path) = &config.pcap {
                 capture::open(path);
             }
-            match socket::Shim::start(config.clone()) {
+            match state::Shim::start(config.clone()) {
                 Ok(shim) => Some(shim),
                 Err(error) => {
                     // Fail closed: the app runs, but nothing meant for the fabric reaches the
@@ -163,8 +162,67 @@ fn init() {
         }
     };
     let enabled = shim.is_some();
-    let _ = SHIM.set(shim);
+    let _ = state::SHIM.set(shim);
     if enabled {
         fork::install();
+    }
+}
+
+/// The shim's modules, lowest first: each may import only those before it.
+#[cfg_attr(not(test), allow(dead_code))]
+const LAYERS: &[&str] = &[
+    "real", "addr", "fds", "config", "sys", "capture", "claims", "dedupe", "fabric", "outbox", "once", "state",
+    "doorbell", "pump", "socket", "privsep", "fork", "hooks",
+];
+
+#[cfg(test)]
+mod layering_tests {
+    use super::LAYERS;
+
+    /// Every module's source, by name.
+    const SOURCES: &[(&str, &str)] = &[
+        ("real", include_str!("real.rs")),
+        ("addr", include_str!("addr.rs")),
+        ("fds", include_str!("fds.rs")),
+        ("config", include_str!("config.rs")),
+        ("sys", include_str!("sys.rs")),
+        ("capture", include_str!("capture.rs")),
+        ("claims", include_str!("claims.rs")),
+        ("dedupe", include_str!("dedupe.rs")),
+        ("fabric", include_str!("fabric.rs")),
+        ("outbox", include_str!("outbox.rs")),
+        ("once", include_str!("once.rs")),
+        ("state", include_str!("state.rs")),
+        ("doorbell", include_str!("doorbell.rs")),
+        ("pump", include_str!("pump.rs")),
+        ("socket", include_str!("socket.rs")),
+        ("privsep", include_str!("privsep.rs")),
+        ("fork", include_str!("fork.rs")),
+        ("hooks", include_str!("hooks.rs")),
+    ];
+
+    #[test]
+    fn every_module_imports_only_modules_below_it() {
+        // The shim's constructor ran in this test binary too: its panic hook writes to FTSS_LOG.
+        drop(std::panic::take_hook());
+        let modules: Vec<&str> = include_str!("lib.rs")
+            .lines()
+            .filter_map(|line| line.strip_prefix("mod ").or_else(|| line.strip_prefix("pub mod ")))
+            .filter_map(|rest| rest.strip_suffix(";"))
+            .collect();
+        let mut layered: Vec<&str> = LAYERS.to_vec();
+        layered.sort_unstable();
+        let mut declared = modules.clone();
+        declared.sort_unstable();
+        assert_eq!(layered, declared, "LAYERS must name every module once");
+        assert_eq!(SOURCES.iter().map(|(name, _)| *name).collect::<Vec<_>>(), LAYERS);
+        for (at, (name, source)) in SOURCES.iter().enumerate() {
+            for (used_at, used) in LAYERS.iter().enumerate() {
+                let mentioned = source.contains(&format!("crate::{used}::"))
+                    || source.contains(&format!("crate::{used};"))
+                    || source.contains(&format!("crate::{used}::{{"));
+                assert!(!mentioned || used_at < at || used_at == at, "{name} imports {used}, which is above it");
+            }
+        }
     }
 }

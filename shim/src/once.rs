@@ -18,6 +18,7 @@
 //! without spinning). Nothing is handed that is not recorded, nothing recorded is lost.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use fsbridge::PacketId;
@@ -26,7 +27,6 @@ use libc::c_int;
 
 use crate::dedupe::Dedupe;
 use crate::log;
-use crate::socket::Shim;
 use crate::sys::lock;
 
 /// Ledger failures remembered per port (enough for every caller waiting when they happen).
@@ -69,12 +69,17 @@ impl Ledgers {
 /// At bind of `port` in once mode: opens this process's ledger for the port (inheriting those of
 /// processes that are gone) and marks everything handed on the port as received, so that it is
 /// receipted and never injected. Fails (errno) when the ledger cannot be read or written.
-pub fn prepare(shim: &Shim, port: u16) -> Result<Arc<PortLedger>, c_int> {
-    let mut ledgers = lock(&shim.once);
+pub fn prepare(
+    ledgers: &Mutex<Ledgers>,
+    dedupe: &Mutex<Dedupe>,
+    node_dir: &Path,
+    port: u16,
+) -> Result<Arc<PortLedger>, c_int> {
+    let mut ledgers = lock(ledgers);
     if let Some(ledger) = ledgers.ports.get(&port) {
         return Ok(ledger.clone());
     }
-    let dir = ledger::port_dir(&shim.volume.node_dir(&shim.config.node), port);
+    let dir = ledger::port_dir(node_dir, port);
     let opened = Ledger::open(&dir).map_err(|error| {
         log!("FTSS_RECV=once: cannot open the ledger of port {port} in {}: {error}", dir.display());
         error.raw_os_error().unwrap_or(libc::EIO)
@@ -90,7 +95,7 @@ pub fn prepare(shim: &Shim, port: u16) -> Result<Arc<PortLedger>, c_int> {
         );
     }
     {
-        let mut dedupe = lock(&shim.dedupe);
+        let mut dedupe = lock(dedupe);
         for &(epoch, start, end) in &opened.handed {
             dedupe.mark_received_range(epoch, start, end);
         }

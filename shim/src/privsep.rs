@@ -56,7 +56,7 @@ static STARTED: AtomicBool = AtomicBool::new(false);
 /// Called by the credential hooks before the real call: starts the helper once, if the app is
 /// root and the shim works on a volume.
 pub fn before_credentials_change() {
-    let Some(shim) = crate::shim() else { return };
+    let Some(shim) = crate::state::shim() else { return };
     if shim.config.volume.as_os_str().is_empty() || fsops::helped() {
         return;
     }

@@ -37,7 +37,7 @@ use crate::dedupe::Seen;
 use crate::doorbell::Doorbells;
 use crate::log;
 use crate::real::real;
-use crate::socket::{Shim, Sock, mark_received};
+use crate::state::{Shim, Sock, mark_received};
 use crate::sys::lock;
 
 /// Inbox files read per socket per pass.

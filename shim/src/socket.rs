@@ -1,5 +1,5 @@
-//! The shim's process-wide state and the socket logic: which fds are ours, turning a UDP socket into
-//! a fabric socket, and the send and receive paths. Every entry point starts with "is this fd ours?
+//! The socket logic: which fds are ours, turning a UDP socket into a fabric socket, and the send
+//! and receive paths (the process state they work on is `state`). Every entry point starts with "is this fd ours?
 //! if not, call the real function".
 //!
 //! Life of a socket:
@@ -13,192 +13,32 @@
 //! 3. `dup`s share the entry; the side fd and the shim's end are closed when the last app fd that
 //!    refers to the socket is closed (the entry is an `Arc`).
 //!
-//! Lock order (the fork handlers take them all in this order): `start_lock`, `table`, each socket's
-//! `state`, `held`, then `once` (the map of once-ledgers; a port ledger's own locks are taken with
-//! nothing else held, and a forked child drops them), `dedupe`, `receipts`, `ingress_peers` (a leaf:
-//! nothing is taken while it is held), the log. The outbox has its own locks and is
-//! replaced, not locked, in a forked child.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::mem::{size_of, zeroed};
 use std::net::{SocketAddr, SocketAddrV4};
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fsbridge::format::PAYLOAD_BYTES_MAX;
-use fsbridge::log::LogWriter;
-use fsbridge::{NodeConfig, Packet, PacketId, Volume};
+use fsbridge::{NodeConfig, Packet, PacketId};
 use libc::{c_int, c_void, iovec, msghdr, sockaddr, socklen_t, ssize_t};
 
 use crate::addr::{self, Family, INJECT_HEADER_BYTES, Raw};
-use crate::config::{AckMode, Config, Transport};
-use crate::dedupe::{Dedupe, Seen};
-use crate::fabric::{Link, LinkEvents};
+use crate::config::AckMode;
+use crate::fabric::LinkEvents;
 use crate::fds;
 use crate::log;
-use crate::outbox::{Outbox, SendError};
+use crate::outbox::SendError;
 use crate::real::real;
+use crate::state::{Shim, Sock, SockState, mark_received};
 use crate::sys::{errno, fail, lock, make_internal};
 
 /// Send buffer of the shim's end of each socketpair: the bound on datagram bytes queued for the app.
 const INJECT_BUFFER_BYTES: c_int = 4 * 1024 * 1024;
 /// Most iovecs accepted in one recvmsg/sendmsg (the kernel's UIO_MAXIOV).
 pub const IOV_MAX: usize = 1024;
-/// Mutable state of a fabric socket.
-#[derive(Default)]
-pub struct SockState {
-    /// The fabric address this socket sends from and receives on.
-    pub local: Option<SocketAddrV4>,
-    /// Bound to the wildcard address (or autobound): getsockname reports the wildcard.
-    pub wildcard: bool,
-    /// The connected peer, if any (IPv4-mapped addresses normalized to IPv4).
-    pub peer: Option<SocketAddr>,
-    /// The side socket is bound on the real network (so the receive thread relays its traffic).
-    pub side_bound: bool,
-    /// SO_SNDTIMEO as the app set it: how long a send may wait for room in the ring.
-    pub send_timeout: Option<Duration>,
-    /// `FTSS_RECV=once` and bound to this explicit port: every datagram is recorded in the port's
-    /// once-ledger before recv returns it (see `once`).
-    pub once_port: Option<u16>,
-}
-
-/// A fabric socket; shared by every app fd dup'ed from it.
-pub struct Sock {
-    /// Unique in the process: what [`Dedupe`] remembers as the socket holding a datagram.
-    pub id: u64,
-    /// The shim's end of the socketpair: the receive thread writes datagrams here.
-    pub shim_end: c_int,
-    /// The original UDP socket, for non-fabric traffic.
-    pub side: c_int,
-    pub family: Family,
-    pub state: Mutex<SockState>,
-    /// Datagrams read from the inbox but not yet injected (the app's buffer was full).
-    pub held: Mutex<VecDeque<Vec<u8>>>,
-}
-
-impl Sock {
-    pub fn lock(&self) -> MutexGuard<'_, SockState> {
-        lock(&self.state)
-    }
-
-    /// Does a datagram from `source` reach the app? A connected UDP socket only receives from its
-    /// peer; the kernel drops the rest.
-    pub fn accepts(&self, source: SocketAddr) -> bool {
-        self.lock().peer.is_none_or(|peer| peer == addr::normalize(source))
-    }
-}
-
-impl Sock {
-    /// The app closed its last fd of this socket: give the port back now, as the kernel does on
-    /// close, although the receive thread may still hold the socket for a moment. The side fd is
-    /// pointed at an unbound socket (its number stays valid until the socket is dropped).
-    fn release_port(&self) {
-        // SAFETY: plain fd syscalls on the shim's own fds.
-        unsafe {
-            let inert = (real().socket)(self.family.domain(), libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-            if inert < 0 {
-                return;
-            }
-            if (real().dup3)(inert, self.side, libc::O_CLOEXEC) < 0 {
-                log!("cannot release the port of fd {}: errno {}", self.side, errno());
-            }
-            (real().close)(inert);
-        }
-    }
-}
-
-impl Drop for Sock {
-    fn drop(&mut self) {
-        for fd in [self.shim_end, self.side] {
-            fds::clear(fd);
-            // SAFETY: the shim owns these fds and nothing else refers to them any more.
-            unsafe { (real().close)(fd) };
-        }
-    }
-}
-
-/// Outside peers heard through the gateway's ingress, as NAT keeps its way back: a reply to one
-/// is carried through ftss (the server sends it from the ingress socket the peer talks to), not
-/// sent from this node's own network. At most `INGRESS_PEERS_MAX`, each for `INGRESS_PEER_TTL`
-/// after it was last heard.
-#[derive(Default)]
-pub struct IngressPeers {
-    heard: HashMap<SocketAddrV4, Instant>,
-}
-
-pub const INGRESS_PEERS_MAX: usize = 4096;
-pub const INGRESS_PEER_TTL: Duration = Duration::from_secs(300);
-
-impl IngressPeers {
-    pub fn heard(&mut self, peer: SocketAddrV4) {
-        let now = Instant::now();
-        if self.heard.len() >= INGRESS_PEERS_MAX && !self.heard.contains_key(&peer) {
-            self.heard.retain(|_, at| now.duration_since(*at) < INGRESS_PEER_TTL);
-            if self.heard.len() >= INGRESS_PEERS_MAX
-                && let Some(oldest) = self.heard.iter().min_by_key(|(_, at)| **at).map(|(peer, _)| *peer)
-            {
-                self.heard.remove(&oldest);
-            }
-        }
-        self.heard.insert(peer, now);
-    }
-
-    pub fn contains(&self, peer: &SocketAddrV4) -> bool {
-        self.heard.get(peer).is_some_and(|at| at.elapsed() < INGRESS_PEER_TTL)
-    }
-}
-
-/// The shim's process-wide state.
-pub struct Shim {
-    pub config: Config,
-    pub volume: Volume,
-    /// This process's packet-id epoch; a forked child draws a new one.
-    epoch: AtomicU64,
-    /// This process's outbox (leaked; a forked child gets a new one and never touches the parent's).
-    outbox: AtomicPtr<Outbox>,
-    /// This process's fabric link (null with the volume transport; leaked and replaced like the
-    /// outbox).
-    link: AtomicPtr<Link>,
-    /// The process this state belongs to; another pid means a vfork child sharing our memory.
-    pid: AtomicU32,
-    /// The flusher and receive threads run in this process (threads do not survive fork).
-    running: AtomicBool,
-    /// node.toml is written.
-    registered: AtomicBool,
-    pub(crate) start_lock: Mutex<()>,
-    pub(crate) table: Mutex<HashMap<c_int, Arc<Sock>>>,
-    /// Packets the app received, waiting to be written as a receipt batch.
-    pub receipts: Mutex<Vec<PacketId>>,
-    pub receipt_seq: AtomicU64,
-    pub dedupe: Mutex<Dedupe>,
-    /// Inbox files claimed with packets the app has not read yet (see `claims`).
-    pub claims: Mutex<crate::claims::Claims>,
-    /// Once-ledgers open in this process (`FTSS_RECV=once`), by port.
-    pub once: Mutex<crate::once::Ledgers>,
-    /// Outside peers whose datagrams came in through the gateway's ingress.
-    pub ingress_peers: Mutex<IngressPeers>,
-    next_sock_id: AtomicU64,
-    /// A candidate was dup'ed: converting one must look for its twins.
-    candidate_dups: AtomicBool,
-}
-
-fn new_outbox(volume: &Volume, config: &Config, epoch: u64) -> *mut Outbox {
-    let wants_acks = config.ack == AckMode::Guaranteed;
-    let spool = volume.outbox(&config.node);
-    let log = config.outbox_log.then(|| LogWriter::new(spool.dir(), epoch));
-    Box::into_raw(Box::new(Outbox::new(spool, log, config.node.clone(), epoch, wants_acks)))
-}
-
-fn new_link(config: &Config, epoch: u64) -> *mut Link {
-    match &config.transport {
-        Transport::Volume => std::ptr::null_mut(),
-        Transport::Fabric { endpoint, key } => {
-            Box::into_raw(Box::new(Link::new(endpoint.clone(), key.clone(), config.node.clone(), config.addr, epoch)))
-        }
-    }
-}
-
 /// What the fabric link's reader hands to the outbox and the sockets.
 struct Events(&'static Shim);
 
@@ -217,113 +57,6 @@ impl LinkEvents for Events {
 }
 
 impl Shim {
-    pub fn start(config: Config) -> Result<Shim, String> {
-        let volume = Volume::new(&config.volume);
-        let epoch = fsbridge::random_u64();
-        match &config.transport {
-            Transport::Volume => {
-                if !config.volume.is_dir() {
-                    return Err(format!("FTSS_VOLUME {} is not a directory", config.volume.display()));
-                }
-                // Not the volume (an unmounted mountpoint), or mounted so that acked writes can be
-                // lost: refuse before anything is written there.
-                fsbridge::mounts::check_volume(&config.volume).map_err(|problems| problems.join("; "))?;
-                // A read-only mount (or one this user cannot write) would fail every send: say why
-                // once, at start.
-                nix::unistd::access(&config.volume, nix::unistd::AccessFlags::W_OK)
-                    .map_err(|error| format!("FTSS_VOLUME {} is not writable: {error}", config.volume.display()))?;
-                log!(
-                    "node {} addr {} volume {} ack {:?} epoch {epoch:016x}",
-                    config.node,
-                    config.addr,
-                    config.volume.display(),
-                    config.ack
-                );
-            }
-            Transport::Fabric { endpoint, .. } => {
-                log!(
-                    "node {} addr {} fabric {endpoint} ack {:?} epoch {epoch:016x}",
-                    config.node,
-                    config.addr,
-                    config.ack
-                )
-            }
-        }
-        Ok(Shim {
-            outbox: AtomicPtr::new(new_outbox(&volume, &config, epoch)),
-            link: AtomicPtr::new(new_link(&config, epoch)),
-            config,
-            volume,
-            epoch: AtomicU64::new(epoch),
-            pid: AtomicU32::new(std::process::id()),
-            running: AtomicBool::new(false),
-            registered: AtomicBool::new(false),
-            start_lock: Mutex::new(()),
-            table: Mutex::new(HashMap::new()),
-            receipts: Mutex::new(Vec::new()),
-            receipt_seq: AtomicU64::new(0),
-            dedupe: Mutex::new(Dedupe::new()),
-            claims: Mutex::new(crate::claims::Claims::default()),
-            once: Mutex::new(crate::once::Ledgers::default()),
-            ingress_peers: Mutex::new(IngressPeers::default()),
-            next_sock_id: AtomicU64::new(1),
-            candidate_dups: AtomicBool::new(false),
-        })
-    }
-
-    pub fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::Acquire)
-    }
-
-    /// The fabric link, with the fabric transport.
-    pub fn link(&self) -> Option<&'static Link> {
-        // SAFETY: the pointer is null or comes from Box::into_raw and is never freed.
-        unsafe { self.link.load(Ordering::Acquire).as_ref() }
-    }
-
-    pub fn outbox(&self) -> &'static Outbox {
-        // SAFETY: the pointer comes from Box::into_raw and is never freed.
-        unsafe { &*self.outbox.load(Ordering::Acquire) }
-    }
-
-    /// Are we a vfork child running in the parent's memory? Then the shim's state is not ours to
-    /// change: the fd calls such a child makes (dup2, close before exec) pass straight through.
-    pub fn in_vfork_child(&self) -> bool {
-        std::process::id() != self.pid.load(Ordering::Relaxed)
-    }
-
-    /// In a forked child (single-threaded, every lock just released by the fork handlers): a new
-    /// epoch so packet ids stay unique, a new outbox (the parent publishes what it queued), and the
-    /// threads to be started again (at once if the child inherited fabric sockets, so that an event
-    /// loop waiting on them is fed even after the parent exits; else on first use).
-    pub fn after_fork_in_child(&self) {
-        let epoch = fsbridge::random_u64();
-        self.epoch.store(epoch, Ordering::Release);
-        self.outbox.store(new_outbox(&self.volume, &self.config, epoch), Ordering::Release);
-        if let Some(link) = self.link() {
-            link.abandon_in_child();
-        }
-        self.link.store(new_link(&self.config, epoch), Ordering::Release);
-        self.pid.store(std::process::id(), Ordering::Relaxed);
-        self.running.store(false, Ordering::Release);
-        lock(&self.receipts).clear();
-        // Datagrams read from an inbox but not yet injected are the parent's to inject (the
-        // socketpair is shared): forget them here, so a redelivery may come to this process.
-        let held: Vec<Vec<u8>> = self.socks().iter().flat_map(|sock| std::mem::take(&mut *lock(&sock.held))).collect();
-        let mut dedupe = lock(&self.dedupe);
-        for datagram in held {
-            let header = datagram.first_chunk::<INJECT_HEADER_BYTES>().and_then(addr::parse_header);
-            if let Some((_, Some(id))) = header {
-                dedupe.forget(&id);
-            }
-        }
-        drop(dedupe);
-        lock(&self.claims).clear();
-        // The ledger files are named for the parent: this process opens its own on first use.
-        lock(&self.once).clear();
-        log!("forked child: new epoch {epoch:016x}");
-    }
-
     /// Registers the node and starts the flusher and receive threads on first fabric use (again in
     /// a forked child), so that processes that never touch the fabric pay nothing.
     pub fn ensure_started(&'static self) {
@@ -352,22 +85,6 @@ impl Shim {
         }
         spawn_supervised("ftss-receive", move || crate::pump::run(self));
         self.running.store(true, Ordering::Release);
-    }
-
-    pub(crate) fn table(&self) -> MutexGuard<'_, HashMap<c_int, Arc<Sock>>> {
-        lock(&self.table)
-    }
-
-    pub fn sock(&self, fd: c_int) -> Option<Arc<Sock>> {
-        self.table().get(&fd).cloned()
-    }
-
-    pub fn socks(&self) -> Vec<Arc<Sock>> {
-        let mut socks: Vec<Arc<Sock>> = self.table().values().cloned().collect();
-        // dup'ed fds share one entry: visit each socket once.
-        socks.sort_by_key(|sock| Arc::as_ptr(sock) as usize);
-        socks.dedup_by_key(|sock| Arc::as_ptr(sock) as usize);
-        socks
     }
 
     /// Replaces the app's UDP socket `fd` (and any dup of it) by a socketpair end; the UDP socket
@@ -423,56 +140,6 @@ impl Shim {
         let local = SocketAddrV4::new(self.config.addr, port);
         state.local = Some(local);
         Ok(local)
-    }
-
-    /// Is `addr` carried by ftss? Fabric routes and `FTSS_EGRESS`, and outside peers recently heard
-    /// through the gateway's ingress (their replies go back the way they came).
-    pub fn is_fabric(&self, addr: SocketAddr) -> bool {
-        match addr::normalize(addr) {
-            SocketAddr::V4(v4) => self.config.is_fabric(*v4.ip()) || lock(&self.ingress_peers).contains(&v4),
-            SocketAddr::V6(_) => false,
-        }
-    }
-
-    /// `dup`, `dup2`, `dup3`, `fcntl(F_DUPFD*)` made `new` refer to what `old` refers to. The kernel
-    /// closed whatever `new` was before; forget it.
-    pub fn on_dup(&self, old: c_int, new: c_int) {
-        if self.in_vfork_child() || old == new {
-            return;
-        }
-        self.forget(new);
-        match fds::kind(old) {
-            fds::Kind::Fabric => {
-                if let Some(sock) = self.sock(old) {
-                    self.table().insert(new, sock);
-                    fds::copy(old, new);
-                }
-            }
-            fds::Kind::Candidate => {
-                fds::copy(old, new);
-                self.candidate_dups.store(true, Ordering::Relaxed);
-            }
-            _ => {}
-        }
-    }
-
-    /// The app closed `fd` (or is about to): drop it from the table. The socket's own fds close
-    /// when its last app fd is gone.
-    pub fn forget(&self, fd: c_int) {
-        match fds::kind(fd) {
-            fds::Kind::Fabric => {
-                fds::clear(fd);
-                let mut table = self.table();
-                let Some(sock) = table.remove(&fd) else { return };
-                if !table.values().any(|other| Arc::ptr_eq(other, &sock)) {
-                    drop(table);
-                    sock.release_port();
-                }
-            }
-            fds::Kind::Candidate => fds::clear(fd),
-            fds::Kind::Internal => log!("the app replaced the shim's fd {fd} (dup2/dup3 onto it)"),
-            _ => {}
-        }
     }
 }
 
@@ -619,7 +286,7 @@ fn timeout_option(fd: c_int, option: c_int) -> Option<Duration> {
 
 /// After the real socket() succeeded.
 pub fn on_socket(fd: c_int, domain: c_int, socket_type: c_int, protocol: c_int) {
-    match crate::shim() {
+    match crate::state::shim() {
         // An fd closed behind the shim's back (e.g. fclose of an fdopen'ed socket) may be reused.
         Some(shim) => shim.forget(fd),
         // A refusing shim watches UDP sockets only to keep fabric datagrams off the real network.
@@ -681,7 +348,7 @@ fn int_option(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
 }
 
 pub fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
-    let Some(shim) = crate::shim() else { return unsafe { (real().bind)(fd, addr, len) } };
+    let Some(shim) = crate::state::shim() else { return unsafe { (real().bind)(fd, addr, len) } };
     match fds::kind(fd) {
         // A fabric socket already has its address; a second bind fails as on any bound socket.
         fds::Kind::Fabric => return fail(libc::EINVAL) as c_int,
@@ -714,7 +381,7 @@ pub fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     // FTSS_RECV=once on an explicit port: what earlier processes on the port were handed is known
     // before anything can be injected for it (the port is not ours until `local` is set).
     let once_port = shim.config.recv_once && requested_port(fd, addr, len) != 0;
-    if once_port && let Err(errno) = crate::once::prepare(shim, bound_port) {
+    if once_port && let Err(errno) = shim.once_ledger(bound_port) {
         return fail(errno) as c_int;
     }
     match shim.convert(fd) {
@@ -731,7 +398,7 @@ pub fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
 }
 
 pub fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
-    let Some(shim) = crate::shim().filter(|_| fds::is_ours(fd)) else {
+    let Some(shim) = crate::state::shim().filter(|_| fds::is_ours(fd)) else {
         if fds::is_ours(fd)
             && let Some(refusal) = crate::refusal()
             && let Some(target) = unsafe { addr::read(addr, len, fds::family(fd)) }
@@ -791,7 +458,7 @@ pub enum Route {
 /// Decides where a send on `fd` (candidate or fabric) to the app's destination (null: the
 /// connected peer) goes, converting a candidate that sends to a fabric address.
 pub fn route(fd: c_int, raw_dest: (*const sockaddr, socklen_t)) -> Result<Route, c_int> {
-    let Some(shim) = crate::shim() else { return refused_route(fd, raw_dest) };
+    let Some(shim) = crate::state::shim() else { return refused_route(fd, raw_dest) };
     // SAFETY: the app promises the address is valid for its length.
     let dest = unsafe { addr::read(raw_dest.0, raw_dest.1, fds::family(fd)) };
     let fabric_dest = dest.filter(|dest| shim.is_fabric(*dest));
@@ -847,7 +514,7 @@ pub fn send(fd: c_int, payload: &[u8], flags: c_int, raw_dest: (*const sockaddr,
 
 /// Sends one datagram onto the fabric and waits as FTSS_ACK says.
 pub fn send_fabric(fd: c_int, sock: &Sock, payload: &[u8], flags: c_int, destination: SocketAddrV4) -> ssize_t {
-    let Some(shim) = crate::shim() else { return fail(libc::EBADF) };
+    let Some(shim) = crate::state::shim() else { return fail(libc::EBADF) };
     if flags & libc::MSG_OOB != 0 {
         return fail(libc::EOPNOTSUPP);
     }
@@ -913,7 +580,7 @@ pub struct NameOut {
 /// `iov` is the app's buffers. Returns the payload length (the full length with MSG_TRUNC) and the
 /// kernel's msg_flags (MSG_TRUNC when the datagram did not fit).
 pub fn receive(fd: c_int, iov: &[iovec], flags: c_int, out: NameOut) -> Result<(ssize_t, c_int), c_int> {
-    let shim = crate::shim().ok_or(libc::EBADF)?;
+    let shim = crate::state::shim().ok_or(libc::EBADF)?;
     let sock = shim.sock(fd).ok_or(libc::EBADF)?;
     // A forked child reading an inherited socket feeds it from here on.
     shim.ensure_started();
@@ -962,7 +629,7 @@ pub fn receive(fd: c_int, iov: &[iovec], flags: c_int, out: NameOut) -> Result<(
                 // it too): this one is recorded now. Until that is done it is the app's only
                 // copy, so a failure cannot give it back to the socket; it is returned anyway,
                 // and a restart may hand it again (at least once, as without FTSS_RECV=once).
-                let recorded = crate::once::prepare(shim, port).and_then(|ledger| ledger.commit(id));
+                let recorded = shim.once_ledger(port).and_then(|ledger| ledger.commit(id));
                 if recorded.is_err() {
                     log!("FTSS_RECV=once: a datagram was returned before the ledger recorded it");
                 }
@@ -1001,7 +668,7 @@ fn commit_next(shim: &Shim, fd: c_int, flags: c_int, port: u16) -> Result<Option
         }
         let parsed = if (peeked as usize) < INJECT_HEADER_BYTES { None } else { addr::parse_header(&header) };
         let Some((_, Some(id))) = parsed else { return Ok(None) };
-        let result = crate::once::prepare(shim, port).and_then(|ledger| ledger.commit(&id));
+        let result = shim.once_ledger(port).and_then(|ledger| ledger.commit(&id));
         match result {
             Ok(()) => return Ok(Some(id)),
             Err(_) if blocking => std::thread::sleep(Duration::from_millis(100)),
@@ -1021,7 +688,7 @@ fn commit_next(shim: &Shim, fd: c_int, flags: c_int, port: u16) -> Result<Option
 /// # Safety
 /// `control` valid for `room` bytes (or null).
 pub unsafe fn fabric_control(fd: c_int, control: *mut libc::c_void, room: usize) -> (usize, bool) {
-    let Some(shim) = crate::shim() else { return (0, false) };
+    let Some(shim) = crate::state::shim() else { return (0, false) };
     let Some(sock) = shim.sock(fd) else { return (0, false) };
     if sock.family != Family::V4 || int_option(sock.side, libc::IPPROTO_IP, libc::IP_PKTINFO) != Some(1) {
         return (0, false);
@@ -1052,13 +719,6 @@ pub unsafe fn fabric_control(fd: c_int, control: *mut libc::c_void, room: usize)
     (space, false)
 }
 
-/// The app has the datagram (or the kernel's rules dropped it): queue its receipt.
-pub fn mark_received(shim: &Shim, id: &PacketId) {
-    lock(&shim.dedupe).set(id, Seen::Received);
-    lock(&shim.claims).read(Dedupe::key(id));
-    lock(&shim.receipts).push(id.clone());
-}
-
 /// Bytes of the next datagram waiting on a fabric fd, as FIONREAD reports it (0 if none).
 pub fn next_datagram_bytes(fd: c_int) -> Result<c_int, c_int> {
     let mut waiting: c_int = 0;
@@ -1070,7 +730,7 @@ pub fn next_datagram_bytes(fd: c_int) -> Result<c_int, c_int> {
 }
 
 pub fn close(fd: c_int) -> c_int {
-    if let Some(shim) = crate::shim()
+    if let Some(shim) = crate::state::shim()
         && !shim.in_vfork_child()
     {
         if fds::kind(fd) == fds::Kind::Internal {
@@ -1091,7 +751,7 @@ pub fn close(fd: c_int) -> c_int {
 /// fds open by closing around them.
 pub fn close_range(first: libc::c_uint, last: libc::c_uint, flags: c_int) -> c_int {
     let Some(real_close_range) = real().close_range else { return fail(libc::ENOSYS) as c_int };
-    let shim = crate::shim().filter(|shim| !shim.in_vfork_child());
+    let shim = crate::state::shim().filter(|shim| !shim.in_vfork_child());
     let Some(shim) = shim.filter(|_| flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 && first <= last) else {
         if crate::refusal().is_some() && flags & libc::CLOSE_RANGE_CLOEXEC as c_int == 0 && first <= last {
             let low = first.min(c_int::MAX as libc::c_uint) as c_int;
@@ -1169,7 +829,7 @@ pub fn getpeername(fd: c_int, out: *mut sockaddr, len: *mut socklen_t) -> c_int 
 }
 
 fn fabric_sock(fd: c_int) -> Option<(&'static Shim, Arc<Sock>)> {
-    let shim = crate::shim().filter(|_| fds::is_fabric(fd))?;
+    let shim = crate::state::shim().filter(|_| fds::is_fabric(fd))?;
     Some((shim, shim.sock(fd)?))
 }
 
