@@ -38,6 +38,8 @@
 //! | a mirror's directory cannot be listed             | that mirror fails (never taken for empty)     | `a_queue_dir_that_cannot_be_listed_fails_its_mirror_and_keeps_its_segments` |
 //! | no valid record here, a valid chain further on    | damage: its bytes are kept for quarantine and | `damage_inside_a_segment_costs_only_the_damaged_record` |
 //! |                                                   | replaced by a SKIP record; the rest is kept   | |
+//! | (a chain: a valid record, then the end, another   | a whole record between two damaged ones is    | `a_whole_record_between_two_damaged_ones_is_kept` |
+//! | valid record, or a whole frame that is damaged)   | kept, not cut as a torn tail                  | |
 //! | no valid record here, none further on             | a torn tail: cut                              | `a_torn_tail_in_every_mirror_is_cut` |
 //! | no copy with a whole header                       | the bytes are kept as damage; the files go    | `a_segment_without_a_header_in_any_mirror_is_kept_as_damage_and_replaced` |
 //! | a mirror that cannot be read or repaired          | that mirror fails; the queue runs degraded    | `a_mirror_unreadable_at_recovery_leaves_the_queue_degraded_not_down` |
@@ -390,13 +392,25 @@ struct Merged {
     damaged: Vec<Damage>,
 }
 
-/// Does a valid record start at `offset` of `bytes`, followed by another valid record or by the
-/// end? (Two in a row: a false match in damaged bytes is then vanishingly unlikely.)
+/// Does a valid record start at `offset` of `bytes`, followed by the end, by another valid record,
+/// or by a record framed whole (a known tag and a length that fits) that is itself damaged? (A
+/// false match in damaged bytes is then vanishingly unlikely: its checksum must verify with the
+/// segment's random seed, and what follows must frame. Requiring the next record to verify too
+/// would cut a whole record that lies between two damaged ones as if it were a torn tail.)
 fn chain_starts_at(bytes: &[u8], offset: usize, seed: u32) -> bool {
     match read_record(bytes, offset, seed) {
-        Ok((_, next)) => next == bytes.len() || read_record(bytes, next, seed).is_ok(),
+        Ok((_, next)) => next == bytes.len() || read_record(bytes, next, seed).is_ok() || frames_at(bytes, next),
         Err(_) => false,
     }
+}
+
+/// Does a whole record's frame (tag, length, body, checksum) fit at `offset`, whatever its
+/// checksum says?
+fn frames_at(bytes: &[u8], offset: usize) -> bool {
+    let Some(header) = bytes.get(offset..offset + 5) else { return false };
+    let known = matches!(header[0], TAG_STORED | TAG_DONE | TAG_CURSOR | TAG_SKIP);
+    let body = u32::from_le_bytes(header[1..5].try_into().expect("4 bytes")) as usize;
+    known && body <= SKIP_BODY_BYTES_MAX && offset + RECORD_BYTES_MIN + body <= bytes.len()
 }
 
 /// Merges the copies of `segment` (one per mirror read, empty where it is missing): each record
@@ -1153,11 +1167,15 @@ fn recover_segment(
     report.torn_bytes_truncated += merged.torn_bytes;
     report.damaged_records += merged.damaged.len();
     report.damaged_bytes += merged.damaged.iter().map(|damage| damage.bytes.len() as u64).sum::<u64>();
-    // The damaged bytes are kept before any copy is rewritten over them.
+    // The damaged bytes are kept before any copy is rewritten over them; where they cannot be,
+    // nothing is rewritten and the mirrors holding them fail (the open is tried again later).
     if let Some(index) = copies.first().map(|(index, _)| *index) {
         for damage in &merged.damaged {
             if let Err(error) = keep_damage(&dirs[index], damage) {
-                eprintln!("ftss-server: cannot keep damaged queue bytes in {}: {error}", dirs[index].display());
+                for (index, _) in &copies {
+                    failures[*index] = Some(format!("cannot keep damaged queue bytes: {error}"));
+                }
+                return None;
             }
         }
     }
@@ -1196,16 +1214,25 @@ fn drop_headerless(
     copies: &[(usize, Vec<u8>)],
     report: &mut RecoveryReport,
 ) {
-    if let Some((_, bytes)) = copies.iter().max_by_key(|(_, bytes)| bytes.len()).filter(|(_, bytes)| !bytes.is_empty())
+    if let Some((index, bytes)) =
+        copies.iter().max_by_key(|(_, bytes)| bytes.len()).filter(|(_, bytes)| !bytes.is_empty())
     {
-        report.damaged_records += 1;
-        report.damaged_bytes += bytes.len() as u64;
-        report.damaged.push(Damage {
+        let damage = Damage {
             segment,
             offset: 0,
             bytes: bytes.clone(),
             reason: format!("queue segment {segment} has no valid header in any mirror"),
-        });
+        };
+        // Kept before the files go; if they cannot be, they stay and their mirrors fail.
+        if let Err(error) = keep_damage(&dirs[*index], &damage) {
+            for (index, _) in copies {
+                failures[*index] = Some(format!("cannot keep damaged queue bytes: {error}"));
+            }
+            return;
+        }
+        report.damaged_records += 1;
+        report.damaged_bytes += bytes.len() as u64;
+        report.damaged.push(damage);
     }
     for (index, _) in copies {
         let path = dirs[*index].join(segment_name(segment));
@@ -1270,7 +1297,12 @@ fn keep_damage(dir: &Path, damage: &Damage) -> Result<(), fsbridge::SpoolError> 
         path: kept.clone(),
         source,
     })?;
-    let name = format!("{}-{}", segment_name(damage.segment), damage.offset);
+    // A name of its own: the same stretch may be kept again (an open that failed after keeping it),
+    // and bytes kept before are never written over.
+    let base = format!("{}-{}", segment_name(damage.segment), damage.offset);
+    let taken = |name: &str| disk::exists(kept.join(format!("{name}.bin")));
+    let name = (0..).map(|n| if n == 0 { base.clone() } else { format!("{base}.{n}") }).find(|name| !taken(name));
+    let name = name.expect("some name is free");
     for (path, bytes) in
         [(format!("{name}.bin"), &damage.bytes[..]), (format!("{name}.reason"), damage.reason.as_bytes())]
     {
@@ -1649,6 +1681,25 @@ mod tests {
         fs::remove_dir_all(&dirs[0]).unwrap();
         queue.append(&stored(2));
         assert!(matches!(queue.sync(), Err(QueueError::NoHealthyMirror { .. })));
+    }
+
+    /// Recovery table, the chain: records 1 and 3 are damaged (bit rot, in the only mirror), and
+    /// record 2 between them is whole. It is kept; it was cut with the damage after it as a torn
+    /// tail when a chain needed two valid records in a row (the simulator's seed 646).
+    #[test]
+    fn a_whole_record_between_two_damaged_ones_is_kept() {
+        let dirs = temp_dirs(1);
+        let (mut queue, _, _) = Queue::open(&dirs).unwrap();
+        let locations: Vec<Location> = (1..=3).map(|seq| queue.append(&stored(seq))).collect();
+        queue.sync().unwrap();
+        drop(queue);
+        for location in [locations[0], locations[2]] {
+            flip(&dirs[0], location.offset + u64::from(location.length) / 2);
+        }
+        let (_, recovered, report) = Queue::open(&dirs).unwrap();
+        assert_eq!(stored_seqs(&recovered), [2]);
+        assert_eq!(report.damaged_records, 1, "record 1 is damage; record 3, the last, a torn tail");
+        assert_eq!(report.torn_bytes_truncated, u64::from(locations[2].length));
     }
 
     /// Recovery table, "a queue dir that cannot be listed": taking it for empty would start its

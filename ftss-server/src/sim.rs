@@ -16,7 +16,14 @@
 //!   delivered again, so no receiver is handed it twice;
 //! - **payloads intact, nothing invented**: every packet read back is one that was sent, byte for
 //!   byte, and each is queued at most once;
-//! - **bounds**: after a reclaim, no segment older than the oldest live one is left.
+//! - **bounds**: after a reclaim, no segment older than the oldest live one is left;
+//! - **nothing deleted for being bad**: every stretch recovery finds damaged is kept, byte for
+//!   byte, under a mirror's `damaged/` before anything is written over it.
+//!
+//! Bit rot is a step too: a synced byte of one mirror's segment flips. A rotted record must be
+//! read from (and repaired by) another mirror; only when no good copy can be left (one mirror, rot
+//! in every copy, or a mirror failed at some point) may its packet go, and then only to the kept
+//! damage, never silently.
 //!
 //! `cargo test` runs 10,000 seeds; `FTSS_SIM_SEEDS=n` runs more, `FTSS_SIM_SEED=s` replays one.
 
@@ -29,10 +36,11 @@ use std::time::Duration;
 use fsbridge::disk::sim::{self, Crash, Faults, SimDisk};
 use fsbridge::{NodeName, Packet, PacketId};
 
+use crate::core::Location;
 use crate::core::Time;
 use crate::core::book::{Book, Replayed};
 use crate::core::index::{Entry, Index};
-use crate::queue::{Outcome, Queue, QueueError, QueueRecord};
+use crate::queue::{Outcome, Queue, QueueError, QueueRecord, RecoveryReport};
 
 /// A small random number generator (splitmix64): the schedule's.
 struct Rng(u64);
@@ -99,6 +107,10 @@ struct Model {
     maybe_done: BTreeSet<u64>,
     /// Delivered, not yet receipted (the receiver's view).
     in_flight: BTreeSet<u64>,
+    /// Where each acked packet's stored record is.
+    locations: BTreeMap<u64, Location>,
+    /// Where each packet's last done record was appended.
+    done_at: BTreeMap<u64, Location>,
     next_seq: u64,
 }
 
@@ -115,6 +127,13 @@ struct World {
     now_unix_us: u64,
     process: Option<Process>,
     model: Model,
+    /// Bytes rotted: (mirror, segment, offset).
+    rotted: Vec<(usize, u64, u64)>,
+    /// Has a mirror failed (or an error been injected) yet? Then a rotted copy may be the only one.
+    degraded_ever: bool,
+    /// Stretches recovery found damaged and kept (segment, start, end): a whole record caught
+    /// in one (between damaged records whose frames are broken) is kept there, not replayed.
+    quarantined: Vec<(u64, u64, u64)>,
     outcomes: Outcomes,
 }
 
@@ -159,6 +178,9 @@ impl World {
             now_unix_us: 1_000_000_000,
             process: None,
             model: Model::default(),
+            rotted: Vec::new(),
+            degraded_ever: false,
+            quarantined: Vec::new(),
             outcomes: Outcomes::default(),
             rng,
         }
@@ -174,6 +196,9 @@ impl World {
         let crash_at = (self.crash_rate > 0 && self.rng.below(2) == 0)
             .then(|| self.disk.calls() + 1 + self.rng.below(self.crash_rate * 10));
         self.disk.set_faults(Faults { crash_at, ..self.faults });
+        if self.trace {
+            eprintln!("sim: starting on: {}", self.disk.describe());
+        }
         let (mut queue, recovered, report) = match Queue::open(&self.dirs) {
             Ok(opened) => opened,
             // The disk failed the open (injected errors): the operator starts it again later.
@@ -191,7 +216,7 @@ impl World {
             Replayed::Queued { packet, location, stored_unix_us } => {
                 let taken = index.insert(&packet.id, entry(packet, location, stored_unix_us));
                 if taken {
-                    queued.push(packet.clone());
+                    queued.push((packet.clone(), location));
                 }
                 taken
             }
@@ -212,8 +237,14 @@ impl World {
             eprintln!("sim: stored records (seq, segment): {at:?}");
             eprintln!("sim: disk at call {}: {}", self.disk.calls(), self.disk.describe());
             eprintln!("sim: recovered {} records: {report:?}", recovered.len());
-            let seqs: Vec<u64> = queued.iter().map(|packet| packet.id.seq).collect();
+            let seqs: Vec<u64> = queued.iter().map(|(packet, _)| packet.id.seq).collect();
             eprintln!("sim: started, queued {seqs:?}, acked {:?}", self.model.acked);
+        }
+        // A mirror failed by this very recovery leaves rotted copies the only ones too.
+        self.degraded_ever |= report.mirrors_failed > 0 || queue.degraded();
+        self.check_damage_kept(&report)?;
+        for damage in &report.damaged {
+            self.quarantined.push((damage.segment, damage.offset, damage.offset + damage.bytes.len() as u64));
         }
         self.check_replay(&queued)?;
         self.process = Some(Process { queue, index, book });
@@ -222,24 +253,36 @@ impl World {
 
     /// After a restart: every acked packet not done is queued, nothing done is, and what is
     /// queued was sent, byte for byte. The model then takes what came back as the truth.
-    fn check_replay(&mut self, queued: &[Packet]) -> Result<(), String> {
-        let model = &mut self.model;
-        let seqs: BTreeSet<u64> = queued.iter().map(|packet| packet.id.seq).collect();
+    fn check_replay(&mut self, queued: &[(Packet, Location)]) -> Result<(), String> {
+        let seqs: BTreeSet<u64> = queued.iter().map(|(packet, _)| packet.id.seq).collect();
         if seqs.len() != queued.len() {
             return Err("a packet was queued twice by replay".into());
         }
-        for packet in queued {
+        for seq in &self.model.acked {
+            let kept = self.model.locations.get(seq).is_some_and(|at| {
+                self.quarantined.iter().any(|(segment, start, end)| {
+                    *segment == at.segment && *start <= at.offset && at.offset + u64::from(at.length) <= *end
+                })
+            });
+            if !seqs.contains(seq) && !self.model.maybe_done.contains(seq) && !self.destroyed(*seq) && !kept {
+                return Err(format!("acked packet {seq} was lost (not queued after the restart)"));
+            }
+        }
+        let model = &mut self.model;
+        for (packet, location) in queued {
+            model.locations.insert(packet.id.seq, *location);
             if model.sent.get(&packet.id.seq) != Some(packet) {
                 return Err(format!("replay queued packet {} unlike any sent", packet.id.seq));
             }
-            if model.done.contains(&packet.id.seq) {
+            let done_destroyed = model
+                .done_at
+                .get(&packet.id.seq)
+                .is_some_and(|location| rot_destroyed(&self.rotted, location, self.dirs.len(), self.degraded_ever));
+            if model.done.contains(&packet.id.seq) && !done_destroyed {
                 return Err(format!("packet {} was receipted (synced) and is queued again", packet.id.seq));
             }
-        }
-        for seq in &model.acked {
-            if !seqs.contains(seq) && !model.maybe_done.contains(seq) {
-                return Err(format!("acked packet {seq} was lost (not queued after the restart)"));
-            }
+            // Its done record rotted away: it is queued again, and delivered again (at least once).
+            model.done.remove(&packet.id.seq);
         }
         for seq in &model.maybe_done {
             if !seqs.contains(seq) {
@@ -253,8 +296,63 @@ impl World {
         Ok(())
     }
 
-    /// One step of the schedule.
+    fn destroyed(&self, seq: u64) -> bool {
+        destroyed(&self.rotted, &self.model, self.dirs.len(), self.degraded_ever, seq)
+    }
+
+    /// Bit rot: one byte of a synced segment in one mirror flips.
+    fn rot(&mut self) -> Result<(), String> {
+        let mirror = self.rng.below(self.dirs.len() as u64) as usize;
+        let segments: Vec<(u64, u64)> = self
+            .disk
+            .files_in(&self.dirs[mirror])
+            .into_iter()
+            .filter_map(|(path, len)| {
+                let name = path.file_name()?.to_str()?;
+                let hex = name.strip_prefix("seg-")?.strip_suffix(".log")?;
+                Some((u64::from_str_radix(hex, 16).ok()?, len))
+            })
+            .filter(|(_, len)| *len > 0)
+            .collect();
+        if segments.is_empty() {
+            return Ok(());
+        }
+        let (segment, len) = segments[self.rng.below(segments.len() as u64) as usize];
+        let offset = self.rng.below(len);
+        let path = self.dirs[mirror].join(format!("seg-{segment:016x}.log"));
+        if self.disk.rot(&path, offset) {
+            if self.trace {
+                eprintln!("sim: rot {} at {offset}", path.display());
+            }
+            self.rotted.push((mirror, segment, offset));
+        }
+        Ok(())
+    }
+
+    /// Nothing is deleted for being bad: every damaged stretch recovery skipped is kept, byte for
+    /// byte, under `damaged/` in some mirror.
+    fn check_damage_kept(&self, report: &RecoveryReport) -> Result<(), String> {
+        for damage in &report.damaged {
+            let kept = self.dirs.iter().any(|dir| {
+                let files = self.disk.files_in(&dir.join(crate::queue::DAMAGED_DIR));
+                files.iter().any(|(path, _)| self.disk.peek(path).as_deref() == Some(&damage.bytes[..]))
+            });
+            if !kept {
+                return Err(format!("damaged bytes of segment {} at {} were not kept", damage.segment, damage.offset));
+            }
+        }
+        Ok(())
+    }
+
+    /// One step of the schedule, and the note whether a mirror has failed.
     fn step(&mut self) -> Result<(), String> {
+        let result = self.one_step();
+        let degraded = self.process.as_ref().is_some_and(|process| process.queue.degraded());
+        self.degraded_ever |= degraded || self.disk.errors_injected() > 0;
+        result
+    }
+
+    fn one_step(&mut self) -> Result<(), String> {
         self.outcomes.steps += 1;
         self.now_unix_us += self.rng.below(500_000);
         if self.process.is_none() {
@@ -289,6 +387,7 @@ impl World {
                 self.outcomes.crashes += 1;
                 Ok(())
             }
+            97 => self.rot(),
             96 => {
                 // The wall clock is stepped back (retention is wall-clock time).
                 self.now_unix_us = self.now_unix_us.saturating_sub(self.rng.below(5_000_000));
@@ -336,6 +435,7 @@ impl World {
         match synced {
             Ok(()) => {
                 for (location, packet) in appended {
+                    self.model.locations.insert(packet.id.seq, location);
                     if process.index.insert(&packet.id, entry(&packet, location, self.now_unix_us)) {
                         process.book.stored(location.segment);
                     }
@@ -368,6 +468,15 @@ impl World {
                 let packet = match process.queue.read_stored(entry.location) {
                     Ok((_, packet)) => packet,
                     Err(QueueError::Unreadable { .. }) => continue,
+                    Err(QueueError::Damaged { .. })
+                        if destroyed(&self.rotted, &self.model, self.dirs.len(), self.degraded_ever, id.seq) =>
+                    {
+                        // Rotted beyond repair: the server dead-letters it.
+                        process.index.remove(&id, Some(entry.destination));
+                        process.book.finished(entry.location.segment, Outcome::DeadLettered, self.now_unix_us);
+                        self.model.acked.remove(&id.seq);
+                        continue;
+                    }
                     Err(error) => return Err(format!("packet {} cannot be read back: {error}", id.seq)),
                 };
                 hand_out(&self.model, &packet)?;
@@ -400,7 +509,8 @@ impl World {
         for id in &ids {
             let record =
                 QueueRecord::Done { id: id.clone(), outcome, at_unix_us: self.now_unix_us, reason: String::new() };
-            process.queue.append(&record);
+            let location = process.queue.append(&record);
+            self.model.done_at.insert(id.seq, location);
         }
         // Until the sync answers, the packets may or may not be done.
         self.model.maybe_done.extend(&seqs);
@@ -451,6 +561,31 @@ impl World {
     }
 }
 
+/// Was packet `seq`'s stored record destroyed by bit rot, so that losing it is no bug? Rot in one
+/// mirror must be repaired from another; only rot in every copy, or in a mirror that may have been
+/// left alone (a mirror has failed at some point), or in the only mirror, destroys a record.
+/// A rotted segment header takes the whole segment.
+fn destroyed(rotted: &[(usize, u64, u64)], model: &Model, mirrors: usize, degraded: bool, seq: u64) -> bool {
+    model.locations.get(&seq).is_some_and(|location| rot_destroyed(rotted, location, mirrors, degraded))
+}
+
+/// Was the record at `location` destroyed by bit rot (see [`destroyed`])?
+fn rot_destroyed(rotted: &[(usize, u64, u64)], location: &Location, mirrors: usize, degraded: bool) -> bool {
+    let hits: BTreeSet<usize> = rotted
+        .iter()
+        .filter(|(_, segment, offset)| {
+            *segment == location.segment
+                && (*offset < HEADER_BYTES_MAX
+                    || (location.offset..location.offset + u64::from(location.length)).contains(offset))
+        })
+        .map(|(mirror, _, _)| *mirror)
+        .collect();
+    !hits.is_empty() && (mirrors == 1 || degraded || hits.len() == mirrors)
+}
+
+/// A segment header's size (the current version's; rot below it breaks the header).
+const HEADER_BYTES_MAX: u64 = 22;
+
 /// A packet about to be handed to its receiver: it must be one sent, intact, and not done.
 fn hand_out(model: &Model, packet: &Packet) -> Result<(), String> {
     let seq = packet.id.seq;
@@ -463,7 +598,7 @@ fn hand_out(model: &Model, packet: &Packet) -> Result<(), String> {
     Ok(())
 }
 
-fn entry(packet: &Packet, location: crate::core::Location, stored_unix_us: u64) -> Entry {
+fn entry(packet: &Packet, location: Location, stored_unix_us: u64) -> Entry {
     Entry { location, destination: packet.destination, stored_unix_us, payload_bytes: packet.payload.len() as u16 }
 }
 
@@ -565,6 +700,8 @@ mod tests {
         (50, "a segment adopted by a start after a failed one stayed unnamed on disk (directory unsynced)"),
         (1986, "a mirror whose resync could not be recorded was not made stale"),
         (47885, "a resync copied from a mirror that had failed in the same pass, and tied its count"),
+        (17, "a segment without a header was removed before its bytes were kept"),
+        (646, "a whole record between two damaged ones was cut with them as a torn tail"),
     ];
 
     #[test]

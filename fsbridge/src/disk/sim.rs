@@ -276,6 +276,47 @@ impl SimDisk {
         text
     }
 
+    /// The files directly in `dir` with their synced lengths, and what a file holds now: for the
+    /// simulator's own checks (no fault, no call counted).
+    pub fn files_in(&self, dir: &Path) -> Vec<(PathBuf, u64)> {
+        let state = self.0.borrow();
+        state
+            .current
+            .iter()
+            .filter(|(path, _)| path.parent() == Some(dir))
+            .filter_map(|(path, entry)| match entry {
+                Entry::File(inode) => Some((path.clone(), state.inodes[inode].durable.len() as u64)),
+                Entry::Dir => None,
+            })
+            .collect()
+    }
+
+    /// What the file at `path` holds now (no fault, no call counted).
+    pub fn peek(&self, path: &Path) -> Option<Vec<u8>> {
+        let state = self.0.borrow();
+        match state.current.get(path) {
+            Some(Entry::File(inode)) => Some(state.inodes[inode].current.clone()),
+            _ => None,
+        }
+    }
+
+    /// Bit rot under a file: flips the byte at `offset` in what was synced (and in what was
+    /// written since, if it reaches that far). False if the file has no synced byte there.
+    pub fn rot(&self, path: &Path, offset: u64) -> bool {
+        let mut state = self.0.borrow_mut();
+        let Some(Entry::File(inode)) = state.current.get(path).copied() else { return false };
+        let inode = state.inodes.get_mut(&inode).expect("named inode");
+        let at = offset as usize;
+        if at >= inode.durable.len() {
+            return false;
+        }
+        inode.durable[at] ^= 0x5a;
+        if let Some(byte) = inode.current.get_mut(at) {
+            *byte ^= 0x5a;
+        }
+        true
+    }
+
     /// Power loss: see the module notes. Open handles die.
     pub fn crash(&self) {
         let mut state = self.0.borrow_mut();
