@@ -40,6 +40,7 @@
 //! |                                                   | replaced by a SKIP record; the rest is kept   | |
 //! | (a chain: a valid record, then the end, another   | a whole record between two damaged ones is    | `a_whole_record_between_two_damaged_ones_is_kept` |
 //! | valid record, or a whole frame that is damaged)   | kept, not cut as a torn tail                  | |
+//! | damage whose bytes cannot be kept                 | nothing is written over it; its mirrors fail  | `damage_that_cannot_be_kept_is_not_written_over` |
 //! | no valid record here, none further on             | a torn tail: cut                              | `a_torn_tail_in_every_mirror_is_cut` |
 //! | no copy with a whole header                       | the bytes are kept as damage; the files go    | `a_segment_without_a_header_in_any_mirror_is_kept_as_damage_and_replaced` |
 //! | a mirror that cannot be read or repaired          | that mirror fails; the queue runs degraded    | `a_mirror_unreadable_at_recovery_leaves_the_queue_degraded_not_down` |
@@ -1700,6 +1701,31 @@ mod tests {
         assert_eq!(stored_seqs(&recovered), [2]);
         assert_eq!(report.damaged_records, 1, "record 1 is damage; record 3, the last, a torn tail");
         assert_eq!(report.torn_bytes_truncated, u64::from(locations[2].length));
+    }
+
+    /// Damage that cannot be kept (its directory fails) is not written over: the mirror fails,
+    /// the open fails, and the damaged bytes are still in place for the next open, which keeps
+    /// them. (Before, a failed keep was logged and the SKIP record written over the bytes.)
+    #[test]
+    fn damage_that_cannot_be_kept_is_not_written_over() {
+        use fsbridge::disk::sim::{self, SimDisk};
+        let disk = SimDisk::new(3, 1 << 20);
+        let _installed = sim::install(&disk);
+        let dirs = vec![PathBuf::from("/q0")];
+        let (mut queue, _, _) = Queue::open(&dirs).unwrap();
+        let locations: Vec<Location> = (1..=3).map(|seq| queue.append(&stored(seq))).collect();
+        queue.sync().unwrap();
+        drop(queue);
+        let segment = dirs[0].join(segment_name(0));
+        assert!(disk.rot(&segment, locations[1].offset + u64::from(locations[1].length) / 2));
+        let before = disk.peek(&segment).unwrap();
+        disk.break_path(dirs[0].join(DAMAGED_DIR), libc::EIO);
+        assert!(Queue::open(&dirs).is_err(), "the open went on without keeping the damage");
+        assert_eq!(disk.peek(&segment).unwrap(), before, "the damaged bytes were written over");
+        disk.repair();
+        let (_, recovered, report) = Queue::open(&dirs).unwrap();
+        assert_eq!(stored_seqs(&recovered), [1, 3]);
+        assert_eq!(report.damaged_records, 1);
     }
 
     /// Recovery table, "a queue dir that cannot be listed": taking it for empty would start its
