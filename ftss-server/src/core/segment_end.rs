@@ -100,7 +100,7 @@ use Later::{No, Unknown, Yes};
 use Tail::{Open, Sealed};
 
 /// The outbox-log rules, in order.
-pub const RULES: &[Row] = &[
+pub static RULES: &[Row] = &[
     row(Sealed, None, None, None, None, Finished, "read to its seal: complete"),
     row(Open, Some(true), None, None, None, Finished, "read to its end and its writer moved on to a later segment"),
     row(Open, None, Some(true), None, None, Finished, "read to its end and abandoned: its writer died"),
