@@ -22,8 +22,9 @@
 //!
 //! Bit rot is a step too: a synced byte of one mirror's segment flips. A rotted record must be
 //! read from (and repaired by) another mirror; only when no good copy can be left (one mirror, rot
-//! in every copy, or a mirror failed at some point) may its packet go, and then only to the kept
-//! damage, never silently.
+//! in every copy, or a mirror failed at some point) may its packet go: recovery keeps the damaged
+//! stretch (checked here), and a read that finds it damaged in every mirror dead-letters it (the
+//! server quarantines its bytes; the simulator only drops it from the queue).
 //!
 //! `cargo test` runs 10,000 seeds; `FTSS_SIM_SEEDS=n` runs more, `FTSS_SIM_SEED=s` replays one.
 
