@@ -25,7 +25,7 @@
 //! the sweep finds it, and the packets it holds stay in the server's queue until receipted.
 //! Integers are little-endian.
 
-use std::fs::File;
+use crate::disk::File;
 
 use crate::fsops::{self as fs, OpenOptions};
 use std::io;
@@ -203,7 +203,7 @@ impl BellWriter {
         // Only once the new generation is in place: a Moved record must always lead somewhere.
         if let Some(old) = old {
             let moved = Ring { kind: RingKind::Moved, port: 0, epoch: 0, seq: 0 };
-            let _ = old.write_all_at(&encode_ring(&moved), old.metadata().map(|meta| meta.len()).unwrap_or(0));
+            let _ = old.write_all_at(&encode_ring(&moved), old.metadata().map(|meta| meta.len).unwrap_or(0));
         }
         let file = OpenOptions::new().read(true).write(true).open(path).map_err(|source| BellError::Io {
             operation: "opening",
@@ -218,7 +218,7 @@ impl BellWriter {
     pub fn open(path: &Path) -> Result<BellWriter, BellError> {
         let existing = OpenOptions::new().read(true).write(true).open(path).ok().and_then(|file| {
             let mut header = [0u8; BELL_RECORD_BYTES];
-            let len = file.metadata().ok()?.len();
+            let len = file.metadata().ok()?.len;
             file.read_exact_at(&mut header, 0).ok()?;
             decode_header(&header)?;
             // A record a crashed writer left torn stays behind as a gap readers skip.
@@ -383,7 +383,7 @@ impl BellReader {
             self.generation = generation;
             self.offset = BELL_RECORD_BYTES as u64;
             if backlog {
-                let len = self.file.as_ref().expect("open").metadata().map(|meta| meta.len()).unwrap_or(0);
+                let len = self.file.as_ref().expect("open").metadata().map(|meta| meta.len).unwrap_or(0);
                 let records = len.saturating_sub(BELL_RECORD_BYTES as u64) / BELL_RECORD_BYTES as u64;
                 self.offset += records.saturating_sub(BELL_BACKLOG_RECORDS) * BELL_RECORD_BYTES as u64;
             }

@@ -6,26 +6,47 @@
 //! which keeps what was synced apart from what was only written, loses or tears the rest in a
 //! crash, and fails calls on the simulator's schedule. The same code is thus checked against
 //! thousands of crash and fault schedules per second (see `ftss-server/src/sim.rs`).
+//!
+//! [`crate::fsops`] is the front door the spool uses: it sends operations on the volume to the
+//! shim's privilege helper when one is installed, and everything else here.
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub mod sim;
 
-/// What the queue asks of a file's metadata.
+/// What the spool and the queue ask of a file's metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Meta {
     pub len: u64,
     /// Links to the file: 0 once it is removed from its directory (while still open).
     pub nlink: u64,
     pub is_dir: bool,
+    /// A regular file (not a directory, symlink, fifo, device or socket).
+    pub is_file: bool,
+    pub is_symlink: bool,
+    pub ino: u64,
+    /// The owner's user id.
+    pub uid: u32,
+    /// The last modification of the data.
+    pub modified: SystemTime,
 }
 
 impl From<std::fs::Metadata> for Meta {
     fn from(meta: std::fs::Metadata) -> Meta {
-        Meta { len: meta.len(), nlink: meta.nlink(), is_dir: meta.is_dir() }
+        Meta {
+            len: meta.len(),
+            nlink: meta.nlink(),
+            is_dir: meta.is_dir(),
+            is_file: meta.file_type().is_file(),
+            is_symlink: meta.file_type().is_symlink(),
+            ino: meta.ino(),
+            uid: meta.uid(),
+            modified: meta.modified().unwrap_or(UNIX_EPOCH),
+        }
     }
 }
 
@@ -37,7 +58,7 @@ pub enum File {
 }
 
 /// `std::fs::OpenOptions` for [`File`]s.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct OpenOptions {
     pub(crate) read: bool,
     pub(crate) write: bool,
@@ -45,6 +66,23 @@ pub struct OpenOptions {
     pub(crate) truncate: bool,
     pub(crate) create: bool,
     pub(crate) create_new: bool,
+    pub(crate) mode: u32,
+    pub(crate) custom_flags: i32,
+}
+
+impl Default for OpenOptions {
+    fn default() -> OpenOptions {
+        OpenOptions {
+            read: false,
+            write: false,
+            append: false,
+            truncate: false,
+            create: false,
+            create_new: false,
+            mode: 0o666,
+            custom_flags: 0,
+        }
+    }
 }
 
 impl OpenOptions {
@@ -82,10 +120,49 @@ impl OpenOptions {
         self
     }
 
+    /// The permission bits of a created file (before the umask); 0o666 unless set.
+    pub fn mode(&mut self, mode: u32) -> &mut Self {
+        self.mode = mode;
+        self
+    }
+
+    /// More `open(2)` flags (`O_NOFOLLOW`, `O_NONBLOCK`…); the simulated disk ignores them.
+    pub fn custom_flags(&mut self, flags: i32) -> &mut Self {
+        self.custom_flags = flags;
+        self
+    }
+
+    /// The `open(2)` flags these options stand for.
+    pub(crate) fn flags(&self) -> i32 {
+        let mut flags = self.custom_flags
+            | match (self.read, self.write || self.append) {
+                (true, true) => libc::O_RDWR,
+                (false, true) => libc::O_WRONLY,
+                _ => libc::O_RDONLY,
+            };
+        if self.append {
+            flags |= libc::O_APPEND;
+        }
+        if self.truncate {
+            flags |= libc::O_TRUNC;
+        }
+        if self.create_new {
+            flags |= libc::O_CREAT | libc::O_EXCL;
+        } else if self.create {
+            flags |= libc::O_CREAT;
+        }
+        flags
+    }
+
+    /// Opens `path`: on the simulated disk if this thread has one, through the privilege helper
+    /// if `path` is under its root, else with `open(2)`.
     pub fn open(&self, path: impl AsRef<Path>) -> io::Result<File> {
         let path = path.as_ref();
         if let Some(disk) = sim::current() {
             return disk.open(path, *self).map(File::Sim);
+        }
+        if let Some((helper, relative)) = crate::fsops::delegated(path) {
+            return crate::fsops::helper_open(helper, relative, self.flags(), self.mode).map(File::Real);
         }
         std::fs::OpenOptions::new()
             .read(self.read)
@@ -94,6 +171,8 @@ impl OpenOptions {
             .truncate(self.truncate)
             .create(self.create)
             .create_new(self.create_new)
+            .mode(self.mode)
+            .custom_flags(self.custom_flags)
             .open(path)
             .map(File::Real)
     }
@@ -135,6 +214,17 @@ impl File {
         match self {
             File::Real(file) => file.metadata().map(Meta::from),
             File::Sim(handle) => handle.metadata(),
+        }
+    }
+
+    /// Closes the file and reports the close's error (NFS may report a failed write back here).
+    pub fn close(self) -> io::Result<()> {
+        match self {
+            File::Real(file) => nix::unistd::close(file).map_err(io::Error::from),
+            File::Sim(handle) => {
+                drop(handle);
+                Ok(())
+            }
         }
     }
 }
@@ -252,6 +342,51 @@ pub fn metadata(path: impl AsRef<Path>) -> io::Result<Meta> {
     }
 }
 
+/// Metadata of the path itself (a final symlink is not followed; the simulated disk has none).
+pub fn symlink_metadata(path: impl AsRef<Path>) -> io::Result<Meta> {
+    match sim::current() {
+        Some(disk) => disk.metadata(path.as_ref()),
+        None => std::fs::symlink_metadata(path).map(Meta::from),
+    }
+}
+
+/// A second name for a file (the simulated disk has no hard links: EPERM, as on file systems
+/// without them).
+pub fn hard_link(from: impl AsRef<Path>, to: impl AsRef<Path>) -> io::Result<()> {
+    match sim::current() {
+        Some(_) => Err(io::Error::from_raw_os_error(libc::EPERM)),
+        None => std::fs::hard_link(from, to),
+    }
+}
+
+/// Sets the modification time of `path` to now.
+pub fn touch(path: impl AsRef<Path>) -> io::Result<()> {
+    match sim::current() {
+        Some(disk) => disk.touch(path.as_ref()),
+        None => {
+            let now = nix::sys::time::TimeSpec::UTIME_NOW;
+            let follow = nix::sys::stat::UtimensatFlags::FollowSymlink;
+            nix::sys::stat::utimensat(nix::fcntl::AT_FDCWD, path.as_ref(), &now, &now, follow).map_err(io::Error::from)
+        }
+    }
+}
+
+/// The wall clock in microseconds since the Unix epoch: the simulator's, or the system's.
+pub fn unix_now_us() -> u64 {
+    match sim::current() {
+        Some(disk) => disk.unix_now_us(),
+        None => SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_micros() as u64),
+    }
+}
+
+/// The wall clock as a `SystemTime` (see [`unix_now_us`]).
+pub fn system_now() -> SystemTime {
+    match sim::current() {
+        Some(disk) => UNIX_EPOCH + Duration::from_micros(disk.unix_now_us()),
+        None => SystemTime::now(),
+    }
+}
+
 pub fn is_dir(path: impl AsRef<Path>) -> bool {
     metadata(path).is_ok_and(|meta| meta.is_dir)
 }
@@ -281,8 +416,5 @@ pub fn space(path: impl AsRef<Path>) -> Option<(u64, u64)> {
 
 /// A random number: the simulator's (so that a seed replays exactly), or the kernel's.
 pub fn random_u64() -> u64 {
-    match sim::current() {
-        Some(disk) => disk.random(),
-        None => crate::random_u64(),
-    }
+    crate::random_u64()
 }

@@ -6,16 +6,18 @@
 //! [`install`]s it here: from that moment every operation on a path inside the volume is made by
 //! the helper, which hands back open file descriptors for opens (an open fd keeps the access it
 //! was opened with, so reading, writing and syncing it need nothing more). Paths outside the
-//! volume, and every process without a helper, get the plain system calls.
+//! volume, and every process without a helper, get the calls of [`crate::disk`]: the plain system
+//! calls, or the simulated disk on a thread that installed one.
 
 use std::ffi::OsString;
-use std::fs::{File, Metadata};
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+
+use crate::disk;
+pub use crate::disk::{File, Meta, OpenOptions};
 
 /// One operation for the helper, on paths relative to the volume ("" is the volume itself).
 #[derive(Debug, Clone, Copy)]
@@ -75,7 +77,7 @@ pub fn helped() -> bool {
 }
 
 /// The helper and `path` relative to its root, if `path` is under the root.
-fn delegated(path: &Path) -> Option<(&'static dyn Helper, &Path)> {
+pub(crate) fn delegated(path: &Path) -> Option<(&'static dyn Helper, &Path)> {
     let installed = HELPER.get()?;
     let relative = path.strip_prefix(&installed.root).ok()?;
     Some((installed.helper.as_ref(), relative))
@@ -90,124 +92,10 @@ fn delegated_pair<'a>(from: &'a Path, to: &'a Path) -> io::Result<Option<(&'stat
     }
 }
 
-fn helper_open(helper: &dyn Helper, path: &Path, flags: i32, mode: u32) -> io::Result<File> {
+pub(crate) fn helper_open(helper: &dyn Helper, path: &Path, flags: i32, mode: u32) -> io::Result<std::fs::File> {
     match helper.make(Request::Open { path, flags: flags | libc::O_CLOEXEC, mode })? {
-        Some(fd) => Ok(File::from(fd)),
+        Some(fd) => Ok(std::fs::File::from(fd)),
         None => Err(io::Error::other("the privilege helper answered an open without an fd")),
-    }
-}
-
-/// `std::fs::OpenOptions`, through the helper when there is one.
-#[derive(Debug, Clone)]
-pub struct OpenOptions {
-    read: bool,
-    write: bool,
-    append: bool,
-    truncate: bool,
-    create: bool,
-    create_new: bool,
-    mode: u32,
-    custom_flags: i32,
-}
-
-impl Default for OpenOptions {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl OpenOptions {
-    pub fn new() -> OpenOptions {
-        OpenOptions {
-            read: false,
-            write: false,
-            append: false,
-            truncate: false,
-            create: false,
-            create_new: false,
-            mode: 0o666,
-            custom_flags: 0,
-        }
-    }
-
-    pub fn read(&mut self, read: bool) -> &mut Self {
-        self.read = read;
-        self
-    }
-
-    pub fn write(&mut self, write: bool) -> &mut Self {
-        self.write = write;
-        self
-    }
-
-    pub fn append(&mut self, append: bool) -> &mut Self {
-        self.append = append;
-        self
-    }
-
-    pub fn truncate(&mut self, truncate: bool) -> &mut Self {
-        self.truncate = truncate;
-        self
-    }
-
-    pub fn create(&mut self, create: bool) -> &mut Self {
-        self.create = create;
-        self
-    }
-
-    pub fn create_new(&mut self, create_new: bool) -> &mut Self {
-        self.create_new = create_new;
-        self
-    }
-
-    pub fn mode(&mut self, mode: u32) -> &mut Self {
-        self.mode = mode;
-        self
-    }
-
-    pub fn custom_flags(&mut self, flags: i32) -> &mut Self {
-        self.custom_flags = flags;
-        self
-    }
-
-    /// The `open(2)` flags these options stand for (as std computes them).
-    fn flags(&self) -> i32 {
-        let writes = self.write || self.append;
-        let access = match (self.read, writes) {
-            (true, true) => libc::O_RDWR,
-            (false, true) => libc::O_WRONLY,
-            _ => libc::O_RDONLY,
-        };
-        let mut flags = access | self.custom_flags;
-        if self.append {
-            flags |= libc::O_APPEND;
-        }
-        if self.truncate {
-            flags |= libc::O_TRUNC;
-        }
-        if self.create_new {
-            flags |= libc::O_CREAT | libc::O_EXCL;
-        } else if self.create {
-            flags |= libc::O_CREAT;
-        }
-        flags
-    }
-
-    pub fn open(&self, path: impl AsRef<Path>) -> io::Result<File> {
-        let path = path.as_ref();
-        if let Some((helper, relative)) = delegated(path) {
-            return helper_open(helper, relative, self.flags(), self.mode);
-        }
-        std::fs::OpenOptions::new()
-            .read(self.read)
-            .write(self.write)
-            .append(self.append)
-            .truncate(self.truncate)
-            .create(self.create)
-            .create_new(self.create_new)
-            .mode(self.mode)
-            .custom_flags(self.custom_flags)
-            .open(path)
     }
 }
 
@@ -229,20 +117,22 @@ pub fn read_to_string(path: impl AsRef<Path>) -> io::Result<String> {
 }
 
 /// Metadata, following a final symlink.
-pub fn metadata(path: impl AsRef<Path>) -> io::Result<Metadata> {
+pub fn metadata(path: impl AsRef<Path>) -> io::Result<Meta> {
     let path = path.as_ref();
     match delegated(path) {
-        Some((helper, relative)) => helper_open(helper, relative, libc::O_PATH, 0)?.metadata(),
-        None => std::fs::metadata(path),
+        Some((helper, relative)) => helper_open(helper, relative, libc::O_PATH, 0)?.metadata().map(Meta::from),
+        None => disk::metadata(path),
     }
 }
 
 /// Metadata of the path itself (a symlink is not followed).
-pub fn symlink_metadata(path: impl AsRef<Path>) -> io::Result<Metadata> {
+pub fn symlink_metadata(path: impl AsRef<Path>) -> io::Result<Meta> {
     let path = path.as_ref();
     match delegated(path) {
-        Some((helper, relative)) => helper_open(helper, relative, libc::O_PATH | libc::O_NOFOLLOW, 0)?.metadata(),
-        None => std::fs::symlink_metadata(path),
+        Some((helper, relative)) => {
+            helper_open(helper, relative, libc::O_PATH | libc::O_NOFOLLOW, 0)?.metadata().map(Meta::from)
+        }
+        None => disk::symlink_metadata(path),
     }
 }
 
@@ -250,7 +140,7 @@ pub fn create_dir(path: impl AsRef<Path>) -> io::Result<()> {
     let path = path.as_ref();
     match delegated(path) {
         Some((helper, relative)) => helper.make(Request::Mkdir { path: relative, mode: 0o777 }).map(drop),
-        None => std::fs::create_dir(path),
+        None => disk::create_dir(path),
     }
 }
 
@@ -258,16 +148,16 @@ pub fn create_dir(path: impl AsRef<Path>) -> io::Result<()> {
 pub fn create_dir_all(path: impl AsRef<Path>) -> io::Result<()> {
     let path = path.as_ref();
     if delegated(path).is_none() {
-        return std::fs::create_dir_all(path);
+        return disk::create_dir_all(path);
     }
     match create_dir(path) {
         Ok(()) => Ok(()),
-        Err(error) if error.kind() == io::ErrorKind::AlreadyExists && metadata(path)?.is_dir() => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists && metadata(path)?.is_dir => Ok(()),
         Err(error) if error.kind() == io::ErrorKind::NotFound => {
             let parent = path.parent().ok_or(error)?;
             create_dir_all(parent)?;
             match create_dir(path) {
-                Err(error) if error.kind() == io::ErrorKind::AlreadyExists && metadata(path)?.is_dir() => Ok(()),
+                Err(error) if error.kind() == io::ErrorKind::AlreadyExists && metadata(path)?.is_dir => Ok(()),
                 other => other,
             }
         }
@@ -279,7 +169,7 @@ pub fn rename(from: impl AsRef<Path>, to: impl AsRef<Path>) -> io::Result<()> {
     let (from, to) = (from.as_ref(), to.as_ref());
     match delegated_pair(from, to)? {
         Some((helper, from, to)) => helper.make(Request::Rename { from, to }).map(drop),
-        None => std::fs::rename(from, to),
+        None => disk::rename(from, to),
     }
 }
 
@@ -287,7 +177,7 @@ pub fn hard_link(from: impl AsRef<Path>, to: impl AsRef<Path>) -> io::Result<()>
     let (from, to) = (from.as_ref(), to.as_ref());
     match delegated_pair(from, to)? {
         Some((helper, from, to)) => helper.make(Request::Link { from, to }).map(drop),
-        None => std::fs::hard_link(from, to),
+        None => disk::hard_link(from, to),
     }
 }
 
@@ -295,7 +185,7 @@ pub fn remove_file(path: impl AsRef<Path>) -> io::Result<()> {
     let path = path.as_ref();
     match delegated(path) {
         Some((helper, relative)) => helper.make(Request::Unlink { path: relative }).map(drop),
-        None => std::fs::remove_file(path),
+        None => disk::remove_file(path),
     }
 }
 
@@ -303,33 +193,40 @@ pub fn remove_dir(path: impl AsRef<Path>) -> io::Result<()> {
     let path = path.as_ref();
     match delegated(path) {
         Some((helper, relative)) => helper.make(Request::Rmdir { path: relative }).map(drop),
-        None => std::fs::remove_dir(path),
+        None => disk::remove_dir(path),
     }
 }
 
 /// Sets the access and modification times of `path` to now (`touch`).
 pub fn touch(path: impl AsRef<Path>) -> io::Result<()> {
     let path = path.as_ref();
-    if let Some((helper, relative)) = delegated(path) {
-        return helper.make(Request::Touch { path: relative }).map(drop);
+    match delegated(path) {
+        Some((helper, relative)) => helper.make(Request::Touch { path: relative }).map(drop),
+        None => disk::touch(path),
     }
-    let now = nix::sys::time::TimeSpec::UTIME_NOW;
-    nix::sys::stat::utimensat(nix::fcntl::AT_FDCWD, path, &now, &now, nix::sys::stat::UtimensatFlags::FollowSymlink)
-        .map_err(io::Error::from)
+}
+
+/// fsyncs a directory, making the names in it durable.
+pub fn sync_dir(path: impl AsRef<Path>) -> io::Result<()> {
+    let path = path.as_ref();
+    match delegated(path) {
+        Some((helper, relative)) => helper_open(helper, relative, libc::O_RDONLY | libc::O_DIRECTORY, 0)?.sync_all(),
+        None => disk::sync_dir(path),
+    }
 }
 
 /// The names in directory `path` (without `.` and `..`), in the order the directory gives them.
 pub fn read_dir_names(path: impl AsRef<Path>) -> io::Result<Vec<OsString>> {
     let path = path.as_ref();
     let Some((helper, relative)) = delegated(path) else {
-        return std::fs::read_dir(path)?.map(|entry| entry.map(|entry| entry.file_name())).collect();
+        return disk::read_dir_names(path);
     };
     let directory = helper_open(helper, relative, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
     names_of(directory)
 }
 
 /// Reads the entries of an open directory (getdents needs no permission beyond the open's).
-fn names_of(directory: File) -> io::Result<Vec<OsString>> {
+fn names_of(directory: std::fs::File) -> io::Result<Vec<OsString>> {
     let mut names = Vec::new();
     for entry in nix::dir::Dir::from_fd(OwnedFd::from(directory))?.iter() {
         let name = entry?.file_name().to_bytes().to_vec();
@@ -399,7 +296,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(read(&file).unwrap(), b"hello");
-        assert_eq!(metadata(&file).unwrap().len(), 5);
+        assert_eq!(metadata(&file).unwrap().len, 5);
         touch(&file).unwrap();
         hard_link(&file, root.join("a/linked")).unwrap();
         rename(root.join("a/linked"), root.join("a/renamed")).unwrap();

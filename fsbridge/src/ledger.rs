@@ -22,11 +22,11 @@
 //! compact form, it is rewritten compact (temporary file, fdatasync, rename). Forgetting the
 //! oldest ranges can only let a very old redelivery through again, never drop a datagram.
 
-use std::fs::File;
+use crate::disk::File;
 
 use crate::fsops::{self as fs, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::format::{self, TAG_LEDGER};
@@ -301,7 +301,7 @@ fn boot_id() -> String {
 }
 
 fn pid_namespace() -> u64 {
-    fs::metadata("/proc/self/ns/pid").map(|meta| meta.ino()).unwrap_or(0)
+    fs::metadata("/proc/self/ns/pid").map(|meta| meta.ino).unwrap_or(0)
 }
 
 /// A process's start time in clock ticks after boot (field 22 of /proc/<pid>/stat).

@@ -36,6 +36,7 @@ pub mod disk;
 pub mod fabric;
 pub mod format;
 pub mod fsops;
+pub mod hash;
 pub mod layout;
 pub mod ledger;
 pub mod log;
@@ -91,14 +92,14 @@ impl fmt::Debug for NodeName {
 
 /// Microseconds since the Unix epoch, for packet timestamps.
 pub fn unix_now_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_micros() as u64)
-        .unwrap_or(0)
+    disk::unix_now_us()
 }
 
-/// A random u64 from the kernel, for epochs.
+/// A random u64 from the kernel, for epochs (on a thread running the simulator: its seeded stream).
 pub fn random_u64() -> u64 {
+    if let Some(disk) = disk::sim::current() {
+        return disk.random();
+    }
     let mut bytes = [0u8; 8];
     // SAFETY: the buffer is valid for 8 bytes.
     let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };

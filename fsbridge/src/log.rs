@@ -33,11 +33,11 @@
 //! (an I/O error: space is allocated beforehand) the writer retries in a fresh segment and the
 //! server keeps the first copy, so the app that saw the error may have its datagram delivered.
 
-use std::fs::File;
+use crate::disk::File;
 
 use crate::fsops::{self as fs, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -196,7 +196,7 @@ impl LogWriter {
             // clock jumped may have taken it for dead). Not per batch: on a network mount the
             // fstat is a round trip.
             let removed = gap >= REMOVED_CHECK_AFTER
-                && self.file.as_ref().and_then(|file| file.metadata().ok()).is_some_and(|meta| meta.nlink() == 0);
+                && self.file.as_ref().and_then(|file| file.metadata().ok()).is_some_and(|meta| meta.nlink == 0);
             if gap < STALE_WRITE && !removed {
                 return Ok(());
             }
@@ -293,6 +293,9 @@ impl LogWriter {
 
 /// Time since boot, suspended time included (CLOCK_BOOTTIME).
 fn boot_time() -> Duration {
+    if let Some(disk) = crate::disk::sim::current() {
+        return Duration::from_micros(disk.monotonic_us());
+    }
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
         .map_or(Duration::ZERO, |now| Duration::new(now.tv_sec() as u64, now.tv_nsec() as u32))
 }
@@ -370,7 +373,7 @@ impl LogReader {
             Err(source) => return Err(SpoolError::Io { operation: "opening", path: path.into(), source }.into()),
         };
         let meta = file.metadata().map_err(|source| SpoolError::Io { operation: "stat", path: path.into(), source })?;
-        if !meta.file_type().is_file() {
+        if !meta.is_file {
             return Err(invalid("not a regular file"));
         }
         let mut header = vec![0; SEGMENT_HEADER_BYTES as usize];
@@ -393,7 +396,7 @@ impl LogReader {
     /// changes the first, an append both.
     pub fn stamp(&self) -> Option<(SystemTime, u64)> {
         let meta = self.file.metadata().ok()?;
-        Some((meta.modified().ok()?, meta.len()))
+        Some((meta.modified, meta.len))
     }
 
     /// Reads whole frames from `offset`, about `budget` bytes of them (at least one frame if one is
@@ -489,7 +492,7 @@ impl LogReader {
     /// next frame starts, so a frame-like run of bytes inside its payload is never taken for one.
     pub fn next_valid_frame(&self, offset: u64) -> Result<Option<u64>, SpoolError> {
         let io_error = |source| SpoolError::Io { operation: "reading", path: self.path.clone(), source };
-        let size = self.file.metadata().map_err(io_error)?.size();
+        let size = self.file.metadata().map_err(io_error)?.len;
         let length = size.saturating_sub(offset).min(SEGMENT_BYTES_MAX + FRAME_BATCH_BYTES_MAX as u64);
         let mut bytes = vec![0; length as usize];
         let filled = read_at_most(&self.file, &mut bytes, offset).map_err(io_error)?;
@@ -529,7 +532,7 @@ impl LogReader {
     /// The bytes from `start` to `end` (at most to the end of the file), for quarantine.
     pub fn bytes(&self, start: u64, end: u64) -> Result<Vec<u8>, SpoolError> {
         let io_error = |source| SpoolError::Io { operation: "reading", path: self.path.clone(), source };
-        let size = self.file.metadata().map_err(io_error)?.size();
+        let size = self.file.metadata().map_err(io_error)?.len;
         let end = end.min(size).min(start + SEGMENT_BYTES_MAX + FRAME_BATCH_BYTES_MAX as u64);
         let mut bytes = vec![0; end.saturating_sub(start) as usize];
         let filled = read_at_most(&self.file, &mut bytes, start).map_err(io_error)?;

@@ -121,13 +121,13 @@ pub fn check_volume(volume: &Path) -> Result<(), Vec<String>> {
 /// Writes the marker at the top of `volume` unless it is there (the server, preparing a volume).
 pub fn write_marker(volume: &Path) -> std::io::Result<()> {
     let path = volume.join(VOLUME_MARKER);
-    if path.is_file() {
+    if crate::fsops::metadata(&path).is_ok_and(|meta| meta.is_file) {
         return Ok(());
     }
     let tmp = volume.join(format!(".{VOLUME_MARKER}.{}", std::process::id()));
     let text = "This directory is an FTSS volume (written by ftss-server; nodes refuse a volume without it).\n";
     crate::spool::write_file_durably(&tmp, text.as_bytes()).map_err(std::io::Error::other)?;
-    fs::rename(&tmp, &path)?;
+    crate::fsops::rename(&tmp, &path)?;
     crate::spool::sync_directory(volume).map_err(std::io::Error::other)
 }
 

@@ -7,7 +7,8 @@
 //! at most `epochs_max` epochs (the least recently used goes first) and `ranges_max` ranges per
 //! epoch (the lowest goes first). Forgetting can only let a duplicate through, never drop a packet.
 
-use std::collections::{BTreeMap, HashMap};
+use crate::hash::HashMap;
+use std::collections::BTreeMap;
 use std::hash::Hash;
 
 /// Sequence numbers as disjoint ranges `start..end`, keyed by start.
@@ -96,7 +97,7 @@ pub struct SeenIds<K> {
 
 impl<K: Hash + Eq + Copy> SeenIds<K> {
     pub fn new(epochs_max: usize, ranges_max: usize) -> SeenIds<K> {
-        SeenIds { epochs: HashMap::new(), epochs_max: epochs_max.max(1), ranges_max: ranges_max.max(1), clock: 0 }
+        SeenIds { epochs: HashMap::default(), epochs_max: epochs_max.max(1), ranges_max: ranges_max.max(1), clock: 0 }
     }
 
     pub fn contains(&self, epoch: K, seq: u64) -> bool {

@@ -15,8 +15,6 @@ use std::ffi::OsString;
 
 use crate::fsops::{self as fs, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::Duration;
@@ -112,8 +110,7 @@ fn retry_transient<T>(mut operation: impl FnMut() -> io::Result<T>) -> io::Resul
 
 /// fsyncs a directory so that a create, rename or unlink in it is durable.
 pub fn sync_directory(path: &Path) -> Result<(), SpoolError> {
-    let directory = fs::open(path).map_err(|source| SpoolError::SyncDirectory { path: path.into(), source })?;
-    match directory.sync_all() {
+    match fs::sync_dir(path) {
         // Some FUSE and SMB file systems do not implement fsync on directories; their renames are
         // synchronous on the server, so there is nothing more to do.
         Err(error) if matches!(error.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EBADF)) => {
@@ -144,7 +141,7 @@ fn write_file(path: &Path, bytes: &[u8], durable: bool) -> Result<(), SpoolError
         file.sync_all().map_err(write_error)?;
     }
     // Closed here, so that its error is seen (NFS reports deferred write errors there).
-    nix::unistd::close(file).map_err(|errno| SpoolError::Close { path: path.into(), source: errno.into() })
+    file.close().map_err(|source| SpoolError::Close { path: path.into(), source })
 }
 
 impl Spool {
@@ -212,7 +209,7 @@ impl Spool {
         };
         if let Err(source) = retry_transient(rename) {
             // A retransmitted RENAME can fail although the first one worked: trust what stat says.
-            let landed = fs::metadata(&target).map(|meta| meta.len() == bytes.len() as u64).unwrap_or(false);
+            let landed = fs::metadata(&target).map(|meta| meta.len == bytes.len() as u64).unwrap_or(false);
             if !landed {
                 let _ = fs::remove_file(&tmp);
                 return Err(SpoolError::Rename { path: target, source });
@@ -356,14 +353,13 @@ pub fn read_regular_file(path: &Path) -> Result<Option<Vec<u8>>, SpoolError> {
         Err(error) if is_gone(&error) => return Ok(None),
         Err(error) => return Err(io_error(error)),
     };
-    if !meta.file_type().is_file() {
+    if !meta.is_file {
         return Err(SpoolError::NotRegular { path: path.into() });
     }
-    if meta.size() > BATCH_BYTES_MAX as u64 {
-        return Err(SpoolError::TooLarge { path: path.into(), bytes: meta.size() });
+    if meta.len > BATCH_BYTES_MAX as u64 {
+        return Err(SpoolError::TooLarge { path: path.into(), bytes: meta.len });
     }
-    let _ = file.as_raw_fd();
-    let mut bytes = Vec::with_capacity(meta.size() as usize);
+    let mut bytes = Vec::with_capacity(meta.len as usize);
     // Read at most one byte past the limit, so a file that grows under us is still bounded.
     match (&mut file).take(BATCH_BYTES_MAX as u64 + 1).read_to_end(&mut bytes) {
         Ok(_) => Ok(Some(bytes)),
@@ -390,14 +386,13 @@ pub fn sweep_older_than(dir: &Path, age: Duration) -> Result<usize, SpoolError> 
         Err(error) if is_gone(&error) => return Ok(0),
         Err(source) => return Err(SpoolError::Io { operation: "listing", path: dir.into(), source }),
     };
-    let now = std::time::SystemTime::now();
+    let now = crate::disk::system_now();
     let mut removed = 0;
     for name in names {
         let path = dir.join(name);
         let Ok(meta) = fs::symlink_metadata(&path) else { continue };
-        let old =
-            meta.modified().ok().and_then(|mtime| now.duration_since(mtime).ok()).is_some_and(|elapsed| elapsed > age);
-        if old && !meta.is_dir() && remove_file_idempotent(&path).is_ok() {
+        let old = now.duration_since(meta.modified).is_ok_and(|elapsed| elapsed > age);
+        if old && !meta.is_dir && remove_file_idempotent(&path).is_ok() {
             removed += 1;
         }
     }

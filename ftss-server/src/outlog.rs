@@ -13,8 +13,12 @@
 //! batch it then wrote again there), or read to its end and unchanged for the abandon time (its
 //! writer died).
 
-use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant, SystemTime};
+use fsbridge::hash::HashMap;
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use crate::core::Time;
+use crate::server::monotonic_now;
 
 use fsbridge::log::{self, LogError, LogReader, Tail};
 use fsbridge::{NodeName, Volume};
@@ -48,8 +52,8 @@ pub enum Step {
 
 struct Open {
     reader: LogReader,
-    bad_since: Option<(u64, Instant)>,
-    used_at: Instant,
+    bad_since: Option<(u64, Time)>,
+    used_at: Time,
 }
 
 /// How long a segment has been seen unchanged: its (mtime, length) when last looked at, since when
@@ -58,7 +62,7 @@ struct Open {
 /// writers) does not start the count again.
 struct Quiet {
     stamp: Option<(SystemTime, u64)>,
-    since: Instant,
+    since: Time,
     age_when_seen: Duration,
 }
 
@@ -68,16 +72,17 @@ struct Quiet {
 /// length this server saw count, timed by its monotonic clock.
 fn unchanged_for(quiet: &mut HashMap<SegmentKey, Quiet>, key: &SegmentKey, reader: &LogReader) -> (Duration, Duration) {
     let stamp = reader.stamp();
-    let now = Instant::now();
+    let now = monotonic_now();
     let entry = quiet.entry(key.clone()).or_insert_with(|| {
-        let age = stamp.map(|(modified, _)| modified.elapsed().unwrap_or_default()).unwrap_or_default();
+        let wall = fsbridge::disk::system_now();
+        let age = stamp.map(|(modified, _)| wall.duration_since(modified).unwrap_or_default()).unwrap_or_default();
         Quiet { stamp, since: now, age_when_seen: age }
     });
     // An fstat that fails says nothing: it counts as a change (never as quiet).
     if stamp.is_none() || stamp != entry.stamp {
         *entry = Quiet { stamp, since: now, age_when_seen: Duration::ZERO };
     }
-    let watched = entry.since.elapsed();
+    let watched = now.duration_since(entry.since);
     (entry.age_when_seen + watched, watched)
 }
 
@@ -199,11 +204,11 @@ impl Logs {
                 return Ok(Step::Idle);
             };
             self.close_least_used();
-            self.open.insert(key.clone(), Open { reader, bad_since: None, used_at: Instant::now() });
+            self.open.insert(key.clone(), Open { reader, bad_since: None, used_at: monotonic_now() });
         }
         let quiet = &mut self.quiet;
         let open = self.open.get_mut(key).expect("opened above");
-        open.used_at = Instant::now();
+        open.used_at = monotonic_now();
         let chunk = open.reader.read(from, budget)?;
         if !chunk.frames.is_empty() {
             open.bad_since = None;
@@ -217,7 +222,9 @@ impl Logs {
         let unchanged = unchanged_for(quiet, key, &open.reader);
         let abandoned = segment_end::abandoned(unchanged.0, unchanged.1, abandon_after, log::IDLE_ROTATE);
         let bad = match open.bad_since {
-            Some((offset, since)) if offset == from => segment_end::bad_state(Some(since.elapsed()), unchanged.0),
+            Some((offset, since)) if offset == from => {
+                segment_end::bad_state(Some(monotonic_now().duration_since(since)), unchanged.0)
+            }
             _ => segment_end::bad_state(None, unchanged.0),
         };
         let mut facts = Facts { tail, has_successor, abandoned, bad, later: Later::Unknown };
@@ -227,7 +234,7 @@ impl Logs {
                 Decision::Finished => Ok(Step::Finished),
                 Decision::Idle => Ok(Step::Idle),
                 Decision::WatchBad => {
-                    open.bad_since = Some((from, Instant::now()));
+                    open.bad_since = Some((from, monotonic_now()));
                     Ok(Step::Idle)
                 }
                 Decision::Look => {
@@ -261,7 +268,7 @@ impl Logs {
         // Only a segment that is certainly gone loses its cursor (not one an I/O error hides).
         let exists = |(node, name): &SegmentKey| {
             let path = volume.outbox(node).dir().join("log").join(name);
-            !matches!(path.symlink_metadata(), Err(error) if error.kind() == std::io::ErrorKind::NotFound)
+            !matches!(fsbridge::fsops::symlink_metadata(&path), Err(error) if error.kind() == std::io::ErrorKind::NotFound)
         };
         self.cursors.retain(|key, _| exists(key));
         // Segments this server stopped reading (another instance took the node, say).

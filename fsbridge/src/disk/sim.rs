@@ -2,7 +2,8 @@
 //! only written, and fails, tears and crashes on a schedule drawn from one seed.
 //!
 //! - A file's data is durable once the file is synced; a name (create, rename, remove) once its
-//!   directory is synced. Directories themselves are durable when made (the queue's are set up
+//!   directory is synced. A rename from one directory to another is atomic, as in a journaling
+//!   file system: syncing either directory makes both sides durable. Directories themselves are durable when made (the queue's are set up
 //!   before it runs).
 //! - [`SimDisk::crash`] is a power loss: every name goes back to its last synced state, and every
 //!   file keeps its synced bytes plus, as a real disk may, none, some or all of what was written
@@ -16,16 +17,21 @@
 //!   starts the code again.
 //!
 //! - [`SimDisk::break_path`] fails every call on one path (a bad block under one file).
+//! - Listings lag, as an NFS client's cached directory does: under the root set with
+//!   [`SimDisk::set_lagging_root`] (the volume), at the rate [`Faults::stale_listing_per_million`]
+//!   says, a listing is the one this directory gave last time, missing names made since and still
+//!   showing names removed since.
+//! - The disk keeps the simulated clock ([`SimDisk::set_clock`]): the wall clock the code reads
+//!   through [`crate::disk::unix_now_us`], a monotonic clock, and files' modification times.
 //!
-//! Not simulated: directory listings that lag behind (the queue's disks are local), hard links,
-//! renaming directories, and permissions.
+//! Not simulated: hard links (EPERM), symlinks, renaming directories, and permissions.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{Meta, OpenOptions};
 
@@ -42,6 +48,9 @@ pub struct Faults {
     pub late_error_per_million: u32,
     /// The call (counted from 1 over the disk's life) at which the process dies.
     pub crash_at: Option<u64>,
+    /// Listings that return the directory's previous listing, per million (only under the root
+    /// set by [`SimDisk::set_lagging_root`]: the network volume's, not a local disk's).
+    pub stale_listing_per_million: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +63,8 @@ enum Entry {
 struct Inode {
     current: Vec<u8>,
     durable: Vec<u8>,
+    /// The wall clock at the last change of the data, in microseconds.
+    modified_us: u64,
 }
 
 #[derive(Debug)]
@@ -94,11 +105,22 @@ struct State {
     /// Paths whose every call fails with this errno (a bad block under one file, a directory
     /// that cannot be read), until [`SimDisk::repair`].
     broken: Vec<(PathBuf, Option<Call>, i32)>,
+    /// Renames across directories not yet made durable: a journaling file system commits both
+    /// sides at once, so syncing either directory makes the whole rename durable.
+    moves: Vec<(PathBuf, PathBuf)>,
+    /// Where listings may lag (a network mount); nowhere if `None`.
+    lagging_root: Option<PathBuf>,
+    /// The last listing each directory gave (what a lagging listing returns again).
+    listings: HashMap<PathBuf, Vec<OsString>>,
+    /// The simulated wall clock, in microseconds since the Unix epoch (may step back).
+    unix_us: u64,
+    /// The simulated monotonic clock, in microseconds.
+    monotonic_us: u64,
 }
 
 /// A simulated disk; clones share it.
 #[derive(Debug, Clone)]
-pub struct SimDisk(Rc<RefCell<State>>);
+pub struct SimDisk(Arc<Mutex<State>>);
 
 /// An open simulated file.
 #[derive(Debug)]
@@ -190,7 +212,29 @@ impl State {
             data.resize(end as usize, 0);
         }
         data[offset as usize..end as usize].copy_from_slice(bytes);
+        self.touch(inode);
         Ok(())
+    }
+
+    fn touch(&mut self, inode: u64) {
+        let now = self.unix_us;
+        if let Some(inode) = self.inodes.get_mut(&inode) {
+            inode.modified_us = now;
+        }
+    }
+
+    fn meta(&self, inode: u64) -> Meta {
+        let data = &self.inodes[&inode];
+        Meta {
+            len: data.current.len() as u64,
+            nlink: self.links(inode),
+            is_dir: false,
+            is_file: true,
+            is_symlink: false,
+            ino: inode,
+            uid: nix::unistd::geteuid().as_raw(),
+            modified: std::time::UNIX_EPOCH + std::time::Duration::from_micros(data.modified_us),
+        }
     }
 
     /// What a file holds after a power loss.
@@ -220,9 +264,14 @@ impl State {
 }
 
 impl SimDisk {
+    /// The disk's state (a crash unwinds only outside it, so the lock is never poisoned by one).
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// An empty disk of `capacity` bytes whose randomness comes from `seed`.
     pub fn new(seed: u64, capacity: u64) -> SimDisk {
-        SimDisk(Rc::new(RefCell::new(State {
+        SimDisk(Arc::new(Mutex::new(State {
             rng: seed,
             inodes: HashMap::new(),
             next_inode: 1,
@@ -236,35 +285,61 @@ impl SimDisk {
             errors_injected: 0,
             boot: 0,
             broken: Vec::new(),
+            listings: HashMap::new(),
+            lagging_root: None,
+            moves: Vec::new(),
+            unix_us: 1_800_000_000_000_000,
+            monotonic_us: 1_000_000,
         })))
     }
 
+    /// Sets the simulated clocks: the wall clock (microseconds since the epoch) and the monotonic
+    /// one (which the caller keeps from going back).
+    pub fn set_clock(&self, unix_us: u64, monotonic_us: u64) {
+        let mut state = self.state();
+        state.unix_us = unix_us;
+        state.monotonic_us = monotonic_us;
+    }
+
+    /// Listings of directories under `root` may lag (see [`Faults::stale_listing_per_million`]).
+    pub fn set_lagging_root(&self, root: impl Into<PathBuf>) {
+        self.state().lagging_root = Some(root.into());
+    }
+
+    pub fn unix_now_us(&self) -> u64 {
+        self.state().unix_us
+    }
+
+    pub fn monotonic_us(&self) -> u64 {
+        self.state().monotonic_us
+    }
+
     pub fn set_faults(&self, faults: Faults) {
-        self.0.borrow_mut().faults = faults;
+        self.state().faults = faults;
     }
 
     pub fn set_capacity(&self, capacity: u64) {
-        self.0.borrow_mut().capacity = capacity;
+        self.state().capacity = capacity;
     }
 
     /// Calls made so far.
     pub fn calls(&self) -> u64 {
-        self.0.borrow().calls
+        self.state().calls
     }
 
     /// Errors injected so far.
     pub fn errors_injected(&self) -> u64 {
-        self.0.borrow().errors_injected
+        self.state().errors_injected
     }
 
     /// A number from the disk's random stream.
     pub fn random(&self) -> u64 {
-        self.0.borrow_mut().next_random()
+        self.state().next_random()
     }
 
     /// Every file with its length, and the durable length (for tracing a seed).
     pub fn describe(&self) -> String {
-        let state = self.0.borrow();
+        let state = self.state();
         let mut text = String::new();
         for (path, entry) in &state.current {
             if let Entry::File(inode) = entry {
@@ -279,7 +354,7 @@ impl SimDisk {
     /// The files directly in `dir` with their synced lengths, and what a file holds now: for the
     /// simulator's own checks (no fault, no call counted).
     pub fn files_in(&self, dir: &Path) -> Vec<(PathBuf, u64)> {
-        let state = self.0.borrow();
+        let state = self.state();
         state
             .current
             .iter()
@@ -293,7 +368,7 @@ impl SimDisk {
 
     /// What the file at `path` holds now (no fault, no call counted).
     pub fn peek(&self, path: &Path) -> Option<Vec<u8>> {
-        let state = self.0.borrow();
+        let state = self.state();
         match state.current.get(path) {
             Some(Entry::File(inode)) => Some(state.inodes[inode].current.clone()),
             _ => None,
@@ -303,7 +378,7 @@ impl SimDisk {
     /// Bit rot under a file: flips the byte at `offset` in what was synced (and in what was
     /// written since, if it reaches that far). False if the file has no synced byte there.
     pub fn rot(&self, path: &Path, offset: u64) -> bool {
-        let mut state = self.0.borrow_mut();
+        let mut state = self.state();
         let Some(Entry::File(inode)) = state.current.get(path).copied() else { return false };
         let inode = state.inodes.get_mut(&inode).expect("named inode");
         let at = offset as usize;
@@ -319,10 +394,12 @@ impl SimDisk {
 
     /// Power loss: see the module notes. Open handles die.
     pub fn crash(&self) {
-        let mut state = self.0.borrow_mut();
+        let mut state = self.state();
         let state = &mut *state;
         state.current = state.durable.clone();
         state.open.clear();
+        state.listings.clear();
+        state.moves.clear();
         state.boot += 1;
         let live: std::collections::HashSet<u64> = state
             .current
@@ -350,23 +427,23 @@ impl SimDisk {
     /// Every call on `path` (by name or through a handle opened by that name) fails with `errno`
     /// from now on, until [`SimDisk::repair`].
     pub fn break_path(&self, path: impl Into<PathBuf>, errno: i32) {
-        self.0.borrow_mut().broken.push((path.into(), None, errno));
+        self.state().broken.push((path.into(), None, errno));
     }
 
     /// Calls of one kind on `path` fail with `errno`, until [`SimDisk::repair`].
     pub fn break_calls(&self, path: impl Into<PathBuf>, call: Call, errno: i32) {
-        self.0.borrow_mut().broken.push((path.into(), Some(call), errno));
+        self.state().broken.push((path.into(), Some(call), errno));
     }
 
     /// Calls on every broken path work again.
     pub fn repair(&self) {
-        self.0.borrow_mut().broken.clear();
+        self.state().broken.clear();
     }
 
     /// Counts a call on `path` and decides its fate: go on, fail, or die here.
     fn enter(&self, call: Call, path: &Path) -> io::Result<()> {
         let verdict = {
-            let mut state = self.0.borrow_mut();
+            let mut state = self.state();
             state.calls += 1;
             let (calls, faults) = (state.calls, state.faults);
             let broken = state
@@ -392,7 +469,7 @@ impl SimDisk {
 
     /// After a rename or remove did its work: perhaps report a failure anyway.
     fn late(&self) -> io::Result<()> {
-        let mut state = self.0.borrow_mut();
+        let mut state = self.state();
         let rate = state.faults.late_error_per_million;
         if state.chance(rate) {
             state.errors_injected += 1;
@@ -403,7 +480,7 @@ impl SimDisk {
 
     pub(crate) fn open(&self, path: &Path, options: OpenOptions) -> io::Result<Handle> {
         self.enter(if options.write || options.append { Call::Write } else { Call::Read }, path)?;
-        let mut state = self.0.borrow_mut();
+        let mut state = self.state();
         if !state.is_dir(&parent(path)) {
             return Err(errno(libc::ENOENT));
         }
@@ -413,13 +490,15 @@ impl SimDisk {
             Some(Entry::File(inode)) => {
                 if options.truncate {
                     state.inodes.get_mut(&inode).expect("named inode").current.clear();
+                    state.touch(inode);
                 }
                 inode
             }
             None if options.create || options.create_new => {
                 let inode = state.next_inode;
                 state.next_inode += 1;
-                state.inodes.insert(inode, Inode::default());
+                let modified_us = state.unix_us;
+                state.inodes.insert(inode, Inode { modified_us, ..Inode::default() });
                 state.current.insert(path.to_path_buf(), Entry::File(inode));
                 inode
             }
@@ -441,7 +520,7 @@ impl SimDisk {
 
     pub(crate) fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         self.enter(Call::Sync, dir)?;
-        let mut state = self.0.borrow_mut();
+        let mut state = self.state();
         if !state.is_dir(dir) {
             return Err(errno(libc::ENOENT));
         }
@@ -457,13 +536,26 @@ impl SimDisk {
         for path in children(&state.current) {
             state.durable.insert(path.clone(), state.current[&path]);
         }
+        // The other side of each rename into or out of this directory commits with it.
+        let (moves, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut state.moves)
+            .into_iter()
+            .partition(|(from, to)| parent(from) == dir || parent(to) == dir);
+        state.moves = kept;
+        for (from, to) in moves {
+            for path in [from, to] {
+                match state.current.get(&path) {
+                    Some(entry) => state.durable.insert(path, *entry),
+                    None => state.durable.remove(&path),
+                };
+            }
+        }
         Ok(())
     }
 
     pub(crate) fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         self.enter(Call::Name, from)?;
         {
-            let mut state = self.0.borrow_mut();
+            let mut state = self.state();
             let entry = state.current.get(from).copied().ok_or_else(|| errno(libc::ENOENT))?;
             if entry == Entry::Dir {
                 return Err(errno(libc::EINVAL));
@@ -476,6 +568,9 @@ impl SimDisk {
             }
             state.current.remove(from);
             state.current.insert(to.to_path_buf(), entry);
+            if parent(from) != parent(to) {
+                state.moves.push((from.to_path_buf(), to.to_path_buf()));
+            }
         }
         self.late()
     }
@@ -483,7 +578,7 @@ impl SimDisk {
     pub(crate) fn remove(&self, path: &Path, dir: bool) -> io::Result<()> {
         self.enter(Call::Name, path)?;
         {
-            let mut state = self.0.borrow_mut();
+            let mut state = self.state();
             match (state.current.get(path).copied(), dir) {
                 (None, _) => return Err(errno(libc::ENOENT)),
                 (Some(Entry::Dir), false) => return Err(errno(libc::EISDIR)),
@@ -505,7 +600,7 @@ impl SimDisk {
 
     pub(crate) fn create_dir(&self, path: &Path, all: bool) -> io::Result<()> {
         self.enter(Call::Name, path)?;
-        let mut state = self.0.borrow_mut();
+        let mut state = self.state();
         if state.is_dir(path) {
             return if all { Ok(()) } else { Err(errno(libc::EEXIST)) };
         }
@@ -529,34 +624,63 @@ impl SimDisk {
 
     pub(crate) fn metadata(&self, path: &Path) -> io::Result<Meta> {
         self.enter(Call::Read, path)?;
-        let state = self.0.borrow();
+        let state = self.state();
         if state.is_dir(path) {
-            return Ok(Meta { len: 0, nlink: 1, is_dir: true });
+            return Ok(Meta {
+                len: 0,
+                nlink: 1,
+                is_dir: true,
+                is_file: false,
+                is_symlink: false,
+                ino: 0,
+                uid: nix::unistd::geteuid().as_raw(),
+                modified: std::time::UNIX_EPOCH,
+            });
         }
         match state.current.get(path) {
-            Some(Entry::File(inode)) => {
-                Ok(Meta { len: state.inodes[inode].current.len() as u64, nlink: state.links(*inode), is_dir: false })
-            }
+            Some(Entry::File(inode)) => Ok(state.meta(*inode)),
             _ => Err(errno(libc::ENOENT)),
+        }
+    }
+
+    pub(crate) fn touch(&self, path: &Path) -> io::Result<()> {
+        self.enter(Call::Write, path)?;
+        let mut state = self.state();
+        match state.current.get(path).copied() {
+            Some(Entry::File(inode)) => {
+                state.touch(inode);
+                Ok(())
+            }
+            Some(Entry::Dir) => Ok(()),
+            None => Err(errno(libc::ENOENT)),
         }
     }
 
     pub(crate) fn list(&self, dir: &Path) -> io::Result<Vec<OsString>> {
         self.enter(Call::Read, dir)?;
-        let state = self.0.borrow();
+        let mut state = self.state();
         if !state.is_dir(dir) {
             return Err(errno(if state.current.contains_key(dir) { libc::ENOTDIR } else { libc::ENOENT }));
         }
-        Ok(state
+        let lags = state.lagging_root.as_ref().is_some_and(|root| dir.starts_with(root));
+        let rate = if lags { state.faults.stale_listing_per_million } else { 0 };
+        if state.listings.contains_key(dir) && state.chance(rate) {
+            return Ok(state.listings[dir].clone());
+        }
+        let names: Vec<OsString> = state
             .current
             .keys()
             .filter(|path| path.parent() == Some(dir))
             .filter_map(|path| path.file_name().map(OsString::from))
-            .collect())
+            .collect();
+        if rate > 0 {
+            state.listings.insert(dir.to_path_buf(), names.clone());
+        }
+        Ok(names)
     }
 
     pub(crate) fn space(&self) -> (u64, u64) {
-        let state = self.0.borrow();
+        let state = self.state();
         (state.capacity, state.capacity.saturating_sub(state.used()))
     }
 }
@@ -565,14 +689,14 @@ impl Handle {
     /// Runs `action` on this open file, after the call's fault check.
     fn with<T>(&self, call: Call, action: impl FnOnce(&mut State, u64) -> io::Result<T>) -> io::Result<T> {
         let path = {
-            let state = self.disk.0.borrow();
+            let state = self.disk.state();
             match state.open.get(&self.id).filter(|_| state.boot == self.boot) {
                 Some(open) => open.path.clone(),
                 None => return Err(errno(libc::EBADF)),
             }
         };
         self.disk.enter(call, &path)?;
-        let mut state = self.disk.0.borrow_mut();
+        let mut state = self.disk.state();
         state.open_file(self.id, self.boot)?;
         action(&mut state, self.id)
     }
@@ -595,6 +719,7 @@ impl Handle {
             let inode = open.inode;
             state.make_room(inode, len)?;
             state.inodes.get_mut(&inode).expect("open inode").current.resize(len as usize, 0);
+            state.touch(inode);
             Ok(())
         })
     }
@@ -602,7 +727,7 @@ impl Handle {
     pub(crate) fn metadata(&self) -> io::Result<Meta> {
         self.with(Call::Read, |state, id| {
             let inode = state.open[&id].inode;
-            Ok(Meta { len: state.inodes[&inode].current.len() as u64, nlink: state.links(inode), is_dir: false })
+            Ok(state.meta(inode))
         })
     }
 
@@ -667,7 +792,7 @@ impl Handle {
 
 impl Drop for Handle {
     fn drop(&mut self) {
-        if let Ok(mut state) = self.disk.0.try_borrow_mut()
+        if let Ok(mut state) = self.disk.0.try_lock()
             && state.boot == self.boot
         {
             state.open.remove(&self.id);
@@ -722,6 +847,41 @@ mod tests {
         let mut names = disk::read_dir_names("/q").unwrap();
         names.sort();
         assert_eq!(names, ["gone", "old"]);
+    }
+
+    /// A rename across directories is atomic, as a journaling file system makes it: syncing
+    /// either directory makes both sides durable (never the name in neither, nor in both).
+    #[test]
+    fn a_rename_across_directories_commits_with_either_directory() {
+        for sync_source in [false, true] {
+            let sim = SimDisk::new(3, 1 << 20);
+            let _installed = install(&sim);
+            disk::create_dir_all("/a").unwrap();
+            disk::create_dir_all("/b").unwrap();
+            disk::write_new_synced("/a/f", b"x").unwrap();
+            disk::sync_dir("/a").unwrap();
+            disk::rename("/a/f", "/b/f").unwrap();
+            disk::sync_dir(if sync_source { "/a" } else { "/b" }).unwrap();
+            sim.crash();
+            assert!(file_bytes("/a/f").is_none(), "the old name came back");
+            assert_eq!(file_bytes("/b/f").as_deref(), Some(&b"x"[..]), "the new name was lost");
+        }
+    }
+
+    /// Under the lagging root a listing may be the previous one; elsewhere never.
+    #[test]
+    fn listings_lag_only_under_the_lagging_root() {
+        let sim = SimDisk::new(5, 1 << 20);
+        let _installed = install(&sim);
+        sim.set_faults(Faults { stale_listing_per_million: 1_000_000, ..Faults::default() });
+        sim.set_lagging_root("/nfs");
+        for dir in ["/nfs", "/local"] {
+            disk::create_dir_all(dir).unwrap();
+            assert!(disk::read_dir_names(dir).unwrap().is_empty());
+            disk::write(format!("{dir}/new"), b"").unwrap();
+        }
+        assert!(disk::read_dir_names("/nfs").unwrap().is_empty(), "a lagging listing shows the old state");
+        assert_eq!(disk::read_dir_names("/local").unwrap(), ["new"]);
     }
 
     #[test]

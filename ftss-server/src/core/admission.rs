@@ -7,7 +7,7 @@
 //! would hold its writer back forever). A refused batch stays first in its writer's line: files
 //! and frames of one writer are taken in order.
 
-use std::collections::HashMap;
+use fsbridge::hash::HashMap;
 use std::net::Ipv4Addr;
 
 use fsbridge::Packet;
@@ -70,7 +70,7 @@ impl Budget {
             cycle_bytes_max,
             packets: 0,
             bytes: 0,
-            accepted: HashMap::new(),
+            accepted: HashMap::default(),
             total: Load::default(),
             closed: None,
         }

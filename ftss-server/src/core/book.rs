@@ -7,7 +7,8 @@
 //! sent one inside `--retain` keeps its segment alive, and every cursor is handed back. No I/O:
 //! times come in as arguments.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use fsbridge::hash::HashMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use fsbridge::{NodeName, Packet, PacketId};
@@ -92,7 +93,7 @@ impl Book {
     /// packets to queue, done ids and cursors to `shell`. Its answer counts for queued packets
     /// only: those the index took are booked live.
     pub fn replay(&mut self, recovered: &[Recovered], now_unix_us: u64, mut shell: impl FnMut(Replayed<'_>) -> bool) {
-        let mut done: HashMap<&PacketId, (Outcome, u64)> = HashMap::new();
+        let mut done: HashMap<&PacketId, (Outcome, u64)> = HashMap::default();
         for item in recovered {
             match &item.record {
                 QueueRecord::Done { id, outcome, at_unix_us, .. } => {

@@ -10,8 +10,9 @@
 //!
 //! Every operation costs in proportion to the packets it touches, never to the size of the queue.
 
+use fsbridge::hash::{HashMap, HashSet};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
@@ -189,14 +190,14 @@ pub struct Index {
 impl Default for Index {
     fn default() -> Index {
         Index {
-            destinations: HashMap::new(),
-            in_flight: HashMap::new(),
+            destinations: HashMap::default(),
+            in_flight: HashMap::default(),
             deliveries: VecDeque::new(),
             stored: SeenIds::new(STORED_EPOCHS_MAX, STORED_RANGES_PER_EPOCH_MAX),
             packets: 0,
             bytes: 0,
             origins: Vec::new(),
-            origin_numbers: HashMap::new(),
+            origin_numbers: HashMap::default(),
         }
     }
 }
@@ -559,7 +560,7 @@ mod tests {
         assert!(!index.insert(&id(3), entry(3, "10.0.0.2:9")), "duplicate accepted");
         let destination: Ipv4Addr = "10.0.0.2".parse().unwrap();
         let now = Time(1_000_000_000);
-        let none = HashSet::new();
+        let none = HashSet::default();
         let first = keys(index.next_undelivered(&destination, 10, 2, 2, &none));
         assert_eq!(first, vec![index.key(&id(1)).unwrap(), index.key(&id(2)).unwrap()]);
         for key in &first {
@@ -593,22 +594,22 @@ mod tests {
         let key = |seq| Key { epoch: 9, seq, origin: 0 };
         let now = Time(1_000_000_000);
         // At most 3 in flight per port: port 1 gives 3, port 2 both of its own.
-        let first = keys(index.next_undelivered(&destination, 100, 100, 3, &HashSet::new()));
+        let first = keys(index.next_undelivered(&destination, 100, 100, 3, &HashSet::default()));
         assert_eq!(first, vec![key(1), key(2), key(3), key(7), key(8)]);
         for (seq, port) in [(1, 1), (2, 1), (3, 1)] {
             index.mark_delivered(key(seq), SocketAddrV4::new(destination, port), now, 1);
         }
         // Port 1 is full (its app does not read); port 2 still gets its packets.
-        let next = keys(index.next_undelivered(&destination, 100, 100, 3, &HashSet::new()));
+        let next = keys(index.next_undelivered(&destination, 100, 100, 3, &HashSet::default()));
         assert_eq!(next, vec![key(7), key(8)]);
         // A port left out (held for a slow receiver) costs the others nothing.
-        let skip: HashSet<u16> = [2].into();
+        let skip: HashSet<u16> = [2].into_iter().collect();
         assert!(index.next_undelivered(&destination, 100, 100, 3, &skip).is_empty());
         let mut waiting = index.waiting_ports(&destination);
         waiting.sort_unstable();
         assert_eq!(waiting, vec![1, 2]);
         // The destination-wide bound still holds.
-        assert_eq!(keys(index.next_undelivered(&destination, 100, 4, 3, &HashSet::new())), vec![key(7)]);
+        assert_eq!(keys(index.next_undelivered(&destination, 100, 4, 3, &HashSet::default())), vec![key(7)]);
         // A receipt frees port 1's room; an emptied port's line goes away.
         index.remove(&id(1), None);
         assert_eq!(keys(index.next_undelivered(&destination, 100, 100, 3, &skip)), vec![key(4)]);
@@ -665,7 +666,7 @@ mod tests {
         assert_eq!((stats.packets, stats.bytes), (4, 40));
         // What is left is delivered in store order, and the emptied port line is gone.
         assert_eq!(index.waiting_ports(&destination), vec![9000]);
-        let next = keys(index.next_undelivered(&destination, 10, 10, 10, &HashSet::new()));
+        let next = keys(index.next_undelivered(&destination, 10, 10, 10, &HashSet::default()));
         assert_eq!(next.iter().map(|key| key.seq).collect::<Vec<_>>(), vec![0, 2, 3, 5]);
     }
 

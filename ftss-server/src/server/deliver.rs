@@ -26,10 +26,10 @@ impl Server {
     /// or held claimed by a live receiver (postponed).
     pub(super) fn redeliveries_due(&mut self, now: Time) -> Due {
         let mut due = Due::new();
-        let mut still_in_inbox: HashMap<(NodeName, u16, u64), bool> = HashMap::new();
+        let mut still_in_inbox: HashMap<(NodeName, u16, u64), bool> = HashMap::default();
         // Per inbox, the files held claimed by a live receiving process (listed once a cycle).
-        let mut claims: HashMap<(NodeName, u16), HashSet<String>> = HashMap::new();
-        let mut over_fabric: HashMap<(NodeName, u16), bool> = HashMap::new();
+        let mut claims: HashMap<(NodeName, u16), HashSet<String>> = HashMap::default();
+        let mut over_fabric: HashMap<(NodeName, u16), bool> = HashMap::default();
         for key in self.index.due_again(now, self.config.redeliver_after, DELIVER_PACKETS_PER_CYCLE_MAX) {
             let (entry, file) = self.index.in_flight(key).expect("due packets are in flight");
             let port = entry.destination.port();
@@ -47,7 +47,7 @@ impl Server {
                 && *still_in_inbox.entry((node.clone(), port, file)).or_insert_with(|| {
                     let name = batch_file_name(self.epoch, file, "pkt");
                     let inbox = self.volume.inbox(&node, port);
-                    inbox.new_dir().join(&name).exists()
+                    fsbridge::fsops::metadata(inbox.new_dir().join(&name)).is_ok()
                         || claims
                             .entry((node.clone(), port))
                             .or_insert_with(|| fresh_claims(&inbox.tmp_dir()))
@@ -136,7 +136,7 @@ impl Server {
             DELIVER_PACKETS_PER_CYCLE_MAX,
             usize::MAX,
             usize::MAX,
-            &HashSet::new(),
+            &HashSet::default(),
         );
         if keys.is_empty() {
             return Ok(0);
@@ -213,7 +213,7 @@ impl Server {
         let Some(waiting) = self.inbox_files.get_mut(&(node.clone(), port)) else { return false };
         let new_dir = self.volume.inbox(node, port).new_dir();
         while let Some(file_seq) = waiting.front() {
-            if new_dir.join(batch_file_name(self.epoch, *file_seq, "pkt")).exists() {
+            if fsbridge::fsops::metadata(new_dir.join(batch_file_name(self.epoch, *file_seq, "pkt"))).is_ok() {
                 break;
             }
             waiting.pop_front();

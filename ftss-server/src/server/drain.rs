@@ -25,6 +25,15 @@ pub(super) fn decode_outbox_batch(
     Ok((packets, batch.header.flags & fsbridge::format::FLAG_WANTS_ACKS != 0))
 }
 
+/// Is a failed read of a spool file the file's own doing (it is not a regular file, too large,
+/// or closed to this user), as opposed to the volume's (EIO, ESTALE, a timeout), which passes?
+fn is_the_files_fault(error: &fsbridge::SpoolError) -> bool {
+    match error {
+        fsbridge::SpoolError::NotRegular { .. } | fsbridge::SpoolError::TooLarge { .. } => true,
+        other => matches!(other.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)),
+    }
+}
+
 impl Server {
     /// Turns gateway arrivals into packets for their fabric destination.
     pub(super) fn arrivals_to_packets(&mut self, arrivals: Vec<Arrival>) -> Vec<Packet> {
@@ -222,7 +231,9 @@ impl Server {
             // List the directory again only at the start of a cycle: files drained earlier in
             // this cycle are still there until the group is acked.
             let Some(name) = self.next_outbox_name(node, attempt == 0)? else { break };
-            let Some((packets, wants_acks)) = self.read_outbox_file(node, &name) else {
+            // A file the volume fails to read stays first in line (the error fails this node's
+            // drain for the cycle, and shows in status); it is read again next cycle.
+            let Some((packets, wants_acks)) = self.read_outbox_file(node, &name)? else {
                 self.pop_outbox_name(node);
                 continue;
             };
@@ -424,26 +435,34 @@ impl Server {
     }
 
     /// Reads and decodes one outbox file; `None` if it is gone or was quarantined.
-    pub(super) fn read_outbox_file(&mut self, node: &NodeName, name: &str) -> Option<(Vec<Packet>, bool)> {
+    /// Reads and decodes one outbox file: its packets, `None` if it is gone or was quarantined
+    /// (a bad name, not a regular file, too large, not readable for this user, bad bytes), or the
+    /// error that kept it from being read (EIO, a stale handle…: it is no fault of the file's).
+    pub(super) fn read_outbox_file(
+        &mut self,
+        node: &NodeName,
+        name: &str,
+    ) -> Result<Option<(Vec<Packet>, bool)>, fsbridge::SpoolError> {
         let outbox = self.volume.outbox(node);
         let path = outbox.new_dir().join(name);
         if fsbridge::layout::parse_batch_file_name(name).is_none_or(|_| !name.ends_with(".pkt")) {
             self.quarantine_path(path, node.as_str(), "unexpected file name in an outbox (want <epoch>-<seq>.pkt)");
-            return None;
+            return Ok(None);
         }
         let bytes = match outbox.read(name) {
             Ok(Some(bytes)) => bytes,
-            Ok(None) => return None,
-            Err(error) => {
+            Ok(None) => return Ok(None),
+            Err(error) if is_the_files_fault(&error) => {
                 self.quarantine_path(path, node.as_str(), &error.to_string());
-                return None;
+                return Ok(None);
             }
+            Err(error) => return Err(error),
         };
         match decode_outbox_batch(&bytes, node, self.node_to_addr.get(node).copied()) {
-            Ok(decoded) => Some(decoded),
+            Ok(decoded) => Ok(Some(decoded)),
             Err(reason) => {
                 self.quarantine_path(path, node.as_str(), &reason);
-                None
+                Ok(None)
             }
         }
     }
@@ -461,7 +480,7 @@ impl Server {
             self.volume.receipts(node).new_dir(),
         ];
         for path in candidates {
-            if path.symlink_metadata().is_ok_and(|meta| meta.file_type().is_symlink()) {
+            if fsbridge::fsops::symlink_metadata(&path).is_ok_and(|meta| meta.is_symlink) {
                 self.quarantine_path(path, node.as_str(), "a symlink where a node directory belongs");
                 return false;
             }

@@ -122,7 +122,7 @@ impl Server {
         let mut keys = Vec::new();
         for name in names {
             let claimed = inbox.tmp_dir().join(format!("{name}.claimed-server-{}", std::process::id()));
-            if std::fs::rename(inbox.new_dir().join(&name), &claimed).is_err() {
+            if fsbridge::fsops::rename(inbox.new_dir().join(&name), &claimed).is_err() {
                 continue; // a receiving shim took it first
             }
             let batch = fsbridge::spool::read_regular_file(&claimed)

@@ -4,8 +4,7 @@ use super::*;
 
 /// The owner of `path` if it is not this process's user (`None` if it is, or the file is gone).
 pub(super) fn foreign_owner(path: &std::path::Path) -> Option<u32> {
-    use std::os::unix::fs::MetadataExt;
-    let owner = std::fs::symlink_metadata(path).ok()?.uid();
+    let owner = fsbridge::fsops::symlink_metadata(path).ok()?.uid;
     (owner != nix::unistd::geteuid().as_raw()).then_some(owner)
 }
 
@@ -16,14 +15,12 @@ pub(super) const CLAIM_FRESH: Duration = Duration::from_secs(5);
 /// Names of the inbox files held claimed (`tmp/<name>.claimed-<pid>`) and refreshed within
 /// `CLAIM_FRESH`, in the inbox whose `tmp/` is `tmp_dir`.
 pub(super) fn fresh_claims(tmp_dir: &std::path::Path) -> HashSet<String> {
-    let mut fresh = HashSet::new();
-    for entry in std::fs::read_dir(tmp_dir).into_iter().flatten().flatten() {
-        let name = entry.file_name();
+    let mut fresh = HashSet::default();
+    let now = fsbridge::disk::system_now();
+    for name in fsbridge::fsops::read_dir_names(tmp_dir).into_iter().flatten() {
         let Some((file, _)) = name.to_str().and_then(|name| name.split_once(".claimed-")) else { continue };
-        let recent = entry
-            .metadata()
-            .and_then(|meta| meta.modified())
-            .is_ok_and(|modified| modified.elapsed().unwrap_or_default() < CLAIM_FRESH);
+        let recent = fsbridge::fsops::metadata(tmp_dir.join(&name))
+            .is_ok_and(|meta| now.duration_since(meta.modified).unwrap_or_default() < CLAIM_FRESH);
         if recent {
             fresh.insert(file.to_owned());
         }
@@ -33,10 +30,11 @@ pub(super) fn fresh_claims(tmp_dir: &std::path::Path) -> HashSet<String> {
 
 impl Server {
     pub(super) fn refresh_registry(&mut self) -> Result<(), fsbridge::SpoolError> {
-        if self.registry_loaded_at.is_some_and(|at| at.elapsed() < REGISTRY_REFRESH) {
+        let now = monotonic_now();
+        if self.registry_loaded_at.is_some_and(|at| now.duration_since(at) < REGISTRY_REFRESH) {
             return Ok(());
         }
-        self.registry_loaded_at = Some(Instant::now());
+        self.registry_loaded_at = Some(now);
         let (nodes, invalid) = self.volume.list_nodes()?;
         for name in invalid {
             let path = self.volume.nodes_dir().join(&name);
@@ -47,17 +45,28 @@ impl Server {
         let previous = std::mem::take(&mut self.addr_to_node);
         self.node_to_addr.clear();
         let mut claims = Vec::new();
+        let mut kept = Vec::new();
         for node in &nodes {
             match self.volume.node_config(node) {
                 Ok(Some(config)) => {
                     let holds = previous.get(&config.addr) == Some(node);
-                    let registered = std::fs::metadata(self.volume.node_dir(node).join("node.toml"))
-                        .and_then(|meta| meta.modified())
-                        .unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+                    let registered = fsbridge::fsops::metadata(self.volume.node_dir(node).join("node.toml"))
+                        .map_or(std::time::SystemTime::UNIX_EPOCH, |meta| meta.modified);
                     claims.push((!holds, registered, node.clone(), config.addr));
                 }
                 Ok(None) => {}
-                Err(reason) => eprintln!("ftss-server: ignoring registration of {node}: {reason}"),
+                Err(reason) => match previous.iter().find(|(_, holder)| *holder == node) {
+                    // One failed read (EIO from the volume, a file caught mid-rewrite) must not
+                    // unregister a node: its queued packets would be held as for an unknown
+                    // address and dead-lettered. It keeps the registration last read.
+                    Some((addr, _)) => {
+                        let error = format!("cannot read its registration (keeping {addr}): {reason}");
+                        self.node_failed(node, NodeStep::Register, error);
+                        claims.push((false, std::time::SystemTime::UNIX_EPOCH, node.clone(), *addr));
+                        kept.push(node.clone());
+                    }
+                    None => eprintln!("ftss-server: ignoring registration of {node}: {reason}"),
+                },
             }
         }
         claims.sort();
@@ -70,7 +79,9 @@ impl Server {
                     self.refused.insert(node);
                 }
                 None => {
-                    self.node_recovered(&node, NodeStep::Register);
+                    if !kept.contains(&node) {
+                        self.node_recovered(&node, NodeStep::Register);
+                    }
                     self.addr_to_node.insert(addr, node.clone());
                     self.node_to_addr.insert(node, addr);
                 }
@@ -99,7 +110,7 @@ impl Server {
     pub(super) fn quarantine_bytes(&mut self, node: &NodeName, name: &str, bytes: &[u8], reason: &str) {
         let dir = self.volume.quarantine_dir();
         let staged = dir.join(format!(".{name}.{}", fsbridge::random_u64()));
-        let written = std::fs::create_dir_all(&dir)
+        let written = fsbridge::fsops::create_dir_all(&dir)
             .map_err(|source| fsbridge::SpoolError::Io { operation: "creating", path: dir.clone(), source })
             .and_then(|()| fsbridge::spool::write_file_durably(&staged, bytes));
         match written {
@@ -146,10 +157,10 @@ impl Server {
     /// (including inbox files a receiving shim claimed and then died holding; their packets are
     /// delivered again because no receipt came).
     pub(super) fn housekeeping(&mut self) {
-        if self.housekept_at.is_some_and(|at| at.elapsed() < HOUSEKEEPING_INTERVAL) {
+        if self.housekept_at.is_some_and(|at| monotonic_now().duration_since(at) < HOUSEKEEPING_INTERVAL) {
             return;
         }
-        self.housekept_at = Some(Instant::now());
+        self.housekept_at = Some(monotonic_now());
         for node in self.nodes.iter().filter(|node| self.owns(node)) {
             let _ = fsbridge::spool::sweep_older_than(&self.volume.acks(node).new_dir(), ACK_FILE_AGE_MAX);
             let inboxes =

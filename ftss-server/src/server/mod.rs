@@ -18,7 +18,8 @@
 //! bound and `types` the configuration and the groups a cycle builds. The decisions they carry
 //! out are in `crate::core`.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use fsbridge::hash::{HashMap, HashSet};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -69,6 +70,9 @@ pub struct Server {
     node_to_addr: HashMap<NodeName, Ipv4Addr>,
     /// The steps failing for one node, with why (shown in status until they work again).
     node_errors: HashMap<NodeName, BTreeMap<NodeStep, String>>,
+    /// Addresses with packets queued and no node registered, and when this server first found
+    /// them so: the hold before their packets are dead-lettered counts from then.
+    unregistered_since: HashMap<Ipv4Addr, Time>,
     /// Registered nodes refused for claiming another node's address: neither drained nor served.
     refused: HashSet<NodeName>,
     /// Asked after every group commit, before anything is acked or removed: may this instance still
@@ -86,12 +90,12 @@ pub struct Server {
     /// Gateway arrivals of a cycle whose sync failed, staged again next cycle (no new arrivals are
     /// read meanwhile: they wait in the socket, so this holds at most one cycle's worth).
     arrivals_kept: Vec<Packet>,
-    registry_loaded_at: Option<Instant>,
-    status_written_at: Option<Instant>,
-    resync_checked_at: Instant,
-    housekept_at: Option<Instant>,
+    registry_loaded_at: Option<Time>,
+    status_written_at: Option<Time>,
+    resync_checked_at: Time,
+    housekept_at: Option<Time>,
     counters: Counters,
-    samples: VecDeque<(Instant, u64, u64, u64)>,
+    samples: VecDeque<(Time, u64, u64, u64)>,
     dead_letters: VecDeque<DeadLetter>,
     backpressure: Backpressure,
     last_error: Option<String>,
@@ -131,8 +135,12 @@ fn id_text(id: &PacketId) -> String {
     format!("{}/{:016x}/{}", id.origin, id.epoch, id.seq)
 }
 
-/// The monotonic clock as the core counts it: microseconds since this process first asked.
+/// The monotonic clock as the core counts it: microseconds since this process first asked (on
+/// a thread running the simulator, the simulated disk's clock).
 pub fn monotonic_now() -> Time {
+    if let Some(disk) = fsbridge::disk::sim::current() {
+        return Time(disk.monotonic_us());
+    }
     static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let origin = *ORIGIN.get_or_init(Instant::now);
     Time(u64::try_from(origin.elapsed().as_micros()).unwrap_or(u64::MAX))
@@ -147,6 +155,16 @@ impl Server {
     /// Sets the gate asked after every group commit (see the field).
     pub fn set_gate(&mut self, gate: impl FnMut() -> bool + 'static) {
         self.gate = Some(Box::new(gate));
+    }
+
+    /// Packets held in the queue, not yet receipted or dead-lettered.
+    pub fn queued_packets(&self) -> u64 {
+        self.index.len() as u64
+    }
+
+    /// Packets held in the queue for `destination`.
+    pub fn queued_packets_for(&self, destination: &Ipv4Addr) -> u64 {
+        self.index.queued(destination).0
     }
 
     /// Did the gate say this instance may no longer act?
@@ -258,13 +276,13 @@ impl Server {
         self.flush_acks();
         self.ring_bells();
         self.reclaim();
-        if self.resync_checked_at.elapsed() >= RESYNC_INTERVAL {
-            self.resync_checked_at = Instant::now();
+        if monotonic_now().duration_since(self.resync_checked_at) >= RESYNC_INTERVAL {
+            self.resync_checked_at = monotonic_now();
             if self.queue.degraded() {
                 self.queue.resync_failed();
             }
         }
-        if self.status_written_at.is_none_or(|at| at.elapsed() >= STATUS_INTERVAL) {
+        if self.status_written_at.is_none_or(|at| monotonic_now().duration_since(at) >= STATUS_INTERVAL) {
             self.housekeeping();
             self.write_status(false);
         }
@@ -361,6 +379,102 @@ mod tests {
             }));
         }
         volume.outbox(&node).publish(&batch_file_name(7, 1, "pkt"), &encoder.finish()).unwrap()
+    }
+
+    /// Found by the spool simulator: an outbox file that could not be read for a moment (EIO
+    /// from the volume) was quarantined as if its bytes were bad, so its packets, durable on the
+    /// volume and acked to the sender, were never delivered. A read error leaves the file in line.
+    #[test]
+    fn an_outbox_file_that_cannot_be_read_for_a_while_is_drained_later_not_quarantined() {
+        use fsbridge::disk::sim::{Call, SimDisk, install};
+        let disk = SimDisk::new(1, 1 << 30);
+        let _installed = install(&disk);
+        let dir = PathBuf::from("/sim");
+        fsbridge::disk::create_dir_all(dir.join("queue")).unwrap();
+        let mut server = Server::open(config(&dir)).unwrap();
+        let file = outbox_file(&server.volume, 3);
+        disk.break_calls(&file, Call::Read, libc::EIO);
+        server.cycle();
+        assert_eq!(server.counters.quarantined, 0, "a file the volume failed to read was quarantined");
+        assert!(disk.peek(&file).is_some(), "the file left its outbox");
+        assert_eq!(server.index.len(), 0);
+        disk.repair();
+        server.cycle();
+        assert_eq!(server.index.len(), 3, "the file was drained once it could be read");
+        assert!(fsbridge::fsops::metadata(&file).is_err());
+    }
+
+    /// Found by the spool simulator: one failed read of a registered node's `node.toml` (EIO from
+    /// the volume) unregistered the node until the next refresh, so packets queued for it were
+    /// held as for an unknown address and, being older than the hold time, dead-lettered at once.
+    /// A registration that cannot be read now keeps the last one read.
+    #[test]
+    fn a_registration_that_cannot_be_read_for_a_while_keeps_the_node_registered() {
+        use fsbridge::disk::sim::{Call, SimDisk, install};
+        let disk = SimDisk::new(1, 1 << 30);
+        let _installed = install(&disk);
+        let (mut unix_us, mut monotonic_us) = (1_800_000_000_000_000, 1_000_000);
+        disk.set_clock(unix_us, monotonic_us);
+        let dir = PathBuf::from("/sim");
+        fsbridge::disk::create_dir_all(dir.join("queue")).unwrap();
+        let mut config = config(&dir);
+        config.hold = Duration::from_secs(1);
+        let mut server = Server::open(config).unwrap();
+        for (name, addr) in [("a", "10.77.0.1"), ("b", "10.77.0.2")] {
+            let config = fsbridge::NodeConfig { addr: addr.parse().unwrap() };
+            server.volume.register_node(&NodeName::new(name).unwrap(), &config).unwrap();
+        }
+        server.cycle();
+        let b = server.volume.node_dir(&NodeName::new("b").unwrap()).join("node.toml");
+        disk.break_calls(&b, Call::Read, libc::EIO);
+        outbox_file(&server.volume, 3);
+        for _ in 0..3 {
+            (unix_us, monotonic_us) = (unix_us + 2_000_000, monotonic_us + 2_000_000);
+            disk.set_clock(unix_us, monotonic_us);
+            server.cycle();
+        }
+        assert_eq!(server.counters.dead_lettered, 0, "packets for a registered node were dead-lettered");
+        assert_eq!(server.counters.delivered, 3);
+        disk.repair();
+    }
+
+    /// Found by the spool simulator: the hold for an unregistered address was counted from each
+    /// packet's store time, so when a restarted server failed its first read of a node's
+    /// registration, every packet for that node older than the hold was dead-lettered at once.
+    /// The hold now counts from when this server found the address unregistered.
+    #[test]
+    fn packets_are_held_for_the_hold_time_from_when_their_address_was_found_unregistered() {
+        use fsbridge::disk::sim::{Call, SimDisk, install};
+        let disk = SimDisk::new(1, 1 << 30);
+        let _installed = install(&disk);
+        let (mut unix_us, mut monotonic_us) = (1_800_000_000_000_000, 1_000_000);
+        let mut tick = |micros: u64| {
+            (unix_us, monotonic_us) = (unix_us + micros, monotonic_us + micros);
+            disk.set_clock(unix_us, monotonic_us);
+        };
+        tick(0);
+        let dir = PathBuf::from("/sim");
+        fsbridge::disk::create_dir_all(dir.join("queue")).unwrap();
+        let mut config = config(&dir);
+        config.hold = Duration::from_secs(3);
+        let mut server = Server::open(config.clone()).unwrap();
+        outbox_file(&server.volume, 3);
+        server.cycle();
+        assert_eq!(server.index.len(), 3);
+        drop(server);
+        tick(10_000_000);
+        let b = dir.join("volume/nodes/b/node.toml");
+        disk.break_calls(&b, Call::Read, libc::EIO);
+        let mut server = Server::open(config).unwrap();
+        for _ in 0..2 {
+            server.cycle();
+            tick(1_000_000);
+        }
+        assert_eq!(server.counters.dead_lettered, 0, "dead-lettered before the hold time passed");
+        disk.repair();
+        tick(1_000_000);
+        server.cycle();
+        assert_eq!((server.counters.dead_lettered, server.counters.delivered), (0, 3));
     }
 
     /// Item 2 of the durability audit: the lease was checked only between cycles, so an instance

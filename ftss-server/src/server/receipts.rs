@@ -56,7 +56,7 @@ impl Server {
         let mut done = Vec::new();
         let mut forward: BTreeMap<(u32, NodeName), Vec<PacketId>> = BTreeMap::new();
         // Receipts for packets not in flight, by the receiving node's address.
-        let mut strays: HashMap<Ipv4Addr, HashSet<Key>> = HashMap::new();
+        let mut strays: HashMap<Ipv4Addr, HashSet<Key>> = HashMap::default();
         for (node, id) in received {
             let owner = self.origin_partition(&id.origin);
             if owner != self.config.partition.index {
@@ -219,8 +219,19 @@ impl Server {
         let hold_us = self.config.hold.as_micros() as u64;
         let cutoff = now.saturating_sub(hold_us);
         let mut expired: Vec<(PacketId, SocketAddrV4)> = Vec::new();
-        for destination in self.index.destinations() {
-            if self.addr_to_node.contains_key(&destination) || self.is_external(&destination) {
+        let destinations = self.index.destinations();
+        let unregistered: Vec<Ipv4Addr> = destinations
+            .into_iter()
+            .filter(|destination| !self.addr_to_node.contains_key(destination) && !self.is_external(destination))
+            .collect();
+        let found_at = monotonic_now();
+        self.unregistered_since.retain(|destination, _| unregistered.contains(destination));
+        for destination in unregistered {
+            // The hold counts from when this server found the address unregistered (after a
+            // restart, or a registration it could not read, from then), as well as from each
+            // packet's store time.
+            let since = *self.unregistered_since.entry(destination).or_insert(found_at);
+            if found_at.duration_since(since) < self.config.hold {
                 continue;
             }
             let room = DEAD_LETTERS_PER_CYCLE_MAX.saturating_sub(expired.len());

@@ -91,7 +91,7 @@ pub struct NodeStatus {
 impl Server {
     /// Takes a sample of the counters for the rates (at every status write).
     pub(super) fn sample_rates(&mut self) {
-        let now = Instant::now();
+        let now = monotonic_now();
         self.samples.push_back((now, self.counters.stored, self.counters.delivered, self.counters.receipted));
         while self.samples.front().is_some_and(|(at, ..)| now.duration_since(*at) > RATE_WINDOW) {
             self.samples.pop_front();
@@ -195,10 +195,10 @@ impl Server {
         let path = self.volume.partition_status_path(self.config.partition.index, self.config.partition.count);
         let tmp = path.with_extension(format!("json.tmp.{}", std::process::id()));
         // Status is advisory: a failed write is logged, never fatal.
-        let result = std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, &path));
+        let result = fsbridge::disk::write(&tmp, &text).and_then(|()| fsbridge::fsops::rename(&tmp, &path));
         if let Err(error) = result {
             self.report("writing status", format!("{}: {error}", path.display()));
         }
-        self.status_written_at = Some(Instant::now());
+        self.status_written_at = Some(monotonic_now());
     }
 }

@@ -28,7 +28,9 @@
 //!
 //! `cargo test` runs 10,000 seeds; `FTSS_SIM_SEEDS=n` runs more, `FTSS_SIM_SEED=s` replays one.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
+
+use fsbridge::hash::HashSet;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::PathBuf;
@@ -42,6 +44,8 @@ use crate::core::Time;
 use crate::core::book::{Book, Replayed};
 use crate::core::index::{Entry, Index};
 use crate::queue::{Outcome, Queue, QueueError, QueueRecord, RecoveryReport};
+
+pub mod spool;
 
 /// A small random number generator (splitmix64): the schedule's.
 struct Rng(u64);
@@ -167,6 +171,7 @@ impl World {
             error_per_million: rng.pick(&[0, 0, 2_000, 20_000, 80_000]),
             late_error_per_million: rng.pick(&[0, 20_000]),
             crash_at: None,
+            stale_listing_per_million: 0,
         };
         World {
             trace: std::env::var_os("FTSS_SIM_TRACE").is_some(),
@@ -463,7 +468,7 @@ impl World {
         let now = self.time();
         let process = self.process.as_mut().expect("running");
         for destination in DESTINATIONS {
-            let next = process.index.next_undelivered(destination.ip(), 4, 64, 64, &HashSet::new());
+            let next = process.index.next_undelivered(destination.ip(), 4, 64, 64, &HashSet::default());
             for (key, entry) in next {
                 let id = process.index.id(key);
                 let packet = match process.queue.read_stored(entry.location) {
