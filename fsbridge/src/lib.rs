@@ -32,6 +32,7 @@
 //! framed for a stream connection to ftss-server.
 
 pub mod bell;
+pub mod dedupe;
 pub mod disk;
 pub mod fabric;
 pub mod format;

@@ -7,9 +7,9 @@
 //! logic, starting every call with "is this fd ours?") and `hooks` (the exported symbols, one line
 //! each). The modules form one chain, each importing only those before it in [`LAYERS`] (a test
 //! holds it): the low-level pieces (`real`, `addr`, `fds`, `config`, `sys`), the pieces of state
-//! (`capture`, `claims`, `dedupe`), the fabric link and the outbox, the once-ledgers, the
-//! process state (`state`), then the logic (`doorbell`, `pump`, `socket`), privilege separation
-//! and fork handling, and the exported hooks. The crate root keeps only the constructor, the log
+//! (`capture`, `claims`; the duplicate filter is `fsbridge::dedupe`), the fabric link and the
+//! outbox, the once-ledgers, the process state (`state`), then the logic (`doorbell`, `pump`,
+//! `socket`), privilege separation and fork handling, and the exported hooks. The crate root keeps only the constructor, the log
 //! and the fail-closed refusal.
 //!
 //! A fabric socket is a real kernel object: the app's fd becomes one end of an AF_UNIX datagram
@@ -21,7 +21,6 @@ mod addr;
 mod capture;
 mod claims;
 pub mod config;
-mod dedupe;
 mod doorbell;
 mod fabric;
 mod fds;
@@ -171,8 +170,8 @@ fn init() {
 /// The shim's modules, lowest first: each may import only those before it.
 #[cfg_attr(not(test), allow(dead_code))]
 const LAYERS: &[&str] = &[
-    "real", "addr", "fds", "config", "sys", "capture", "claims", "dedupe", "fabric", "outbox", "once", "state",
-    "doorbell", "pump", "socket", "privsep", "fork", "hooks",
+    "real", "addr", "fds", "config", "sys", "capture", "claims", "fabric", "outbox", "once", "state", "doorbell",
+    "pump", "socket", "privsep", "fork", "hooks",
 ];
 
 #[cfg(test)]
@@ -188,7 +187,6 @@ mod layering_tests {
         ("sys", include_str!("sys.rs")),
         ("capture", include_str!("capture.rs")),
         ("claims", include_str!("claims.rs")),
-        ("dedupe", include_str!("dedupe.rs")),
         ("fabric", include_str!("fabric.rs")),
         ("outbox", include_str!("outbox.rs")),
         ("once", include_str!("once.rs")),

@@ -25,9 +25,9 @@ use fsbridge::PacketId;
 use fsbridge::ledger::{self, Ledger};
 use libc::c_int;
 
-use crate::dedupe::Dedupe;
 use crate::log;
 use crate::sys::lock;
+use fsbridge::dedupe::Dedupe;
 
 /// Ledger failures remembered per port (enough for every caller waiting when they happen).
 const FAILURES_KEPT: usize = 1024;

@@ -33,12 +33,12 @@ use fsbridge::{BatchHeader, BatchKind, Packet, Record, Spool};
 use libc::{c_int, socklen_t};
 
 use crate::addr::{self, INJECT_HEADER_BYTES, inject_header};
-use crate::dedupe::Seen;
 use crate::doorbell::Doorbells;
 use crate::log;
 use crate::real::real;
 use crate::state::{Shim, Sock, mark_received};
 use crate::sys::lock;
+use fsbridge::dedupe::Seen;
 
 /// Inbox files read per socket per pass.
 const INBOX_FILES_PER_PASS: usize = 16;
@@ -340,7 +340,7 @@ fn take_file(
     let mut waiting = Vec::new();
     for record in batch.records {
         let Record::Packet(packet) = record else { continue };
-        let key = crate::dedupe::Dedupe::key(&packet.id);
+        let key = fsbridge::dedupe::Dedupe::key(&packet.id);
         if take_packet(shim, target, held, packet) {
             waiting.push(key);
         }

@@ -21,7 +21,6 @@ use libc::c_int;
 
 use crate::addr::{self, Family, INJECT_HEADER_BYTES};
 use crate::config::{AckMode, Config, Transport};
-use crate::dedupe::{Dedupe, Seen};
 use crate::fabric::Link;
 use crate::fds;
 use crate::log;
@@ -29,6 +28,7 @@ use crate::once::PortLedger;
 use crate::outbox::Outbox;
 use crate::real::real;
 use crate::sys::{errno, lock};
+use fsbridge::dedupe::{Dedupe, Seen};
 
 /// The shim's process-wide state; `None` inside means pass-through (FTSS_VOLUME unset or invalid).
 pub(crate) static SHIM: OnceLock<Option<Shim>> = OnceLock::new();

@@ -9,6 +9,7 @@ use std::time::Duration;
 pub mod admission;
 pub mod book;
 pub mod index;
+pub mod registry;
 pub mod segment_end;
 
 /// A point on the server's monotonic clock, in microseconds from an arbitrary origin. The shell

@@ -33,7 +33,7 @@ impl Server {
         for key in self.index.due_again(now, self.config.redeliver_after, DELIVER_PACKETS_PER_CYCLE_MAX) {
             let (entry, file) = self.index.in_flight(key).expect("due packets are in flight");
             let port = entry.destination.port();
-            let Some(node) = self.addr_to_node.get(entry.destination.ip()).cloned() else {
+            let Some(node) = self.registry.node(entry.destination.ip()).cloned() else {
                 self.index.postpone(key, now);
                 continue;
             };
@@ -75,7 +75,7 @@ impl Server {
                 continue;
             }
             // Unknown destinations stay queued: the receiver may register later.
-            let Some(node) = self.addr_to_node.get(&destination).cloned() else { continue };
+            let Some(node) = self.registry.node(&destination).cloned() else { continue };
             // While a port's receiver has not taken its last inbox files (a slow mount, or no
             // socket bound), its new packets wait in the queue and go out together in the next
             // file, instead of one small file per cycle that it would read one at a time. Each

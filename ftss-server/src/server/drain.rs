@@ -41,8 +41,8 @@ impl Server {
         for arrival in arrivals {
             let destination = match arrival.target {
                 Target::Address(addr) => addr,
-                Target::Node(node, port) => match self.node_to_addr.get(&node) {
-                    Some(addr) => SocketAddrV4::new(*addr, port),
+                Target::Node(node, port) => match self.registry.addr(&node) {
+                    Some(addr) => SocketAddrV4::new(addr, port),
                     None => {
                         self.gateway.counters.ingress_unroutable += 1;
                         continue;
@@ -286,7 +286,7 @@ impl Server {
         for name in foreign {
             self.quarantine_path(log_dir.join(name), node.as_str(), "unexpected file name in an outbox log directory");
         }
-        let node_addr = self.node_to_addr.get(node).copied();
+        let node_addr = self.registry.addr(node);
         for (name, has_successor) in segments {
             if budget.cycle_full() {
                 break;
@@ -458,7 +458,7 @@ impl Server {
             }
             Err(error) => return Err(error),
         };
-        match decode_outbox_batch(&bytes, node, self.node_to_addr.get(node).copied()) {
+        match decode_outbox_batch(&bytes, node, self.registry.addr(node)) {
             Ok(decoded) => Ok(Some(decoded)),
             Err(reason) => {
                 self.quarantine_path(path, node.as_str(), &reason);

@@ -83,7 +83,7 @@ impl Server {
     /// Lets an authenticated node in unless its address belongs to another node (or the node is
     /// connected with another address); registers it on the volume like a volume node's shim would.
     pub(super) fn admit(&mut self, conn: &Conn) {
-        if let Some(owner) = self.addr_to_node.get(&conn.addr)
+        if let Some(owner) = self.registry.node(&conn.addr)
             && *owner != conn.node
         {
             return conn.refuse(format!("address {} is registered to node {owner}", conn.addr));
@@ -101,10 +101,7 @@ impl Server {
             self.report("registering a fabric node", &error);
             return conn.refuse(format!("the server cannot register the node: {error}"));
         }
-        if let Some(old) = self.node_to_addr.insert(conn.node.clone(), conn.addr) {
-            self.addr_to_node.remove(&old);
-        }
-        self.addr_to_node.insert(conn.addr, conn.node.clone());
+        self.registry.bind(&conn.node, conn.addr);
         if !self.nodes.contains(&conn.node) {
             self.nodes.push(conn.node.clone());
             self.nodes.sort();

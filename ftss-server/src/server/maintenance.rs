@@ -40,50 +40,37 @@ impl Server {
             let path = self.volume.nodes_dir().join(&name);
             self.quarantine_path(path, "volume", "node directory name is not a valid node name");
         }
-        // Each address belongs to one node: the one that holds it keeps it, otherwise the earliest
-        // registration (then the name) wins; a later claimant is refused until it changes address.
-        let previous = std::mem::take(&mut self.addr_to_node);
-        self.node_to_addr.clear();
-        let mut claims = Vec::new();
-        let mut kept = Vec::new();
+        // Who owns which address is the registry's decision (core::registry); here the reading.
+        let mut read = Vec::with_capacity(nodes.len());
         for node in &nodes {
-            match self.volume.node_config(node) {
+            let registration = match self.volume.node_config(node) {
                 Ok(Some(config)) => {
-                    let holds = previous.get(&config.addr) == Some(node);
-                    let registered = fsbridge::fsops::metadata(self.volume.node_dir(node).join("node.toml"))
-                        .map_or(std::time::SystemTime::UNIX_EPOCH, |meta| meta.modified);
-                    claims.push((!holds, registered, node.clone(), config.addr));
+                    let registered_unix_us = fsbridge::fsops::metadata(self.volume.node_dir(node).join("node.toml"))
+                        .ok()
+                        .and_then(|meta| meta.modified.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |since| since.as_micros() as u64);
+                    Registration::Address { addr: config.addr, registered_unix_us }
                 }
-                Ok(None) => {}
-                Err(reason) => match previous.iter().find(|(_, holder)| *holder == node) {
-                    // One failed read (EIO from the volume, a file caught mid-rewrite) must not
-                    // unregister a node: its queued packets would be held as for an unknown
-                    // address and dead-lettered. It keeps the registration last read.
-                    Some((addr, _)) => {
-                        let error = format!("cannot read its registration (keeping {addr}): {reason}");
-                        self.node_failed(node, NodeStep::Register, error);
-                        claims.push((false, std::time::SystemTime::UNIX_EPOCH, node.clone(), *addr));
-                        kept.push(node.clone());
-                    }
-                    None => eprintln!("ftss-server: ignoring registration of {node}: {reason}"),
-                },
-            }
+                Ok(None) => Registration::Absent,
+                Err(reason) => Registration::Unreadable(reason),
+            };
+            read.push((node.clone(), registration));
         }
-        claims.sort();
-        self.refused.clear();
-        for (_, _, node, addr) in claims {
-            match self.addr_to_node.get(&addr).cloned() {
-                Some(holder) => {
+        for (node, verdict) in self.registry.refresh(read) {
+            match verdict {
+                Verdict::Granted(_) | Verdict::Unregistered { reason: None } => {
+                    self.node_recovered(&node, NodeStep::Register)
+                }
+                Verdict::Kept { addr, reason } => {
+                    let error = format!("cannot read its registration (keeping {addr}): {reason}");
+                    self.node_failed(&node, NodeStep::Register, error);
+                }
+                Verdict::Refused { addr, holder } => {
                     let reason = format!("its address {addr} is node {holder}'s: registration refused");
                     self.node_failed(&node, NodeStep::Register, reason);
-                    self.refused.insert(node);
                 }
-                None => {
-                    if !kept.contains(&node) {
-                        self.node_recovered(&node, NodeStep::Register);
-                    }
-                    self.addr_to_node.insert(addr, node.clone());
-                    self.node_to_addr.insert(node, addr);
+                Verdict::Unregistered { reason: Some(reason) } => {
+                    self.node_failed(&node, NodeStep::Register, format!("ignoring its registration: {reason}"));
                 }
             }
         }

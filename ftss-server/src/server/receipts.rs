@@ -63,8 +63,8 @@ impl Server {
                 forward.entry((owner, node)).or_default().push(id);
             } else if self.is_receipt_of(&id, &node) {
                 done.push(id);
-            } else if let (Some(key), Some(addr)) = (self.index.key(&id), self.node_to_addr.get(&node)) {
-                strays.entry(*addr).or_default().insert(key);
+            } else if let (Some(key), Some(addr)) = (self.index.key(&id), self.registry.addr(&node)) {
+                strays.entry(addr).or_default().insert(key);
             }
         }
         // A receipt written while this server was down (or before a partition changed owner) is
@@ -189,7 +189,7 @@ impl Server {
     pub(super) fn owns(&self, node: &NodeName) -> bool {
         let partition = &self.config.partition;
         let mine = partition.count <= 1 || fsbridge::layout::partition_of(node, partition.count) == partition.index;
-        mine && !self.refused.contains(node)
+        mine && !self.registry.is_refused(node)
     }
 
     /// The partition that holds packets from `origin`: the origin node's, or for packets that came
@@ -210,7 +210,7 @@ impl Server {
         self.index
             .key(id)
             .and_then(|key| self.index.in_flight(key))
-            .is_some_and(|(entry, _)| self.addr_to_node.get(entry.destination.ip()) == Some(node))
+            .is_some_and(|(entry, _)| self.registry.node(entry.destination.ip()) == Some(node))
     }
 
     /// Dead-letters packets whose destination stayed unknown for longer than `--hold`.
@@ -219,21 +219,15 @@ impl Server {
         let hold_us = self.config.hold.as_micros() as u64;
         let cutoff = now.saturating_sub(hold_us);
         let mut expired: Vec<(PacketId, SocketAddrV4)> = Vec::new();
-        let destinations = self.index.destinations();
-        let unregistered: Vec<Ipv4Addr> = destinations
+        let unregistered: Vec<Ipv4Addr> = self
+            .index
+            .destinations()
             .into_iter()
-            .filter(|destination| !self.addr_to_node.contains_key(destination) && !self.is_external(destination))
+            .filter(|destination| self.registry.node(destination).is_none() && !self.is_external(destination))
             .collect();
-        let found_at = monotonic_now();
-        self.unregistered_since.retain(|destination, _| unregistered.contains(destination));
-        for destination in unregistered {
-            // The hold counts from when this server found the address unregistered (after a
-            // restart, or a registration it could not read, from then), as well as from each
-            // packet's store time.
-            let since = *self.unregistered_since.entry(destination).or_insert(found_at);
-            if found_at.duration_since(since) < self.config.hold {
-                continue;
-            }
+        // Held for the hold time since this server found the address unregistered, and since
+        // each packet was stored.
+        for destination in self.holds.due(&unregistered, monotonic_now(), self.config.hold) {
             let room = DEAD_LETTERS_PER_CYCLE_MAX.saturating_sub(expired.len());
             expired.extend(self.index.stored_before(&destination, cutoff, room));
         }

@@ -115,7 +115,7 @@ impl Server {
         let now = now_us();
         let mut nodes: BTreeMap<String, NodeStatus> = BTreeMap::new();
         for node in &self.nodes {
-            let addr = self.node_to_addr.get(node).map(|addr| addr.to_string());
+            let addr = self.registry.addr(node).map(|addr| addr.to_string());
             let errors =
                 self.node_errors.get(node).map(|errors| errors.values().cloned().collect()).unwrap_or_default();
             nodes.insert(node.to_string(), NodeStatus { addr, errors, ..NodeStatus::default() });
@@ -123,7 +123,7 @@ impl Server {
         let mut unknown_destination = 0;
         for destination in self.index.destinations() {
             let stats = self.index.stats(&destination);
-            let Some(node) = self.addr_to_node.get(&destination) else {
+            let Some(node) = self.registry.node(&destination) else {
                 unknown_destination += stats.packets;
                 continue;
             };

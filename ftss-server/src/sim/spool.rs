@@ -16,9 +16,10 @@
 //!   append and its sync) reaches its destination's receiving process;
 //! - **payloads intact, nothing invented**: every packet a receiver reads was sent, byte for
 //!   byte, to that node and port;
-//! - **repeats counted**: a receiving process drops what it has seen, as the shim's filter does;
-//!   how often the server delivered a packet again (a lost receipt, a crash before the receipt's
-//!   sync) is reported. That nothing receipted is delivered again is the queue simulator's check;
+//! - **nothing handed to one process twice**: each receiving process filters with the shim's own
+//!   duplicate filter ([`Dedupe`]), checked against the model's record of what it handed on; how
+//!   often the server delivered a packet again (a lost receipt, a crash before the receipt's sync)
+//!   is counted. That nothing receipted is delivered again is the queue simulator's check;
 //! - **bounds**: the server never holds more than a batch past its limits (in all, and per
 //!   destination), as the README promises;
 //! - **nothing deleted for being bad**: every hostile file is, at the end, in quarantine byte for
@@ -34,6 +35,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use fsbridge::dedupe::{Dedupe, Seen};
 use fsbridge::disk::sim::{self, Crash, Faults, SimDisk};
 use fsbridge::format::{BatchEncoder, decode_batch};
 use fsbridge::layout::batch_file_name;
@@ -95,8 +97,10 @@ struct Receiver {
     incarnation: u64,
     epoch: u64,
     receipt_seq: u64,
-    /// Packets this process has taken (the shim's duplicate filter).
-    seen: BTreeSet<PacketId>,
+    /// The shim's duplicate filter, as the shim keeps it.
+    filter: Dedupe,
+    /// What this process handed on (the model's record, to check the filter against).
+    handed: BTreeSet<PacketId>,
 }
 
 struct Node {
@@ -180,7 +184,13 @@ impl World {
                 name: node_name(index),
                 addr: Ipv4Addr::new(10, 9, 0, 1 + index as u8),
                 sender: Sender { epoch: 0, batch_seq: 0, seq: 0, log: None },
-                receiver: Receiver { incarnation: 0, epoch: 0, receipt_seq: 0, seen: BTreeSet::new() },
+                receiver: Receiver {
+                    incarnation: 0,
+                    epoch: 0,
+                    receipt_seq: 0,
+                    filter: Dedupe::new(),
+                    handed: BTreeSet::new(),
+                },
             })
             .collect();
         World {
@@ -234,7 +244,8 @@ impl World {
     fn restart_receiver(&mut self, index: usize) {
         let incarnation = self.nodes[index].receiver.incarnation + 1;
         let epoch = self.rng.next() >> 1;
-        self.nodes[index].receiver = Receiver { incarnation, epoch, receipt_seq: 0, seen: BTreeSet::new() };
+        let (filter, handed) = (Dedupe::new(), BTreeSet::new());
+        self.nodes[index].receiver = Receiver { incarnation, epoch, receipt_seq: 0, filter, handed };
     }
 
     fn tick(&mut self, micros: u64) {
@@ -477,9 +488,14 @@ impl World {
             return Err(format!("n{node} received {:?}, meant for {}", packet.id, packet.destination));
         }
         receipts.push(packet.id.clone());
-        if !self.nodes[node].receiver.seen.insert(packet.id.clone()) {
+        let receiver = &mut self.nodes[node].receiver;
+        if receiver.filter.get(&packet.id).is_some() {
             self.outcomes.repeats += 1;
             return Ok(());
+        }
+        receiver.filter.set(&packet.id, Seen::Received);
+        if !receiver.handed.insert(packet.id.clone()) {
+            return Err(format!("n{node}: {:?} handed to the same process twice", packet.id));
         }
         self.say(|| format!("n{node} took {:?}", packet.id));
         if self.model.received.insert(packet.id) {

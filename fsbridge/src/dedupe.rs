@@ -1,10 +1,11 @@
-//! The receive side's duplicate filter: which packet ids this process has handed to the app or
-//! holds for it. Pure: no I/O, no clock.
+//! The receive side's duplicate filter: which packet ids a receiving process has handed to the app
+//! or holds for it. Pure: no I/O, no clock. The shim keeps one per process; the spool simulator
+//! (`ftss-server/src/sim/spool.rs`) gives one to each simulated receiving process.
 
 use std::collections::{HashMap, VecDeque};
 
-use fsbridge::PacketId;
-use fsbridge::seqset::SeenIds;
+use crate::PacketId;
+use crate::seqset::SeenIds;
 
 /// Where a packet this process took from its inbox is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,9 +108,8 @@ impl Default for Dedupe {
 
 #[cfg(test)]
 mod tests {
-    use fsbridge::NodeName;
-
     use super::*;
+    use crate::NodeName;
 
     #[test]
     fn dedupe_remembers_where_a_packet_is_within_its_window() {
