@@ -642,40 +642,49 @@ pub fn run(seed: u64, steps: u64) -> Result<Outcomes, String> {
     Ok(world.outcomes)
 }
 
+/// What the simulators' tests share: the seeds asked for, and running them on every core.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn env(name: &str) -> Option<u64> {
+pub(crate) mod seeds {
+    pub fn env(name: &str) -> Option<u64> {
         std::env::var(name).ok().and_then(|value| value.parse().ok())
     }
 
-    /// 10,000 seeds (`FTSS_SIM_SEEDS` for more, from `FTSS_SIM_FIRST`); `FTSS_SIM_SEED` replays one.
-    #[test]
-    fn the_simulator_finds_every_invariant_held() {
-        let steps = env("FTSS_SIM_STEPS").unwrap_or(200);
-        let seeds: Vec<u64> = match env("FTSS_SIM_SEED") {
+    /// `{prefix}_SEED` alone, or `{prefix}_SEEDS` seeds (`default` unless set) from `{prefix}_FIRST`.
+    pub fn chosen(prefix: &str, default: u64) -> Vec<u64> {
+        match env(&format!("{prefix}_SEED")) {
             Some(seed) => vec![seed],
             None => {
-                let first = env("FTSS_SIM_FIRST").unwrap_or(0);
-                (first..first + env("FTSS_SIM_SEEDS").unwrap_or(10_000)).collect()
+                let first = env(&format!("{prefix}_FIRST")).unwrap_or(0);
+                (first..first + env(&format!("{prefix}_SEEDS")).unwrap_or(default)).collect()
             }
-        };
-        // Each seed runs on one thread from start to end (the disk is the thread's), so the
-        // threads change nothing but the wall time.
+        }
+    }
+
+    /// Runs every seed and adds up what they did, or names the first broken seed and the line that
+    /// replays it (`{prefix}_SEED=…`, with `test` the cargo test filter). Each seed runs on one
+    /// thread from start to end (the simulated disk is the thread's), so the threads change
+    /// nothing but the wall time.
+    pub fn run_all<T: Default + Send>(
+        seeds: &[u64],
+        run: impl Fn(u64) -> Result<T, String> + Sync,
+        add: fn(&mut T, &T),
+        prefix: &str,
+        test: &str,
+    ) -> Result<T, String> {
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         let chunks: Vec<&[u64]> = seeds.chunks(seeds.len().div_ceil(threads).max(1)).collect();
-        let results: Vec<Result<Outcomes, String>> = std::thread::scope(|scope| {
+        let run = &run;
+        let results: Vec<Result<T, String>> = std::thread::scope(|scope| {
             let workers: Vec<_> = chunks
                 .iter()
                 .map(|chunk| {
                     scope.spawn(move || {
-                        let mut total = Outcomes::default();
+                        let mut total = T::default();
                         for seed in *chunk {
-                            let outcomes = run(*seed, steps).map_err(|broken| {
-                                format!("{broken}\nreplay: FTSS_SIM_SEED={seed} FTSS_SIM_TRACE=1 cargo test --release -p ftss-server simulator")
+                            let outcomes = run(*seed).map_err(|broken| {
+                                format!("{broken}\nreplay: {prefix}_SEED={seed} FTSS_SIM_TRACE=1 cargo test --release -p ftss-server {test}")
                             })?;
-                            total.add(&outcomes);
+                            add(&mut total, &outcomes);
                         }
                         Ok(total)
                     })
@@ -683,13 +692,26 @@ mod tests {
                 .collect();
             workers.into_iter().map(|worker| worker.join().expect("a simulator thread panicked")).collect()
         });
-        let mut total = Outcomes::default();
+        let mut total = T::default();
         for result in results {
-            match result {
-                Ok(outcomes) => total.add(&outcomes),
-                Err(broken) => panic!("{broken}"),
-            }
+            add(&mut total, &result?);
         }
+        Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 10,000 seeds (`FTSS_SIM_SEEDS` for more, from `FTSS_SIM_FIRST`); `FTSS_SIM_SEED` replays one.
+    #[test]
+    fn the_simulator_finds_every_invariant_held() {
+        let steps = seeds::env("FTSS_SIM_STEPS").unwrap_or(200);
+        let seeds = seeds::chosen("FTSS_SIM", 10_000);
+        let run = |seed| run(seed, steps);
+        let total = seeds::run_all(&seeds, run, Outcomes::add, "FTSS_SIM", "simulator")
+            .unwrap_or_else(|broken| panic!("{broken}"));
         eprintln!("simulator: {} seeds: {total:?}", seeds.len());
         // The schedules did what they are for.
         assert!(seeds.len() < 100 || (total.crashes > seeds.len() as u64 && total.receipted > 0));
