@@ -102,6 +102,10 @@ fn flipped_bytes_in_one_mirror_are_served_from_the_other_and_repaired() {
     assert!(sender.wait_exit(Duration::from_secs(30)));
     assert!(wait_until(Duration::from_secs(20), || fabric.counter("stored") >= 20), "{}", fabric.status());
 
+    // Packets just stored are delivered from the server's memory; after a restart they are read
+    // back from the mirrors.
+    fabric.stop_server();
+    fabric.start_server();
     // While the server runs: corrupt packet 3 in mirror 0, then let b register and receive.
     flip_byte_of(&fabric.queue_dirs[0], b"flip-3p");
     let (_receiver, received) = start_receiver(&fabric, 7200);

@@ -14,7 +14,7 @@ use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,10 @@ const RECEIPTS_WAITING_MAX: usize = 1 << 18;
 /// Largest frame accepted before the node is authenticated (a hello is about 110 bytes).
 const HANDSHAKE_FRAME_BYTES_MAX: usize = 1024;
 /// How often a reader held back by the all-connections bound looks again.
+/// Bytes a connection's reader takes from the socket at once.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+/// Frames queued for a node are written together up to about this many bytes.
+const WRITE_BATCH_BYTES: usize = 256 * 1024;
 const INBOUND_RECHECK: Duration = Duration::from_millis(50);
 /// TCP keepalive: a peer that vanished (power loss) is noticed after about idle + interval × count.
 const KEEPALIVE_IDLE_SECONDS: u32 = 10;
@@ -127,6 +131,8 @@ struct Shared {
     connecting: AtomicU64,
     next_id: AtomicU64,
     wake: EventFd,
+    /// A reader queued something the main loop has not been woken for yet.
+    wake_asked: AtomicBool,
     keys_dir: PathBuf,
     counters: Mutex<FabricCounters>,
 }
@@ -198,6 +204,18 @@ impl Shared {
         let _ = self.wake.write(1);
     }
 
+    /// Notes that the main loop has news, to be woken by [`Shared::wake_if_asked`] once a reader
+    /// has no more buffered frames to add.
+    fn ask_wake(&self) {
+        self.wake_asked.store(true, Ordering::Release);
+    }
+
+    fn wake_if_asked(&self) {
+        if self.wake_asked.swap(false, Ordering::AcqRel) {
+            self.wake();
+        }
+    }
+
     fn count(&self, update: impl FnOnce(&mut FabricCounters)) {
         update(&mut lock(&self.counters));
     }
@@ -214,6 +232,7 @@ impl Hub {
             connecting: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             wake,
+            wake_asked: AtomicBool::new(false),
             keys_dir,
             counters: Mutex::new(FabricCounters::default()),
         });
@@ -664,12 +683,19 @@ fn frame_name(frame: &Frame) -> &'static str {
 
 /// Reads frames until the connection ends; decodes them for the main loop.
 fn read_loop(conn: &Arc<Conn>, mut opener: FrameOpener) {
-    let mut stream = match conn.stream.try_clone() {
+    let stream = match conn.stream.try_clone() {
         Ok(stream) => stream,
         Err(error) => return conn.close(format!("cannot read: {error}")),
     };
+    // Buffered: a node's frames come in bursts, and one read takes what has arrived instead of
+    // four per frame (length, rest of the length, body, MAC). The main loop is woken once the
+    // buffer is used up (the next read would wait), not once per frame.
+    let mut reader = std::io::BufReader::with_capacity(READ_BUFFER_BYTES, stream);
     loop {
-        let frame = match opener.read(&mut stream, fabric::FRAME_BODY_BYTES_MAX) {
+        if !holds_whole_frame(reader.buffer()) {
+            conn.shared.wake_if_asked();
+        }
+        let frame = match opener.read(&mut reader, fabric::FRAME_BODY_BYTES_MAX) {
             Ok(frame) => frame,
             Err(FrameError::Closed) => return conn.close("the node closed the connection".into()),
             Err(FrameError::Io(error)) => return conn.close(format!("read: {error}")),
@@ -689,12 +715,12 @@ fn read_loop(conn: &Arc<Conn>, mut opener: FrameOpener) {
                 let room = RECEIPTS_WAITING_MAX.saturating_sub(state.receipts.len());
                 state.receipts.extend(ids.into_iter().take(room));
                 drop(state);
-                conn.shared.wake();
+                conn.shared.ask_wake();
                 continue;
             }
             Frame::Ports(ports) => {
                 lock(&conn.state).ports_announced = Some(ports);
-                conn.shared.wake();
+                conn.shared.ask_wake();
                 continue;
             }
             other => return bad_frame(conn, format!("a node may not send a {} frame now", frame_name(&other))),
@@ -709,6 +735,8 @@ fn read_loop(conn: &Arc<Conn>, mut opener: FrameOpener) {
             if state.closed.is_some() || !(own_full || all_full) {
                 break;
             }
+            // What is queued already must reach the main loop, which makes the room.
+            conn.shared.wake_if_asked();
             // Another connection's queue draining does not signal this one: look again soon.
             state =
                 conn.changed.wait_timeout(state, INBOUND_RECHECK).unwrap_or_else(|poisoned| poisoned.into_inner()).0;
@@ -720,8 +748,16 @@ fn read_loop(conn: &Arc<Conn>, mut opener: FrameOpener) {
         total.fetch_add(bytes, Ordering::AcqRel);
         state.inbound.push_back((item, bytes));
         drop(state);
-        conn.shared.wake();
+        conn.shared.ask_wake();
     }
+}
+
+/// Does `buffered` start with a whole sealed frame (length prefix, content, CRC, MAC)? If not,
+/// the next read may wait for the node.
+fn holds_whole_frame(buffered: &[u8]) -> bool {
+    let Some(prefix) = buffered.get(..4) else { return false };
+    let length = u32::from_le_bytes(prefix.try_into().expect("4 bytes")) as usize;
+    buffered.len() >= 4 + length + 4 + fabric::FRAME_MAC_BYTES
 }
 
 /// A bad frame after the handshake ends the connection; the reason is logged here and sent to the
@@ -788,12 +824,19 @@ fn write_loop(conn: &Arc<Conn>, mut sealer: FrameSealer) {
             let _ = stream.write_all(&sealed);
             return conn.close(reason);
         }
-        let bytes = state.outbound.pop_front().expect("not empty");
+        // Everything queued goes in one write (acks and deliveries of a cycle come together),
+        // up to a bound; each frame is sealed in order.
+        let mut sealed = Vec::new();
+        let mut length = 0;
+        while let Some(bytes) = state.outbound.pop_front() {
+            length += bytes.len();
+            sealed.extend_from_slice(&bytes);
+            sealed.extend_from_slice(&sealer.seal(&bytes));
+            if sealed.len() >= WRITE_BATCH_BYTES {
+                break;
+            }
+        }
         drop(state);
-        let length = bytes.len();
-        let tag = sealer.seal(&bytes);
-        let mut sealed = bytes;
-        sealed.extend_from_slice(&tag);
         let written = stream.write_all(&sealed);
         lock(&conn.state).outbound_bytes -= length;
         if let Err(error) = written {

@@ -232,6 +232,9 @@ pub struct Queue {
     active_segment: u64,
     /// Bytes appended since the last sync, not yet written.
     pending: Vec<u8>,
+    /// The last bytes synced, so that packets delivered right after they were stored are not
+    /// read back from the disk.
+    tail: Tail,
     /// Read handles, opened on demand, per (mirror, segment).
     readers: BTreeMap<(usize, u64), File>,
     /// Records rewritten from a good mirror after a CRC failure.
@@ -244,6 +247,43 @@ pub struct Queue {
     formats: BTreeMap<u64, Format>,
     /// Mirror failures counted so far (see the module notes), as in every healthy mirror's file.
     events: u64,
+}
+
+/// Bytes kept of the last syncs (up to twice this between trims).
+const TAIL_BYTES: usize = 256 * 1024;
+
+/// The end of the active segment as last synced (what every healthy mirror holds there).
+#[derive(Debug, Default)]
+struct Tail {
+    segment: u64,
+    start: u64,
+    bytes: Vec<u8>,
+}
+
+impl Tail {
+    /// `bytes` were synced at `offset` of `segment`.
+    fn synced(&mut self, segment: u64, offset: u64, bytes: &[u8]) {
+        if segment != self.segment || offset != self.start + self.bytes.len() as u64 {
+            self.segment = segment;
+            self.start = offset;
+            self.bytes.clear();
+        }
+        self.bytes.extend_from_slice(bytes);
+        if self.bytes.len() > 2 * TAIL_BYTES {
+            let cut = self.bytes.len() - TAIL_BYTES;
+            self.bytes.drain(..cut);
+            self.start += cut as u64;
+        }
+    }
+
+    /// The bytes at `location`, if kept.
+    fn get(&self, location: Location) -> Option<&[u8]> {
+        if location.segment != self.segment || location.offset < self.start {
+            return None;
+        }
+        let from = usize::try_from(location.offset - self.start).ok()?;
+        self.bytes.get(from..from.checked_add(location.length as usize)?)
+    }
 }
 
 fn io_error<'a>(operation: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> QueueError + 'a {
@@ -595,6 +635,7 @@ impl Queue {
             segments,
             active_segment,
             pending: Vec::new(),
+            tail: Tail::default(),
             readers: BTreeMap::new(),
             read_repairs: 0,
             segment_bytes_max: segment_bytes_for(dirs),
@@ -839,6 +880,7 @@ impl Queue {
             self.roll_back(committed);
             return Err(QueueError::NoHealthyMirror { last_error });
         }
+        self.tail.synced(self.active_segment, committed, &self.pending);
         *self.segments.get_mut(&self.active_segment).expect("active segment") += self.pending.len() as u64;
         self.pending.clear();
         if self.segments[&self.active_segment] >= self.segment_bytes_max {
@@ -884,6 +926,12 @@ impl Queue {
     /// Reads a stored packet back, verifying its checksum; falls back to other mirrors and rewrites
     /// a bad copy from the good one (read-repair).
     pub fn read_stored(&mut self, location: Location) -> Result<(u64, Packet), QueueError> {
+        if let Some(bytes) = self.tail.get(location) {
+            let seed = self.formats.get(&location.segment).map_or(0, |format| format.seed);
+            if let Ok((QueueRecord::Stored { stored_unix_us, packet }, _)) = read_record(bytes, 0, seed) {
+                return Ok((stored_unix_us, packet));
+            }
+        }
         let mut bad = Vec::new();
         let mut damage = String::new();
         let mut io_error = None;
@@ -1647,9 +1695,45 @@ mod tests {
         let mut bytes = fs::read(&path0).unwrap();
         bytes[location.offset as usize + 40] ^= 0x01;
         fs::write(&path0, &bytes).unwrap();
+        // Read back from the disks, not from the bytes kept of the last syncs.
+        queue.tail = Tail::default();
         assert_eq!(queue.read_stored(location).unwrap().1, packet(7));
         assert_eq!(queue.read_repairs, 1);
         assert_eq!(fs::read(&path0).unwrap(), fs::read(dirs[1].join(segment_name(0))).unwrap());
+    }
+
+    /// Packets just synced are read from memory (delivery follows the store within a cycle or
+    /// two); older ones, past the kept bytes, from the disk.
+    #[test]
+    fn packets_just_synced_are_read_from_memory_older_ones_from_disk() {
+        let dirs = temp_dirs(1);
+        let (mut queue, _, _) = Queue::open(&dirs).unwrap();
+        let first = queue.append(&stored(1));
+        queue.sync().unwrap();
+        let path = dirs[0].join(segment_name(0));
+        let damage = |location: Location| {
+            let mut bytes = fs::read(&path).unwrap();
+            bytes[location.offset as usize + 40] ^= 0x01;
+            fs::write(&path, &bytes).unwrap();
+        };
+        damage(first);
+        assert_eq!(queue.read_stored(first).unwrap().1, packet(1));
+        // Enough synced since that the first record's bytes are no longer kept.
+        let mut seq = 2;
+        while queue.bytes() < (3 * TAIL_BYTES) as u64 {
+            queue.append(&stored(seq));
+            seq += 1;
+            if seq % 64 == 0 {
+                queue.sync().unwrap();
+            }
+        }
+        queue.sync().unwrap();
+        assert!(queue.tail.bytes.len() <= 2 * TAIL_BYTES);
+        assert!(matches!(queue.read_stored(first), Err(QueueError::Damaged { .. })));
+        let last = queue.append(&stored(seq));
+        queue.sync().unwrap();
+        damage(last);
+        assert_eq!(queue.read_stored(last).unwrap().1, packet(seq));
     }
 
     #[test]

@@ -35,6 +35,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// First and longest pause between connection attempts.
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Bytes the link thread takes from the connection at once.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Receipts per frame (a frame's bytes are bounded).
 const RECEIPTS_PER_FRAME_MAX: usize = 16_384;
 /// Receipts kept while disconnected; beyond this they are dropped (the server delivers those
@@ -348,8 +350,11 @@ impl Link {
 
     /// Reads frames until the connection breaks; returns why it did.
     fn read_loop(&self, wire: &Wire, mut opener: FrameOpener, events: &dyn LinkEvents) -> String {
+        // Buffered: one read takes the acks and deliveries that have arrived, instead of four
+        // reads per frame.
+        let mut reader = std::io::BufReader::with_capacity(READ_BUFFER_BYTES, wire);
         loop {
-            let frame = match opener.read(&mut &*wire, fabric::FRAME_BODY_BYTES_MAX) {
+            let frame = match opener.read(&mut reader, fabric::FRAME_BODY_BYTES_MAX) {
                 Ok(frame) => frame,
                 Err(FrameError::Closed) => return "the server closed the connection".into(),
                 Err(error) => return error.to_string(),

@@ -64,7 +64,8 @@ impl Server {
 
     /// Reads outbox files, fabric frames and gateway arrivals and appends their packets to the
     /// queue (not synced: the cycle syncs once for everything it staged). `None` if there was none.
-    pub(super) fn stage_drain(&mut self) -> Result<Option<DrainGroup>, fsbridge::SpoolError> {
+    /// The volume's outboxes are read only when `from_volume` (see [`VolumeReads`]).
+    pub(super) fn stage_drain(&mut self, from_volume: bool) -> Result<Option<DrainGroup>, fsbridge::SpoolError> {
         // A queue disk down to its reserve takes no new packets: the space left is for the done
         // records that let full segments go (else a disk filled by packets could never drain).
         // The reserve grows with the queue: every queued packet's done record must fit. Above
@@ -85,7 +86,7 @@ impl Server {
             self.push_back(reason.clone());
             budget.close(reason);
         }
-        let drained = self.read_outboxes(&mut budget);
+        let drained = if from_volume { self.read_outboxes(&mut budget) } else { Vec::new() };
         let from_fabric = self.read_fabric(&mut budget);
         let arrived = match self.arrivals_kept.is_empty() {
             true => {

@@ -89,6 +89,8 @@ pub struct Server {
     /// read meanwhile: they wait in the socket, so this holds at most one cycle's worth).
     arrivals_kept: Vec<Packet>,
     registry_loaded_at: Option<Time>,
+    /// When the volume's outboxes and receipts were last read, and whether they held anything.
+    volume_reads: VolumeReads,
     status_written_at: Option<Time>,
     resync_checked_at: Time,
     housekept_at: Option<Time>,
@@ -291,14 +293,21 @@ impl Server {
     /// cycle is appended, then one sync, and only then are packets acked and receipted ones
     /// released. Returns how much was done.
     fn store(&mut self) -> usize {
-        let drain = self.stage_drain().unwrap_or_else(|error| {
+        let now = monotonic_now();
+        let from_volume = self.volume_reads.due(now, self.config.poll);
+        let drain = self.stage_drain(from_volume).unwrap_or_else(|error| {
             self.report("draining", error);
             None
         });
-        let receipts = self.stage_receipts().unwrap_or_else(|error| {
+        let receipts = self.stage_receipts(from_volume).unwrap_or_else(|error| {
             self.report("taking receipts", error);
             None
         });
+        if from_volume {
+            let news = drain.as_ref().is_some_and(|group| !group.drained.is_empty())
+                || receipts.as_ref().is_some_and(|group| !group.files.is_empty());
+            self.volume_reads.read(now, news);
+        }
         let appended = drain.is_some() || receipts.as_ref().is_some_and(|group| !group.done.is_empty());
         if appended {
             let synced = self.sync_queue();

@@ -23,11 +23,15 @@ impl Server {
     /// Reads receipts and appends a done record for each packet of this partition its destination
     /// receipted (not synced: the cycle syncs once for everything it staged). With several
     /// partitions, receipts for packets another partition holds are set aside for forwarding.
-    pub(super) fn stage_receipts(&mut self) -> Result<Option<ReceiptGroup>, fsbridge::SpoolError> {
+    /// The volume's receipt spools are read only when `from_volume` (see [`VolumeReads`]).
+    pub(super) fn stage_receipts(&mut self, from_volume: bool) -> Result<Option<ReceiptGroup>, fsbridge::SpoolError> {
         let mut files: Vec<(fsbridge::Spool, String)> = Vec::new();
         // (receiving node, packet id).
         let mut received: Vec<(NodeName, PacketId)> = Vec::new();
-        let owned: Vec<NodeName> = self.nodes.iter().filter(|node| self.owns(node)).cloned().collect();
+        let owned: Vec<NodeName> = match from_volume {
+            true => self.nodes.iter().filter(|node| self.owns(node)).cloned().collect(),
+            false => Vec::new(),
+        };
         for node in owned {
             let spool = self.volume.receipts(&node);
             match self.read_receipt_spool(&spool, Some(&node), &mut files, &mut received) {
@@ -35,7 +39,7 @@ impl Server {
                 Err(error) => self.node_failed(&node, NodeStep::Receipts, error),
             }
         }
-        if self.config.partition.count > 1 {
+        if from_volume && self.config.partition.count > 1 {
             let spool = self.volume.forwarded_receipts(self.config.partition.index);
             self.read_receipt_spool(&spool, None, &mut files, &mut received)?;
         }

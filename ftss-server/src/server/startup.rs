@@ -34,6 +34,7 @@ impl Server {
             pending_rings: BTreeMap::new(),
             arrivals_kept: Vec::new(),
             registry_loaded_at: None,
+            volume_reads: VolumeReads::default(),
             status_written_at: None,
             resync_checked_at: monotonic_now(),
             housekept_at: None,

@@ -191,3 +191,30 @@ pub(super) enum Source {
     /// removed once they are durable.
     Log { name: String, end: u64, sealed: bool },
 }
+
+/// When the volume's outboxes and receipt spools are read. Listing them costs a few system calls
+/// per node (network round trips on NFS), and fabric traffic wakes the server far more often
+/// than the poll interval. So a cycle reads the volume again at once only if the last read found
+/// something (files or frames: a sender or receiver is busy there); after a read that found
+/// nothing it waits for the poll interval, however often the fabric or the gateway wakes it.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct VolumeReads {
+    last: Option<Time>,
+    news: bool,
+}
+
+impl VolumeReads {
+    /// Should the cycle starting at `now` read the volume?
+    pub(super) fn due(&self, now: Time, poll: Duration) -> bool {
+        match self.last {
+            None => true,
+            Some(last) => self.news || now.duration_since(last) >= poll,
+        }
+    }
+
+    /// The volume was read at `now`; `news`: it held something to drain or take.
+    pub(super) fn read(&mut self, now: Time, news: bool) {
+        self.last = Some(now);
+        self.news = news;
+    }
+}
