@@ -25,6 +25,42 @@ fn config(dir: &std::path::Path) -> Config {
     }
 }
 
+/// A simulated disk installed on this thread, with its clock, and the directory the server uses
+/// (its queue directory made).
+struct SimWorld {
+    disk: fsbridge::disk::sim::SimDisk,
+    _installed: fsbridge::disk::sim::Installed,
+    unix_us: u64,
+    monotonic_us: u64,
+    dir: PathBuf,
+}
+
+impl SimWorld {
+    fn new() -> SimWorld {
+        let disk = fsbridge::disk::sim::SimDisk::new(1, 1 << 30);
+        let _installed = fsbridge::disk::sim::install(&disk);
+        let mut world =
+            SimWorld { disk, _installed, unix_us: 1_800_000_000_000_000, monotonic_us: 1_000_000, dir: "/sim".into() };
+        world.tick(0);
+        fsbridge::disk::create_dir_all(world.dir.join("queue")).unwrap();
+        world
+    }
+
+    /// Moves both clocks on by `micros`.
+    fn tick(&mut self, micros: u64) {
+        (self.unix_us, self.monotonic_us) = (self.unix_us + micros, self.monotonic_us + micros);
+        self.disk.set_clock(self.unix_us, self.monotonic_us);
+    }
+}
+
+/// Registers nodes a (10.77.0.1) and b (10.77.0.2).
+fn register_a_and_b(volume: &Volume) {
+    for (name, addr) in [("a", "10.77.0.1"), ("b", "10.77.0.2")] {
+        let config = fsbridge::NodeConfig { addr: addr.parse().unwrap() };
+        volume.register_node(&NodeName::new(name).unwrap(), &config).unwrap();
+    }
+}
+
 /// Publishes one outbox file of node a with `count` packets for 10.77.0.2:9000.
 fn outbox_file(volume: &Volume, count: u64) -> PathBuf {
     outbox_batch(volume, 1, count)
@@ -34,10 +70,7 @@ fn outbox_file(volume: &Volume, count: u64) -> PathBuf {
 /// `batch * 1000 + 1…`).
 fn outbox_batch(volume: &Volume, batch: u64, count: u64) -> PathBuf {
     let node = NodeName::new("a").unwrap();
-    for (name, addr) in [("a", "10.77.0.1"), ("b", "10.77.0.2")] {
-        let config = fsbridge::NodeConfig { addr: addr.parse().unwrap() };
-        volume.register_node(&NodeName::new(name).unwrap(), &config).unwrap();
-    }
+    register_a_and_b(volume);
     let header = BatchHeader { kind: BatchKind::Packets, node: node.clone(), epoch: 7, batch_seq: batch, flags: 0 };
     let mut encoder = BatchEncoder::new(&header);
     for seq in batch * 1000 + 1..=batch * 1000 + count {
@@ -58,32 +91,19 @@ fn outbox_batch(volume: &Volume, batch: u64, count: u64) -> PathBuf {
 /// has passed.
 #[test]
 fn the_volume_is_read_again_at_once_only_after_a_read_that_found_something() {
-    use fsbridge::disk::sim::{SimDisk, install};
-    let disk = SimDisk::new(1, 1 << 30);
-    let _installed = install(&disk);
-    let (mut unix_us, mut monotonic_us) = (1_800_000_000_000_000, 1_000_000);
-    let mut tick = |micros: u64| {
-        (unix_us, monotonic_us) = (unix_us + micros, monotonic_us + micros);
-        disk.set_clock(unix_us, monotonic_us);
-    };
-    tick(0);
-    let dir = PathBuf::from("/sim");
-    fsbridge::disk::create_dir_all(dir.join("queue")).unwrap();
-    let config = config(&dir);
+    let mut world = SimWorld::new();
+    let config = config(&world.dir);
     let poll_us = config.poll.as_micros() as u64;
     let mut server = Server::open(config).unwrap();
-    for (name, addr) in [("a", "10.77.0.1"), ("b", "10.77.0.2")] {
-        let config = fsbridge::NodeConfig { addr: addr.parse().unwrap() };
-        server.volume.register_node(&NodeName::new(name).unwrap(), &config).unwrap();
-    }
+    register_a_and_b(&server.volume);
     server.cycle();
     outbox_batch(&server.volume, 1, 3);
     server.cycle();
     assert_eq!(server.index.len(), 0, "the volume was read again within the poll interval after finding nothing");
-    tick(poll_us - 1);
+    world.tick(poll_us - 1);
     server.cycle();
     assert_eq!(server.index.len(), 0, "the volume was read again within the poll interval after finding nothing");
-    tick(1);
+    world.tick(1);
     server.cycle();
     assert_eq!(server.index.len(), 3, "the volume was not read once the poll interval had passed");
     outbox_batch(&server.volume, 2, 2);
@@ -93,7 +113,7 @@ fn the_volume_is_read_again_at_once_only_after_a_read_that_found_something() {
     outbox_batch(&server.volume, 3, 1);
     server.cycle();
     assert_eq!(server.index.len(), 5);
-    tick(poll_us);
+    world.tick(poll_us);
     server.cycle();
     assert_eq!(server.index.len(), 6);
 }
@@ -103,21 +123,18 @@ fn the_volume_is_read_again_at_once_only_after_a_read_that_found_something() {
 /// volume and acked to the sender, were never delivered. A read error leaves the file in line.
 #[test]
 fn an_outbox_file_that_cannot_be_read_for_a_while_is_drained_later_not_quarantined() {
-    use fsbridge::disk::sim::{Call, SimDisk, install};
-    let disk = SimDisk::new(1, 1 << 30);
-    let _installed = install(&disk);
-    let dir = PathBuf::from("/sim");
-    fsbridge::disk::create_dir_all(dir.join("queue")).unwrap();
-    let mut server = Server::open(config(&dir)).unwrap();
+    use fsbridge::disk::sim::Call;
+    let mut world = SimWorld::new();
+    let mut server = Server::open(config(&world.dir)).unwrap();
     let file = outbox_file(&server.volume, 3);
-    disk.break_calls(&file, Call::Read, libc::EIO);
+    world.disk.break_calls(&file, Call::Read, libc::EIO);
     server.cycle();
     assert_eq!(server.counters.quarantined, 0, "a file the volume failed to read was quarantined");
-    assert!(disk.peek(&file).is_some(), "the file left its outbox");
+    assert!(world.disk.peek(&file).is_some(), "the file left its outbox");
     assert_eq!(server.index.len(), 0);
-    disk.repair();
+    world.disk.repair();
     // Read again at the next poll.
-    disk.set_clock(1_800_000_000_000_000, disk.monotonic_us() + 1_000_000);
+    world.tick(1_000_000);
     server.cycle();
     assert_eq!(server.index.len(), 3, "the file was drained once it could be read");
     assert!(fsbridge::fsops::metadata(&file).is_err());
@@ -129,32 +146,23 @@ fn an_outbox_file_that_cannot_be_read_for_a_while_is_drained_later_not_quarantin
 /// A registration that cannot be read now keeps the last one read.
 #[test]
 fn a_registration_that_cannot_be_read_for_a_while_keeps_the_node_registered() {
-    use fsbridge::disk::sim::{Call, SimDisk, install};
-    let disk = SimDisk::new(1, 1 << 30);
-    let _installed = install(&disk);
-    let (mut unix_us, mut monotonic_us) = (1_800_000_000_000_000, 1_000_000);
-    disk.set_clock(unix_us, monotonic_us);
-    let dir = PathBuf::from("/sim");
-    fsbridge::disk::create_dir_all(dir.join("queue")).unwrap();
-    let mut config = config(&dir);
+    use fsbridge::disk::sim::Call;
+    let mut world = SimWorld::new();
+    let mut config = config(&world.dir);
     config.hold = Duration::from_secs(1);
     let mut server = Server::open(config).unwrap();
-    for (name, addr) in [("a", "10.77.0.1"), ("b", "10.77.0.2")] {
-        let config = fsbridge::NodeConfig { addr: addr.parse().unwrap() };
-        server.volume.register_node(&NodeName::new(name).unwrap(), &config).unwrap();
-    }
+    register_a_and_b(&server.volume);
     server.cycle();
     let b = server.volume.node_dir(&NodeName::new("b").unwrap()).join("node.toml");
-    disk.break_calls(&b, Call::Read, libc::EIO);
+    world.disk.break_calls(&b, Call::Read, libc::EIO);
     outbox_file(&server.volume, 3);
     for _ in 0..3 {
-        (unix_us, monotonic_us) = (unix_us + 2_000_000, monotonic_us + 2_000_000);
-        disk.set_clock(unix_us, monotonic_us);
+        world.tick(2_000_000);
         server.cycle();
     }
     assert_eq!(server.counters.dead_lettered, 0, "packets for a registered node were dead-lettered");
     assert_eq!(server.counters.delivered, 3);
-    disk.repair();
+    world.disk.repair();
 }
 
 /// Found by the spool simulator: the hold for an unregistered address was counted from each
@@ -163,17 +171,9 @@ fn a_registration_that_cannot_be_read_for_a_while_keeps_the_node_registered() {
 /// The hold now counts from when this server found the address unregistered.
 #[test]
 fn packets_are_held_for_the_hold_time_from_when_their_address_was_found_unregistered() {
-    use fsbridge::disk::sim::{Call, SimDisk, install};
-    let disk = SimDisk::new(1, 1 << 30);
-    let _installed = install(&disk);
-    let (mut unix_us, mut monotonic_us) = (1_800_000_000_000_000, 1_000_000);
-    let mut tick = |micros: u64| {
-        (unix_us, monotonic_us) = (unix_us + micros, monotonic_us + micros);
-        disk.set_clock(unix_us, monotonic_us);
-    };
-    tick(0);
-    let dir = PathBuf::from("/sim");
-    fsbridge::disk::create_dir_all(dir.join("queue")).unwrap();
+    use fsbridge::disk::sim::Call;
+    let mut world = SimWorld::new();
+    let dir = world.dir.clone();
     let mut config = config(&dir);
     config.hold = Duration::from_secs(3);
     let mut server = Server::open(config.clone()).unwrap();
@@ -181,17 +181,17 @@ fn packets_are_held_for_the_hold_time_from_when_their_address_was_found_unregist
     server.cycle();
     assert_eq!(server.index.len(), 3);
     drop(server);
-    tick(10_000_000);
+    world.tick(10_000_000);
     let b = dir.join("volume/nodes/b/node.toml");
-    disk.break_calls(&b, Call::Read, libc::EIO);
+    world.disk.break_calls(&b, Call::Read, libc::EIO);
     let mut server = Server::open(config).unwrap();
     for _ in 0..2 {
         server.cycle();
-        tick(1_000_000);
+        world.tick(1_000_000);
     }
     assert_eq!(server.counters.dead_lettered, 0, "dead-lettered before the hold time passed");
-    disk.repair();
-    tick(1_000_000);
+    world.disk.repair();
+    world.tick(1_000_000);
     server.cycle();
     assert_eq!((server.counters.dead_lettered, server.counters.delivered), (0, 3));
 }
