@@ -252,6 +252,10 @@ fn a_packet_damaged_in_every_mirror_is_dead_lettered_and_holds_up_no_other_port(
     let payload = format!("damaged-{}", "x".repeat(64));
     assert!(common::nc_send_lines(&fabric, "a", "10.77.0.1", "10.77.0.9", 9140, std::slice::from_ref(&payload)));
     assert!(common::wait_until(Duration::from_secs(20), || fabric.counter("stored") >= 1), "not stored");
+    // A packet just stored is delivered from the server's memory; after a restart it is read back
+    // from the queue disk, where it is damaged once the restarted server has recovered the queue.
+    fabric.stop_server();
+    fabric.start_server();
     assert_eq!(damage_stored_payload(&fabric.queue_dirs, payload.as_bytes()), 1, "the stored copy was not found");
 
     // Node "aa" (sorting before b) takes that address; b receives on another port.

@@ -63,6 +63,28 @@ fn kill_9_of_the_server_during_a_transfer_loses_nothing_acknowledged_and_duplica
     history.check().assert_ok(&format!("{kills} kills of the server"));
 }
 
+/// The server sleeps for its poll interval when nothing happens; a node writing into the volume
+/// wakes it (inotify on the file system the server reads the volume from). With a poll of a
+/// minute, two nodes that register after the server started (new node directories), a sender's
+/// outbox log and a receiver's receipts are all noticed: every datagram arrives, and is receipted,
+/// long before the first poll.
+#[test]
+fn writes_into_the_volume_wake_a_server_that_polls_once_a_minute() {
+    let mut fabric = Fabric::new("wake");
+    fabric.start_server_with(&["--poll", "60s"]);
+    let (_receiver, received) = start_receiver(&fabric, 7300);
+    let (mut sender, _) = start_sender(&fabric, 20, 7300, "wake", 10);
+    assert!(sender.wait_exit(Duration::from_secs(30)));
+    assert!(
+        wait_until(Duration::from_secs(20), || payloads(&received).len() >= 20),
+        "got {:?}\n{}",
+        payloads(&received),
+        fabric.status()
+    );
+    assert_eq!(payloads(&received), expected("wake", 20, 10));
+    assert!(wait_until(Duration::from_secs(20), || fabric.counter("receipted") >= 20), "{}", fabric.status());
+}
+
 fn segment_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap()

@@ -29,3 +29,4 @@ pub mod server;
 pub mod sim;
 pub mod single;
 pub mod status;
+pub mod watch;

@@ -161,13 +161,18 @@ impl Fabric {
         for dir in &self.queue_dirs {
             command.arg("--queue-dir").arg(dir);
         }
-        command.args(["--poll", "10ms"]).args(extra);
+        if !extra.contains(&"--poll") {
+            command.args(["--poll", "10ms"]);
+        }
+        command.args(extra);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.0.join("server.log")).unwrap();
         command.stdout(Stdio::null()).stderr(log);
         let started_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-        self.server = Some(Proc { child: command.spawn().expect("start ftss-server"), name: "ftss-server".into() });
-        // Ready once it has written its first status (its sockets are bound and its queue is open).
+        // Ready once it has written its first status (its sockets are bound and its queue is open);
+        // a previous server's status, written within the second, must not pass for it.
         let status_path = self.volume.join("server/status.json");
+        let _ = std::fs::remove_file(&status_path);
+        self.server = Some(Proc { child: command.spawn().expect("start ftss-server"), name: "ftss-server".into() });
         wait_until(Duration::from_secs(10), || {
             std::fs::read(&status_path)
                 .ok()

@@ -178,6 +178,9 @@ pub struct Index {
     in_flight: HashMap<Key, InFlight>,
     /// Deliveries in time order, for finding redeliveries due; stale items are skipped.
     deliveries: VecDeque<(Time, Key)>,
+    /// Packets made due at once ([`Index::due_now`]), in the order they go; an item stands while
+    /// its packet's delivery time is still the one recorded with it.
+    due_first: VecDeque<(Time, Key)>,
     /// Every id stored (by origin and epoch), for recognising one drained or sent again.
     stored: SeenIds<(u32, u64)>,
     packets: usize,
@@ -193,6 +196,7 @@ impl Default for Index {
             destinations: HashMap::default(),
             in_flight: HashMap::default(),
             deliveries: VecDeque::new(),
+            due_first: VecDeque::new(),
             stored: SeenIds::new(STORED_EPOCHS_MAX, STORED_RANGES_PER_EPOCH_MAX),
             packets: 0,
             bytes: 0,
@@ -361,6 +365,12 @@ impl Index {
     pub fn due_again(&mut self, now: Time, redeliver_after: Duration, limit: usize) -> Vec<Key> {
         let mut due = Vec::new();
         while due.len() < limit {
+            let Some((at, key)) = self.due_first.pop_front() else { break };
+            if self.in_flight.get(&key).is_some_and(|flight| flight.delivered_at == at) {
+                due.push(key);
+            }
+        }
+        while due.len() < limit {
             let Some(&(at, key)) = self.deliveries.front() else { break };
             let current = self.in_flight.get(&key).is_some_and(|flight| flight.delivered_at == at);
             if !current {
@@ -386,12 +396,12 @@ impl Index {
     }
 
     /// Makes a packet in flight due for redelivery at once (its inbox copy was taken back).
-    pub fn due_now(&mut self, key: Key, now: Time, redeliver_after: Duration) {
+    pub fn due_now(&mut self, key: Key, now: Time) {
         let Some(flight) = self.in_flight.get_mut(&key) else { return };
-        let at = now.checked_sub(redeliver_after).unwrap_or(now);
-        flight.delivered_at = at;
-        // In front: `due_again` stops at the first item not yet due, and this one is due.
-        self.deliveries.push_front((at, key));
+        flight.delivered_at = now;
+        // Not among the deliveries by time: `now` less the redelivery time may be before the clock's
+        // origin (a server in its first seconds), and the packet would wait that long.
+        self.due_first.push_front((now, key));
     }
 
     /// Records that `key` (for `destination`) was written to an inbox file; returns whether it was
@@ -577,6 +587,39 @@ mod tests {
         assert!(index.remove(&id(4), None).is_none());
         assert!(index.remove(&id(4), Some("10.0.0.2:9".parse().unwrap())).is_some());
         assert_eq!(index.len(), 3);
+    }
+
+    /// Found when the server began to wake on writes: packets taken back from an inbox (a fabric
+    /// process bound the port) were made due by dating their delivery one redelivery time back,
+    /// which in a server's first seconds is before its clock's origin; they then waited the whole
+    /// redelivery time and arrived after packets stored later.
+    #[test]
+    fn packets_made_due_now_are_due_at_once_and_in_order_even_in_the_clocks_first_seconds() {
+        let mut index = Index::default();
+        for seq in 1..=4 {
+            index.insert(&id(seq), entry(seq, "10.0.0.2:9"));
+        }
+        let destination: Ipv4Addr = "10.0.0.2".parse().unwrap();
+        let none = HashSet::default();
+        let redeliver_after = Duration::from_secs(5);
+        let start = Time(200_000);
+        let first = keys(index.next_undelivered(&destination, 10, 10, 10, &none));
+        for key in &first[..3] {
+            assert!(index.mark_delivered(*key, "10.0.0.2:9".parse().unwrap(), start, 1));
+        }
+        let now = Time(700_000);
+        assert!(index.due_again(now, redeliver_after, 10).is_empty());
+        // Taken back in order, the last first (as the server does).
+        for key in first[..3].iter().rev() {
+            index.due_now(*key, now);
+        }
+        assert_eq!(index.due_again(now, redeliver_after, 10), first[..3].to_vec());
+        // Once due they are not due again until delivered again and the time has passed.
+        assert!(index.due_again(now, redeliver_after, 10).is_empty());
+        // A packet receipted meanwhile is not due.
+        index.due_now(first[0], now);
+        index.remove(&id(1), None);
+        assert!(index.due_again(now, redeliver_after, 10).is_empty());
     }
 
     #[test]

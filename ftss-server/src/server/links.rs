@@ -146,7 +146,7 @@ impl Server {
         }
         // Each goes in front of the redelivery schedule: the last first, so they leave in order.
         for key in keys.into_iter().rev() {
-            self.index.due_now(key, now, self.config.redeliver_after);
+            self.index.due_now(key, now);
         }
     }
 

@@ -29,6 +29,49 @@ pub(super) fn fresh_claims(tmp_dir: &std::path::Path) -> HashSet<String> {
 }
 
 impl Server {
+    /// Takes the volume's inotify events: news makes the cycle read the volume; a new node
+    /// directory makes it read the registry; a new directory may be one to watch.
+    pub(super) fn take_volume_events(&mut self) {
+        let Some(watcher) = self.watcher.as_mut() else { return };
+        let woken = watcher.take();
+        if woken.news {
+            self.volume_reads.woken();
+        }
+        if woken.nodes {
+            self.registry_loaded_at = None;
+        }
+        if woken.dirs {
+            self.watch_volume();
+        }
+    }
+
+    /// Watches the directories this server's nodes write into (those not watched yet).
+    pub(super) fn watch_volume(&mut self) {
+        if self.watcher.is_none() {
+            return;
+        }
+        let mut dirs = Vec::new();
+        for node in self.nodes.iter().filter(|node| self.owns(node)) {
+            let node_dir = self.volume.node_dir(node);
+            let outbox = self.volume.outbox(node);
+            let receipts = self.volume.receipts(node);
+            dirs.extend([
+                node_dir.join("out"),
+                node_dir.join("rcpt"),
+                outbox.new_dir(),
+                node_dir.join("out").join("log"),
+                receipts.new_dir(),
+                node_dir,
+            ]);
+        }
+        if self.config.partition.count > 1 {
+            dirs.push(self.volume.forwarded_receipts(self.config.partition.index).new_dir());
+        }
+        if let Some(watcher) = self.watcher.as_mut() {
+            watcher.watch(dirs);
+        }
+    }
+
     pub(super) fn refresh_registry(&mut self) -> Result<(), fsbridge::SpoolError> {
         let now = monotonic_now();
         if self.registry_loaded_at.is_some_and(|at| now.duration_since(at) < REGISTRY_REFRESH) {
@@ -75,6 +118,7 @@ impl Server {
             }
         }
         self.nodes = nodes;
+        self.watch_volume();
         Ok(())
     }
 

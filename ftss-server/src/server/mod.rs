@@ -41,6 +41,7 @@ use crate::gateway::{Arrival, Cidr, Gateway, GatewayCounters, IngressRule, Ingre
 use crate::metrics::{Histogram, Snapshot};
 use crate::outlog::{Logs, SegmentKey, Step};
 use crate::queue::{Location, MirrorStatus, Outcome, Queue, QueueError, QueueRecord, RecoveryReport};
+use crate::watch::Watcher;
 
 mod acks;
 mod deliver;
@@ -91,6 +92,8 @@ pub struct Server {
     registry_loaded_at: Option<Time>,
     /// When the volume's outboxes and receipts were last read, and whether they held anything.
     volume_reads: VolumeReads,
+    /// inotify watches on the directories nodes write into (a wakeup hint; `None` without).
+    watcher: Option<Watcher>,
     status_written_at: Option<Time>,
     resync_checked_at: Time,
     housekept_at: Option<Time>,
@@ -223,13 +226,22 @@ impl Server {
         self.metrics = Some(snapshot);
     }
 
-    /// Sleeps for the poll interval, or less if a datagram arrives at the gateway.
+    /// Sleeps for the poll interval, or less if a datagram arrives at the gateway, a fabric
+    /// connection has something, or a node writes into the volume.
     fn wait_for_work(&self) {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         let fabric = self.fabric.as_ref().map(Hub::wake_fd);
-        let mut fds: Vec<PollFd> =
-            self.gateway.fds().into_iter().chain(fabric).map(|fd| PollFd::new(fd, PollFlags::POLLIN)).collect();
-        let timeout = PollTimeout::try_from(self.config.poll.min(Duration::from_secs(60))).unwrap_or(PollTimeout::MAX);
+        let watcher = self.watcher.as_ref().map(Watcher::fd);
+        let mut fds: Vec<PollFd> = self
+            .gateway
+            .fds()
+            .into_iter()
+            .chain(fabric)
+            .chain(watcher)
+            .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
+            .collect();
+        // At least every status interval, so that status.json stays current under a long poll.
+        let timeout = PollTimeout::try_from(self.config.poll.min(STATUS_INTERVAL)).unwrap_or(PollTimeout::MAX);
         // EINTR (a stop signal) or anything else: the caller's loop looks again.
         let _ = poll(&mut fds, timeout);
     }
@@ -255,6 +267,7 @@ impl Server {
             return false;
         }
         let mut work = 0;
+        self.take_volume_events();
         if let Err(error) = self.refresh_registry() {
             self.report("reading the node registry", error);
         }

@@ -11,6 +11,7 @@ impl Server {
         let gateway = Gateway::open(&config.ingress)?;
         let book = Book::new(config.retain);
         let config_partition = config.partition;
+        let volume_nodes_dir = volume.nodes_dir();
         let fabric = if config.fabric_listen.is_empty() {
             None
         } else {
@@ -35,6 +36,7 @@ impl Server {
             arrivals_kept: Vec::new(),
             registry_loaded_at: None,
             volume_reads: VolumeReads::default(),
+            watcher: Watcher::new(volume_nodes_dir),
             status_written_at: None,
             resync_checked_at: monotonic_now(),
             housekept_at: None,

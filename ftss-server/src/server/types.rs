@@ -212,6 +212,11 @@ impl VolumeReads {
         }
     }
 
+    /// A node wrote into the volume (an inotify event): read it at the next cycle.
+    pub(super) fn woken(&mut self) {
+        self.news = true;
+    }
+
     /// The volume was read at `now`; `news`: it held something to drain or take.
     pub(super) fn read(&mut self, now: Time, news: bool) {
         self.last = Some(now);
