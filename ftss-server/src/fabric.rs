@@ -97,8 +97,17 @@ struct ConnState {
     admission: Admission,
     inbound: VecDeque<(Inbound, usize)>,
     inbound_bytes: usize,
+    /// Sealed frames (or the rest of one) waiting for the writer thread.
     outbound: VecDeque<Vec<u8>>,
     outbound_bytes: usize,
+    /// Seals frames in the order they go out (set once the session is established).
+    sealer: Option<FrameSealer>,
+    /// The writer thread is writing frames it took from `outbound` (so nothing may be written
+    /// directly meanwhile: it would overtake them).
+    writing: bool,
+    /// The front of `outbound` is the rest of a frame partly written directly (a farewell must
+    /// finish it, or the node could not read the refusal).
+    partial_front: bool,
     /// The latest port list the node sent and the main loop has not taken yet.
     ports_announced: Option<Vec<u16>>,
     /// The ports the main loop routes to this connection.
@@ -159,6 +168,24 @@ impl Stream {
             Stream::Unix(stream) => Stream::Unix(stream.try_clone()?),
             Stream::Tcp(stream) => Stream::Tcp(stream.try_clone()?),
         })
+    }
+
+    /// Writes what the socket takes now without waiting (never raising SIGPIPE); how much.
+    fn send_now(&self, bytes: &[u8]) -> io::Result<usize> {
+        use nix::sys::socket::{MsgFlags, send};
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Stream::Unix(stream) => stream.as_raw_fd(),
+            Stream::Tcp(stream) => stream.as_raw_fd(),
+        };
+        loop {
+            match send(fd, bytes, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL) {
+                Ok(sent) => return Ok(sent),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(nix::errno::Errno::EAGAIN) => return Ok(0),
+                Err(errno) => return Err(io::Error::from(errno)),
+            }
+        }
     }
 
     fn shutdown(&self) {
@@ -377,10 +404,30 @@ impl Conn {
     /// Queues a frame for the writer. False if the connection is closed (or just closed because its
     /// peer stopped reading).
     pub fn send(&self, frame: &Frame) -> bool {
-        let bytes = frame.encode();
+        let mut bytes = frame.encode();
         let mut state = lock(&self.state);
         if state.closed.is_some() || state.farewell.is_some() {
             return false;
+        }
+        let Some(sealer) = state.sealer.as_mut() else { return false };
+        let tag = sealer.seal(&bytes);
+        bytes.extend_from_slice(&tag);
+        // Straight onto the socket when nothing is queued before it and the socket takes it
+        // now (the usual case: a cycle's acks or deliveries for one node), which saves waking
+        // the writer thread; the rest, if any, goes to the writer.
+        if state.outbound.is_empty() && !state.writing {
+            match self.stream.send_now(&bytes) {
+                Ok(sent) if sent == bytes.len() => return true,
+                Ok(sent) => {
+                    bytes.drain(..sent);
+                    state.partial_front = sent > 0;
+                }
+                Err(error) => {
+                    drop(state);
+                    self.close(format!("write: {error}"));
+                    return false;
+                }
+            }
         }
         if state.outbound_bytes + bytes.len() > OUTBOUND_BYTES_MAX {
             drop(state);
@@ -402,8 +449,11 @@ impl Conn {
         let mut state = lock(&self.state);
         if state.closed.is_none() && state.farewell.is_none() {
             state.farewell = Some(reason);
+            // The rest of a frame already begun stays (the writer finishes it before the refusal).
+            let begun = if state.partial_front { state.outbound.pop_front() } else { None };
             state.outbound.clear();
-            state.outbound_bytes = 0;
+            state.outbound_bytes = begun.as_ref().map_or(0, Vec::len);
+            state.outbound.extend(begun);
         }
         drop(state);
         self.changed.notify_all();
@@ -561,9 +611,9 @@ fn handshake(stream: Stream, shared: &Arc<Shared>, peer: &str) -> Option<(Arc<Co
     eprintln!("ftss-server: fabric: {who} connected (addr {}, epoch {:016x})", hello.addr, hello.epoch);
     stream.set_timeouts(None, Some(WRITE_TIMEOUT));
     let (sealer, opener) = fabric::session(&key, &server_nonce, &hello.nonce, Role::Server);
+    lock(&conn.state).sealer = Some(sealer);
     let writer_conn = conn.clone();
-    let spawned =
-        std::thread::Builder::new().name("fabric-write".into()).spawn(move || write_loop(&writer_conn, sealer));
+    let spawned = std::thread::Builder::new().name("fabric-write".into()).spawn(move || write_loop(&writer_conn));
     if spawned.is_err() {
         conn.close("cannot start a writer thread".into());
         return None;
@@ -629,6 +679,9 @@ fn new_conn(shared: &Arc<Shared>, hello: &fabric::Hello, peer: &str, write_strea
             inbound_bytes: 0,
             outbound: VecDeque::new(),
             outbound_bytes: 0,
+            sealer: None,
+            writing: false,
+            partial_front: false,
             ports_announced: None,
             ports: Vec::new(),
             receipts: Vec::new(),
@@ -801,8 +854,8 @@ fn decode_receipts(bytes: &[u8]) -> Result<Vec<PacketId>, String> {
         .collect())
 }
 
-/// Writes queued frames, each followed by the session's MAC, until the connection closes.
-fn write_loop(conn: &Arc<Conn>, mut sealer: FrameSealer) {
+/// Writes queued frames (sealed when queued) until the connection closes.
+fn write_loop(conn: &Arc<Conn>) {
     let mut stream = match conn.stream.try_clone() {
         Ok(stream) => stream,
         Err(error) => return conn.close(format!("cannot write: {error}")),
@@ -816,29 +869,38 @@ fn write_loop(conn: &Arc<Conn>, mut sealer: FrameSealer) {
             return;
         }
         if let Some(reason) = state.farewell.clone() {
+            // What is still queued is dropped, except the rest of a frame already begun.
+            let mut sealed = match state.partial_front {
+                true => state.outbound.pop_front().unwrap_or_default(),
+                false => Vec::new(),
+            };
+            let mut refusal = Frame::Refused { reason: reason.clone() }.encode();
+            if let Some(sealer) = state.sealer.as_mut() {
+                let tag = sealer.seal(&refusal);
+                refusal.extend_from_slice(&tag);
+            }
+            sealed.extend_from_slice(&refusal);
             drop(state);
-            let mut sealed = Frame::Refused { reason: reason.clone() }.encode();
-            let tag = sealer.seal(&sealed);
-            sealed.extend_from_slice(&tag);
             // Best effort (the stream's write timeout bounds it): the reason is logged anyway.
             let _ = stream.write_all(&sealed);
             return conn.close(reason);
         }
-        // Everything queued goes in one write (acks and deliveries of a cycle come together),
-        // up to a bound; each frame is sealed in order.
+        // Everything queued goes in one write, up to a bound.
         let mut sealed = Vec::new();
-        let mut length = 0;
+        state.partial_front = false;
         while let Some(bytes) = state.outbound.pop_front() {
-            length += bytes.len();
             sealed.extend_from_slice(&bytes);
-            sealed.extend_from_slice(&sealer.seal(&bytes));
             if sealed.len() >= WRITE_BATCH_BYTES {
                 break;
             }
         }
+        state.writing = true;
         drop(state);
         let written = stream.write_all(&sealed);
-        lock(&conn.state).outbound_bytes -= length;
+        let mut state = lock(&conn.state);
+        state.writing = false;
+        state.outbound_bytes -= sealed.len();
+        drop(state);
         if let Err(error) = written {
             return conn.close(format!("write: {error}"));
         }
