@@ -263,17 +263,21 @@ struct Tail {
 impl Tail {
     /// `bytes` were synced at `offset` of `segment`.
     fn synced(&mut self, segment: u64, offset: u64, bytes: &[u8]) {
-        if segment != self.segment || offset != self.start + self.bytes.len() as u64 {
+        // Only the end of a large group is kept (a backlog drained in one cycle can be 32 MiB).
+        let skip = bytes.len().saturating_sub(TAIL_BYTES);
+        let (offset, bytes) = (offset + skip as u64, &bytes[skip..]);
+        if skip > 0 || segment != self.segment || offset != self.start + self.bytes.len() as u64 {
             self.segment = segment;
             self.start = offset;
             self.bytes.clear();
         }
-        self.bytes.extend_from_slice(bytes);
-        if self.bytes.len() > 2 * TAIL_BYTES {
-            let cut = self.bytes.len() - TAIL_BYTES;
+        // Trimmed before it grows past twice the bound, so its capacity stays bounded too.
+        if self.bytes.len() + bytes.len() > 2 * TAIL_BYTES {
+            let cut = self.bytes.len() + bytes.len() - TAIL_BYTES;
             self.bytes.drain(..cut);
             self.start += cut as u64;
         }
+        self.bytes.extend_from_slice(bytes);
     }
 
     /// The bytes at `location`, if kept.
@@ -1728,12 +1732,24 @@ mod tests {
             }
         }
         queue.sync().unwrap();
-        assert!(queue.tail.bytes.len() <= 2 * TAIL_BYTES);
+        assert!(queue.tail.bytes.capacity() <= 2 * 2 * TAIL_BYTES);
         assert!(matches!(queue.read_stored(first), Err(QueueError::Damaged { .. })));
         let last = queue.append(&stored(seq));
         queue.sync().unwrap();
         damage(last);
         assert_eq!(queue.read_stored(last).unwrap().1, packet(seq));
+        // One large group (a backlog drained at once): only its end is kept, and no more memory.
+        let first_of_group = queue.append(&stored(seq + 1));
+        let mut end = first_of_group;
+        for more in seq + 2..seq + 2 + (3 * TAIL_BYTES / 100) as u64 {
+            end = queue.append(&stored(more));
+        }
+        queue.sync().unwrap();
+        assert!(queue.tail.bytes.capacity() <= 2 * 2 * TAIL_BYTES);
+        damage(first_of_group);
+        damage(end);
+        assert!(matches!(queue.read_stored(first_of_group), Err(QueueError::Damaged { .. })));
+        assert!(queue.read_stored(end).is_ok());
     }
 
     #[test]
