@@ -362,6 +362,10 @@ fn crashing_receivers(tag: &str, port: u16, env: &[(&str, &str)], generations: u
     fabric.start_server_with(&["--redeliver-after", "1s"]);
     let count = 300;
     let (mut sender, said) = start_sender(&fabric, count, port, tag, 0);
+    // Every datagram is durable on the volume before the first receiver starts: the server, which
+    // wakes at each write, would otherwise deliver them one small inbox file at a time as they
+    // come, and a receiver could end between files, where it has receipted all it was handed.
+    assert!(sender.wait_exit(Duration::from_secs(60)), "sender stuck");
     let mut history = History::new();
     let mut generation = 0;
     let deadline = Instant::now() + Duration::from_secs(180);
