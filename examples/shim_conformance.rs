@@ -359,6 +359,9 @@ fn case_send_receive(run: &mut Run) {
     let got = run.receive(b, 70_000, 0);
     let too_big = run.send_to(a, &vec![b'y'; 65_508], b_port);
     run.line(format!("largest sent={sent} {ready} got={} too-big={too_big}", &got[..got.len().min(5)]));
+    // Port 0 is no UDP destination (and on the fabric names a whole IP packet).
+    let to_port_zero = run.send_to(a, b"zero", 0);
+    run.line(format!("to port 0: {to_port_zero}"));
     close(a);
     close(b);
 }

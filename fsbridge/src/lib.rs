@@ -9,6 +9,7 @@
 //!   nodes/<node>/out/log/             outbox logs (`log`): one per sending process, drained by ftss-server
 //!   nodes/<node>/out/{tmp,new}/       packet batch files the node sends (FTSS_OUTBOX=files)
 //!   nodes/<node>/in/<port>/{tmp,new}/ packet batches for the node's UDP port; written by ftss-server
+//!   nodes/<node>/in/0/{tmp,new}/      whole IP packets for the node's agent, ftss-node (`ip`)
 //!   nodes/<node>/rcpt/{tmp,new}/      receipts: packets the node's apps received; read by ftss-server
 //!   nodes/<node>/ack/{tmp,new}/       acks: the state of the node's packets; written by ftss-server
 //!   nodes/<node>/bell/<writer>        doorbells: every inbox and ack file published, read with O_DIRECT (`bell`)
@@ -38,6 +39,7 @@ pub mod fabric;
 pub mod format;
 pub mod fsops;
 pub mod hash;
+pub mod ip;
 pub mod layout;
 pub mod ledger;
 pub mod log;

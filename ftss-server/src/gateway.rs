@@ -44,33 +44,7 @@ impl std::str::FromStr for IngressRule {
     }
 }
 
-/// An IPv4 network.
-#[derive(Clone, Copy, Debug)]
-pub struct Cidr {
-    network: u32,
-    prefix: u8,
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Cidr, String> {
-        let (addr, prefix) = text.split_once('/').unwrap_or((text, "32"));
-        let addr: Ipv4Addr = addr.parse().map_err(|_| format!("{text:?} is not a CIDR like 10.77.0.0/16"))?;
-        let prefix: u8 = prefix.parse().ok().filter(|prefix| *prefix <= 32).ok_or(format!("bad prefix in {text:?}"))?;
-        Ok(Cidr { network: u32::from(addr) & mask(prefix), prefix })
-    }
-}
-
-impl Cidr {
-    pub fn contains(&self, addr: &Ipv4Addr) -> bool {
-        u32::from(*addr) & mask(self.prefix) == self.network
-    }
-}
-
-fn mask(prefix: u8) -> u32 {
-    if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) }
-}
+pub use fsbridge::ip::Cidr;
 
 /// A datagram that arrived from outside, and where it goes in the fabric.
 pub struct Arrival {
@@ -251,7 +225,7 @@ mod tests {
         assert!("127.0.0.1:5000".parse::<IngressRule>().is_err());
         assert!("127.0.0.1:5000=../x:1".parse::<IngressRule>().is_err());
         let fabric: Cidr = "10.77.0.0/16".parse().unwrap();
-        assert!(fabric.contains(&"10.77.1.2".parse().unwrap()));
-        assert!(!fabric.contains(&"127.0.0.1".parse().unwrap()));
+        assert!(fabric.contains("10.77.1.2".parse().unwrap()));
+        assert!(!fabric.contains("127.0.0.1".parse().unwrap()));
     }
 }

@@ -188,9 +188,21 @@ impl Exposition {
         let mut bytes = Vec::new();
         let mut oldest = Vec::new();
         let mut in_flight = Vec::new();
+        let mut ip = Vec::new();
         if let Some(nodes) = status["nodes"].as_object() {
             for (name, node) in nodes {
                 let labels = format!("{{node=\"{}\"}}", escape(name));
+                if !node["ip"].is_null() {
+                    for outcome in ["sent", "delivered"] {
+                        let labels = format!("{{node=\"{}\",outcome=\"{outcome}\"}}", escape(name));
+                        ip.push((labels, number(&node["ip"][outcome])));
+                    }
+                    for (reason, count) in node["ip"]["refused"].as_object().into_iter().flatten() {
+                        let labels =
+                            format!("{{node=\"{}\",outcome=\"refused\",reason=\"{}\"}}", escape(name), escape(reason));
+                        ip.push((labels, number(count)));
+                    }
+                }
                 depth.push((labels.clone(), number(&node["queued"])));
                 bytes.push((labels.clone(), number(&node["queued_bytes"])));
                 in_flight.push((labels.clone(), number(&node["in_flight"])));
@@ -206,6 +218,12 @@ impl Exposition {
             in_flight,
         );
         self.metric("ftss_node_oldest_age_seconds", "gauge", "Age of the oldest packet queued for the node.", oldest);
+        self.metric(
+            "ftss_node_ip_packets_total",
+            "counter",
+            "Whole IP packets of the node's agent (ftss-node): sent, delivered to it, refused by reason.",
+            ip,
+        );
     }
 
     /// The group-commit time histogram.

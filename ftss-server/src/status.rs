@@ -81,6 +81,14 @@ fn add_numbers(into: &mut Value, from: &Value) {
             (Some(a), Some(b)) if value.is_u64() && into[key.as_str()].is_u64() => json!(a as u64 + b as u64),
             (Some(a), Some(b)) => json!(a + b),
             (None, Some(_)) => value.clone(),
+            // Nested figures (a node's IP packets, refusals by reason) add up too.
+            _ if value.is_object() => {
+                if into[key.as_str()].is_null() {
+                    into[key.as_str()] = json!({});
+                }
+                add_numbers(&mut into[key.as_str()], value);
+                continue;
+            }
             _ => continue,
         };
         into[key.as_str()] = sum;
@@ -303,21 +311,32 @@ fn print_dead_letters(status: &Value) {
 /// One line per node.
 fn print_nodes(status: &Value) {
     println!(
-        "{:<20} {:<16} {:>10} {:>12} {:>12} {:>12} {:>12}",
-        "NODE", "ADDR", "QUEUED", "BYTES", "OLDEST MS", "OUTBOX FILES", "LOG SEGMENTS"
+        "{:<20} {:<16} {:>10} {:>12} {:>12} {:>12} {:>12} {:>22}",
+        "NODE", "ADDR", "QUEUED", "BYTES", "OLDEST MS", "OUTBOX FILES", "LOG SEGMENTS", "IP SENT/DELIV/REFUSED"
     );
     if let Some(nodes) = status["nodes"].as_object() {
         for (name, node) in nodes {
+            let ip = &node["ip"];
+            let refused: u64 =
+                ip["refused"].as_object().into_iter().flatten().filter_map(|(_, count)| count.as_u64()).sum();
+            let ip = match ip.is_null() {
+                true => "-".to_owned(),
+                false => format!("{}/{}/{refused}", number(&ip["sent"]), number(&ip["delivered"])),
+            };
             println!(
-                "{:<20} {:<16} {:>10} {:>12} {:>12} {:>12} {:>12}",
+                "{:<20} {:<16} {:>10} {:>12} {:>12} {:>12} {:>12} {:>22}",
                 name,
                 node["addr"].as_str().unwrap_or("-"),
                 number(&node["queued"]),
                 number(&node["queued_bytes"]),
                 number(&node["oldest_age_ms"]),
                 number(&node["outbox_files"]),
-                number(&node["outbox_log_segments"])
+                number(&node["outbox_log_segments"]),
+                ip
             );
+            for (reason, count) in node["ip"]["refused"].as_object().into_iter().flatten() {
+                println!("    IP packets refused: {} {reason}", number(count));
+            }
         }
     }
 }

@@ -27,30 +27,7 @@ pub enum Transport {
     Fabric { endpoint: fsbridge::fabric::Endpoint, key: Vec<u8> },
 }
 
-/// An IPv4 network in CIDR notation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    pub network: u32,
-    pub prefix: u8,
-}
-
-impl Cidr {
-    pub fn parse(text: &str) -> Result<Cidr, String> {
-        let (addr, prefix) = text.trim().split_once('/').unwrap_or((text.trim(), "32"));
-        let addr: Ipv4Addr = addr.parse().map_err(|_| format!("bad address in CIDR {text:?}"))?;
-        let prefix: u8 =
-            prefix.parse().ok().filter(|prefix| *prefix <= 32).ok_or(format!("bad prefix in CIDR {text:?}"))?;
-        Ok(Cidr { network: u32::from(addr) & mask(prefix), prefix })
-    }
-
-    pub fn contains(&self, addr: Ipv4Addr) -> bool {
-        u32::from(addr) & mask(self.prefix) == self.network
-    }
-}
-
-fn mask(prefix: u8) -> u32 {
-    if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) }
-}
+pub use fsbridge::ip::Cidr;
 
 /// Everything the environment says.
 #[derive(Clone, Debug)]
@@ -205,21 +182,5 @@ fn millis_var(name: &str, default: u64) -> Result<Duration, String> {
             .map(Duration::from_millis)
             .map_err(|_| format!("{name} {text:?} is not a number of milliseconds")),
         _ => Ok(Duration::from_millis(default)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cidr_matching() {
-        let route = Cidr::parse("10.77.0.0/16").unwrap();
-        assert!(route.contains("10.77.3.4".parse().unwrap()));
-        assert!(!route.contains("10.78.0.1".parse().unwrap()));
-        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("1.2.3.4".parse().unwrap()));
-        assert!(Cidr::parse("10.1.2.3").unwrap().contains("10.1.2.3".parse().unwrap()));
-        assert!(Cidr::parse("10.0.0.0/33").is_err());
-        assert!(Cidr::parse("nope/8").is_err());
     }
 }

@@ -521,6 +521,11 @@ pub fn send_fabric(fd: c_int, sock: &Sock, payload: &[u8], flags: c_int, destina
     if payload.len() > PAYLOAD_BYTES_MAX {
         return fail(libc::EMSGSIZE);
     }
+    if destination.port() == 0 {
+        // The kernel refuses UDP to port 0; on the volume it would name a whole IP packet
+        // (`fsbridge::ip`), which this datagram is not.
+        return fail(libc::EINVAL);
+    }
     // A forked child sending on an inherited socket starts its own threads here.
     shim.ensure_started();
     let source = match shim.ensure_local(sock) {

@@ -16,8 +16,9 @@ pub fn artifact_dir() -> PathBuf {
     exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
 }
 
-pub fn shim_path() -> PathBuf {
-    let path = artifact_dir().join("libftss_shim.so");
+/// A binary the workspace built, next to the test binaries' profile directory.
+fn built(name: &str) -> PathBuf {
+    let path = artifact_dir().join(name);
     assert!(
         path.exists(),
         "{} missing: run `cargo build` with the same profile first (bash .ci/run does)",
@@ -26,14 +27,16 @@ pub fn shim_path() -> PathBuf {
     path
 }
 
+pub fn shim_path() -> PathBuf {
+    built("libftss_shim.so")
+}
+
 pub fn server_path() -> PathBuf {
-    let path = artifact_dir().join("ftss-server");
-    assert!(
-        path.exists(),
-        "{} missing: run `cargo build` with the same profile first (bash .ci/run does)",
-        path.display()
-    );
-    path
+    built("ftss-server")
+}
+
+pub fn node_agent_path() -> PathBuf {
+    built("ftss-node")
 }
 
 pub fn have(program: &str) -> bool {

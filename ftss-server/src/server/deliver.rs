@@ -295,6 +295,11 @@ impl Server {
         for (key, entry) in keys {
             if self.index.mark_delivered(*key, entry.destination, now, file_seq) {
                 self.counters.delivered += 1;
+                if entry.destination.port() == fsbridge::ip::IP_PORT
+                    && let Some(node) = self.registry.node(entry.destination.ip())
+                {
+                    self.ip.entry(node.clone()).or_default().delivered += 1;
+                }
                 let id = self.index.id(*key);
                 self.ack_later(&id, AckState::Delivered, String::new());
             } else {

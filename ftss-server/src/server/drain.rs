@@ -86,8 +86,14 @@ impl Server {
             self.push_back(reason.clone());
             budget.close(reason);
         }
-        let drained = if from_volume { self.read_outboxes(&mut budget) } else { Vec::new() };
-        let from_fabric = self.read_fabric(&mut budget);
+        let mut drained = if from_volume { self.read_outboxes(&mut budget) } else { Vec::new() };
+        let mut from_fabric = self.read_fabric(&mut budget);
+        for batch in &mut drained {
+            self.check_ip_packets(&batch.node, &mut batch.packets);
+        }
+        for taken in &mut from_fabric {
+            self.check_ip_packets(&taken.conn.node, &mut taken.packets);
+        }
         let arrived = match self.arrivals_kept.is_empty() {
             true => {
                 let arrivals = self.gateway.receive();
@@ -141,6 +147,41 @@ impl Server {
             self.queue.append(&QueueRecord::Cursor { node: node.clone(), log: log.to_owned(), offset });
         }
         Ok(Some(group))
+    }
+
+    /// Takes out of `packets` (drained from `node`) the whole IP packets that may not be carried:
+    /// a malformed header, addresses other than the record's (the record's source is the node's
+    /// registered address), or a destination outside the fabric (the gateway carries datagrams,
+    /// not packets). Each is counted by reason and its sender told; the rest are counted as sent.
+    fn check_ip_packets(&mut self, node: &NodeName, packets: &mut Vec<Packet>) {
+        if !packets.iter().any(fsbridge::ip::is_ip_packet) {
+            return;
+        }
+        let mut refused = Vec::new();
+        let mut sent = 0;
+        packets.retain(|packet| {
+            if !fsbridge::ip::is_ip_packet(packet) {
+                return true;
+            }
+            let reason = match fsbridge::ip::check_packet(packet) {
+                Err(error) => error.to_string(),
+                Ok(_) if self.is_external(packet.destination.ip()) => "IP destination outside the fabric".to_owned(),
+                Ok(_) => {
+                    sent += 1;
+                    return true;
+                }
+            };
+            refused.push((packet.id.clone(), reason));
+            false
+        });
+        let counts = self.ip.entry(node.clone()).or_default();
+        counts.sent += sent;
+        for (_, reason) in &refused {
+            *counts.refused.entry(reason.clone()).or_default() += 1;
+        }
+        for (id, reason) in refused {
+            self.ack_later(&id, AckState::Rejected, reason);
+        }
     }
 
     /// The cycle's sync failed: nothing of the group is durable. No ack; the outbox files stay and

@@ -100,6 +100,8 @@ pub struct Server {
     counters: Counters,
     samples: VecDeque<(Time, u64, u64, u64)>,
     dead_letters: VecDeque<DeadLetter>,
+    /// Whole IP packets (ftss-node) each node sent, was delivered and had refused.
+    ip: BTreeMap<NodeName, IpCounts>,
     backpressure: Backpressure,
     last_error: Option<String>,
     recovery: RecoveryReport,
@@ -248,7 +250,7 @@ impl Server {
 
     /// Is this an address outside the fabric that no node registered (sent through the gateway)?
     fn is_external(&self, addr: &Ipv4Addr) -> bool {
-        self.registry.node(addr).is_none() && !self.config.fabric.iter().any(|cidr| cidr.contains(addr))
+        self.registry.node(addr).is_none() && !self.config.fabric.iter().any(|cidr| cidr.contains(*addr))
     }
 
     /// Logs an operating error (once per distinct message in a row) and counts it.

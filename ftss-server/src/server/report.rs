@@ -83,6 +83,9 @@ pub struct NodeStatus {
     pub queued_bytes: u64,
     pub in_flight: u64,
     pub oldest_age_ms: u64,
+    /// Whole IP packets from the node's agent (ftss-node); absent for nodes that sent or got none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip: Option<IpCounts>,
     /// Why this node's spools cannot be served now (empty when all is well).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
@@ -118,7 +121,8 @@ impl Server {
             let addr = self.registry.addr(node).map(|addr| addr.to_string());
             let errors =
                 self.node_errors.get(node).map(|errors| errors.values().cloned().collect()).unwrap_or_default();
-            nodes.insert(node.to_string(), NodeStatus { addr, errors, ..NodeStatus::default() });
+            let ip = self.ip.get(node).cloned();
+            nodes.insert(node.to_string(), NodeStatus { addr, errors, ip, ..NodeStatus::default() });
         }
         let mut unknown_destination = 0;
         for destination in self.index.destinations() {

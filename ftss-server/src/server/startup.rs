@@ -43,6 +43,7 @@ impl Server {
             counters: Counters::default(),
             samples: VecDeque::new(),
             dead_letters: VecDeque::new(),
+            ip: BTreeMap::new(),
             backpressure: Backpressure::default(),
             last_error: None,
             recovery,

@@ -89,6 +89,18 @@ pub struct Counters {
     pub errors: u64,
 }
 
+/// A node's whole IP packets (from its agent, ftss-node), for status.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct IpCounts {
+    /// Drained from the node and stored.
+    pub sent: u64,
+    /// Written into the node's inbox (first deliveries).
+    pub delivered: u64,
+    /// Refused when drained from the node, by reason (never stored; the kernel's rule for a bad
+    /// packet is to drop it).
+    pub refused: BTreeMap<String, u64>,
+}
+
 /// A dead letter, for status.
 #[derive(Clone, Debug, Serialize)]
 pub struct DeadLetter {
