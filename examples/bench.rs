@@ -26,6 +26,9 @@
 //!   a QEMU guest on the kernel's NFSv4.2 / SMB3 client (default mounts of nfs-ganesha / smbd on
 //!   the host), the naive file-per-packet spool against ftss on the same mount (`bench/lab.rs`;
 //!   skipped unless the lab's packages are installed).
+//! - `veth-udp`, `tun-udp`, `veth-tcp`, `tun-tcp`: two network namespaces joined by a veth pair
+//!   (the plain network) or by ftss-node in each with ftss-server between (`bench/tun.rs`): loadgen
+//!   UDP without the shim, and one nc TCP stream (MB/s); skipped unless root with /dev/net/tun.
 //! - `redis-stream`: redis-server with appendonly + appendfsync always, XADD / XREADGROUP + XACK.
 //! - `server-rss`: ftss-server's RSS with 1M packets queued for an absent receiver, against idle.
 //!
@@ -54,6 +57,8 @@ mod scaleout;
 mod server_rss;
 #[path = "bench/smb.rs"]
 mod smb;
+#[path = "bench/tun.rs"]
+mod tun;
 
 use std::cell::Cell;
 use std::io::Write;
@@ -67,7 +72,7 @@ use report::{Measurement, TABLE_HEADER, table_row};
 const PAYLOADS: [usize; 3] = [64, 512, 8192];
 const SENDERS: [usize; 2] = [1, 8];
 /// Every scenario, in the order they run.
-const SCENARIOS: [&str; 19] = [
+const SCENARIOS: [&str; 23] = [
     "fsync-limit",
     "udp-raw",
     "shim-passthrough",
@@ -85,6 +90,10 @@ const SCENARIOS: [&str; 19] = [
     "ftss-nfs",
     "smb-kernel-file-per-packet",
     "ftss-smb-kernel",
+    "veth-udp",
+    "tun-udp",
+    "veth-tcp",
+    "tun-tcp",
     "redis-stream",
     "server-rss",
 ];
@@ -96,6 +105,8 @@ struct Plan {
     payloads: Vec<usize>,
     /// Packets queued for the server-rss scenario.
     rss_packets: u64,
+    /// Bytes of the TCP scenarios' transfer.
+    tcp_bytes: usize,
     /// Runs of each point of the cheap baselines (fsync-limit, udp-raw, shim-passthrough); the
     /// median by pps is reported, because on a shared machine their rates vary by more than the
     /// differences they are compared for.
@@ -106,11 +117,29 @@ impl Plan {
     fn new(quick: bool, smoke: bool) -> Plan {
         if smoke {
             // The CI smoke: every scenario once or twice, a fraction of a second each.
-            Plan { duration: Duration::from_millis(150), payloads: vec![512], rss_packets: 2_000, repeats: 1 }
+            Plan {
+                duration: Duration::from_millis(150),
+                payloads: vec![512],
+                rss_packets: 2_000,
+                tcp_bytes: 4_000_000,
+                repeats: 1,
+            }
         } else if quick {
-            Plan { duration: Duration::from_millis(600), payloads: PAYLOADS.to_vec(), rss_packets: 200_000, repeats: 1 }
+            Plan {
+                duration: Duration::from_millis(600),
+                payloads: PAYLOADS.to_vec(),
+                rss_packets: 200_000,
+                tcp_bytes: 20_000_000,
+                repeats: 1,
+            }
         } else {
-            Plan { duration: Duration::from_secs(3), payloads: PAYLOADS.to_vec(), rss_packets: 1_000_000, repeats: 3 }
+            Plan {
+                duration: Duration::from_secs(3),
+                payloads: PAYLOADS.to_vec(),
+                rss_packets: 1_000_000,
+                tcp_bytes: 100_000_000,
+                repeats: 3,
+            }
         }
     }
 }
@@ -324,6 +353,7 @@ fn run(options: Options) -> Result<bool, String> {
         run_smb(&bench, &grid(&plan.payloads), &selected, &mut emit)?;
     }
     lab::run(&bench, &grid(&plan.payloads), &selected, &mut emit);
+    tun::run(&bench, &grid(&plan.payloads), plan.tcp_bytes, &selected, &mut emit);
     if selected("redis-stream") {
         let missing = !procs::have("redis-server");
         for run in grid(&plan.payloads) {

@@ -490,3 +490,71 @@ fn bad_ip_packets_are_refused_by_reason_and_the_server_keeps_running() {
     assert_eq!(payloads, vec![good]);
     assert!(fabric.server.as_mut().unwrap().child.try_wait().unwrap().is_none(), "the server stopped");
 }
+
+/// Backpressure: with the server down, the sending agent keeps at most its window of packets
+/// (4,096) written and not acked, then stops reading its device, and the kernel drops at the
+/// device's queue, as an interface does. Every packet it read is durable: once the server is
+/// back, each arrives, once (checked by history), and the agent reads again.
+#[test]
+fn with_the_server_down_the_agent_stops_at_its_window_and_loses_nothing_it_read() {
+    let mut nodes = Nodes::new("node-window", &[("a", "10.77.0.1"), ("b", "10.77.0.2")]);
+    nodes.start_agent("a");
+    nodes.start_agent("b");
+    nodes.fabric.kill_server();
+    let receiver_script = "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)\n\
+         s.bind(('10.77.0.2', 7002))\n\
+         s.settimeout(8)\n\
+         try:\n\
+         \x20   while True:\n\
+         \x20       data, peer = s.recvfrom(2048)\n\
+         \x20       print(data.decode(), flush=True)\n\
+         except socket.timeout:\n\
+         \x20   pass\n";
+    let mut receiver = nodes.command("b", "python3");
+    receiver.args(["-c", receiver_script]).stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut receiver = receiver.spawn().expect("python3 receiver");
+    let lines = LineCollector::start(receiver.stdout.take().unwrap());
+    let mut receiver = Proc { child: receiver, name: "receiver".into() };
+    let sender_script = "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         for n in range(12000):\n\
+         \x20   try:\n\
+         \x20       s.sendto(b'datagram-%05d' % n, ('10.77.0.2', 7002))\n\
+         \x20   except OSError:\n\
+         \x20       pass\n";
+    let output = nodes.command("a", "python3").args(["-c", sender_script]).output().expect("python3 sender");
+    assert!(output.status.success(), "sender: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        wait_until(Duration::from_secs(10), || nodes.agent_log("a").contains("window of unacked packets is full")),
+        "the agent did not stop at its window\n{}",
+        nodes.logs()
+    );
+    let outbox_bytes: u64 = std::fs::read_dir(nodes.fabric.volume.join("nodes/a/out/log"))
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.metadata().ok())
+        .map(|meta| meta.len())
+        .sum();
+    nodes.fabric.start_server();
+    assert!(receiver.wait_exit(Duration::from_secs(60)), "the receiver did not finish\n{}", nodes.logs());
+    let mut history = History::new();
+    for n in 0..12000 {
+        // Sent before the agent read them: the async level, which promises nothing.
+        history.sent(format!("datagram-{n:05}"), Ack::Async);
+    }
+    for line in lines.lines() {
+        history.received("receiver", line);
+    }
+    let verdict = history.check();
+    verdict.assert_ok("datagrams sent into a node whose server was down");
+    // Everything the agent read before it stopped was durable: at least its window arrives, and
+    // the kernel dropped beyond the window and the device's queue.
+    assert!(
+        (4096..12000).contains(&verdict.received),
+        "received {} of 12000 (outbox held {outbox_bytes} bytes)\n{}",
+        verdict.received,
+        nodes.logs()
+    );
+    assert!(nodes.agent_log("a").contains("acks came: reading the device again"), "{}", nodes.logs());
+}

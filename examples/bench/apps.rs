@@ -17,7 +17,7 @@ use crate::{Bench, Run};
 pub const SENDER_NODE: (&str, Ipv4Addr) = ("a", Ipv4Addr::new(10, 77, 0, 1));
 pub const RECEIVER_NODE: (&str, Ipv4Addr) = ("b", Ipv4Addr::new(10, 77, 0, 2));
 /// How long the receiver waits after the last datagram once it knows the count (plain UDP may drop).
-const UDP_IDLE: Duration = Duration::from_millis(500);
+pub const UDP_IDLE: Duration = Duration::from_millis(500);
 /// The same for ftss: a packet may wait for a poll of the server and of the receiving shim.
 pub const FTSS_IDLE: Duration = Duration::from_secs(10);
 /// How long a process may take to start, or to report once the work is over.
@@ -123,12 +123,14 @@ impl Fabric {
 }
 
 /// One sender/receiver pair of loadgen processes.
-struct Apps {
-    receiver_env: Vec<(String, String)>,
-    sender_env: Vec<(String, String)>,
-    bind: String,
-    to: String,
-    idle: Duration,
+pub struct Apps {
+    pub receiver_env: Vec<(String, String)>,
+    pub sender_env: Vec<(String, String)>,
+    /// The network namespaces they run in (the tun scenarios), else the bench's own.
+    pub netns: Option<(String, String)>,
+    pub bind: String,
+    pub to: String,
+    pub idle: Duration,
 }
 
 /// `udp-raw`: loopback UDP, no shim.
@@ -138,6 +140,7 @@ pub fn udp_raw(bench: &Bench, run: &Run) -> Result<Measurement, String> {
     let apps = Apps {
         receiver_env: Vec::new(),
         sender_env: Vec::new(),
+        netns: None,
         bind: format!("127.0.0.1:{port}"),
         to: format!("127.0.0.1:{port}"),
         idle: UDP_IDLE,
@@ -165,6 +168,7 @@ pub fn shim_passthrough(bench: &Bench, run: &Run) -> Result<Measurement, String>
     let apps = Apps {
         receiver_env: env(RECEIVER_NODE),
         sender_env: env(SENDER_NODE),
+        netns: None,
         bind: format!("127.0.0.1:{port}"),
         to: format!("127.0.0.1:{port}"),
         idle: UDP_IDLE,
@@ -228,6 +232,7 @@ fn ftss_with(
     let apps = Apps {
         receiver_env,
         sender_env: fabric.env(bench, SENDER_NODE, ack),
+        netns: None,
         bind: format!("0.0.0.0:{port}"),
         to: format!("{}:{port}", RECEIVER_NODE.1),
         idle: FTSS_IDLE,
@@ -255,8 +260,16 @@ fn ftss_with(
     Ok(measurement)
 }
 
-fn loadgen(bench: &Bench, env: &[(String, String)]) -> Command {
-    let mut command = Command::new(&bench.loadgen_bin);
+/// loadgen with `env`, in network namespace `netns` (the tun scenarios) or the bench's own.
+fn loadgen(bench: &Bench, env: &[(String, String)], netns: Option<&str>) -> Command {
+    let mut command = match netns {
+        Some(netns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", netns]).arg(&bench.loadgen_bin);
+            command
+        }
+        None => Command::new(&bench.loadgen_bin),
+    };
     command.envs(env.iter().map(|(key, value)| (key.as_str(), value.as_str())));
     command
 }
@@ -264,12 +277,12 @@ fn loadgen(bench: &Bench, env: &[(String, String)]) -> Command {
 /// Starts a loadgen receiver bound to `bind` and waits until it says it is ready.
 pub fn start_receiver(
     bench: &Bench,
-    env: &[(String, String)],
+    (env, netns): (&[(String, String)], Option<&str>),
     bind: &str,
     idle: Duration,
     log: &Path,
 ) -> Result<Proc, String> {
-    let mut command = loadgen(bench, env);
+    let mut command = loadgen(bench, env, netns);
     command.args(["recv", "--bind", bind, "--idle-ms", &idle.as_millis().to_string()]);
     let receiver = Proc::start("loadgen recv", command, log)?;
     let ready = receiver.line(START_LIMIT)?;
@@ -280,8 +293,14 @@ pub fn start_receiver(
 }
 
 /// Starts a loadgen sender to `to` with the run's payload, threads and duration.
-pub fn start_sender(bench: &Bench, env: &[(String, String)], to: &str, run: &Run, log: &Path) -> Result<Proc, String> {
-    let mut command = loadgen(bench, env);
+pub fn start_sender(
+    bench: &Bench,
+    (env, netns): (&[(String, String)], Option<&str>),
+    to: &str,
+    run: &Run,
+    log: &Path,
+) -> Result<Proc, String> {
+    let mut command = loadgen(bench, env, netns);
     command.args(["send", "--to", to, "--payload", &run.payload.to_string()]);
     command.args(["--threads", &run.senders.to_string(), "--duration-ms", &run.duration.as_millis().to_string()]);
     Proc::start("loadgen send", command, log)
@@ -300,10 +319,15 @@ pub fn collect(sender: &mut Proc, receiver: &mut Proc, run: &Run) -> Result<(Val
 }
 
 /// Runs the receiver, then the senders for the run's duration; fills `measurement`.
-fn drive(bench: &Bench, run: &Run, dir: &Path, apps: &Apps, measurement: &mut Measurement) -> Result<(), String> {
+pub fn drive(bench: &Bench, run: &Run, dir: &Path, apps: &Apps, measurement: &mut Measurement) -> Result<(), String> {
     let log = dir.join("loadgen-recv.log");
-    let mut receiver = start_receiver(bench, &apps.receiver_env, &apps.bind, apps.idle, &log)?;
-    let mut sender = start_sender(bench, &apps.sender_env, &apps.to, run, &dir.join("loadgen-send.log"))?;
+    let (receiver_netns, sender_netns) = match &apps.netns {
+        Some((receiver, sender)) => (Some(receiver.as_str()), Some(sender.as_str())),
+        None => (None, None),
+    };
+    let mut receiver = start_receiver(bench, (&apps.receiver_env, receiver_netns), &apps.bind, apps.idle, &log)?;
+    let to = &apps.to;
+    let mut sender = start_sender(bench, (&apps.sender_env, sender_netns), to, run, &dir.join("loadgen-send.log"))?;
     let (sent, received) = collect(&mut sender, &mut receiver, run)?;
     let sent_count = sent["sent"].as_u64().unwrap_or(0);
 

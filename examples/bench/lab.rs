@@ -89,8 +89,10 @@ fn one_guest(bench: &Bench, grid: &[Run], kind: &str, wanted: &[&'static str]) -
             let port = free_udp_port()?;
             let log = dir.0.join(format!("recv-{index}.log"));
             let env = fabric.env(bench, apps::RECEIVER_NODE, "volume");
-            receivers
-                .push((port, apps::start_receiver(bench, &env, &format!("0.0.0.0:{port}"), apps::FTSS_IDLE, &log)?));
+            receivers.push((
+                port,
+                apps::start_receiver(bench, (&env, None), &format!("0.0.0.0:{port}"), apps::FTSS_IDLE, &log)?,
+            ));
         }
     }
 

@@ -132,13 +132,13 @@ fn drive_flows(bench: &Bench, run: &Run, dir: &Path, volume: &Path) -> Result<Fl
         let port = free_udp_port()?;
         let env = env(bench, dir, volume, *receiver);
         let log = dir.join(format!("recv-{index}.log"));
-        receivers.push(start_receiver(bench, &env, &format!("0.0.0.0:{port}"), IDLE, &log)?);
+        receivers.push(start_receiver(bench, (&env, None), &format!("0.0.0.0:{port}"), IDLE, &log)?);
         targets.push(format!("{}:{port}", receiver.1));
     }
     let mut senders = Vec::new();
     for (index, (sender, _)) in FLOWS.iter().enumerate() {
         let env = env(bench, dir, volume, *sender);
-        senders.push(start_sender(bench, &env, &targets[index], run, &dir.join(format!("send-{index}.log")))?);
+        senders.push(start_sender(bench, (&env, None), &targets[index], run, &dir.join(format!("send-{index}.log")))?);
     }
     let (mut received_total, mut sent_total) = (0, 0);
     let (mut first_send, mut last_receive) = (u64::MAX, 0);

@@ -152,6 +152,9 @@ pub struct BatchHeader {
 /// Header flag of a packets batch in an outbox: the sending process waits for "stored" acks
 /// (`FTSS_ACK=guaranteed`); the server writes ack files only for such senders.
 pub const FLAG_WANTS_ACKS: u8 = 1;
+/// With `FLAG_WANTS_ACKS`: only the "stored" (or "rejected") ack, none when the packet is delivered
+/// or receipted (ftss-node, which only needs to know what the server holds).
+pub const FLAG_STORED_ACKS_ONLY: u8 = 2;
 
 /// A decoded batch file.
 #[derive(Clone, Debug, PartialEq, Eq)]

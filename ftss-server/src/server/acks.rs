@@ -33,14 +33,14 @@ impl Server {
         }
         for (node, batches) in by_node {
             // Only senders that wait for acks get ack files (a file per process and cycle).
-            for batch in batches.iter().filter(|batch| batch.wants_acks) {
+            for batch in batches.iter().filter(|batch| batch.acks != AcksWanted::None) {
                 if let Some(packet) = batch.packets.first() {
-                    self.remember_ack_epoch(node, packet.id.epoch);
+                    self.remember_ack_epoch(node, packet.id.epoch, batch.acks == AcksWanted::StoredOnly);
                 }
             }
             let acks: Vec<Ack> = batches
                 .iter()
-                .filter(|batch| batch.wants_acks)
+                .filter(|batch| batch.acks != AcksWanted::None)
                 .flat_map(|batch| &batch.packets)
                 .map(|packet| self.stored_ack(packet))
                 .collect();
@@ -66,10 +66,10 @@ impl Server {
     }
 
     /// Remembers that the process with this epoch on `node` waits for acks (later acks of its
-    /// packets, delivered and receipted, are written for it too).
-    pub(super) fn remember_ack_epoch(&mut self, node: &NodeName, epoch: u64) {
+    /// packets, delivered and receipted, are written for it too unless `stored_only`).
+    pub(super) fn remember_ack_epoch(&mut self, node: &NodeName, epoch: u64, stored_only: bool) {
         let key = (node.clone(), epoch);
-        if self.ack_epochs.insert(key.clone()) {
+        if self.ack_epochs.insert(key.clone(), stored_only).is_none() {
             self.ack_epoch_order.push_back(key);
             if self.ack_epoch_order.len() > ACK_EPOCHS_MAX
                 && let Some(oldest) = self.ack_epoch_order.pop_front()
@@ -120,7 +120,10 @@ impl Server {
     pub(super) fn flush_acks(&mut self) {
         for (node, acks) in std::mem::take(&mut self.pending_acks) {
             let mut acks = self.ack_over_fabric(&node, acks);
-            acks.retain(|ack| self.ack_epochs.contains(&(node.clone(), ack.id.epoch)));
+            acks.retain(|ack| match self.ack_epochs.get(&(node.clone(), ack.id.epoch)) {
+                None => false,
+                Some(stored_only) => !stored_only || !matches!(ack.state, AckState::Delivered | AckState::Receipted),
+            });
             if acks.is_empty() {
                 continue;
             }

@@ -3,12 +3,12 @@
 use super::*;
 
 /// Decodes an outbox batch and stamps each packet with the node it was drained from.
-/// Returns the packets and whether the sender wants acks.
+/// Returns the packets and the acks the sender wants.
 pub(super) fn decode_outbox_batch(
     bytes: &[u8],
     node: &NodeName,
     node_addr: Option<Ipv4Addr>,
-) -> Result<(Vec<Packet>, bool), String> {
+) -> Result<(Vec<Packet>, AcksWanted), String> {
     let batch = fsbridge::format::decode_batch(bytes).map_err(|error| error.to_string())?;
     if batch.header.kind != BatchKind::Packets {
         return Err(format!("an outbox holds packet batches, found a {:?} batch", batch.header.kind));
@@ -22,7 +22,7 @@ pub(super) fn decode_outbox_batch(
         }
         packets.push(packet);
     }
-    Ok((packets, batch.header.flags & fsbridge::format::FLAG_WANTS_ACKS != 0))
+    Ok((packets, AcksWanted::from_flags(batch.header.flags)))
 }
 
 /// Is a failed read of a spool file the file's own doing (it is not a regular file, too large,
@@ -275,7 +275,7 @@ impl Server {
             let Some(name) = self.next_outbox_name(node, attempt == 0)? else { break };
             // A file the volume fails to read stays first in line (the error fails this node's
             // drain for the cycle, and shows in status); it is read again next cycle.
-            let Some((packets, wants_acks)) = self.read_outbox_file(node, &name)? else {
+            let Some((packets, acks)) = self.read_outbox_file(node, &name)? else {
                 self.pop_outbox_name(node);
                 continue;
             };
@@ -286,7 +286,7 @@ impl Server {
             }
             self.pop_outbox_name(node);
             budget.take(&packets);
-            drained.push(Drained { node: node.clone(), source: Source::File(name), packets, wants_acks });
+            drained.push(Drained { node: node.clone(), source: Source::File(name), packets, acks });
         }
         Ok(())
     }
@@ -383,7 +383,7 @@ impl Server {
                     node: node.clone(),
                     source: Source::Log { name: name.clone(), end: to, sealed: false },
                     packets: Vec::new(),
-                    wants_acks: false,
+                    acks: AcksWanted::None,
                 });
             }
             None => {
@@ -409,12 +409,12 @@ impl Server {
         let (node, name) = key;
         let count = frames.len();
         for (index, (end, batch)) in frames.into_iter().enumerate() {
-            let (packets, wants_acks) = match decode_outbox_batch(&batch, node, node_addr) {
+            let (packets, acks) = match decode_outbox_batch(&batch, node, node_addr) {
                 Ok(decoded) => decoded,
                 Err(reason) => {
                     let reason = format!("outbox log {name}, frame ending at byte {end}: {reason}");
                     self.quarantine_bytes(node, &format!("{name}-{end}"), &batch, &reason);
-                    (Vec::new(), false)
+                    (Vec::new(), AcksWanted::None)
                 }
             };
             if let Some(reason) = self.refusal(&packets, budget) {
@@ -427,7 +427,7 @@ impl Server {
                 node: node.clone(),
                 source: Source::Log { name: name.clone(), end, sealed },
                 packets,
-                wants_acks,
+                acks,
             });
         }
     }
@@ -484,7 +484,7 @@ impl Server {
         &mut self,
         node: &NodeName,
         name: &str,
-    ) -> Result<Option<(Vec<Packet>, bool)>, fsbridge::SpoolError> {
+    ) -> Result<Option<(Vec<Packet>, AcksWanted)>, fsbridge::SpoolError> {
         let outbox = self.volume.outbox(node);
         let path = outbox.new_dir().join(name);
         if fsbridge::layout::parse_batch_file_name(name).is_none_or(|_| !name.ends_with(".pkt")) {

@@ -60,6 +60,9 @@ pub(super) const ACK_FILE_AGE_MAX: Duration = Duration::from_secs(300);
 
 /// How often `housekeeping` sweeps.
 pub(super) const HOUSEKEEPING_INTERVAL: Duration = Duration::from_secs(10);
+/// An active segment that holds nothing live is replaced (so that it can be deleted) at most this
+/// often.
+pub(super) const IDLE_ROTATE_EVERY: Duration = Duration::from_secs(1);
 
 /// Files in `tmp/` older than this were left by a writer that died mid-publish.
 pub(super) const TMP_FILE_AGE_MAX: Duration = Duration::from_secs(3600);

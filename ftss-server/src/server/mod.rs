@@ -97,6 +97,8 @@ pub struct Server {
     status_written_at: Option<Time>,
     resync_checked_at: Time,
     housekept_at: Option<Time>,
+    /// When an idle active segment was last replaced by a new one (see `reclaim`).
+    idle_rotated_at: Option<Time>,
     counters: Counters,
     samples: VecDeque<(Time, u64, u64, u64)>,
     dead_letters: VecDeque<DeadLetter>,
@@ -122,7 +124,8 @@ pub struct Server {
     /// The fabric listener, with `--fabric-listen`.
     fabric: Option<Hub>,
     /// Sending processes (node, epoch) that asked for acks, and the order they were seen in.
-    ack_epochs: HashSet<(NodeName, u64)>,
+    /// With whether each wants only stored (and rejected) acks.
+    ack_epochs: HashMap<(NodeName, u64), bool>,
     ack_epoch_order: VecDeque<(NodeName, u64)>,
     /// Which fabric connection is drained first this cycle (turns rotate).
     fabric_turn: usize,

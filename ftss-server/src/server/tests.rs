@@ -220,3 +220,90 @@ fn a_deposed_instance_acks_and_removes_nothing_after_its_group_commit() {
     assert_eq!(server.index.len(), 3);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// ftss-node asks for "stored" acks only (`FLAG_STORED_ACKS_ONLY`): it bounds what it has written
+/// and not yet seen stored, and the delivered and receipted acks a shim in `guaranteed` mode gets
+/// would be ack files written for nothing. A shim's epoch still gets them.
+#[test]
+fn a_sender_asking_for_stored_acks_only_gets_no_delivered_acks() {
+    use fsbridge::format::{FLAG_STORED_ACKS_ONLY, FLAG_WANTS_ACKS};
+    let mut world = SimWorld::new();
+    let mut server = Server::open(config(&world.dir)).unwrap();
+    register_a_and_b(&server.volume);
+    let node = NodeName::new("a").unwrap();
+    for (epoch, flags) in [(7u64, FLAG_WANTS_ACKS), (8, FLAG_WANTS_ACKS | FLAG_STORED_ACKS_ONLY)] {
+        let header = BatchHeader { kind: BatchKind::Packets, node: node.clone(), epoch, batch_seq: 1, flags };
+        let mut encoder = BatchEncoder::new(&header);
+        encoder.push(&Record::Packet(Packet {
+            id: PacketId { origin: node.clone(), epoch, seq: 1 },
+            source: "10.77.0.1:5000".parse().unwrap(),
+            destination: "10.77.0.2:9000".parse().unwrap(),
+            sent_unix_us: 1,
+            payload: vec![b'x'; 10],
+        }));
+        server.volume.outbox(&node).publish(&batch_file_name(epoch, 1, "pkt"), &encoder.finish()).unwrap();
+    }
+    for _ in 0..4 {
+        server.cycle();
+        world.tick(20_000);
+    }
+    assert_eq!(server.counters.delivered, 2);
+    let acks = server.volume.acks(&node);
+    let mut states: std::collections::BTreeSet<(u64, u8)> = Default::default();
+    for name in acks.list(usize::MAX).unwrap() {
+        let batch = fsbridge::format::decode_batch(&acks.read(&name).unwrap().unwrap()).unwrap();
+        for record in batch.records {
+            if let Record::Ack(ack) = record {
+                states.insert((ack.id.epoch, ack.state as u8));
+            }
+        }
+    }
+    let expected: std::collections::BTreeSet<(u64, u8)> =
+        [(7, AckState::Stored as u8), (7, AckState::Delivered as u8), (8, AckState::Stored as u8)]
+            .into_iter()
+            .collect();
+    assert_eq!(states, expected);
+}
+
+/// A receiver that keeps up leaves the active segment with nothing live after most cycles; a new
+/// segment was started (and the old one deleted) each time, 40 % of the server's time in the
+/// ftss-node bench. Now at most once a second, and the receipted bytes still go.
+#[test]
+fn an_idle_active_segment_is_replaced_at_most_once_a_second() {
+    let mut world = SimWorld::new();
+    let mut server = Server::open(config(&world.dir)).unwrap();
+    let b = NodeName::new("b").unwrap();
+    let first = server.queue.active_segment();
+    let mut receipted = 0;
+    for batch in 1..=20 {
+        outbox_batch(&server.volume, batch, 5);
+        server.cycle();
+        let inbox = server.volume.inbox(&b, 9000);
+        let header = BatchHeader { kind: BatchKind::Receipts, node: b.clone(), epoch: 9, batch_seq: batch, flags: 0 };
+        let mut encoder = BatchEncoder::new(&header);
+        for name in inbox.list(usize::MAX).unwrap() {
+            let bytes = inbox.read(&name).unwrap().unwrap();
+            for record in fsbridge::format::decode_batch(&bytes).unwrap().records {
+                if let Record::Packet(packet) = record {
+                    encoder.push(&Record::Receipt(packet.id));
+                    receipted += 1;
+                }
+            }
+            inbox.remove(&name).unwrap();
+        }
+        server.volume.receipts(&b).publish(&batch_file_name(9, batch, "rcpt"), &encoder.finish()).unwrap();
+        world.tick(10_000);
+        server.cycle();
+        world.tick(10_000);
+    }
+    assert_eq!((receipted, server.counters.receipted), (100, 100));
+    assert!(
+        server.queue.active_segment() <= first + 1,
+        "segments started in 400 ms: {}",
+        server.queue.active_segment() - first
+    );
+    world.tick(1_000_000);
+    server.cycle();
+    server.cycle();
+    assert_eq!(server.queue.segment_count(), 1, "the receipted packets' segment was not deleted");
+}

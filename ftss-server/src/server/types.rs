@@ -191,8 +191,28 @@ pub(super) struct Drained {
     pub(super) node: NodeName,
     pub(super) source: Source,
     pub(super) packets: Vec<Packet>,
-    /// The sender waits for acks (the batch has `FLAG_WANTS_ACKS`).
-    pub(super) wants_acks: bool,
+    /// The acks the sender waits for (the batch's flags).
+    pub(super) acks: AcksWanted,
+}
+
+/// Which acks a sending process asked for, by its batches' flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum AcksWanted {
+    None,
+    /// `FLAG_STORED_ACKS_ONLY`: stored or rejected, not delivered or receipted.
+    StoredOnly,
+    All,
+}
+
+impl AcksWanted {
+    pub(super) fn from_flags(flags: u8) -> AcksWanted {
+        use fsbridge::format::{FLAG_STORED_ACKS_ONLY, FLAG_WANTS_ACKS};
+        match (flags & FLAG_WANTS_ACKS != 0, flags & FLAG_STORED_ACKS_ONLY != 0) {
+            (false, _) => AcksWanted::None,
+            (true, true) => AcksWanted::StoredOnly,
+            (true, false) => AcksWanted::All,
+        }
+    }
 }
 
 /// Where drained packets came from.

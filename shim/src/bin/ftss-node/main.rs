@@ -7,8 +7,10 @@
 //! delivered again, so a restarted agent gets what it missed.
 //!
 //! The guarantee is the `async` level: the application's `send` returned before the agent read the
-//! packet from the device. Once read, a packet is durable before the next is read. While the
-//! outbox is backed up (`OUTBOX_SEGMENTS_MAX` unread segments) or the volume fails, the agent stops
+//! packet from the device. Once read, a packet is durable before the next is read. The agent asks
+//! the server for "stored" acks and keeps at most `WINDOW_PACKETS_MAX` packets and
+//! `WINDOW_BYTES_MAX` bytes written but not yet stored; at that bound, while the volume fails, or
+//! with `OUTBOX_SEGMENTS_MAX` outbox segments unread (acks lost with a crashed server), it stops
 //! reading the device and the kernel drops at the device's queue, as an interface does.
 //!
 //! This binary does not link the shim's library (whose exported hooks would take over its own
@@ -16,21 +18,21 @@
 
 mod tun;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use fsbridge::bell::{BellReader, Ring, RingKind};
 use fsbridge::dedupe::{Dedupe, Seen};
 use fsbridge::format::{BatchEncoder, PAYLOAD_BYTES_MAX, decode_batch};
 use fsbridge::ip::{Cidr, IP_PORT, parse_ipv4};
-use fsbridge::layout::batch_file_name;
+use fsbridge::layout::{batch_file_name, parse_batch_file_name};
 use fsbridge::log::{LogWriter, parse_segment_name};
 use fsbridge::spool::{list_names, read_regular_file, remove_file_idempotent};
-use fsbridge::{BatchHeader, BatchKind, NodeConfig, NodeName, Packet, PacketId, Record, Volume};
+use fsbridge::{AckState, BatchHeader, BatchKind, NodeConfig, NodeName, Packet, PacketId, Record, Volume};
 
 use tun::Tun;
 
@@ -38,6 +40,15 @@ use tun::Tun;
 const BATCH_PACKETS_MAX: usize = 1024;
 /// Bytes of packets in one outbox batch.
 const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Packets written to the outbox and not yet acked as stored by the server, at most.
+const WINDOW_PACKETS_MAX: usize = 4096;
+/// Bytes of those packets, at most.
+const WINDOW_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// A packet without its ack this long leaves the window (an ack lost with a crashed server; the
+/// outbox's segment bound still holds).
+const ACK_LOST_AFTER: Duration = Duration::from_secs(30);
+/// Ack files remembered as read but not removable (EBUSY on SMB).
+const SEEN_ACK_FILES_MAX: usize = 4096;
 /// Unread outbox segments (8 MiB each) of this agent before it stops reading the device.
 const OUTBOX_SEGMENTS_MAX: usize = 8;
 /// How often the outbox's backlog is counted (a listing of `out/log`).
@@ -146,6 +157,10 @@ struct Counts {
     dropped_out: AtomicU64,
     /// From the inbox but not for this node, or not IPv4.
     dropped_in: AtomicU64,
+    /// Refused by the server (its acks said so).
+    refused: AtomicU64,
+    /// Left the window without an ack (`ACK_LOST_AFTER`).
+    ack_overdue: AtomicU64,
 }
 
 struct Agent {
@@ -154,6 +169,77 @@ struct Agent {
     tun: Tun,
     epoch: u64,
     counts: Counts,
+    window: Window,
+}
+
+/// Packets written to the outbox that the server has not acked as stored.
+#[derive(Default)]
+struct InFlight {
+    /// seq → (bytes, when written).
+    packets: BTreeMap<u64, (usize, Instant)>,
+    bytes: usize,
+}
+
+impl InFlight {
+    fn is_full(&self) -> bool {
+        self.packets.len() >= WINDOW_PACKETS_MAX || self.bytes >= WINDOW_BYTES_MAX
+    }
+
+    fn remove(&mut self, seq: u64) -> bool {
+        let Some((bytes, _)) = self.packets.remove(&seq) else { return false };
+        self.bytes -= bytes;
+        true
+    }
+}
+
+/// The window of packets in flight to the server, and a wakeup for the sender when acks free it.
+#[derive(Default)]
+struct Window {
+    state: Mutex<InFlight>,
+    changed: Condvar,
+}
+
+impl Window {
+    fn lock(&self) -> MutexGuard<'_, InFlight> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn add(&self, packets: &[Packet]) {
+        let now = Instant::now();
+        let mut state = self.lock();
+        for packet in packets {
+            state.packets.insert(packet.id.seq, (packet.payload.len(), now));
+            state.bytes += packet.payload.len();
+        }
+    }
+
+    fn acked(&self, seqs: impl IntoIterator<Item = u64>) {
+        let mut state = self.lock();
+        let mut any = false;
+        for seq in seqs {
+            any |= state.remove(seq);
+        }
+        if any {
+            self.changed.notify_all();
+        }
+    }
+
+    /// Waits up to `timeout` for room below the bounds; says whether there is. Packets whose ack is
+    /// overdue leave the window (counted).
+    fn wait_for_room(&self, timeout: Duration, overdue: &AtomicU64) -> bool {
+        let mut state = self.lock();
+        while let Some((&seq, &(_, at))) = state.packets.first_key_value() {
+            if at.elapsed() < ACK_LOST_AFTER {
+                break;
+            }
+            state.remove(seq);
+            overdue.fetch_add(1, Ordering::Relaxed);
+        }
+        if state.is_full() {
+            state = self.changed.wait_timeout(state, timeout).unwrap_or_else(|poisoned| poisoned.into_inner()).0;
+        }
+        !state.is_full()
+    }
 }
 
 fn main() {
@@ -197,7 +283,7 @@ fn run(config: Config) -> Result<(), String> {
         config.routes.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
         config.volume.display()
     );
-    let agent = Arc::new(Agent { config, volume, tun, epoch, counts: Counts::default() });
+    let agent = Arc::new(Agent { config, volume, tun, epoch, counts: Counts::default(), window: Window::default() });
     let receiver = {
         let agent = agent.clone();
         std::thread::Builder::new()
@@ -210,12 +296,14 @@ fn run(config: Config) -> Result<(), String> {
     agent.tun.release();
     let counts = &agent.counts;
     log!(
-        "stopping: sent {} received {} duplicates {} dropped (out/in) {}/{}",
+        "stopping: sent {} received {} duplicates {} dropped (out/in) {}/{} refused {} acks overdue {}",
         counts.sent.load(Ordering::Relaxed),
         counts.received.load(Ordering::Relaxed),
         counts.duplicates.load(Ordering::Relaxed),
         counts.dropped_out.load(Ordering::Relaxed),
-        counts.dropped_in.load(Ordering::Relaxed)
+        counts.dropped_in.load(Ordering::Relaxed),
+        counts.refused.load(Ordering::Relaxed),
+        counts.ack_overdue.load(Ordering::Relaxed)
     );
     Ok(())
 }
@@ -229,9 +317,25 @@ fn send_loop(agent: &Agent) {
     let mut batch_seq = 0u64;
     let mut backlog = Backlog { checked_at: None, full: false };
     let mut failing = false;
+    let mut window_full = false;
     while !STOP.load(Ordering::Relaxed) {
         if backlog.is_full(agent) {
             std::thread::sleep(agent.config.poll);
+            continue;
+        }
+        let room = agent.window.wait_for_room(Duration::from_millis(200), &agent.counts.ack_overdue);
+        if room == window_full {
+            window_full = !room;
+            log!(
+                "{}",
+                if room {
+                    "acks came: reading the device again"
+                } else {
+                    "the window of unacked packets is full: not reading the device"
+                }
+            );
+        }
+        if !room {
             continue;
         }
         agent.tun.wait_readable(200);
@@ -275,7 +379,7 @@ fn send_loop(agent: &Agent) {
             node: agent.config.node.clone(),
             epoch: agent.epoch,
             batch_seq,
-            flags: 0,
+            flags: fsbridge::format::FLAG_WANTS_ACKS | fsbridge::format::FLAG_STORED_ACKS_ONLY,
         };
         let mut encoder = BatchEncoder::new(&header);
         for packet in packets.iter() {
@@ -303,6 +407,7 @@ fn send_loop(agent: &Agent) {
                 }
             }
         }
+        agent.window.add(&packets);
         agent.counts.sent.fetch_add(packets.len() as u64, Ordering::Relaxed);
     }
     writer.seal();
@@ -346,6 +451,8 @@ fn receive_loop(agent: &Agent) {
     let mut swept_at: Option<Instant> = None;
     let mut receipts: Vec<PacketId> = Vec::new();
     let mut receipt_seq = 0u64;
+    let mut acks: Vec<String> = Vec::new();
+    let mut seen_acks: (HashSet<String>, VecDeque<String>) = (HashSet::new(), VecDeque::new());
     while !STOP.load(Ordering::Relaxed) {
         let sweep = swept_at.is_none_or(|at| at.elapsed() >= SWEEP_INTERVAL);
         if sweep {
@@ -356,10 +463,17 @@ fn receive_loop(agent: &Agent) {
             let _ = reader.poll(sweep, &mut rings);
         }
         for ring in rings.drain(..) {
-            if ring.kind == RingKind::Packets && ring.port == IP_PORT && announced.len() < ANNOUNCED_MAX {
-                announced.push_back(batch_file_name(ring.epoch, ring.seq, "pkt"));
+            match ring.kind {
+                RingKind::Packets if ring.port == IP_PORT && announced.len() < ANNOUNCED_MAX => {
+                    announced.push_back(batch_file_name(ring.epoch, ring.seq, "pkt"));
+                }
+                RingKind::Acks if ring.epoch == agent.epoch && acks.len() < ANNOUNCED_MAX => {
+                    acks.push(batch_file_name(ring.epoch, ring.seq, "ack"));
+                }
+                _ => {}
             }
         }
+        read_acks(agent, std::mem::take(&mut acks), sweep, &mut seen_acks);
         let mut names: Vec<String> = announced.drain(..announced.len().min(INBOX_FILES_PER_PASS)).collect();
         if sweep {
             match inbox.list(INBOX_FILES_PER_PASS) {
@@ -379,6 +493,49 @@ fn receive_loop(agent: &Agent) {
         }
     }
     flush_receipts(agent, &mut receipts, &mut receipt_seq);
+}
+
+/// Reads this agent's ack files (those announced, and on a sweep those listed): the packets they
+/// name leave the window. Each file is removed once read.
+fn read_acks(agent: &Agent, mut names: Vec<String>, sweep: bool, seen: &mut (HashSet<String>, VecDeque<String>)) {
+    let spool = agent.volume.acks(&agent.config.node);
+    if sweep && let Ok(listed) = spool.list(usize::MAX) {
+        names.extend(listed);
+    }
+    names.sort_unstable();
+    names.dedup();
+    let mine =
+        names.into_iter().filter(|name| parse_batch_file_name(name).is_some_and(|(epoch, _)| epoch == agent.epoch));
+    for name in mine {
+        if seen.0.contains(&name) {
+            continue;
+        }
+        let Ok(Some(bytes)) = spool.read(&name) else { continue };
+        if let Ok(batch) = decode_batch(&bytes) {
+            let mut settled = Vec::new();
+            for record in batch.records {
+                let Record::Ack(ack) = record else { continue };
+                if ack.id.epoch != agent.epoch || ack.id.origin != agent.config.node {
+                    continue;
+                }
+                if ack.state == AckState::Rejected {
+                    agent.counts.refused.fetch_add(1, Ordering::Relaxed);
+                }
+                settled.push(ack.id.seq);
+            }
+            agent.window.acked(settled);
+        }
+        if spool.remove_unsynced(&name).is_ok() {
+            continue;
+        }
+        seen.0.insert(name.clone());
+        seen.1.push_back(name);
+        if seen.1.len() > SEEN_ACK_FILES_MAX
+            && let Some(oldest) = seen.1.pop_front()
+        {
+            seen.0.remove(&oldest);
+        }
+    }
 }
 
 fn discover_bells(agent: &Agent, readers: &mut Vec<BellReader>) {
