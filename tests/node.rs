@@ -121,6 +121,15 @@ impl Nodes {
         (data, input, received, listener)
     }
 
+    /// python3 running `script` on `name`, its stdout lines collected.
+    fn python_on(&self, name: &str, script: &str) -> (Proc, LineCollector) {
+        let mut command = self.command(name, "python3");
+        command.args(["-c", script]).stdout(Stdio::piped()).stderr(Stdio::null());
+        let mut child = command.spawn().expect("python3");
+        let lines = LineCollector::start(child.stdout.take().unwrap());
+        (Proc { child, name: format!("python3 on {name}") }, lines)
+    }
+
     fn logs(&self) -> String {
         let agents: Vec<String> =
             self.nodes.iter().map(|node| format!("agent {}:\n{}", node.name, self.agent_log(&node.name))).collect();
@@ -368,11 +377,7 @@ fn datagrams_sent_while_the_destination_agent_is_down_arrive_once_it_starts() {
          for _ in range(100):\n\
          \x20   data, peer = s.recvfrom(2048)\n\
          \x20   print(peer[0], data.decode(), flush=True)\n";
-    let mut receiver = nodes.command("b", "python3");
-    receiver.args(["-c", receiver_script]).stdout(Stdio::piped()).stderr(Stdio::null());
-    let mut receiver = receiver.spawn().expect("python3 receiver");
-    let lines = LineCollector::start(receiver.stdout.take().unwrap());
-    let mut receiver = Proc { child: receiver, name: "receiver".into() };
+    let (mut receiver, lines) = nodes.python_on("b", receiver_script);
     let sender_script = "import socket\n\
          s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
          for n in range(100):\n\
@@ -512,11 +517,7 @@ fn with_the_server_down_the_agent_stops_at_its_window_and_loses_nothing_it_read(
          \x20       print(data.decode(), flush=True)\n\
          except socket.timeout:\n\
          \x20   pass\n";
-    let mut receiver = nodes.command("b", "python3");
-    receiver.args(["-c", receiver_script]).stdout(Stdio::piped()).stderr(Stdio::null());
-    let mut receiver = receiver.spawn().expect("python3 receiver");
-    let lines = LineCollector::start(receiver.stdout.take().unwrap());
-    let mut receiver = Proc { child: receiver, name: "receiver".into() };
+    let (mut receiver, lines) = nodes.python_on("b", receiver_script);
     let sender_script = "import socket\n\
          s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
          for n in range(12000):\n\

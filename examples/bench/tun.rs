@@ -145,15 +145,22 @@ fn server_cpu(measurement: &mut Measurement, ticks: Option<u64>, packets: u64) {
     }
 }
 
+/// The two namespaces of `scenario`, joined by the array (`tun-*`: returned) or a veth pair.
+fn nodes(bench: &Bench, node_bin: &Path, dir: &Path, scenario: &str) -> Result<(Pair, Option<Array>), String> {
+    let pair = Pair::new()?;
+    if scenario.starts_with("tun") {
+        let array = Array::start(bench, node_bin, dir, &pair)?;
+        return Ok((pair, Some(array)));
+    }
+    pair.join_with_veth()?;
+    Ok((pair, None))
+}
+
 /// `veth-udp` / `tun-udp` at one grid point.
 fn udp(bench: &Bench, node_bin: &Path, run: &Run, scenario: &'static str) -> Result<Measurement, String> {
     let dir = bench.run_dir(scenario)?;
-    let pair = Pair::new()?;
-    let tun = scenario.starts_with("tun");
-    let array = if tun { Some(Array::start(bench, node_bin, &dir.0, &pair)?) } else { None };
-    if !tun {
-        pair.join_with_veth()?;
-    }
+    let (pair, array) = nodes(bench, node_bin, &dir.0, scenario)?;
+    let tun = array.is_some();
     let port = free_udp_port()?;
     let apps = Apps {
         receiver_env: Vec::new(),
@@ -178,12 +185,7 @@ fn udp(bench: &Bench, node_bin: &Path, run: &Run, scenario: &'static str) -> Res
 /// `veth-tcp` / `tun-tcp`: `bytes` through one nc TCP stream.
 fn tcp(bench: &Bench, node_bin: &Path, bytes: usize, scenario: &'static str) -> Result<Measurement, String> {
     let dir = bench.run_dir(scenario)?;
-    let pair = Pair::new()?;
-    let tun = scenario.starts_with("tun");
-    let array = if tun { Some(Array::start(bench, node_bin, &dir.0, &pair)?) } else { None };
-    if !tun {
-        pair.join_with_veth()?;
-    }
+    let (pair, array) = nodes(bench, node_bin, &dir.0, scenario)?;
     let mut receiver = Command::new("ip");
     receiver.args(["netns", "exec", &pair.b, "sh", "-c", "nc -l -p 5000 | wc -c"]);
     let mut receiver = Proc::start("nc -l", receiver, &dir.0.join("nc-recv.log"))?;

@@ -264,6 +264,35 @@ impl Spool {
 }
 
 /// Is `name` one path component that is not hidden, `.` or `..`?
+/// A bounded set of file names, the oldest forgotten first: files a reader has read but could not
+/// remove (EBUSY on SMB), so that it does not take them again.
+pub struct RecentNames {
+    names: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<String>,
+    max: usize,
+}
+
+impl RecentNames {
+    pub fn new(max: usize) -> RecentNames {
+        RecentNames { names: Default::default(), order: Default::default(), max }
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+
+    pub fn insert(&mut self, name: String) {
+        if self.names.insert(name.clone()) {
+            self.order.push_back(name);
+        }
+        if self.order.len() > self.max
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.names.remove(&oldest);
+        }
+    }
+}
+
 pub fn is_plain_name(name: &str) -> bool {
     !name.is_empty() && !name.starts_with('.') && !name.contains('/') && !name.contains('\0')
 }

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use fsbridge::format::{BatchEncoder, PAYLOAD_BYTES_MAX, decode_batch};
 use fsbridge::layout::{batch_file_name, parse_batch_file_name};
-use fsbridge::spool::{read_regular_file, remove_file_idempotent};
+use fsbridge::spool::{RecentNames, read_regular_file, remove_file_idempotent};
 use fsbridge::{BatchHeader, BatchKind, Packet, Record, Spool};
 use libc::{c_int, socklen_t};
 
@@ -48,7 +48,7 @@ const RELAY_PER_PASS: usize = 256;
 const SEEN_ACK_FILES_MAX: usize = 4096;
 
 pub fn run(shim: &'static Shim) {
-    let mut seen_acks: (HashSet<String>, VecDeque<String>) = (HashSet::new(), VecDeque::new());
+    let mut seen_acks = RecentNames::new(SEEN_ACK_FILES_MAX);
     let mut bells = Doorbells::new();
     loop {
         flush_receipts(shim);
@@ -473,7 +473,7 @@ pub fn flush_receipts(shim: &Shim) {
 static RECEIPTS_FAILING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Reads the ack files the bells announced for this process and, on a sweep, those listed.
-fn read_acks(shim: &Shim, bells: &mut Doorbells, sweep: bool, seen: &mut (HashSet<String>, VecDeque<String>)) {
+fn read_acks(shim: &Shim, bells: &mut Doorbells, sweep: bool, seen: &mut RecentNames) {
     let spool = shim.volume.acks(&shim.config.node);
     let mut names = bells.take_acks();
     if sweep && let Ok(listed) = spool.list(usize::MAX) {
@@ -488,7 +488,7 @@ fn read_acks(shim: &Shim, bells: &mut Doorbells, sweep: bool, seen: &mut (HashSe
     // their only reader and removes each once read (the server sweeps those of dead processes).
     let mine = names.into_iter().filter(|name| parse_batch_file_name(name).is_some_and(|(of, _)| of == epoch));
     for name in mine {
-        if seen.0.contains(&name) {
+        if seen.contains(&name) {
             continue;
         }
         let Ok(Some(bytes)) = spool.read(&name) else { continue };
@@ -503,12 +503,6 @@ fn read_acks(shim: &Shim, bells: &mut Doorbells, sweep: bool, seen: &mut (HashSe
             continue;
         }
         // Not removable now (EBUSY on SMB): remember it was read.
-        seen.0.insert(name.clone());
-        seen.1.push_back(name);
-        if seen.1.len() > SEEN_ACK_FILES_MAX
-            && let Some(oldest) = seen.1.pop_front()
-        {
-            seen.0.remove(&oldest);
-        }
+        seen.insert(name);
     }
 }

@@ -18,7 +18,7 @@
 
 mod tun;
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,7 +31,7 @@ use fsbridge::format::{BatchEncoder, PAYLOAD_BYTES_MAX, decode_batch};
 use fsbridge::ip::{Cidr, IP_PORT, parse_ipv4};
 use fsbridge::layout::{batch_file_name, parse_batch_file_name};
 use fsbridge::log::{LogWriter, parse_segment_name};
-use fsbridge::spool::{list_names, read_regular_file, remove_file_idempotent};
+use fsbridge::spool::{RecentNames, list_names, read_regular_file, remove_file_idempotent};
 use fsbridge::{AckState, BatchHeader, BatchKind, NodeConfig, NodeName, Packet, PacketId, Record, Volume};
 
 use tun::Tun;
@@ -452,7 +452,7 @@ fn receive_loop(agent: &Agent) {
     let mut receipts: Vec<PacketId> = Vec::new();
     let mut receipt_seq = 0u64;
     let mut acks: Vec<String> = Vec::new();
-    let mut seen_acks: (HashSet<String>, VecDeque<String>) = (HashSet::new(), VecDeque::new());
+    let mut seen_acks = RecentNames::new(SEEN_ACK_FILES_MAX);
     while !STOP.load(Ordering::Relaxed) {
         let sweep = swept_at.is_none_or(|at| at.elapsed() >= SWEEP_INTERVAL);
         if sweep {
@@ -497,7 +497,7 @@ fn receive_loop(agent: &Agent) {
 
 /// Reads this agent's ack files (those announced, and on a sweep those listed): the packets they
 /// name leave the window. Each file is removed once read.
-fn read_acks(agent: &Agent, mut names: Vec<String>, sweep: bool, seen: &mut (HashSet<String>, VecDeque<String>)) {
+fn read_acks(agent: &Agent, mut names: Vec<String>, sweep: bool, seen: &mut RecentNames) {
     let spool = agent.volume.acks(&agent.config.node);
     if sweep && let Ok(listed) = spool.list(usize::MAX) {
         names.extend(listed);
@@ -507,7 +507,7 @@ fn read_acks(agent: &Agent, mut names: Vec<String>, sweep: bool, seen: &mut (Has
     let mine =
         names.into_iter().filter(|name| parse_batch_file_name(name).is_some_and(|(epoch, _)| epoch == agent.epoch));
     for name in mine {
-        if seen.0.contains(&name) {
+        if seen.contains(&name) {
             continue;
         }
         let Ok(Some(bytes)) = spool.read(&name) else { continue };
@@ -528,13 +528,8 @@ fn read_acks(agent: &Agent, mut names: Vec<String>, sweep: bool, seen: &mut (Has
         if spool.remove_unsynced(&name).is_ok() {
             continue;
         }
-        seen.0.insert(name.clone());
-        seen.1.push_back(name);
-        if seen.1.len() > SEEN_ACK_FILES_MAX
-            && let Some(oldest) = seen.1.pop_front()
-        {
-            seen.0.remove(&oldest);
-        }
+        // Not removable now (EBUSY on SMB): remember it was read.
+        seen.insert(name);
     }
 }
 
