@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::process::Command;
 
-const SCENARIOS: [&str; 19] = [
+const SCENARIOS: [&str; 23] = [
     "fsync-limit",
     "udp-raw",
     "shim-passthrough",
@@ -24,6 +24,10 @@ const SCENARIOS: [&str; 19] = [
     "ftss-nfs",
     "smb-kernel-file-per-packet",
     "ftss-smb-kernel",
+    "veth-udp",
+    "tun-udp",
+    "veth-tcp",
+    "tun-tcp",
     "redis-stream",
     "server-rss",
 ];

@@ -25,6 +25,8 @@ const TCP_LIMIT: Duration = Duration::from_secs(300);
 struct Pair {
     a: String,
     b: String,
+    /// a's end of the veth pair, once joined so.
+    veth_a: Option<String>,
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -38,7 +40,7 @@ fn ip(args: &[&str]) -> Result<(), String> {
 impl Pair {
     fn new() -> Result<Pair, String> {
         let tag = format!("{}-{}", std::process::id(), fsbridge::random_u64() % 100_000);
-        let pair = Pair { a: format!("ftssbench-{tag}-a"), b: format!("ftssbench-{tag}-b") };
+        let pair = Pair { a: format!("ftssbench-{tag}-a"), b: format!("ftssbench-{tag}-b"), veth_a: None };
         for netns in [&pair.a, &pair.b] {
             ip(&["netns", "add", netns])?;
             ip(&["-n", netns, "link", "set", "lo", "up"])?;
@@ -47,7 +49,7 @@ impl Pair {
     }
 
     /// Joins the two with a veth pair holding the nodes' addresses.
-    fn join_with_veth(&self) -> Result<(), String> {
+    fn join_with_veth(&mut self) -> Result<(), String> {
         let tag = fsbridge::random_u64() % 1_000_000;
         let (end_a, end_b) = (format!("fva{tag}"), format!("fvb{tag}"));
         ip(&["link", "add", &end_a, "type", "veth", "peer", "name", &end_b])?;
@@ -56,7 +58,17 @@ impl Pair {
             ip(&["-n", netns, "addr", "add", &format!("{}/24", node.1), "dev", end])?;
             ip(&["-n", netns, "link", "set", end, "up"])?;
         }
+        self.veth_a = Some(end_a);
         Ok(())
+    }
+
+    /// Packets a's interface toward b has sent so far (the kernel's counter).
+    fn sent_by_a(&self) -> Option<u64> {
+        let device = self.veth_a.as_deref().unwrap_or("ftss0");
+        let output =
+            Command::new("ip").args(["-n", &self.a, "-s", "-j", "link", "show", "dev", device]).output().ok()?;
+        let links: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        links[0]["stats64"]["tx"]["packets"].as_u64()
     }
 
     fn netns(&self) -> Option<(String, String)> {
@@ -147,7 +159,7 @@ fn server_cpu(measurement: &mut Measurement, ticks: Option<u64>, packets: u64) {
 
 /// The two namespaces of `scenario`, joined by the array (`tun-*`: returned) or a veth pair.
 fn nodes(bench: &Bench, node_bin: &Path, dir: &Path, scenario: &str) -> Result<(Pair, Option<Array>), String> {
-    let pair = Pair::new()?;
+    let mut pair = Pair::new()?;
     if scenario.starts_with("tun") {
         let array = Array::start(bench, node_bin, dir, &pair)?;
         return Ok((pair, Some(array)));
@@ -191,6 +203,7 @@ fn tcp(bench: &Bench, node_bin: &Path, bytes: usize, scenario: &'static str) -> 
     let mut receiver = Proc::start("nc -l", receiver, &dir.0.join("nc-recv.log"))?;
     std::thread::sleep(Duration::from_millis(300));
     let ticks_before = array.as_ref().and_then(Array::server_ticks);
+    let packets_before = pair.sent_by_a();
     let started = Instant::now();
     let send = format!("head -c {bytes} /dev/zero | nc -N {} 5000", RECEIVER_NODE.1);
     let sent = Command::new("ip")
@@ -200,11 +213,11 @@ fn tcp(bench: &Bench, node_bin: &Path, bytes: usize, scenario: &'static str) -> 
     let count = receiver.line(TCP_LIMIT);
     let seconds = started.elapsed().as_secs_f64();
     let mut measurement = Measurement::new(scenario, 0, 1, false);
+    // IP packets a sent toward b (data and its own acks), by its interface's counter.
+    measurement.packets = pair.sent_by_a().zip(packets_before).map_or(0, |(after, before)| after - before);
     if let Some(array) = array {
         let ticks = array.server_ticks().zip(ticks_before).map(|(after, before)| after - before);
-        let packets = array.ip_packets_stored();
-        measurement.packets = packets;
-        server_cpu(&mut measurement, ticks, packets);
+        server_cpu(&mut measurement, ticks, array.ip_packets_stored());
         array.stop();
     }
     receiver.finish(Duration::from_secs(5));
