@@ -208,9 +208,11 @@ fn ping_crosses_the_array_and_status_counts_ip_packets_per_node() {
     assert!(String::from_utf8_lossy(&text.stdout).contains("IP SENT/DELIV/REFUSED"));
 }
 
-/// A statically linked resolver (busybox nslookup, UDP) asks dnsmasq on the other node.
+/// A statically linked resolver (busybox nslookup, UDP) asks dnsmasq on the other node, and so does
+/// a Go program (Debian's prometheus-blackbox-exporter: Go's net package makes its system calls
+/// itself, which no LD_PRELOAD shim sees), whose ICMP probe crosses too.
 #[test]
-fn a_static_resolver_gets_answers_from_dnsmasq_across_the_array() {
+fn static_and_go_programs_get_answers_from_dnsmasq_across_the_array() {
     assert!(have("dnsmasq"), "dnsmasq is needed (.ci/run installs dnsmasq-base)");
     assert!(is_static("/usr/bin/busybox"), "busybox-static is needed (.ci/run installs it)");
     let mut nodes = Nodes::new("node-dns", &[("a", "10.77.0.1"), ("b", "10.77.0.2")]);
@@ -245,6 +247,51 @@ fn a_static_resolver_gets_answers_from_dnsmasq_across_the_array() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(answered.contains("10.1.2.3"), "nslookup said {answered:?}\n{}", nodes.logs());
+
+    assert!(
+        have("prometheus-blackbox-exporter"),
+        "the Go prober is needed (.ci/run installs prometheus-blackbox-exporter)"
+    );
+    let config = nodes.fabric.dir.0.join("blackbox.yml");
+    std::fs::write(
+        &config,
+        "modules:\n\
+         \x20 dns_udp:\n\
+         \x20   prober: dns\n\
+         \x20   timeout: 10s\n\
+         \x20   dns:\n\
+         \x20     transport_protocol: udp\n\
+         \x20     preferred_ip_protocol: ip4\n\
+         \x20     query_name: printer.example.test\n\
+         \x20     query_type: A\n\
+         \x20     validate_answer_rrs:\n\
+         \x20       fail_if_none_matches_regexp: ['.*10\\.1\\.2\\.3']\n\
+         \x20 icmp:\n\
+         \x20   prober: icmp\n\
+         \x20   timeout: 10s\n\
+         \x20   icmp:\n\
+         \x20     preferred_ip_protocol: ip4\n",
+    )
+    .unwrap();
+    let mut prober = nodes.command("a", "prometheus-blackbox-exporter");
+    prober
+        .arg(format!("--config.file={}", config.display()))
+        .arg("--web.listen-address=127.0.0.1:9115")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let _prober = Proc { child: prober.spawn().expect("blackbox exporter"), name: "blackbox exporter".into() };
+    for (module, target) in [("dns_udp", "10.77.0.2:53"), ("icmp", "10.77.0.2")] {
+        let url = format!("http://127.0.0.1:9115/probe?module={module}&target={target}");
+        let mut said = String::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline && !said.lines().any(|line| line == "probe_success 1") {
+            std::thread::sleep(Duration::from_millis(200));
+            let output = nodes.command("a", "curl").args(["-s", "--max-time", "15", &url]).output();
+            said = output.map(|output| String::from_utf8_lossy(&output.stdout).into_owned()).unwrap_or_default();
+        }
+        assert!(said.lines().any(|line| line == "probe_success 1"), "Go {module} probe said {said}\n{}", nodes.logs());
+    }
 }
 
 /// TCP: python3's http.server on b, fetched by curl and by the static busybox wget on a; and 50 MB
