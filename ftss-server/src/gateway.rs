@@ -40,6 +40,9 @@ impl std::str::FromStr for IngressRule {
         let (node, port) = target.rsplit_once(':').ok_or_else(usage)?;
         let node = NodeName::new(node).map_err(|error| error.to_string())?;
         let port: u16 = port.parse().map_err(|_| usage())?;
+        if port == fsbridge::ip::IP_PORT {
+            return Err(format!("{text:?}: port 0 is no UDP port (on the volume it names a node's whole IP packets)"));
+        }
         Ok(IngressRule { listen, node, port })
     }
 }
@@ -224,6 +227,7 @@ mod tests {
         assert_eq!((rule.listen.port(), rule.node.as_str(), rule.port), (5000, "b", 9000));
         assert!("127.0.0.1:5000".parse::<IngressRule>().is_err());
         assert!("127.0.0.1:5000=../x:1".parse::<IngressRule>().is_err());
+        assert!("127.0.0.1:5000=b:0".parse::<IngressRule>().unwrap_err().contains("port 0"));
         let fabric: Cidr = "10.77.0.0/16".parse().unwrap();
         assert!(fabric.contains("10.77.1.2".parse().unwrap()));
         assert!(!fabric.contains("127.0.0.1".parse().unwrap()));
