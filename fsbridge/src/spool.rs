@@ -263,7 +263,6 @@ impl Spool {
     }
 }
 
-/// Is `name` one path component that is not hidden, `.` or `..`?
 /// A bounded set of file names, the oldest forgotten first: files a reader has read but could not
 /// remove (EBUSY on SMB), so that it does not take them again.
 pub struct RecentNames {
@@ -293,6 +292,7 @@ impl RecentNames {
     }
 }
 
+/// Is `name` one path component that is not hidden, `.` or `..`?
 pub fn is_plain_name(name: &str) -> bool {
     !name.is_empty() && !name.starts_with('.') && !name.contains('/') && !name.contains('\0')
 }

@@ -88,11 +88,15 @@ impl Server {
         }
         let mut drained = if from_volume { self.read_outboxes(&mut budget) } else { Vec::new() };
         let mut from_fabric = self.read_fabric(&mut budget);
+        let mut refused = Vec::new();
         for batch in &mut drained {
-            self.check_ip_packets(&batch.node, &mut batch.packets);
+            let registered = self.registry.addr(&batch.node);
+            self.check_ip_packets((&batch.node, registered, batch.acks), &mut batch.packets, &mut refused);
         }
         for taken in &mut from_fabric {
-            self.check_ip_packets(&taken.conn.node, &mut taken.packets);
+            // Over the fabric the source is the authenticated connection's address.
+            let sender = (&taken.conn.node, Some(taken.conn.addr), AcksWanted::None);
+            self.check_ip_packets(sender, &mut taken.packets, &mut refused);
         }
         let arrived = match self.arrivals_kept.is_empty() {
             true => {
@@ -119,10 +123,11 @@ impl Server {
             admitted.push(packet);
         }
         let arrived = admitted;
-        if drained.is_empty() && arrived.is_empty() && from_fabric.is_empty() {
+        if drained.is_empty() && arrived.is_empty() && from_fabric.is_empty() && refused.is_empty() {
             return Ok(None);
         }
-        let mut group = DrainGroup { arrived, drained, from_fabric, locations: Vec::new(), stored_unix_us: now_us() };
+        let mut group =
+            DrainGroup { arrived, drained, from_fabric, refused, locations: Vec::new(), stored_unix_us: now_us() };
         let mut locations = Vec::new();
         for packet in group.packets() {
             if self.index.seen(&packet.id) {
@@ -149,38 +154,50 @@ impl Server {
         Ok(Some(group))
     }
 
-    /// Takes out of `packets` (drained from `node`) the whole IP packets that may not be carried:
-    /// a malformed header, addresses other than the record's (the record's source is the node's
-    /// registered address), or a destination outside the fabric (the gateway carries datagrams,
-    /// not packets). Each is counted by reason and its sender told; the rest are counted as sent.
-    fn check_ip_packets(&mut self, node: &NodeName, packets: &mut Vec<Packet>) {
+    /// Takes out of `packets` (drained from `node`, whose registered address is `registered`) the
+    /// whole IP packets that may not be carried: from a node with no registered address (the
+    /// record's source is the registered address, so nothing else ties the packet's source to the
+    /// node), a malformed header, addresses other than the record's, or a destination outside the
+    /// fabric (the gateway carries datagrams, not packets). They go into `refused`: counted, and
+    /// their senders told, once the cycle's group is durable (`complete_drain`).
+    fn check_ip_packets(
+        &self,
+        (node, registered, acks): (&NodeName, Option<Ipv4Addr>, AcksWanted),
+        packets: &mut Vec<Packet>,
+        refused: &mut Vec<Refused>,
+    ) {
         if !packets.iter().any(fsbridge::ip::is_ip_packet) {
             return;
         }
-        let mut refused = Vec::new();
-        let mut sent = 0;
         packets.retain(|packet| {
             if !fsbridge::ip::is_ip_packet(packet) {
                 return true;
             }
             let reason = match fsbridge::ip::check_packet(packet) {
+                _ if registered != Some(*packet.source.ip()) => "the sending node has no registered address".to_owned(),
                 Err(error) => error.to_string(),
                 Ok(_) if self.is_external(packet.destination.ip()) => "IP destination outside the fabric".to_owned(),
-                Ok(_) => {
-                    sent += 1;
-                    return true;
-                }
+                Ok(_) => return true,
             };
-            refused.push((packet.id.clone(), reason));
+            refused.push(Refused { node: node.clone(), id: packet.id.clone(), reason, acks });
             false
         });
-        let counts = self.ip.entry(node.clone()).or_default();
-        counts.sent += sent;
-        for (_, reason) in &refused {
-            *counts.refused.entry(reason.clone()).or_default() += 1;
+    }
+
+    /// Counts the group's IP packets, stored and refused, per node, and tells the refused ones'
+    /// senders (their epoch remembered even when nothing of theirs was stored).
+    fn count_ip_packets(&mut self, group: &mut DrainGroup) {
+        for (packet, location) in group.packets().zip(&group.locations) {
+            if location.is_some() && fsbridge::ip::is_ip_packet(packet) {
+                self.ip.entry(packet.id.origin.clone()).or_default().sent += 1;
+            }
         }
-        for (id, reason) in refused {
-            self.ack_later(&id, AckState::Rejected, reason);
+        for refused in std::mem::take(&mut group.refused) {
+            *self.ip.entry(refused.node.clone()).or_default().refused.entry(refused.reason.clone()).or_default() += 1;
+            if refused.acks != AcksWanted::None {
+                self.remember_ack_epoch(&refused.node, refused.id.epoch, refused.acks == AcksWanted::StoredOnly);
+            }
+            self.ack_later(&refused.id, AckState::Rejected, refused.reason);
         }
     }
 
@@ -198,12 +215,13 @@ impl Server {
     }
 
     /// The group is durable: index its packets, ack them, remove the outbox files.
-    pub(super) fn complete_drain(&mut self, group: DrainGroup) -> Result<usize, fsbridge::SpoolError> {
+    pub(super) fn complete_drain(&mut self, mut group: DrainGroup) -> Result<usize, fsbridge::SpoolError> {
         let total = group.packets().count();
         let fresh = group.locations.iter().flatten().count();
         self.counters.drained += (total - group.arrived.len()) as u64;
         self.counters.duplicates += (total - fresh) as u64;
         self.counters.stored += fresh as u64;
+        self.count_ip_packets(&mut group);
         let stored_unix_us = group.stored_unix_us;
         for (packet, location) in group.packets().zip(&group.locations) {
             if let Some(location) = location {

@@ -307,3 +307,49 @@ fn an_idle_active_segment_is_replaced_at_most_once_a_second() {
     server.cycle();
     assert_eq!(server.queue.segment_count(), 1, "the receipted packets' segment was not deleted");
 }
+
+/// An agent whose first batch held only refused IP packets never got their "rejected" acks: its
+/// epoch was remembered from stored packets only, so the acks were dropped and the packets held
+/// its window for 30 s. The refusal is counted once, and told.
+#[test]
+fn a_refused_ip_packet_is_told_to_a_sender_nothing_of_which_was_stored_yet() {
+    use fsbridge::format::{FLAG_STORED_ACKS_ONLY, FLAG_WANTS_ACKS};
+    let mut world = SimWorld::new();
+    let mut server = Server::open(config(&world.dir)).unwrap();
+    register_a_and_b(&server.volume);
+    let node = NodeName::new("a").unwrap();
+    let header = BatchHeader {
+        kind: BatchKind::Packets,
+        node: node.clone(),
+        epoch: 5,
+        batch_seq: 1,
+        flags: FLAG_WANTS_ACKS | FLAG_STORED_ACKS_ONLY,
+    };
+    let mut encoder = BatchEncoder::new(&header);
+    encoder.push(&Record::Packet(Packet {
+        id: PacketId { origin: node.clone(), epoch: 5, seq: 1 },
+        source: "10.77.0.1:0".parse().unwrap(),
+        destination: "10.77.0.2:0".parse().unwrap(),
+        sent_unix_us: 1,
+        payload: b"not an IPv4 packet at all".to_vec(),
+    }));
+    server.volume.outbox(&node).publish(&batch_file_name(5, 1, "pkt"), &encoder.finish()).unwrap();
+    for _ in 0..3 {
+        server.cycle();
+        world.tick(20_000);
+    }
+    assert_eq!(server.index.len(), 0);
+    let counts = server.ip.get(&node).cloned().unwrap_or_default();
+    assert_eq!(counts.refused.values().sum::<u64>(), 1, "{:?}", counts.refused);
+    let acks = server.volume.acks(&node);
+    let mut states = Vec::new();
+    for name in acks.list(usize::MAX).unwrap() {
+        for record in fsbridge::format::decode_batch(&acks.read(&name).unwrap().unwrap()).unwrap().records {
+            if let Record::Ack(ack) = record {
+                states.push((ack.id.seq, ack.state as u8));
+            }
+        }
+    }
+    states.sort();
+    assert_eq!(states, vec![(1, AckState::Rejected as u8)]);
+}

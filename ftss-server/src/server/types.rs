@@ -150,10 +150,21 @@ pub(super) struct DrainGroup {
     pub(super) arrived: Vec<Packet>,
     pub(super) drained: Vec<Drained>,
     pub(super) from_fabric: Vec<FabricDrained>,
+    /// IP packets refused this cycle (see `check_ip_packets`); their refusals count once the
+    /// group is durable (a failed sync reads the outbox again and refuses them again).
+    pub(super) refused: Vec<Refused>,
     /// Per packet, in the order of [`DrainGroup::packets`]: where it was appended (`None`: a
     /// duplicate of a stored one).
     pub(super) locations: Vec<Option<Location>>,
     pub(super) stored_unix_us: u64,
+}
+
+/// An IP packet not stored, and why.
+pub(super) struct Refused {
+    pub(super) node: NodeName,
+    pub(super) id: PacketId,
+    pub(super) reason: String,
+    pub(super) acks: AcksWanted,
 }
 
 impl DrainGroup {

@@ -268,7 +268,10 @@ fn run(config: Config) -> Result<(), String> {
     volume.inbox(&config.node, IP_PORT).create().map_err(|error| format!("creating the IP inbox: {error}"))?;
     let tun = Tun::create(&config.device, config.addr, config.mtu, &config.routes)
         .map_err(|error| format!("setting up {}: {error}", config.device))?;
-    tun::keep_only_net_admin().map_err(|error| format!("dropping capabilities: {error}"))?;
+    if let Err(error) = tun::keep_only_net_admin() {
+        tun.release();
+        return Err(format!("dropping capabilities: {error}"));
+    }
     for signal in [libc::SIGTERM, libc::SIGINT] {
         // SAFETY: the handler only stores to an atomic.
         unsafe { libc::signal(signal, on_stop_signal as *const () as libc::sighandler_t) };
@@ -286,10 +289,14 @@ fn run(config: Config) -> Result<(), String> {
     let agent = Arc::new(Agent { config, volume, tun, epoch, counts: Counts::default(), window: Window::default() });
     let receiver = {
         let agent = agent.clone();
-        std::thread::Builder::new()
-            .name("ftss-node-rx".into())
-            .spawn(move || receive_loop(&agent))
-            .map_err(|error| format!("starting the receive thread: {error}"))?
+        std::thread::Builder::new().name("ftss-node-rx".into()).spawn(move || receive_loop(&agent))
+    };
+    let receiver = match receiver {
+        Ok(receiver) => receiver,
+        Err(error) => {
+            agent.tun.release();
+            return Err(format!("starting the receive thread: {error}"));
+        }
     };
     send_loop(&agent);
     let _ = receiver.join();
@@ -386,6 +393,9 @@ fn send_loop(agent: &Agent) {
             encoder.push(&Record::Packet(packet.clone()));
         }
         let encoded = encoder.finish();
+        // In the window before the append: once it returns, the server may store the batch and
+        // its ack be read before this thread runs again.
+        agent.window.add(&packets);
         // The packets are durable before the next is read; while the volume fails the device is
         // not read (the kernel drops at its queue) and this batch is tried again.
         loop {
@@ -407,7 +417,6 @@ fn send_loop(agent: &Agent) {
                 }
             }
         }
-        agent.window.add(&packets);
         agent.counts.sent.fetch_add(packets.len() as u64, Ordering::Relaxed);
     }
     writer.seal();

@@ -82,13 +82,14 @@ impl Tun {
         request.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
         // SAFETY: TUNSETIFF takes a pointer to an ifreq.
         check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut request) }, "TUNSETIFF")?;
-        // Persistent while the agent runs: killed, it leaves the interface with its address and
-        // routes, so the node's connections and bound sockets outlive a restart (the kernel queues,
-        // then drops, what is sent meanwhile). A clean stop ends that (`release`).
-        // SAFETY: TUNSETPERSIST takes an integer.
-        check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) }, "TUNSETPERSIST")?;
         let tun = Tun { fd, name: name.to_owned() };
         tun.configure(addr, mtu, routes)?;
+        // Persistent while the agent runs: killed, it leaves the interface with its address and
+        // routes, so the node's connections and bound sockets outlive a restart (the kernel queues,
+        // then drops, what is sent meanwhile). A clean stop, or a failed start after this, ends
+        // that (`release`). Set once configured: a setup that fails leaves no interface behind.
+        // SAFETY: TUNSETPERSIST takes an integer.
+        check(unsafe { libc::ioctl(tun.fd.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) }, "TUNSETPERSIST")?;
         Ok(tun)
     }
 
@@ -198,7 +199,8 @@ pub fn keep_only_net_admin() -> io::Result<()> {
         Data { effective: 0, permitted: 0, inheritable: 0 },
     ];
     // SAFETY: prctl with plain integer arguments.
-    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }, "PR_SET_NO_NEW_PRIVS")?;
+    let (one, zero): (libc::c_ulong, libc::c_ulong) = (1, 0);
+    check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, one, zero, zero, zero) }, "PR_SET_NO_NEW_PRIVS")?;
     // SAFETY: capset takes a v3 header and two data structs.
     let result = unsafe { libc::syscall(libc::SYS_capset, &header as *const Header, data.as_ptr()) };
     check(result as libc::c_int, "capset")?;
