@@ -772,8 +772,8 @@ impl Array {
     }
 }
 
-/// Requests a node sends to the array VM's echo app (p90 of ten: the first, which meets a new
-/// reply port, is the slowest).
+/// Requests a node sends to the array VM's echo app (p90 of ten: the first, from a node the server
+/// has not seen yet, is the slowest).
 const ARRAY_REQUESTS: usize = 10;
 
 /// Nodes on NFSv3, NFSv4.2 and SMB3 with default mount options, one after another, against kernel

@@ -26,7 +26,8 @@ const READS_PER_TAKE_MAX: usize = 64;
 pub struct Woken {
     /// Something was written, created or renamed in a watched directory (or events were lost).
     pub news: bool,
-    /// A node directory appeared or was renamed in (the registry should be read again).
+    /// A node directory appeared or was renamed in, or a registration was written in one (the
+    /// registry should be read again).
     pub nodes: bool,
     /// A directory appeared in a watched one (one still to watch may exist now).
     pub dirs: bool,
@@ -134,6 +135,14 @@ impl Watcher {
         }
     }
 
+    /// Whether `event` is a node's `node.toml` written or renamed into its directory (a node
+    /// makes its directory before its registration, so the directory's own event may come too
+    /// early for the registry).
+    fn is_registration(&self, event: &nix::sys::inotify::InotifyEvent) -> bool {
+        event.name.as_deref().is_some_and(|name| name == "node.toml")
+            && self.watched.get(&event.wd).and_then(|dir| dir.parent()) == Some(self.nodes_dir.as_path())
+    }
+
     /// Reads the waiting events (without blocking) and says what they mean.
     pub fn take(&mut self) -> Woken {
         let mut woken = Woken::default();
@@ -163,7 +172,7 @@ impl Watcher {
                 if event.mask.contains(AddWatchFlags::IN_ISDIR) {
                     woken.dirs = true;
                 }
-                if self.nodes_wd == Some(event.wd) {
+                if self.nodes_wd == Some(event.wd) || self.is_registration(&event) {
                     woken.nodes = true;
                 }
             }
@@ -218,6 +227,31 @@ mod tests {
         // A new node directory.
         std::fs::create_dir_all(nodes.join("b")).unwrap();
         assert_eq!(watcher.take(), Woken { news: true, nodes: true, dirs: true });
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_registration_written_into_a_watched_node_directory_says_nodes() {
+        // A node makes its directory first and renames its node.toml in after: the registry read
+        // at the directory's event finds no registration yet, so the rename must wake it again
+        // (else a new node's first datagram waited for the once-a-second refresh).
+        let root = temp_dir("registration");
+        let nodes = root.join("nodes");
+        std::fs::create_dir_all(&nodes).unwrap();
+        let mut watcher = Watcher::new(nodes.clone()).unwrap();
+        std::fs::create_dir_all(nodes.join("b/out/new")).unwrap();
+        assert!(watcher.take().nodes);
+        watcher.watch([nodes.join("b"), nodes.join("b/out/new")]);
+        std::fs::write(nodes.join("b/out/new/f"), b"f").unwrap();
+        assert_eq!(
+            watcher.take(),
+            Woken { news: true, nodes: false, dirs: false },
+            "an outbox file is no registration"
+        );
+        std::fs::write(nodes.join("b/.node.toml.tmp"), b"addr = \"10.77.0.2\"\n").unwrap();
+        watcher.take();
+        std::fs::rename(nodes.join("b/.node.toml.tmp"), nodes.join("b/node.toml")).unwrap();
+        assert_eq!(watcher.take(), Woken { news: true, nodes: true, dirs: false });
         std::fs::remove_dir_all(root).unwrap();
     }
 
