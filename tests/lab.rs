@@ -840,6 +840,90 @@ fn request_reply_against_the_array_vm_over_nfs_and_smb_answers_within_a_second()
     eprintln!("{}", array.lines("ARRAY-STACK ").into_iter().map(|(_, line)| line).collect::<Vec<_>>().join("\n"));
 }
 
+/// Starts ftss-node as `node` (`addr`) on the volume at `volume` (a path inside the guest's root)
+/// and waits for its interface: job lines for a lab guest.
+fn agent_lines(volume: &str, node: &str, addr: &str) -> String {
+    format!(
+        "bg_root env FTSS_VOLUME={volume} FTSS_NODE={node} FTSS_ADDR={addr} {agent} 2>/newroot/tmp/agent.log\n\
+         i=0; until ip -o addr show dev ftss0 2>/dev/null | grep -q inet; do sleep 0.2; i=$((i+1)); \
+         [ $i -lt 300 ] || {{ sed 's/^/LAB-AGENT /' /newroot/tmp/agent.log; fail 'ftss-node did not bring ftss0 up'; }}; done\n",
+        agent = common::node_agent_path().display(),
+    )
+}
+
+/// ftss-node on the real stack: the array VM runs ftss-server and an agent (node a) serving a
+/// 1 MiB file over HTTP; node VMs on kernel NFSv4.2 and SMB3 clients (default mounts) run their
+/// own agent (node b), then `ping` and `curl` cross the array: every IP packet is a batch in the
+/// node's outbox on the mount, stored on RAID1 behind the NVDIMM cache, and an inbox file back.
+#[test]
+fn ftss_node_in_guests_carries_ping_and_http_through_the_array_vm_over_nfs_and_smb() {
+    let _lab = lab::exclusive();
+    let mut array = Array::new("node");
+    let apps = format!(
+        "mkdir -p /newroot/tmp/www && head -c 1048576 /dev/urandom >/newroot/tmp/www/blob\n\
+         sha256sum /newroot/tmp/www/blob | cut -d' ' -f1 >/newroot/array/vol/lab-blob-sha256\n\
+         {agent}\
+         bg_root python3 -m http.server --bind 10.77.0.1 --directory /tmp/www 8000 >/newroot/tmp/http.log 2>&1\n\
+         i=0; until netstat -ltn | grep -q '10.77.0.1:8000 '; do sleep 0.2; i=$((i+1)); \
+         [ $i -lt 300 ] || {{ cat /newroot/tmp/http.log; fail 'http.server is not listening'; }}; done",
+        agent = agent_lines("/array/vol", "a", "10.77.0.1"),
+    );
+    let job = format!(
+        "i=0; until [ -f /newroot/array/vol/lab-done ] || [ $i -ge 2400 ]; do sleep 0.25; i=$((i+1)); done\n\
+         in_root {server} status --volume /array/vol | sed 's/^/ARRAY-STATUS /'\n\
+         sed 's/^/ARRAY-AGENT /' /newroot/tmp/agent.log",
+        server = common::server_path().display(),
+    );
+    array.boot(true, true, &apps, &job);
+    let kinds = ["nfs4.2", "smb3"];
+    for (index, kind) in kinds.iter().enumerate() {
+        let last = index + 1 == kinds.len();
+        let app = format!(
+            "{agent}\
+             in_root ping -c 3 -w 120 10.77.0.1 | sed 's/^/LAB-PING /'\n\
+             in_root curl -sS --max-time 240 -w 'LAB-SPEED %{{speed_download}}\\n' -o /tmp/blob http://10.77.0.1:8000/blob || echo LAB-CURL-FAILED\n\
+             echo \"LAB-BLOB $(in_root sha256sum /tmp/blob | cut -d' ' -f1) $(cat /newroot$VOLUME/lab-blob-sha256)\"\n\
+             sed 's/^/LAB-AGENT /' /newroot/tmp/agent.log\n\
+             {done}",
+            agent = agent_lines("$VOLUME", "b", "10.77.0.2"),
+            done = if last { "touch /newroot$VOLUME/lab-done\n" } else { "" },
+        );
+        let mut node = array.node(kind, &app);
+        let status = array.wait_node(&mut node, Duration::from_secs(600));
+        let console = node.console();
+        assert_eq!(status, Some(0), "{kind}: the node's job failed:\n{console}\narray:\n{}", array.consoles());
+        let ping = node.lines("LAB-PING ").join("\n");
+        eprintln!("{kind}:\n{ping}\nHTTP bytes/s: {:?}", node.lines("LAB-SPEED "));
+        assert!(
+            ping.contains("3 packets transmitted, 3 received"),
+            "{kind}: ping:\n{console}\narray:\n{}",
+            array.consoles()
+        );
+        let blob = node.lines("LAB-BLOB ");
+        let sums: Vec<&str> = blob.first().map(|line| line.split_whitespace().collect()).unwrap_or_default();
+        assert!(
+            sums.len() == 2 && sums[0] == sums[1],
+            "{kind}: the file fetched over HTTP differs from the array's (sha256 got, sent: {blob:?}):\n{console}"
+        );
+    }
+    let status = array.guest().wait(Duration::from_secs(60));
+    assert_eq!(status, Some(0), "the array's job failed:\n{}", array.consoles());
+    let status = array.lines("ARRAY-STATUS ").into_iter().map(|(_, line)| line).collect::<Vec<_>>();
+    eprintln!("{}", status.join("\n"));
+    // The server counted node b's IP packets, both ways, and refused none.
+    let counts: Vec<u64> = status
+        .iter()
+        .find(|line| line.starts_with("b "))
+        .and_then(|line| line.split_whitespace().last())
+        .map(|field| field.split('/').filter_map(|count| count.parse().ok()).collect())
+        .unwrap_or_default();
+    assert!(
+        counts.len() == 3 && counts[0] > 0 && counts[1] > 0 && counts[2] == 0,
+        "node b's IP SENT/DELIV/REFUSED: {counts:?}\n{}",
+        status.join("\n")
+    );
+}
+
 /// The same request/reply without ftss, the baseline the round trips are held to (array side, no
 /// shim): lists each directory in DIR on the array's own file system every 10 ms and answers each
 /// `req-N` by writing and syncing its name into `rep-N`, which the node created beforehand.
