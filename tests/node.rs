@@ -5,7 +5,7 @@
 //! with SIGKILL mid-transfer, and a node's agent is down while a datagram is sent to it.
 //!
 //! Needs root (network namespaces, /dev/net/tun); .ci/run installs busybox-static, iputils-ping,
-//! curl and dnsmasq.
+//! curl, dnsmasq and strace.
 
 mod common;
 
@@ -629,4 +629,45 @@ fn with_the_server_down_the_agent_stops_at_its_window_and_loses_nothing_it_read(
         nodes.logs()
     );
     assert!(nodes.agent_log("a").contains("acks came: reading the device again"), "{}", nodes.logs());
+}
+
+/// A start that fails once the TUN device exists leaves no interface behind. The agent used to
+/// make the device persistent right after creating it, so a configuration step that failed left a
+/// dead, addressless `ftss0` in the node. strace's fault injection fails one system call at a time:
+/// each ioctl of the setup after the device's creation (address, netmask, MTU, flags, up, route,
+/// persistence), and `capset` (after the device is persistent: the agent must release it).
+#[test]
+fn a_start_that_fails_while_setting_up_the_interface_leaves_no_interface() {
+    assert!(have("strace"), "strace is needed (.ci/run installs it)");
+    let mut nodes = Nodes::new("node-setup", &[("a", "10.77.0.1")]);
+    let netns = nodes.node("a").netns.clone();
+    let interface_exists =
+        || Command::new("ip").args(["-n", &netns, "link", "show", "dev", "ftss0"]).output().unwrap().status.success();
+    // The setup's ioctls in order: 1 TUNSETIFF, 2 SIOCSIFADDR, 3 SIOCSIFNETMASK, 4 SIOCSIFMTU,
+    // 5 SIOCGIFFLAGS, 6 SIOCSIFFLAGS, 7 SIOCADDRT (one route), 8 TUNSETPERSIST.
+    let faults: Vec<(String, &str)> = (2..=8)
+        .map(|call| (format!("inject=ioctl:error=EPERM:when={call}"), "setting up ftss0"))
+        .chain([("inject=capset:error=EPERM".to_string(), "dropping capabilities")])
+        .collect();
+    for (fault, error) in faults {
+        let output = Command::new("ip")
+            .args(["netns", "exec", &netns, "strace", "-f", "-qq", "-e", "trace=ioctl,capset", "-e", &fault])
+            .arg(node_agent_path())
+            .env("FTSS_VOLUME", &nodes.fabric.volume)
+            .env("FTSS_NODE", "a")
+            .env("FTSS_ADDR", "10.77.0.1")
+            .env("FTSS_ROUTES", "10.77.0.0/16")
+            .env_remove("LD_PRELOAD")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert!(said.contains("(INJECTED)"), "{fault}: nothing was injected:\n{said}");
+        assert_eq!(output.status.code(), Some(1), "{fault}: the agent did not fail its start:\n{said}");
+        assert!(said.contains(error), "{fault}: the agent's error does not say {error:?}:\n{said}");
+        assert!(!interface_exists(), "{fault}: a failed start left ftss0 behind:\n{said}");
+    }
+    // And the same agent, with nothing injected, starts and makes the interface.
+    nodes.start_agent("a");
+    assert!(interface_exists());
 }

@@ -48,6 +48,10 @@ pub(super) const RECEIPT_FILES_PER_NODE_MAX: usize = 1024;
 
 /// How often the node registry (`node.toml` files) is re-read.
 pub(super) const REGISTRY_REFRESH: Duration = Duration::from_secs(1);
+/// Least time between registry reads that volume events ask for (a new node directory, a
+/// `node.toml` written): a node rewriting its registration in a loop cannot make every cycle
+/// read every node's.
+pub(super) const REGISTRY_REFRESH_WOKEN: Duration = Duration::from_millis(10);
 
 /// How often status.json is rewritten.
 pub(super) const STATUS_INTERVAL: Duration = Duration::from_millis(250);

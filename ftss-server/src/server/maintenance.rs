@@ -38,7 +38,7 @@ impl Server {
             self.volume_reads.woken();
         }
         if woken.nodes {
-            self.registry_loaded_at = None;
+            self.registry_woken = true;
         }
         if woken.dirs {
             self.watch_volume();
@@ -74,10 +74,12 @@ impl Server {
 
     pub(super) fn refresh_registry(&mut self) -> Result<(), fsbridge::SpoolError> {
         let now = monotonic_now();
-        if self.registry_loaded_at.is_some_and(|at| now.duration_since(at) < REGISTRY_REFRESH) {
+        let every = if self.registry_woken { REGISTRY_REFRESH_WOKEN } else { REGISTRY_REFRESH };
+        if self.registry_loaded_at.is_some_and(|at| now.duration_since(at) < every) {
             return Ok(());
         }
         self.registry_loaded_at = Some(now);
+        self.registry_woken = false;
         let (nodes, invalid) = self.volume.list_nodes()?;
         for name in invalid {
             let path = self.volume.nodes_dir().join(&name);

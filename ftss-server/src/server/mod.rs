@@ -90,6 +90,9 @@ pub struct Server {
     /// read meanwhile: they wait in the socket, so this holds at most one cycle's worth).
     arrivals_kept: Vec<Packet>,
     registry_loaded_at: Option<Time>,
+    /// Volume events said a node came or registered: the registry is read again after
+    /// `REGISTRY_REFRESH_WOKEN` rather than `REGISTRY_REFRESH`.
+    registry_woken: bool,
     /// When the volume's outboxes and receipts were last read, and whether they held anything.
     volume_reads: VolumeReads,
     /// inotify watches on the directories nodes write into (a wakeup hint; `None` without).

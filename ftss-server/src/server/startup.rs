@@ -35,6 +35,7 @@ impl Server {
             pending_rings: BTreeMap::new(),
             arrivals_kept: Vec::new(),
             registry_loaded_at: None,
+            registry_woken: false,
             volume_reads: VolumeReads::default(),
             watcher: Watcher::new(volume_nodes_dir),
             status_written_at: None,

@@ -308,6 +308,32 @@ fn an_idle_active_segment_is_replaced_at_most_once_a_second() {
     assert_eq!(server.queue.segment_count(), 1, "the receipted packets' segment was not deleted");
 }
 
+/// Volume events (a new node directory, a `node.toml` written) make the registry be read again
+/// soon, but not more often than every 10 ms, however many events come; without them, once a
+/// second.
+#[test]
+fn the_registry_is_read_again_soon_after_an_event_but_not_at_every_event() {
+    let mut world = SimWorld::new();
+    let mut server = Server::open(config(&world.dir)).unwrap();
+    server.refresh_registry().unwrap();
+    let read_at = server.registry_loaded_at;
+    world.tick(1_000);
+    server.registry_woken = true;
+    server.refresh_registry().unwrap();
+    assert_eq!(server.registry_loaded_at, read_at, "read again 1 ms after the last read");
+    world.tick(9_000);
+    server.refresh_registry().unwrap();
+    assert_ne!(server.registry_loaded_at, read_at, "not read again 10 ms after an event");
+    assert!(!server.registry_woken);
+    let read_at = server.registry_loaded_at;
+    world.tick(500_000);
+    server.refresh_registry().unwrap();
+    assert_eq!(server.registry_loaded_at, read_at, "read again within a second with no event");
+    world.tick(500_000);
+    server.refresh_registry().unwrap();
+    assert_ne!(server.registry_loaded_at, read_at, "not read again after a second");
+}
+
 /// An agent whose first batch held only refused IP packets never got their "rejected" acks: its
 /// epoch was remembered from stored packets only, so the acks were dropped and the packets held
 /// its window for 30 s. The refusal is counted once, and told.
