@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use fsbridge::format::{BATCH_BYTES_MAX, BatchEncoder, FLAG_WANTS_ACKS, RECORD_OVERHEAD_BYTES};
@@ -94,6 +95,13 @@ struct State {
     /// Ring occupancy at which a sender wakes the flusher: 1 normally, more while it gathers a
     /// batch (so that it is not woken for every packet it is waiting for anyway).
     wake_at: usize,
+    /// Senders parked until their seq is published, by seq (one sender per seq). Each is woken
+    /// alone once its seq is, instead of every waiting sender at every batch or ack.
+    published_waiters: BTreeMap<u64, Thread>,
+    /// Senders parked until their seq's ack arrives (guaranteed mode), by seq.
+    ack_waiters: BTreeMap<u64, Thread>,
+    /// Threads waiting on `progress` (for room in the ring, or for the outbox to be idle).
+    progress_waiters: usize,
 }
 
 /// The shared outbox of one process.
@@ -102,7 +110,8 @@ pub struct Outbox {
     consumer: Mutex<HeapCons<Packet>>,
     /// Signalled when the ring gains packets.
     work: Condvar,
-    /// Signalled when a batch is published or fails, or an ack arrives.
+    /// Signalled when a batch is published or fails, or an ack arrives, if a thread waits for room
+    /// or for idleness (a sender waiting for its own seq is parked and woken alone).
     progress: Condvar,
     spool: Spool,
     /// The process's outbox log (`FTSS_OUTBOX=log`); without it each batch is a file in `spool`.
@@ -129,6 +138,9 @@ impl Outbox {
                 taken_seq: 0,
                 nudged: false,
                 wake_at: 1,
+                published_waiters: BTreeMap::new(),
+                ack_waiters: BTreeMap::new(),
+                progress_waiters: 0,
             }),
             consumer: Mutex::new(consumer),
             work: Condvar::new(),
@@ -182,21 +194,66 @@ impl Outbox {
         Ok(seq)
     }
 
-    fn wait<'a>(&self, state: MutexGuard<'a, State>, deadline: Instant) -> Result<MutexGuard<'a, State>, SendError> {
+    fn wait<'a>(
+        &self,
+        mut state: MutexGuard<'a, State>,
+        deadline: Instant,
+    ) -> Result<MutexGuard<'a, State>, SendError> {
         let now = Instant::now();
         if now >= deadline {
             return Err(SendError::TimedOut);
         }
-        let (state, _) =
+        state.progress_waiters += 1;
+        let (mut state, _) =
             self.progress.wait_timeout(state, deadline - now).unwrap_or_else(|poisoned| poisoned.into_inner());
+        state.progress_waiters -= 1;
         Ok(state)
+    }
+
+    /// Parks the calling thread, registered in `waiters` under `seq`, until it is woken or
+    /// `deadline` passes. Woken or not, it is no longer registered when this returns.
+    fn park<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, State>,
+        seq: u64,
+        deadline: Instant,
+        waiters: fn(&mut State) -> &mut BTreeMap<u64, Thread>,
+    ) -> Result<MutexGuard<'a, State>, SendError> {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(SendError::TimedOut);
+        }
+        waiters(&mut state).insert(seq, std::thread::current());
+        drop(state);
+        // An unpark that came first makes this return at once; a spurious return looks again.
+        std::thread::park_timeout(deadline - now);
+        let mut state = self.lock();
+        waiters(&mut state).remove(&seq);
+        Ok(state)
+    }
+
+    /// Wakes the senders whose seq is now published or acked (`acked`), and the threads that
+    /// wait for room or idleness, if any. Called with the lock held, after a change.
+    fn wake_waiters(&self, state: &mut State, acked: &[u64]) {
+        let later = state.published_waiters.split_off(&(state.published_seq + 1));
+        for (_, thread) in std::mem::replace(&mut state.published_waiters, later) {
+            thread.unpark();
+        }
+        for seq in acked {
+            if let Some(thread) = state.ack_waiters.remove(seq) {
+                thread.unpark();
+            }
+        }
+        if state.progress_waiters > 0 {
+            self.progress.notify_all();
+        }
     }
 
     /// Waits until `seq` is published (or its batch failed).
     pub fn wait_published(&self, seq: u64, deadline: Instant) -> Result<(), SendError> {
         let mut state = self.lock();
         while state.published_seq < seq {
-            state = self.wait(state, deadline)?;
+            state = self.park(state, seq, deadline, |state| &mut state.published_waiters)?;
         }
         match state.failures.iter().find(|(first, last, _)| (*first..=*last).contains(&seq)) {
             Some((_, _, errno)) => Err(SendError::Io(*errno)),
@@ -209,7 +266,7 @@ impl Outbox {
     pub fn wait_acked(&self, seq: u64, deadline: Instant) -> Result<(), SendError> {
         let mut state = self.lock();
         while !state.acked.contains(&seq) {
-            state = self.wait(state, deadline)?;
+            state = self.park(state, seq, deadline, |state| &mut state.ack_waiters)?;
         }
         Ok(())
     }
@@ -229,9 +286,8 @@ impl Outbox {
         if fresh.is_empty() {
             return;
         }
-        state.acked.extend(fresh);
-        drop(state);
-        self.progress.notify_all();
+        state.acked.extend(fresh.iter().copied());
+        self.wake_waiters(&mut state, &fresh);
     }
 
     /// Does any sender wait for an ack? (The receive thread reads ack files only then.)
@@ -288,8 +344,7 @@ impl Outbox {
             }
             state.published_seq = last;
             state.queued_bytes -= bytes;
-            drop(state);
-            self.progress.notify_all();
+            self.wake_waiters(&mut state, &[]);
         }
     }
 
@@ -373,9 +428,9 @@ impl Outbox {
         let published = state.unacked.keys().next().map_or(state.taken_seq, |first| first - 1);
         state.published_seq = state.published_seq.max(published);
         let fresh: Vec<u64> = seqs.iter().copied().filter(|seq| state.awaiting_ack.contains(seq)).collect();
-        state.acked.extend(fresh);
+        state.acked.extend(fresh.iter().copied());
+        self.wake_waiters(&mut state, &fresh);
         drop(state);
-        self.progress.notify_all();
         self.work.notify_all();
     }
 
@@ -480,6 +535,8 @@ fn split_batches(packets: &[Packet]) -> Vec<&[Packet]> {
 mod tests {
     use std::net::SocketAddrV4;
 
+    use std::sync::Arc;
+
     use fsbridge::PacketId;
 
     use super::*;
@@ -513,6 +570,53 @@ mod tests {
         outbox.stop_awaiting(waited);
         assert!(!outbox.awaits_acks());
         assert!(outbox.lock().acked.is_empty(), "acks nobody waits for are not kept");
+    }
+
+    #[test]
+    fn each_parked_sender_is_woken_by_its_own_ack_or_publish_and_no_other() {
+        let outbox = Arc::new(outbox());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let seqs: Vec<u64> = (0..6).map(|_| outbox.enqueue(1, false, deadline, true, packet).unwrap()).collect();
+        let waiter = |seq: u64, published: bool| {
+            let outbox = outbox.clone();
+            std::thread::spawn(move || {
+                let until = Instant::now() + Duration::from_secs(10);
+                match published {
+                    true => outbox.wait_published(seq, until),
+                    false => outbox.wait_acked(seq, until),
+                }
+            })
+        };
+        // Seqs 1..=3 wait for their acks, 4..=6 for their publish.
+        let mut acks: Vec<_> = seqs[..3].iter().map(|seq| Some(waiter(*seq, false))).collect();
+        let mut publishes: Vec<_> = seqs[3..].iter().map(|seq| Some(waiter(*seq, true))).collect();
+        // Let every waiter park (an ack or publish that came first would not be lost either).
+        std::thread::sleep(Duration::from_millis(50));
+        let started = Instant::now();
+        outbox.record_acks([seqs[0], seqs[2]]);
+        {
+            let mut state = outbox.lock();
+            state.published_seq = seqs[4];
+            outbox.wake_waiters(&mut state, &[]);
+        }
+        for handle in [acks[0].take(), acks[2].take(), publishes[0].take(), publishes[1].take()] {
+            assert_eq!(handle.unwrap().join().unwrap(), Ok(()));
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "woken by the ack or publish, not by a timeout");
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!acks[1].as_ref().unwrap().is_finished(), "another seq's ack wakes nobody for this one");
+        assert!(!publishes[2].as_ref().unwrap().is_finished(), "a publish short of its seq leaves it waiting");
+        outbox.record_acks([seqs[1]]);
+        {
+            let mut state = outbox.lock();
+            state.published_seq = seqs[5];
+            outbox.wake_waiters(&mut state, &[]);
+        }
+        assert_eq!(acks[1].take().unwrap().join().unwrap(), Ok(()));
+        assert_eq!(publishes[2].take().unwrap().join().unwrap(), Ok(()));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let state = outbox.lock();
+        assert!(state.ack_waiters.is_empty() && state.published_waiters.is_empty(), "no waiter stays registered");
     }
 
     #[test]
