@@ -428,6 +428,43 @@ fn guaranteed_sends_fail_with_etimedout_while_the_server_is_down_and_return_afte
     assert_eq!(payloads, ["while-down", "while-up"]);
 }
 
+/// Sends three datagrams in guaranteed mode, one after the other, printing how long each took.
+const PY_TIMED_GUARANTEED: &str = r#"
+import socket, sys, time
+port = int(sys.argv[1])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for index in range(3):
+    started = time.monotonic()
+    s.sendto(f"bell-{index}".encode(), ("10.77.0.2", port))
+    print("sent", index, round(time.monotonic() - started, 3), flush=True)
+"#;
+
+#[test]
+fn on_a_local_volume_the_servers_bells_wake_a_receiver_and_an_ack_waiter_long_before_their_poll() {
+    let mut fabric = Fabric::new("apps-bell-hint");
+    fabric.start_server();
+    // A pass a minute: without the bell directory's inotify hint the first delivery would wait
+    // up to 60 s, and the first ack until the 50 s FTSS_TIMEOUT failed the send.
+    let poll = ("FTSS_POLL_MS", "60000");
+    let mut command = fabric.command("b", "10.77.0.2", "python3");
+    command.args(["-c", PY_RECEIVER, "3", "9409"]).env(poll.0, poll.1);
+    let (_receiver, received) = spawn(&mut command, "python receiver");
+    assert!(wait_for_line(&received, "ready"), "receiver not ready");
+    let mut command = fabric.command("a", "10.77.0.1", "python3");
+    command.args(["-c", PY_TIMED_GUARANTEED, "9409"]).env(poll.0, poll.1);
+    command.env("FTSS_ACK", "guaranteed").env("FTSS_TIMEOUT", "50");
+    let (mut sender, sent) = spawn(&mut command, "guaranteed sender");
+    let within = Duration::from_secs(40);
+    assert!(wait_until(within, || sent.count() >= 3), "sender: {:?} {}", sent.lines(), stderr_of(&mut sender));
+    assert!(wait_until(within, || received.count() >= 4), "received only {:?}", received.lines());
+    let mut payloads: Vec<String> =
+        received.lines()[1..].iter().map(|line| line.rsplit(' ').next().unwrap().to_owned()).collect();
+    payloads.sort();
+    assert_eq!(payloads, ["bell-0", "bell-1", "bell-2"]);
+    // The sends returned, so the server acked them (its status is written every few seconds).
+    assert!(wait_until(within, || fabric.counter("acked") >= 3), "the sends returned without the server's acks");
+}
+
 const PY_ASYNC_BURST: &str = r#"
 import socket, sys
 port, count = int(sys.argv[1]), int(sys.argv[2])

@@ -97,6 +97,9 @@ struct ConnState {
     admission: Admission,
     inbound: VecDeque<(Inbound, usize)>,
     inbound_bytes: usize,
+    /// The reader waits for room in `inbound` (only then does taking an item signal `changed`:
+    /// the writer waits on it too, and would be woken for nothing at every frame).
+    reader_waiting: bool,
     /// Sealed frames (or the rest of one) waiting for the writer thread.
     outbound: VecDeque<Vec<u8>>,
     outbound_bytes: usize,
@@ -363,9 +366,17 @@ impl Conn {
         let (item, bytes) = state.inbound.pop_front()?;
         state.inbound_bytes -= bytes;
         self.shared.inbound_total.fetch_sub(bytes, Ordering::AcqRel);
+        let reader_waiting = state.reader_waiting;
         drop(state);
-        self.changed.notify_all();
+        if reader_waiting {
+            self.changed.notify_all();
+        }
         Some(item)
+    }
+
+    /// Packets read from this connection and not yet taken by the main loop.
+    pub fn queued_packets(&self) -> usize {
+        lock(&self.state).inbound.iter().map(|(packets, _)| packets.len()).sum()
     }
 
     /// Puts an item taken by [`Conn::pop`] back in front (it could not be taken this cycle).
@@ -677,6 +688,7 @@ fn new_conn(shared: &Arc<Shared>, hello: &fabric::Hello, peer: &str, write_strea
             admission: Admission::Pending,
             inbound: VecDeque::new(),
             inbound_bytes: 0,
+            reader_waiting: false,
             outbound: VecDeque::new(),
             outbound_bytes: 0,
             sealer: None,
@@ -791,8 +803,10 @@ fn read_loop(conn: &Arc<Conn>, mut opener: FrameOpener) {
             // What is queued already must reach the main loop, which makes the room.
             conn.shared.wake_if_asked();
             // Another connection's queue draining does not signal this one: look again soon.
+            state.reader_waiting = true;
             state =
                 conn.changed.wait_timeout(state, INBOUND_RECHECK).unwrap_or_else(|poisoned| poisoned.into_inner()).0;
+            state.reader_waiting = false;
         }
         if state.closed.is_some() {
             return;

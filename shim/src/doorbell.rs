@@ -58,7 +58,7 @@ impl Doorbells {
     /// Reads the bells for a pass over sockets bound to `ports`; returns whether this pass also
     /// sweeps (lists the directories).
     pub fn pass(&mut self, shim: &Shim, ports: &HashSet<u16>) -> bool {
-        let sweep = self.swept_at.is_none_or(|at| at.elapsed() >= SWEEP_INTERVAL);
+        let sweep = self.sweep_due();
         if sweep {
             self.swept_at = Some(Instant::now());
             self.discover(shim);
@@ -93,6 +93,11 @@ impl Doorbells {
             }
         }
         sweep
+    }
+
+    /// Will the next pass sweep?
+    pub fn sweep_due(&self) -> bool {
+        self.swept_at.is_none_or(|at| at.elapsed() >= SWEEP_INTERVAL)
     }
 
     /// Opens readers for bells not read yet (`bell/p0` exists from the node's registration on).

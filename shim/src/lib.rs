@@ -26,6 +26,7 @@ mod fabric;
 mod fds;
 mod fork;
 mod hooks;
+mod notify;
 mod once;
 pub mod outbox;
 mod privsep;

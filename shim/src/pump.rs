@@ -50,6 +50,8 @@ const SEEN_ACK_FILES_MAX: usize = 4096;
 pub fn run(shim: &'static Shim) {
     let mut seen_acks = RecentNames::new(SEEN_ACK_FILES_MAX);
     let mut bells = Doorbells::new();
+    // The bell directory's inotify watch (a hint that works on local file systems only).
+    let mut hint = None;
     loop {
         flush_receipts(shim);
         let socks = shim.socks();
@@ -60,11 +62,13 @@ pub fn run(shim: &'static Shim) {
         let awaits_acks = fabric.is_none() && shim.outbox().awaits_acks();
         // Over the volume, the bells say which inbox and ack files are new; the directories are
         // listed only on a sweep (see `doorbell`). Over the fabric there are no such files.
-        let sweep = if fabric.is_none() && (!socks.is_empty() || awaits_acks) {
-            bells.pass(shim, &bound_ports(&socks).into_iter().collect())
-        } else {
-            false
-        };
+        let reads_bells = fabric.is_none() && (!socks.is_empty() || awaits_acks);
+        if reads_bells && (hint.is_none() || bells.sweep_due()) {
+            // Before the bells are read, so that a ring after the read wakes the wait. Again at
+            // every sweep: the directory may have appeared (or been made again) since.
+            hint = crate::notify::watch(&shim.volume.bell_dir(&shim.config.node)).or(hint);
+        }
+        let sweep = reads_bells && bells.pass(shim, &bound_ports(&socks).into_iter().collect());
         // One listing of in/ per sweep says which ports have an inbox at all: a send-only
         // socket's port has none, and probing it costs a failed open (a round trip on SMB/NFS).
         let listed_ports: HashSet<u16> = if sweep {
@@ -88,7 +92,7 @@ pub fn run(shim: &'static Shim) {
         }
         // A backlog of inbox files: the next pass starts at once (relaying only what is there).
         let timeout = if more { Duration::ZERO } else { shim.config.poll };
-        wait(&socks, &waiting_for_room, timeout);
+        wait(&socks, &waiting_for_room, hint.filter(|_| fabric.is_none()), timeout);
     }
 }
 
@@ -148,8 +152,9 @@ pub fn deliver_from_fabric(shim: &Shim, packets: Vec<Packet>) {
     }
 }
 
-/// Sleeps until `timeout` ends, a side socket has a datagram, or a full socket has room.
-fn wait(socks: &[Arc<Sock>], waiting_for_room: &[Arc<Sock>], timeout: Duration) {
+/// Sleeps until `timeout` ends, a side socket has a datagram, a full socket has room, or (on a
+/// local file system) the server rings a bell of this node.
+fn wait(socks: &[Arc<Sock>], waiting_for_room: &[Arc<Sock>], hint: Option<c_int>, timeout: Duration) {
     let mut fds: Vec<libc::pollfd> = Vec::new();
     let mut relays = Vec::new();
     for sock in socks {
@@ -161,11 +166,19 @@ fn wait(socks: &[Arc<Sock>], waiting_for_room: &[Arc<Sock>], timeout: Duration) 
     for sock in waiting_for_room {
         fds.push(libc::pollfd { fd: sock.shim_end, events: libc::POLLOUT, revents: 0 });
     }
+    if let Some(fd) = hint {
+        fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+    }
     let timeout = timeout.as_millis().min(60_000) as c_int;
     // SAFETY: fds is a valid array of pollfd.
     let ready = unsafe { (real().poll)(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
     if ready <= 0 {
         return;
+    }
+    if let (Some(fd), Some(last)) = (hint, fds.last())
+        && last.revents != 0
+    {
+        crate::notify::drain(fd);
     }
     for (index, sock) in relays.iter().enumerate() {
         if fds[index].revents & libc::POLLIN != 0 {

@@ -284,6 +284,7 @@ impl Shim {
         if let Some(link) = self.link() {
             link.abandon_in_child();
         }
+        crate::notify::abandon_in_child();
         self.link.store(new_link(&self.config, epoch), Ordering::Release);
         self.pid.store(std::process::id(), Ordering::Relaxed);
         self.running.store(false, Ordering::Release);

@@ -229,6 +229,7 @@ impl Server {
             }
         }
         self.ack_fabric(&group.from_fabric);
+        self.expect_fabric(group.from_fabric.iter().map(|taken| taken.packets.len()).sum());
         // Log cursors first: they are durable already, and an error removing outbox files below
         // must not leave the in-memory cursors behind the queue's.
         for batch in &group.drained {

@@ -11,6 +11,10 @@ pub(super) const LOG_READ_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Most outbox files drained from one node in one cycle; keeps one busy node from starving others.
 pub(super) const DRAIN_FILES_PER_NODE_MAX: usize = 256;
 
+/// Longest the cycle after a group acked over the fabric waits for those senders to send again
+/// (at most the last sync's time), so that one sync takes them all; see `Server::gather_fabric`.
+pub(super) const FABRIC_GATHER_WAIT_MAX: Duration = Duration::from_micros(200);
+
 /// Most packets drained in one cycle, across nodes; bounds the memory of one group commit.
 pub(super) const DRAIN_PACKETS_PER_CYCLE_MAX: usize = 65_536;
 

@@ -39,6 +39,49 @@ impl Server {
         taken
     }
 
+    /// `acked` fabric packets were just acked: their senders, if they wait for the ack, send again
+    /// within a round trip. The next group commit waits for them (and for what is queued now) up
+    /// to the last sync's time, bounded by [`FABRIC_GATHER_WAIT_MAX`]: one sync for all of them
+    /// instead of one for the early ones and another, a sync later, for the rest. A lone sender
+    /// loses nothing (its packet is all the group waits for), and a sender that does not come
+    /// back costs at most the bound.
+    pub(super) fn expect_fabric(&mut self, acked: usize) {
+        let Some(hub) = &self.fabric else { return };
+        if acked == 0 {
+            return;
+        }
+        let queued: usize = hub.connections().iter().map(|conn| conn.queued_packets()).sum();
+        let window = self.last_sync.min(FABRIC_GATHER_WAIT_MAX);
+        self.gather = Some(Gather { expected: queued + acked, until: Instant::now() + window });
+    }
+
+    /// Waits (see [`Server::expect_fabric`]) until the expected fabric packets are queued or the
+    /// deadline passes; anything else the hub wakes for (a new connection, receipts, a close)
+    /// ends the wait too, as does a packet from the gateway or a volume event.
+    pub(super) fn gather_fabric(&mut self) {
+        use nix::poll::{PollFd, PollFlags, ppoll};
+        use nix::sys::time::TimeSpec;
+        let Some(gather) = self.gather.take() else { return };
+        let Some(hub) = &self.fabric else { return };
+        loop {
+            let queued: usize = hub.connections().iter().map(|conn| conn.queued_packets()).sum();
+            let now = Instant::now();
+            if queued >= gather.expected || now >= gather.until {
+                return;
+            }
+            let mut fds = [PollFd::new(hub.wake_fd(), PollFlags::POLLIN)];
+            match ppoll(&mut fds, Some(TimeSpec::from_duration(gather.until - now)), None) {
+                Ok(0) => return,
+                Ok(_) => hub.clear_wake(),
+                Err(_) => return,
+            }
+            // Something other than packets (a connection, receipts) goes to the cycle at once.
+            if !hub.pending().is_empty() {
+                return;
+            }
+        }
+    }
+
     /// Acks packets taken from fabric connections (now durable) over the connection they came on.
     /// A connection that closed meanwhile gets nothing: its node sends them again and they are
     /// acked as duplicates.

@@ -136,6 +136,18 @@ pub struct Server {
     logs: Logs,
     /// Inbox files written per (node, port), oldest first, until seen claimed.
     inbox_files: HashMap<(NodeName, u16), VecDeque<u64>>,
+    /// Set when packets were acked over the fabric: how many packets the next group may wait for.
+    gather: Option<Gather>,
+    /// How long the last group commit took.
+    last_sync: Duration,
+}
+
+/// What the next group commit waits for, up to a deadline: the fabric packets queued when the
+/// last group was acked, plus as many as that group acked (closed-loop senders send their next
+/// datagram when their ack comes).
+struct Gather {
+    expected: usize,
+    until: Instant,
 }
 
 fn now_us() -> u64 {
@@ -223,8 +235,9 @@ impl Server {
         let started = Instant::now();
         let result = self.queue.sync();
         if result.is_ok() {
+            self.last_sync = started.elapsed();
             self.counters.syncs += 1;
-            self.sync_seconds.observe(started.elapsed().as_secs_f64());
+            self.sync_seconds.observe(self.last_sync.as_secs_f64());
         }
         result
     }
@@ -314,6 +327,7 @@ impl Server {
     /// cycle is appended, then one sync, and only then are packets acked and receipted ones
     /// released. Returns how much was done.
     fn store(&mut self) -> usize {
+        self.gather_fabric();
         let now = monotonic_now();
         let from_volume = self.volume_reads.due(now, self.config.poll);
         let drain = self.stage_drain(from_volume).unwrap_or_else(|error| {

@@ -67,6 +67,8 @@ impl Server {
             ack_epoch_order: VecDeque::new(),
             logs: Logs::default(),
             inbox_files: HashMap::default(),
+            gather: None,
+            last_sync: Duration::ZERO,
         };
         server.replay(recovered);
         // Stretches of the queue recovery found damaged (now skipped) are kept for the operator.
