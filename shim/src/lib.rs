@@ -171,8 +171,8 @@ fn init() {
 /// The shim's modules, lowest first: each may import only those before it.
 #[cfg_attr(not(test), allow(dead_code))]
 const LAYERS: &[&str] = &[
-    "real", "addr", "fds", "config", "sys", "capture", "claims", "fabric", "outbox", "once", "state", "doorbell",
-    "pump", "socket", "privsep", "fork", "hooks",
+    "real", "addr", "fds", "config", "sys", "notify", "capture", "claims", "fabric", "outbox", "once", "state",
+    "doorbell", "pump", "socket", "privsep", "fork", "hooks",
 ];
 
 #[cfg(test)]
@@ -186,6 +186,7 @@ mod layering_tests {
         ("fds", include_str!("fds.rs")),
         ("config", include_str!("config.rs")),
         ("sys", include_str!("sys.rs")),
+        ("notify", include_str!("notify.rs")),
         ("capture", include_str!("capture.rs")),
         ("claims", include_str!("claims.rs")),
         ("fabric", include_str!("fabric.rs")),
