@@ -95,12 +95,12 @@ struct State {
     /// Ring occupancy at which a sender wakes the flusher: 1 normally, more while it gathers a
     /// batch (so that it is not woken for every packet it is waiting for anyway).
     wake_at: usize,
-    /// Senders parked until their seq is published, by seq (one sender per seq). Each is woken
-    /// alone once its seq is, instead of every waiting sender at every batch or ack.
+    /// Senders parked until their seq is published (with `park_published`), by seq, one sender
+    /// per seq. Each is woken alone once its seq is, not every waiting sender at every ack.
     published_waiters: BTreeMap<u64, Thread>,
     /// Senders parked until their seq's ack arrives (guaranteed mode), by seq.
     ack_waiters: BTreeMap<u64, Thread>,
-    /// Threads waiting on `progress` (for room in the ring, or for the outbox to be idle).
+    /// Threads waiting on `progress`.
     progress_waiters: usize,
 }
 
@@ -110,8 +110,8 @@ pub struct Outbox {
     consumer: Mutex<HeapCons<Packet>>,
     /// Signalled when the ring gains packets.
     work: Condvar,
-    /// Signalled when a batch is published or fails, or an ack arrives, if a thread waits for room
-    /// or for idleness (a sender waiting for its own seq is parked and woken alone).
+    /// Signalled when a batch is published or fails, or an ack arrives, if a thread waits on it:
+    /// for room, for idleness, or (on the volume) for its seq to be published.
     progress: Condvar,
     spool: Spool,
     /// The process's outbox log (`FTSS_OUTBOX=log`); without it each batch is a file in `spool`.
@@ -120,6 +120,11 @@ pub struct Outbox {
     epoch: u64,
     /// Senders wait for the server's stored acks (guaranteed mode): batches ask the server for them.
     wants_acks: bool,
+    /// Senders waiting for their seq to be published park and are woken one by one (over the
+    /// fabric, where acks come in small, uneven groups). Otherwise they share `progress`: each
+    /// batch on the volume releases nearly every waiting sender, which one broadcast does in one
+    /// system call.
+    park_published: bool,
 }
 
 impl Outbox {
@@ -150,7 +155,14 @@ impl Outbox {
             node,
             epoch,
             wants_acks,
+            park_published: false,
         }
+    }
+
+    /// Wakes each sender waiting for its seq to be published alone (the fabric's acks).
+    pub fn with_targeted_wakeups(mut self) -> Outbox {
+        self.park_published = true;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -253,7 +265,10 @@ impl Outbox {
     pub fn wait_published(&self, seq: u64, deadline: Instant) -> Result<(), SendError> {
         let mut state = self.lock();
         while state.published_seq < seq {
-            state = self.park(state, seq, deadline, |state| &mut state.published_waiters)?;
+            state = match self.park_published {
+                true => self.park(state, seq, deadline, |state| &mut state.published_waiters)?,
+                false => self.wait(state, deadline)?,
+            };
         }
         match state.failures.iter().find(|(first, last, _)| (*first..=*last).contains(&seq)) {
             Some((_, _, errno)) => Err(SendError::Io(*errno)),
@@ -574,7 +589,7 @@ mod tests {
 
     #[test]
     fn each_parked_sender_is_woken_by_its_own_ack_or_publish_and_no_other() {
-        let outbox = Arc::new(outbox());
+        let outbox = Arc::new(outbox().with_targeted_wakeups());
         let deadline = Instant::now() + Duration::from_secs(10);
         let seqs: Vec<u64> = (0..6).map(|_| outbox.enqueue(1, false, deadline, true, packet).unwrap()).collect();
         let waiter = |seq: u64, published: bool| {

@@ -180,7 +180,12 @@ fn new_outbox(volume: &Volume, config: &Config, epoch: u64) -> *mut Outbox {
     let wants_acks = config.ack == AckMode::Guaranteed;
     let spool = volume.outbox(&config.node);
     let log = config.outbox_log.then(|| LogWriter::new(spool.dir(), epoch));
-    Box::into_raw(Box::new(Outbox::new(spool, log, config.node.clone(), epoch, wants_acks)))
+    let outbox = Outbox::new(spool, log, config.node.clone(), epoch, wants_acks);
+    let outbox = match config.transport {
+        Transport::Fabric { .. } => outbox.with_targeted_wakeups(),
+        Transport::Volume => outbox,
+    };
+    Box::into_raw(Box::new(outbox))
 }
 
 fn new_link(config: &Config, epoch: u64) -> *mut Link {
