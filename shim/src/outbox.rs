@@ -244,19 +244,20 @@ impl Outbox {
         Ok(state)
     }
 
-    /// Wakes the senders whose seq is now published or acked (`acked`), and the threads that
-    /// wait for room or idleness, if any. Called with the lock held, after a change.
-    fn wake_waiters(&self, state: &mut State, acked: &[u64]) {
-        let later = state.published_waiters.split_off(&(state.published_seq + 1));
-        for (_, thread) in std::mem::replace(&mut state.published_waiters, later) {
+    /// Wakes the senders whose seq is now published or acked (`acked`), and the threads waiting
+    /// on `progress` if any. Takes the lock held since the change and lets it go first, so that
+    /// those woken do not run into it.
+    fn wake_waiters(&self, mut state: MutexGuard<'_, State>, acked: &[u64]) {
+        let first_unpublished = state.published_seq + 1;
+        let later = state.published_waiters.split_off(&first_unpublished);
+        let mut woken: Vec<Thread> = std::mem::replace(&mut state.published_waiters, later).into_values().collect();
+        woken.extend(acked.iter().filter_map(|seq| state.ack_waiters.remove(seq)));
+        let broadcast = state.progress_waiters > 0;
+        drop(state);
+        for thread in woken {
             thread.unpark();
         }
-        for seq in acked {
-            if let Some(thread) = state.ack_waiters.remove(seq) {
-                thread.unpark();
-            }
-        }
-        if state.progress_waiters > 0 {
+        if broadcast {
             self.progress.notify_all();
         }
     }
@@ -302,7 +303,7 @@ impl Outbox {
             return;
         }
         state.acked.extend(fresh.iter().copied());
-        self.wake_waiters(&mut state, &fresh);
+        self.wake_waiters(state, &fresh);
     }
 
     /// Does any sender wait for an ack? (The receive thread reads ack files only then.)
@@ -359,7 +360,7 @@ impl Outbox {
             }
             state.published_seq = last;
             state.queued_bytes -= bytes;
-            self.wake_waiters(&mut state, &[]);
+            self.wake_waiters(state, &[]);
         }
     }
 
@@ -444,8 +445,7 @@ impl Outbox {
         state.published_seq = state.published_seq.max(published);
         let fresh: Vec<u64> = seqs.iter().copied().filter(|seq| state.awaiting_ack.contains(seq)).collect();
         state.acked.extend(fresh.iter().copied());
-        self.wake_waiters(&mut state, &fresh);
-        drop(state);
+        self.wake_waiters(state, &fresh);
         self.work.notify_all();
     }
 
@@ -609,11 +609,9 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         let started = Instant::now();
         outbox.record_acks([seqs[0], seqs[2]]);
-        {
-            let mut state = outbox.lock();
-            state.published_seq = seqs[4];
-            outbox.wake_waiters(&mut state, &[]);
-        }
+        let mut state = outbox.lock();
+        state.published_seq = seqs[4];
+        outbox.wake_waiters(state, &[]);
         for handle in [acks[0].take(), acks[2].take(), publishes[0].take(), publishes[1].take()] {
             assert_eq!(handle.unwrap().join().unwrap(), Ok(()));
         }
@@ -622,11 +620,9 @@ mod tests {
         assert!(!acks[1].as_ref().unwrap().is_finished(), "another seq's ack wakes nobody for this one");
         assert!(!publishes[2].as_ref().unwrap().is_finished(), "a publish short of its seq leaves it waiting");
         outbox.record_acks([seqs[1]]);
-        {
-            let mut state = outbox.lock();
-            state.published_seq = seqs[5];
-            outbox.wake_waiters(&mut state, &[]);
-        }
+        let mut state = outbox.lock();
+        state.published_seq = seqs[5];
+        outbox.wake_waiters(state, &[]);
         assert_eq!(acks[1].take().unwrap().join().unwrap(), Ok(()));
         assert_eq!(publishes[2].take().unwrap().join().unwrap(), Ok(()));
         assert!(started.elapsed() < Duration::from_secs(5));
