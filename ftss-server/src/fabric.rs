@@ -282,6 +282,11 @@ impl Hub {
         self.shared.wake.as_fd()
     }
 
+    /// Signals the wake fd again (a wait that took a wakeup it did not act on gives it back).
+    pub fn wake_again(&self) {
+        self.shared.wake();
+    }
+
     /// Clears the wake fd (call before looking at the connections).
     pub fn clear_wake(&self) {
         // EAGAIN when nothing was signalled: nothing to clear.

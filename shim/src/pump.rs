@@ -76,7 +76,7 @@ pub fn run(shim: &'static Shim) {
         // Over the volume, the bells say which inbox and ack files are new; the directories are
         // listed only on a sweep (see `doorbell`). Over the fabric there are no such files.
         let reads_bells = fabric.is_none() && (!socks.is_empty() || awaits_acks);
-        if reads_bells && (hint.is_none() || bells.sweep_due()) {
+        if reads_bells && bells.sweep_due() {
             // Before the bells are read, so that a ring after the read wakes the wait. Again at
             // every sweep: the directory may have appeared (or been made again) since.
             hint = crate::notify::watch(&shim.volume.bell_dir(&shim.config.node)).or(hint);
@@ -114,7 +114,7 @@ pub fn run(shim: &'static Shim) {
             }
         }
         let left = timeout.saturating_sub(started.elapsed());
-        let hinted = wait(&socks, &waiting_for_room, hint.filter(|_| fabric.is_none()), left);
+        let hinted = wait(&socks, &waiting_for_room, hint.filter(|_| reads_bells), left);
         hint_rests_until = (hinted && !awaits_acks).then(|| Instant::now() + shim.config.poll.min(HINT_REST));
     }
 }
@@ -175,8 +175,9 @@ pub fn deliver_from_fabric(shim: &Shim, packets: Vec<Packet>) {
     }
 }
 
-/// Sleeps until `timeout` ends, a side socket has a datagram, a full socket has room, or (on a
-/// local file system) the server rings a bell of this node; returns whether the bell woke it.
+/// Sleeps until `timeout` ends, a side socket has a datagram, a full socket has room, a new
+/// fabric socket nudges it, or (on a local file system) the server rings a bell of this node;
+/// returns whether the bell woke it.
 fn wait(socks: &[Arc<Sock>], waiting_for_room: &[Arc<Sock>], hint: Option<c_int>, timeout: Duration) -> bool {
     let mut fds: Vec<libc::pollfd> = Vec::new();
     let mut relays = Vec::new();
@@ -188,6 +189,10 @@ fn wait(socks: &[Arc<Sock>], waiting_for_room: &[Arc<Sock>], hint: Option<c_int>
     }
     for sock in waiting_for_room {
         fds.push(libc::pollfd { fd: sock.shim_end, events: libc::POLLOUT, revents: 0 });
+    }
+    let nudge = crate::notify::nudge_fd();
+    if let Some(fd) = nudge {
+        fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
     }
     if let Some(fd) = hint {
         fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
@@ -205,6 +210,12 @@ fn wait(socks: &[Arc<Sock>], waiting_for_room: &[Arc<Sock>], hint: Option<c_int>
     {
         crate::notify::drain(fd);
         hinted = true;
+    }
+    let nudged_at = relays.len() + waiting_for_room.len();
+    if let (Some(fd), Some(entry)) = (nudge, fds.get(nudged_at))
+        && entry.revents != 0
+    {
+        crate::notify::drain(fd);
     }
     for (index, sock) in relays.iter().enumerate() {
         if fds[index].revents & libc::POLLIN != 0 {

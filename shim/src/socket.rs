@@ -114,6 +114,9 @@ impl Shim {
         }
         // SAFETY: the app's fds now refer to this socketpair end; the spare number goes.
         unsafe { (real().close)(app_end) };
+        drop(table);
+        // A receive thread that saw no socket at its last pass is not listening to the bells.
+        crate::notify::nudge();
         Ok(sock)
     }
 

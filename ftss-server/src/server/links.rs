@@ -56,29 +56,33 @@ impl Server {
     }
 
     /// Waits (see [`Server::expect_fabric`]) until the expected fabric packets are queued or the
-    /// deadline passes; anything else the hub wakes for (a new connection, receipts, a close)
-    /// ends the wait too, as does a packet from the gateway or a volume event.
+    /// deadline passes; a connection waiting to be admitted ends the wait at once. Gateway
+    /// datagrams and volume events wait for the next cycle (at most the bound). The hub's
+    /// wakeups taken here are signalled again on the way out: port lists, receipts and closes
+    /// that came meanwhile are the next cycle's, and the main loop must not sleep on them.
     pub(super) fn gather_fabric(&mut self) {
         use nix::poll::{PollFd, PollFlags, ppoll};
         use nix::sys::time::TimeSpec;
         let Some(gather) = self.gather.take() else { return };
         let Some(hub) = &self.fabric else { return };
+        let mut took_wakeup = false;
         loop {
             let queued: usize = hub.connections().iter().map(|conn| conn.queued_packets()).sum();
             let now = Instant::now();
-            if queued >= gather.expected || now >= gather.until {
-                return;
+            if queued >= gather.expected || now >= gather.until || !hub.pending().is_empty() {
+                break;
             }
             let mut fds = [PollFd::new(hub.wake_fd(), PollFlags::POLLIN)];
             match ppoll(&mut fds, Some(TimeSpec::from_duration(gather.until - now)), None) {
-                Ok(0) => return,
-                Ok(_) => hub.clear_wake(),
-                Err(_) => return,
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    hub.clear_wake();
+                    took_wakeup = true;
+                }
             }
-            // Something other than packets (a connection, receipts) goes to the cycle at once.
-            if !hub.pending().is_empty() {
-                return;
-            }
+        }
+        if took_wakeup {
+            hub.wake_again();
         }
     }
 
