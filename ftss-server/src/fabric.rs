@@ -282,6 +282,11 @@ impl Hub {
         self.shared.wake.as_fd()
     }
 
+    /// Packets read from every admitted connection and not yet taken by the main loop.
+    pub fn queued_packets(&self) -> usize {
+        self.connections().iter().map(|conn| conn.queued_packets()).sum()
+    }
+
     /// Signals the wake fd again (a wait that took a wakeup it did not act on gives it back).
     pub fn wake_again(&self) {
         self.shared.wake();

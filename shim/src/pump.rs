@@ -190,13 +190,15 @@ fn wait(socks: &[Arc<Sock>], waiting_for_room: &[Arc<Sock>], hint: Option<c_int>
     for sock in waiting_for_room {
         fds.push(libc::pollfd { fd: sock.shim_end, events: libc::POLLOUT, revents: 0 });
     }
-    let nudge = crate::notify::nudge_fd();
-    if let Some(fd) = nudge {
-        fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
-    }
-    if let Some(fd) = hint {
-        fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
-    }
+    // The nudge and the hint, each with its index in `fds`.
+    let wakers: Vec<(c_int, usize)> = [crate::notify::nudge_fd(), hint]
+        .into_iter()
+        .flatten()
+        .map(|fd| {
+            fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+            (fd, fds.len() - 1)
+        })
+        .collect();
     // Rounded up: a rest of 0.4 ms must not become a poll that returns at once.
     let timeout = timeout.as_micros().div_ceil(1000).min(60_000) as c_int;
     // SAFETY: fds is a valid array of pollfd.
@@ -205,17 +207,11 @@ fn wait(socks: &[Arc<Sock>], waiting_for_room: &[Arc<Sock>], hint: Option<c_int>
         return false;
     }
     let mut hinted = false;
-    if let (Some(fd), Some(last)) = (hint, fds.last())
-        && last.revents != 0
-    {
-        crate::notify::drain(fd);
-        hinted = true;
-    }
-    let nudged_at = relays.len() + waiting_for_room.len();
-    if let (Some(fd), Some(entry)) = (nudge, fds.get(nudged_at))
-        && entry.revents != 0
-    {
-        crate::notify::drain(fd);
+    for (fd, index) in wakers {
+        if fds[index].revents != 0 {
+            crate::notify::drain(fd);
+            hinted |= Some(fd) == hint;
+        }
     }
     for (index, sock) in relays.iter().enumerate() {
         if fds[index].revents & libc::POLLIN != 0 {

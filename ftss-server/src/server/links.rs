@@ -50,7 +50,7 @@ impl Server {
         if acked == 0 {
             return;
         }
-        let queued: usize = hub.connections().iter().map(|conn| conn.queued_packets()).sum();
+        let queued = hub.queued_packets();
         let window = self.last_sync.min(FABRIC_GATHER_WAIT_MAX);
         self.gather = Some(Gather { expected: queued + acked, until: Instant::now() + window });
     }
@@ -67,7 +67,7 @@ impl Server {
         let Some(hub) = &self.fabric else { return };
         let mut took_wakeup = false;
         loop {
-            let queued: usize = hub.connections().iter().map(|conn| conn.queued_packets()).sum();
+            let queued = hub.queued_packets();
             let now = Instant::now();
             if queued >= gather.expected || now >= gather.until || !hub.pending().is_empty() {
                 break;
