@@ -44,8 +44,6 @@ use fsbridge::dedupe::Seen;
 const INBOX_FILES_PER_PASS: usize = 16;
 /// Datagrams relayed from one side socket per pass.
 const RELAY_PER_PASS: usize = 256;
-/// How long the bell hint rests after it started a pass for inbox files (see `run`).
-const HINT_REST: Duration = Duration::from_millis(1);
 /// Ack file names remembered as read but not yet removed (a removal the file system refused).
 const SEEN_ACK_FILES_MAX: usize = 4096;
 
@@ -55,11 +53,6 @@ pub fn run(shim: &'static Shim) {
     // The bell directory's inotify watch (a hint that works on local file systems only).
     let mut hint = None;
     let mut receipts_flushed_at = Instant::now();
-    // After a pass the hint started for inbox files alone, the hint rests until this (for
-    // `HINT_REST`, or the poll interval if shorter): under a steady stream a pass then takes what
-    // several bells announced, instead of one pass a bell. (A sender waiting for acks is not made
-    // to rest: its send call waits on the ack.)
-    let mut hint_rests_until: Option<Instant> = None;
     loop {
         // Receipts go out once a poll interval, however often the hint wakes the pass: each batch
         // is a file the server reads and a done record it syncs, and nothing waits for them.
@@ -104,18 +97,10 @@ pub fn run(shim: &'static Shim) {
             None => {}
         }
         // A backlog of inbox files: the next pass starts at once (relaying only what is there).
+        // Every bell starts a pass: the server rings at most once a cycle per file or ack batch,
+        // so that rate is already bounded by its group commits.
         let timeout = if more { Duration::ZERO } else { shim.config.poll };
-        let started = Instant::now();
-        if let Some(until) = hint_rests_until.filter(|_| !awaits_acks) {
-            // Resting: the first part of the wait does not listen to the bells.
-            let rest = until.saturating_duration_since(started).min(timeout);
-            if !rest.is_zero() {
-                wait(&socks, &waiting_for_room, None, rest);
-            }
-        }
-        let left = timeout.saturating_sub(started.elapsed());
-        let hinted = wait(&socks, &waiting_for_room, hint.filter(|_| reads_bells), left);
-        hint_rests_until = (hinted && !awaits_acks).then(|| Instant::now() + shim.config.poll.min(HINT_REST));
+        wait(&socks, &waiting_for_room, hint.filter(|_| reads_bells), timeout);
     }
 }
 
@@ -176,9 +161,8 @@ pub fn deliver_from_fabric(shim: &Shim, packets: Vec<Packet>) {
 }
 
 /// Sleeps until `timeout` ends, a side socket has a datagram, a full socket has room, a new
-/// fabric socket nudges it, or (on a local file system) the server rings a bell of this node;
-/// returns whether the bell woke it.
-fn wait(socks: &[Arc<Sock>], waiting_for_room: &[Arc<Sock>], hint: Option<c_int>, timeout: Duration) -> bool {
+/// fabric socket nudges it, or (on a local file system) the server rings a bell of this node.
+fn wait(socks: &[Arc<Sock>], waiting_for_room: &[Arc<Sock>], hint: Option<c_int>, timeout: Duration) {
     let mut fds: Vec<libc::pollfd> = Vec::new();
     let mut relays = Vec::new();
     for sock in socks {
@@ -199,18 +183,16 @@ fn wait(socks: &[Arc<Sock>], waiting_for_room: &[Arc<Sock>], hint: Option<c_int>
             (fd, fds.len() - 1)
         })
         .collect();
-    // Rounded up: a rest of 0.4 ms must not become a poll that returns at once.
+    // Rounded up: a wait of 0.4 ms must not become a poll that returns at once.
     let timeout = timeout.as_micros().div_ceil(1000).min(60_000) as c_int;
     // SAFETY: fds is a valid array of pollfd.
     let ready = unsafe { (real().poll)(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
     if ready <= 0 {
-        return false;
+        return;
     }
-    let mut hinted = false;
     for (fd, index) in wakers {
         if fds[index].revents != 0 {
             crate::notify::drain(fd);
-            hinted |= Some(fd) == hint;
         }
     }
     for (index, sock) in relays.iter().enumerate() {
@@ -218,7 +200,6 @@ fn wait(socks: &[Arc<Sock>], waiting_for_room: &[Arc<Sock>], hint: Option<c_int>
             relay(sock);
         }
     }
-    hinted
 }
 
 /// Moves real-network datagrams from the side socket into the app's socket.
