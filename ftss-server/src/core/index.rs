@@ -331,6 +331,26 @@ impl Index {
         queue.ports.iter().filter(|(_, line)| !line.undelivered.is_empty()).map(|(port, _)| *port).collect()
     }
 
+    /// How many packets for `destination`'s `port` may be handed out ahead of their store (see the
+    /// server's early delivery): none while the port has undelivered packets (they go first, in
+    /// order), else the room left under `in_flight_max` for the destination and
+    /// `port_in_flight_max` for the port.
+    pub fn room_ahead(
+        &self,
+        destination: &Ipv4Addr,
+        port: u16,
+        in_flight_max: usize,
+        port_in_flight_max: usize,
+    ) -> usize {
+        let Some(queue) = self.destinations.get(destination) else { return in_flight_max.min(port_in_flight_max) };
+        let line = queue.ports.get(&port);
+        if line.is_some_and(|line| !line.undelivered.is_empty()) {
+            return 0;
+        }
+        let port_in_flight = line.map_or(0, |line| line.in_flight);
+        in_flight_max.saturating_sub(queue.in_flight_count).min(port_in_flight_max.saturating_sub(port_in_flight))
+    }
+
     /// Up to `limit` undelivered packets of `destination`, each port's in store order, the port
     /// with the oldest waiting packet first, without exceeding `in_flight_max` packets in flight for
     /// the destination or `port_in_flight_max` for one port, and leaving out the ports in `skip`.

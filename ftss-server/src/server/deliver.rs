@@ -188,13 +188,23 @@ impl Server {
         if good.is_empty() {
             return Ok(taken);
         }
+        if !self.publish_inbox_file(node, port, file_seq, &bytes) {
+            self.skip_delivery(keys, now);
+            return Ok(keys.len());
+        }
+        self.mark_delivered(&good, now, file_seq);
+        Ok(taken)
+    }
+
+    /// Publishes inbox file `file_seq` of `node`'s `port` and queues its bell record; false (the
+    /// error reported) if it could not be written.
+    fn publish_inbox_file(&mut self, node: &NodeName, port: u16, file_seq: u64, bytes: &[u8]) -> bool {
         let name = batch_file_name(self.epoch, file_seq, "pkt");
         // No syncs: the queue holds the packet until it is receipted, so a delivery lost in a crash
         // is only delivered again.
-        if let Err(error) = self.volume.inbox(node, port).publish_volatile(&name, &bytes) {
+        if let Err(error) = self.volume.inbox(node, port).publish_volatile(&name, bytes) {
             self.report("delivering", format!("inbox of {node}:{port}: {error}"));
-            self.skip_delivery(keys, now);
-            return Ok(keys.len());
+            return false;
         }
         let ring = Ring { kind: RingKind::Packets, port, epoch: self.epoch, seq: file_seq };
         self.pending_rings.entry(node.clone()).or_default().push(ring);
@@ -203,8 +213,123 @@ impl Server {
         if waiting.len() > INBOX_FILES_WAITING_MAX * 4 {
             waiting.pop_front();
         }
-        self.mark_delivered(&good, now, file_seq);
-        Ok(taken)
+        true
+    }
+
+    /// Writes the fresh packets of `group` into their inbox files (and rings the bells) before the
+    /// group's sync, so that receivers read them while the queue's `fdatasync` runs instead of
+    /// after it: on a busy disk that sync is most of a packet's way through the server.
+    ///
+    /// Nothing is acked or marked until the sync returns ([`Server::mark_early`]); only the
+    /// receivers see the packets sooner. Each packet is durable already at its source (the node's
+    /// synced outbox, or a fabric sender that keeps it until its "stored" ack), so if the sync
+    /// fails or the server dies first, the packet is drained and delivered again, and the
+    /// receiving shim drops the copy as it drops any redelivery.
+    ///
+    /// Only where a delivery after the sync would do the same now: a port with no older packet
+    /// waiting (the order per port stays the store order), room in flight, its inbox not
+    /// backlogged, and no fabric connection for the port (those are written after the sync, as
+    /// before). And only packets whose sender does not wait for their ack (see below). The rest
+    /// goes the usual way after the sync.
+    pub(super) fn deliver_early(&mut self, group: &mut DrainGroup) {
+        if self.deposed {
+            return;
+        }
+        // Per packet of the group (in its order): does its sender wait for its ack? Those wait for
+        // the sync: a sender that waits for its ack sends at the pace of its acks, and on a busy
+        // machine a receiver woken during the sync delays the ack (ftss-guaranteed at 8 senders
+        // went to 0.86-0.90 x with them delivered early).
+        let waits_for_ack = group
+            .arrived
+            .iter()
+            .map(|_| false)
+            .chain(group.drained.iter().flat_map(|batch| batch.packets.iter().map(|_| batch.acks != AcksWanted::None)))
+            .chain(group.from_fabric.iter().flat_map(|taken| taken.packets.iter().map(|_| true)));
+        // Fresh packets per (destination, port), in the group's order, each id once, up to the
+        // first that waits (the line stays in store order).
+        let mut lines: Vec<(SocketAddrV4, Vec<(&Packet, Location)>)> = Vec::new();
+        let mut line_of: HashMap<SocketAddrV4, usize> = HashMap::default();
+        let mut ids: HashSet<&PacketId> = HashSet::default();
+        let mut stopped: HashSet<SocketAddrV4> = HashSet::default();
+        for ((packet, location), waits) in group.packets().zip(&group.locations).zip(waits_for_ack) {
+            let Some(location) = location else { continue };
+            let destination = SocketAddrV4::new(*packet.destination.ip(), packet.destination.port());
+            if waits {
+                stopped.insert(destination);
+            }
+            if stopped.contains(&destination) || !ids.insert(&packet.id) {
+                continue;
+            }
+            let line = *line_of.entry(destination).or_insert_with(|| {
+                lines.push((destination, Vec::new()));
+                lines.len() - 1
+            });
+            lines[line].1.push((packet, *location));
+        }
+        let mut early = Vec::new();
+        // Taken ahead per destination address this cycle, against its in-flight bound.
+        let mut ahead: HashMap<Ipv4Addr, usize> = HashMap::default();
+        let mut cycle_room = DELIVER_PACKETS_PER_CYCLE_MAX;
+        for (destination, line) in lines {
+            let (ip, port) = (*destination.ip(), destination.port());
+            if cycle_room == 0 || self.is_external(&ip) {
+                continue;
+            }
+            let Some(node) = self.registry.node(&ip).cloned() else { continue };
+            if self.fabric_route(&node, port).is_some() || self.inbox_backlogged(&node, port) {
+                continue;
+            }
+            let taken_ahead = ahead.get(&ip).copied().unwrap_or(0);
+            let room = self
+                .index
+                .room_ahead(
+                    &ip,
+                    port,
+                    IN_FLIGHT_PER_DESTINATION_MAX.saturating_sub(taken_ahead),
+                    IN_FLIGHT_PER_PORT_MAX,
+                )
+                .min(cycle_room)
+                .min(DELIVER_PACKETS_PER_FILE_MAX);
+            if room == 0 {
+                continue;
+            }
+            let mut encoder = self.encoder(BatchKind::Packets);
+            let file_seq = self.batch_seq;
+            let mut packets = Vec::new();
+            let mut bytes = 0;
+            for (packet, location) in line.into_iter().take(room) {
+                if !packets.is_empty() && bytes + packet.payload.len() > DELIVER_FILE_BYTES_MAX {
+                    break;
+                }
+                bytes += packet.payload.len();
+                encoder.push(&Record::Packet(packet.clone()));
+                packets.push((packet.id.clone(), entry(packet, location, group.stored_unix_us)));
+            }
+            if !self.publish_inbox_file(&node, port, file_seq, &encoder.finish()) {
+                // Delivered after the sync, the usual way.
+                continue;
+            }
+            *ahead.entry(ip).or_default() += packets.len();
+            cycle_room -= packets.len();
+            early.push(EarlyFile { file_seq, packets });
+        }
+        if !early.is_empty() {
+            self.ring_bells();
+        }
+        group.early = early;
+    }
+
+    /// The group whose packets went out in `early` files is durable and indexed: those packets
+    /// are in flight in those files now (acked as delivered, redelivered if no receipt comes).
+    pub(super) fn mark_early(&mut self, early: Vec<EarlyFile>) {
+        let now = monotonic_now();
+        for file in early {
+            let keys: Vec<(Key, Entry)> =
+                file.packets.iter().filter_map(|(id, entry)| Some((self.index.key(id)?, *entry))).collect();
+            let delivered = self.counters.delivered;
+            self.mark_delivered(&keys, now, file.file_seq);
+            self.counters.delivered_early += self.counters.delivered - delivered;
+        }
     }
 
     /// Are `INBOX_FILES_WAITING_MAX` of the files written for `node`'s `port` still unclaimed?

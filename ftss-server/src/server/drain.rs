@@ -126,8 +126,15 @@ impl Server {
         if drained.is_empty() && arrived.is_empty() && from_fabric.is_empty() && refused.is_empty() {
             return Ok(None);
         }
-        let mut group =
-            DrainGroup { arrived, drained, from_fabric, refused, locations: Vec::new(), stored_unix_us: now_us() };
+        let mut group = DrainGroup {
+            arrived,
+            drained,
+            from_fabric,
+            refused,
+            locations: Vec::new(),
+            stored_unix_us: now_us(),
+            early: Vec::new(),
+        };
         let mut locations = Vec::new();
         for packet in group.packets() {
             if self.index.seen(&packet.id) {
@@ -246,7 +253,10 @@ impl Server {
                 }
             }
         }
-        self.ack_and_remove(&group.drained)?;
+        let removed = self.ack_and_remove(&group.drained);
+        // After the "stored" acks, as a delivery later in the cycle would come.
+        self.mark_early(std::mem::take(&mut group.early));
+        removed?;
         let work = group.drained.len() + group.arrived.len() + group.from_fabric.len();
         if total >= TRIM_AFTER_PACKETS {
             // A big group leaves megabytes of freed buffers (decoded packets, the queue's write

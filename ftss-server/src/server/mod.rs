@@ -181,6 +181,11 @@ impl Server {
     }
 
     /// Packets held in the queue, not yet receipted or dead-lettered.
+    /// Packets delivered before their group's sync so far (see `deliver_early`).
+    pub fn delivered_early(&self) -> u64 {
+        self.counters.delivered_early
+    }
+
     pub fn queued_packets(&self) -> u64 {
         self.index.len() as u64
     }
@@ -330,7 +335,7 @@ impl Server {
         self.gather_fabric();
         let now = monotonic_now();
         let from_volume = self.volume_reads.due(now, self.config.poll);
-        let drain = self.stage_drain(from_volume).unwrap_or_else(|error| {
+        let mut drain = self.stage_drain(from_volume).unwrap_or_else(|error| {
             self.report("draining", error);
             None
         });
@@ -344,6 +349,9 @@ impl Server {
             self.volume_reads.read(now, news);
         }
         let appended = drain.is_some() || receipts.as_ref().is_some_and(|group| !group.done.is_empty());
+        if let Some(group) = drain.as_mut() {
+            self.deliver_early(group);
+        }
         if appended {
             let synced = self.sync_queue();
             if let Err(error) = &synced {

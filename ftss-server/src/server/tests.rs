@@ -379,3 +379,78 @@ fn a_refused_ip_packet_is_told_to_a_sender_nothing_of_which_was_stored_yet() {
     states.sort();
     assert_eq!(states, vec![(1, AckState::Rejected as u8)]);
 }
+
+/// The packets in `node`'s inbox for port 9000, file by file in name order, as a receiving shim
+/// reads them.
+fn inbox_packets(volume: &Volume, node: &str) -> Vec<Vec<PacketId>> {
+    let inbox = volume.inbox(&NodeName::new(node).unwrap(), 9000);
+    let mut names = fsbridge::disk::read_dir_names(inbox.new_dir()).unwrap_or_default();
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| {
+            let bytes = fsbridge::disk::read(inbox.new_dir().join(name)).unwrap();
+            let batch = fsbridge::format::decode_batch(&bytes).unwrap();
+            batch
+                .records
+                .into_iter()
+                .map(|record| match record {
+                    Record::Packet(packet) => packet.id,
+                    other => panic!("an inbox file holds packets, found {other:?}"),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A drained packet goes into its inbox before the queue's sync, so that the receiver reads it
+/// while the sync runs; nothing is acked or counted delivered until the sync has succeeded. Here
+/// the sync fails: the packet has reached the receiver, but its outbox file stays and nothing is
+/// queued. Once the disk works again the packet is stored, acked and delivered again, and the
+/// receiving shim's duplicate filter hands each packet on once.
+#[test]
+fn packets_reach_their_inbox_before_the_queue_sync_and_are_acked_only_after_it() {
+    use fsbridge::dedupe::{Dedupe, Seen};
+    use fsbridge::disk::sim::Call;
+    let mut world = SimWorld::new();
+    let poll_us = config(&world.dir).poll.as_micros() as u64;
+    let mut server = Server::open(config(&world.dir)).unwrap();
+    let outbox = outbox_file(&server.volume, 3);
+    let segments = world.disk.files_in(&world.dir.join("queue"));
+    assert!(!segments.is_empty());
+    for (segment, _) in &segments {
+        world.disk.break_calls(segment, Call::Sync, libc::ENOSPC);
+    }
+    server.cycle();
+    let ids: Vec<PacketId> =
+        (1001..=1003).map(|seq| PacketId { origin: NodeName::new("a").unwrap(), epoch: 7, seq }).collect();
+    assert_eq!(
+        inbox_packets(&server.volume, "b"),
+        vec![ids.clone()],
+        "the packets were not in their inbox before the queue's sync returned"
+    );
+    assert!(world.disk.peek(&outbox).is_some(), "the outbox file went (acked) though the queue sync failed");
+    assert_eq!(server.index.len(), 0, "packets whose sync failed are queued");
+    assert_eq!(server.counters.delivered, 0, "packets whose sync failed count as delivered");
+
+    // The queue's only mirror has failed: the operator repairs the disk and restarts the server.
+    world.disk.repair();
+    drop(server);
+    let mut server = Server::open(config(&world.dir)).unwrap();
+    world.tick(poll_us);
+    server.cycle();
+    assert!(world.disk.peek(&outbox).is_none(), "the outbox file was not acked once its packets were durable");
+    assert_eq!(server.index.len(), 3);
+    assert_eq!(server.counters.delivered, 3);
+    let files = inbox_packets(&server.volume, "b");
+    assert_eq!(files, vec![ids.clone(), ids.clone()], "the packets were not delivered again after the failed sync");
+    let mut dedupe = Dedupe::new();
+    let mut handed_on = Vec::new();
+    for id in files.into_iter().flatten() {
+        if dedupe.get(&id).is_none() {
+            dedupe.set(&id, Seen::Received);
+            handed_on.push(id);
+        }
+    }
+    assert_eq!(handed_on, ids, "the receiving shim would hand a packet on twice, or miss one");
+}

@@ -79,6 +79,8 @@ pub struct Counters {
     pub duplicates: u64,
     pub acked: u64,
     pub delivered: u64,
+    /// Of `delivered`: written into their inbox before their group's sync (see `deliver_early`).
+    pub delivered_early: u64,
     pub redelivered: u64,
     pub receipted: u64,
     pub dead_lettered: u64,
@@ -157,6 +159,16 @@ pub(super) struct DrainGroup {
     /// duplicate of a stored one).
     pub(super) locations: Vec<Option<Location>>,
     pub(super) stored_unix_us: u64,
+    /// Inbox files written with packets of this group before its sync (see `deliver_early`).
+    pub(super) early: Vec<EarlyFile>,
+}
+
+/// An inbox file written with fresh packets of a drain group while its sync was still to come.
+/// Once the group is durable its packets count as delivered in that file; if the sync fails
+/// they are drained again and delivered again, and the receiving shim drops the second copy.
+pub(super) struct EarlyFile {
+    pub(super) file_seq: u64,
+    pub(super) packets: Vec<(PacketId, Entry)>,
 }
 
 /// An IP packet not stored, and why.

@@ -65,6 +65,8 @@ pub struct Outcomes {
     pub crashes: u64,
     pub quarantined: u64,
     pub errors_injected: u64,
+    /// Packets the server delivered before their group's sync.
+    pub delivered_early: u64,
     /// File calls made (the fingerprint of a run, for replaying).
     pub calls: u64,
 }
@@ -78,6 +80,7 @@ impl Outcomes {
         self.crashes += other.crashes;
         self.quarantined += other.quarantined;
         self.errors_injected += other.errors_injected;
+        self.delivered_early += other.delivered_early;
         self.calls += other.calls;
     }
 }
@@ -345,7 +348,9 @@ impl World {
     fn cycle(&mut self) -> Result<(), String> {
         self.arm_crash();
         let server = self.server.as_mut().expect("running");
+        let early = server.delivered_early();
         server.cycle();
+        self.outcomes.delivered_early += server.delivered_early() - early;
         self.disarm_crash();
         // A limit is passed by at most one batch (a file is taken whole or not at all).
         let server = self.server.as_ref().expect("running");
@@ -654,6 +659,7 @@ mod tests {
         // The schedules did what they are for (one seed alone, replayed, need not).
         assert!(count < 100 || total.acked > count * 10, "the seeds sent too little to mean anything: {total:?}");
         assert!(count < 100 || (total.crashes > 0 && total.errors_injected > 0 && total.quarantined > 0), "{total:?}");
+        assert!(count < 100 || total.delivered_early > 0, "no packet was delivered before its sync: {total:?}");
     }
 
     /// Seeds that found bugs in the server (14: an outbox file the volume failed to read was
