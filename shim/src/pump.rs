@@ -97,8 +97,8 @@ pub fn run(shim: &'static Shim) {
             None => {}
         }
         // A backlog of inbox files: the next pass starts at once (relaying only what is there).
-        // Every bell starts a pass: the server rings at most once a cycle per file or ack batch,
-        // so that rate is already bounded by its group commits.
+        // Every bell starts a pass: the server rings a few times a cycle at most, so the passes
+        // are bounded by its cycles (a pass takes what every bell since the last one announced).
         let timeout = if more { Duration::ZERO } else { shim.config.poll };
         wait(&socks, &waiting_for_room, hint.filter(|_| reads_bells), timeout);
     }

@@ -105,6 +105,9 @@ struct State {
     /// Paths whose every call fails with this errno (a bad block under one file, a directory
     /// that cannot be read), until [`SimDisk::repair`].
     broken: Vec<(PathBuf, Option<Call>, i32)>,
+    /// The next call of a kind on a path fails with this errno, or kills the process (`None`),
+    /// once.
+    once: Vec<(PathBuf, Call, Option<i32>)>,
     /// Renames across directories not yet made durable: a journaling file system commits both
     /// sides at once, so syncing either directory makes the whole rename durable.
     moves: Vec<(PathBuf, PathBuf)>,
@@ -285,6 +288,7 @@ impl SimDisk {
             errors_injected: 0,
             boot: 0,
             broken: Vec::new(),
+            once: Vec::new(),
             listings: HashMap::new(),
             lagging_root: None,
             moves: Vec::new(),
@@ -435,6 +439,17 @@ impl SimDisk {
         self.state().broken.push((path.into(), Some(call), errno));
     }
 
+    /// The next call of kind `call` on `path` fails with `errno`; the ones after it work.
+    pub fn fail_next(&self, path: impl Into<PathBuf>, call: Call, errno: i32) {
+        self.state().once.push((path.into(), call, Some(errno)));
+    }
+
+    /// The process dies at the next call of kind `call` on `path` (before it does anything), as
+    /// `Faults::crash_at` does at a call number.
+    pub fn crash_at_next(&self, path: impl Into<PathBuf>, call: Call) {
+        self.state().once.push((path.into(), call, None));
+    }
+
     /// Calls on every broken path work again.
     pub fn repair(&self) {
         self.state().broken.clear();
@@ -446,13 +461,17 @@ impl SimDisk {
             let mut state = self.state();
             state.calls += 1;
             let (calls, faults) = (state.calls, state.faults);
+            let once = state.once.iter().position(|(once, kind, _)| once == path && *kind == call);
+            let once = once.map(|at| state.once.remove(at).2);
             let broken = state
                 .broken
                 .iter()
                 .find(|(broken, kind, _)| broken == path && kind.is_none_or(|kind| kind == call))
                 .map(|(_, _, errno)| *errno);
-            if faults.crash_at.is_some_and(|at| calls >= at) {
+            if faults.crash_at.is_some_and(|at| calls >= at) || once == Some(None) {
                 None
+            } else if let Some(Some(code)) = once {
+                Some(Err(errno(code)))
             } else if let Some(code) = broken {
                 Some(Err(errno(code)))
             } else if state.chance(faults.error_per_million) {

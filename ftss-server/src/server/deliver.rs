@@ -8,7 +8,8 @@ impl Server {
     pub(super) fn deliver(&mut self) -> Result<usize, QueueError> {
         let now = monotonic_now();
         let mut due = self.redeliveries_due(now);
-        let mut count = due.values().map(Vec::len).sum();
+        // What this cycle wrote out ahead of its sync counts against the cycle's bound too.
+        let mut count = due.values().map(Vec::len).sum::<usize>() + std::mem::take(&mut self.delivered_ahead);
         // An error stops delivering to its port (or external address) this cycle; packets already
         // taken off the redelivery schedule are put back on it, never dropped from it. Other ports
         // go on: one bad spot on the queue disk holds up no one else.
@@ -221,24 +222,28 @@ impl Server {
     /// after it: on a busy disk that sync is most of a packet's way through the server.
     ///
     /// Nothing is acked or marked until the sync returns ([`Server::mark_early`]); only the
-    /// receivers see the packets sooner. Each packet is durable already at its source (the node's
-    /// synced outbox, or a fabric sender that keeps it until its "stored" ack), so if the sync
-    /// fails or the server dies first, the packet is drained and delivered again, and the
-    /// receiving shim drops the copy as it drops any redelivery.
+    /// receivers see the packets sooner. A packet from a node's outbox is durable there already
+    /// (the file, or the log the sender synced), so if the sync fails or the server dies first it
+    /// is drained and delivered again, and the receiving shim drops the copy as it drops any
+    /// redelivery. A datagram from the external network is best effort: it was only in memory.
+    /// After a failed sync the same instance counts each such packet, once stored, as in flight in
+    /// the file it went into ([`Server::remember_aborted_early`]), so no second copy goes out
+    /// while that one may still be claimed.
     ///
-    /// Only where a delivery after the sync would do the same now: a port with no older packet
-    /// waiting (the order per port stays the store order), room in flight, its inbox not
-    /// backlogged, and no fabric connection for the port (those are written after the sync, as
-    /// before). And only packets whose sender does not wait for their ack (see below). The rest
-    /// goes the usual way after the sync.
+    /// Only packets whose sender does not wait for their ack (those wait for the sync: a sender
+    /// that waits for its ack sends at the pace of its acks, and on a busy machine a receiver woken
+    /// during the sync delays the ack; ftss-guaranteed at 8 senders went to 0.86–0.90 × with them
+    /// delivered early). Fabric senders always wait, so this is the volume's traffic and the
+    /// gateway's. And only for a port with no older packet waiting (the order per port stays the
+    /// store order, up to the first packet that must wait), with room in flight, its inbox not
+    /// backlogged and no fabric connection for it. The rest goes the usual way after the sync.
     pub(super) fn deliver_early(&mut self, group: &mut DrainGroup) {
-        if self.deposed {
+        // Not after a failed commit (until one succeeds), and not by an instance that may no
+        // longer act (its successor delivers, in its own order).
+        if self.commit_failed || !self.may_act() {
             return;
         }
-        // Per packet of the group (in its order): does its sender wait for its ack? Those wait for
-        // the sync: a sender that waits for its ack sends at the pace of its acks, and on a busy
-        // machine a receiver woken during the sync delays the ack (ftss-guaranteed at 8 senders
-        // went to 0.86-0.90 x with them delivered early).
+        // Per packet of the group (in its order): does its sender wait for its ack?
         let waits_for_ack = group
             .arrived
             .iter()
@@ -257,7 +262,10 @@ impl Server {
             if waits {
                 stopped.insert(destination);
             }
-            if stopped.contains(&destination) || !ids.insert(&packet.id) {
+            // One already written out ahead of a failed sync counts as in flight in that file once
+            // stored (`complete_drain`): no second copy.
+            if stopped.contains(&destination) || self.early_aborted.contains_key(&packet.id) || !ids.insert(&packet.id)
+            {
                 continue;
             }
             let line = *line_of.entry(destination).or_insert_with(|| {
@@ -316,7 +324,30 @@ impl Server {
         if !early.is_empty() {
             self.ring_bells();
         }
+        self.delivered_ahead = DELIVER_PACKETS_PER_CYCLE_MAX - cycle_room;
         group.early = early;
+    }
+
+    /// The sync of the group that wrote `early` failed: remembers where each of its packets went
+    /// (bounded; the oldest are forgotten first, and a forgotten one is only delivered again).
+    pub(super) fn remember_aborted_early(&mut self, early: Vec<EarlyFile>) {
+        for file in early {
+            for (id, _) in file.packets {
+                if self.early_aborted.insert(id.clone(), file.file_seq).is_none() {
+                    self.early_aborted_order.push_back(id);
+                }
+            }
+        }
+        while self.early_aborted_order.len() > EARLY_ABORTED_MAX {
+            if let Some(id) = self.early_aborted_order.pop_front() {
+                self.early_aborted.remove(&id);
+            }
+        }
+        // Ids matched since (stored and marked) leave the order lazily.
+        if self.early_aborted_order.len() > 2 * self.early_aborted.len() + 1024 {
+            let kept = &self.early_aborted;
+            self.early_aborted_order.retain(|id| kept.contains_key(id));
+        }
     }
 
     /// The group whose packets went out in `early` files is durable and indexed: those packets

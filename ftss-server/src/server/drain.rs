@@ -212,6 +212,7 @@ impl Server {
     /// are listed again (in order) next cycle; fabric frames go back in front of their
     /// connections' queues, in order; gateway arrivals are kept for the next cycle.
     pub(super) fn abort_drain(&mut self, group: DrainGroup) {
+        self.remember_aborted_early(group.early);
         self.outbox_backlog.clear();
         // In order: the group's arrivals, then any this cycle kept back.
         let kept = std::mem::replace(&mut self.arrivals_kept, group.arrived);
@@ -230,9 +231,17 @@ impl Server {
         self.counters.stored += fresh as u64;
         self.count_ip_packets(&mut group);
         let stored_unix_us = group.stored_unix_us;
+        // Packets written out ahead of a sync that failed: in flight in that file.
+        let mut written_before = Vec::new();
         for (packet, location) in group.packets().zip(&group.locations) {
             if let Some(location) = location {
                 self.insert(packet, *location, stored_unix_us);
+                if let Some(file_seq) = self.early_aborted.remove(&packet.id) {
+                    written_before.push(EarlyFile {
+                        file_seq,
+                        packets: vec![(packet.id.clone(), entry(packet, *location, stored_unix_us))],
+                    });
+                }
             }
         }
         self.ack_fabric(&group.from_fabric);
@@ -255,6 +264,7 @@ impl Server {
         }
         let removed = self.ack_and_remove(&group.drained);
         // After the "stored" acks, as a delivery later in the cycle would come.
+        self.mark_early(written_before);
         self.mark_early(std::mem::take(&mut group.early));
         removed?;
         let work = group.drained.len() + group.arrived.len() + group.from_fabric.len();

@@ -40,6 +40,8 @@ pub(super) const DELIVER_FILE_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 /// Most packets delivered in one cycle; bounds the time one cycle spends writing inboxes.
 pub(super) const DELIVER_PACKETS_PER_CYCLE_MAX: usize = 65_536;
+/// Packets remembered as written out ahead of a sync that failed (see `early_aborted`).
+pub(super) const EARLY_ABORTED_MAX: usize = DELIVER_PACKETS_PER_CYCLE_MAX;
 
 /// Outbox names listed at once per node: bounds memory when a node floods its outbox.
 pub(super) const OUTBOX_BACKLOG_MAX: usize = 16_384;

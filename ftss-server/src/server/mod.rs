@@ -140,6 +140,16 @@ pub struct Server {
     gather: Option<Gather>,
     /// How long the last group commit took.
     last_sync: Duration,
+    /// The last group commit failed: nothing goes out ahead of a sync until one succeeds (a queue
+    /// whose syncs keep failing would otherwise write the same packets out every cycle).
+    commit_failed: bool,
+    /// Packets written out ahead of a sync that failed, with the inbox file each went into, oldest
+    /// first and bounded: when they are stored they count as in flight in that file, so that no
+    /// second copy goes to a sibling process while it is claimed.
+    early_aborted: HashMap<PacketId, u64>,
+    early_aborted_order: VecDeque<PacketId>,
+    /// Packets this cycle wrote out ahead of its sync, counted against the cycle's delivery bound.
+    delivered_ahead: usize,
 }
 
 /// What the next group commit waits for, up to a deadline: the fabric packets queued when the
@@ -180,12 +190,12 @@ impl Server {
         self.gate = Some(Box::new(gate));
     }
 
-    /// Packets held in the queue, not yet receipted or dead-lettered.
     /// Packets delivered before their group's sync so far (see `deliver_early`).
     pub fn delivered_early(&self) -> u64 {
         self.counters.delivered_early
     }
 
+    /// Packets held in the queue, not yet receipted or dead-lettered.
     pub fn queued_packets(&self) -> u64 {
         self.index.len() as u64
     }
@@ -302,6 +312,10 @@ impl Server {
             work += self.tend_fabric();
         }
         work += self.store();
+        if self.deposed {
+            // Found at the group commit: it writes out nothing more.
+            return false;
+        }
         // "stored" acks are announced before the cycle spends time delivering.
         self.ring_bells();
         match self.deliver() {
@@ -357,6 +371,7 @@ impl Server {
             if let Err(error) = &synced {
                 self.push_back(format!("queue: {error}"));
             }
+            self.commit_failed = synced.is_err();
             // A deposed instance (paused past its term, say) acks nothing and removes nothing:
             // what it appended after its successor fenced the queue is cut at the next recovery.
             if synced.is_err() || !self.may_act() {

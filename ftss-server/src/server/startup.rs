@@ -69,6 +69,10 @@ impl Server {
             inbox_files: HashMap::default(),
             gather: None,
             last_sync: Duration::ZERO,
+            commit_failed: false,
+            early_aborted: HashMap::default(),
+            early_aborted_order: VecDeque::new(),
+            delivered_ahead: 0,
         };
         server.replay(recovered);
         // Stretches of the queue recovery found damaged (now skipped) are kept for the operator.

@@ -403,54 +403,127 @@ fn inbox_packets(volume: &Volume, node: &str) -> Vec<Vec<PacketId>> {
         .collect()
 }
 
+/// The ids node a's `outbox_file` gives its 3 packets.
+fn ids_1001_to_1003() -> Vec<PacketId> {
+    (1001..=1003).map(|seq| PacketId { origin: NodeName::new("a").unwrap(), epoch: 7, seq }).collect()
+}
+
+/// What a receiving shim hands its app from `files`, read in order through its duplicate filter.
+fn handed_on(files: Vec<Vec<PacketId>>) -> Vec<PacketId> {
+    use fsbridge::dedupe::{Dedupe, Seen};
+    let mut dedupe = Dedupe::new();
+    let mut handed = Vec::new();
+    for id in files.into_iter().flatten() {
+        if dedupe.get(&id).is_none() {
+            dedupe.set(&id, Seen::Received);
+            handed.push(id);
+        }
+    }
+    handed
+}
+
 /// A drained packet goes into its inbox before the queue's sync, so that the receiver reads it
-/// while the sync runs; nothing is acked or counted delivered until the sync has succeeded. Here
-/// the sync fails: the packet has reached the receiver, but its outbox file stays and nothing is
-/// queued. Once the disk works again the packet is stored, acked and delivered again, and the
-/// receiving shim's duplicate filter hands each packet on once.
+/// while the sync runs; nothing is acked until the sync has returned. Here the server dies as it
+/// enters that sync (kill -9; the files it wrote stay): the packets are in their inbox already
+/// and the outbox file is still there. The restarted server recovers them from the queue, acks
+/// them and delivers them again, and the receiving shim's duplicate filter hands each on once.
 #[test]
 fn packets_reach_their_inbox_before_the_queue_sync_and_are_acked_only_after_it() {
-    use fsbridge::dedupe::{Dedupe, Seen};
+    use fsbridge::disk::sim::{Call, Crash};
+    let mut world = SimWorld::new();
+    let poll_us = config(&world.dir).poll.as_micros() as u64;
+    let mut server = Server::open(config(&world.dir)).unwrap();
+    let outbox = outbox_file(&server.volume, 3);
+    let segments = world.disk.files_in(&world.dir.join("queue"));
+    assert_eq!(segments.len(), 1);
+    world.disk.crash_at_next(&segments[0].0, Call::Sync);
+    let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.cycle()));
+    assert!(died.is_err_and(|payload| payload.is::<Crash>()), "the server did not reach the queue's sync");
+    let volume = server.volume.clone();
+    drop(server);
+    assert_eq!(
+        inbox_packets(&volume, "b"),
+        vec![ids_1001_to_1003()],
+        "the packets were not in their inbox when the queue's sync began"
+    );
+    assert!(world.disk.peek(&outbox).is_some(), "the outbox file went (acked) before the queue's sync");
+
+    let mut server = Server::open(config(&world.dir)).unwrap();
+    world.tick(poll_us);
+    server.cycle();
+    assert!(world.disk.peek(&outbox).is_none(), "the outbox file was not acked once its packets were durable");
+    assert_eq!(server.index.len(), 3);
+    let files = inbox_packets(&server.volume, "b");
+    assert_eq!(files.len(), 2, "the restarted server did not deliver the packets again");
+    assert_eq!(handed_on(files), ids_1001_to_1003(), "the receiving shim would hand a packet on twice, or miss one");
+}
+
+/// A group commit that fails after its packets went out ahead of it: nothing is acked, the next
+/// cycle writes nothing out ahead (a queue whose syncs keep failing would otherwise write the same
+/// packets every cycle), and once the packets are stored they count as in flight in the file they
+/// already went into, so no second copy goes out while a receiver may hold that one claimed.
+#[test]
+fn after_a_failed_group_commit_its_packets_count_as_in_flight_in_the_file_they_went_into() {
     use fsbridge::disk::sim::Call;
     let mut world = SimWorld::new();
     let poll_us = config(&world.dir).poll.as_micros() as u64;
     let mut server = Server::open(config(&world.dir)).unwrap();
     let outbox = outbox_file(&server.volume, 3);
     let segments = world.disk.files_in(&world.dir.join("queue"));
-    assert!(!segments.is_empty());
-    for (segment, _) in &segments {
-        world.disk.break_calls(segment, Call::Sync, libc::ENOSPC);
-    }
+    assert_eq!(segments.len(), 1);
+    // A full disk fails the sync once; the rollback that follows works.
+    world.disk.fail_next(&segments[0].0, Call::Sync, libc::ENOSPC);
     server.cycle();
-    let ids: Vec<PacketId> =
-        (1001..=1003).map(|seq| PacketId { origin: NodeName::new("a").unwrap(), epoch: 7, seq }).collect();
-    assert_eq!(
-        inbox_packets(&server.volume, "b"),
-        vec![ids.clone()],
-        "the packets were not in their inbox before the queue's sync returned"
-    );
-    assert!(world.disk.peek(&outbox).is_some(), "the outbox file went (acked) though the queue sync failed");
+    assert_eq!(inbox_packets(&server.volume, "b"), vec![ids_1001_to_1003()]);
+    assert!(world.disk.peek(&outbox).is_some(), "the outbox file went (acked) though the queue's sync failed");
     assert_eq!(server.index.len(), 0, "packets whose sync failed are queued");
     assert_eq!(server.counters.delivered, 0, "packets whose sync failed count as delivered");
 
-    // The queue's only mirror has failed: the operator repairs the disk and restarts the server.
-    world.disk.repair();
-    drop(server);
-    let mut server = Server::open(config(&world.dir)).unwrap();
     world.tick(poll_us);
     server.cycle();
     assert!(world.disk.peek(&outbox).is_none(), "the outbox file was not acked once its packets were durable");
     assert_eq!(server.index.len(), 3);
-    assert_eq!(server.counters.delivered, 3);
-    let files = inbox_packets(&server.volume, "b");
-    assert_eq!(files, vec![ids.clone(), ids.clone()], "the packets were not delivered again after the failed sync");
-    let mut dedupe = Dedupe::new();
-    let mut handed_on = Vec::new();
-    for id in files.into_iter().flatten() {
-        if dedupe.get(&id).is_none() {
-            dedupe.set(&id, Seen::Received);
-            handed_on.push(id);
-        }
+    assert_eq!(server.counters.delivered, 3, "the packets do not count as in flight in the file they went into");
+    assert_eq!(
+        inbox_packets(&server.volume, "b"),
+        vec![ids_1001_to_1003()],
+        "a second copy went out while the first could still be claimed"
+    );
+    // Not receipted: once the redelivery time has passed and the file was taken, they go again.
+    let inbox = server.volume.inbox(&NodeName::new("b").unwrap(), 9000);
+    for name in fsbridge::disk::read_dir_names(inbox.new_dir()).unwrap() {
+        fsbridge::disk::remove_file(inbox.new_dir().join(name)).unwrap();
     }
-    assert_eq!(handed_on, ids, "the receiving shim would hand a packet on twice, or miss one");
+    world.tick(server.config.redeliver_after.as_micros() as u64 + poll_us);
+    server.cycle();
+    assert_eq!(inbox_packets(&server.volume, "b"), vec![ids_1001_to_1003()]);
+    assert_eq!(server.counters.redelivered, 3);
+}
+
+/// A queue whose group commits keep failing (its only mirror failed) must not write packets out
+/// ahead of every attempt: each cycle drains the same unacked outbox again, and each copy would be
+/// one more inbox file and one more pass of the receiver, for as long as the disk stays broken.
+#[test]
+fn while_group_commits_fail_nothing_goes_out_ahead_of_them() {
+    use fsbridge::disk::sim::Call;
+    let mut world = SimWorld::new();
+    let poll_us = config(&world.dir).poll.as_micros() as u64;
+    let mut server = Server::open(config(&world.dir)).unwrap();
+    outbox_batch(&server.volume, 1, 3);
+    let segments = world.disk.files_in(&world.dir.join("queue"));
+    assert_eq!(segments.len(), 1);
+    world.disk.break_calls(&segments[0].0, Call::Sync, libc::EIO);
+    server.cycle();
+    assert_eq!(inbox_packets(&server.volume, "b").len(), 1, "the first group did not go out ahead of its sync");
+    outbox_batch(&server.volume, 2, 3);
+    for _ in 0..3 {
+        world.tick(poll_us);
+        server.cycle();
+    }
+    assert_eq!(
+        inbox_packets(&server.volume, "b").len(),
+        1,
+        "packets went out ahead of group commits that kept failing"
+    );
+    assert_eq!(server.index.len(), 0);
 }
