@@ -422,6 +422,18 @@ fn handed_on(files: Vec<Vec<PacketId>>) -> Vec<PacketId> {
     handed
 }
 
+/// A server on a simulated disk with node a's outbox file of 3 packets (`ids_1001_to_1003`) for
+/// node b, and the path of its queue's one segment.
+fn one_outbox_file_and_the_queue_segment() -> (SimWorld, Server, PathBuf, PathBuf) {
+    let world = SimWorld::new();
+    let server = Server::open(config(&world.dir)).unwrap();
+    let outbox = outbox_file(&server.volume, 3);
+    let segments = world.disk.files_in(&world.dir.join("queue"));
+    assert_eq!(segments.len(), 1);
+    let segment = segments[0].0.clone();
+    (world, server, outbox, segment)
+}
+
 /// A drained packet goes into its inbox before the queue's sync, so that the receiver reads it
 /// while the sync runs; nothing is acked until the sync has returned. Here the server dies as it
 /// enters that sync (kill -9; the files it wrote stay): the packets are in their inbox already
@@ -430,13 +442,9 @@ fn handed_on(files: Vec<Vec<PacketId>>) -> Vec<PacketId> {
 #[test]
 fn packets_reach_their_inbox_before_the_queue_sync_and_are_acked_only_after_it() {
     use fsbridge::disk::sim::{Call, Crash};
-    let mut world = SimWorld::new();
-    let poll_us = config(&world.dir).poll.as_micros() as u64;
-    let mut server = Server::open(config(&world.dir)).unwrap();
-    let outbox = outbox_file(&server.volume, 3);
-    let segments = world.disk.files_in(&world.dir.join("queue"));
-    assert_eq!(segments.len(), 1);
-    world.disk.crash_at_next(&segments[0].0, Call::Sync);
+    let (mut world, mut server, outbox, segment) = one_outbox_file_and_the_queue_segment();
+    let poll_us = server.config.poll.as_micros() as u64;
+    world.disk.crash_at_next(&segment, Call::Sync);
     let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.cycle()));
     assert!(died.is_err_and(|payload| payload.is::<Crash>()), "the server did not reach the queue's sync");
     let volume = server.volume.clone();
@@ -465,14 +473,10 @@ fn packets_reach_their_inbox_before_the_queue_sync_and_are_acked_only_after_it()
 #[test]
 fn after_a_failed_group_commit_its_packets_count_as_in_flight_in_the_file_they_went_into() {
     use fsbridge::disk::sim::Call;
-    let mut world = SimWorld::new();
-    let poll_us = config(&world.dir).poll.as_micros() as u64;
-    let mut server = Server::open(config(&world.dir)).unwrap();
-    let outbox = outbox_file(&server.volume, 3);
-    let segments = world.disk.files_in(&world.dir.join("queue"));
-    assert_eq!(segments.len(), 1);
+    let (mut world, mut server, outbox, segment) = one_outbox_file_and_the_queue_segment();
+    let poll_us = server.config.poll.as_micros() as u64;
     // A full disk fails the sync once; the rollback that follows works.
-    world.disk.fail_next(&segments[0].0, Call::Sync, libc::ENOSPC);
+    world.disk.fail_next(&segment, Call::Sync, libc::ENOSPC);
     server.cycle();
     assert_eq!(inbox_packets(&server.volume, "b"), vec![ids_1001_to_1003()]);
     assert!(world.disk.peek(&outbox).is_some(), "the outbox file went (acked) though the queue's sync failed");
@@ -506,13 +510,9 @@ fn after_a_failed_group_commit_its_packets_count_as_in_flight_in_the_file_they_w
 #[test]
 fn while_group_commits_fail_nothing_goes_out_ahead_of_them() {
     use fsbridge::disk::sim::Call;
-    let mut world = SimWorld::new();
-    let poll_us = config(&world.dir).poll.as_micros() as u64;
-    let mut server = Server::open(config(&world.dir)).unwrap();
-    outbox_batch(&server.volume, 1, 3);
-    let segments = world.disk.files_in(&world.dir.join("queue"));
-    assert_eq!(segments.len(), 1);
-    world.disk.break_calls(&segments[0].0, Call::Sync, libc::EIO);
+    let (mut world, mut server, _, segment) = one_outbox_file_and_the_queue_segment();
+    let poll_us = server.config.poll.as_micros() as u64;
+    world.disk.break_calls(&segment, Call::Sync, libc::EIO);
     server.cycle();
     assert_eq!(inbox_packets(&server.volume, "b").len(), 1, "the first group did not go out ahead of its sync");
     outbox_batch(&server.volume, 2, 3);
