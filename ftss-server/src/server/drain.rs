@@ -264,8 +264,8 @@ impl Server {
         }
         let removed = self.ack_and_remove(&group.drained);
         // After the "stored" acks, as a delivery later in the cycle would come.
+        written_before.append(&mut group.early);
         self.mark_early(written_before);
-        self.mark_early(std::mem::take(&mut group.early));
         removed?;
         let work = group.drained.len() + group.arrived.len() + group.from_fabric.len();
         if total >= TRIM_AFTER_PACKETS {

@@ -423,15 +423,16 @@ fn handed_on(files: Vec<Vec<PacketId>>) -> Vec<PacketId> {
 }
 
 /// A server on a simulated disk with node a's outbox file of 3 packets (`ids_1001_to_1003`) for
-/// node b, and the path of its queue's one segment.
-fn one_outbox_file_and_the_queue_segment() -> (SimWorld, Server, PathBuf, PathBuf) {
+/// node b: the world, the server, the outbox file, its queue's one segment and its poll in µs.
+fn one_outbox_file_and_the_queue_segment() -> (SimWorld, Server, PathBuf, PathBuf, u64) {
     let world = SimWorld::new();
     let server = Server::open(config(&world.dir)).unwrap();
     let outbox = outbox_file(&server.volume, 3);
     let segments = world.disk.files_in(&world.dir.join("queue"));
     assert_eq!(segments.len(), 1);
     let segment = segments[0].0.clone();
-    (world, server, outbox, segment)
+    let poll_us = server.config.poll.as_micros() as u64;
+    (world, server, outbox, segment, poll_us)
 }
 
 /// A drained packet goes into its inbox before the queue's sync, so that the receiver reads it
@@ -442,8 +443,7 @@ fn one_outbox_file_and_the_queue_segment() -> (SimWorld, Server, PathBuf, PathBu
 #[test]
 fn packets_reach_their_inbox_before_the_queue_sync_and_are_acked_only_after_it() {
     use fsbridge::disk::sim::{Call, Crash};
-    let (mut world, mut server, outbox, segment) = one_outbox_file_and_the_queue_segment();
-    let poll_us = server.config.poll.as_micros() as u64;
+    let (mut world, mut server, outbox, segment, poll_us) = one_outbox_file_and_the_queue_segment();
     world.disk.crash_at_next(&segment, Call::Sync);
     let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| server.cycle()));
     assert!(died.is_err_and(|payload| payload.is::<Crash>()), "the server did not reach the queue's sync");
@@ -473,8 +473,7 @@ fn packets_reach_their_inbox_before_the_queue_sync_and_are_acked_only_after_it()
 #[test]
 fn after_a_failed_group_commit_its_packets_count_as_in_flight_in_the_file_they_went_into() {
     use fsbridge::disk::sim::Call;
-    let (mut world, mut server, outbox, segment) = one_outbox_file_and_the_queue_segment();
-    let poll_us = server.config.poll.as_micros() as u64;
+    let (mut world, mut server, outbox, segment, poll_us) = one_outbox_file_and_the_queue_segment();
     // A full disk fails the sync once; the rollback that follows works.
     world.disk.fail_next(&segment, Call::Sync, libc::ENOSPC);
     server.cycle();
@@ -510,8 +509,7 @@ fn after_a_failed_group_commit_its_packets_count_as_in_flight_in_the_file_they_w
 #[test]
 fn while_group_commits_fail_nothing_goes_out_ahead_of_them() {
     use fsbridge::disk::sim::Call;
-    let (mut world, mut server, _, segment) = one_outbox_file_and_the_queue_segment();
-    let poll_us = server.config.poll.as_micros() as u64;
+    let (mut world, mut server, _, segment, poll_us) = one_outbox_file_and_the_queue_segment();
     world.disk.break_calls(&segment, Call::Sync, libc::EIO);
     server.cycle();
     assert_eq!(inbox_packets(&server.volume, "b").len(), 1, "the first group did not go out ahead of its sync");
