@@ -348,6 +348,113 @@ fn a_forked_child_sends_on_an_inherited_socket() {
     assert!(log.contains("forked child: new epoch"), "{log}");
 }
 
+/// A daemon-style "close every fd above mine" loop (close_range and closefrom through ctypes, and a
+/// close of each number in turn) runs while the
+/// shim's receive thread makes its own fds, in the parent and again in a forked child (whose thread
+/// starts at once). Then the app's files and sockets close when it closes them, and new sockets get
+/// every datagram sent to them.
+const PY_CLOSER: &str = r#"
+import ctypes, errno, os, socket, sys, tempfile, time
+libc = ctypes.CDLL(None, use_errno=True)
+scratch = tempfile.mkdtemp()
+libc.close_range.argtypes = [ctypes.c_uint, ctypes.c_uint, ctypes.c_int]
+seconds = float(sys.argv[1])
+
+def close_above(fd):
+    end = time.monotonic() + seconds
+    rounds = 0
+    while time.monotonic() < end:
+        if rounds % 3 == 0 and libc.close_range(fd + 1, 0xFFFFFFFF, 0) != 0:
+            raise OSError(ctypes.get_errno(), "close_range")
+        if rounds % 3 == 1:
+            libc.closefrom(fd + 1)
+        if rounds % 3 == 2:
+            for number in range(fd + 1, 1024):
+                try:
+                    os.close(number)
+                except OSError:
+                    pass
+        rounds += 1
+        time.sleep(0.005)
+
+def was_open(fd):
+    # A close, not fstat: the shim's threads may hold this number for a moment while they make an
+    # fd of their own (the kernel gives the lowest free one), and the app's closes wait for that.
+    try:
+        os.close(fd)
+    except OSError as error:
+        assert error.errno == errno.EBADF, error
+        return False
+    return True
+
+def check(tag, s1):
+    # The app's files, open while it sends: they get the numbers the close loop freed.
+    files = [os.open(os.path.join(scratch, f"{tag}-{index}"), os.O_RDWR | os.O_CREAT) for index in range(8)]
+    for round in range(3):
+        s2 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s2.bind(("10.77.0.1", 0))
+        s2.settimeout(20)
+        fd = s2.fileno()
+        want = sorted(f"{tag}-{round}-{index}".encode() for index in range(3))
+        for payload in want:
+            s1.sendto(payload, s2.getsockname())
+        got = sorted(s2.recv(100) for _ in want)
+        assert got == want, (tag, round, got)
+        s2.close()
+        assert not was_open(fd), f"{tag}: socket {fd} still open after close"
+    sizes = [os.fstat(fd).st_size for fd in files]
+    assert sizes == [0] * len(files), f"{tag}: the shim wrote into the app's files: {sizes}"
+    for fd in files:
+        os.close(fd)
+    # Everything above s1 that the app had, it closed; the shim's own fds are at 64 and above.
+    strays = [fd for fd in range(s1.fileno() + 1, 64) if was_open(fd)]
+    assert not strays, f"{tag}: fds {strays} stay open after the app closed them"
+    print(tag, "ok", flush=True)
+
+s1 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s1.bind(("10.77.0.1", 0))
+close_above(s1.fileno())
+check("parent", s1)
+# Now the shim has files open (its outbox log): the loop must leave them too.
+close_above(s1.fileno())
+check("parent-again", s1)
+pid = os.fork()
+if pid == 0:
+    try:
+        close_above(s1.fileno())
+        check("child", s1)
+    except BaseException as error:
+        print("child failed:", repr(error), flush=True)
+        os._exit(1)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+assert status == 0, status
+"#;
+
+#[test]
+fn an_apps_close_range_while_the_shim_makes_its_own_fds_takes_none_of_them() {
+    let mut fabric = Fabric::new("apps-close-range");
+    fabric.start_server();
+    // The shim's threads pause 100 ms between making each fd of theirs and marking it (a test
+    // knob), so the app's loop, running 1 s, closes fds in that moment if it can.
+    let started = std::time::Instant::now();
+    let output = fabric
+        .command("a", "10.77.0.1", "python3")
+        .env("FTSS_TEST_NEW_FD_PAUSE_MS", "100")
+        .args(["-c", PY_CLOSER, "1.0"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "closer: {stdout}\n{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        fabric.node_log("a")
+    );
+    eprintln!("ELAPSED {:?}", started.elapsed());
+    assert_eq!(stdout, "parent ok\nparent-again ok\nchild ok\n");
+}
+
 #[test]
 fn eight_threads_send_ten_thousand_datagrams_each_and_four_receiving_threads_get_each_once() {
     let threads = 8;

@@ -12,11 +12,84 @@
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
+use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub mod sim;
+
+/// Keeps a process's file fds apart from code that shares its fd table and closes fds it does not
+/// own: the shim runs inside an app, whose "close every fd above 2" loop would otherwise close the
+/// shim's outbox log under it, and the app's next open would get the number, so that a batch
+/// meant for the volume would be written and synced into the app's file.
+pub trait FdKeeper: Send + Sync {
+    /// Runs `open` (an fd, or -1 with errno set) and takes the fd for the process's own, with no
+    /// moment in which another thread's close can take it. The fd it returns may differ.
+    fn keep(&self, open: &mut dyn FnMut() -> RawFd) -> RawFd;
+    /// Gives up and closes one fd that [`FdKeeper::keep`] returned.
+    fn close(&self, fd: RawFd) -> io::Result<()>;
+}
+
+static KEEPER: OnceLock<&'static dyn FdKeeper> = OnceLock::new();
+
+/// From now on, every real file this module opens is kept by `keeper` and closed through it. Once
+/// per process, before any file is opened; false if one was set already.
+pub fn keep_fds(keeper: &'static dyn FdKeeper) -> bool {
+    KEEPER.set(keeper).is_ok()
+}
+
+/// Opens a real file with `open`, kept if a keeper is set.
+pub(crate) fn open_kept(open: impl FnOnce() -> io::Result<std::fs::File>) -> io::Result<RealFile> {
+    let Some(keeper) = KEEPER.get() else { return open().map(|file| RealFile(Some(file))) };
+    let mut open = Some(open);
+    let mut failure = None;
+    let fd = keeper.keep(&mut || match open.take().map(|open| open()) {
+        Some(Ok(file)) => file.into_raw_fd(),
+        Some(Err(error)) => {
+            failure = Some(error);
+            -1
+        }
+        None => -1,
+    });
+    if fd < 0 {
+        return Err(failure.unwrap_or_else(io::Error::last_os_error));
+    }
+    // SAFETY: the keeper returned an open fd that nothing else owns.
+    Ok(RealFile(Some(unsafe { std::fs::File::from_raw_fd(fd) })))
+}
+
+/// A real open file; closed through the keeper, if one is set.
+#[derive(Debug)]
+pub struct RealFile(Option<std::fs::File>);
+
+impl RealFile {
+    pub(crate) fn file(&self) -> &std::fs::File {
+        self.0.as_ref().expect("a RealFile holds its file until it is dropped")
+    }
+
+    fn close(mut self) -> io::Result<()> {
+        let file = self.0.take().expect("a RealFile holds its file until it is dropped");
+        match KEEPER.get() {
+            Some(keeper) => keeper.close(file.into_raw_fd()),
+            None => nix::unistd::close(file).map_err(io::Error::from),
+        }
+    }
+}
+
+impl Drop for RealFile {
+    fn drop(&mut self) {
+        if let Some(file) = self.0.take() {
+            match KEEPER.get() {
+                Some(keeper) => {
+                    let _ = keeper.close(file.into_raw_fd());
+                }
+                None => drop(file),
+            }
+        }
+    }
+}
 
 /// What the spool and the queue ask of a file's metadata.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +126,7 @@ impl From<std::fs::Metadata> for Meta {
 /// An open file: a real one, or one of the simulated disk.
 #[derive(Debug)]
 pub enum File {
-    Real(std::fs::File),
+    Real(RealFile),
     Sim(sim::Handle),
 }
 
@@ -162,19 +235,21 @@ impl OpenOptions {
             return disk.open(path, *self).map(File::Sim);
         }
         if let Some((helper, relative)) = crate::fsops::delegated(path) {
-            return crate::fsops::helper_open(helper, relative, self.flags(), self.mode).map(File::Real);
+            return open_kept(|| crate::fsops::helper_open(helper, relative, self.flags(), self.mode)).map(File::Real);
         }
-        std::fs::OpenOptions::new()
-            .read(self.read)
-            .write(self.write)
-            .append(self.append)
-            .truncate(self.truncate)
-            .create(self.create)
-            .create_new(self.create_new)
-            .mode(self.mode)
-            .custom_flags(self.custom_flags)
-            .open(path)
-            .map(File::Real)
+        open_kept(|| {
+            std::fs::OpenOptions::new()
+                .read(self.read)
+                .write(self.write)
+                .append(self.append)
+                .truncate(self.truncate)
+                .create(self.create)
+                .create_new(self.create_new)
+                .mode(self.mode)
+                .custom_flags(self.custom_flags)
+                .open(path)
+        })
+        .map(File::Real)
     }
 }
 
@@ -191,28 +266,28 @@ impl File {
 
     pub fn sync_data(&self) -> io::Result<()> {
         match self {
-            File::Real(file) => file.sync_data(),
+            File::Real(file) => file.file().sync_data(),
             File::Sim(handle) => handle.sync(),
         }
     }
 
     pub fn sync_all(&self) -> io::Result<()> {
         match self {
-            File::Real(file) => file.sync_all(),
+            File::Real(file) => file.file().sync_all(),
             File::Sim(handle) => handle.sync(),
         }
     }
 
     pub fn set_len(&self, len: u64) -> io::Result<()> {
         match self {
-            File::Real(file) => file.set_len(len),
+            File::Real(file) => file.file().set_len(len),
             File::Sim(handle) => handle.set_len(len),
         }
     }
 
     pub fn metadata(&self) -> io::Result<Meta> {
         match self {
-            File::Real(file) => file.metadata().map(Meta::from),
+            File::Real(file) => file.file().metadata().map(Meta::from),
             File::Sim(handle) => handle.metadata(),
         }
     }
@@ -220,7 +295,7 @@ impl File {
     /// Closes the file and reports the close's error (NFS may report a failed write back here).
     pub fn close(self) -> io::Result<()> {
         match self {
-            File::Real(file) => nix::unistd::close(file).map_err(io::Error::from),
+            File::Real(file) => file.close(),
             File::Sim(handle) => {
                 drop(handle);
                 Ok(())
@@ -232,7 +307,7 @@ impl File {
 impl Read for File {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            File::Real(file) => file.read(buf),
+            File::Real(file) => (&mut file.file()).read(buf),
             File::Sim(handle) => handle.read(buf),
         }
     }
@@ -241,7 +316,7 @@ impl Read for File {
 impl Write for File {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            File::Real(file) => file.write(buf),
+            File::Real(file) => (&mut file.file()).write(buf),
             File::Sim(handle) => handle.write(buf),
         }
     }
@@ -254,14 +329,14 @@ impl Write for File {
 impl FileExt for File {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         match self {
-            File::Real(file) => file.read_at(buf, offset),
+            File::Real(file) => file.file().read_at(buf, offset),
             File::Sim(handle) => handle.read_at(buf, offset),
         }
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
         match self {
-            File::Real(file) => file.write_at(buf, offset),
+            File::Real(file) => file.file().write_at(buf, offset),
             File::Sim(handle) => handle.write_at(buf, offset),
         }
     }
@@ -295,7 +370,7 @@ pub fn sync_dir(path: impl AsRef<Path>) -> io::Result<()> {
     let path = path.as_ref();
     match sim::current() {
         Some(disk) => disk.sync_dir(path),
-        None => std::fs::File::open(path)?.sync_all(),
+        None => open_kept(|| std::fs::File::open(path))?.file().sync_all(),
     }
 }
 
@@ -399,7 +474,43 @@ pub fn exists(path: impl AsRef<Path>) -> bool {
 pub fn read_dir_names(path: impl AsRef<Path>) -> io::Result<Vec<OsString>> {
     match sim::current() {
         Some(disk) => disk.list(path.as_ref()),
-        None => std::fs::read_dir(path)?.map(|entry| entry.map(|entry| entry.file_name())).collect(),
+        None => names_in(open_kept(|| std::fs::File::open(path))?.file()),
+    }
+}
+
+/// The names in an open directory (without `.` and `..`), read with getdents64 on the fd itself:
+/// `opendir` would open an fd of its own, which no keeper sees, and `closedir` would close it.
+pub(crate) fn names_in(directory: &std::fs::File) -> io::Result<Vec<OsString>> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    // struct linux_dirent64: inode (8), offset (8), record length (2), type (1), then the name.
+    const NAME_AT: usize = 19;
+    let mut buffer = vec![0u8; 32 * 1024];
+    let mut names = Vec::new();
+    loop {
+        // SAFETY: getdents64 writes at most buffer.len() bytes into the live buffer.
+        let filled =
+            unsafe { libc::syscall(libc::SYS_getdents64, directory.as_raw_fd(), buffer.as_mut_ptr(), buffer.len()) };
+        if filled < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if filled == 0 {
+            return Ok(names);
+        }
+        let filled = filled as usize;
+        let mut at = 0;
+        while at + NAME_AT <= filled {
+            let length = usize::from(u16::from_ne_bytes([buffer[at + 16], buffer[at + 17]]));
+            if length <= NAME_AT || at + length > filled {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "a malformed directory entry"));
+            }
+            let field = &buffer[at + NAME_AT..at + length];
+            let name = &field[..field.iter().position(|byte| *byte == 0).unwrap_or(field.len())];
+            if name != b"." && name != b".." {
+                names.push(OsString::from(std::ffi::OsStr::from_bytes(name)));
+            }
+            at += length;
+        }
     }
 }
 
@@ -417,4 +528,30 @@ pub fn space(path: impl AsRef<Path>) -> Option<(u64, u64)> {
 /// A random number: the simulator's (so that a seed replays exactly), or the kernel's.
 pub fn random_u64() -> u64 {
     crate::random_u64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listing_larger_than_one_getdents_buffer_names_every_entry_once() {
+        let dir = std::env::temp_dir().join(format!("ftss-names-{}-{}", std::process::id(), random_u64()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // About 200 bytes an entry: 2,000 of them take more than ten reads of the 32 KiB buffer.
+        let mut made: Vec<OsString> =
+            (0..2_000).map(|index| format!("{index:05}-{}", "n".repeat(180)).into()).collect();
+        for name in &made {
+            std::fs::write(dir.join(name), b"").unwrap();
+        }
+        std::fs::create_dir(dir.join("sub")).unwrap();
+        made.push("sub".into());
+        let mut listed = read_dir_names(&dir).unwrap();
+        listed.sort();
+        made.sort();
+        assert_eq!(listed, made);
+        assert!(read_dir_names(dir.join("missing")).is_err());
+        assert!(read_dir_names(dir.join("sub").join("..").join(&made[0])).is_err(), "a file is not a directory");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -12,7 +12,6 @@
 use std::ffi::OsString;
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -120,7 +119,9 @@ pub fn read_to_string(path: impl AsRef<Path>) -> io::Result<String> {
 pub fn metadata(path: impl AsRef<Path>) -> io::Result<Meta> {
     let path = path.as_ref();
     match delegated(path) {
-        Some((helper, relative)) => helper_open(helper, relative, libc::O_PATH, 0)?.metadata().map(Meta::from),
+        Some((helper, relative)) => {
+            disk::open_kept(|| helper_open(helper, relative, libc::O_PATH, 0))?.file().metadata().map(Meta::from)
+        }
         None => disk::metadata(path),
     }
 }
@@ -130,7 +131,10 @@ pub fn symlink_metadata(path: impl AsRef<Path>) -> io::Result<Meta> {
     let path = path.as_ref();
     match delegated(path) {
         Some((helper, relative)) => {
-            helper_open(helper, relative, libc::O_PATH | libc::O_NOFOLLOW, 0)?.metadata().map(Meta::from)
+            disk::open_kept(|| helper_open(helper, relative, libc::O_PATH | libc::O_NOFOLLOW, 0))?
+                .file()
+                .metadata()
+                .map(Meta::from)
         }
         None => disk::symlink_metadata(path),
     }
@@ -210,7 +214,9 @@ pub fn touch(path: impl AsRef<Path>) -> io::Result<()> {
 pub fn sync_dir(path: impl AsRef<Path>) -> io::Result<()> {
     let path = path.as_ref();
     match delegated(path) {
-        Some((helper, relative)) => helper_open(helper, relative, libc::O_RDONLY | libc::O_DIRECTORY, 0)?.sync_all(),
+        Some((helper, relative)) => {
+            disk::open_kept(|| helper_open(helper, relative, libc::O_RDONLY | libc::O_DIRECTORY, 0))?.file().sync_all()
+        }
         None => disk::sync_dir(path),
     }
 }
@@ -221,20 +227,8 @@ pub fn read_dir_names(path: impl AsRef<Path>) -> io::Result<Vec<OsString>> {
     let Some((helper, relative)) = delegated(path) else {
         return disk::read_dir_names(path);
     };
-    let directory = helper_open(helper, relative, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
-    names_of(directory)
-}
-
-/// Reads the entries of an open directory (getdents needs no permission beyond the open's).
-fn names_of(directory: std::fs::File) -> io::Result<Vec<OsString>> {
-    let mut names = Vec::new();
-    for entry in nix::dir::Dir::from_fd(OwnedFd::from(directory))?.iter() {
-        let name = entry?.file_name().to_bytes().to_vec();
-        if name != b"." && name != b".." {
-            names.push(OsString::from(std::ffi::OsStr::from_bytes(&name)));
-        }
-    }
-    Ok(names)
+    let directory = disk::open_kept(|| helper_open(helper, relative, libc::O_RDONLY | libc::O_DIRECTORY, 0))?;
+    disk::names_in(directory.file())
 }
 
 #[cfg(test)]

@@ -17,7 +17,14 @@ static PCAP: Mutex<Option<PcapWriter<BufWriter<File>>>> = Mutex::new(None);
 
 /// Opens the capture file (truncating it); logs and carries on without one if it cannot.
 pub fn open(path: &Path) {
-    let writer = File::create(path).and_then(|file| PcapWriter::new(BufWriter::new(file)));
+    // The shim's own fd (see `sys::new_internal`): the app's close loops leave it open.
+    let fd = crate::sys::new_internal(|| File::create(path).map_or(-1, std::os::fd::IntoRawFd::into_raw_fd));
+    let writer = if fd < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        // SAFETY: new_internal returns an open fd that nothing else owns.
+        PcapWriter::new(BufWriter::new(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) }))
+    };
     match writer {
         Ok(writer) => *PCAP.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(writer),
         Err(error) => log!("FTSS_PCAP {}: {error}; not capturing", path.display()),

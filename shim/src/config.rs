@@ -56,6 +56,10 @@ pub struct Config {
     pub recv_once: bool,
     /// How long a send may wait for durability or an ack before it fails with ETIMEDOUT.
     pub timeout: Duration,
+    /// `FTSS_TEST_NEW_FD_PAUSE_MS` (tests only; default 0): the shim's threads pause this long
+    /// between creating one of their own fds and taking it for the shim, so that a test can make
+    /// the app close fds in exactly that moment.
+    pub new_fd_pause: Duration,
 }
 
 /// What a shim that cannot carry traffic must refuse: the networks `FTSS_ROUTES` and
@@ -137,6 +141,7 @@ impl Config {
             return Err("FTSS_RECV=once needs FTSS_VOLUME: the ports' once-ledgers live on the volume".into());
         }
         let poll = millis_var("FTSS_POLL_MS", 10)?;
+        let new_fd_pause = millis_var("FTSS_TEST_NEW_FD_PAUSE_MS", 0)?;
         let timeout = millis_var("FTSS_TIMEOUT_MS", 30_000)?;
         let timeout = match var("FTSS_TIMEOUT") {
             Some(seconds) => Duration::from_secs_f64(
@@ -162,6 +167,7 @@ impl Config {
             poll,
             recv_once,
             timeout,
+            new_fd_pause,
         }))
     }
 

@@ -52,9 +52,7 @@ pub struct Wire {
 
 impl Drop for Wire {
     fn drop(&mut self) {
-        fds::clear(self.fd);
-        // SAFETY: our own fd, closed once.
-        unsafe { (real().close)(self.fd) };
+        crate::sys::close_internal(self.fd);
     }
 }
 
@@ -107,11 +105,12 @@ impl Wire {
         published: &AtomicI32,
     ) -> io::Result<Wire> {
         // SAFETY: plain socket calls on an fd we create.
-        let fd = unsafe { (real().socket)(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        let fd =
+            crate::sys::new_internal(|| unsafe { (real().socket)(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) });
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let wire = Wire { fd: crate::sys::make_internal(fd), sealer: Mutex::new(None) };
+        let wire = Wire { fd, sealer: Mutex::new(None) };
         published.store(wire.fd, Ordering::Release);
         loop {
             // SAFETY: addr/length describe a valid address.

@@ -59,6 +59,7 @@ fn take_locks(shim: &'static Shim) -> Held {
         guards.push(keep(lock(&shim.dedupe)));
         guards.push(keep(lock(&shim.receipts)));
         guards.push(keep(lock(&shim.ingress_peers)));
+        guards.push(Box::new(crate::sys::app_closing()));
         guards.push(keep(lock(&crate::LOG)));
         Held { _guards: guards, _socks: socks }
     }

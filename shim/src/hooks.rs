@@ -41,6 +41,10 @@ impl Failure for ssize_t {
     }
 }
 
+impl Failure for () {
+    fn failure() {}
+}
+
 fn guarded<R: Failure>(name: &str, body: impl FnOnce() -> R) -> R {
     match catch_unwind(AssertUnwindSafe(body)) {
         Ok(result) => result,
@@ -380,13 +384,23 @@ hooks! {
 
     fn close(fd: c_int) -> c_int {
         if fds::kind(fd) == fds::Kind::None {
-            return unsafe { (real().close)(fd) };
+            // Not while the shim is making an fd of its own: it may have this number right now.
+            let _closing = crate::sys::app_closing();
+            if fds::kind(fd) == fds::Kind::None {
+                return unsafe { (real().close)(fd) };
+            }
         }
         logic::close(fd)
     }
 
     fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
         logic::close_range(first, last, flags)
+    }
+
+    /// glibc's closefrom calls the close_range system call directly, past the hook above: every
+    /// fd of the shim's at or above `low` would go.
+    fn closefrom(low: c_int) -> () {
+        logic::closefrom(low)
     }
 
     fn dup(fd: c_int) -> c_int {

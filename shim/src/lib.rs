@@ -102,10 +102,16 @@ fn open_log(config: &Config) {
 }
 
 fn open_log_at(path: &std::path::Path) {
-    if let Ok(file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-        // The app's closefrom-style loops leave the log open (see `fds`).
-        fds::set(std::os::fd::AsRawFd::as_raw_fd(&file), fds::Kind::Internal, addr::Family::V4);
-        *LOG.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(file);
+    // The app's closefrom-style loops leave the log open (see `fds`), and it sits above the
+    // numbers apps reuse.
+    let fd = sys::new_internal(|| {
+        std::fs::OpenOptions::new().create(true).append(true).open(path).map_or(-1, std::os::fd::IntoRawFd::into_raw_fd)
+    });
+    if fd >= 0 {
+        // SAFETY: new_internal returns an open fd that nothing else owns.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // Whatever was there before goes after the lock (its close goes through the app's hook).
+        let _previous = LOG.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).replace(file);
     }
 }
 
@@ -123,6 +129,8 @@ fn init() {
     let shim = match Config::from_env() {
         Ok(None) => None,
         Ok(Some(config)) => {
+            sys::set_new_fd_pause(config.new_fd_pause);
+            sys::keep_volume_fds();
             open_log(&config);
             if let Some(path) = &config.pcap {
                 capture::open(path);

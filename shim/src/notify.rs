@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 use libc::c_int;
 
-use crate::fds;
 use crate::real::real;
 
 /// The process's inotify fd (-1 before the first watch). The shim's own: the app's `close` leaves
@@ -69,11 +68,10 @@ pub fn watch(dir: &Path) -> Option<c_int> {
     let mut fd = FD.load(Ordering::Acquire);
     if fd < 0 {
         // SAFETY: inotify_init1 has no preconditions.
-        fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        fd = crate::sys::new_internal(|| unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) });
         if fd < 0 {
             return None;
         }
-        fds::set(fd, fds::Kind::Internal, crate::addr::Family::V4);
         FD.store(fd, Ordering::Release);
     }
     // SAFETY: fd is our inotify fd and path a valid C string.
@@ -88,11 +86,10 @@ pub fn nudge_fd() -> Option<c_int> {
         return Some(fd);
     }
     // SAFETY: eventfd has no preconditions.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    let fd = crate::sys::new_internal(|| unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) });
     if fd < 0 {
         return None;
     }
-    fds::set(fd, fds::Kind::Internal, crate::addr::Family::V4);
     NUDGE.store(fd, Ordering::Release);
     Some(fd)
 }
@@ -122,9 +119,7 @@ pub fn abandon_in_child() {
     for slot in [&FD, &NUDGE] {
         let fd = slot.swap(-1, Ordering::AcqRel);
         if fd >= 0 {
-            fds::clear(fd);
-            // SAFETY: the child's copy of our fd.
-            unsafe { (real().close)(fd) };
+            crate::sys::close_internal(fd);
         }
     }
 }

@@ -158,7 +158,10 @@ fn start(root: &Path) -> io::Result<(Client, i32)> {
             return Err(io::Error::other("the helper could not be forked"));
         }
     }
-    let fd = crate::sys::make_internal(app_end);
+    let fd = {
+        let _making = crate::sys::shim_making();
+        crate::sys::make_internal(app_end)
+    };
     Ok((Client { fd }, pid))
 }
 

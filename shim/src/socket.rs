@@ -97,6 +97,8 @@ impl Shim {
         }
         let twins = if self.candidate_dups.load(Ordering::Relaxed) { candidate_twins(fd) } else { Vec::new() };
         let family = fds::family(fd);
+        // From the new fds' creation until the spare number is closed, the app's closes wait.
+        let making = crate::sys::shim_making();
         let (sock, app_end) = new_sock(fd, family, self.next_sock_id.fetch_add(1, Ordering::Relaxed))?;
         let sock = Arc::new(sock);
         if let Err(error) = point(app_end, fd) {
@@ -114,6 +116,7 @@ impl Shim {
         }
         // SAFETY: the app's fds now refer to this socketpair end; the spare number goes.
         unsafe { (real().close)(app_end) };
+        drop(making);
         drop(table);
         // A receive thread that saw no socket at its last pass is not listening to the bells.
         crate::notify::nudge();
@@ -748,6 +751,12 @@ pub fn close(fd: c_int) -> c_int {
             return 0;
         }
         shim.forget(fd);
+        let _closing = crate::sys::app_closing();
+        if fds::kind(fd) == fds::Kind::Internal {
+            // The number was free, and the shim has just taken it.
+            return 0;
+        }
+        return unsafe { (real().close)(fd) };
     } else if crate::refusal().is_some() {
         // The number may come back as another kind of socket.
         fds::clear(fd);
@@ -777,6 +786,7 @@ pub fn close_range(first: libc::c_uint, last: libc::c_uint, flags: c_int) -> c_i
             shim.forget(fd);
         }
     }
+    let _closing = crate::sys::app_closing();
     let mut start = first;
     for internal in fds::of_kind_in(low, high, fds::Kind::Internal).collect::<Vec<_>>() {
         let internal = internal as libc::c_uint;
@@ -789,6 +799,25 @@ pub fn close_range(first: libc::c_uint, last: libc::c_uint, flags: c_int) -> c_i
         return 0;
     }
     unsafe { real_close_range(start, last, flags) }
+}
+
+/// closefrom(low): close_range(low, ~0) with the shim's fds left open; where that fails (no
+/// close_range in the kernel or libc), each fd the kernel reports open is closed on its own, as
+/// glibc falls back to.
+pub fn closefrom(low: c_int) {
+    let low = low.max(0);
+    if close_range(low as libc::c_uint, libc::c_uint::MAX, 0) == 0 {
+        return;
+    }
+    let open: Vec<c_int> = std::fs::read_dir("/proc/self/fd")
+        .map(|entries| entries.flatten().filter_map(|entry| entry.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    for fd in open.into_iter().filter(|fd| *fd >= low) {
+        // The listing's own fd is among them, closed already: EBADF, as for any other closed one.
+        if fds::kind(fd) != fds::Kind::Internal {
+            close(fd);
+        }
+    }
 }
 
 /// shutdown on a fabric fd: ENOTCONN unless connected, as for UDP; otherwise nothing happens, because

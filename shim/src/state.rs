@@ -104,9 +104,8 @@ impl Sock {
 impl Drop for Sock {
     fn drop(&mut self) {
         for fd in [self.shim_end, self.side] {
-            fds::clear(fd);
-            // SAFETY: the shim owns these fds and nothing else refers to them any more.
-            unsafe { (real().close)(fd) };
+            // The shim owns these fds and nothing else refers to them any more.
+            crate::sys::close_internal(fd);
         }
     }
 }
