@@ -50,14 +50,31 @@ thread_local! {
     /// it just made, through std and so through the hooks) neither wait for the lock nor take it
     /// again.
     static MAKING_HERE: Cell<bool> = const { Cell::new(false) };
+    /// Does this thread hold it for reading? Then a close from a signal handler that interrupted
+    /// the first does not ask again: with a writer waiting, that second read would wait for the
+    /// writer, and the writer for the first.
+    static CLOSING_HERE: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Held by the app's closes (many at once); None on a thread inside [`shim_making`].
-pub(crate) fn app_closing() -> Option<RwLockReadGuard<'static, ()>> {
-    if MAKING_HERE.get() {
-        return None;
+/// [`FD_CHANGES`] held for reading (or nothing, if this thread holds it already either way).
+pub(crate) struct Closing(Option<RwLockReadGuard<'static, ()>>);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        if self.0.is_some() {
+            CLOSING_HERE.set(false);
+        }
     }
-    Some(FD_CHANGES.read().unwrap_or_else(|poisoned| poisoned.into_inner()))
+}
+
+/// Held by the app's closes (many at once).
+pub(crate) fn app_closing() -> Closing {
+    if MAKING_HERE.get() || CLOSING_HERE.get() {
+        return Closing(None);
+    }
+    let guard = FD_CHANGES.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+    CLOSING_HERE.set(true);
+    Closing(Some(guard))
 }
 
 /// [`FD_CHANGES`] held for writing (or nothing, if this thread holds it already).
@@ -76,6 +93,8 @@ pub(crate) fn shim_making() -> Making {
     if MAKING_HERE.get() {
         return Making(None);
     }
+    // (A thread inside an app's close never gets here: the close hooks make no fds and drop no
+    // sockets while they hold the read lock.)
     let guard = FD_CHANGES.write().unwrap_or_else(|poisoned| poisoned.into_inner());
     MAKING_HERE.set(true);
     Making(Some(guard))
