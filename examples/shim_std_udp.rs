@@ -10,9 +10,16 @@
 //! - `shim_std_udp sink <bind> <total>`: 4 threads receive on clones of one socket until `total`
 //!   distinct datagrams arrived (or 120 s pass with nothing new); prints
 //!   `distinct <n> duplicates <n>`.
+//! - `shim_std_udp signal-close <bind>`: closes a TCP socket whose close lingers (`SO_LINGER`, with
+//!   unsent data its peer never reads); meanwhile a second thread binds a new UDP socket to `bind`
+//!   and a third interrupts the close with a signal whose handler closes an fd too. Prints
+//!   `handled=<bool> bound=<bool>` once all three are done.
 
 use std::collections::HashSet;
-use std::net::{SocketAddr, UdpSocket};
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::IntoRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// How long `sink` and `ask` wait for anything new before giving up.
@@ -28,6 +35,7 @@ fn main() {
         "ask" => ask(arg(1), arg(2).parse().unwrap(), arg(3).parse().unwrap()),
         "blast" => blast(arg(1), arg(2).parse().unwrap(), arg(3).parse().unwrap(), arg(4).parse().unwrap()),
         "sink" => sink(arg(1), arg(2).parse().unwrap()),
+        "signal-close" => signal_close(arg(1)),
         other => panic!("unknown mode {other}"),
     }
 }
@@ -153,4 +161,60 @@ fn sink(bind: &str, total: usize) {
         }
     }
     println!("distinct {} duplicates {duplicates}", seen.len());
+}
+
+static HANDLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn close_in_handler(_signal: libc::c_int) {
+    // close is async-signal-safe; -1 is never an open fd.
+    unsafe { libc::close(-1) };
+    HANDLED.store(true, Ordering::SeqCst);
+}
+
+fn signal_close(bind: &str) {
+    // SAFETY: a plain handler for SIGUSR1, without SA_RESTART.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = close_in_handler as *const () as usize;
+        libc::sigemptyset(&mut action.sa_mask);
+        assert_eq!(libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut()), 0);
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let mut stream = TcpStream::connect(listener.local_addr().unwrap()).expect("connect");
+    // The peer is kept open and never reads: the close below waits out its linger time.
+    let (_peer, _) = listener.accept().expect("accept");
+    stream.set_nonblocking(true).unwrap();
+    let chunk = vec![7u8; 64 * 1024];
+    while stream.write(&chunk).is_ok() {}
+    stream.set_nonblocking(false).unwrap();
+    let fd = stream.into_raw_fd();
+    let linger = libc::linger { l_onoff: 1, l_linger: 5 };
+    // SAFETY: SO_LINGER with a linger struct of the right size.
+    let set = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0, "SO_LINGER");
+    // SAFETY: this thread's own id.
+    let closer = unsafe { libc::pthread_self() };
+    let bind = bind.to_owned();
+    let binder = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        UdpSocket::bind(&bind).is_ok()
+    });
+    let signaller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(600));
+        // SAFETY: the main thread is alive until both threads are joined.
+        unsafe { libc::pthread_kill(closer, libc::SIGUSR1) };
+    });
+    // SAFETY: our own fd, closed once.
+    unsafe { libc::close(fd) };
+    signaller.join().unwrap();
+    let bound = binder.join().unwrap();
+    println!("handled={} bound={bound}", HANDLED.load(Ordering::SeqCst));
 }

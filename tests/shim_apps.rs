@@ -456,6 +456,22 @@ fn an_apps_close_range_while_the_shim_makes_its_own_fds_takes_none_of_them() {
 }
 
 #[test]
+fn a_close_in_a_signal_handler_during_a_lingering_close_while_a_socket_is_made_does_not_hang() {
+    // The lingering close holds the shim's fd lock for reading, the new fabric socket waits to
+    // take it for writing, and the handler's close must not queue behind that writer.
+    let mut fabric = Fabric::new("apps-signal-close");
+    fabric.start_server();
+    let mut command = fabric.command("a", "10.77.0.1", &std_udp_program());
+    command.args(["signal-close", "10.77.0.1:0"]);
+    let (mut proc, lines) = spawn(&mut command, "signal-close");
+    let finished = proc.wait_exit(Duration::from_secs(30));
+    let stderr = stderr_of(&mut proc);
+    assert!(finished, "hung (killed after 30 s): {:?} {stderr}", lines.lines());
+    assert!(wait_until(Duration::from_secs(5), || !lines.lines().is_empty()), "{stderr}");
+    assert_eq!(lines.lines(), ["handled=true bound=true"], "{stderr}");
+}
+
+#[test]
 fn eight_threads_send_ten_thousand_datagrams_each_and_four_receiving_threads_get_each_once() {
     let threads = 8;
     let each = 10_000;
