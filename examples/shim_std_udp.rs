@@ -14,6 +14,10 @@
 //!   unsent data its peer never reads); meanwhile a second thread binds a new UDP socket to `bind`
 //!   and a third interrupts the close with a signal whose handler closes an fd too. Prints
 //!   `handled=<bool> bound=<bool>` once all three are done.
+//! - `shim_std_udp fork-during-close <bind>`: binds a UDP socket to `bind`, then forks while
+//!   another thread is in a lingering close; the child binds a second socket, sends itself a
+//!   datagram and reads it. Prints `child=ok` (`child=failed`, or `child=hung` if it has not
+//!   exited within 10 s).
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -36,6 +40,7 @@ fn main() {
         "blast" => blast(arg(1), arg(2).parse().unwrap(), arg(3).parse().unwrap(), arg(4).parse().unwrap()),
         "sink" => sink(arg(1), arg(2).parse().unwrap()),
         "signal-close" => signal_close(arg(1)),
+        "fork-during-close" => fork_during_close(arg(1)),
         other => panic!("unknown mode {other}"),
     }
 }
@@ -179,27 +184,7 @@ fn signal_close(bind: &str) {
         libc::sigemptyset(&mut action.sa_mask);
         assert_eq!(libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut()), 0);
     }
-    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
-    let mut stream = TcpStream::connect(listener.local_addr().unwrap()).expect("connect");
-    // The peer is kept open and never reads: the close below waits out its linger time.
-    let (_peer, _) = listener.accept().expect("accept");
-    stream.set_nonblocking(true).unwrap();
-    let chunk = vec![7u8; 64 * 1024];
-    while stream.write(&chunk).is_ok() {}
-    stream.set_nonblocking(false).unwrap();
-    let fd = stream.into_raw_fd();
-    let linger = libc::linger { l_onoff: 1, l_linger: 5 };
-    // SAFETY: SO_LINGER with a linger struct of the right size.
-    let set = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(set, 0, "SO_LINGER");
+    let fd = lingering_socket();
     // SAFETY: this thread's own id.
     let closer = unsafe { libc::pthread_self() };
     let bind = bind.to_owned();
@@ -217,4 +202,71 @@ fn signal_close(bind: &str) {
     signaller.join().unwrap();
     let bound = binder.join().unwrap();
     println!("handled={} bound={bound}", HANDLED.load(Ordering::SeqCst));
+}
+
+/// A connected TCP socket whose close lingers up to 3 s: unsent data its peer (kept open for
+/// the process's life) never reads.
+fn lingering_socket() -> libc::c_int {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
+    let mut stream = TcpStream::connect(listener.local_addr().unwrap()).expect("connect");
+    // The peer is kept open and never reads: the close below waits out its linger time.
+    let (peer, _) = listener.accept().expect("accept");
+    std::mem::forget(peer);
+    stream.set_nonblocking(true).unwrap();
+    let chunk = vec![7u8; 64 * 1024];
+    while stream.write(&chunk).is_ok() {}
+    stream.set_nonblocking(false).unwrap();
+    let fd = stream.into_raw_fd();
+    let linger = libc::linger { l_onoff: 1, l_linger: 3 };
+    // SAFETY: SO_LINGER with a linger struct of the right size.
+    let set = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0, "SO_LINGER");
+    fd
+}
+
+fn fork_during_close(bind: &str) {
+    let _first = UdpSocket::bind(bind).expect("bind");
+    let fd = lingering_socket();
+    // SAFETY: our own fd, closed once.
+    let closer = std::thread::spawn(move || unsafe { libc::close(fd) });
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: the child only binds a socket and leaves with _exit.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // A new socket that hears itself: the child's own receive thread must work.
+        let heard = UdpSocket::bind(bind).is_ok_and(|socket| {
+            let _ = socket.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buffer = [0u8; 16];
+            socket.local_addr().is_ok_and(|addr| socket.send_to(b"self", addr).is_ok())
+                && socket.recv(&mut buffer).is_ok_and(|length| &buffer[..length] == b"self")
+        });
+        let code = if heard { 0 } else { 1 };
+        // SAFETY: leaving the child without running the parent's exit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    assert!(child > 0, "fork failed");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut status = 0;
+    let outcome = loop {
+        // SAFETY: waiting for our own child.
+        if unsafe { libc::waitpid(child, &mut status, libc::WNOHANG) } == child {
+            break if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 { "ok" } else { "failed" };
+        }
+        if Instant::now() >= deadline {
+            // SAFETY: our own child.
+            unsafe { libc::kill(child, libc::SIGKILL) };
+            break "hung";
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    println!("child={outcome}");
+    closer.join().unwrap();
 }

@@ -49,7 +49,11 @@ pub fn record(source: SocketAddr, destination: SocketAddr, payload: &[u8]) {
         .and_then(|()| writer.flush());
     if let Err(error) = written {
         log!("FTSS_PCAP: {error}; capture stopped");
-        *pcap = None;
+        if let Some(writer) = pcap.take() {
+            // The shim's own fd: an ordinary drop would go through the app's close, which leaves it.
+            let (file, _unwritten) = writer.into_inner().into_parts();
+            crate::sys::close_internal(std::os::fd::IntoRawFd::into_raw_fd(file));
+        }
     }
 }
 

@@ -5,8 +5,12 @@
 //! - `Kind::Candidate`: an app's UDP socket (IPv4 or IPv6) that may become a fabric socket.
 //! - `Kind::Fabric`: an app's fd that is one end of a socketpair fed by the shim (an entry in the
 //!   shim's table, shared by every fd dup'ed from it).
-//! - `Kind::Internal`: the shim's own fds (side sockets, socketpair ends, the log): the app's `close`,
-//!   `close_range` and `closefrom` leave them alone.
+//! - `Kind::Internal`: the shim's own fds (side sockets, socketpair ends, the log, files on the
+//!   volume): the app's `close`, `close_range` and `closefrom` leave them alone.
+//! - `Kind::Releasing`: one of those while the shim closes it. The kernel frees the number as the
+//!   close begins, but the close may go on (NFS writes back at close); an app close of the number
+//!   waits until the mark is gone ([`wait_released`]), so that it never mistakes the app's next fd
+//!   there for the shim's.
 
 use std::sync::atomic::{AtomicI32, AtomicU8, Ordering};
 
@@ -25,6 +29,7 @@ pub enum Kind {
     Candidate = 1,
     Fabric = 2,
     Internal = 3,
+    Releasing = 4,
 }
 
 impl Kind {
@@ -33,6 +38,7 @@ impl Kind {
             1 => Kind::Candidate,
             2 => Kind::Fabric,
             3 => Kind::Internal,
+            4 => Kind::Releasing,
             _ => Kind::None,
         }
     }
@@ -126,4 +132,45 @@ pub fn of_kind_in(first: c_int, last: c_int, wanted: Kind) -> impl Iterator<Item
     let first = first.max(0);
     let last = last.min(FD_TABLE_MAX as c_int - 1);
     (first..=last).filter(move |fd| kind(*fd) == wanted)
+}
+
+/// Numbers marked [`Kind::Releasing`] now (a forked child clears theirs: the closing thread is not
+/// there).
+static RELEASING: AtomicI32 = AtomicI32::new(0);
+
+/// Marks one of the shim's fds as being closed by the shim.
+pub fn begin_release(fd: c_int) {
+    if let Some(slot) = slot(fd) {
+        RELEASING.fetch_add(1, Ordering::AcqRel);
+        slot.store(Kind::Releasing as u8, Ordering::Release);
+    }
+    if let Some(side) = side_slot(fd) {
+        side.store(0, Ordering::Release);
+    }
+}
+
+/// The shim's close of `fd` is over: the number is the kernel's to give again (unless the app's
+/// new socket there has marked it already).
+pub fn end_release(fd: c_int) {
+    if let Some(slot) = slot(fd) {
+        let _ = slot.compare_exchange(Kind::Releasing as u8, Kind::None as u8, Ordering::AcqRel, Ordering::Acquire);
+        RELEASING.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Waits while the shim is closing the fd that had this number (see [`Kind::Releasing`]).
+pub fn wait_released(fd: c_int) {
+    while kind(fd) == Kind::Releasing {
+        std::thread::sleep(std::time::Duration::from_micros(50));
+    }
+}
+
+/// In a forked child: no thread of the shim's is closing anything here.
+pub fn forget_releases_in_child() {
+    if RELEASING.swap(0, Ordering::AcqRel) == 0 {
+        return;
+    }
+    for slot in &KIND {
+        let _ = slot.compare_exchange(Kind::Releasing as u8, Kind::None as u8, Ordering::AcqRel, Ordering::Acquire);
+    }
 }

@@ -59,7 +59,6 @@ fn take_locks(shim: &'static Shim) -> Held {
         guards.push(keep(lock(&shim.dedupe)));
         guards.push(keep(lock(&shim.receipts)));
         guards.push(keep(lock(&shim.ingress_peers)));
-        guards.push(Box::new(crate::sys::app_closing()));
         guards.push(keep(lock(&crate::LOG)));
         Held { _guards: guards, _socks: socks }
     }
@@ -88,6 +87,10 @@ extern "C" fn parent() {
 extern "C" fn child() {
     let _ = catch_unwind(AssertUnwindSafe(|| {
         release_locks();
+        // The fd lock is not taken above (fork would wait out another thread's long close): the
+        // child starts it afresh, and forgets closes of the shim's under way in other threads.
+        crate::sys::reset_fd_lock_in_child();
+        crate::fds::forget_releases_in_child();
         if let Some(shim) = crate::state::shim() {
             shim.after_fork_in_child();
             if !shim.socks().is_empty() {

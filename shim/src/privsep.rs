@@ -187,18 +187,23 @@ impl fsops::Helper for Client {
         };
         let message = encode(op, flags, mode, a.as_os_str().as_bytes(), b.as_os_str().as_bytes())?;
         let mut pair = [0 as c_int; 2];
-        // SAFETY: pair has room for two fds.
-        if unsafe {
-            (real().socketpair)(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, pair.as_mut_ptr())
-        } != 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fresh fds we own; closed when these drop.
-        let (mine, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
-        use std::os::fd::AsRawFd;
+        // The shim's own fds while they live (an app's close loop must not take them).
+        let (mine, theirs) = {
+            let _making = crate::sys::shim_making();
+            // SAFETY: pair has room for two fds.
+            if unsafe {
+                (real().socketpair)(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, pair.as_mut_ptr())
+            } != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            (
+                crate::sys::InternalFd(crate::sys::make_internal(pair[0])),
+                crate::sys::InternalFd(crate::sys::make_internal(pair[1])),
+            )
+        };
         // SAFETY: valid buffers for the duration of the calls.
-        let sent = unsafe { send_with_fd(self.fd, &message, Some(theirs.as_raw_fd())) };
+        let sent = unsafe { send_with_fd(self.fd, &message, Some(theirs.0)) };
         drop(theirs);
         if sent < 0 {
             let error = io::Error::last_os_error();
@@ -207,7 +212,7 @@ impl fsops::Helper for Client {
         let mut answer = [0u8; 4];
         let (got, fd) = loop {
             // SAFETY: valid buffer for the call.
-            match unsafe { receive_with_fd(mine.as_raw_fd(), &mut answer, libc::MSG_CMSG_CLOEXEC) } {
+            match unsafe { receive_with_fd(mine.0, &mut answer, libc::MSG_CMSG_CLOEXEC) } {
                 (-1, _) if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) => continue,
                 other => break other,
             }

@@ -741,6 +741,8 @@ pub fn next_datagram_bytes(fd: c_int) -> Result<c_int, c_int> {
 }
 
 pub fn close(fd: c_int) -> c_int {
+    // The shim is closing the fd that had this number; the number may be the app's now.
+    fds::wait_released(fd);
     if let Some(shim) = crate::state::shim()
         && !shim.in_vfork_child()
     {
@@ -751,12 +753,18 @@ pub fn close(fd: c_int) -> c_int {
             return 0;
         }
         shim.forget(fd);
-        let _closing = crate::sys::app_closing();
-        if fds::kind(fd) == fds::Kind::Internal {
+        let closing = crate::sys::app_closing();
+        match fds::kind(fd) {
             // The number was free, and the shim has just taken it.
-            return 0;
+            fds::Kind::Internal => return fail(libc::EBADF) as c_int,
+            fds::Kind::Releasing => {
+                drop(closing);
+                fds::wait_released(fd);
+                let _closing = crate::sys::app_closing();
+                return unsafe { (real().close)(fd) };
+            }
+            _ => return unsafe { (real().close)(fd) },
         }
-        return unsafe { (real().close)(fd) };
     } else if crate::refusal().is_some() {
         // The number may come back as another kind of socket.
         fds::clear(fd);
@@ -787,6 +795,9 @@ pub fn close_range(first: libc::c_uint, last: libc::c_uint, flags: c_int) -> c_i
         }
     }
     let _closing = crate::sys::app_closing();
+    for releasing in fds::of_kind_in(low, high, fds::Kind::Releasing).collect::<Vec<_>>() {
+        fds::wait_released(releasing);
+    }
     let mut start = first;
     for internal in fds::of_kind_in(low, high, fds::Kind::Internal).collect::<Vec<_>>() {
         let internal = internal as libc::c_uint;

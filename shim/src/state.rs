@@ -87,6 +87,9 @@ impl Sock {
     /// close, although the receive thread may still hold the socket for a moment. The side fd is
     /// pointed at an unbound socket (its number stays valid until the socket is dropped).
     fn release_port(&self) {
+        // No I/O: the app's closes wait these few calls out (its close loop must not take the
+        // inert socket's number, nor put a file of its own there, before the dup3).
+        let _making = crate::sys::shim_making();
         // SAFETY: plain fd syscalls on the shim's own fds.
         unsafe {
             let inert = (real().socket)(self.family.domain(), libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);

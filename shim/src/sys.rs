@@ -2,8 +2,8 @@
 //! without poisoning, and keeping the shim's own fds out of the app's way.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use libc::{c_int, ssize_t};
@@ -37,71 +37,143 @@ pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Taken for writing while the shim makes one of its own fds and marks it (or unmarks and closes
-/// it), and for reading while the app's `close` or `close_range` closes fds. Without it, an app
-/// closing a range could close an fd of the shim's between its creation (at the lowest free
-/// number) and its mark: the free number would stay marked as the shim's, the app's next fd would
-/// get it, and the shim would ignore the app's close of that fd, and poll and write it as its own.
-/// Nothing is taken while it is held, except the log.
-static FD_CHANGES: RwLock<()> = RwLock::new(());
+/// A lock taken for writing while the shim makes one of its own fds and marks it, and for reading
+/// while the app's `close` or `close_range` closes fds. Without it, an app closing a range could
+/// close an fd of the shim's between its creation (at the lowest free number) and its mark: the
+/// free number would stay marked as the shim's, the app's next fd would get it, and the shim would
+/// ignore the app's close of that fd, and poll and write it as its own. It is held for writing only
+/// around system calls that do no I/O (a file is opened outside it: see [`keep_file`]), so an app's
+/// close never waits for the volume. Nothing is taken while it is held, except the log.
+///
+/// Its own small lock rather than std's, for fork: a forked child has only the forking thread, and
+/// a lock another thread held (an app thread in a long close, say) would stay held there forever;
+/// the child simply starts this one afresh ([`reset_fd_lock_in_child`]). Bit 31: a writer holds
+/// it; bit 30: a writer waits (new readers then wait too); the rest: how many readers hold it.
+static FD_LOCK: AtomicU32 = AtomicU32::new(0);
+const WRITER: u32 = 1 << 31;
+const WRITER_WAITING: u32 = 1 << 30;
+/// Bumped in a forked child: guards from before the fork release nothing.
+static FD_LOCK_GENERATION: AtomicU32 = AtomicU32::new(0);
+
+/// How many closes the app has begun (each counted under the read lock, before the close): a
+/// file the shim opened while none began cannot have been closed under it.
+static APP_CLOSES: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
-    /// Does this thread hold [`FD_CHANGES`] for writing? Then its closes (the shim's own, of fds
-    /// it just made, through std and so through the hooks) neither wait for the lock nor take it
-    /// again.
+    /// Does this thread hold (or wait for) the lock for writing? Then its closes (the shim's own,
+    /// through std and so through the hooks, or a signal handler's) neither wait for the lock nor
+    /// take it again.
     static MAKING_HERE: Cell<bool> = const { Cell::new(false) };
-    /// Does this thread hold it for reading? Then a close from a signal handler that interrupted
-    /// the first does not ask again: with a writer waiting, that second read would wait for the
-    /// writer, and the writer for the first.
+    /// Does this thread hold (or wait for) it for reading? Then a close or a new fabric socket in
+    /// a signal handler that interrupted the first does not ask again: with a writer waiting, that
+    /// second request would wait for the writer, and the writer for the first.
     static CLOSING_HERE: Cell<bool> = const { Cell::new(false) };
 }
 
-/// [`FD_CHANGES`] held for reading (or nothing, if this thread holds it already either way).
-pub(crate) struct Closing(Option<RwLockReadGuard<'static, ()>>);
+/// A thread flag; false (and not set) while the thread's locals are being torn down, when a
+/// destructor's close still comes through the hooks.
+fn flag(key: &'static std::thread::LocalKey<Cell<bool>>) -> bool {
+    key.try_with(Cell::get).unwrap_or(false)
+}
+
+fn set_flag(key: &'static std::thread::LocalKey<Cell<bool>>, value: bool) {
+    let _ = key.try_with(|cell| cell.set(value));
+}
+
+/// Waits a moment: holders keep the lock for a few system calls.
+fn lock_pause(round: u32) {
+    if round < 64 {
+        std::hint::spin_loop();
+    } else if round < 128 {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(Duration::from_micros(20));
+    }
+}
+
+/// In a forked child: nobody holds the lock.
+pub(crate) fn reset_fd_lock_in_child() {
+    FD_LOCK_GENERATION.fetch_add(1, Ordering::AcqRel);
+    FD_LOCK.store(0, Ordering::Release);
+}
+
+/// The lock held for reading (or nothing, if this thread holds it already either way).
+pub(crate) struct Closing(Option<u32>);
 
 impl Drop for Closing {
     fn drop(&mut self) {
-        if self.0.is_some() {
-            CLOSING_HERE.set(false);
+        if let Some(generation) = self.0.take() {
+            if FD_LOCK_GENERATION.load(Ordering::Acquire) == generation {
+                FD_LOCK.fetch_sub(1, Ordering::AcqRel);
+            }
+            set_flag(&CLOSING_HERE, false);
         }
     }
 }
 
-/// Held by the app's closes (many at once).
+/// Held by the app's closes (many at once); counts the close in [`APP_CLOSES`].
 pub(crate) fn app_closing() -> Closing {
-    if MAKING_HERE.get() || CLOSING_HERE.get() {
+    if flag(&MAKING_HERE) || flag(&CLOSING_HERE) {
+        APP_CLOSES.fetch_add(1, Ordering::SeqCst);
         return Closing(None);
     }
-    let guard = FD_CHANGES.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-    CLOSING_HERE.set(true);
-    Closing(Some(guard))
+    set_flag(&CLOSING_HERE, true);
+    let mut round = 0;
+    let generation = loop {
+        let generation = FD_LOCK_GENERATION.load(Ordering::Acquire);
+        let state = FD_LOCK.load(Ordering::Acquire);
+        if state & (WRITER | WRITER_WAITING) == 0
+            && FD_LOCK.compare_exchange_weak(state, state + 1, Ordering::SeqCst, Ordering::Acquire).is_ok()
+        {
+            break generation;
+        }
+        lock_pause(round);
+        round += 1;
+    };
+    APP_CLOSES.fetch_add(1, Ordering::SeqCst);
+    Closing(Some(generation))
 }
 
-/// [`FD_CHANGES`] held for writing (or nothing, if this thread holds it already).
-pub(crate) struct Making(Option<RwLockWriteGuard<'static, ()>>);
+/// The lock held for writing (or nothing, if this thread holds it already).
+pub(crate) struct Making(Option<u32>);
 
 impl Drop for Making {
     fn drop(&mut self) {
-        if self.0.is_some() {
-            MAKING_HERE.set(false);
+        if let Some(generation) = self.0.take() {
+            if FD_LOCK_GENERATION.load(Ordering::Acquire) == generation {
+                FD_LOCK.fetch_and(!WRITER, Ordering::AcqRel);
+            }
+            set_flag(&MAKING_HERE, false);
         }
     }
 }
 
-/// Held while the shim makes, marks, unmarks or closes fds of its own.
+/// Held while the shim makes and marks fds of its own.
 pub(crate) fn shim_making() -> Making {
-    if MAKING_HERE.get() {
+    if flag(&MAKING_HERE) || flag(&CLOSING_HERE) {
         return Making(None);
     }
-    // (A thread inside an app's close never gets here: the close hooks make no fds and drop no
-    // sockets while they hold the read lock.)
-    let guard = FD_CHANGES.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-    MAKING_HERE.set(true);
-    Making(Some(guard))
+    set_flag(&MAKING_HERE, true);
+    let mut round = 0;
+    let generation = loop {
+        let generation = FD_LOCK_GENERATION.load(Ordering::Acquire);
+        let state = FD_LOCK.load(Ordering::Acquire);
+        if state & !WRITER_WAITING == 0 {
+            if FD_LOCK.compare_exchange_weak(state, WRITER, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                break generation;
+            }
+        } else if state & WRITER_WAITING == 0 {
+            FD_LOCK.fetch_or(WRITER_WAITING, Ordering::AcqRel);
+        }
+        lock_pause(round);
+        round += 1;
+    };
+    Making(Some(generation))
 }
 
-/// Makes one fd of the shim's with `create` (the fd, or -1 with errno set) and takes it for the
-/// shim ([`make_internal`]), with no moment in which the app's closes can take it.
+/// Makes one fd of the shim's with `create` (the fd, or -1 with errno set; no I/O: a socket, an
+/// eventfd) and takes it for the shim ([`make_internal`]), with no moment in which the app's
+/// closes can take it.
 pub(crate) fn new_internal(create: impl FnOnce() -> c_int) -> c_int {
     let _making = shim_making();
     let fd = create();
@@ -112,21 +184,118 @@ pub(crate) fn new_internal(create: impl FnOnce() -> c_int) -> c_int {
     make_internal(fd)
 }
 
-/// Unmarks and closes one of the shim's fds; the close's result (0, or -1 with errno set).
+/// Unmarks and closes one of the shim's fds; the close's result (0, or -1 with errno set). No lock:
+/// the close may wait for the volume (NFS writes back at close). Meanwhile the number is marked
+/// releasing: the kernel frees it at once, and an app close of it (the app's next fd may get the
+/// number) waits until this close is over and the mark is gone.
 pub(crate) fn close_internal(fd: c_int) -> c_int {
-    let _making = shim_making();
-    fds::clear(fd);
+    fds::begin_release(fd);
     // SAFETY: the shim's own fd, closed once.
-    unsafe { (real().close)(fd) }
+    let closed = unsafe { (real().close)(fd) };
+    let error = errno();
+    fds::end_release(fd);
+    set_errno(error);
+    closed
+}
+
+/// One of the shim's fds, closed with [`close_internal`] when dropped.
+pub(crate) struct InternalFd(pub(crate) c_int);
+
+impl Drop for InternalFd {
+    fn drop(&mut self) {
+        close_internal(self.0);
+    }
+}
+
+/// Takes the file `open` opens (the fd, or -1 with errno set) at `path` for the shim. The open
+/// runs outside the lock (on NFS it is a round trip, and the server may be away); then, under it,
+/// the fd is moved up and marked. If the app began any close meanwhile, it may have closed the
+/// new fd and even have opened a file of its own at that number: the copy must then be the file at
+/// `path` (device and inode), and the low number is closed only while it still refers to the same
+/// open file. Otherwise the open fails with EAGAIN (its callers try again), and nothing of the
+/// app's is touched.
+fn keep_file(open: &mut dyn FnMut() -> c_int, path: &std::path::Path) -> c_int {
+    // In this order: a close that begins after the first load changes the count; one begun before
+    // it and not yet over still holds the lock for reading at the second.
+    let closes_before = APP_CLOSES.load(Ordering::SeqCst);
+    let none_under_way = FD_LOCK.load(Ordering::SeqCst) & !(WRITER | WRITER_WAITING) == 0;
+    let low = open();
+    if low < 0 {
+        return low;
+    }
+    pause_for_tests();
+    let making = shim_making();
+    if none_under_way && APP_CLOSES.load(Ordering::SeqCst) == closes_before {
+        return make_internal(low);
+    }
+    // SAFETY: fcntl on a number that is ours or the app's; it copies, and closes nothing.
+    let high = unsafe { (real().fcntl)(low, libc::F_DUPFD_CLOEXEC, INTERNAL_FD_FLOOR) };
+    if high < 0 {
+        // Closed under us: our file went with it.
+        set_errno(libc::EAGAIN);
+        return -1;
+    }
+    fds::set(high, fds::Kind::Internal, Family::V4);
+    drop(making);
+    let identity = identity_of_fd(high);
+    let ours =
+        identity.is_some() && (identity == identity_of_path(path, true) || identity == identity_of_path(path, false));
+    if !ours {
+        // The number held the app's file by the time it was copied; ours was closed by the app.
+        close_internal(high);
+        set_errno(libc::EAGAIN);
+        return -1;
+    }
+    let _making = shim_making();
+    if same_open_file(low, high) {
+        // SAFETY: `low` still refers to our open file (checked under the lock the app's closes wait for).
+        unsafe { (real().close)(low) };
+    }
+    high
+}
+
+/// (device, inode) of an open fd, from the cached attributes (no round trip).
+fn identity_of_fd(fd: c_int) -> Option<(u64, u64)> {
+    statx_identity(fd, c"", libc::AT_EMPTY_PATH)
+}
+
+/// (device, inode) of the file at `path` (of a final symlink itself unless `follow`).
+fn identity_of_path(path: &std::path::Path, follow: bool) -> Option<(u64, u64)> {
+    let path = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str())).ok()?;
+    statx_identity(libc::AT_FDCWD, &path, if follow { 0 } else { libc::AT_SYMLINK_NOFOLLOW })
+}
+
+fn statx_identity(dirfd: c_int, path: &std::ffi::CStr, flags: c_int) -> Option<(u64, u64)> {
+    // SAFETY: statx is plain data; all zeroes is a valid value.
+    let mut stats: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a struct of the right type for statx to fill.
+    let done =
+        unsafe { libc::statx(dirfd, path.as_ptr(), flags | libc::AT_STATX_DONT_SYNC, libc::STATX_INO, &mut stats) };
+    (done == 0).then(|| (libc::makedev(stats.stx_dev_major, stats.stx_dev_minor), stats.stx_ino))
+}
+
+/// Do `a` and `b` refer to the same open file description (kcmp), or, where kcmp is not allowed,
+/// to the same file?
+fn same_open_file(a: c_int, b: c_int) -> bool {
+    // SAFETY: kcmp compares two of this process's fds; it changes nothing.
+    let pid = unsafe { libc::getpid() };
+    let compared = unsafe {
+        libc::syscall(libc::SYS_kcmp, pid, pid, 0 /* KCMP_FILE */, a, b)
+    };
+    match compared {
+        0 => true,
+        compared if compared > 0 => false,
+        _ => identity_of_fd(a).is_some_and(|identity| Some(identity) == identity_of_fd(b)),
+    }
 }
 
 /// The files the shim opens through fsbridge (the outbox log, inbox files, bells, ledgers) are
-/// the shim's fds too: made with [`new_internal`], closed with [`close_internal`].
+/// the shim's fds too: taken with [`keep_file`], closed with [`close_internal`].
 struct Keeper;
 
 impl fsbridge::disk::FdKeeper for Keeper {
-    fn keep(&self, open: &mut dyn FnMut() -> c_int) -> c_int {
-        new_internal(open)
+    fn keep(&self, open: &mut dyn FnMut() -> c_int, path: &std::path::Path) -> c_int {
+        keep_file(open, path)
     }
 
     fn close(&self, fd: c_int) -> std::io::Result<()> {
