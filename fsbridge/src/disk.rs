@@ -25,10 +25,10 @@ pub mod sim;
 /// shim's outbox log under it, and the app's next open would get the number, so that a batch
 /// meant for the volume would be written and synced into the app's file.
 pub trait FdKeeper: Send + Sync {
-    /// Runs `open` (an fd of the file at `path`, or -1 with errno set) and takes the fd for the
-    /// process's own, so that another thread's close cannot take it. The fd it returns may differ;
-    /// -1 with errno set if it could not be taken.
-    fn keep(&self, open: &mut dyn FnMut() -> RawFd, path: &Path) -> RawFd;
+    /// Runs `open` (an fd, or -1 with errno set) and takes the fd for the process's own, so that
+    /// another thread's close cannot take it. The fd it returns may differ; -1 with errno set if
+    /// it could not be taken.
+    fn keep(&self, open: &mut dyn FnMut() -> RawFd) -> RawFd;
     /// Gives up and closes one fd that [`FdKeeper::keep`] returned.
     fn close(&self, fd: RawFd) -> io::Result<()>;
 }
@@ -41,22 +41,19 @@ pub fn keep_fds(keeper: &'static dyn FdKeeper) -> bool {
     KEEPER.set(keeper).is_ok()
 }
 
-/// Opens a real file (the one at `path`) with `open`, kept if a keeper is set.
-pub(crate) fn open_kept(path: &Path, open: impl FnOnce() -> io::Result<std::fs::File>) -> io::Result<RealFile> {
+/// Opens a real file with `open`, kept if a keeper is set.
+pub(crate) fn open_kept(open: impl FnOnce() -> io::Result<std::fs::File>) -> io::Result<RealFile> {
     let Some(keeper) = KEEPER.get() else { return open().map(|file| RealFile(Some(file))) };
     let mut open = Some(open);
     let mut failure = None;
-    let fd = keeper.keep(
-        &mut || match open.take().map(|open| open()) {
-            Some(Ok(file)) => file.into_raw_fd(),
-            Some(Err(error)) => {
-                failure = Some(error);
-                -1
-            }
-            None => -1,
-        },
-        path,
-    );
+    let fd = keeper.keep(&mut || match open.take().map(|open| open()) {
+        Some(Ok(file)) => file.into_raw_fd(),
+        Some(Err(error)) => {
+            failure = Some(error);
+            -1
+        }
+        None => -1,
+    });
     if fd < 0 {
         return Err(failure.unwrap_or_else(io::Error::last_os_error));
     }
@@ -239,10 +236,9 @@ impl OpenOptions {
             return disk.open(path, *self).map(File::Sim);
         }
         if let Some((helper, relative)) = crate::fsops::delegated(path) {
-            return open_kept(path, || crate::fsops::helper_open(helper, relative, self.flags(), self.mode))
-                .map(File::Real);
+            return open_kept(|| crate::fsops::helper_open(helper, relative, self.flags(), self.mode)).map(File::Real);
         }
-        open_kept(path, || {
+        open_kept(|| {
             std::fs::OpenOptions::new()
                 .read(self.read)
                 .write(self.write)
@@ -375,7 +371,7 @@ pub fn sync_dir(path: impl AsRef<Path>) -> io::Result<()> {
     let path = path.as_ref();
     match sim::current() {
         Some(disk) => disk.sync_dir(path),
-        None => open_kept(path, || std::fs::File::open(path))?.file().sync_all(),
+        None => open_kept(|| std::fs::File::open(path))?.file().sync_all(),
     }
 }
 
@@ -482,7 +478,7 @@ pub fn read_dir_names(path: impl AsRef<Path>) -> io::Result<Vec<OsString>> {
         None => {
             let path = path.as_ref();
             let open = || std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY).open(path);
-            names_in(open_kept(path, open)?.file())
+            names_in(open_kept(open)?.file())
         }
     }
 }

@@ -120,7 +120,7 @@ pub fn metadata(path: impl AsRef<Path>) -> io::Result<Meta> {
     let path = path.as_ref();
     match delegated(path) {
         Some((helper, relative)) => {
-            disk::open_kept(path, || helper_open(helper, relative, libc::O_PATH, 0))?.file().metadata().map(Meta::from)
+            disk::open_kept(|| helper_open(helper, relative, libc::O_PATH, 0))?.file().metadata().map(Meta::from)
         }
         None => disk::metadata(path),
     }
@@ -131,7 +131,7 @@ pub fn symlink_metadata(path: impl AsRef<Path>) -> io::Result<Meta> {
     let path = path.as_ref();
     match delegated(path) {
         Some((helper, relative)) => {
-            disk::open_kept(path, || helper_open(helper, relative, libc::O_PATH | libc::O_NOFOLLOW, 0))?
+            disk::open_kept(|| helper_open(helper, relative, libc::O_PATH | libc::O_NOFOLLOW, 0))?
                 .file()
                 .metadata()
                 .map(Meta::from)
@@ -215,9 +215,7 @@ pub fn sync_dir(path: impl AsRef<Path>) -> io::Result<()> {
     let path = path.as_ref();
     match delegated(path) {
         Some((helper, relative)) => {
-            disk::open_kept(path, || helper_open(helper, relative, libc::O_RDONLY | libc::O_DIRECTORY, 0))?
-                .file()
-                .sync_all()
+            disk::open_kept(|| helper_open(helper, relative, libc::O_RDONLY | libc::O_DIRECTORY, 0))?.file().sync_all()
         }
         None => disk::sync_dir(path),
     }
@@ -229,7 +227,7 @@ pub fn read_dir_names(path: impl AsRef<Path>) -> io::Result<Vec<OsString>> {
     let Some((helper, relative)) = delegated(path) else {
         return disk::read_dir_names(path);
     };
-    let directory = disk::open_kept(path, || helper_open(helper, relative, libc::O_RDONLY | libc::O_DIRECTORY, 0))?;
+    let directory = disk::open_kept(|| helper_open(helper, relative, libc::O_RDONLY | libc::O_DIRECTORY, 0))?;
     disk::names_in(directory.file())
 }
 

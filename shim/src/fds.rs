@@ -127,6 +127,13 @@ pub fn is_fabric(fd: c_int) -> bool {
     kind(fd) == Kind::Fabric
 }
 
+/// Every fd of one of the `wanted` kinds in `first..=last` (bounded by the table), in order.
+pub fn of_kinds_in(first: c_int, last: c_int, wanted: &'static [Kind]) -> impl Iterator<Item = c_int> {
+    let first = first.max(0);
+    let last = last.min(FD_TABLE_MAX as c_int - 1);
+    (first..=last).filter(move |fd| wanted.contains(&kind(*fd)))
+}
+
 /// Every fd of `wanted` kind in `first..=last` (bounded by the table).
 pub fn of_kind_in(first: c_int, last: c_int, wanted: Kind) -> impl Iterator<Item = c_int> {
     let first = first.max(0);

@@ -91,14 +91,15 @@ impl Shim {
     /// becomes the side fd.
     fn convert(&'static self, fd: c_int) -> Result<Arc<Sock>, c_int> {
         self.ensure_started();
+        // From the new fds' creation until the spare number is closed, the app's closes wait.
+        // Taken before the table: a wait for an app's long close then holds up no other call.
+        let making = crate::sys::shim_making();
         let mut table = self.table();
         if let Some(sock) = table.get(&fd) {
             return Ok(sock.clone());
         }
         let twins = if self.candidate_dups.load(Ordering::Relaxed) { candidate_twins(fd) } else { Vec::new() };
         let family = fds::family(fd);
-        // From the new fds' creation until the spare number is closed, the app's closes wait.
-        let making = crate::sys::shim_making();
         let (sock, app_end) = new_sock(fd, family, self.next_sock_id.fetch_add(1, Ordering::Relaxed))?;
         let sock = Arc::new(sock);
         if let Err(error) = point(app_end, fd) {
@@ -753,17 +754,17 @@ pub fn close(fd: c_int) -> c_int {
             return 0;
         }
         shim.forget(fd);
-        let closing = crate::sys::app_closing();
-        match fds::kind(fd) {
-            // The number was free, and the shim has just taken it.
-            fds::Kind::Internal => return fail(libc::EBADF) as c_int,
-            fds::Kind::Releasing => {
-                drop(closing);
-                fds::wait_released(fd);
-                let _closing = crate::sys::app_closing();
-                return unsafe { (real().close)(fd) };
+        loop {
+            let closing = crate::sys::app_closing();
+            match fds::kind(fd) {
+                // The number was free, and the shim has just taken it.
+                fds::Kind::Internal => return fail(libc::EBADF) as c_int,
+                fds::Kind::Releasing => {
+                    drop(closing);
+                    fds::wait_released(fd);
+                }
+                _ => return unsafe { (real().close)(fd) },
             }
-            _ => return unsafe { (real().close)(fd) },
         }
     } else if crate::refusal().is_some() {
         // The number may come back as another kind of socket.
@@ -795,11 +796,10 @@ pub fn close_range(first: libc::c_uint, last: libc::c_uint, flags: c_int) -> c_i
         }
     }
     let _closing = crate::sys::app_closing();
-    for releasing in fds::of_kind_in(low, high, fds::Kind::Releasing).collect::<Vec<_>>() {
-        fds::wait_released(releasing);
-    }
+    // One scan: a number the shim is closing (Releasing) is left to that close, like its own.
+    let shims: Vec<c_int> = fds::of_kinds_in(low, high, &[fds::Kind::Internal, fds::Kind::Releasing]).collect();
     let mut start = first;
-    for internal in fds::of_kind_in(low, high, fds::Kind::Internal).collect::<Vec<_>>() {
+    for internal in shims {
         let internal = internal as libc::c_uint;
         if internal > start && unsafe { real_close_range(start, internal - 1, flags) } != 0 {
             return -1;

@@ -52,6 +52,23 @@ pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 static FD_LOCK: AtomicU32 = AtomicU32::new(0);
 const WRITER: u32 = 1 << 31;
 const WRITER_WAITING: u32 = 1 << 30;
+/// When a writer began to wait (microseconds of CLOCK_MONOTONIC_COARSE; 0: none waits).
+static WAITING_SINCE_US: AtomicU64 = AtomicU64::new(0);
+/// How long a waiting writer keeps new readers out.
+const WRITER_PATIENCE_US: u64 = 20_000;
+
+fn monotonic_us() -> u64 {
+    // SAFETY: clock_gettime fills a timespec.
+    let mut now: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
+    (now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000).max(1)
+}
+
+fn writer_waited_long() -> bool {
+    let since = WAITING_SINCE_US.load(Ordering::Acquire);
+    since != 0 && monotonic_us().saturating_sub(since) > WRITER_PATIENCE_US
+}
+
 /// Bumped in a forked child: guards from before the fork release nothing.
 static FD_LOCK_GENERATION: AtomicU32 = AtomicU32::new(0);
 
@@ -94,35 +111,45 @@ fn lock_pause(round: u32) {
 /// In a forked child: nobody holds the lock.
 pub(crate) fn reset_fd_lock_in_child() {
     FD_LOCK_GENERATION.fetch_add(1, Ordering::AcqRel);
+    WAITING_SINCE_US.store(0, Ordering::Release);
     FD_LOCK.store(0, Ordering::Release);
 }
 
 /// The lock held for reading (or nothing, if this thread holds it already either way).
-pub(crate) struct Closing(Option<u32>);
+pub(crate) struct Closing(Option<(u32, bool)>);
 
 impl Drop for Closing {
     fn drop(&mut self) {
-        if let Some(generation) = self.0.take() {
+        if let Some((generation, nested)) = self.0.take() {
             if FD_LOCK_GENERATION.load(Ordering::Acquire) == generation {
                 FD_LOCK.fetch_sub(1, Ordering::AcqRel);
             }
-            set_flag(&CLOSING_HERE, false);
+            if !nested {
+                set_flag(&CLOSING_HERE, false);
+            }
         }
     }
 }
 
 /// Held by the app's closes (many at once); counts the close in [`APP_CLOSES`].
 pub(crate) fn app_closing() -> Closing {
-    if flag(&MAKING_HERE) || flag(&CLOSING_HERE) {
+    if flag(&MAKING_HERE) {
         APP_CLOSES.fetch_add(1, Ordering::SeqCst);
         return Closing(None);
     }
+    // A close nested in one that holds or waits for the lock (a signal handler's) waits for no
+    // waiting writer (that writer waits for the outer close), only for one that holds the lock.
+    let nested = flag(&CLOSING_HERE);
     set_flag(&CLOSING_HERE, true);
     let mut round = 0;
     let generation = loop {
         let generation = FD_LOCK_GENERATION.load(Ordering::Acquire);
         let state = FD_LOCK.load(Ordering::Acquire);
-        if state & (WRITER | WRITER_WAITING) == 0
+        // A writer waiting long (for an app close that waits for NFS, or lingers) does not hold
+        // up every other close of the app: after WRITER_PATIENCE readers go in again.
+        let writer_in_the_way =
+            state & WRITER != 0 || (state & WRITER_WAITING != 0 && !nested && !writer_waited_long());
+        if !writer_in_the_way
             && FD_LOCK.compare_exchange_weak(state, state + 1, Ordering::SeqCst, Ordering::Acquire).is_ok()
         {
             break generation;
@@ -131,7 +158,7 @@ pub(crate) fn app_closing() -> Closing {
         round += 1;
     };
     APP_CLOSES.fetch_add(1, Ordering::SeqCst);
-    Closing(Some(generation))
+    Closing(Some((generation, nested)))
 }
 
 /// The lock held for writing (or nothing, if this thread holds it already).
@@ -163,11 +190,13 @@ pub(crate) fn shim_making() -> Making {
                 break generation;
             }
         } else if state & WRITER_WAITING == 0 {
+            let _ = WAITING_SINCE_US.compare_exchange(0, monotonic_us(), Ordering::AcqRel, Ordering::Acquire);
             FD_LOCK.fetch_or(WRITER_WAITING, Ordering::AcqRel);
         }
         lock_pause(round);
         round += 1;
     };
+    WAITING_SINCE_US.store(0, Ordering::Release);
     Making(Some(generation))
 }
 
@@ -207,14 +236,14 @@ impl Drop for InternalFd {
     }
 }
 
-/// Takes the file `open` opens (the fd, or -1 with errno set) at `path` for the shim. The open
-/// runs outside the lock (on NFS it is a round trip, and the server may be away); then, under it,
-/// the fd is moved up and marked. If the app began any close meanwhile, it may have closed the
-/// new fd and even have opened a file of its own at that number: the copy must then be the file at
-/// `path` (device and inode), and the low number is closed only while it still refers to the same
-/// open file. Otherwise the open fails with EAGAIN (its callers try again), and nothing of the
-/// app's is touched.
-fn keep_file(open: &mut dyn FnMut() -> c_int, path: &std::path::Path) -> c_int {
+/// Takes the file `open` opens (the fd, or -1 with errno set) for the shim. The open runs outside
+/// the lock (on NFS it is a round trip, and the server may be away); then, under it, the fd is
+/// moved up and marked. If the app began any close meanwhile, it may have closed the new fd and
+/// even have opened a file of its own at that number: the copy must then be the file the open gave
+/// (device and inode, read right after it), and the low number is closed only while `kcmp` says it
+/// is still the same open file. If the app did close it, the open fails with EAGAIN (its callers
+/// try again), and nothing of the app's is touched.
+fn keep_file(open: &mut dyn FnMut() -> c_int) -> c_int {
     // In this order: a close that begins after the first load changes the count; one begun before
     // it and not yet over still holds the lock for reading at the second.
     let closes_before = APP_CLOSES.load(Ordering::SeqCst);
@@ -223,6 +252,7 @@ fn keep_file(open: &mut dyn FnMut() -> c_int, path: &std::path::Path) -> c_int {
     if low < 0 {
         return low;
     }
+    let opened = identity_of_fd(low);
     pause_for_tests();
     let making = shim_making();
     if none_under_way && APP_CLOSES.load(Ordering::SeqCst) == closes_before {
@@ -231,46 +261,40 @@ fn keep_file(open: &mut dyn FnMut() -> c_int, path: &std::path::Path) -> c_int {
     // SAFETY: fcntl on a number that is ours or the app's; it copies, and closes nothing.
     let high = unsafe { (real().fcntl)(low, libc::F_DUPFD_CLOEXEC, INTERNAL_FD_FLOOR) };
     if high < 0 {
+        if errno() != libc::EBADF && opened.is_some() && identity_of_fd(low) == opened {
+            // No number that high for us (RLIMIT_NOFILE): ours where it is.
+            fds::set(low, fds::Kind::Internal, Family::V4);
+            return low;
+        }
         // Closed under us: our file went with it.
         set_errno(libc::EAGAIN);
         return -1;
     }
     fds::set(high, fds::Kind::Internal, Family::V4);
+    let ours = opened.is_some() && identity_of_fd(high) == opened;
+    if ours && same_open_file(low, high) {
+        // SAFETY: `low` still refers to our open file (checked under the lock the app's closes
+        // wait for).
+        unsafe { (real().close)(low) };
+    }
     drop(making);
-    let identity = identity_of_fd(high);
-    let ours =
-        identity.is_some() && (identity == identity_of_path(path, true) || identity == identity_of_path(path, false));
     if !ours {
         // The number held the app's file by the time it was copied; ours was closed by the app.
         close_internal(high);
         set_errno(libc::EAGAIN);
         return -1;
     }
-    let _making = shim_making();
-    if same_open_file(low, high) {
-        // SAFETY: `low` still refers to our open file (checked under the lock the app's closes wait for).
-        unsafe { (real().close)(low) };
-    }
     high
 }
 
 /// (device, inode) of an open fd, from the cached attributes (no round trip).
 fn identity_of_fd(fd: c_int) -> Option<(u64, u64)> {
-    statx_identity(fd, c"", libc::AT_EMPTY_PATH)
-}
-
-/// (device, inode) of the file at `path` (of a final symlink itself unless `follow`).
-fn identity_of_path(path: &std::path::Path, follow: bool) -> Option<(u64, u64)> {
-    let path = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str())).ok()?;
-    statx_identity(libc::AT_FDCWD, &path, if follow { 0 } else { libc::AT_SYMLINK_NOFOLLOW })
-}
-
-fn statx_identity(dirfd: c_int, path: &std::ffi::CStr, flags: c_int) -> Option<(u64, u64)> {
     // SAFETY: statx is plain data; all zeroes is a valid value.
     let mut stats: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid C string and a struct of the right type for statx to fill.
-    let done =
-        unsafe { libc::statx(dirfd, path.as_ptr(), flags | libc::AT_STATX_DONT_SYNC, libc::STATX_INO, &mut stats) };
+    // SAFETY: an empty C string with AT_EMPTY_PATH, and a struct of the right type for statx.
+    let done = unsafe {
+        libc::statx(fd, c"".as_ptr(), libc::AT_EMPTY_PATH | libc::AT_STATX_DONT_SYNC, libc::STATX_INO, &mut stats)
+    };
     (done == 0).then(|| (libc::makedev(stats.stx_dev_major, stats.stx_dev_minor), stats.stx_ino))
 }
 
@@ -294,8 +318,8 @@ fn same_open_file(a: c_int, b: c_int) -> bool {
 struct Keeper;
 
 impl fsbridge::disk::FdKeeper for Keeper {
-    fn keep(&self, open: &mut dyn FnMut() -> c_int, path: &std::path::Path) -> c_int {
-        keep_file(open, path)
+    fn keep(&self, open: &mut dyn FnMut() -> c_int) -> c_int {
+        keep_file(open)
     }
 
     fn close(&self, fd: c_int) -> std::io::Result<()> {
