@@ -443,7 +443,6 @@ fn an_apps_close_range_while_the_shim_makes_its_own_fds_takes_none_of_them() {
     fabric.start_server();
     // The shim's threads pause 100 ms between making each fd of theirs and marking it (a test
     // knob), so the app's loop, running 1 s, closes fds in that moment if it can.
-    let started = std::time::Instant::now();
     let output = fabric
         .command("a", "10.77.0.1", "python3")
         .env("FTSS_TEST_NEW_FD_PAUSE_MS", "100")
@@ -457,7 +456,6 @@ fn an_apps_close_range_while_the_shim_makes_its_own_fds_takes_none_of_them() {
         String::from_utf8_lossy(&output.stderr),
         fabric.node_log("a")
     );
-    eprintln!("ELAPSED {:?}", started.elapsed());
     assert_eq!(stdout, "parent ok\nparent-again ok\nchild ok\n");
 }
 
