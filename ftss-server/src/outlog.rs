@@ -28,7 +28,7 @@ use crate::core::segment_end::{self, Decision, Facts, Later};
 /// Most segments kept open; beyond, the least recently read are closed (and reopened as needed).
 const OPEN_SEGMENTS_MAX: usize = 4096;
 /// Most writers whose segments are taken from one node's log directory per cycle.
-const SEGMENTS_LISTED_MAX: usize = 4096;
+pub const SEGMENTS_LISTED_MAX: usize = 4096;
 
 /// A segment: the node whose outbox holds it, and its name.
 pub type SegmentKey = (NodeName, String);

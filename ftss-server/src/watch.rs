@@ -1,18 +1,20 @@
 //! Wakeups from the volume: inotify watches on the directories nodes write into (each owned
 //! node's directory, its outbox with its files and log, its receipts), as a hint that a cycle has
-//! something to read.
+//! something to read, and where.
 //!
 //! The server runs on the array, where the NFS and SMB servers (kernel nfsd, nfs-ganesha, smbd)
 //! write through the local file system, so their clients' writes raise inotify events there as
-//! a local write does. The hint is never relied on: the server still reads the volume at every
-//! poll interval, which covers a watch that could not be added, events lost when the kernel's
-//! queue overflowed, and a server that is itself a network client of the volume (where inotify
-//! sees only its own writes).
+//! a local write does. The hint is never relied on alone: the server still reads the whole volume
+//! at every poll interval, which covers a watch that could not be added, events lost when the
+//! kernel's queue overflowed, and a server that is itself a network client of the volume (where
+//! inotify sees only its own writes). Between those reads, an event says which of a node's spools
+//! to read (see [`Spot`]), so a cycle reads only the spools that changed.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
+use fsbridge::NodeName;
 use nix::errno::Errno;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
@@ -21,8 +23,34 @@ pub const WATCHES_MAX: usize = 1 << 16;
 /// Most event reads per call of [`Watcher::take`] (each reads up to a few KiB of events).
 const READS_PER_TAKE_MAX: usize = 64;
 
+/// Which part of a node's directory a watched directory is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Area {
+    /// The node's directory, `out` or `rcpt`: a change there may be a spool directory made,
+    /// moved or replaced, so every spool of the node is read and its directories checked again.
+    Tree,
+    /// The outbox's files (`out/new`).
+    Outbox,
+    /// The outbox log's segments (`out/log`).
+    Log,
+    /// The receipt spool (`rcpt/new`).
+    Receipts,
+}
+
+/// One spool of one node.
+pub type Spot = (NodeName, Area);
+
+/// What a watched directory is to the server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Tag {
+    /// Part of a node's directory.
+    Node(Spot),
+    /// This partition's spool of receipts forwarded by other partitions.
+    Forwarded,
+}
+
 /// What a batch of events said.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Woken {
     /// Something was written, created or renamed in a watched directory (or events were lost).
     pub news: bool,
@@ -31,6 +59,24 @@ pub struct Woken {
     pub nodes: bool,
     /// A directory appeared in a watched one (one still to watch may exist now).
     pub dirs: bool,
+    /// Events were lost (the kernel's queue overflowed): any spool may have changed.
+    pub lost: bool,
+    /// The spools written in, and those watched since the last call (they may have held files
+    /// before their watch began). Each once, in no particular order.
+    pub spots: Vec<Spot>,
+    /// The forwarded receipts' spool was written in (or is newly watched).
+    pub forwarded: bool,
+}
+
+impl Woken {
+    fn mark(&mut self, tag: Option<&Tag>) {
+        match tag {
+            Some(Tag::Node(spot)) if !self.spots.contains(spot) => self.spots.push(spot.clone()),
+            Some(Tag::Node(_)) => {}
+            Some(Tag::Forwarded) => self.forwarded = true,
+            None => {}
+        }
+    }
 }
 
 /// The volume's watches.
@@ -39,8 +85,14 @@ pub struct Watcher {
     /// The directory holding the node directories (its events mean a node came or went).
     nodes_dir: PathBuf,
     nodes_wd: Option<WatchDescriptor>,
-    watched: HashMap<WatchDescriptor, PathBuf>,
+    watched: HashMap<WatchDescriptor, (PathBuf, Option<Tag>)>,
     paths: HashSet<PathBuf>,
+    /// Directories not there (or not directories) at their last attempt: their parent's watch
+    /// tells when one appears.
+    missing: HashSet<PathBuf>,
+    /// Watches added since the last [`Watcher::take`]: their directories may hold files written
+    /// before the watch began, so they are reported as changed.
+    fresh: Woken,
     /// Why the last watch could not be added (logged once per reason).
     failing: Option<String>,
 }
@@ -60,6 +112,8 @@ impl Watcher {
                     nodes_wd: None,
                     watched: HashMap::new(),
                     paths: HashSet::new(),
+                    missing: HashSet::new(),
+                    fresh: Woken::default(),
                     failing: None,
                 };
                 watcher.watch_nodes_dir();
@@ -85,22 +139,30 @@ impl Watcher {
     fn watch_nodes_dir(&mut self) {
         if self.nodes_wd.is_none() {
             let nodes_dir = self.nodes_dir.clone();
-            self.nodes_wd = self.add(&nodes_dir);
+            self.nodes_wd = self.add(&nodes_dir, None);
         }
     }
 
-    /// Watches each of `dirs` not watched yet. One that does not exist yet (a node's log
-    /// directory before its first send) is tried again at the next call.
-    pub fn watch(&mut self, dirs: impl IntoIterator<Item = PathBuf>) {
+    /// Watches each of `dirs` not watched yet, with what it is. One that does not exist yet (a
+    /// node's log directory before its first send) is tried again at the next call.
+    pub fn watch(&mut self, dirs: impl IntoIterator<Item = (PathBuf, Tag)>) {
         self.watch_nodes_dir();
-        for dir in dirs {
+        for (dir, tag) in dirs {
             if !self.paths.contains(&dir) {
-                self.add(&dir);
+                self.add(&dir, Some(tag));
             }
         }
     }
 
-    fn add(&mut self, dir: &Path) -> Option<WatchDescriptor> {
+    /// Would a change in `dir` raise an event? Yes if it is watched, or if it was not there at
+    /// its last attempt and its parent is watched (the parent's event says when it appears, and
+    /// the new watch reports it).
+    pub fn covers(&self, dir: &Path) -> bool {
+        self.paths.contains(dir)
+            || (self.missing.contains(dir) && dir.parent().is_some_and(|parent| self.paths.contains(parent)))
+    }
+
+    fn add(&mut self, dir: &Path, tag: Option<Tag>) -> Option<WatchDescriptor> {
         if self.watched.len() >= WATCHES_MAX {
             self.failed(format!("{WATCHES_MAX} directories watched already"));
             return None;
@@ -111,16 +173,24 @@ impl Watcher {
             | AddWatchFlags::IN_MOVED_TO
             | AddWatchFlags::IN_MODIFY
             | AddWatchFlags::IN_CLOSE_WRITE
+            | AddWatchFlags::IN_MOVE_SELF
             | AddWatchFlags::IN_ONLYDIR
             | AddWatchFlags::IN_DONT_FOLLOW;
         match self.inotify.add_watch(dir, mask) {
             Ok(wd) => {
-                self.watched.insert(wd, dir.to_path_buf());
+                self.fresh.mark(tag.as_ref());
+                self.missing.remove(dir);
+                self.watched.insert(wd, (dir.to_path_buf(), tag));
                 self.paths.insert(dir.to_path_buf());
                 Some(wd)
             }
             // Not there yet, or not a directory: tried again later; nothing to report.
-            Err(Errno::ENOENT | Errno::ENOTDIR) => None,
+            Err(Errno::ENOENT | Errno::ENOTDIR) => {
+                if self.missing.len() < WATCHES_MAX {
+                    self.missing.insert(dir.to_path_buf());
+                }
+                None
+            }
             Err(error) => {
                 self.failed(format!("watching {}: {error}", dir.display()));
                 None
@@ -140,12 +210,13 @@ impl Watcher {
     /// early for the registry).
     fn is_registration(&self, event: &nix::sys::inotify::InotifyEvent) -> bool {
         event.name.as_deref().is_some_and(|name| name == "node.toml")
-            && self.watched.get(&event.wd).and_then(|dir| dir.parent()) == Some(self.nodes_dir.as_path())
+            && self.watched.get(&event.wd).and_then(|(dir, _)| dir.parent()) == Some(self.nodes_dir.as_path())
     }
 
     /// Reads the waiting events (without blocking) and says what they mean.
     pub fn take(&mut self) -> Woken {
-        let mut woken = Woken::default();
+        let mut woken = std::mem::take(&mut self.fresh);
+        woken.news |= woken.forwarded || !woken.spots.is_empty();
         for _ in 0..READS_PER_TAKE_MAX {
             let events = match self.inotify.read_events() {
                 Ok(events) if !events.is_empty() => events,
@@ -154,18 +225,40 @@ impl Watcher {
             };
             for event in events {
                 if event.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
-                    woken = Woken { news: true, nodes: true, dirs: true };
+                    woken.news = true;
+                    woken.nodes = true;
+                    woken.dirs = true;
+                    woken.lost = true;
                     continue;
                 }
                 if event.mask.contains(AddWatchFlags::IN_IGNORED) {
                     // The directory went (or was unmounted): forget it, so that it is watched
                     // again if it comes back.
-                    if let Some(path) = self.watched.remove(&event.wd) {
+                    if let Some((path, tag)) = self.watched.remove(&event.wd) {
                         self.paths.remove(&path);
+                        // Read again: the spool is gone, or was moved away with its files.
+                        woken.mark(tag.as_ref());
+                        woken.news |= tag.is_some();
                     }
                     if self.nodes_wd == Some(event.wd) {
                         self.nodes_wd = None;
                     }
+                    continue;
+                }
+                if event.mask.contains(AddWatchFlags::IN_MOVE_SELF) {
+                    // The directory was moved away: its watch would report on it wherever it
+                    // went, and whatever takes its place would go unwatched. Dropped (its
+                    // IN_IGNORED follows), so that the path is watched again.
+                    if let Some((path, tag)) = self.watched.remove(&event.wd) {
+                        self.paths.remove(&path);
+                        let _ = self.inotify.rm_watch(event.wd);
+                        woken.mark(tag.as_ref());
+                    }
+                    if self.nodes_wd == Some(event.wd) {
+                        self.nodes_wd = None;
+                    }
+                    woken.news = true;
+                    woken.dirs = true;
                     continue;
                 }
                 woken.news = true;
@@ -175,6 +268,7 @@ impl Watcher {
                 if self.nodes_wd == Some(event.wd) || self.is_registration(&event) {
                     woken.nodes = true;
                 }
+                woken.mark(self.watched.get(&event.wd).and_then(|(_, tag)| tag.as_ref()));
             }
         }
         woken
@@ -192,6 +286,19 @@ mod tests {
         dir
     }
 
+    fn spot(node: &str, area: Area) -> Spot {
+        (NodeName::new(node).unwrap(), area)
+    }
+
+    /// The directory `rel` under `nodes`, tagged as `area` of `node`.
+    fn dir(nodes: &Path, rel: &str, node: &str, area: Area) -> (PathBuf, Tag) {
+        (nodes.join(rel), Tag::Node(spot(node, area)))
+    }
+
+    fn woke(spots: &[Spot]) -> Woken {
+        Woken { news: true, spots: spots.to_vec(), ..Woken::default() }
+    }
+
     #[test]
     fn writes_creations_and_renames_in_watched_directories_wake_and_others_do_not() {
         let root = temp_dir("events");
@@ -199,8 +306,10 @@ mod tests {
         std::fs::create_dir_all(nodes.join("a/out/new")).unwrap();
         std::fs::create_dir_all(root.join("elsewhere")).unwrap();
         let mut watcher = Watcher::new(nodes.clone()).unwrap();
-        watcher.watch([nodes.join("a/out/new"), nodes.join("a/out/log")]);
+        watcher.watch([dir(&nodes, "a/out/new", "a", Area::Outbox), dir(&nodes, "a/out/log", "a", Area::Log)]);
         assert_eq!(watcher.watched(), 2, "the nodes directory and the outbox; the log does not exist yet");
+        assert!(watcher.covers(&nodes.join("a/out/new")) && !watcher.covers(&nodes.join("a/out/log")));
+        assert_eq!(watcher.take(), woke(&[spot("a", Area::Outbox)]), "a new watch is reported once");
         assert_eq!(watcher.take(), Woken::default());
 
         std::fs::write(root.join("elsewhere/x"), b"x").unwrap();
@@ -208,25 +317,52 @@ mod tests {
 
         std::fs::write(root.join("elsewhere/f"), b"f").unwrap();
         std::fs::rename(root.join("elsewhere/f"), nodes.join("a/out/new/f")).unwrap();
-        assert_eq!(watcher.take(), Woken { news: true, nodes: false, dirs: false });
+        assert_eq!(watcher.take(), woke(&[spot("a", Area::Outbox)]));
 
         // The log directory appears (in the outbox, which is watched too): watched at the next
         // call, and an append to a file in it wakes.
-        watcher.watch([nodes.join("a/out")]);
-        watcher.take();
+        watcher.watch([dir(&nodes, "a/out", "a", Area::Tree)]);
+        assert_eq!(watcher.take(), woke(&[spot("a", Area::Tree)]));
         std::fs::create_dir_all(nodes.join("a/out/log")).unwrap();
-        assert_eq!(watcher.take(), Woken { news: true, nodes: false, dirs: true });
+        assert_eq!(watcher.take(), Woken { dirs: true, ..woke(&[spot("a", Area::Tree)]) });
         std::fs::write(nodes.join("a/out/log/seg"), b"").unwrap();
-        watcher.watch([nodes.join("a/out/new"), nodes.join("a/out/log")]);
+        watcher.watch([dir(&nodes, "a/out/new", "a", Area::Outbox), dir(&nodes, "a/out/log", "a", Area::Log)]);
         assert_eq!(watcher.watched(), 4);
-        watcher.take();
+        assert_eq!(watcher.take(), woke(&[spot("a", Area::Log)]), "the new watch; the file came before it");
         let mut segment = std::fs::OpenOptions::new().append(true).open(nodes.join("a/out/log/seg")).unwrap();
         std::io::Write::write_all(&mut segment, b"frame").unwrap();
-        assert_eq!(watcher.take(), Woken { news: true, nodes: false, dirs: false });
+        assert_eq!(watcher.take(), woke(&[spot("a", Area::Log)]), "an append names the log alone");
 
         // A new node directory.
         std::fs::create_dir_all(nodes.join("b")).unwrap();
-        assert_eq!(watcher.take(), Woken { news: true, nodes: true, dirs: true });
+        assert_eq!(watcher.take(), Woken { news: true, nodes: true, dirs: true, ..Woken::default() });
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn each_spool_written_is_named_once_and_the_forwarded_receipts_apart() {
+        let root = temp_dir("spots");
+        let nodes = root.join("nodes");
+        for rel in ["a/out/new", "a/rcpt/new", "b/rcpt/new", "fwd/new"] {
+            std::fs::create_dir_all(nodes.join(rel)).unwrap();
+        }
+        let mut watcher = Watcher::new(nodes.clone()).unwrap();
+        watcher.watch([
+            dir(&nodes, "a/out/new", "a", Area::Outbox),
+            dir(&nodes, "a/rcpt/new", "a", Area::Receipts),
+            dir(&nodes, "b/rcpt/new", "b", Area::Receipts),
+            (nodes.join("fwd/new"), Tag::Forwarded),
+        ]);
+        watcher.take();
+        for i in 0..3 {
+            std::fs::write(nodes.join(format!("b/rcpt/new/r{i}")), b"r").unwrap();
+        }
+        std::fs::write(nodes.join("a/out/new/f"), b"f").unwrap();
+        let mut woken = watcher.take();
+        woken.spots.sort();
+        assert_eq!(woken, woke(&[spot("a", Area::Outbox), spot("b", Area::Receipts)]));
+        std::fs::write(nodes.join("fwd/new/x"), b"x").unwrap();
+        assert_eq!(watcher.take(), Woken { news: true, forwarded: true, ..Woken::default() });
         std::fs::remove_dir_all(root).unwrap();
     }
 
@@ -241,17 +377,14 @@ mod tests {
         let mut watcher = Watcher::new(nodes.clone()).unwrap();
         std::fs::create_dir_all(nodes.join("b/out/new")).unwrap();
         assert!(watcher.take().nodes);
-        watcher.watch([nodes.join("b"), nodes.join("b/out/new")]);
+        watcher.watch([dir(&nodes, "b", "b", Area::Tree), dir(&nodes, "b/out/new", "b", Area::Outbox)]);
+        watcher.take();
         std::fs::write(nodes.join("b/out/new/f"), b"f").unwrap();
-        assert_eq!(
-            watcher.take(),
-            Woken { news: true, nodes: false, dirs: false },
-            "an outbox file is no registration"
-        );
+        assert_eq!(watcher.take(), woke(&[spot("b", Area::Outbox)]), "an outbox file is no registration");
         std::fs::write(nodes.join("b/.node.toml.tmp"), b"addr = \"10.77.0.2\"\n").unwrap();
         watcher.take();
         std::fs::rename(nodes.join("b/.node.toml.tmp"), nodes.join("b/node.toml")).unwrap();
-        assert_eq!(watcher.take(), Woken { news: true, nodes: true, dirs: false });
+        assert_eq!(watcher.take(), Woken { nodes: true, ..woke(&[spot("b", Area::Tree)]) });
         std::fs::remove_dir_all(root).unwrap();
     }
 
@@ -263,7 +396,7 @@ mod tests {
         std::fs::create_dir_all(root.join("secret")).unwrap();
         std::os::unix::fs::symlink(root.join("secret"), nodes.join("a/out/new")).unwrap();
         let mut watcher = Watcher::new(nodes.clone()).unwrap();
-        watcher.watch([nodes.join("a/out/new")]);
+        watcher.watch([dir(&nodes, "a/out/new", "a", Area::Outbox)]);
         assert_eq!(watcher.watched(), 1, "only the nodes directory");
         std::fs::write(root.join("secret/x"), b"x").unwrap();
         assert_eq!(watcher.take(), Woken::default());
@@ -276,17 +409,43 @@ mod tests {
         let nodes = root.join("nodes");
         std::fs::create_dir_all(nodes.join("a/rcpt/new")).unwrap();
         let mut watcher = Watcher::new(nodes.clone()).unwrap();
-        watcher.watch([nodes.join("a/rcpt/new")]);
+        watcher.watch([dir(&nodes, "a/rcpt/new", "a", Area::Receipts)]);
         assert_eq!(watcher.watched(), 2);
-        std::fs::remove_dir_all(nodes.join("a")).unwrap();
         watcher.take();
+        std::fs::remove_dir_all(nodes.join("a")).unwrap();
+        assert!(watcher.take().spots.contains(&spot("a", Area::Receipts)), "a removed spool is read again");
         assert_eq!(watcher.watched(), 1, "the removed directory's watch was not forgotten");
         std::fs::create_dir_all(nodes.join("a/rcpt/new")).unwrap();
         watcher.take();
-        watcher.watch([nodes.join("a/rcpt/new")]);
+        watcher.watch([dir(&nodes, "a/rcpt/new", "a", Area::Receipts)]);
         assert_eq!(watcher.watched(), 2);
+        watcher.take();
         std::fs::write(nodes.join("a/rcpt/new/r"), b"r").unwrap();
-        assert!(watcher.take().news);
+        assert_eq!(watcher.take(), woke(&[spot("a", Area::Receipts)]));
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_watched_directory_moved_away_is_forgotten_so_that_its_path_is_watched_again() {
+        let root = temp_dir("moved");
+        let nodes = root.join("nodes");
+        std::fs::create_dir_all(nodes.join("a/out/new")).unwrap();
+        let mut watcher = Watcher::new(nodes.clone()).unwrap();
+        watcher.watch([dir(&nodes, "a/out", "a", Area::Tree), dir(&nodes, "a/out/new", "a", Area::Outbox)]);
+        watcher.take();
+        std::fs::rename(nodes.join("a/out/new"), nodes.join("a/out/old")).unwrap();
+        let mut woken = watcher.take();
+        woken.spots.sort();
+        assert_eq!(woken, Woken { dirs: true, ..woke(&[spot("a", Area::Tree), spot("a", Area::Outbox)]) });
+        assert!(!watcher.covers(&nodes.join("a/out/new")), "the moved directory's watch still stands for its path");
+        std::fs::write(nodes.join("a/out/old/f"), b"f").unwrap();
+        assert_eq!(watcher.take(), Woken::default(), "the moved directory still reports");
+        std::fs::create_dir_all(nodes.join("a/out/new")).unwrap();
+        watcher.take();
+        watcher.watch([dir(&nodes, "a/out/new", "a", Area::Outbox)]);
+        watcher.take();
+        std::fs::write(nodes.join("a/out/new/g"), b"g").unwrap();
+        assert_eq!(watcher.take(), woke(&[spot("a", Area::Outbox)]));
         std::fs::remove_dir_all(root).unwrap();
     }
 }

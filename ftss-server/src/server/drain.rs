@@ -64,8 +64,8 @@ impl Server {
 
     /// Reads outbox files, fabric frames and gateway arrivals and appends their packets to the
     /// queue (not synced: the cycle syncs once for everything it staged). `None` if there was none.
-    /// The volume's outboxes are read only when `from_volume` (see [`VolumeReads`]).
-    pub(super) fn stage_drain(&mut self, from_volume: bool) -> Result<Option<DrainGroup>, fsbridge::SpoolError> {
+    /// The volume's outboxes are read as `plan` says (see [`VolumeReads`]).
+    pub(super) fn stage_drain(&mut self, plan: &VolumePlan) -> Result<Option<DrainGroup>, fsbridge::SpoolError> {
         // A queue disk down to its reserve takes no new packets: the space left is for the done
         // records that let full segments go (else a disk filled by packets could never drain).
         // The reserve grows with the queue: every queued packet's done record must fit. Above
@@ -86,7 +86,7 @@ impl Server {
             self.push_back(reason.clone());
             budget.close(reason);
         }
-        let mut drained = if from_volume { self.read_outboxes(&mut budget) } else { Vec::new() };
+        let mut drained = if plan.any() { self.read_outboxes(&mut budget, plan) } else { Vec::new() };
         let mut from_fabric = self.read_fabric(&mut budget);
         let mut refused = Vec::new();
         for batch in &mut drained {
@@ -280,38 +280,55 @@ impl Server {
 
     /// Reads and decodes up to the cycle's bound of outbox files and log frames, quarantining bad
     /// ones and leaving those whose destination is over its limit. A node whose spool cannot be
-    /// read is reported and passed over: it holds up no other node.
-    pub(super) fn read_outboxes(&mut self, budget: &mut Budget) -> Vec<Drained> {
+    /// read is reported and passed over: it holds up no other node. Only the spools `plan` names
+    /// are read; each that found something (or failed, or was cut short) is read again next cycle.
+    pub(super) fn read_outboxes(&mut self, budget: &mut Budget, plan: &VolumePlan) -> Vec<Drained> {
         let mut drained: Vec<Drained> = Vec::new();
-        let owned: Vec<NodeName> = self.nodes.iter().filter(|node| self.owns(node)).cloned().collect();
+        let owned: Vec<NodeName> =
+            self.nodes.iter().filter(|node| self.owns(node) && plan.touches(node)).cloned().collect();
         for node in owned {
-            if !self.node_is_sound(&node) {
+            if plan.checks_tree(&node) && !self.node_is_sound(&node) {
                 continue;
             }
-            let files = self.read_outbox_files(&node, &mut drained, budget);
-            let logs = self.read_logs(&node, &mut drained, budget);
+            let files = match plan.reads(&node, Area::Outbox) {
+                true => self.read_outbox_files(&node, &mut drained, budget),
+                false => Ok(false),
+            };
+            let logs = match plan.reads(&node, Area::Log) {
+                true => self.read_logs(&node, &mut drained, budget),
+                false => Ok(false),
+            };
+            if !matches!(files, Ok(false)) {
+                self.volume_reads.keep((node.clone(), Area::Outbox));
+            }
+            if !matches!(logs, Ok(false)) {
+                self.volume_reads.keep((node.clone(), Area::Log));
+            }
             match files.and(logs) {
-                Ok(()) => self.node_recovered(&node, NodeStep::Drain),
+                Ok(_) => self.node_recovered(&node, NodeStep::Drain),
                 Err(error) => self.node_failed(&node, NodeStep::Drain, error),
             }
         }
         drained
     }
 
-    /// Reads `node`'s outbox files, in name order, within the cycle's bounds.
+    /// Reads `node`'s outbox files, in name order, within the cycle's bounds. Returns false if
+    /// the outbox held none.
     pub(super) fn read_outbox_files(
         &mut self,
         node: &NodeName,
         drained: &mut Vec<Drained>,
         budget: &mut Budget,
-    ) -> Result<(), fsbridge::SpoolError> {
+    ) -> Result<bool, fsbridge::SpoolError> {
         for attempt in 0..DRAIN_FILES_PER_NODE_MAX {
             if budget.cycle_full() {
-                break;
+                return Ok(true);
             }
             // List the directory again only at the start of a cycle: files drained earlier in
             // this cycle are still there until the group is acked.
-            let Some(name) = self.next_outbox_name(node, attempt == 0)? else { break };
+            let Some(name) = self.next_outbox_name(node, attempt == 0)? else {
+                return Ok(attempt > 0);
+            };
             // A file the volume fails to read stays first in line (the error fails this node's
             // drain for the cycle, and shows in status); it is read again next cycle.
             let Some((packets, acks)) = self.read_outbox_file(node, &name)? else {
@@ -327,7 +344,7 @@ impl Server {
             budget.take(&packets);
             drained.push(Drained { node: node.clone(), source: Source::File(name), packets, acks });
         }
-        Ok(())
+        Ok(true)
     }
 
     /// A step failed for one node only (its spool cannot be listed or read): counted, shown in
@@ -355,37 +372,48 @@ impl Server {
     }
 
     /// Reads frames of `node`'s outbox log segments within the cycle's bounds, in each writer's
-    /// order, and deals with segment ends and damage.
+    /// order, and deals with segment ends and damage. Returns false if no segment had anything
+    /// to read or to finish.
     pub(super) fn read_logs(
         &mut self,
         node: &NodeName,
         drained: &mut Vec<Drained>,
         budget: &mut Budget,
-    ) -> Result<(), fsbridge::SpoolError> {
+    ) -> Result<bool, fsbridge::SpoolError> {
         let (segments, foreign) = self.logs.readable(&self.volume, node)?;
+        let mut found = !foreign.is_empty();
         let log_dir = self.volume.outbox(node).dir().join("log");
         for name in foreign {
             self.quarantine_path(log_dir.join(name), node.as_str(), "unexpected file name in an outbox log directory");
         }
         let node_addr = self.registry.addr(node);
+        // A listing cut at its bound leaves segments for the next.
+        found |= segments.len() >= crate::outlog::SEGMENTS_LISTED_MAX;
         for (name, has_successor) in segments {
             if budget.cycle_full() {
+                found = true;
                 break;
             }
             let key = (node.clone(), name.clone());
             let room = budget.cycle_bytes_left().min(LOG_READ_BYTES_MAX);
             let step = match self.logs.step(&self.volume, &key, has_successor, room, self.config.log_abandon_after) {
-                Ok(step) => step,
+                Ok(Step::Idle) => continue,
+                Ok(step) => {
+                    found = true;
+                    step
+                }
                 Err(fsbridge::log::LogError::Invalid { path, reason }) => {
                     // Its cursor goes only with the file: if the move failed it is read again
                     // from where it stands.
                     if self.quarantine_path(path, node.as_str(), &reason) {
                         self.logs.forget(&key);
                     }
+                    found = true;
                     continue;
                 }
                 Err(fsbridge::log::LogError::Spool(error)) => {
                     self.report("reading an outbox log", error);
+                    found = true;
                     continue;
                 }
             };
@@ -398,7 +426,7 @@ impl Server {
                 Step::Frames { frames, sealed } => self.log_frames(&key, node_addr, frames, sealed, drained, budget),
             }
         }
-        Ok(())
+        Ok(found)
     }
 
     /// Damage in log segment `key` from byte `from`: up to `to` (the next valid frame), its bytes

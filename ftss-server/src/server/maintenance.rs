@@ -34,15 +34,28 @@ impl Server {
     pub(super) fn take_volume_events(&mut self) {
         let Some(watcher) = self.watcher.as_mut() else { return };
         let woken = watcher.take();
-        if woken.news {
-            self.volume_reads.woken();
-        }
+        self.volume_reads.woken(&woken);
         if woken.nodes {
             self.registry_woken = true;
         }
         if woken.dirs {
             self.watch_volume();
         }
+    }
+
+    /// The directories of `node` the server reads, with the part of its spools each is. Parents
+    /// come before their children (a child's watch is tried after its parent's).
+    pub(super) fn spool_dirs(&self, node: &NodeName) -> impl Iterator<Item = (PathBuf, Area)> + use<> {
+        let node_dir = self.volume.node_dir(node);
+        [
+            (node_dir.clone(), Area::Tree),
+            (node_dir.join("out"), Area::Tree),
+            (node_dir.join("rcpt"), Area::Tree),
+            (self.volume.outbox(node).new_dir(), Area::Outbox),
+            (node_dir.join("out").join("log"), Area::Log),
+            (self.volume.receipts(node).new_dir(), Area::Receipts),
+        ]
+        .into_iter()
     }
 
     /// Watches the directories this server's nodes write into (those not watched yet).
@@ -52,20 +65,10 @@ impl Server {
         }
         let mut dirs = Vec::new();
         for node in self.nodes.iter().filter(|node| self.owns(node)) {
-            let node_dir = self.volume.node_dir(node);
-            let outbox = self.volume.outbox(node);
-            let receipts = self.volume.receipts(node);
-            dirs.extend([
-                node_dir.join("out"),
-                node_dir.join("rcpt"),
-                outbox.new_dir(),
-                node_dir.join("out").join("log"),
-                receipts.new_dir(),
-                node_dir,
-            ]);
+            dirs.extend(self.spool_dirs(node).map(|(dir, area)| (dir, Tag::Node((node.clone(), area)))));
         }
         if self.config.partition.count > 1 {
-            dirs.push(self.volume.forwarded_receipts(self.config.partition.index).new_dir());
+            dirs.push((self.volume.forwarded_receipts(self.config.partition.index).new_dir(), Tag::Forwarded));
         }
         if let Some(watcher) = self.watcher.as_mut() {
             watcher.watch(dirs);

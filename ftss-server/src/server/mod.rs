@@ -41,7 +41,7 @@ use crate::gateway::{Arrival, Cidr, Gateway, GatewayCounters, IngressRule, Ingre
 use crate::metrics::{Histogram, Snapshot};
 use crate::outlog::{Logs, SegmentKey, Step};
 use crate::queue::{Location, MirrorStatus, Outcome, Queue, QueueError, QueueRecord, RecoveryReport};
-use crate::watch::Watcher;
+use crate::watch::{Area, Spot, Tag, Watcher};
 
 mod acks;
 mod deliver;
@@ -342,26 +342,44 @@ impl Server {
         work > 0
     }
 
+    /// Which spools of the volume this cycle reads (see [`VolumeReads`]).
+    fn volume_plan(&mut self) -> VolumePlan {
+        let mut plan = self.volume_reads.plan(monotonic_now(), self.config.poll);
+        if let Some(watcher) = self.watcher.as_ref()
+            && !plan.full
+            && plan.any()
+        {
+            // Spools no watch covers are read whenever the volume is.
+            for node in self.nodes.iter().filter(|node| self.owns(node)) {
+                for (dir, area) in self.spool_dirs(node) {
+                    if !watcher.covers(&dir) {
+                        plan.spots.insert((node.clone(), area));
+                    }
+                }
+            }
+            if self.config.partition.count > 1
+                && !watcher.covers(&self.volume.forwarded_receipts(self.config.partition.index).new_dir())
+            {
+                plan.forwarded = true;
+            }
+        }
+        plan
+    }
+
     /// Drains new packets and takes receipts with one group commit for both: every record of the
     /// cycle is appended, then one sync, and only then are packets acked and receipted ones
     /// released. Returns how much was done.
     fn store(&mut self) -> usize {
         self.gather_fabric();
-        let now = monotonic_now();
-        let from_volume = self.volume_reads.due(now, self.config.poll);
-        let mut drain = self.stage_drain(from_volume).unwrap_or_else(|error| {
+        let plan = self.volume_plan();
+        let mut drain = self.stage_drain(&plan).unwrap_or_else(|error| {
             self.report("draining", error);
             None
         });
-        let receipts = self.stage_receipts(from_volume).unwrap_or_else(|error| {
+        let receipts = self.stage_receipts(&plan).unwrap_or_else(|error| {
             self.report("taking receipts", error);
             None
         });
-        if from_volume {
-            let news = drain.as_ref().is_some_and(|group| !group.drained.is_empty())
-                || receipts.as_ref().is_some_and(|group| !group.files.is_empty());
-            self.volume_reads.read(now, news);
-        }
         let appended = drain.is_some() || receipts.as_ref().is_some_and(|group| !group.done.is_empty());
         if let Some(group) = drain.as_mut() {
             self.deliver_early(group);

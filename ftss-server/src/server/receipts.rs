@@ -23,25 +23,34 @@ impl Server {
     /// Reads receipts and appends a done record for each packet of this partition its destination
     /// receipted (not synced: the cycle syncs once for everything it staged). With several
     /// partitions, receipts for packets another partition holds are set aside for forwarding.
-    /// The volume's receipt spools are read only when `from_volume` (see [`VolumeReads`]).
-    pub(super) fn stage_receipts(&mut self, from_volume: bool) -> Result<Option<ReceiptGroup>, fsbridge::SpoolError> {
+    /// The volume's receipt spools are read as `plan` says (see [`VolumeReads`]); each that held
+    /// files (or failed) is read again next cycle.
+    pub(super) fn stage_receipts(&mut self, plan: &VolumePlan) -> Result<Option<ReceiptGroup>, fsbridge::SpoolError> {
         let mut files: Vec<(fsbridge::Spool, String)> = Vec::new();
         // (receiving node, packet id).
         let mut received: Vec<(NodeName, PacketId)> = Vec::new();
-        let owned: Vec<NodeName> = match from_volume {
-            true => self.nodes.iter().filter(|node| self.owns(node)).cloned().collect(),
-            false => Vec::new(),
-        };
+        let owned: Vec<NodeName> =
+            self.nodes.iter().filter(|node| self.owns(node) && plan.reads(node, Area::Receipts)).cloned().collect();
         for node in owned {
             let spool = self.volume.receipts(&node);
-            match self.read_receipt_spool(&spool, Some(&node), &mut files, &mut received) {
+            let before = files.len();
+            let read = self.read_receipt_spool(&spool, Some(&node), &mut files, &mut received);
+            if read.is_err() || files.len() > before {
+                self.volume_reads.keep((node.clone(), Area::Receipts));
+            }
+            match read {
                 Ok(()) => self.node_recovered(&node, NodeStep::Receipts),
                 Err(error) => self.node_failed(&node, NodeStep::Receipts, error),
             }
         }
-        if from_volume && self.config.partition.count > 1 {
+        if (plan.full || plan.forwarded) && self.config.partition.count > 1 {
             let spool = self.volume.forwarded_receipts(self.config.partition.index);
-            self.read_receipt_spool(&spool, None, &mut files, &mut received)?;
+            let before = files.len();
+            let read = self.read_receipt_spool(&spool, None, &mut files, &mut received);
+            if read.is_err() || files.len() > before {
+                self.volume_reads.keep_forwarded();
+            }
+            read?;
         }
         let mut fabric_frames = 0;
         if let Some(hub) = &self.fabric {

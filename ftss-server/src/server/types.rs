@@ -247,34 +247,86 @@ pub(super) enum Source {
     Log { name: String, end: u64, sealed: bool },
 }
 
-/// When the volume's outboxes and receipt spools are read. Listing them costs a few system calls
-/// per node (network round trips on NFS), and fabric traffic wakes the server far more often
-/// than the poll interval. So a cycle reads the volume again at once only if the last read found
-/// something (files or frames: a sender or receiver is busy there); after a read that found
-/// nothing it waits for the poll interval, however often the fabric or the gateway wakes it.
-#[derive(Clone, Copy, Debug, Default)]
+/// When the volume's outboxes and receipt spools are read, and which. Listing them costs a few
+/// system calls per spool (network round trips on NFS), and fabric traffic wakes the server far
+/// more often than the poll interval. So:
+/// - every spool of every owned node is read at the poll interval (and at once after lost events);
+/// - between those reads, a cycle reads only the spools that inotify said were written in, and
+///   those whose last read found something (files or frames: a sender or receiver is busy there,
+///   and a read is bounded, so more may wait);
+/// - a spool whose directory the watcher does not cover is read whenever any spool is.
+///
+/// After a read that found nothing anywhere the volume waits for an event or the poll interval,
+/// however often the fabric or the gateway wakes the server. The spools to read are at most four
+/// per owned node.
+#[derive(Clone, Debug, Default)]
 pub(super) struct VolumeReads {
-    last: Option<Time>,
-    news: bool,
+    last_full: Option<Time>,
+    lost: bool,
+    dirty: HashSet<Spot>,
+    forwarded: bool,
+}
+
+/// The spools one cycle reads.
+#[derive(Clone, Debug, Default)]
+pub(super) struct VolumePlan {
+    /// Every spool (and every node's directories are checked).
+    pub(super) full: bool,
+    pub(super) spots: HashSet<Spot>,
+    pub(super) forwarded: bool,
+}
+
+impl VolumePlan {
+    /// Is anything read?
+    pub(super) fn any(&self) -> bool {
+        self.full || self.forwarded || !self.spots.is_empty()
+    }
+
+    /// Is `area` of `node` read? (A change in the node's directories reads all of its spools.)
+    pub(super) fn reads(&self, node: &NodeName, area: Area) -> bool {
+        self.full || self.spots.contains(&(node.clone(), area)) || self.spots.contains(&(node.clone(), Area::Tree))
+    }
+
+    /// Is any spool of `node` read?
+    pub(super) fn touches(&self, node: &NodeName) -> bool {
+        [Area::Tree, Area::Outbox, Area::Log, Area::Receipts].into_iter().any(|area| self.reads(node, area))
+    }
+
+    /// Are `node`'s directories checked (not symlinks) before its spools are read? On a full read,
+    /// and when events came from the directories that hold its spools: a spool directory cannot be
+    /// replaced without a change there.
+    pub(super) fn checks_tree(&self, node: &NodeName) -> bool {
+        self.full || self.spots.contains(&(node.clone(), Area::Tree))
+    }
 }
 
 impl VolumeReads {
-    /// Should the cycle starting at `now` read the volume?
-    pub(super) fn due(&self, now: Time, poll: Duration) -> bool {
-        match self.last {
-            None => true,
-            Some(last) => self.news || now.duration_since(last) >= poll,
+    /// The spools the cycle starting at `now` reads; they count as read (see [`VolumeReads::keep`]).
+    pub(super) fn plan(&mut self, now: Time, poll: Duration) -> VolumePlan {
+        let full = self.lost || self.last_full.is_none_or(|last| now.duration_since(last) >= poll);
+        let plan = VolumePlan { full, spots: std::mem::take(&mut self.dirty), forwarded: self.forwarded };
+        self.forwarded = false;
+        if full {
+            self.last_full = Some(now);
+            self.lost = false;
         }
+        plan
     }
 
-    /// A node wrote into the volume (an inotify event): read it at the next cycle.
-    pub(super) fn woken(&mut self) {
-        self.news = true;
+    /// What volume events said: these spools were written in, or events were lost.
+    pub(super) fn woken(&mut self, woken: &crate::watch::Woken) {
+        self.lost |= woken.lost;
+        self.forwarded |= woken.forwarded;
+        self.dirty.extend(woken.spots.iter().cloned());
     }
 
-    /// The volume was read at `now`; `news`: it held something to drain or take.
-    pub(super) fn read(&mut self, now: Time, news: bool) {
-        self.last = Some(now);
-        self.news = news;
+    /// `spot` found something (or was not read to its end): read it again at the next cycle.
+    pub(super) fn keep(&mut self, spot: Spot) {
+        self.dirty.insert(spot);
+    }
+
+    /// The forwarded receipts found something: read them again at the next cycle.
+    pub(super) fn keep_forwarded(&mut self) {
+        self.forwarded = true;
     }
 }
