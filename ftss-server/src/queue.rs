@@ -456,6 +456,18 @@ fn chain_starts_at(bytes: &[u8], offset: usize, seed: u32) -> bool {
     }
 }
 
+/// Writes zeros over `from..to` of `file`.
+fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    let mut at = from;
+    while at < to {
+        let len = (to - at).min(ZEROS.len() as u64);
+        file.write_all_at(&ZEROS[..len as usize], at)?;
+        at += len;
+    }
+    Ok(())
+}
+
 fn is_zeros(bytes: &[u8]) -> bool {
     bytes.iter().all(|byte| *byte == 0)
 }
@@ -907,7 +919,7 @@ impl Queue {
                 // Up to the next multiple of `ahead`: mirrors with the same appends stay alike
                 // byte for byte, a resynced one included.
                 let zeroed_end = (end / ahead + 1) * ahead;
-                match file.write_all_at(&vec![0u8; (zeroed_end - end) as usize], end) {
+                match write_zeros(file, end, zeroed_end) {
                     Ok(()) => mirror.zeroed_end = zeroed_end,
                     // No room for zeros: the appends go on growing the file; tried again at the
                     // next one past the end.
