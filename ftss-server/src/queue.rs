@@ -2,9 +2,10 @@
 //!
 //! ```text
 //! queue-dir/seg-<id:016x>.log
-//! segment := header record*
-//! header  := magic "FTSQ" | version u16 (2) | segment id u64 | seed u32 | crc32c u32
-//!            (version 1, still read: no seed, i.e. seed 0)
+//! segment := header (record* COMMIT)* record* zeros*
+//! header  := magic "FTSQ" | version u16 (3) | segment id u64 | seed u32 | crc32c u32
+//!            (version 2, still read and appended to: no COMMIT records; version 1: no seed,
+//!            i.e. seed 0)
 //! record  := fsbridge record framing (tag u8 | len u32 | body | crc32c u32), the checksum
 //!            started from the segment's random seed: a payload imitating a record never verifies
 //!   SKIP:   zeros                                       covers bytes recovery found damaged
@@ -13,15 +14,21 @@
 //!                                                       receipted or dead-lettered: no longer delivered
 //!   CURSOR: node (u8 + bytes) | log segment name (u8 + bytes) | offset u64
 //!                                                       how far a node's outbox log has been stored
+//!   COMMIT: group start u64 | records in the group u32  the end of one group commit
+//! zeros   := written ahead of the appends (up to a multiple of 1 MiB, less for small segments),
+//!            so that a sync does not grow the file
 //! ```
 //!
 //! Appends go to every healthy mirror at the same offset and are made durable together by
-//! [`Queue::sync`] (one write and one fdatasync per mirror for the whole group: group commit).
+//! [`Queue::sync`] (one positioned write, ending in a COMMIT record, and one fdatasync per mirror
+//! for the whole group: group commit; once in every 1 MiB of appends also a write of zeros ahead).
 //!
 //! Mirror failures, as a decision table (each row's test in `tests`):
 //! | what happened                              | decision                                             | test |
 //! |--------------------------------------------|------------------------------------------------------|------|
 //! | write/sync ENOSPC or EDQUOT on any mirror  | roll every mirror back to the last sync; `NoSpace`   | `a_segment_that_cannot_be_started_leaves_the_full_one_active_and_whole` |
+//! | no room for the zeros written ahead         | the group is written and synced without them; the    | `a_disk_too_full_for_the_zeros_ahead_still_takes_the_group` |
+//! |                                            | next append past the file's end tries again          | |
 //! | other write/sync error, healthy ones left  | mark that mirror failed (degraded), keep going       | `removed_mirror_degrades_and_resyncs_when_back` |
 //! | segment file unlinked (directory removed)  | mark that mirror failed (degraded), keep going       | `removed_mirror_degrades_and_resyncs_when_back` |
 //! | no healthy mirror left                     | roll back; `NoHealthyMirror` (nothing is acked)      | `all_mirrors_failing_rolls_back` |
@@ -38,10 +45,15 @@
 //! | a mirror's directory cannot be listed             | that mirror fails (never taken for empty)     | `a_queue_dir_that_cannot_be_listed_fails_its_mirror_and_keeps_its_segments` |
 //! | no valid record here, a valid chain further on    | damage: its bytes are kept for quarantine and | `damage_inside_a_segment_costs_only_the_damaged_record` |
 //! |                                                   | replaced by a SKIP record; the rest is kept   | |
-//! | (a chain: a valid record, then the end, another   | a whole record between two damaged ones is    | `a_whole_record_between_two_damaged_ones_is_kept` |
-//! | valid record, or a whole frame that is damaged)   | kept, not cut as a torn tail                  | |
+//! | (a chain: a valid record, then the end or zeros,  | a whole record between two damaged ones is    | `a_whole_record_between_two_damaged_ones_is_kept` |
+//! | another valid record, or a whole damaged frame)   | kept, not cut as a torn tail                  | |
 //! | damage whose bytes cannot be kept                 | nothing is written over it; its mirrors fail  | `damage_that_cannot_be_kept_is_not_written_over` |
 //! | no valid record here, none further on             | a torn tail: cut                              | `a_torn_tail_in_every_mirror_is_cut` |
+//! | only zeros after the last valid record            | the end (the zeros written ahead): cut, not   | `appends_land_inside_zeros_written_ahead_which_recovery_takes_for_the_end` |
+//! |                                                   | counted as torn                               | |
+//! | in the newest segment, damage holding a whole     | a torn write (the sectors of a group being    | `a_group_torn_with_a_block_missing_from_its_middle_is_cut_whole` |
+//! | zero sector after the last group whose COMMIT     | synced land in any order, over zeros): cut    | |
+//! | verifies (its start, its record count, no damage) | from there, not kept as damage                | |
 //! | no copy with a whole header                       | the bytes are kept as damage; the files go    | `a_segment_without_a_header_in_any_mirror_is_kept_as_damage_and_replaced` |
 //! | a mirror that cannot be read or repaired          | that mirror fails; the queue runs degraded    | `a_mirror_unreadable_at_recovery_leaves_the_queue_degraded_not_down` |
 //! | a mirror with fewer failure events than the others| stale (it was failed): ignored, then resynced | `a_mirror_failed_before_a_restart_brings_back_nothing_reclaimed` |
@@ -65,7 +77,8 @@ use serde::Serialize;
 use thiserror::Error;
 
 const SEGMENT_MAGIC: [u8; 4] = *b"FTSQ";
-const SEGMENT_VERSION: u16 = 2;
+/// Version 3 ends each group with a COMMIT record (version 2, still read and appended to, has none).
+const SEGMENT_VERSION: u16 = 3;
 const SEGMENT_HEADER_BYTES: usize = 4 + 2 + 8 + 4 + 4;
 /// Version 1 segments (no seed) are still read.
 const SEGMENT_HEADER_BYTES_V1: usize = 4 + 2 + 8 + 4;
@@ -93,6 +106,12 @@ const TAG_DONE: u8 = 0x12;
 const TAG_CURSOR: u8 = 0x13;
 /// Record tag: filler over bytes recovery found damaged (they are kept in quarantine).
 const TAG_SKIP: u8 = 0x1f;
+/// Record tag: the end of a group commit, with where the group began and its checksum.
+const TAG_COMMIT: u8 = 0x14;
+/// A COMMIT record's body: the group's first byte (u64) and how many records it holds before
+/// the COMMIT (u32). (Each record has its own checksum; a checksum over records that end in
+/// theirs would depend on their lengths alone.)
+const COMMIT_BODY_BYTES: usize = 12;
 /// Name of the failure-event counter in each queue dir.
 const EVENTS_FILE: &str = "events";
 
@@ -211,6 +230,8 @@ pub struct Damage {
 struct Format {
     header_bytes: usize,
     seed: u32,
+    /// Each group ends with a COMMIT record (version 3).
+    commits: bool,
 }
 
 /// Health of one mirror, for status.
@@ -236,8 +257,9 @@ pub struct Queue {
     /// Segment id → its committed size in bytes (identical in every healthy mirror).
     segments: BTreeMap<u64, u64>,
     active_segment: u64,
-    /// Bytes appended since the last sync, not yet written.
+    /// Bytes appended since the last sync, not yet written, and how many records they hold.
     pending: Vec<u8>,
+    pending_records: u32,
     /// The last bytes synced, so that packets delivered right after they were stored are not
     /// read back from the disk.
     tail: Tail,
@@ -334,18 +356,38 @@ fn parse_header(bytes: &[u8], segment: u64) -> Option<Format> {
     if fixed[..4] != SEGMENT_MAGIC || fixed[6..14] != segment.to_le_bytes() {
         return None;
     }
-    let (header_bytes, seed) = match u16::from_le_bytes([fixed[4], fixed[5]]) {
+    let version = u16::from_le_bytes([fixed[4], fixed[5]]);
+    let (header_bytes, seed) = match version {
         1 => (SEGMENT_HEADER_BYTES_V1, 0),
-        2 => (SEGMENT_HEADER_BYTES, u32::from_le_bytes(bytes.get(14..18)?.try_into().expect("4 bytes"))),
+        2 | 3 => (SEGMENT_HEADER_BYTES, u32::from_le_bytes(bytes.get(14..18)?.try_into().expect("4 bytes"))),
         _ => return None,
     };
     let header = bytes.get(..header_bytes)?;
     let crc = u32::from_le_bytes(header[header_bytes - 4..].try_into().expect("4 bytes"));
-    (crc32c::crc32c(&header[..header_bytes - 4]) == crc).then_some(Format { header_bytes, seed })
+    (crc32c::crc32c(&header[..header_bytes - 4]) == crc).then_some(Format { header_bytes, seed, commits: version >= 3 })
 }
 
 fn is_no_space(error: &io::Error) -> bool {
     matches!(error.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+/// Ends the group of `records` records that began at byte `start` of its segment with a COMMIT
+/// record, appended to `group` (the group's bytes).
+fn encode_commit(group: &mut Vec<u8>, start: u64, records: u32, seed: u32) {
+    format::write_record_seeded(group, TAG_COMMIT, seed, |body| {
+        body.extend_from_slice(&start.to_le_bytes());
+        body.extend_from_slice(&records.to_le_bytes());
+    });
+}
+
+/// If a valid COMMIT record is at `offset` of `bytes`, the first byte of its group and how many
+/// records the group holds before it.
+fn commit_at(bytes: &[u8], offset: usize, seed: u32) -> Option<(u64, u32)> {
+    let (tag, body, _) = format::read_record_seeded(bytes, offset, COMMIT_BODY_BYTES, seed).ok()?;
+    (tag == TAG_COMMIT && body.len() == COMMIT_BODY_BYTES).then(|| {
+        let start = u64::from_le_bytes(body[..8].try_into().expect("8 bytes"));
+        (start, u32::from_le_bytes(body[8..].try_into().expect("4 bytes")))
+    })
 }
 
 /// Encodes one queue record, framed with the checksum seed of its segment, onto `out`.
@@ -429,7 +471,9 @@ fn read_record(bytes: &[u8], offset: usize, seed: u32) -> Result<(QueueRecord, u
             let offset = body.get(at..).filter(|rest| rest.len() == 8).ok_or(invalid("cursor offset"))?;
             QueueRecord::Cursor { node, log, offset: u64::from_le_bytes(offset.try_into().expect("8 bytes")) }
         }
+        // Readers pass over a COMMIT as over a SKIP (only recovery looks inside it).
         TAG_SKIP => QueueRecord::Skipped { bytes: (next - offset) as u32 },
+        TAG_COMMIT if body.len() == COMMIT_BODY_BYTES => QueueRecord::Skipped { bytes: (next - offset) as u32 },
         _ => return Err(invalid("queue record tag")),
     };
     Ok((record, next))
@@ -450,6 +494,11 @@ struct Merged {
 /// segment's random seed, and what follows must frame. Requiring the next record to verify too
 /// would cut a whole record that lies between two damaged ones as if it were a torn tail.)
 fn chain_starts_at(bytes: &[u8], offset: usize, seed: u32) -> bool {
+    // The frame is checked before its checksum: in torn bytes a random length could make each
+    // try checksum up to the end of the zeros after them.
+    if !frames_at(bytes, offset) {
+        return false;
+    }
     match read_record(bytes, offset, seed) {
         Ok((_, next)) => is_zeros(&bytes[next..]) || read_record(bytes, next, seed).is_ok() || frames_at(bytes, next),
         Err(_) => false,
@@ -468,6 +517,17 @@ fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Does `damage` hold a whole 512-byte sector (aligned in the file) of zeros?
+fn holds_zero_sector(damage: &Damage) -> bool {
+    const SECTOR: u64 = 512;
+    let end = damage.offset + damage.bytes.len() as u64;
+    let first = damage.offset.div_ceil(SECTOR) * SECTOR;
+    (first..end.saturating_sub(SECTOR - 1)).step_by(SECTOR as usize).any(|sector| {
+        let from = (sector - damage.offset) as usize;
+        is_zeros(&damage.bytes[from..from + SECTOR as usize])
+    })
+}
+
 fn is_zeros(bytes: &[u8]) -> bool {
     bytes.iter().all(|byte| *byte == 0)
 }
@@ -476,9 +536,14 @@ fn is_zeros(bytes: &[u8]) -> bool {
 /// checksum says?
 fn frames_at(bytes: &[u8], offset: usize) -> bool {
     let Some(header) = bytes.get(offset..offset + 5) else { return false };
-    let known = matches!(header[0], TAG_STORED | TAG_DONE | TAG_CURSOR | TAG_SKIP);
+    let limit = match header[0] {
+        TAG_STORED | TAG_DONE | TAG_CURSOR => RECORD_BODY_BYTES_MAX,
+        TAG_COMMIT => COMMIT_BODY_BYTES,
+        TAG_SKIP => SKIP_BODY_BYTES_MAX,
+        _ => return false,
+    };
     let body = u32::from_le_bytes(header[1..5].try_into().expect("4 bytes")) as usize;
-    known && body <= SKIP_BODY_BYTES_MAX && offset + RECORD_BYTES_MIN + body <= bytes.len()
+    body <= limit && offset + RECORD_BYTES_MIN + body <= bytes.len()
 }
 
 /// Merges the copies of `segment` (one per mirror read, empty where it is missing): each record
@@ -486,13 +551,17 @@ fn frames_at(bytes: &[u8], offset: usize) -> bool {
 /// records is damage, replaced by a SKIP record of the same size (so that every later record
 /// keeps its offset); what no valid record follows is a torn tail, cut. `None` if no copy has a
 /// whole header (nothing in it can be checked): a new empty segment is used instead.
-fn merge(copies: &[&[u8]], segment: u64) -> Option<Merged> {
+fn merge(copies: &[&[u8]], segment: u64, newest: bool) -> Option<Merged> {
     let (format, header) = copies
         .iter()
         .find_map(|bytes| parse_header(bytes, segment).map(|format| (format, &bytes[..format.header_bytes])))?;
     let seed = format.seed;
     let mut merged = Merged { bytes: header.to_vec(), format, torn_bytes: 0, damaged: Vec::new() };
     let mut offset = format.header_bytes;
+    // Version 3: where the last group whose COMMIT verifies ends, where the group being read
+    // began, how many records it has shown and whether damage was found in it.
+    let mut committed_end = format.header_bytes;
+    let (mut group_start, mut group_records, mut group_damaged) = (format.header_bytes, 0u32, false);
     loop {
         let longer: Vec<&[u8]> = copies.iter().copied().filter(|bytes| bytes.len() > offset).collect();
         if longer.is_empty() {
@@ -502,6 +571,17 @@ fn merge(copies: &[&[u8]], segment: u64) -> Option<Merged> {
             longer.iter().find_map(|bytes| read_record(bytes, offset, seed).ok().map(|(_, next)| (bytes, next)))
         {
             merged.bytes.extend_from_slice(&bytes[offset..next]);
+            match commit_at(&merged.bytes, offset, seed).filter(|_| format.commits) {
+                Some((start, records)) => {
+                    // Whole: it begins where the last group ended, and every record of it is
+                    // there, undamaged.
+                    if start == group_start as u64 && records == group_records && !group_damaged {
+                        committed_end = next;
+                    }
+                    (group_start, group_records, group_damaged) = (next, 0, false);
+                }
+                None => group_records += 1,
+            }
             offset = next;
             continue;
         }
@@ -528,7 +608,21 @@ fn merge(copies: &[&[u8]], segment: u64) -> Option<Merged> {
             reason: format!("queue segment {segment} bytes {offset}..{resume} are damaged in every mirror: {reason}"),
         });
         encode_record(&mut merged.bytes, &QueueRecord::Skipped { bytes: (resume - offset) as u32 }, seed);
+        group_damaged = true;
         offset = resume;
+    }
+    // In the newest segment (a segment is left behind only after a sync), damage after the last
+    // group that verifies, with a whole sector of zeros in it, is a torn write, not rot: a group
+    // is written only after the one before it was synced, and its
+    // sectors reach the disk in any order, over the zeros written (and synced) ahead, so one of
+    // them may be missing, as zeros, with later ones there. None of it was acked; it is cut, or a
+    // CURSOR record of it could outlive the packets it counts as stored. (Rot, bytes changed in
+    // place, stays damage: the records around it are kept.)
+    let torn = |damage: &Damage| damage.offset >= committed_end as u64 && holds_zero_sector(damage);
+    if newest && format.commits && merged.damaged.iter().any(torn) {
+        merged.torn_bytes += (merged.bytes.len() - committed_end) as u64;
+        merged.bytes.truncate(committed_end);
+        merged.damaged.retain(|damage| damage.offset < committed_end as u64);
     }
     Some(merged)
 }
@@ -575,11 +669,12 @@ pub fn read_only_scan(dirs: &[PathBuf]) -> Result<Vec<Recovered>, QueueError> {
         dirs.iter().zip(&counts).filter(|(_, count)| **count == current).map(|(dir, _)| dir.clone()).collect();
     let mut all = Vec::new();
     let mut failures = vec![None; dirs.len()];
-    for segment in segment_ids(&dirs, &mut failures) {
+    let ids = segment_ids(&dirs, &mut failures);
+    for &segment in &ids {
         let copies: Vec<Vec<u8>> =
             dirs.iter().map(|dir| disk::read(dir.join(segment_name(segment))).unwrap_or_default()).collect();
         let views: Vec<&[u8]> = copies.iter().map(Vec::as_slice).collect();
-        if let Some(merged) = merge(&views, segment) {
+        if let Some(merged) = merge(&views, segment, ids.last() == Some(&segment)) {
             all.extend(records_of(&merged.bytes, segment, merged.format));
         }
     }
@@ -644,8 +739,12 @@ impl Queue {
         let mut recovered = Vec::new();
         let mut segments = BTreeMap::new();
         let mut formats = BTreeMap::new();
-        for segment in segment_ids(dirs, &mut failures) {
-            let Some((bytes, format)) = recover_segment(dirs, &mut failures, segment, &mut report) else { continue };
+        let ids = segment_ids(dirs, &mut failures);
+        for &segment in &ids {
+            let newest = ids.last() == Some(&segment);
+            let Some((bytes, format)) = recover_segment(dirs, &mut failures, (segment, newest), &mut report) else {
+                continue;
+            };
             let records = records_of(&bytes, segment, format);
             report.records += records.len();
             recovered.extend(records);
@@ -668,6 +767,7 @@ impl Queue {
             segments,
             active_segment,
             pending: Vec::new(),
+            pending_records: 0,
             tail: Tail::default(),
             readers: BTreeMap::new(),
             read_repairs: 0,
@@ -806,7 +906,7 @@ impl Queue {
         }
         self.active_segment = next;
         self.segments.insert(next, header.len() as u64);
-        self.formats.insert(next, Format { header_bytes: header.len(), seed });
+        self.formats.insert(next, Format { header_bytes: header.len(), seed, commits: true });
         Ok(())
     }
 
@@ -869,7 +969,7 @@ impl Queue {
         }
         if size == 0 {
             self.segments.insert(segment, header.len() as u64);
-            self.formats.insert(segment, Format { header_bytes: header.len(), seed });
+            self.formats.insert(segment, Format { header_bytes: header.len(), seed, commits: true });
         }
         Ok(())
     }
@@ -878,6 +978,7 @@ impl Queue {
     pub fn append(&mut self, record: &QueueRecord) -> Location {
         let start = self.pending.len();
         encode_record(&mut self.pending, record, self.formats[&self.active_segment].seed);
+        self.pending_records += 1;
         let offset = self.segments[&self.active_segment] + start as u64;
         Location { segment: self.active_segment, offset, length: (self.pending.len() - start) as u32 }
     }
@@ -901,6 +1002,11 @@ impl Queue {
             return Ok(());
         }
         let committed = self.segments[&self.active_segment];
+        let format = self.formats[&self.active_segment];
+        if format.commits {
+            encode_commit(&mut self.pending, committed, self.pending_records, format.seed);
+        }
+        self.pending_records = 0;
         let end = committed + self.pending.len() as u64;
         let ahead = self.zeros_ahead();
         let mut last_error = String::new();
@@ -982,6 +1088,7 @@ impl Queue {
     /// failed). A mirror that cannot be cut back fails: its segment no longer matches the others.
     fn roll_back(&mut self, committed: u64) {
         self.pending.clear();
+        self.pending_records = 0;
         for index in self.healthy().collect::<Vec<_>>() {
             self.mirrors[index].zeroed_end = committed;
             let Some(file) = &self.mirrors[index].active else { continue };
@@ -1279,12 +1386,12 @@ fn open_segment_for_append(dir: &Path, segment: u64, header: Option<&[u8]>) -> R
 fn recover_segment(
     dirs: &[PathBuf],
     failures: &mut [Option<String>],
-    segment: u64,
+    (segment, newest): (u64, bool),
     report: &mut RecoveryReport,
 ) -> Option<(Vec<u8>, Format)> {
     let copies = read_copies(dirs, failures, segment);
     let views: Vec<&[u8]> = copies.iter().map(|(_, bytes)| bytes.as_slice()).collect();
-    let Some(merged) = merge(&views, segment) else {
+    let Some(merged) = merge(&views, segment, newest) else {
         drop_headerless(dirs, failures, segment, &copies, report);
         return None;
     };
@@ -1516,10 +1623,13 @@ mod tests {
         let (mut queue, _, _) = Queue::open(&dirs).unwrap();
         let locations: Vec<Location> = (0..10).map(|seq| queue.append(&stored(seq))).collect();
         queue.sync().unwrap();
+        // A later group: the damaged one was synced (damage in the last group is a torn write).
+        queue.append(&stored(100));
+        queue.sync().unwrap();
         drop(queue);
         flip(&dirs[0], locations[3].offset + 20);
         let (mut queue, recovered, report) = Queue::open(&dirs).unwrap();
-        assert_eq!(stored_seqs(&recovered), vec![0, 1, 2, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(stored_seqs(&recovered), vec![0, 1, 2, 4, 5, 6, 7, 8, 9, 100]);
         assert_eq!((report.damaged_records, report.damaged_bytes), (1, u64::from(locations[3].length)));
         assert_eq!(report.damaged[0].offset, locations[3].offset);
         let kept = dirs[0].join(DAMAGED_DIR).join(format!("{}-{}.bin", segment_name(0), locations[3].offset));
@@ -1532,7 +1642,7 @@ mod tests {
         queue.sync().unwrap();
         drop(queue);
         let (mut queue, recovered, report) = Queue::open(&dirs).unwrap();
-        assert_eq!(stored_seqs(&recovered).len(), 10);
+        assert_eq!(stored_seqs(&recovered).len(), 11);
         assert_eq!(report.damaged_records, 0);
         assert_eq!(queue.read_stored(location).unwrap().1, packet(10));
     }
@@ -1743,13 +1853,14 @@ mod tests {
         assert_eq!(stored_seqs(&recovered), (1..=20).collect::<Vec<u64>>());
         assert_eq!((report.torn_bytes_truncated, report.damaged_records), (0, 0), "zeros taken for damage");
         assert_eq!(queue.read_stored(last).unwrap().1, packet(20));
-        // Appends go on after the last record, not after the zeros.
+        // Appends go on after the last group (its record and its COMMIT), not after the zeros.
         let next = queue.append(&stored(21));
-        assert_eq!(next.offset, last.offset + u64::from(last.length));
+        assert!(next.offset > last.offset + u64::from(last.length) && next.offset < len);
         queue.sync().unwrap();
         // A segment left behind keeps no zeros.
+        let end = queue.bytes();
         queue.rotate().unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().len(), next.offset + u64::from(next.length));
+        assert_eq!(fs::metadata(&path).unwrap().len(), end);
         drop(queue);
         let (_, recovered, _) = Queue::open(&dirs).unwrap();
         assert_eq!(stored_seqs(&recovered), (1..=21).collect::<Vec<u64>>());
@@ -1760,13 +1871,14 @@ mod tests {
         let dirs = temp_dirs(2);
         let (mut queue, _, _) = Queue::open(&dirs).unwrap();
         let location = queue.append(&stored(1));
-        let second = queue.append(&stored(2));
+        queue.append(&stored(2));
         queue.sync().unwrap();
+        let queue_end = queue.bytes() as usize;
         drop(queue);
         let path0 = dirs[0].join(segment_name(0));
         let path1 = dirs[1].join(segment_name(0));
         let full = fs::read(&path0).unwrap();
-        let end = (second.offset + u64::from(second.length)) as usize;
+        let end = queue_end;
         assert!(full.len() > end && is_zeros(&full[end..]), "no zeros written ahead of the appends");
         // Mirror 0: a torn tail (part of the last record, and the zeros after it). Mirror 1: a
         // flipped byte in record 1.
@@ -1783,25 +1895,62 @@ mod tests {
         assert_eq!(fs::read(&path0).unwrap(), fs::read(&path1).unwrap());
     }
 
+    /// Found in review: appends overwrite zeros written ahead, and after a power loss the blocks
+    /// of a group that was being synced may be there in any order. A block missing from its
+    /// middle, with later ones there, looked like damage followed by valid records: they were
+    /// kept, a CURSOR record among them, which counted log frames as stored whose records were
+    /// lost. The group's COMMIT does not verify, so the whole group is cut as torn.
+    #[test]
+    fn a_group_torn_with_a_block_missing_from_its_middle_is_cut_whole() {
+        let dirs = temp_dirs(1);
+        let (mut queue, _, _) = Queue::open(&dirs).unwrap();
+        queue.append(&stored(1));
+        queue.sync().unwrap();
+        // A packet over two sectors, so that a whole sector of it is lost.
+        let big = Packet { payload: vec![2; 1100], ..packet(2) };
+        let lost = queue.append(&QueueRecord::Stored { stored_unix_us: 2, packet: big });
+        let cursor = QueueRecord::Cursor { node: NodeName::new("a").unwrap(), log: "seg".into(), offset: 99 };
+        queue.append(&cursor);
+        queue.sync().unwrap();
+        drop(queue);
+        // The packet's sectors never made it (zeros there); the cursor and the COMMIT after it did.
+        let path = dirs[0].join(segment_name(0));
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[lost.offset as usize..(lost.offset + u64::from(lost.length)) as usize].fill(0);
+        fs::write(&path, &bytes).unwrap();
+        let (_, recovered, report) = Queue::open(&dirs).unwrap();
+        assert_eq!(stored_seqs(&recovered), vec![1]);
+        let cursors = recovered.iter().filter(|item| matches!(item.record, QueueRecord::Cursor { .. })).count();
+        assert_eq!(cursors, 0, "the cursor of a torn group survived its packets");
+        assert_eq!(report.damaged_records, 0, "a torn write taken for damage");
+        assert!(report.torn_bytes_truncated > 0);
+        assert_eq!(fs::metadata(&path).unwrap().len(), lost.offset);
+    }
+
     #[test]
     fn a_torn_tail_in_every_mirror_is_cut() {
         let dirs = temp_dirs(2);
         let (mut queue, _, _) = Queue::open(&dirs).unwrap();
         queue.append(&stored(1));
+        queue.sync().unwrap();
         let last = queue.append(&stored(2));
         queue.sync().unwrap();
+        let end = queue.bytes() as usize;
         drop(queue);
-        let end = (last.offset + u64::from(last.length)) as usize;
+        let record_end = (last.offset + u64::from(last.length)) as usize;
         for dir in &dirs {
             let path = dir.join(segment_name(0));
             let mut bytes = fs::read(&path).unwrap();
-            // The last 7 bytes of the record never made it: zeros, as ahead of the appends.
-            bytes[end - 7..end].fill(0);
+            // The second group's last 7 bytes and its COMMIT never made it: zeros, as ahead of
+            // the appends.
+            bytes[record_end - 7..end].fill(0);
             fs::write(&path, &bytes).unwrap();
         }
         let (_, recovered, report) = Queue::open(&dirs).unwrap();
         assert_eq!(stored_seqs(&recovered), vec![1]);
-        assert_eq!(report.torn_bytes_truncated, u64::from(last.length) - 7);
+        // Counted to the last byte that is not zero (the record's own bytes may end in zeros).
+        let torn = report.torn_bytes_truncated;
+        assert!((1..=u64::from(last.length) - 7).contains(&torn), "{torn} torn bytes");
         assert_eq!(report.damaged_records, 0);
         assert_eq!(fs::metadata(dirs[1].join(segment_name(0))).unwrap().len(), last.offset);
     }
@@ -1910,14 +2059,16 @@ mod tests {
         let (mut queue, _, _) = Queue::open(&dirs).unwrap();
         let locations: Vec<Location> = (1..=3).map(|seq| queue.append(&stored(seq))).collect();
         queue.sync().unwrap();
+        queue.append(&stored(4));
+        queue.sync().unwrap();
         drop(queue);
         for location in [locations[0], locations[2]] {
             flip(&dirs[0], location.offset + u64::from(location.length) / 2);
         }
         let (_, recovered, report) = Queue::open(&dirs).unwrap();
-        assert_eq!(stored_seqs(&recovered), [2]);
-        assert_eq!(report.damaged_records, 1, "record 1 is damage; record 3, the last, a torn tail");
-        assert_eq!(report.torn_bytes_truncated, u64::from(locations[2].length));
+        assert_eq!(stored_seqs(&recovered), [2, 4]);
+        assert_eq!(report.damaged_records, 2, "records 1 and 3 are damage in a group synced before another");
+        assert_eq!(report.torn_bytes_truncated, 0);
     }
 
     /// Damage that cannot be kept (its directory fails) is not written over: the mirror fails,
@@ -1932,6 +2083,8 @@ mod tests {
         let (mut queue, _, _) = Queue::open(&dirs).unwrap();
         let locations: Vec<Location> = (1..=3).map(|seq| queue.append(&stored(seq))).collect();
         queue.sync().unwrap();
+        queue.append(&stored(4));
+        queue.sync().unwrap();
         drop(queue);
         let segment = dirs[0].join(segment_name(0));
         assert!(disk.rot(&segment, locations[1].offset + u64::from(locations[1].length) / 2));
@@ -1941,7 +2094,7 @@ mod tests {
         assert_eq!(disk.peek(&segment).unwrap(), before, "the damaged bytes were written over");
         disk.repair();
         let (_, recovered, report) = Queue::open(&dirs).unwrap();
-        assert_eq!(stored_seqs(&recovered), [1, 3]);
+        assert_eq!(stored_seqs(&recovered), [1, 3, 4]);
         assert_eq!(report.damaged_records, 1);
     }
 
@@ -2005,6 +2158,43 @@ mod tests {
         let (_, recovered, report) = Queue::open(&dirs).unwrap();
         assert_eq!(stored_seqs(&recovered), [1, 2], "mirror 0's copy, not the stale one");
         assert_eq!(report.mirrors_failed, 1);
+    }
+
+    #[test]
+    fn a_disk_too_full_for_the_zeros_ahead_still_takes_the_group() {
+        use fsbridge::disk::sim::{self, SimDisk};
+        const SIZE: u64 = 1 << 20;
+        let disk = SimDisk::new(1, SIZE);
+        let _installed = sim::install(&disk);
+        let dirs = vec![PathBuf::from("/q0")];
+        let (mut queue, _, _) = Queue::open(&dirs).unwrap();
+        queue.append(&stored(1));
+        queue.sync().unwrap();
+        // A group past the zeros, on a disk with room for it but not for more zeros.
+        let mut seqs = vec![1];
+        for seq in 2.. {
+            queue.append(&stored(seq));
+            seqs.push(seq);
+            if queue.bytes() + queue.pending.len() as u64 > queue.mirrors[0].zeroed_end + 1000 {
+                break;
+            }
+        }
+        let needed = queue.bytes() + queue.pending.len() as u64 + 64 - queue.mirrors[0].zeroed_end;
+        let (_, free) = disk::space("/q0").unwrap();
+        disk.set_capacity(SIZE - free + needed);
+        queue.sync().unwrap();
+        let end = queue.bytes();
+        assert_eq!(queue.mirrors[0].zeroed_end, end, "zeros were written on a full disk");
+        drop(queue);
+        disk.crash();
+        disk.set_capacity(SIZE);
+        let (mut queue, recovered, report) = Queue::open(&dirs).unwrap();
+        assert_eq!(stored_seqs(&recovered), seqs);
+        assert_eq!((report.torn_bytes_truncated, report.damaged_records), (0, 0));
+        // With room again, the next sync writes zeros ahead.
+        queue.append(&stored(1000));
+        queue.sync().unwrap();
+        assert!(queue.mirrors[0].zeroed_end > queue.bytes());
     }
 
     /// Mirror 0 takes the group and syncs it, mirror 1's disk is full: the group is rolled back
@@ -2103,7 +2293,8 @@ mod fence_tests {
         assert_eq!(recovered.len(), 1);
         new.fence(2).unwrap();
         // The deposed writer, paused until now, appends once more to its old segment.
-        let late = old.append(&stored(2));
+        let before = old.bytes();
+        old.append(&stored(2));
         old.sync().unwrap();
         new.append(&stored(3));
         new.sync().unwrap();
@@ -2116,6 +2307,8 @@ mod fence_tests {
             })
             .collect();
         assert_eq!(seqs, vec![1, 3], "the late write of the deposed writer survived");
-        assert_eq!(report.fenced_bytes, u64::from(late.length));
+        // Counted to the last byte that is not zero.
+        let late = old.bytes() - before;
+        assert!((1..=late).contains(&report.fenced_bytes), "{} of {late} bytes", report.fenced_bytes);
     }
 }
