@@ -287,21 +287,22 @@ impl Server {
         let owned: Vec<NodeName> =
             self.nodes.iter().filter(|node| self.owns(node) && plan.touches(node)).cloned().collect();
         for node in owned {
-            if plan.checks_tree(&node) && !self.node_is_sound(&node) {
-                continue;
-            }
+            // A spool that gave packets, or was cut short by a bound, is read again next cycle
+            // (refused, failed or empty ones wait for an event or the poll).
+            let before = drained.len();
             let files = match plan.reads(&node, Area::Outbox) {
                 true => self.read_outbox_files(&node, &mut drained, budget),
                 false => Ok(false),
             };
+            if drained.len() > before || matches!(files, Ok(true)) {
+                self.volume_reads.keep((node.clone(), Area::Outbox));
+            }
+            let before = drained.len();
             let logs = match plan.reads(&node, Area::Log) {
                 true => self.read_logs(&node, &mut drained, budget),
                 false => Ok(false),
             };
-            if !matches!(files, Ok(false)) {
-                self.volume_reads.keep((node.clone(), Area::Outbox));
-            }
-            if !matches!(logs, Ok(false)) {
+            if drained.len() > before || matches!(logs, Ok(true)) {
                 self.volume_reads.keep((node.clone(), Area::Log));
             }
             match files.and(logs) {
@@ -312,8 +313,8 @@ impl Server {
         drained
     }
 
-    /// Reads `node`'s outbox files, in name order, within the cycle's bounds. Returns false if
-    /// the outbox held none.
+    /// Reads `node`'s outbox files, in name order, within the cycle's bounds. Returns whether a
+    /// bound stopped it with files left (not a refusal: those wait for room).
     pub(super) fn read_outbox_files(
         &mut self,
         node: &NodeName,
@@ -322,12 +323,12 @@ impl Server {
     ) -> Result<bool, fsbridge::SpoolError> {
         for attempt in 0..DRAIN_FILES_PER_NODE_MAX {
             if budget.cycle_full() {
-                return Ok(true);
+                return Ok(!budget.is_closed());
             }
             // List the directory again only at the start of a cycle: files drained earlier in
             // this cycle are still there until the group is acked.
             let Some(name) = self.next_outbox_name(node, attempt == 0)? else {
-                return Ok(attempt > 0);
+                return Ok(false);
             };
             // A file the volume fails to read stays first in line (the error fails this node's
             // drain for the cycle, and shows in status); it is read again next cycle.
@@ -338,7 +339,7 @@ impl Server {
             if let Some(reason) = self.refusal(&packets, budget) {
                 self.push_back(reason);
                 // Files of one writer must stay in order: this one stays first in line.
-                break;
+                return Ok(false);
             }
             self.pop_outbox_name(node);
             budget.take(&packets);
@@ -372,8 +373,8 @@ impl Server {
     }
 
     /// Reads frames of `node`'s outbox log segments within the cycle's bounds, in each writer's
-    /// order, and deals with segment ends and damage. Returns false if no segment had anything
-    /// to read or to finish.
+    /// order, and deals with segment ends and damage. Returns whether a bound stopped it with
+    /// segments left.
     pub(super) fn read_logs(
         &mut self,
         node: &NodeName,
@@ -381,39 +382,32 @@ impl Server {
         budget: &mut Budget,
     ) -> Result<bool, fsbridge::SpoolError> {
         let (segments, foreign) = self.logs.readable(&self.volume, node)?;
-        let mut found = !foreign.is_empty();
         let log_dir = self.volume.outbox(node).dir().join("log");
         for name in foreign {
             self.quarantine_path(log_dir.join(name), node.as_str(), "unexpected file name in an outbox log directory");
         }
         let node_addr = self.registry.addr(node);
         // A listing cut at its bound leaves segments for the next.
-        found |= segments.len() >= crate::outlog::SEGMENTS_LISTED_MAX;
+        let mut more = segments.len() >= crate::outlog::SEGMENTS_LISTED_MAX;
         for (name, has_successor) in segments {
             if budget.cycle_full() {
-                found = true;
+                more |= !budget.is_closed();
                 break;
             }
             let key = (node.clone(), name.clone());
             let room = budget.cycle_bytes_left().min(LOG_READ_BYTES_MAX);
             let step = match self.logs.step(&self.volume, &key, has_successor, room, self.config.log_abandon_after) {
-                Ok(Step::Idle) => continue,
-                Ok(step) => {
-                    found = true;
-                    step
-                }
+                Ok(step) => step,
                 Err(fsbridge::log::LogError::Invalid { path, reason }) => {
                     // Its cursor goes only with the file: if the move failed it is read again
                     // from where it stands.
                     if self.quarantine_path(path, node.as_str(), &reason) {
                         self.logs.forget(&key);
                     }
-                    found = true;
                     continue;
                 }
                 Err(fsbridge::log::LogError::Spool(error)) => {
                     self.report("reading an outbox log", error);
-                    found = true;
                     continue;
                 }
             };
@@ -426,7 +420,7 @@ impl Server {
                 Step::Frames { frames, sealed } => self.log_frames(&key, node_addr, frames, sealed, drained, budget),
             }
         }
-        Ok(found)
+        Ok(more)
     }
 
     /// Damage in log segment `key` from byte `from`: up to `to` (the next valid frame), its bytes

@@ -363,6 +363,14 @@ impl Server {
                 plan.forwarded = true;
             }
         }
+        // Every node read is checked first (its directories not symlinks), as on every read.
+        let touched: Vec<NodeName> =
+            self.nodes.iter().filter(|node| self.owns(node) && plan.touches(node)).cloned().collect();
+        for node in touched {
+            if !self.node_is_sound(&node) {
+                plan.unsound.insert(node);
+            }
+        }
         plan
     }
 

@@ -35,11 +35,11 @@ impl Server {
             let spool = self.volume.receipts(&node);
             let before = files.len();
             let read = self.read_receipt_spool(&spool, Some(&node), &mut files, &mut received);
-            if read.is_err() || files.len() > before {
+            if files.len() > before || matches!(read, Ok(true)) {
                 self.volume_reads.keep((node.clone(), Area::Receipts));
             }
             match read {
-                Ok(()) => self.node_recovered(&node, NodeStep::Receipts),
+                Ok(_) => self.node_recovered(&node, NodeStep::Receipts),
                 Err(error) => self.node_failed(&node, NodeStep::Receipts, error),
             }
         }
@@ -47,7 +47,7 @@ impl Server {
             let spool = self.volume.forwarded_receipts(self.config.partition.index);
             let before = files.len();
             let read = self.read_receipt_spool(&spool, None, &mut files, &mut received);
-            if read.is_err() || files.len() > before {
+            if files.len() > before || matches!(read, Ok(true)) {
                 self.volume_reads.keep_forwarded();
             }
             read?;
@@ -135,9 +135,11 @@ impl Server {
         node: Option<&NodeName>,
         files: &mut Vec<(fsbridge::Spool, String)>,
         received: &mut Vec<(NodeName, PacketId)>,
-    ) -> Result<(), fsbridge::SpoolError> {
+    ) -> Result<bool, fsbridge::SpoolError> {
         let origin = node.map_or("server", NodeName::as_str).to_owned();
         let scan = spool.scan(RECEIPT_FILES_PER_NODE_MAX, HIDDEN_FILES_PER_PASS_MAX)?;
+        // The scan's bound left files for the next.
+        let more = scan.visible_total > scan.names.len();
         for name in scan.hidden {
             let path = spool.new_dir().join(name);
             self.quarantine_path(path, &origin, "hidden file in a spool (no ftss writer makes one)");
@@ -173,7 +175,7 @@ impl Server {
                 }
             }
         }
-        Ok(())
+        Ok(more)
     }
 
     /// Publishes receipts for other partitions into their forwarded-receipt spools, one file per

@@ -274,6 +274,9 @@ pub(super) struct VolumePlan {
     pub(super) full: bool,
     pub(super) spots: HashSet<Spot>,
     pub(super) forwarded: bool,
+    /// Nodes whose directories failed their check this cycle (a symlink was quarantined): none
+    /// of their spools is read.
+    pub(super) unsound: HashSet<NodeName>,
 }
 
 impl VolumePlan {
@@ -284,19 +287,15 @@ impl VolumePlan {
 
     /// Is `area` of `node` read? (A change in the node's directories reads all of its spools.)
     pub(super) fn reads(&self, node: &NodeName, area: Area) -> bool {
-        self.full || self.spots.contains(&(node.clone(), area)) || self.spots.contains(&(node.clone(), Area::Tree))
+        !self.unsound.contains(node)
+            && (self.full
+                || self.spots.contains(&(node.clone(), area))
+                || self.spots.contains(&(node.clone(), Area::Tree)))
     }
 
     /// Is any spool of `node` read?
     pub(super) fn touches(&self, node: &NodeName) -> bool {
         [Area::Tree, Area::Outbox, Area::Log, Area::Receipts].into_iter().any(|area| self.reads(node, area))
-    }
-
-    /// Are `node`'s directories checked (not symlinks) before its spools are read? On a full read,
-    /// and when events came from the directories that hold its spools: a spool directory cannot be
-    /// replaced without a change there.
-    pub(super) fn checks_tree(&self, node: &NodeName) -> bool {
-        self.full || self.spots.contains(&(node.clone(), Area::Tree))
     }
 }
 
@@ -304,7 +303,12 @@ impl VolumeReads {
     /// The spools the cycle starting at `now` reads; they count as read (see [`VolumeReads::keep`]).
     pub(super) fn plan(&mut self, now: Time, poll: Duration) -> VolumePlan {
         let full = self.lost || self.last_full.is_none_or(|last| now.duration_since(last) >= poll);
-        let plan = VolumePlan { full, spots: std::mem::take(&mut self.dirty), forwarded: self.forwarded };
+        let plan = VolumePlan {
+            full,
+            spots: std::mem::take(&mut self.dirty),
+            forwarded: self.forwarded,
+            unsound: HashSet::default(),
+        };
         self.forwarded = false;
         if full {
             self.last_full = Some(now);
