@@ -51,9 +51,11 @@
 //! | no valid record here, none further on             | a torn tail: cut                              | `a_torn_tail_in_every_mirror_is_cut` |
 //! | only zeros after the last valid record            | the end (the zeros written ahead): cut, not   | `appends_land_inside_zeros_written_ahead_which_recovery_takes_for_the_end` |
 //! |                                                   | counted as torn                               | |
-//! | in the newest segment, damage holding a whole     | a torn write (the sectors of a group being    | `a_group_torn_with_a_block_missing_from_its_middle_is_cut_whole` |
-//! | zero sector after the last group whose COMMIT     | synced land in any order, over zeros): cut    | |
-//! | verifies (its start, its record count, no damage) | from there, not kept as damage                | |
+//! | a group whose COMMIT does not verify (its start,  | its CURSOR records become SKIPs: it may be a  | `a_torn_group_with_a_sector_missing_from_its_middle_keeps_no_cursor` |
+//! | its record count, no damage in it), or records    | torn write (the sectors of a group being      | |
+//! | after the last COMMIT                             | synced land in any order), with packets they  | |
+//! |                                                   | count gone; the log is read again from the    | |
+//! |                                                   | cursor before (duplicates known by id)        | |
 //! | no copy with a whole header                       | the bytes are kept as damage; the files go    | `a_segment_without_a_header_in_any_mirror_is_kept_as_damage_and_replaced` |
 //! | a mirror that cannot be read or repaired          | that mirror fails; the queue runs degraded    | `a_mirror_unreadable_at_recovery_leaves_the_queue_degraded_not_down` |
 //! | a mirror with fewer failure events than the others| stale (it was failed): ignored, then resynced | `a_mirror_failed_before_a_restart_brings_back_nothing_reclaimed` |
@@ -517,17 +519,6 @@ fn write_zeros(file: &File, from: u64, to: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Does `damage` hold a whole 512-byte sector (aligned in the file) of zeros?
-fn holds_zero_sector(damage: &Damage) -> bool {
-    const SECTOR: u64 = 512;
-    let end = damage.offset + damage.bytes.len() as u64;
-    let first = damage.offset.div_ceil(SECTOR) * SECTOR;
-    (first..end.saturating_sub(SECTOR - 1)).step_by(SECTOR as usize).any(|sector| {
-        let from = (sector - damage.offset) as usize;
-        is_zeros(&damage.bytes[from..from + SECTOR as usize])
-    })
-}
-
 fn is_zeros(bytes: &[u8]) -> bool {
     bytes.iter().all(|byte| *byte == 0)
 }
@@ -551,36 +542,43 @@ fn frames_at(bytes: &[u8], offset: usize) -> bool {
 /// records is damage, replaced by a SKIP record of the same size (so that every later record
 /// keeps its offset); what no valid record follows is a torn tail, cut. `None` if no copy has a
 /// whole header (nothing in it can be checked): a new empty segment is used instead.
-fn merge(copies: &[&[u8]], segment: u64, newest: bool) -> Option<Merged> {
+fn merge(copies: &[&[u8]], segment: u64) -> Option<Merged> {
     let (format, header) = copies
         .iter()
         .find_map(|bytes| parse_header(bytes, segment).map(|format| (format, &bytes[..format.header_bytes])))?;
     let seed = format.seed;
     let mut merged = Merged { bytes: header.to_vec(), format, torn_bytes: 0, damaged: Vec::new() };
     let mut offset = format.header_bytes;
-    // Version 3: where the last group whose COMMIT verifies ends, where the group being read
-    // began, how many records it has shown and whether damage was found in it.
-    let mut committed_end = format.header_bytes;
+    // Version 3: where the group being read began, how many records it has shown, whether damage
+    // was found in it, and where its CURSOR records are.
     let (mut group_start, mut group_records, mut group_damaged) = (format.header_bytes, 0u32, false);
+    let mut group_cursors: Vec<(usize, usize)> = Vec::new();
     loop {
         let longer: Vec<&[u8]> = copies.iter().copied().filter(|bytes| bytes.len() > offset).collect();
         if longer.is_empty() {
             break;
         }
-        if let Some((bytes, next)) =
-            longer.iter().find_map(|bytes| read_record(bytes, offset, seed).ok().map(|(_, next)| (bytes, next)))
+        if let Some((bytes, next, record)) = longer
+            .iter()
+            .find_map(|bytes| read_record(bytes, offset, seed).ok().map(|(record, next)| (bytes, next, record)))
         {
             merged.bytes.extend_from_slice(&bytes[offset..next]);
             match commit_at(&merged.bytes, offset, seed).filter(|_| format.commits) {
                 Some((start, records)) => {
                     // Whole: it begins where the last group ended, and every record of it is
                     // there, undamaged.
-                    if start == group_start as u64 && records == group_records && !group_damaged {
-                        committed_end = next;
+                    if start != group_start as u64 || records != group_records || group_damaged {
+                        forget_cursors(&mut merged.bytes, &group_cursors, seed);
                     }
                     (group_start, group_records, group_damaged) = (next, 0, false);
+                    group_cursors.clear();
                 }
-                None => group_records += 1,
+                None => {
+                    group_records += 1;
+                    if matches!(record, QueueRecord::Cursor { .. }) {
+                        group_cursors.push((offset, next));
+                    }
+                }
             }
             offset = next;
             continue;
@@ -611,20 +609,25 @@ fn merge(copies: &[&[u8]], segment: u64, newest: bool) -> Option<Merged> {
         group_damaged = true;
         offset = resume;
     }
-    // In the newest segment (a segment is left behind only after a sync), damage after the last
-    // group that verifies, with a whole sector of zeros in it, is a torn write, not rot: a group
-    // is written only after the one before it was synced, and its
-    // sectors reach the disk in any order, over the zeros written (and synced) ahead, so one of
-    // them may be missing, as zeros, with later ones there. None of it was acked; it is cut, or a
-    // CURSOR record of it could outlive the packets it counts as stored. (Rot, bytes changed in
-    // place, stays damage: the records around it are kept.)
-    let torn = |damage: &Damage| damage.offset >= committed_end as u64 && holds_zero_sector(damage);
-    if newest && format.commits && merged.damaged.iter().any(torn) {
-        merged.torn_bytes += (merged.bytes.len() - committed_end) as u64;
-        merged.bytes.truncate(committed_end);
-        merged.damaged.retain(|damage| damage.offset < committed_end as u64);
+    // The records after the last COMMIT are a group whose sync may not have ended.
+    if format.commits {
+        forget_cursors(&mut merged.bytes, &group_cursors, seed);
     }
     Some(merged)
+}
+
+/// Replaces the CURSOR records at `cursors` (start, end) of `bytes` with SKIP records of the
+/// same size. They belong to a group that is not whole: one being synced at a power loss, whose
+/// sectors land in any order (over the zeros written ahead), so that some of its records may be
+/// missing with later ones there; or one damaged since. A CURSOR record counts log frames as
+/// stored whose records were in its group, perhaps among those missing: without it the log is
+/// read again from the cursor before, and what is stored already is recognised by packet id.
+fn forget_cursors(bytes: &mut [u8], cursors: &[(usize, usize)], seed: u32) {
+    for &(start, end) in cursors {
+        let mut skip = Vec::with_capacity(end - start);
+        encode_record(&mut skip, &QueueRecord::Skipped { bytes: (end - start) as u32 }, seed);
+        bytes[start..end].copy_from_slice(&skip);
+    }
 }
 
 /// Segment ids present in any of `dirs` whose `failures` entry is empty. A directory that cannot
@@ -669,12 +672,11 @@ pub fn read_only_scan(dirs: &[PathBuf]) -> Result<Vec<Recovered>, QueueError> {
         dirs.iter().zip(&counts).filter(|(_, count)| **count == current).map(|(dir, _)| dir.clone()).collect();
     let mut all = Vec::new();
     let mut failures = vec![None; dirs.len()];
-    let ids = segment_ids(&dirs, &mut failures);
-    for &segment in &ids {
+    for segment in segment_ids(&dirs, &mut failures) {
         let copies: Vec<Vec<u8>> =
             dirs.iter().map(|dir| disk::read(dir.join(segment_name(segment))).unwrap_or_default()).collect();
         let views: Vec<&[u8]> = copies.iter().map(Vec::as_slice).collect();
-        if let Some(merged) = merge(&views, segment, ids.last() == Some(&segment)) {
+        if let Some(merged) = merge(&views, segment) {
             all.extend(records_of(&merged.bytes, segment, merged.format));
         }
     }
@@ -739,12 +741,8 @@ impl Queue {
         let mut recovered = Vec::new();
         let mut segments = BTreeMap::new();
         let mut formats = BTreeMap::new();
-        let ids = segment_ids(dirs, &mut failures);
-        for &segment in &ids {
-            let newest = ids.last() == Some(&segment);
-            let Some((bytes, format)) = recover_segment(dirs, &mut failures, (segment, newest), &mut report) else {
-                continue;
-            };
+        for segment in segment_ids(dirs, &mut failures) {
+            let Some((bytes, format)) = recover_segment(dirs, &mut failures, segment, &mut report) else { continue };
             let records = records_of(&bytes, segment, format);
             report.records += records.len();
             recovered.extend(records);
@@ -1386,12 +1384,12 @@ fn open_segment_for_append(dir: &Path, segment: u64, header: Option<&[u8]>) -> R
 fn recover_segment(
     dirs: &[PathBuf],
     failures: &mut [Option<String>],
-    (segment, newest): (u64, bool),
+    segment: u64,
     report: &mut RecoveryReport,
 ) -> Option<(Vec<u8>, Format)> {
     let copies = read_copies(dirs, failures, segment);
     let views: Vec<&[u8]> = copies.iter().map(|(_, bytes)| bytes.as_slice()).collect();
-    let Some(merged) = merge(&views, segment, newest) else {
+    let Some(merged) = merge(&views, segment) else {
         drop_headerless(dirs, failures, segment, &copies, report);
         return None;
     };
@@ -1895,36 +1893,41 @@ mod tests {
         assert_eq!(fs::read(&path0).unwrap(), fs::read(&path1).unwrap());
     }
 
-    /// Found in review: appends overwrite zeros written ahead, and after a power loss the blocks
-    /// of a group that was being synced may be there in any order. A block missing from its
+    /// Found in review: appends overwrite zeros written ahead, and after a power loss the sectors
+    /// of a group that was being synced may be there in any order. A sector missing from its
     /// middle, with later ones there, looked like damage followed by valid records: they were
     /// kept, a CURSOR record among them, which counted log frames as stored whose records were
-    /// lost. The group's COMMIT does not verify, so the whole group is cut as torn.
+    /// lost. A group whose COMMIT does not verify keeps no CURSOR record.
     #[test]
-    fn a_group_torn_with_a_block_missing_from_its_middle_is_cut_whole() {
+    fn a_torn_group_with_a_sector_missing_from_its_middle_keeps_no_cursor() {
         let dirs = temp_dirs(1);
         let (mut queue, _, _) = Queue::open(&dirs).unwrap();
+        let node = NodeName::new("a").unwrap();
         queue.append(&stored(1));
+        queue.append(&QueueRecord::Cursor { node: node.clone(), log: "seg".into(), offset: 10 });
         queue.sync().unwrap();
-        // A packet over two sectors, so that a whole sector of it is lost.
-        let big = Packet { payload: vec![2; 1100], ..packet(2) };
-        let lost = queue.append(&QueueRecord::Stored { stored_unix_us: 2, packet: big });
-        let cursor = QueueRecord::Cursor { node: NodeName::new("a").unwrap(), log: "seg".into(), offset: 99 };
-        queue.append(&cursor);
+        let lost = queue.append(&stored(2));
+        queue.append(&QueueRecord::Cursor { node: node.clone(), log: "seg".into(), offset: 99 });
         queue.sync().unwrap();
         drop(queue);
-        // The packet's sectors never made it (zeros there); the cursor and the COMMIT after it did.
+        // stored(2)'s bytes never made it (zeros there); the cursor and the COMMIT after it did.
         let path = dirs[0].join(segment_name(0));
         let mut bytes = fs::read(&path).unwrap();
         bytes[lost.offset as usize..(lost.offset + u64::from(lost.length)) as usize].fill(0);
         fs::write(&path, &bytes).unwrap();
-        let (_, recovered, report) = Queue::open(&dirs).unwrap();
+        let (_, recovered, _) = Queue::open(&dirs).unwrap();
         assert_eq!(stored_seqs(&recovered), vec![1]);
-        let cursors = recovered.iter().filter(|item| matches!(item.record, QueueRecord::Cursor { .. })).count();
-        assert_eq!(cursors, 0, "the cursor of a torn group survived its packets");
-        assert_eq!(report.damaged_records, 0, "a torn write taken for damage");
-        assert!(report.torn_bytes_truncated > 0);
-        assert_eq!(fs::metadata(&path).unwrap().len(), lost.offset);
+        let cursors: Vec<u64> = recovered
+            .iter()
+            .filter_map(|item| match &item.record {
+                QueueRecord::Cursor { offset, .. } => Some(*offset),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(cursors, vec![10], "the cursor of a torn group survived its packets");
+        // The next open agrees (the cursor is gone from the file, not only from this reading).
+        let (_, recovered, _) = Queue::open(&dirs).unwrap();
+        assert_eq!(recovered.iter().filter(|item| matches!(item.record, QueueRecord::Cursor { .. })).count(), 1);
     }
 
     #[test]

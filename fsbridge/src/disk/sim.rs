@@ -35,6 +35,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{Meta, OpenOptions};
 
+/// The unit a disk writes whole: a power loss keeps each sector old or new, never part of one.
+const SECTOR_BYTES: usize = 512;
+
 /// The payload a simulated crash unwinds with.
 #[derive(Debug)]
 pub struct Crash;
@@ -258,8 +261,26 @@ impl State {
                 }
             }
             bytes
-        } else if current != durable && self.next_random().is_multiple_of(2) {
-            current.to_vec()
+        } else if current != durable {
+            match self.next_random() % 3 {
+                0 => current.to_vec(),
+                1 => durable.to_vec(),
+                // An overwrite (or a write past the end with one) lands sector by sector, in no
+                // order: each sector is the new one or the old one, and one past the old end
+                // that did not land reads as zeros.
+                _ => {
+                    let len = if self.next_random().is_multiple_of(2) { current.len() } else { durable.len() };
+                    let mut bytes = vec![0u8; len];
+                    for start in (0..len).step_by(SECTOR_BYTES) {
+                        let end = (start + SECTOR_BYTES).min(len);
+                        let source = if self.next_random().is_multiple_of(2) { current } else { durable };
+                        for (at, byte) in bytes[start..end].iter_mut().enumerate() {
+                            *byte = source.get(start + at).copied().unwrap_or(0);
+                        }
+                    }
+                    bytes
+                }
+            }
         } else {
             durable.to_vec()
         }

@@ -664,11 +664,12 @@ mod tests {
 
     /// Seeds that found bugs in the server (14: an outbox file the volume failed to read was
     /// quarantined; 50: a registration read failing once unregistered its node, and the hold
-    /// counted from the store time dead-lettered its packets) or in the simulation (4: a call
-    /// that bypassed the simulated disk; 52, 103, 4130: the model's own faults).
+    /// counted from the store time dead-lettered its packets; 629: a queue group torn sector by
+    /// sector kept a CURSOR record past the packets it counted as stored) or in the simulation
+    /// (4: a call that bypassed the simulated disk; 52, 103, 4130: the model's own faults).
     #[test]
     fn the_spool_seeds_that_found_bugs_hold() {
-        for seed in [4, 14, 50, 52, 103, 4130] {
+        for seed in [4, 14, 50, 52, 103, 629, 4130] {
             run(seed, 200).unwrap_or_else(|broken| panic!("{broken}"));
         }
     }
