@@ -4,7 +4,9 @@
 //! The read position of every segment is committed in the queue (a `Cursor` record in the same
 //! sync as the packets read), so after a crash reading resumes exactly after what was stored. The
 //! cursors are written again into each new active queue segment before old segments are
-//! reclaimed, so the latest cursor of every segment still on the volume always survives.
+//! reclaimed, so the latest cursor of every segment still on the volume always survives. (One
+//! exception: the cursors of a queue group torn by a power loss in its sync are dropped at
+//! recovery, and the segment is read again from the cursor before; see `queue::forget_cursors`.)
 //!
 //! One writer's segments are read in order: a later segment only once the earlier one is finished
 //! and deleted, so packets keep their send order. A segment is finished when it is read to its

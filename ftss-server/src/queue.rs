@@ -51,11 +51,12 @@
 //! | no valid record here, none further on             | a torn tail: cut                              | `a_torn_tail_in_every_mirror_is_cut` |
 //! | only zeros after the last valid record            | the end (the zeros written ahead): cut, not   | `appends_land_inside_zeros_written_ahead_which_recovery_takes_for_the_end` |
 //! |                                                   | counted as torn                               | |
-//! | a group whose COMMIT does not verify (its start,  | its CURSOR records become SKIPs: it may be a  | `a_torn_group_with_a_sector_missing_from_its_middle_keeps_no_cursor` |
-//! | its record count, no damage in it), or records    | torn write (the sectors of a group being      | |
-//! | after the last COMMIT                             | synced land in any order), with packets they  | |
+//! | in the newest segment, a last group whose COMMIT  | its CURSOR records become SKIPs: it may be a  | `a_torn_group_with_a_sector_missing_from_its_middle_keeps_no_cursor` |
+//! | does not verify (its start, its record count, no  | torn write (the sectors of a group being      | |
+//! | damage in it), or records after the last COMMIT   | synced land in any order), with packets they  | |
 //! |                                                   | count gone; the log is read again from the    | |
-//! |                                                   | cursor before (duplicates known by id)        | |
+//! |                                                   | cursor before (duplicates known by id).       | |
+//! |                                                   | Records after the last COMMIT get one         | `a_group_synced_after_a_torn_tail_keeps_its_cursor` |
 //! | no copy with a whole header                       | the bytes are kept as damage; the files go    | `a_segment_without_a_header_in_any_mirror_is_kept_as_damage_and_replaced` |
 //! | a mirror that cannot be read or repaired          | that mirror fails; the queue runs degraded    | `a_mirror_unreadable_at_recovery_leaves_the_queue_degraded_not_down` |
 //! | a mirror with fewer failure events than the others| stale (it was failed): ignored, then resynced | `a_mirror_failed_before_a_restart_brings_back_nothing_reclaimed` |
@@ -108,7 +109,7 @@ const TAG_DONE: u8 = 0x12;
 const TAG_CURSOR: u8 = 0x13;
 /// Record tag: filler over bytes recovery found damaged (they are kept in quarantine).
 const TAG_SKIP: u8 = 0x1f;
-/// Record tag: the end of a group commit, with where the group began and its checksum.
+/// Record tag: the end of a group commit, with where the group began and how many records it has.
 const TAG_COMMIT: u8 = 0x14;
 /// A COMMIT record's body: the group's first byte (u64) and how many records it holds before
 /// the COMMIT (u32). (Each record has its own checksum; a checksum over records that end in
@@ -542,7 +543,7 @@ fn frames_at(bytes: &[u8], offset: usize) -> bool {
 /// records is damage, replaced by a SKIP record of the same size (so that every later record
 /// keeps its offset); what no valid record follows is a torn tail, cut. `None` if no copy has a
 /// whole header (nothing in it can be checked): a new empty segment is used instead.
-fn merge(copies: &[&[u8]], segment: u64) -> Option<Merged> {
+fn merge(copies: &[&[u8]], segment: u64, newest: bool) -> Option<Merged> {
     let (format, header) = copies
         .iter()
         .find_map(|bytes| parse_header(bytes, segment).map(|format| (format, &bytes[..format.header_bytes])))?;
@@ -553,6 +554,8 @@ fn merge(copies: &[&[u8]], segment: u64) -> Option<Merged> {
     // was found in it, and where its CURSOR records are.
     let (mut group_start, mut group_records, mut group_damaged) = (format.header_bytes, 0u32, false);
     let mut group_cursors: Vec<(usize, usize)> = Vec::new();
+    // The CURSOR records of the last group that ended in a COMMIT, if that COMMIT did not verify.
+    let mut last_unverified: Vec<(usize, usize)> = Vec::new();
     loop {
         let longer: Vec<&[u8]> = copies.iter().copied().filter(|bytes| bytes.len() > offset).collect();
         if longer.is_empty() {
@@ -567,9 +570,10 @@ fn merge(copies: &[&[u8]], segment: u64) -> Option<Merged> {
                 Some((start, records)) => {
                     // Whole: it begins where the last group ended, and every record of it is
                     // there, undamaged.
-                    if start != group_start as u64 || records != group_records || group_damaged {
-                        forget_cursors(&mut merged.bytes, &group_cursors, seed);
-                    }
+                    last_unverified = match start != group_start as u64 || records != group_records || group_damaged {
+                        true => std::mem::take(&mut group_cursors),
+                        false => Vec::new(),
+                    };
                     (group_start, group_records, group_damaged) = (next, 0, false);
                     group_cursors.clear();
                 }
@@ -609,19 +613,32 @@ fn merge(copies: &[&[u8]], segment: u64) -> Option<Merged> {
         group_damaged = true;
         offset = resume;
     }
-    // The records after the last COMMIT are a group whose sync may not have ended.
-    if format.commits {
-        forget_cursors(&mut merged.bytes, &group_cursors, seed);
+    // Only the last group of the newest segment can have been in its sync at a power loss: each
+    // group is written after the sync before it returned, and a segment is left behind only
+    // after a sync. If that group is not whole (records after the last COMMIT, or a last COMMIT
+    // that does not verify), its CURSOR records go (see `forget_cursors`). Damage anywhere else
+    // is rot: it costs the damaged records alone.
+    if newest && format.commits {
+        if group_records > 0 {
+            forget_cursors(&mut merged.bytes, &group_cursors, seed);
+            // The group is closed with a COMMIT of what is left of it, so that the next group
+            // appended after it begins where a COMMIT ended (or its own COMMIT would never
+            // verify, and its cursors would go at every later recovery).
+            encode_commit(&mut merged.bytes, group_start as u64, group_records, seed);
+        } else {
+            forget_cursors(&mut merged.bytes, &last_unverified, seed);
+        }
     }
     Some(merged)
 }
 
 /// Replaces the CURSOR records at `cursors` (start, end) of `bytes` with SKIP records of the
-/// same size. They belong to a group that is not whole: one being synced at a power loss, whose
-/// sectors land in any order (over the zeros written ahead), so that some of its records may be
-/// missing with later ones there; or one damaged since. A CURSOR record counts log frames as
-/// stored whose records were in its group, perhaps among those missing: without it the log is
-/// read again from the cursor before, and what is stored already is recognised by packet id.
+/// same size. They belong to a group that is not whole and was being synced at a power loss: its
+/// sectors land in any order (over the zeros written ahead), so some of its records may be
+/// missing with later ones there. A CURSOR record counts log frames as stored whose records were
+/// in its group, perhaps among those missing: without it the log is read again from the cursor
+/// before (in the group synced before this one), and what is stored already is recognised by
+/// packet id.
 fn forget_cursors(bytes: &mut [u8], cursors: &[(usize, usize)], seed: u32) {
     for &(start, end) in cursors {
         let mut skip = Vec::with_capacity(end - start);
@@ -672,11 +689,12 @@ pub fn read_only_scan(dirs: &[PathBuf]) -> Result<Vec<Recovered>, QueueError> {
         dirs.iter().zip(&counts).filter(|(_, count)| **count == current).map(|(dir, _)| dir.clone()).collect();
     let mut all = Vec::new();
     let mut failures = vec![None; dirs.len()];
-    for segment in segment_ids(&dirs, &mut failures) {
+    let ids = segment_ids(&dirs, &mut failures);
+    for &segment in &ids {
         let copies: Vec<Vec<u8>> =
             dirs.iter().map(|dir| disk::read(dir.join(segment_name(segment))).unwrap_or_default()).collect();
         let views: Vec<&[u8]> = copies.iter().map(Vec::as_slice).collect();
-        if let Some(merged) = merge(&views, segment) {
+        if let Some(merged) = merge(&views, segment, ids.last() == Some(&segment)) {
             all.extend(records_of(&merged.bytes, segment, merged.format));
         }
     }
@@ -741,8 +759,12 @@ impl Queue {
         let mut recovered = Vec::new();
         let mut segments = BTreeMap::new();
         let mut formats = BTreeMap::new();
-        for segment in segment_ids(dirs, &mut failures) {
-            let Some((bytes, format)) = recover_segment(dirs, &mut failures, segment, &mut report) else { continue };
+        let ids = segment_ids(dirs, &mut failures);
+        for &segment in &ids {
+            let newest = ids.last() == Some(&segment);
+            let Some((bytes, format)) = recover_segment(dirs, &mut failures, (segment, newest), &mut report) else {
+                continue;
+            };
             let records = records_of(&bytes, segment, format);
             report.records += records.len();
             recovered.extend(records);
@@ -1384,12 +1406,12 @@ fn open_segment_for_append(dir: &Path, segment: u64, header: Option<&[u8]>) -> R
 fn recover_segment(
     dirs: &[PathBuf],
     failures: &mut [Option<String>],
-    segment: u64,
+    (segment, newest): (u64, bool),
     report: &mut RecoveryReport,
 ) -> Option<(Vec<u8>, Format)> {
     let copies = read_copies(dirs, failures, segment);
     let views: Vec<&[u8]> = copies.iter().map(|(_, bytes)| bytes.as_slice()).collect();
-    let Some(merged) = merge(&views, segment) else {
+    let Some(merged) = merge(&views, segment, newest) else {
         drop_headerless(dirs, failures, segment, &copies, report);
         return None;
     };
@@ -1928,6 +1950,64 @@ mod tests {
         // The next open agrees (the cursor is gone from the file, not only from this reading).
         let (_, recovered, _) = Queue::open(&dirs).unwrap();
         assert_eq!(recovered.iter().filter(|item| matches!(item.record, QueueRecord::Cursor { .. })).count(), 1);
+    }
+
+    /// Found in review: records after the last COMMIT (a torn group whose COMMIT never landed)
+    /// stayed without one, so the next group synced after them began where no COMMIT ended: its
+    /// own COMMIT never verified, and its CURSOR records went at every later recovery.
+    #[test]
+    fn a_group_synced_after_a_torn_tail_keeps_its_cursor() {
+        let dirs = temp_dirs(1);
+        let (mut queue, _, _) = Queue::open(&dirs).unwrap();
+        let cursor = |offset| QueueRecord::Cursor { node: NodeName::new("a").unwrap(), log: "seg".into(), offset };
+        queue.append(&stored(1));
+        queue.append(&cursor(10));
+        queue.sync().unwrap();
+        queue.append(&stored(2));
+        let torn = queue.append(&cursor(20));
+        queue.sync().unwrap();
+        let end = queue.bytes() as usize;
+        drop(queue);
+        // The second group's COMMIT never landed.
+        let path = dirs[0].join(segment_name(0));
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[(torn.offset + u64::from(torn.length)) as usize..end].fill(0);
+        fs::write(&path, &bytes).unwrap();
+        let cursors = |recovered: &[Recovered]| -> Vec<u64> {
+            recovered
+                .iter()
+                .filter_map(|item| match &item.record {
+                    QueueRecord::Cursor { offset, .. } => Some(*offset),
+                    _ => None,
+                })
+                .collect()
+        };
+        let (mut queue, recovered, _) = Queue::open(&dirs).unwrap();
+        assert_eq!((stored_seqs(&recovered), cursors(&recovered)), (vec![1, 2], vec![10]));
+        queue.append(&cursor(30));
+        queue.sync().unwrap();
+        drop(queue);
+        let (_, recovered, _) = Queue::open(&dirs).unwrap();
+        assert_eq!(cursors(&recovered), vec![10, 30], "a cursor synced after the torn tail was lost");
+    }
+
+    /// Damage in a group before the last of the newest segment is rot, not a torn sync: it costs
+    /// the damaged record alone, and the group's CURSOR records stay.
+    #[test]
+    fn rot_in_a_group_synced_before_the_last_keeps_its_cursors() {
+        let dirs = temp_dirs(1);
+        let (mut queue, _, _) = Queue::open(&dirs).unwrap();
+        let rotted = queue.append(&stored(1));
+        queue.append(&QueueRecord::Cursor { node: NodeName::new("a").unwrap(), log: "seg".into(), offset: 10 });
+        queue.sync().unwrap();
+        queue.append(&stored(2));
+        queue.sync().unwrap();
+        drop(queue);
+        flip(&dirs[0], rotted.offset + 20);
+        let (_, recovered, report) = Queue::open(&dirs).unwrap();
+        assert_eq!(stored_seqs(&recovered), vec![2]);
+        assert_eq!(report.damaged_records, 1);
+        assert!(recovered.iter().any(|item| matches!(item.record, QueueRecord::Cursor { offset: 10, .. })));
     }
 
     #[test]
