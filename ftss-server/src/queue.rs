@@ -1598,6 +1598,17 @@ mod tests {
         }
     }
 
+    /// The offsets of the CURSOR records recovered, in log order.
+    fn cursor_offsets(recovered: &[Recovered]) -> Vec<u64> {
+        recovered
+            .iter()
+            .filter_map(|item| match &item.record {
+                QueueRecord::Cursor { offset, .. } => Some(*offset),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn stored(seq: u64) -> QueueRecord {
         QueueRecord::Stored { stored_unix_us: 1000 + seq, packet: packet(seq) }
     }
@@ -1939,14 +1950,7 @@ mod tests {
         fs::write(&path, &bytes).unwrap();
         let (_, recovered, _) = Queue::open(&dirs).unwrap();
         assert_eq!(stored_seqs(&recovered), vec![1]);
-        let cursors: Vec<u64> = recovered
-            .iter()
-            .filter_map(|item| match &item.record {
-                QueueRecord::Cursor { offset, .. } => Some(*offset),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(cursors, vec![10], "the cursor of a torn group survived its packets");
+        assert_eq!(cursor_offsets(&recovered), vec![10], "the cursor of a torn group survived its packets");
         // The next open agrees (the cursor is gone from the file, not only from this reading).
         let (_, recovered, _) = Queue::open(&dirs).unwrap();
         assert_eq!(recovered.iter().filter(|item| matches!(item.record, QueueRecord::Cursor { .. })).count(), 1);
@@ -1973,22 +1977,13 @@ mod tests {
         let mut bytes = fs::read(&path).unwrap();
         bytes[(torn.offset + u64::from(torn.length)) as usize..end].fill(0);
         fs::write(&path, &bytes).unwrap();
-        let cursors = |recovered: &[Recovered]| -> Vec<u64> {
-            recovered
-                .iter()
-                .filter_map(|item| match &item.record {
-                    QueueRecord::Cursor { offset, .. } => Some(*offset),
-                    _ => None,
-                })
-                .collect()
-        };
         let (mut queue, recovered, _) = Queue::open(&dirs).unwrap();
-        assert_eq!((stored_seqs(&recovered), cursors(&recovered)), (vec![1, 2], vec![10]));
+        assert_eq!((stored_seqs(&recovered), cursor_offsets(&recovered)), (vec![1, 2], vec![10]));
         queue.append(&cursor(30));
         queue.sync().unwrap();
         drop(queue);
         let (_, recovered, _) = Queue::open(&dirs).unwrap();
-        assert_eq!(cursors(&recovered), vec![10, 30], "a cursor synced after the torn tail was lost");
+        assert_eq!(cursor_offsets(&recovered), vec![10, 30], "a cursor synced after the torn tail was lost");
     }
 
     /// Damage in a group before the last of the newest segment is rot, not a torn sync: it costs

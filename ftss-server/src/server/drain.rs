@@ -289,24 +289,21 @@ impl Server {
         for node in owned {
             // A spool that gave packets, or was cut short by a bound, is read again next cycle
             // (refused, failed or empty ones wait for an event or the poll).
-            let before = drained.len();
-            let files = match plan.reads(&node, Area::Outbox) {
-                true => self.read_outbox_files(&node, &mut drained, budget),
-                false => Ok(false),
-            };
-            if drained.len() > before || matches!(files, Ok(true)) {
-                self.volume_reads.keep((node.clone(), Area::Outbox));
+            type Reader =
+                fn(&mut Server, &NodeName, &mut Vec<Drained>, &mut Budget) -> Result<bool, fsbridge::SpoolError>;
+            let spools: [(Area, Reader); 2] =
+                [(Area::Outbox, Server::read_outbox_files), (Area::Log, Server::read_logs)];
+            let mut read = Ok(());
+            for (area, reader) in spools.into_iter().filter(|(area, _)| plan.reads(&node, *area)) {
+                let before = drained.len();
+                let more = reader(self, &node, &mut drained, budget);
+                if drained.len() > before || matches!(more, Ok(true)) {
+                    self.volume_reads.keep((node.clone(), area));
+                }
+                read = read.and(more.map(|_| ()));
             }
-            let before = drained.len();
-            let logs = match plan.reads(&node, Area::Log) {
-                true => self.read_logs(&node, &mut drained, budget),
-                false => Ok(false),
-            };
-            if drained.len() > before || matches!(logs, Ok(true)) {
-                self.volume_reads.keep((node.clone(), Area::Log));
-            }
-            match files.and(logs) {
-                Ok(_) => self.node_recovered(&node, NodeStep::Drain),
+            match read {
+                Ok(()) => self.node_recovered(&node, NodeStep::Drain),
                 Err(error) => self.node_failed(&node, NodeStep::Drain, error),
             }
         }
