@@ -426,3 +426,56 @@ fn a_peer_that_dribbles_its_hello_is_cut_off_at_the_handshake_deadline() {
     assert!(elapsed < Duration::from_secs(20), "cut off only after {elapsed:?}");
     assert!(fabric.server_log().contains("handshake took too long"), "{}", fabric.server_log());
 }
+
+/// Sealed packets frames of `node`, one packet each, with these sequence numbers, back to back.
+fn sealed_packets_frames(sealer: &mut fabric::FrameSealer, node: &str, seqs: std::ops::Range<u64>) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for seq in seqs {
+        let frame = valid_packets_frame(node, seq);
+        let tag = sealer.seal(&frame);
+        bytes.extend_from_slice(&frame);
+        bytes.extend_from_slice(&tag);
+    }
+    bytes
+}
+
+/// Reads ack frames until `count` acks came; returns the acked sequence numbers (in order, each
+/// ack's state checked) and how many frames carried them.
+fn read_stored_acks(stream: &mut UnixStream, opener: &mut fabric::FrameOpener, count: usize) -> (Vec<u64>, usize) {
+    let (mut seqs, mut frames) = (Vec::new(), 0);
+    while seqs.len() < count {
+        let frame = opener.read(stream, fabric::FRAME_BODY_BYTES_MAX).expect("an ack frame");
+        let Frame::Acks(bytes) = frame else { panic!("expected acks, got {frame:?}") };
+        frames += 1;
+        for record in fsbridge::format::decode_batch(&bytes).unwrap().records {
+            let Record::Ack(ack) = record else { panic!("not an ack: {record:?}") };
+            assert_eq!(ack.state, fsbridge::AckState::Stored, "{ack:?}");
+            seqs.push(ack.id.seq);
+        }
+    }
+    (seqs, frames)
+}
+
+#[test]
+fn frames_that_arrive_together_get_one_ack_frame_and_frames_cut_anywhere_are_put_together() {
+    let (fabric, path) = listening_fabric("fabric-framing", &["burst"]);
+    let (mut stream, mut sealer, mut opener) = authenticated(&fabric, &path, "burst", "10.77.0.9");
+    // Eight frames in one write: the server takes them in one cycle and acks them in one frame
+    // (one write to the node and one wakeup of it, not eight).
+    stream.write_all(&sealed_packets_frames(&mut sealer, "burst", 1..9)).unwrap();
+    let (acked, frames) = read_stored_acks(&mut stream, &mut opener, 8);
+    assert_eq!(acked, (1..9).collect::<Vec<u64>>(), "acks missing, repeated or out of order");
+    assert_eq!(frames, 1, "8 frames that arrived together were acked in {frames} frames");
+
+    // Eight more, written a byte or two at a time: frames cut at every place are reassembled.
+    let bytes = sealed_packets_frames(&mut sealer, "burst", 9..17);
+    for (index, piece) in bytes.chunks(2).enumerate() {
+        stream.write_all(piece).unwrap();
+        if index % 8 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let (acked, _) = read_stored_acks(&mut stream, &mut opener, 8);
+    assert_eq!(acked, (9..17).collect::<Vec<u64>>(), "acks missing, repeated or out of order");
+    assert_eq!(fabric_counter(&fabric, "bad_frames"), 0, "{}", fabric.server_log());
+}

@@ -1,12 +1,16 @@
 //! The fabric listener: nodes that reach the array over its storage network connect here (unix or
 //! TCP), prove their name with an HMAC challenge, and exchange the same batches as on the volume.
 //!
-//! Connection threads only do I/O, framing and authentication; what a frame means (store, ack,
-//! deliver, receipt) is decided by the server's cycle on the main thread, which takes decoded
-//! frames from each connection's bounded inbound queue and puts encoded frames on its bounded
-//! outbound queue. A full inbound queue stops that connection's reader (TCP pushes back on the
-//! node); an outbound queue that a peer does not drain past its hard bound closes the connection.
-//! Threads wake the main loop through an eventfd that it polls with the gateway's sockets.
+//! A thread per connecting peer does the handshake; once the node is admitted, the main loop
+//! reads the connection itself: it polls the connections' sockets with its other fds, reads what
+//! arrived without waiting, checks and decodes whole frames into the connection's bounded inbound
+//! queue, and the server's cycle decides what each means (store, ack, deliver, receipt). One
+//! thread less on every round trip: a frame wakes the main loop directly, not a reader thread
+//! that then wakes it. A connection whose inbound queue is full is not read (TCP pushes back on
+//! the node) until the cycle takes from it. Frames for the node are written by the main loop
+//! when the socket takes them at once, else by the connection's writer thread from a bounded
+//! outbound queue; a peer that does not drain it past its hard bound is disconnected. Handshake
+//! and writer threads wake the main loop through an eventfd that it polls as well.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Read, Write};
@@ -14,7 +18,7 @@ use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -25,7 +29,7 @@ use fsbridge::format::decode_batch;
 use fsbridge::{BatchKind, NodeName, Packet, PacketId, Record};
 use serde::Serialize;
 
-/// Most connections at once; more are refused (each costs two threads).
+/// Most connections at once; more are refused (each costs a writer thread and a socket).
 pub const CONNECTIONS_MAX: usize = 1024;
 /// Connections of one node at once (each process of a node has its own).
 pub const CONNECTIONS_PER_NODE_MAX: usize = 256;
@@ -38,12 +42,11 @@ const INBOUND_TOTAL_BYTES_MAX: usize = 256 * 1024 * 1024;
 const RECEIPTS_WAITING_MAX: usize = 1 << 18;
 /// Largest frame accepted before the node is authenticated (a hello is about 110 bytes).
 const HANDSHAKE_FRAME_BYTES_MAX: usize = 1024;
-/// How often a reader held back by the all-connections bound looks again.
-/// Bytes a connection's reader takes from the socket at once.
+/// Bytes taken from one connection's socket at once, and at most 4 times that in one look (so
+/// that one busy node does not hold the main loop from the others).
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Frames queued for a node are written together up to about this many bytes.
 const WRITE_BATCH_BYTES: usize = 256 * 1024;
-const INBOUND_RECHECK: Duration = Duration::from_millis(50);
 /// TCP keepalive: a peer that vanished (power loss) is noticed after about idle + interval × count.
 const KEEPALIVE_IDLE_SECONDS: u32 = 10;
 const KEEPALIVE_INTERVAL_SECONDS: u32 = 5;
@@ -97,9 +100,6 @@ struct ConnState {
     admission: Admission,
     inbound: VecDeque<(Inbound, usize)>,
     inbound_bytes: usize,
-    /// The reader waits for room in `inbound` (only then does taking an item signal `changed`:
-    /// the writer waits on it too, and would be woken for nothing at every frame).
-    reader_waiting: bool,
     /// Sealed frames (or the rest of one) waiting for the writer thread.
     outbound: VecDeque<Vec<u8>>,
     outbound_bytes: usize,
@@ -133,6 +133,20 @@ pub struct Conn {
     changed: Condvar,
     stream: Stream,
     shared: Arc<Shared>,
+    /// What the main loop reads with; installed after the handshake, dropped when the connection
+    /// ends.
+    reader: Mutex<Option<ReadSide>>,
+}
+
+/// The reading end of an admitted connection (used by the main loop only).
+struct ReadSide {
+    opener: FrameOpener,
+    /// Bytes read and not yet decoded, from `start` on (at most one frame and a read's worth).
+    buffered: Vec<u8>,
+    start: usize,
+    /// A decoded frame that did not fit the inbound bounds; it goes first once there is room,
+    /// and nothing more is read meanwhile.
+    held: Option<(Inbound, usize)>,
 }
 
 struct Shared {
@@ -143,8 +157,6 @@ struct Shared {
     connecting: AtomicU64,
     next_id: AtomicU64,
     wake: EventFd,
-    /// A reader queued something the main loop has not been woken for yet.
-    wake_asked: AtomicBool,
     keys_dir: PathBuf,
     counters: Mutex<FabricCounters>,
 }
@@ -234,18 +246,6 @@ impl Shared {
         let _ = self.wake.write(1);
     }
 
-    /// Notes that the main loop has news, to be woken by [`Shared::wake_if_asked`] once a reader
-    /// has no more buffered frames to add.
-    fn ask_wake(&self) {
-        self.wake_asked.store(true, Ordering::Release);
-    }
-
-    fn wake_if_asked(&self) {
-        if self.wake_asked.swap(false, Ordering::AcqRel) {
-            self.wake();
-        }
-    }
-
     fn count(&self, update: impl FnOnce(&mut FabricCounters)) {
         update(&mut lock(&self.counters));
     }
@@ -262,7 +262,6 @@ impl Hub {
             connecting: AtomicU64::new(0),
             next_id: AtomicU64::new(1),
             wake,
-            wake_asked: AtomicBool::new(false),
             keys_dir,
             counters: Mutex::new(FabricCounters::default()),
         });
@@ -296,6 +295,55 @@ impl Hub {
     pub fn clear_wake(&self) {
         // EAGAIN when nothing was signalled: nothing to clear.
         let _ = self.shared.wake.read();
+    }
+
+    /// The connections whose sockets the main loop polls, and whether a frame waits for inbound
+    /// room somewhere (the loop must then look again soon without being woken).
+    pub fn polled(&self) -> (Vec<Arc<Conn>>, bool) {
+        let mut polled = Vec::new();
+        let mut held = false;
+        for conn in self.connections() {
+            match conn.wants_poll() {
+                Some(true) => polled.push(conn),
+                Some(false) => held = true,
+                None => {}
+            }
+        }
+        (polled, held)
+    }
+
+    /// Polls the connections' sockets (and `also`) for up to `timeout`, reads every connection
+    /// that has something, and queues held frames that fit now. Returns whether `also` polled
+    /// ready; `None` if nothing was ready within the timeout.
+    pub fn poll_read(&self, also: Option<std::os::fd::BorrowedFd<'_>>, timeout: Duration) -> Option<bool> {
+        use nix::poll::{PollFd, PollFlags, ppoll};
+        use nix::sys::time::TimeSpec;
+        let (polled, held) = self.polled();
+        let mut fds: Vec<PollFd> = also
+            .into_iter()
+            .chain(polled.iter().map(|conn| conn.fd()))
+            .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
+            .collect();
+        // An error (EINTR at a stop signal) counts as nothing ready: the caller looks again.
+        let ready = ppoll(&mut fds, Some(TimeSpec::from_duration(timeout)), None).unwrap_or_default();
+        let is_ready = |fd: &PollFd| fd.revents().is_some_and(|events| !events.is_empty());
+        let also_ready = also.is_some() && is_ready(&fds[0]);
+        let skip = usize::from(also.is_some());
+        let readable: Vec<bool> = fds[skip..].iter().map(is_ready).collect();
+        drop(fds);
+        for (conn, readable) in polled.iter().zip(readable) {
+            if readable {
+                conn.read_available();
+            }
+        }
+        if held {
+            for conn in self.connections() {
+                if conn.wants_poll() == Some(false) {
+                    conn.read_available();
+                }
+            }
+        }
+        (ready > 0).then_some(also_ready)
     }
 
     /// Authenticated connections waiting for the main loop to admit or refuse them.
@@ -376,11 +424,6 @@ impl Conn {
         let (item, bytes) = state.inbound.pop_front()?;
         state.inbound_bytes -= bytes;
         self.shared.inbound_total.fetch_sub(bytes, Ordering::AcqRel);
-        let reader_waiting = state.reader_waiting;
-        drop(state);
-        if reader_waiting {
-            self.changed.notify_all();
-        }
         Some(item)
     }
 
@@ -550,12 +593,14 @@ fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         }
         shared.connecting.fetch_add(1, Ordering::Relaxed);
         let shared_for_thread = shared.clone();
-        let spawned = std::thread::Builder::new().name("fabric-read".into()).spawn(move || {
+        let spawned = std::thread::Builder::new().name("fabric-hello".into()).spawn(move || {
             let shared = shared_for_thread;
             let session = handshake(stream, &shared, &peer);
             shared.connecting.fetch_sub(1, Ordering::Relaxed);
             if let Some((conn, opener)) = session {
-                read_loop(&conn, opener);
+                // From here on the main loop reads the connection.
+                *lock(&conn.reader) = Some(ReadSide { opener, buffered: Vec::new(), start: 0, held: None });
+                shared.wake();
             }
         });
         if let Err(error) = spawned {
@@ -698,7 +743,6 @@ fn new_conn(shared: &Arc<Shared>, hello: &fabric::Hello, peer: &str, write_strea
             admission: Admission::Pending,
             inbound: VecDeque::new(),
             inbound_bytes: 0,
-            reader_waiting: false,
             outbound: VecDeque::new(),
             outbound_bytes: 0,
             sealer: None,
@@ -713,6 +757,7 @@ fn new_conn(shared: &Arc<Shared>, hello: &fabric::Hello, peer: &str, write_strea
         changed: Condvar::new(),
         stream: write_stream,
         shared: shared.clone(),
+        reader: Mutex::new(None),
     })
 }
 
@@ -756,85 +801,158 @@ fn frame_name(frame: &Frame) -> &'static str {
     }
 }
 
-/// Reads frames until the connection ends; decodes them for the main loop.
-fn read_loop(conn: &Arc<Conn>, mut opener: FrameOpener) {
-    let stream = match conn.stream.try_clone() {
-        Ok(stream) => stream,
-        Err(error) => return conn.close(format!("cannot read: {error}")),
-    };
-    // Buffered: a node's frames come in bursts, and one read takes what has arrived instead of
-    // four per frame (length, rest of the length, body, MAC). The main loop is woken once the
-    // buffer is used up (the next read would wait), not once per frame.
-    let mut reader = std::io::BufReader::with_capacity(READ_BUFFER_BYTES, stream);
-    loop {
-        if !holds_whole_frame(reader.buffer()) {
-            conn.shared.wake_if_asked();
+/// How reading a connection ended.
+enum ReadEnd {
+    /// The node left or the socket failed: the connection closes.
+    Closed(String),
+    /// The node broke the protocol: it is told why, then the connection closes.
+    Bad(String),
+}
+
+impl Conn {
+    /// The socket the main loop polls for this connection.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match &self.stream {
+            Stream::Unix(stream) => stream.as_fd(),
+            Stream::Tcp(stream) => stream.as_fd(),
         }
-        let frame = match opener.read(&mut reader, fabric::FRAME_BODY_BYTES_MAX) {
-            Ok(frame) => frame,
-            Err(FrameError::Closed) => return conn.close("the node closed the connection".into()),
-            Err(FrameError::Io(error)) => return conn.close(format!("read: {error}")),
-            Err(error) => return bad_frame(conn, error.to_string()),
+    }
+
+    /// Should the main loop poll this connection's socket (read side installed, nothing held back
+    /// by the inbound bounds)? `None` if it has nothing to read with; `Some(false)` if a frame
+    /// waits for room.
+    fn wants_poll(&self) -> Option<bool> {
+        lock(&self.reader).as_ref().map(|side| side.held.is_none())
+    }
+
+    /// Reads what the socket holds now (never waiting), at most 4 reads' worth, and queues the
+    /// whole frames in it. A frame beyond the inbound bounds is held, and reading stops until the
+    /// main loop makes room. A closed or broken connection loses its read side.
+    fn read_available(&self) {
+        let mut reader = lock(&self.reader);
+        let Some(side) = reader.as_mut() else { return };
+        let end = match self.read_into(side) {
+            Ok(()) => return,
+            Err(end) => end,
         };
-        let item = match frame {
-            Frame::Packets(bytes) => match decode_packets(&bytes, conn) {
-                Ok(packets) => packets,
-                Err(reason) => return bad_frame(conn, reason),
-            },
+        *reader = None;
+        drop(reader);
+        match end {
+            ReadEnd::Closed(reason) => self.close(reason),
+            ReadEnd::Bad(reason) => bad_frame(self, reason),
+        }
+    }
+
+    fn read_into(&self, side: &mut ReadSide) -> Result<(), ReadEnd> {
+        use std::os::fd::AsRawFd;
+        if self.is_closed() {
+            return Err(ReadEnd::Closed("closed".into()));
+        }
+        let mut read = 0;
+        loop {
+            if let Some((item, bytes)) = side.held.take()
+                && let Some(back) = self.queue_inbound(item, bytes)
+            {
+                side.held = Some(back);
+                return Ok(());
+            }
+            while holds_whole_frame(&side.buffered[side.start..]) {
+                let mut rest = &side.buffered[side.start..];
+                let before = rest.len();
+                let frame = side.opener.read(&mut rest, fabric::FRAME_BODY_BYTES_MAX);
+                side.start += before - rest.len();
+                if let Some((item, bytes)) = self.take_frame(frame)?
+                    && let Some(back) = self.queue_inbound(item, bytes)
+                {
+                    side.held = Some(back);
+                    return Ok(());
+                }
+            }
+            side.buffered.drain(..side.start);
+            side.start = 0;
+            if read >= 4 * READ_BUFFER_BYTES {
+                // The next look (the socket still polls readable) goes on.
+                return Ok(());
+            }
+            let have = side.buffered.len();
+            side.buffered.resize(have + READ_BUFFER_BYTES, 0);
+            let received = recv_now(self.fd().as_raw_fd(), &mut side.buffered[have..]);
+            side.buffered.truncate(have + *received.as_ref().unwrap_or(&0));
+            match received {
+                Ok(0) => return Err(ReadEnd::Closed("the node closed the connection".into())),
+                Ok(count) => read += count,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(error) => return Err(ReadEnd::Closed(format!("read: {error}"))),
+            }
+        }
+    }
+
+    /// What a frame read from the node means here: packets for the inbound queue (with their
+    /// bytes against its bounds); receipts and port lists are kept for the cycle directly.
+    fn take_frame(&self, frame: Result<Frame, FrameError>) -> Result<Option<(Inbound, usize)>, ReadEnd> {
+        let frame = frame.map_err(|error| ReadEnd::Bad(error.to_string()))?;
+        match frame {
+            Frame::Packets(bytes) => {
+                let packets = decode_packets(&bytes, self).map_err(ReadEnd::Bad)?;
+                let bytes = inbound_bytes(&packets);
+                Ok(Some((packets, bytes)))
+            }
             Frame::Receipts(bytes) => {
-                let ids = match decode_receipts(&bytes) {
-                    Ok(ids) => ids,
-                    Err(reason) => return bad_frame(conn, reason),
-                };
-                let mut state = lock(&conn.state);
+                let ids = decode_receipts(&bytes).map_err(ReadEnd::Bad)?;
+                let mut state = lock(&self.state);
                 let room = RECEIPTS_WAITING_MAX.saturating_sub(state.receipts.len());
                 state.receipts.extend(ids.into_iter().take(room));
-                drop(state);
-                conn.shared.ask_wake();
-                continue;
+                Ok(None)
             }
             Frame::Ports(ports) => {
-                lock(&conn.state).ports_announced = Some(ports);
-                conn.shared.ask_wake();
-                continue;
+                lock(&self.state).ports_announced = Some(ports);
+                Ok(None)
             }
-            other => return bad_frame(conn, format!("a node may not send a {} frame now", frame_name(&other))),
-        };
-        let bytes = inbound_bytes(&item);
-        let total = &conn.shared.inbound_total;
-        let mut state = lock(&conn.state);
-        loop {
-            let own_full = state.inbound_bytes > 0 && state.inbound_bytes + bytes > INBOUND_BYTES_MAX;
-            let all = total.load(Ordering::Acquire);
-            let all_full = all > 0 && all + bytes > INBOUND_TOTAL_BYTES_MAX;
-            if state.closed.is_some() || !(own_full || all_full) {
-                break;
-            }
-            // What is queued already must reach the main loop, which makes the room.
-            conn.shared.wake_if_asked();
-            // Another connection's queue draining does not signal this one: look again soon.
-            state.reader_waiting = true;
-            state =
-                conn.changed.wait_timeout(state, INBOUND_RECHECK).unwrap_or_else(|poisoned| poisoned.into_inner()).0;
-            state.reader_waiting = false;
+            other => Err(ReadEnd::Bad(format!("a node may not send a {} frame now", frame_name(&other)))),
         }
+    }
+
+    /// Queues a decoded frame for the cycle unless it would pass this connection's or all
+    /// connections' bound (a frame alone always fits an empty queue); gives it back if not.
+    fn queue_inbound(&self, item: Inbound, bytes: usize) -> Option<(Inbound, usize)> {
+        let total = &self.shared.inbound_total;
+        let mut state = lock(&self.state);
         if state.closed.is_some() {
-            return;
+            return None;
+        }
+        let own_full = state.inbound_bytes > 0 && state.inbound_bytes + bytes > INBOUND_BYTES_MAX;
+        let all = total.load(Ordering::Acquire);
+        let all_full = all > 0 && all + bytes > INBOUND_TOTAL_BYTES_MAX;
+        if own_full || all_full {
+            return Some((item, bytes));
         }
         state.inbound_bytes += bytes;
         total.fetch_add(bytes, Ordering::AcqRel);
         state.inbound.push_back((item, bytes));
-        drop(state);
-        conn.shared.ask_wake();
+        None
     }
 }
 
-/// Does `buffered` start with a whole sealed frame (length prefix, content, CRC, MAC)? If not,
-/// the next read may wait for the node.
+/// Receives what the socket holds now without waiting (`WouldBlock` if nothing).
+fn recv_now(fd: std::os::fd::RawFd, buffer: &mut [u8]) -> io::Result<usize> {
+    use nix::sys::socket::{MsgFlags, recv};
+    loop {
+        match recv(fd, buffer, MsgFlags::MSG_DONTWAIT) {
+            Ok(count) => return Ok(count),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(errno) => return Err(io::Error::from(errno)),
+        }
+    }
+}
+
+/// Does `buffered` start with a whole sealed frame (length prefix, content, CRC, MAC), or with a
+/// length no frame may have (decoding it reports the error at once, before more is buffered)?
 fn holds_whole_frame(buffered: &[u8]) -> bool {
     let Some(prefix) = buffered.get(..4) else { return false };
     let length = u32::from_le_bytes(prefix.try_into().expect("4 bytes")) as usize;
-    buffered.len() >= 4 + length + 4 + fabric::FRAME_MAC_BYTES
+    length == 0
+        || length > fabric::FRAME_BODY_BYTES_MAX + 1
+        || buffered.len() >= 4 + length + 4 + fabric::FRAME_MAC_BYTES
 }
 
 /// A bad frame after the handshake ends the connection; the reason is logged here and sent to the

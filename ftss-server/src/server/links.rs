@@ -61,8 +61,6 @@ impl Server {
     /// wakeups taken here are signalled again on the way out: port lists, receipts and closes
     /// that came meanwhile are the next cycle's, and the main loop must not sleep on them.
     pub(super) fn gather_fabric(&mut self) {
-        use nix::poll::{PollFd, PollFlags, ppoll};
-        use nix::sys::time::TimeSpec;
         let Some(gather) = self.gather.take() else { return };
         let Some(hub) = &self.fabric else { return };
         let mut took_wakeup = false;
@@ -72,10 +70,10 @@ impl Server {
             if queued >= gather.expected || now >= gather.until || !hub.pending().is_empty() {
                 break;
             }
-            let mut fds = [PollFd::new(hub.wake_fd(), PollFlags::POLLIN)];
-            match ppoll(&mut fds, Some(TimeSpec::from_duration(gather.until - now)), None) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
+            match hub.poll_read(Some(hub.wake_fd()), gather.until - now) {
+                None => break,
+                Some(false) => {}
+                Some(true) => {
                     hub.clear_wake();
                     took_wakeup = true;
                 }
@@ -89,10 +87,19 @@ impl Server {
     /// Acks packets taken from fabric connections (now durable) over the connection they came on.
     /// A connection that closed meanwhile gets nothing: its node sends them again and they are
     /// acked as duplicates.
+    /// The acks of a cycle go in one frame per connection (up to the frame's bound), whatever
+    /// number of frames brought their packets: one write, and one wakeup of the node.
     pub(super) fn ack_fabric(&mut self, from_fabric: &[FabricDrained]) {
+        let mut by_conn: Vec<(&Arc<Conn>, Vec<Ack>)> = Vec::new();
         for taken in from_fabric {
-            let acks: Vec<Ack> = taken.packets.iter().map(|packet| self.stored_ack(packet)).collect();
-            self.send_acks(&taken.conn, &acks);
+            let acks = taken.packets.iter().map(|packet| self.stored_ack(packet));
+            match by_conn.iter_mut().find(|(conn, _)| conn.id == taken.conn.id) {
+                Some((_, list)) => list.extend(acks),
+                None => by_conn.push((&taken.conn, acks.collect())),
+            }
+        }
+        for (conn, acks) in by_conn {
+            self.send_acks(conn, &acks);
         }
     }
 
@@ -102,6 +109,9 @@ impl Server {
     pub(super) fn tend_fabric(&mut self) -> usize {
         let Some(hub) = &self.fabric else { return 0 };
         hub.clear_wake();
+        // What the nodes sent since the last look (the wait below woke on it, or the cycles ran
+        // back to back).
+        hub.poll_read(None, Duration::ZERO);
         let pending = hub.pending();
         let connections = hub.connections();
         let gone = hub.reap();

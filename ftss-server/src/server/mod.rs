@@ -268,16 +268,23 @@ impl Server {
         use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
         let fabric = self.fabric.as_ref().map(Hub::wake_fd);
         let watcher = self.watcher.as_ref().map(Watcher::fd);
+        let (connections, held) = self.fabric.as_ref().map(Hub::polled).unwrap_or_default();
         let mut fds: Vec<PollFd> = self
             .gateway
             .fds()
             .into_iter()
             .chain(fabric)
             .chain(watcher)
+            .chain(connections.iter().map(|conn| conn.fd()))
             .map(|fd| PollFd::new(fd, PollFlags::POLLIN))
             .collect();
-        // At least every status interval, so that status.json stays current under a long poll.
-        let timeout = PollTimeout::try_from(self.config.poll.min(STATUS_INTERVAL)).unwrap_or(PollTimeout::MAX);
+        // At least every status interval, so that status.json stays current under a long poll;
+        // soon if a connection's frame waits for room (nothing wakes the loop for that).
+        let mut wait = self.config.poll.min(STATUS_INTERVAL);
+        if held {
+            wait = wait.min(HELD_FRAME_RECHECK);
+        }
+        let timeout = PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX);
         // EINTR (a stop signal) or anything else: the caller's loop looks again.
         let _ = poll(&mut fds, timeout);
     }
