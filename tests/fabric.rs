@@ -241,6 +241,17 @@ fn authenticated(
     node: &str,
     addr: &str,
 ) -> (UnixStream, fabric::FrameSealer, fabric::FrameOpener) {
+    authenticated_with_epoch(fabric, path, node, addr, fsbridge::random_u64())
+}
+
+/// The same, for a process whose packet ids carry `epoch`.
+fn authenticated_with_epoch(
+    fabric: &Fabric,
+    path: &std::path::Path,
+    node: &str,
+    addr: &str,
+    epoch: u64,
+) -> (UnixStream, fabric::FrameSealer, fabric::FrameOpener) {
     let key = fabric::read_key_file(&fabric.key_path(node)).unwrap();
     let mut stream = UnixStream::connect(path).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -249,7 +260,7 @@ fn authenticated(
         version: FABRIC_VERSION,
         node: NodeName::new(node).unwrap(),
         addr: addr.parse().unwrap(),
-        epoch: fsbridge::random_u64(),
+        epoch,
         nonce: fabric::nonce(),
         proof: [0; fabric::PROOF_BYTES],
     };
@@ -478,4 +489,65 @@ fn frames_that_arrive_together_get_one_ack_frame_and_frames_cut_anywhere_are_put
     let (acked, _) = read_stored_acks(&mut stream, &mut opener, 8);
     assert_eq!(acked, (9..17).collect::<Vec<u64>>(), "acks missing, repeated or out of order");
     assert_eq!(fabric_counter(&fabric, "bad_frames"), 0, "{}", fabric.server_log());
+}
+
+#[test]
+fn a_fabric_node_is_told_stored_and_not_delivered_or_receipted() {
+    let (fabric, path) = listening_fabric("fabric-acks", &["self"]);
+    // Packet ids carry the epoch the process gave in its hello, as the shim's do.
+    let epoch = fsbridge::random_u64();
+    let (mut stream, mut sealer, mut opener) = authenticated_with_epoch(&fabric, &path, "self", "10.77.0.9", epoch);
+    let mut writer = stream.try_clone().unwrap();
+    let mut send = |frame: Frame| {
+        let mut bytes = frame.encode();
+        let tag = sealer.seal(&bytes);
+        bytes.extend_from_slice(&tag);
+        writer.write_all(&bytes).unwrap();
+    };
+    // The node takes its own datagram: stored, delivered to it, receipted by it.
+    send(Frame::Ports(vec![9700]));
+    std::thread::sleep(Duration::from_millis(300));
+    let header = |kind| BatchHeader { kind, node: NodeName::new("self").unwrap(), epoch, batch_seq: 1, flags: 0 };
+    let id = PacketId { origin: NodeName::new("self").unwrap(), epoch, seq: 1 };
+    let mut encoder = BatchEncoder::new(&header(BatchKind::Packets));
+    encoder.push(&Record::Packet(Packet {
+        id: id.clone(),
+        source: "10.77.0.9:9700".parse().unwrap(),
+        destination: "10.77.0.9:9700".parse().unwrap(),
+        sent_unix_us: 0,
+        payload: b"to myself".to_vec(),
+    }));
+    send(Frame::Packets(encoder.finish()));
+    let (mut stored, mut delivered) = (false, false);
+    while !(stored && delivered) {
+        match opener.read(&mut stream, fabric::FRAME_BODY_BYTES_MAX).expect("a frame") {
+            Frame::Acks(bytes) => {
+                for record in fsbridge::format::decode_batch(&bytes).unwrap().records {
+                    let Record::Ack(ack) = record else { panic!("not an ack: {record:?}") };
+                    assert_eq!(ack.state, fsbridge::AckState::Stored, "{ack:?}");
+                    stored = true;
+                }
+            }
+            Frame::Packets(bytes) => {
+                let records = fsbridge::format::decode_batch(&bytes).unwrap().records;
+                assert!(matches!(&records[..], [Record::Packet(packet)] if packet.payload == b"to myself"));
+                delivered = true;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let mut encoder = BatchEncoder::new(&header(BatchKind::Receipts));
+    encoder.push(&Record::Receipt(id));
+    send(Frame::Receipts(encoder.finish()));
+    assert!(
+        wait_until(Duration::from_secs(10), || fabric.status()["counters"]["receipted"].as_u64() == Some(1)),
+        "{}",
+        fabric.status()["counters"]
+    );
+    // Delivered and receipted acks would have come within the cycles that took them.
+    stream.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    match opener.read(&mut stream, fabric::FRAME_BODY_BYTES_MAX) {
+        Err(fabric::FrameError::Io(error)) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("after its stored ack, the node was sent {other:?}"),
+    }
 }

@@ -16,7 +16,8 @@
 //!    derived from the node's key and both nonces, over the frame, its direction and its number;
 //!    either side, in any order: node → `Packets` (a batch of kind packets, exactly the bytes
 //!    an outbox file would hold), `Receipts`, `Ports` (the UDP ports bound in the process, so the
-//!    server knows where to deliver); server → `Acks` and `Packets` (deliveries).
+//!    server knows where to deliver); server → `Acks` (stored, accepted best effort, or
+//!    rejected: a node is not told of deliveries and receipts) and `Packets` (deliveries).
 //!
 //! Every length is checked against [`FRAME_BODY_BYTES_MAX`] before anything is allocated; a frame
 //! that fails its CRC, has an unknown type or a malformed body is an error that ends the

@@ -141,9 +141,11 @@ pub struct Conn {
 /// The reading end of an admitted connection (used by the main loop only).
 struct ReadSide {
     opener: FrameOpener,
-    /// Bytes read and not yet decoded, from `start` on (at most one frame and a read's worth).
+    /// Bytes read and not yet decoded are `buffered[start..end]` (at most one frame and a read's
+    /// worth); the rest of `buffered` is room for the next read.
     buffered: Vec<u8>,
     start: usize,
+    end: usize,
     /// A decoded frame that did not fit the inbound bounds; it goes first once there is room,
     /// and nothing more is read meanwhile.
     held: Option<(Inbound, usize)>,
@@ -331,10 +333,12 @@ impl Hub {
         let skip = usize::from(also.is_some());
         let readable: Vec<bool> = fds[skip..].iter().map(is_ready).collect();
         drop(fds);
-        for (conn, readable) in polled.iter().zip(readable) {
-            if readable {
-                conn.read_available();
-            }
+        // Connections that stopped at a look's byte bound are read again in turns, until each
+        // has given what it holds or met its inbound bound (as a reader thread would have).
+        let mut more: Vec<&Arc<Conn>> =
+            polled.iter().zip(readable).filter(|(_, readable)| *readable).map(|(conn, _)| conn).collect();
+        while !more.is_empty() {
+            more.retain(|conn| conn.read_available());
         }
         if held {
             for conn in self.connections() {
@@ -599,7 +603,7 @@ fn accept_loop(listener: Listener, shared: Arc<Shared>) {
             shared.connecting.fetch_sub(1, Ordering::Relaxed);
             if let Some((conn, opener)) = session {
                 // From here on the main loop reads the connection.
-                *lock(&conn.reader) = Some(ReadSide { opener, buffered: Vec::new(), start: 0, held: None });
+                *lock(&conn.reader) = Some(ReadSide { opener, buffered: Vec::new(), start: 0, end: 0, held: None });
                 shared.wake();
             }
         });
@@ -801,6 +805,24 @@ fn frame_name(frame: &Frame) -> &'static str {
     }
 }
 
+impl ReadSide {
+    /// Moves the bytes not yet decoded to the front and leaves room for a read of
+    /// [`READ_BUFFER_BYTES`] after them (more memory only while a longer frame is put together;
+    /// it is given back once that frame is decoded).
+    fn make_room(&mut self) {
+        self.buffered.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+        let want = self.end + READ_BUFFER_BYTES;
+        if self.buffered.len() < want {
+            self.buffered.resize(want, 0);
+        } else if self.buffered.len() > 2 * READ_BUFFER_BYTES && want < 2 * READ_BUFFER_BYTES {
+            self.buffered.truncate(want);
+            self.buffered.shrink_to_fit();
+        }
+    }
+}
+
 /// How reading a connection ended.
 enum ReadEnd {
     /// The node left or the socket failed: the connection closes.
@@ -827,12 +849,13 @@ impl Conn {
 
     /// Reads what the socket holds now (never waiting), at most 4 reads' worth, and queues the
     /// whole frames in it. A frame beyond the inbound bounds is held, and reading stops until the
-    /// main loop makes room. A closed or broken connection loses its read side.
-    fn read_available(&self) {
+    /// main loop makes room. A closed or broken connection loses its read side. Returns whether
+    /// the look stopped at its byte bound with more to read.
+    fn read_available(&self) -> bool {
         let mut reader = lock(&self.reader);
-        let Some(side) = reader.as_mut() else { return };
+        let Some(side) = reader.as_mut() else { return false };
         let end = match self.read_into(side) {
-            Ok(()) => return,
+            Ok(more) => return more,
             Err(end) => end,
         };
         *reader = None;
@@ -841,50 +864,64 @@ impl Conn {
             ReadEnd::Closed(reason) => self.close(reason),
             ReadEnd::Bad(reason) => bad_frame(self, reason),
         }
+        false
     }
 
-    fn read_into(&self, side: &mut ReadSide) -> Result<(), ReadEnd> {
+    fn read_into(&self, side: &mut ReadSide) -> Result<bool, ReadEnd> {
         use std::os::fd::AsRawFd;
         if self.is_closed() {
             return Err(ReadEnd::Closed("closed".into()));
         }
         let mut read = 0;
         loop {
-            if let Some((item, bytes)) = side.held.take()
-                && let Some(back) = self.queue_inbound(item, bytes)
-            {
-                side.held = Some(back);
-                return Ok(());
+            if !self.queue_buffered(side)? {
+                return Ok(false);
             }
-            while holds_whole_frame(&side.buffered[side.start..]) {
-                let mut rest = &side.buffered[side.start..];
-                let before = rest.len();
-                let frame = side.opener.read(&mut rest, fabric::FRAME_BODY_BYTES_MAX);
-                side.start += before - rest.len();
-                if let Some((item, bytes)) = self.take_frame(frame)?
-                    && let Some(back) = self.queue_inbound(item, bytes)
-                {
-                    side.held = Some(back);
-                    return Ok(());
-                }
-            }
-            side.buffered.drain(..side.start);
-            side.start = 0;
+            side.make_room();
             if read >= 4 * READ_BUFFER_BYTES {
                 // The next look (the socket still polls readable) goes on.
-                return Ok(());
+                return Ok(true);
             }
-            let have = side.buffered.len();
-            side.buffered.resize(have + READ_BUFFER_BYTES, 0);
-            let received = recv_now(self.fd().as_raw_fd(), &mut side.buffered[have..]);
-            side.buffered.truncate(have + *received.as_ref().unwrap_or(&0));
-            match received {
+            let room = side.buffered.len() - side.end;
+            match recv_now(self.fd().as_raw_fd(), &mut side.buffered[side.end..]) {
                 Ok(0) => return Err(ReadEnd::Closed("the node closed the connection".into())),
-                Ok(count) => read += count,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Ok(count) => {
+                    side.end += count;
+                    read += count;
+                    if count < room {
+                        // A stream socket gave all it held (the next poll tells of more): no
+                        // read that would only say so.
+                        return self.queue_buffered(side).map(|_| false);
+                    }
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(error) => return Err(ReadEnd::Closed(format!("read: {error}"))),
             }
         }
+    }
+
+    /// Queues the held frame, then the whole frames buffered, until one does not fit (it is held).
+    /// Returns whether nothing is held.
+    fn queue_buffered(&self, side: &mut ReadSide) -> Result<bool, ReadEnd> {
+        if let Some((item, bytes)) = side.held.take()
+            && let Some(back) = self.queue_inbound(item, bytes)
+        {
+            side.held = Some(back);
+            return Ok(false);
+        }
+        while holds_whole_frame(&side.buffered[side.start..side.end]) {
+            let mut rest = &side.buffered[side.start..side.end];
+            let before = rest.len();
+            let frame = side.opener.read(&mut rest, fabric::FRAME_BODY_BYTES_MAX);
+            side.start += before - rest.len();
+            if let Some((item, bytes)) = self.take_frame(frame)?
+                && let Some(back) = self.queue_inbound(item, bytes)
+            {
+                side.held = Some(back);
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// What a frame read from the node means here: packets for the inbound queue (with their
@@ -906,6 +943,9 @@ impl Conn {
             }
             Frame::Ports(ports) => {
                 lock(&self.state).ports_announced = Some(ports);
+                // Taken at the start of a cycle: read during a gather, it must not wait for the
+                // next poll.
+                self.shared.wake();
                 Ok(None)
             }
             other => Err(ReadEnd::Bad(format!("a node may not send a {} frame now", frame_name(&other)))),
@@ -956,8 +996,8 @@ fn holds_whole_frame(buffered: &[u8]) -> bool {
 }
 
 /// A bad frame after the handshake ends the connection; the reason is logged here and sent to the
-/// node in a sealed refusal by the writer (the only thread that writes frames, so it cannot
-/// interleave with one).
+/// node in a sealed refusal by the writer thread, after the rest of any frame already begun (no
+/// frame is queued or written directly once the farewell is set).
 fn bad_frame(conn: &Conn, reason: String) {
     conn.shared.count(|counters| counters.bad_frames += 1);
     eprintln!("ftss-server: fabric: closing node {} at {}: {reason}", conn.node, conn.peer);

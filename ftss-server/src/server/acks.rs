@@ -135,7 +135,10 @@ impl Server {
     }
 
     /// Sends the acks whose sending process is connected over the fabric to it; returns the rest
-    /// (for the volume).
+    /// (for the volume). Over the fabric only what a node acts on goes: stored (or accepted) and
+    /// rejected. Delivered and receipted acks are dropped there: every fabric node (the shim and
+    /// ftss-node) ignores them, and each would cost a frame, a write and a wakeup of the node per
+    /// cycle.
     pub(super) fn ack_over_fabric(&mut self, node: &NodeName, acks: Vec<Ack>) -> Vec<Ack> {
         let Some(hub) = &self.fabric else { return acks };
         let conns: Vec<Arc<Conn>> =
@@ -147,6 +150,7 @@ impl Server {
         let mut rest = Vec::new();
         for ack in acks {
             match conns.iter().position(|conn| conn.epoch == ack.id.epoch) {
+                Some(_) if matches!(ack.state, AckState::Delivered | AckState::Receipted) => {}
                 Some(index) => by_conn.entry(index as u64).or_default().push(ack),
                 None => rest.push(ack),
             }

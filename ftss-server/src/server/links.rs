@@ -50,6 +50,8 @@ impl Server {
         if acked == 0 {
             return;
         }
+        // Packets that came during the sync are counted too (they are still in the sockets).
+        hub.poll_read(None, Duration::ZERO);
         let queued = hub.queued_packets();
         let window = self.last_sync.min(FABRIC_GATHER_WAIT_MAX);
         self.gather = Some(Gather { expected: queued + acked, until: Instant::now() + window });
@@ -93,7 +95,8 @@ impl Server {
         let mut by_conn: Vec<(&Arc<Conn>, Vec<Ack>)> = Vec::new();
         for taken in from_fabric {
             let acks = taken.packets.iter().map(|packet| self.stored_ack(packet));
-            match by_conn.iter_mut().find(|(conn, _)| conn.id == taken.conn.id) {
+            // `read_fabric` takes a connection's frames one after the other.
+            match by_conn.last_mut().filter(|(conn, _)| conn.id == taken.conn.id) {
                 Some((_, list)) => list.extend(acks),
                 None => by_conn.push((&taken.conn, acks.collect())),
             }
@@ -108,10 +111,11 @@ impl Server {
     /// forget closed connections. Returns how much was done.
     pub(super) fn tend_fabric(&mut self) -> usize {
         let Some(hub) = &self.fabric else { return 0 };
-        hub.clear_wake();
-        // What the nodes sent since the last look (the wait below woke on it, or the cycles ran
-        // back to back).
-        hub.poll_read(None, Duration::ZERO);
+        // What the nodes sent since the last look (the wait woke on it, or the cycles ran back to
+        // back); the wake fd is cleared if it was signalled.
+        if hub.poll_read(Some(hub.wake_fd()), Duration::ZERO) == Some(true) {
+            hub.clear_wake();
+        }
         let pending = hub.pending();
         let connections = hub.connections();
         let gone = hub.reap();
