@@ -434,6 +434,9 @@ impl Outbox {
     /// Records the server's stored acks for fabric packets: they are published now.
     pub fn fabric_acked(&self, seqs: &[u64]) {
         let mut state = self.lock();
+        // Only then may the flusher wait for these acks (for room in the window); otherwise it
+        // waits for packets, and waking it would cost a wakeup for nothing at every ack.
+        let flusher_waits_for_room = state.unacked.len() >= UNACKED_PACKETS_MAX;
         let mut freed = 0;
         for seq in seqs {
             if let Some(packet) = state.unacked.remove(seq) {
@@ -446,7 +449,9 @@ impl Outbox {
         let fresh: Vec<u64> = seqs.iter().copied().filter(|seq| state.awaiting_ack.contains(seq)).collect();
         state.acked.extend(fresh.iter().copied());
         self.wake_waiters(state, &fresh);
-        self.work.notify_all();
+        if flusher_waits_for_room {
+            self.work.notify_all();
+        }
     }
 
     /// Blocks until the ring has packets; then waits up to `gather` for `expected` of them (the
