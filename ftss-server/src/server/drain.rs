@@ -410,7 +410,12 @@ impl Server {
             };
             match step {
                 Step::Idle => {}
-                Step::Finished => self.finish_log(&key),
+                Step::Finished => {
+                    self.finish_log(&key);
+                    // Only the lowest segment of a writer is listed: its next one, there already
+                    // (the events of its making may have come with the seal's), is read next cycle.
+                    more |= has_successor;
+                }
                 Step::Damaged { from, to, reason, bytes } => {
                     self.log_damaged(&key, from, to, &reason, &bytes, drained);
                 }

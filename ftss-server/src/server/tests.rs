@@ -230,6 +230,35 @@ fn with_a_poll_of_an_hour_every_kind_of_spool_written_is_read_at_the_next_cycle(
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// A writer's segments are read one at a time, the lowest first. The cycle that finds a segment's
+/// seal removes it; the writer's next segment, on disk already (its events taken with the seal's),
+/// must be read at the next cycle, not at the next poll.
+#[test]
+fn after_a_log_segment_is_finished_the_writers_next_segment_is_read_at_the_next_cycle() {
+    let dir = real_dir("next-segment");
+    let mut config = config(&dir);
+    config.poll = Duration::from_secs(3600);
+    let mut server = Server::open(config).unwrap();
+    register_a_and_b(&server.volume);
+    let a = NodeName::new("a").unwrap();
+    server.cycle();
+    let mut log = fsbridge::log::LogWriter::new(server.volume.outbox(&a).dir(), 8);
+    log.append(&packet_batch("a", 1, 2)).unwrap();
+    server.cycle();
+    assert_eq!(server.index.len(), 2, "the first segment's frame");
+    for _ in 0..3 {
+        server.cycle();
+    }
+    // The writer seals its segment and starts the next with a frame, between two cycles.
+    log.seal();
+    log.append(&packet_batch("a", 2, 3)).unwrap();
+    for _ in 0..3 {
+        server.cycle();
+    }
+    assert_eq!(server.index.len(), 5, "the next segment waited for the poll");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// A node may replace its spool directory with a symlink (to make the server drain, and then
 /// remove, files elsewhere). Full reads check every node's directories first; a cycle between
 /// polls must check them too when events came from the directories that hold the spools.
