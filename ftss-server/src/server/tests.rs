@@ -185,16 +185,23 @@ fn real_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// A server on a real directory (inotify works there) with nodes a and b registered, polling once
+/// an hour: what it reads between polls is what its events and its own keep rule name.
+fn hour_poll_server(tag: &str) -> (PathBuf, Server) {
+    let dir = real_dir(tag);
+    let mut config = config(&dir);
+    config.poll = Duration::from_secs(3600);
+    let server = Server::open(config).unwrap();
+    register_a_and_b(&server.volume);
+    (dir, server)
+}
+
 /// Between polls the server reads the spools inotify names. With a poll of an hour, each kind of
 /// write a node makes (an outbox file, a log append, a receipt) must still be taken at the next
 /// cycle, including into a log directory made after the server began.
 #[test]
 fn with_a_poll_of_an_hour_every_kind_of_spool_written_is_read_at_the_next_cycle() {
-    let dir = real_dir("spots");
-    let mut config = config(&dir);
-    config.poll = Duration::from_secs(3600);
-    let mut server = Server::open(config).unwrap();
-    register_a_and_b(&server.volume);
+    let (dir, mut server) = hour_poll_server("spots");
     let (a, b) = (NodeName::new("a").unwrap(), NodeName::new("b").unwrap());
     server.cycle();
     server.cycle();
@@ -235,11 +242,7 @@ fn with_a_poll_of_an_hour_every_kind_of_spool_written_is_read_at_the_next_cycle(
 /// must be read at the next cycle, not at the next poll.
 #[test]
 fn after_a_log_segment_is_finished_the_writers_next_segment_is_read_at_the_next_cycle() {
-    let dir = real_dir("next-segment");
-    let mut config = config(&dir);
-    config.poll = Duration::from_secs(3600);
-    let mut server = Server::open(config).unwrap();
-    register_a_and_b(&server.volume);
+    let (dir, mut server) = hour_poll_server("next-segment");
     let a = NodeName::new("a").unwrap();
     server.cycle();
     let mut log = fsbridge::log::LogWriter::new(server.volume.outbox(&a).dir(), 8);
@@ -264,11 +267,7 @@ fn after_a_log_segment_is_finished_the_writers_next_segment_is_read_at_the_next_
 /// polls must check them too when events came from the directories that hold the spools.
 #[test]
 fn a_spool_directory_replaced_by_a_symlink_between_polls_is_quarantined_not_read() {
-    let dir = real_dir("symlink");
-    let mut config = config(&dir);
-    config.poll = Duration::from_secs(3600);
-    let mut server = Server::open(config).unwrap();
-    register_a_and_b(&server.volume);
+    let (dir, mut server) = hour_poll_server("symlink");
     let b = NodeName::new("b").unwrap();
     server.cycle();
     server.volume.outbox(&b).publish(&batch_file_name(7, 1, "pkt"), &packet_batch("b", 1, 2)).unwrap();
