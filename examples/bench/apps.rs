@@ -23,9 +23,12 @@ pub const FTSS_IDLE: Duration = Duration::from_secs(10);
 /// How long a process may take to start, or to report once the work is over.
 const START_LIMIT: Duration = Duration::from_secs(20);
 const REPORT_LIMIT: Duration = Duration::from_secs(180);
-/// Poll interval of the server and of the shims' inboxes on a local volume (latency-tuned; the
-/// defaults are 20 ms and 10 ms).
+/// Poll interval of the shims' inboxes on a local volume (latency-tuned; the default is 10 ms).
 pub const POLL_MS: u64 = 1;
+/// The server's full-read interval: its default. Between full reads the server wakes on inotify
+/// (the local export, whatever the nodes mount) and on the fabric's sockets, so a shorter one
+/// only adds reads of spools that did not change.
+const SERVER_POLL_MS: u64 = 20;
 /// The shims' inbox poll interval on a network mount: the default, since every poll there is a
 /// round trip to the file server.
 pub const NETWORK_POLL_MS: u64 = 10;
@@ -72,7 +75,7 @@ impl Fabric {
             .arg("--queue-dir")
             .arg(dir.join("queue"))
             .arg("--poll")
-            .arg(format!("{POLL_MS}ms"));
+            .arg(format!("{SERVER_POLL_MS}ms"));
         if let Some(endpoint) = fabric_endpoint {
             let keys = server_volume.join("server").join("fabric-keys");
             std::fs::create_dir_all(&keys).map_err(|error| error.to_string())?;
