@@ -34,7 +34,8 @@ pub const CONNECTIONS_MAX: usize = 1024;
 /// Connections of one node at once (each process of a node has its own).
 pub const CONNECTIONS_PER_NODE_MAX: usize = 256;
 /// Decoded packets' bytes waiting for the main loop, per connection; the reader stops beyond it.
-const INBOUND_BYTES_MAX: usize = 32 * 1024 * 1024;
+/// (64 KiB in unit tests, so that one can fill it.)
+const INBOUND_BYTES_MAX: usize = if cfg!(test) { 64 * 1024 } else { 32 * 1024 * 1024 };
 /// The same over all connections together.
 const INBOUND_TOTAL_BYTES_MAX: usize = 256 * 1024 * 1024;
 /// Receipts waiting for the main loop, per connection; more are dropped (the server delivers those
@@ -1086,5 +1087,100 @@ fn write_loop(conn: &Arc<Conn>) {
         if let Err(error) = written {
             return conn.close(format!("write: {error}"));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fsbridge::{BatchEncoder, BatchHeader};
+
+    /// A node's side of a session: connects, proves its key, waits for the welcome (the test admits
+    /// it meanwhile), then writes `frames` sealed packets frames of one 16 KiB packet each and
+    /// keeps the connection open until told.
+    fn node(path: PathBuf, key: Vec<u8>, frames: u64, done: std::sync::mpsc::Receiver<()>) {
+        let mut stream = UnixStream::connect(path).unwrap();
+        let Ok(Frame::Challenge { nonce, .. }) = fabric::read_frame(&mut stream) else { panic!("no challenge") };
+        let mut hello = fabric::Hello {
+            version: FABRIC_VERSION,
+            node: NodeName::new("n").unwrap(),
+            addr: "10.77.0.5".parse().unwrap(),
+            epoch: 3,
+            nonce: fabric::nonce(),
+            proof: [0; fabric::PROOF_BYTES],
+        };
+        hello.proof = fabric::client_proof(&key, &nonce, &hello);
+        fabric::write_frame(&mut stream, &Frame::Hello(hello.clone())).unwrap();
+        assert!(matches!(fabric::read_frame(&mut stream), Ok(Frame::Welcome { .. })));
+        let (mut sealer, _) = fabric::session(&key, &nonce, &hello.nonce, Role::Node);
+        for seq in 1..=frames {
+            let header =
+                BatchHeader { kind: BatchKind::Packets, node: hello.node.clone(), epoch: 3, batch_seq: seq, flags: 0 };
+            let mut encoder = BatchEncoder::new(&header);
+            encoder.push(&Record::Packet(Packet {
+                id: PacketId { origin: hello.node.clone(), epoch: 3, seq },
+                source: "10.77.0.5:1".parse().unwrap(),
+                destination: "10.77.0.6:2".parse().unwrap(),
+                sent_unix_us: 0,
+                payload: vec![seq as u8; 16 * 1024],
+            }));
+            let mut bytes = Frame::Packets(encoder.finish()).encode();
+            let tag = sealer.seal(&bytes);
+            bytes.extend_from_slice(&tag);
+            stream.write_all(&bytes).unwrap();
+        }
+        let _ = done.recv();
+    }
+
+    fn wait_for<T>(mut found: impl FnMut() -> Option<T>) -> T {
+        for _ in 0..1000 {
+            if let Some(value) = found() {
+                return value;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("not within 5 s");
+    }
+
+    /// The main loop reads a connection only while its inbound queue has room: past the bound the
+    /// next frame is held and the socket is left alone (TCP pushes back on the node), and what the
+    /// cycle takes makes room for the held frame and the rest, in order.
+    #[test]
+    fn a_connection_past_its_inbound_bound_is_held_until_the_cycle_takes_from_it() {
+        let dir = std::env::temp_dir().join(format!("ftss-hub-{}-{}", std::process::id(), fsbridge::random_u64()));
+        std::fs::create_dir_all(dir.join("keys")).unwrap();
+        let key_text = fabric::generate_key_text();
+        std::fs::write(dir.join("keys").join("n.key"), &key_text).unwrap();
+        let key = fabric::parse_key(key_text.trim()).unwrap();
+        let path = dir.join("fabric.sock");
+        let hub = Hub::open(&[Endpoint::Unix(path.clone())], dir.join("keys")).unwrap();
+        let (done, wait) = std::sync::mpsc::channel();
+        let frames = 12;
+        let node = std::thread::spawn(move || node(path, key, frames, wait));
+        let conn = wait_for(|| hub.pending().pop());
+        conn.admit();
+        wait_for(|| (conn.wants_poll() == Some(true)).then_some(()));
+
+        let mut taken = Vec::new();
+        let mut held_seen = 0;
+        while taken.len() < frames as usize {
+            hub.poll_read(None, Duration::from_millis(50));
+            let inbound = lock(&conn.state).inbound_bytes;
+            assert!(inbound <= INBOUND_BYTES_MAX, "{inbound} bytes queued past the bound");
+            if conn.wants_poll() == Some(false) {
+                held_seen += 1;
+                assert!(!hub.polled().0.iter().any(|polled| polled.id == conn.id), "a held connection is polled");
+            }
+            // The cycle takes one frame a look, as a slow cycle would.
+            if let Some(packets) = conn.pop() {
+                taken.extend(packets.into_iter().map(|packet| packet.id.seq));
+            }
+        }
+        assert!(held_seen > 0, "the bound never held a frame back");
+        assert_eq!(taken, (1..=frames).collect::<Vec<u64>>(), "frames lost, repeated or reordered");
+        assert_eq!(lock(&conn.state).inbound_bytes, 0);
+        done.send(()).unwrap();
+        node.join().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
