@@ -74,10 +74,14 @@ fn a_full_volume_gives_senders_a_clear_errno_and_traffic_resumes_when_space_retu
     let disk = SmallDisk::mount(&fabric.volume, "16m");
     fabric.start_server();
     let receiver = Receiver::start(&fabric, 7900);
-    // Enough datagrams that the sender is still sending when the disk fills up (a fast machine
-    // sends a few thousand a second).
+    // Enough bytes that the sender is still sending when the disk fills up, whatever its speed: a
+    // local outbox log writes up to 1 MiB of zeros ahead of itself, and sends into that space
+    // still succeed after the fill (20,000 bare datagrams fit there, and a CI run saw all of them
+    // succeed). 20,000 of 256 B are about 5.5 MiB, several times what can be reserved, and less
+    // than a log segment, so no drained segment is deleted to give space back.
     let count = 20_000;
-    let mut sender = Sender::start(&fabric, 7900, "v", count, 0);
+    let pad = 256;
+    let mut sender = Sender::start(&fabric, 7900, "v", count, pad);
     assert!(wait_until(Duration::from_secs(30), || sender.acknowledged().len() >= 100));
     let filler = disk.fill();
     assert!(
