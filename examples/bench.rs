@@ -5,6 +5,9 @@
 //! scenario and size on stdout, the table then going to stderr):
 //!
 //! - `fsync-limit`: 4 KiB append + fdatasync on the volume's disk (the physical limit per sync).
+//! - `ack-limit`: closed-loop senders on unix sockets to one thread that group-commits with one
+//!   write and fdatasync on the volume's disk and then acks, with nothing else (the physical limit
+//!   of any transport that acks after its sync, ftss-fabric and redis-stream among them).
 //! - `udp-raw`: loopback UDP between two `loadgen` processes (the ceiling).
 //! - `shim-passthrough`: the same under the shim, destination outside FTSS_ROUTES.
 //! - `ftss-async`, `ftss-volume`, `ftss-guaranteed`: end to end through a real ftss-server on a
@@ -37,6 +40,8 @@
 //! under DIR (default: a directory under the system temp dir). FTSS_BIN_DIR uses already-built
 //! binaries (`libftss_shim.so`, `ftss-server`, `examples/loadgen`) instead of building them.
 
+#[path = "bench/ack_limit.rs"]
+mod ack_limit;
 #[path = "bench/apps.rs"]
 mod apps;
 #[path = "../tests/common/mod.rs"]
@@ -72,8 +77,9 @@ use report::{Measurement, TABLE_HEADER, table_row};
 const PAYLOADS: [usize; 3] = [64, 512, 8192];
 const SENDERS: [usize; 2] = [1, 8];
 /// Every scenario, in the order they run.
-const SCENARIOS: [&str; 23] = [
+const SCENARIOS: [&str; 24] = [
     "fsync-limit",
+    "ack-limit",
     "udp-raw",
     "shim-passthrough",
     "ftss-async",
@@ -310,6 +316,14 @@ fn run(options: Options) -> Result<bool, String> {
             let dir = bench.run_dir("fsync-limit")?;
             emit(outcome("fsync-limit", disk::FSYNC_APPEND_BYTES, senders, true, || {
                 median_of(plan.repeats, || disk::fsync_limit(&dir.0, senders, plan.duration))
+            }));
+        }
+    }
+    if selected("ack-limit") {
+        for run in grid(&plan.payloads) {
+            let dir = bench.run_dir("ack-limit")?;
+            emit(outcome("ack-limit", run.payload, run.senders, true, || {
+                median_of(plan.repeats, || ack_limit::ack_limit(&dir.0, run.payload, run.senders, run.duration))
             }));
         }
     }
