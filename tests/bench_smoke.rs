@@ -6,8 +6,9 @@ mod common;
 use std::collections::BTreeSet;
 use std::process::Command;
 
-const SCENARIOS: [&str; 23] = [
+const SCENARIOS: [&str; 24] = [
     "fsync-limit",
+    "ack-limit",
     "udp-raw",
     "shim-passthrough",
     "ftss-async",
@@ -64,6 +65,11 @@ fn bench_smoke_prints_one_json_object_per_scenario_line() {
             // Only optional tools (samba/smbnetfs, redis-server) may be missing; nothing may fail.
             Some(why) => assert!(!why.as_str().unwrap_or("").starts_with("failed"), "{line}"),
             None => assert!(object["packets"].as_u64().is_some_and(|packets| packets > 0), "nothing measured: {line}"),
+        }
+        if scenario == "ack-limit" {
+            // Every ack follows a sync that carried at least the acked message.
+            let per_sync = object["packets_per_sync"].as_f64().unwrap_or(0.0);
+            assert!(per_sync >= 1.0, "ack-limit acked {per_sync} messages a sync: {line}");
         }
         seen.insert(scenario.to_owned());
     }
