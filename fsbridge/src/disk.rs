@@ -270,6 +270,17 @@ fn statx_size_and_links(fd: RawFd) -> io::Result<(u64, u64)> {
     Ok((stat.stx_size, u64::from(stat.stx_nlink)))
 }
 
+/// `fstat` of an open file for its size and link count.
+fn fstat_size_and_links(fd: RawFd) -> io::Result<(u64, u64)> {
+    // SAFETY: stat is plain old data; all zeros is a valid value.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `stat` is a valid buffer for one struct stat.
+    if unsafe { libc::fstat(fd, &mut stat) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((stat.st_size as u64, stat.st_nlink as u64))
+}
+
 impl File {
     /// Opens for reading.
     pub fn open(path: impl AsRef<Path>) -> io::Result<File> {
@@ -318,7 +329,16 @@ impl File {
     /// [`File::metadata`].
     pub fn size_and_links(&self) -> io::Result<(u64, u64)> {
         match self {
-            File::Real(file) => statx_size_and_links(file.file().as_raw_fd()),
+            File::Real(file) => match statx_size_and_links(file.file().as_raw_fd()) {
+                // A kernel without statx, or a seccomp filter that refuses it (older container
+                // profiles answer EPERM): a plain fstat still answers, at the cost above. (Not
+                // std's `metadata`, which tries statx first and, once statx has worked in this
+                // process, returns its error.)
+                Err(error) if matches!(error.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
+                    fstat_size_and_links(file.file().as_raw_fd())
+                }
+                result => result,
+            },
             File::Sim(handle) => handle.metadata().map(|meta| (meta.len, meta.nlink)),
         }
     }
@@ -587,6 +607,50 @@ mod tests {
         std::fs::remove_file(&path).unwrap();
         // Removed while open: the link count a sync checks to find a segment unlinked under it.
         assert_eq!(file.size_and_links().unwrap(), (8_696, 0));
+    }
+
+    /// A seccomp filter on this thread alone that refuses `statx` with EPERM, as older container
+    /// profiles do.
+    fn refuse_statx_on_this_thread() {
+        let statement = |code: u32, jt: u8, jf: u8, k: u32| libc::sock_filter { code: code as u16, jt, jf, k };
+        let program = [
+            // The syscall number is the first word of seccomp_data.
+            statement(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, 0),
+            statement(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, 0, 1, libc::SYS_statx as u32),
+            statement(libc::BPF_RET | libc::BPF_K, 0, 0, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
+            statement(libc::BPF_RET | libc::BPF_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+        ];
+        let filter = libc::sock_fprog { len: program.len() as u16, filter: program.as_ptr().cast_mut() };
+        // SAFETY: prctl with these options reads only the filter program, which outlives the call.
+        unsafe {
+            assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+            assert_eq!(libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &filter as *const _), 0);
+        }
+    }
+
+    #[test]
+    fn size_and_links_answers_where_statx_is_refused() {
+        let path = std::env::temp_dir().join(format!("ftss-no-statx-{}-{}", std::process::id(), random_u64()));
+        std::fs::write(&path, [1; 300]).unwrap();
+        let file = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        // A thread of its own: the filter stays with the thread, which ends with the test.
+        let answer = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    refuse_statx_on_this_thread();
+                    // SAFETY: an empty path with AT_EMPTY_PATH names fd 0; the buffer is valid.
+                    let refused = unsafe {
+                        let mut stat: libc::statx = std::mem::zeroed();
+                        libc::statx(0, c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_SIZE, &mut stat)
+                    };
+                    assert_eq!(refused, -1, "the filter did not refuse statx");
+                    file.size_and_links().map_err(|error| error.to_string())
+                })
+                .join()
+                .unwrap()
+        });
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(answer, Ok((300, 1)));
     }
 
     #[test]
