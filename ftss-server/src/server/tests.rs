@@ -172,9 +172,7 @@ fn a_spool_left_with_files_by_the_cycles_bound_is_read_again_at_once() {
     }
     // Within the poll interval from here on: the first read is the only one the poll gives.
     server.volume_reads.keep((NodeName::new("a").unwrap(), Area::Outbox));
-    for _ in 0..3 {
-        server.cycle();
-    }
+    run_cycles(&mut server, 3);
     assert_eq!(server.index.len() as u64, files, "files left by a bounded read waited for the poll");
 }
 
@@ -183,6 +181,13 @@ fn real_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ftss-server-{tag}-{}-{}", std::process::id(), fsbridge::random_u64()));
     std::fs::create_dir_all(dir.join("queue")).unwrap();
     dir
+}
+
+/// Runs `count` cycles of `server` back to back.
+fn run_cycles(server: &mut Server, count: usize) {
+    for _ in 0..count {
+        server.cycle();
+    }
 }
 
 /// A server on a real directory (inotify works there) with nodes a and b registered, polling once
@@ -215,15 +220,11 @@ fn with_a_poll_of_an_hour_every_kind_of_spool_written_is_read_at_the_next_cycle(
     log.append(&packet_batch("a", 2, 4)).unwrap();
     server.cycle();
     assert_eq!(server.index.len(), 9, "the first frame of a new log directory");
-    for _ in 0..3 {
-        server.cycle();
-    }
+    run_cycles(&mut server, 3);
     log.append(&packet_batch("a", 3, 1)).unwrap();
     server.cycle();
     assert_eq!(server.index.len(), 10, "an append to a log segment");
-    for _ in 0..3 {
-        server.cycle();
-    }
+    run_cycles(&mut server, 3);
     let delivered: Vec<PacketId> = handed_on(inbox_packets(&server.volume, "b"));
     assert_eq!(delivered.len(), 8, "node a's packets went into b's inbox");
     let header = BatchHeader { kind: BatchKind::Receipts, node: b.clone(), epoch: 9, batch_seq: 1, flags: 0 };
@@ -249,15 +250,11 @@ fn after_a_log_segment_is_finished_the_writers_next_segment_is_read_at_the_next_
     log.append(&packet_batch("a", 1, 2)).unwrap();
     server.cycle();
     assert_eq!(server.index.len(), 2, "the first segment's frame");
-    for _ in 0..3 {
-        server.cycle();
-    }
+    run_cycles(&mut server, 3);
     // The writer seals its segment and starts the next with a frame, between two cycles.
     log.seal();
     log.append(&packet_batch("a", 2, 3)).unwrap();
-    for _ in 0..3 {
-        server.cycle();
-    }
+    run_cycles(&mut server, 3);
     assert_eq!(server.index.len(), 5, "the next segment waited for the poll");
     std::fs::remove_dir_all(dir).unwrap();
 }
