@@ -143,6 +143,41 @@ fn packets_waiting_in_the_volume_inbox_go_to_a_fabric_socket_that_binds_later() 
     assert!(files_in(&inbox).is_empty(), "the server took its inbox files back: {:?}", files_in(&inbox));
 }
 
+/// Kills the server (and starts it again with `arguments`) while `sender` sends `count` datagrams
+/// to `receiver`, at least three times; then checks the history: every acked datagram received,
+/// none twice, even after a redelivery would have come. Returns the number of kills.
+fn kill_server_during(
+    fabric: &mut Fabric,
+    arguments: &[&str],
+    sender: &mut Sender,
+    receiver: &Receiver,
+    count: usize,
+    pause: impl Fn(u64) -> Duration,
+) -> u64 {
+    let mut kills = 0;
+    while kills < 6 && sender.acknowledged().len() < count {
+        std::thread::sleep(pause(kills));
+        fabric.kill_server();
+        kills += 1;
+        std::thread::sleep(Duration::from_millis(200));
+        fabric.start_server_with(arguments);
+    }
+    assert!(kills >= 3, "the transfer ended before the server was killed three times");
+    assert!(sender.proc.wait_exit(Duration::from_secs(120)), "sender did not finish");
+    assert_eq!(sender.acknowledged().len(), count, "errors: {:?}", sender.errors());
+    assert!(
+        wait_until(Duration::from_secs(60), || receiver.payloads().len() >= count),
+        "{} of {count} received after {kills} kills",
+        receiver.payloads().len()
+    );
+    std::thread::sleep(Duration::from_secs(3)); // a redelivery would show up now
+    let mut history = History::new();
+    sender.record(&mut history, Ack::Volume);
+    receiver.record(&mut history, "receiver");
+    history.check().assert_ok(&format!("{kills} kills of the server during a fabric transfer"));
+    kills
+}
+
 #[test]
 fn server_killed_during_a_fabric_transfer_loses_nothing_acknowledged_and_repeats_nothing() {
     let mut fabric = Fabric::new("fabric-kill");
@@ -156,29 +191,27 @@ fn server_killed_during_a_fabric_transfer_loses_nothing_acknowledged_and_repeats
     let receiver = Receiver::start(&fabric, 9400);
     let count = 3000;
     let mut sender = Sender::start(&fabric, 9400, "k", count, 100);
-    let mut kills = 0;
-    while kills < 6 && sender.acknowledged().len() < count {
-        std::thread::sleep(Duration::from_millis(250 + 100 * kills));
-        fabric.kill_server();
-        kills += 1;
-        std::thread::sleep(Duration::from_millis(200));
-        fabric.start_server_with(&arguments);
-    }
-    assert!(kills >= 3, "the transfer ended before the server was killed three times");
-    assert!(sender.proc.wait_exit(Duration::from_secs(120)), "sender did not finish");
-    let acknowledged = sender.acknowledged();
-    assert_eq!(acknowledged.len(), count, "errors: {:?}", sender.errors());
-    assert!(
-        wait_until(Duration::from_secs(60), || receiver.payloads().len() >= count),
-        "{} of {count} received after {kills} kills",
-        receiver.payloads().len()
-    );
-    std::thread::sleep(Duration::from_secs(3)); // a redelivery would show up now
-    let mut history = History::new();
-    sender.record(&mut history, Ack::Volume);
-    receiver.record(&mut history, "receiver");
-    history.check().assert_ok(&format!("{kills} kills of the server during a fabric transfer"));
+    let pause = |kills| Duration::from_millis(250 + 100 * kills);
+    kill_server_during(&mut fabric, &arguments, &mut sender, &receiver, count, pause);
     assert!(fabric.node_log("a").contains("reconnecting"), "{}", fabric.node_log("a"));
+}
+
+/// Threads of one process share its connection: a blocking sender writes its own frame when no one
+/// else is writing, the others leave theirs to the flusher, and every reconnect sends again what
+/// is unacked. Through kills of the server, the history holds.
+#[test]
+fn threads_sharing_a_fabric_connection_through_server_kills_lose_nothing_acknowledged_and_repeat_nothing() {
+    let mut fabric = Fabric::new("fabric-threads");
+    let unix = unix_endpoint(&fabric);
+    let arguments = ["--fabric-listen", unix.as_str(), "--redeliver-after", "2s"];
+    fabric.start_server_with(&arguments);
+    fabric.use_fabric("a", &unix);
+    fabric.use_fabric("b", &unix);
+    let receiver = Receiver::start(&fabric, 9410);
+    let (threads, each) = (6, 3000);
+    let mut sender = Sender::start_threads(&fabric, 9410, "t", threads, each);
+    let pause = |kills| Duration::from_millis(150 + 50 * kills);
+    kill_server_during(&mut fabric, &arguments, &mut sender, &receiver, threads * each, pause);
 }
 
 #[test]

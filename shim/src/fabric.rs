@@ -199,6 +199,44 @@ impl Read for &Wire {
     }
 }
 
+/// The link thread's reader: it sleeps in `poll` for input, never in a blocking `read`. A thread
+/// blocked in a unix socket's `read` is woken whenever the peer takes bytes this side wrote (the
+/// socket's write space wakes every sleeper on it), which on a busy link is a wakeup for nothing
+/// at every frame the server reads; a `poll` for input alone is not woken by that.
+struct PolledReader<'a>(&'a Wire);
+
+impl Read for PolledReader<'_> {
+    fn read(&mut self, buffer: &mut [u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: buffer is live and writable.
+            let read = unsafe {
+                (real().recvfrom)(
+                    self.0.fd,
+                    buffer.as_mut_ptr().cast(),
+                    buffer.len(),
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                )
+            };
+            if read >= 0 {
+                return Ok(read as usize);
+            }
+            match errno() {
+                libc::EINTR => {}
+                libc::EAGAIN => {
+                    let mut poll = libc::pollfd { fd: self.0.fd, events: libc::POLLIN, revents: 0 };
+                    // SAFETY: one pollfd on our fd. A hangup or an error is read by the next recv.
+                    if unsafe { (real().poll)(&mut poll, 1, -1) } < 0 && errno() != libc::EINTR {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                _ => return Err(io::Error::last_os_error()),
+            }
+        }
+    }
+}
+
 struct LinkState {
     wire: Option<Arc<Wire>>,
     /// Counts successful connections: the flusher resends what is unacked when it changes.
@@ -351,7 +389,7 @@ impl Link {
     fn read_loop(&self, wire: &Wire, mut opener: FrameOpener, events: &dyn LinkEvents) -> String {
         // Buffered: one read takes the acks and deliveries that have arrived, instead of four
         // reads per frame.
-        let mut reader = std::io::BufReader::with_capacity(READ_BUFFER_BYTES, wire);
+        let mut reader = std::io::BufReader::with_capacity(READ_BUFFER_BYTES, PolledReader(wire));
         loop {
             let frame = match opener.read(&mut reader, fabric::FRAME_BODY_BYTES_MAX) {
                 Ok(frame) => frame,

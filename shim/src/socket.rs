@@ -550,13 +550,24 @@ pub fn send_fabric(fd: c_int, sock: &Sock, payload: &[u8], flags: c_int, destina
     let epoch = shim.epoch();
     let node = &shim.config.node;
     let wants_ack = shim.config.ack == AckMode::Guaranteed;
-    let enqueued = outbox.enqueue(payload.len(), nonblocking, room_deadline, wants_ack, |seq| Packet {
-        id: PacketId { origin: node.clone(), epoch, seq },
-        source,
-        destination,
-        sent_unix_us: fsbridge::unix_now_us(),
-        payload: payload.to_vec(),
-    });
+    // Over the fabric, a blocking sender that waits for the server's ack writes its packet itself
+    // (with what else is queued) if no one else is writing: the flusher's wakeup is off its round
+    // trip. A non-blocking sender, or one with a send timeout, never waits on the connection.
+    let direct =
+        shim.link().filter(|_| shim.config.ack != AckMode::Async && !nonblocking && sock.lock().send_timeout.is_none());
+    let enqueued =
+        outbox.enqueue(payload.len(), nonblocking, room_deadline, wants_ack, direct.is_none(), |seq| Packet {
+            id: PacketId { origin: node.clone(), epoch, seq },
+            source,
+            destination,
+            sent_unix_us: fsbridge::unix_now_us(),
+            payload: payload.to_vec(),
+        });
+    if let (Some(link), Ok(_)) = (direct, &enqueued)
+        && !outbox.send_fabric_now(link)
+    {
+        outbox.wake_flusher();
+    }
     let enqueued = enqueued.map_err(|error| match error {
         SendError::TimedOut if room_deadline < deadline => SendError::WouldBlock,
         other => other,

@@ -37,6 +37,32 @@ pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Keeps the calling thread's signals blocked while alive; the thread's mask comes back on drop.
+/// Held while an app thread does the shim's own work under the shim's locks (writing a fabric
+/// frame): a signal handler that sends meanwhile would otherwise wait on a lock its own thread
+/// holds. Signals that arrive are delivered at the drop.
+pub struct SignalsHeld(libc::sigset_t);
+
+impl SignalsHeld {
+    pub fn hold() -> SignalsHeld {
+        // SAFETY: sigset_t is plain data, filled by sigfillset; pthread_sigmask on this thread.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut before: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut before);
+            SignalsHeld(before)
+        }
+    }
+}
+
+impl Drop for SignalsHeld {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved by `hold` on the same thread (the guard is not Send).
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.0, std::ptr::null_mut()) };
+    }
+}
+
 /// A lock taken for writing while the shim makes one of its own fds and marks it, and for reading
 /// while the app's `close` or `close_range` closes fds. Without it, an app closing a range could
 /// close an fd of the shim's between its creation (at the lowest free number) and its mark: the

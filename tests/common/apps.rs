@@ -39,6 +39,37 @@ while n < count:
         time.sleep(0.1)
 "#;
 
+/// PY_SENDER's loop in THREADS threads of one process, each with its own socket, sending
+/// "<tag>-<t>-<n>" and printing "ok <t>-<n>" / "err <t>-<n> errno". Odd threads set a socket
+/// timeout (Python then makes the fd non-blocking and waits in poll), even ones block.
+pub const PY_THREADED_SENDER: &str = r#"
+import socket, sys, threading, time
+host, port, tag, threads, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+out = threading.Lock()
+def say(line):
+    with out:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+def run(t):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if t % 2:
+        s.settimeout(30.0)
+    n = 0
+    while n < count:
+        try:
+            s.sendto(f"{tag}-{t}-{n}".encode(), (host, port))
+            say(f"ok {t}-{n}")
+            n += 1
+        except OSError as error:
+            say(f"err {t}-{n} {error.errno}")
+            time.sleep(0.1)
+workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+for worker in workers:
+    worker.start()
+for worker in workers:
+    worker.join()
+"#;
+
 /// Binds 0.0.0.0:PORT, prints "ready" and never reads.
 pub const PY_DEAF: &str = r#"
 import socket, sys, time
@@ -115,9 +146,29 @@ impl Sender {
         pad: usize,
         env: &[(&str, &str)],
     ) -> Sender {
+        let arguments = [host, &port.to_string(), tag, &count.to_string(), &pad.to_string()].map(str::to_owned);
+        Sender::spawn(fabric, PY_SENDER, &arguments, env, tag, pad)
+    }
+
+    /// PY_THREADED_SENDER as node a: `threads` threads of one process, `count` datagrams each.
+    pub fn start_threads(fabric: &Fabric, port: u16, tag: &str, threads: usize, count: usize) -> Sender {
+        let arguments =
+            ["10.77.0.2", &port.to_string(), tag, &threads.to_string(), &count.to_string()].map(str::to_owned);
+        Sender::spawn(fabric, PY_THREADED_SENDER, &arguments, &[], tag, 0)
+    }
+
+    fn spawn(
+        fabric: &Fabric,
+        script: &str,
+        arguments: &[String],
+        env: &[(&str, &str)],
+        tag: &str,
+        pad: usize,
+    ) -> Sender {
         let mut command = fabric.command("a", "10.77.0.1", "python3");
         command
-            .args(["-c", PY_SENDER, host, &port.to_string(), tag, &count.to_string(), &pad.to_string()])
+            .args(["-c", script])
+            .args(arguments)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
