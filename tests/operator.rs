@@ -113,6 +113,19 @@ fn metrics_are_served_in_prometheus_text_format() {
     // of the four sync sites were not counted).
     assert_eq!(sample(&text, "ftss_syncs_total"), sample(&text, "ftss_sync_seconds_count"), "{text}");
     assert_eq!(sample(&text, "ftss_queue_packets"), Some(7.0), "{text}");
+    // Where the main loop's time goes: every step is there, the syncs took time, and the steps
+    // of the cycles add up to no more than the server has been running.
+    assert!(sample(&text, "ftss_cycles_total").is_some_and(|cycles| cycles >= 1.0), "{text}");
+    let steps = ["gather", "read", "deliver_early", "sync", "complete", "deliver", "other", "idle"];
+    let seconds: Vec<f64> = steps
+        .iter()
+        .map(|step| sample(&text, &format!("ftss_cycle_seconds_total{{step=\"{step}\"}}")).expect(step))
+        .collect();
+    assert!(seconds[3] > 0.0, "no time in syncs: {text}");
+    let status = fabric.status();
+    let running = status["updated_unix_ms"].as_f64().unwrap() - status["started_unix_ms"].as_f64().unwrap();
+    assert!(seconds.iter().sum::<f64>() <= running / 1000.0 + 1.0, "{seconds:?} in {running} ms: {text}");
+    assert_eq!(status["cycle_time"]["seconds"].as_object().map(|steps| steps.len()), Some(steps.len()), "{status}");
     assert_eq!(sample(&text, "ftss_degraded"), Some(0.0));
     assert_eq!(sample(&text, "ftss_backpressure"), Some(0.0));
     assert!(text.contains("ftss_mirror_healthy{dir="), "{text}");

@@ -40,6 +40,8 @@ pub struct Fabric {
     /// FTSS_POLL_MS of the nodes.
     pub node_poll_ms: u64,
     pub server: Proc,
+    /// The server's status.json.
+    pub status_path: PathBuf,
     pub dir: PathBuf,
     /// With the fabric transport: where the nodes connect (they then use no volume).
     pub fabric_endpoint: Option<String>,
@@ -97,6 +99,7 @@ impl Fabric {
             node_volume: node_volume.to_path_buf(),
             node_poll_ms,
             server,
+            status_path: volume.status_path(),
             dir: dir.to_path_buf(),
             fabric_endpoint: fabric_endpoint.map(String::from),
         })
@@ -243,12 +246,15 @@ fn ftss_with(
     let mut measurement = Measurement::new(scenario, run.payload, run.senders, ack != "async");
     let mut fabric = fabric;
     let server_cpu_before = cpu_ticks(fabric.server.pid());
+    let status_before = read_status(&fabric.status_path);
     let result = drive(bench, run, &fabric.dir, &apps, &mut measurement);
     let server_cpu = cpu_ticks(fabric.server.pid()).zip(server_cpu_before).map(|(after, before)| after - before);
     let server_rss = proc_status_kib(fabric.server.pid(), "VmHWM");
+    // The server writes its last status as it stops.
     fabric.server.terminate(Duration::from_secs(5));
     result?;
     measurement.extra.push(("server_max_rss_kib", json!(server_rss)));
+    measurement.extra.push(("server_cycle_us", cycle_means(&status_before, &read_status(&fabric.status_path))));
     // Clock ticks are 10 ms (USER_HZ 100): the run's few seconds give a rough figure.
     if let (Some(ticks), Some(packets)) = (server_cpu, Some(measurement.packets).filter(|packets| *packets > 0)) {
         measurement.extra.push(("server_cpu_ns_per_packet", json!(ticks * 10_000_000 / packets)));
@@ -261,6 +267,40 @@ fn ftss_with(
         measurement.extra.push(("ack_p99_us", send_p99));
     }
     Ok(measurement)
+}
+
+/// The server's status.json (null if it cannot be read).
+fn read_status(path: &Path) -> Value {
+    std::fs::read(path).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok()).unwrap_or(Value::Null)
+}
+
+/// The server's cycles between two status documents: how many, the mean of each step of a cycle
+/// and of the whole cycle in microseconds (idle time between cycles apart), and how many packets
+/// each stored. Null if the later document lacks them.
+fn cycle_means(before: &Value, after: &Value) -> Value {
+    let count = |status: &Value, pointer: &str| status.pointer(pointer).and_then(Value::as_f64);
+    // A server that just started may not have written its first status yet: nothing before.
+    let Some(cycles_after) = count(after, "/cycle_time/cycles") else { return Value::Null };
+    let cycles_before = count(before, "/cycle_time/cycles").unwrap_or(0.0);
+    let cycles = cycles_after - cycles_before;
+    if cycles <= 0.0 {
+        return Value::Null;
+    }
+    let mut means = serde_json::Map::new();
+    means.insert("cycles".into(), json!(cycles));
+    let mut total = 0.0;
+    for (step, seconds) in after["cycle_time"]["seconds"].as_object().into_iter().flatten() {
+        let spent =
+            seconds.as_f64().unwrap_or(0.0) - count(before, &format!("/cycle_time/seconds/{step}")).unwrap_or(0.0);
+        if step != "idle" {
+            total += spent;
+            means.insert(step.clone(), json!((spent / cycles * 1e7).round() / 10.0));
+        }
+    }
+    means.insert("cycle".into(), json!((total / cycles * 1e7).round() / 10.0));
+    let stored = count(after, "/counters/stored").unwrap_or(0.0) - count(before, "/counters/stored").unwrap_or(0.0);
+    means.insert("stored_per_cycle".into(), json!((stored / cycles * 100.0).round() / 100.0));
+    Value::Object(means)
 }
 
 /// loadgen with `env`, in network namespace `netns` (the tun scenarios) or the bench's own.

@@ -94,6 +94,7 @@ pub fn render(status: &Value, sync: &Histogram) -> String {
     out.counters(status);
     out.queue(status);
     out.nodes(status);
+    out.cycle_time(status);
     out.histogram(sync);
     out.text
 }
@@ -223,6 +224,24 @@ impl Exposition {
             "counter",
             "Whole IP packets of the node's agent (ftss-node): sent, delivered to it, refused by reason.",
             ip,
+        );
+    }
+
+    /// Where the main loop's time went, step by step (status.json's `cycle_time`).
+    fn cycle_time(&mut self, status: &Value) {
+        let cycle_time = &status["cycle_time"];
+        self.single("ftss_cycles_total", "counter", "Cycles of the main loop.", number(&cycle_time["cycles"]));
+        let steps: Vec<(String, f64)> = cycle_time["seconds"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(step, seconds)| (format!("{{step=\"{}\"}}", escape(step)), number(seconds)))
+            .collect();
+        self.metric(
+            "ftss_cycle_seconds_total",
+            "counter",
+            "Wall time of the main loop by step of its cycle (idle: between cycles).",
+            steps,
         );
     }
 

@@ -44,6 +44,7 @@ use crate::queue::{Location, MirrorStatus, Outcome, Queue, QueueError, QueueReco
 use crate::watch::{Area, Spot, Tag, Watcher};
 
 mod acks;
+mod cycle_time;
 mod deliver;
 mod drain;
 mod limits;
@@ -54,6 +55,8 @@ mod report;
 mod startup;
 mod types;
 
+pub use self::cycle_time::CycleTime;
+use self::cycle_time::{CycleClock, CycleStep};
 use self::limits::*;
 use self::maintenance::{foreign_owner, fresh_claims};
 pub use self::report::*;
@@ -119,6 +122,8 @@ pub struct Server {
     /// through a gateway goes to the partition that holds it.
     gateway_partitions: HashMap<NodeName, u32>,
     sync_seconds: Histogram,
+    /// Where the main loop's time goes, step by step (`cycle_time` in status.json).
+    clock: CycleClock,
     metrics: Option<Snapshot>,
     /// Set when running as one of several instances (`--ha`).
     active: Option<Active>,
@@ -227,7 +232,9 @@ impl Server {
         while !stop() && !self.deposed {
             let busy = self.cycle();
             if !busy {
+                let idle = Instant::now();
                 self.wait_for_work();
+                self.clock.add(CycleStep::Idle, idle);
             }
         }
         self.write_status(true);
@@ -309,6 +316,13 @@ impl Server {
         if self.deposed {
             return false;
         }
+        self.clock.begin_cycle();
+        let busy = self.cycle_steps();
+        self.clock.end_cycle();
+        busy
+    }
+
+    fn cycle_steps(&mut self) -> bool {
         let mut work = 0;
         self.take_volume_events();
         if let Err(error) = self.refresh_registry() {
@@ -324,11 +338,13 @@ impl Server {
             return false;
         }
         // "stored" acks are announced before the cycle spends time delivering.
+        let delivering = Instant::now();
         self.ring_bells();
         match self.deliver() {
             Ok(count) => work += count,
             Err(error) => self.report("delivering", error),
         }
+        self.clock.add(CycleStep::Deliver, delivering);
         self.dead_letter_expired();
         if !self.may_act() {
             return false;
@@ -385,7 +401,10 @@ impl Server {
     /// cycle is appended, then one sync, and only then are packets acked and receipted ones
     /// released. Returns how much was done.
     fn store(&mut self) -> usize {
+        let gathering = Instant::now();
         self.gather_fabric();
+        self.clock.add(CycleStep::Gather, gathering);
+        let reading = Instant::now();
         let plan = self.volume_plan();
         let mut drain = self.stage_drain(&plan).unwrap_or_else(|error| {
             self.report("draining", error);
@@ -396,11 +415,16 @@ impl Server {
             None
         });
         let appended = drain.is_some() || receipts.as_ref().is_some_and(|group| !group.done.is_empty());
+        self.clock.add(CycleStep::Read, reading);
         if let Some(group) = drain.as_mut() {
+            let delivering = Instant::now();
             self.deliver_early(group);
+            self.clock.add(CycleStep::DeliverEarly, delivering);
         }
         if appended {
+            let syncing = Instant::now();
             let synced = self.sync_queue();
+            self.clock.add(CycleStep::Sync, syncing);
             if let Err(error) = &synced {
                 self.push_back(format!("queue: {error}"));
             }
@@ -414,6 +438,7 @@ impl Server {
                 return 0;
             }
         }
+        let completing = Instant::now();
         let mut work = 0;
         if let Some(group) = receipts {
             match self.complete_receipts(group) {
@@ -427,6 +452,7 @@ impl Server {
                 Err(error) => self.report("draining", error),
             }
         }
+        self.clock.add(CycleStep::Complete, completing);
         work
     }
 }

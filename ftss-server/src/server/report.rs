@@ -13,6 +13,8 @@ pub struct Status {
     pub backpressure: Backpressure,
     pub counters: Counters,
     pub rates: Rates,
+    /// Where the main loop's time went since the start, step by step.
+    pub cycle_time: CycleTime,
     pub queue: QueueStatus,
     pub config: ConfigStatus,
     pub recovery: RecoveryReport,
@@ -149,6 +151,7 @@ impl Server {
             backpressure: self.backpressure.clone(),
             counters,
             rates: self.rates(),
+            cycle_time: self.clock.report(),
             queue: QueueStatus {
                 packets: self.index.len() as u64,
                 retained: self.book.retained() as u64,

@@ -58,6 +58,7 @@ impl Server {
                 .map(|index| (gateway_origin(index), index))
                 .collect(),
             sync_seconds: Histogram::default(),
+            clock: CycleClock::default(),
             metrics: None,
             active: None,
             gateway_seq: 0,
