@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::apps::{Receiver, Sender, expected};
 use common::history::{Ack, History};
@@ -212,6 +212,51 @@ fn threads_sharing_a_fabric_connection_through_server_kills_lose_nothing_acknowl
     let mut sender = Sender::start_threads(&fabric, 9410, "t", threads, each);
     let pause = |kills| Duration::from_millis(150 + 50 * kills);
     kill_server_during(&mut fabric, &arguments, &mut sender, &receiver, threads * each, pause);
+}
+
+/// A sender writes its own frame only into a connection with room: with the server stopped (its
+/// socket full of unread frames), a single-threaded app's send still fails after FTSS_TIMEOUT,
+/// having waited for its ack with its signals deliverable, and the app dies at once on SIGTERM.
+/// (A sender that wrote into the full socket itself would wait there, signals held, until the
+/// connection's write timeout.)
+#[test]
+fn a_sender_whose_server_stopped_reading_still_fails_in_time_and_dies_at_once_on_sigterm() {
+    let mut fabric = Fabric::new("fabric-stopped");
+    let unix = unix_endpoint(&fabric);
+    fabric.start_server_with(&["--fabric-listen", unix.as_str()]);
+    fabric.use_fabric("a", &unix);
+    fabric.use_fabric("b", &unix);
+    let _receiver = Receiver::start(&fabric, 9420);
+    // 60,000-byte datagrams: a few fill the connection's socket buffer.
+    let mut sender = Sender::start_with(&fabric, 9420, "s", 1_000_000, 60_000, &[("FTSS_TIMEOUT", "1")]);
+    assert!(wait_until(Duration::from_secs(20), || !sender.acknowledged().is_empty()), "nothing sent");
+    let server = fabric.server.as_ref().expect("server runs").child.id() as libc::pid_t;
+    // SAFETY: signals to the test's own children.
+    unsafe { libc::kill(server, libc::SIGSTOP) };
+    // Each send now fails after a second, its frame left unread: after a few the socket is full.
+    // The sender prints a line per send; it must never go quiet for long.
+    let watched = Instant::now();
+    let (mut lines, mut changed, mut longest) = (sender.said.lines().len(), Instant::now(), Duration::ZERO);
+    while watched.elapsed() < Duration::from_secs(12) {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = sender.said.lines().len();
+        if now != lines {
+            (lines, changed) = (now, Instant::now());
+        }
+        longest = longest.max(changed.elapsed());
+    }
+    let timed_out = sender.errors().iter().filter(|line| line.ends_with(" 110")).count();
+    let pid = sender.proc.child.id() as libc::pid_t;
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let dies = Instant::now();
+    let died = sender.proc.wait_exit(Duration::from_secs(5));
+    let took = dies.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(server, libc::SIGCONT) };
+    assert!(timed_out >= 6, "sends did not time out: {:?}", sender.errors());
+    assert!(longest < Duration::from_secs(3), "a send took {longest:?} with FTSS_TIMEOUT=1");
+    assert!(died && took < Duration::from_secs(2), "the sender took {took:?} to die on SIGTERM (died: {died})");
 }
 
 #[test]

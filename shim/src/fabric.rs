@@ -177,6 +177,14 @@ impl Wire {
         Ok(())
     }
 
+    /// Does the connection take more bytes now (a write of a small frame does not wait)?
+    pub fn writable_now(&self) -> bool {
+        let mut poll = libc::pollfd { fd: self.fd, events: libc::POLLOUT, revents: 0 };
+        // SAFETY: one pollfd on our fd, no wait.
+        let ready = unsafe { (real().poll)(&mut poll, 1, 0) };
+        ready == 1 && poll.revents & libc::POLLOUT != 0 && poll.revents & (libc::POLLERR | libc::POLLHUP) == 0
+    }
+
     /// Wakes a reader blocked on this connection and fails later writes.
     fn shut(&self) {
         // SAFETY: shutdown on our fd.

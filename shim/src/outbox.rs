@@ -36,6 +36,9 @@ pub const RING_BYTES_MAX: usize = 16 * 1024 * 1024;
 const BATCH_FILE_BYTES_MAX: usize = BATCH_BYTES_MAX / 4;
 /// Packets sent over the fabric and not yet acked; the flusher takes no more from the ring beyond.
 pub const UNACKED_PACKETS_MAX: usize = RING_PACKETS_MAX;
+/// Most bytes a sender writes in its own frame over the fabric (the rest is the flusher's): well
+/// within what a connection that polls writable takes without waiting.
+const DIRECT_SEND_BYTES_MAX: usize = 64 * 1024;
 /// Failed batches remembered so that their senders can be told; older ones have no waiter left.
 const FAILURES_MAX: usize = 64;
 /// Most packets the flusher waits to gather for one batch.
@@ -404,7 +407,7 @@ impl Outbox {
             let mut send = self.lock_fabric_send();
             // A sender may have sent them meanwhile, or the connection changed (looked at above).
             if send.sent_generation == generation {
-                self.send_fabric_batch(&mut send, link, &wire);
+                self.send_fabric_batch(&mut send, link, &wire, BATCH_FILE_BYTES_MAX);
             }
         }
     }
@@ -416,10 +419,12 @@ impl Outbox {
         let _signals = SignalsHeld::hold();
         let Ok(mut send) = self.fabric_send.try_lock() else { return false };
         let Some((wire, generation)) = link.current() else { return false };
-        if generation != send.sent_generation {
+        // Only a small frame into a connection with room: the write does not wait, so the app's
+        // thread never waits on the server with its signals held.
+        if generation != send.sent_generation || !wire.writable_now() {
             return false;
         }
-        self.send_fabric_batch(&mut send, link, &wire);
+        self.send_fabric_batch(&mut send, link, &wire, DIRECT_SEND_BYTES_MAX);
         self.lock().producer.occupied_len() == 0
     }
 
@@ -432,13 +437,13 @@ impl Outbox {
         self.fabric_send.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Takes a batch (as much as the unacked window has room for) and sends it. A failed write
-    /// leaves them unacked; they go again on the next connection.
-    fn send_fabric_batch(&self, send: &mut FabricSend, link: &Link, wire: &Wire) {
+    /// Takes a batch of up to `bytes_max` (as much as the unacked window has room for) and sends
+    /// it. A failed write leaves them unacked; they go again on the next connection.
+    fn send_fabric_batch(&self, send: &mut FabricSend, link: &Link, wire: &Wire, bytes_max: usize) {
         let packets = {
             let mut consumer = self.consumer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let room = UNACKED_PACKETS_MAX.saturating_sub(self.lock().unacked.len());
-            Self::take_from(&mut consumer, room)
+            Self::take_from(&mut consumer, room, bytes_max)
         };
         if packets.is_empty() {
             return;
@@ -519,18 +524,18 @@ impl Outbox {
         }
         state.wake_at = 1;
         drop(state);
-        Self::take_from(&mut consumer, usize::MAX)
+        Self::take_from(&mut consumer, usize::MAX, BATCH_FILE_BYTES_MAX)
     }
 
     /// Takes up to `count` packets from the ring, as many as fit one batch.
-    fn take_from(consumer: &mut HeapCons<Packet>, count: usize) -> Vec<Packet> {
+    fn take_from(consumer: &mut HeapCons<Packet>, count: usize, bytes_max: usize) -> Vec<Packet> {
         let mut packets = Vec::new();
         let mut bytes = 0;
         while packets.len() < count
             && let Some(packet) = consumer.try_peek()
         {
             let size = batch_bytes(packet);
-            if !packets.is_empty() && bytes + size > BATCH_FILE_BYTES_MAX {
+            if !packets.is_empty() && bytes + size > bytes_max {
                 break;
             }
             bytes += size;
