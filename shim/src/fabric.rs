@@ -14,7 +14,7 @@
 use std::io::{self, Read};
 use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use fsbridge::fabric::{self, Endpoint, FABRIC_VERSION, Frame, FrameError, FrameOpener, FrameSealer, Hello, Role};
@@ -35,6 +35,10 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// First and longest pause between connection attempts.
 const BACKOFF_FIRST: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// Most bytes of a frame a sender writes itself (see [`Wire::direct_room`]), and what is kept
+/// below half the send buffer for the buffers' own bookkeeping and the frame's header and tag.
+const DIRECT_FRAME_BYTES_MAX: usize = 64 * 1024;
+const DIRECT_FRAME_SLACK_BYTES: usize = 8 * 1024;
 /// Bytes the link thread takes from the connection at once.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Receipts per frame (a frame's bytes are bounded).
@@ -48,6 +52,9 @@ pub const RECEIPTS_PENDING_MAX: usize = 65_536;
 pub struct Wire {
     fd: c_int,
     sealer: Mutex<Option<FrameSealer>>,
+    /// Largest frame a sender may write on this connection itself when it polls writable, such
+    /// that the write cannot wait (0: never; see [`Wire::direct_room`]).
+    direct_bytes_max: usize,
 }
 
 impl Drop for Wire {
@@ -73,7 +80,17 @@ impl Wire {
                     *slot = *byte as libc::c_char;
                 }
                 let length = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-                Wire::connect_raw(libc::AF_UNIX, (&raw as *const libc::sockaddr_un).cast(), length, published)
+                let mut wire =
+                    Wire::connect_raw(libc::AF_UNIX, (&raw as *const libc::sockaddr_un).cast(), length, published)?;
+                // A unix stream socket polls writable while at most a quarter of its send buffer
+                // is taken, and a write waits only for a full one: a frame of up to half of it
+                // (less the bookkeeping of the buffers) never waits. Over TCP what a writable
+                // socket takes is not bounded that way, so senders leave the writes to the
+                // flusher there.
+                wire.direct_bytes_max = (wire.int_option(libc::SOL_SOCKET, libc::SO_SNDBUF) / 2)
+                    .saturating_sub(DIRECT_FRAME_SLACK_BYTES)
+                    .min(DIRECT_FRAME_BYTES_MAX);
+                Ok(wire)
             }
             Endpoint::Tcp(address) => {
                 let target: SocketAddr = match address.parse() {
@@ -110,7 +127,7 @@ impl Wire {
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        let wire = Wire { fd, sealer: Mutex::new(None) };
+        let wire = Wire { fd, sealer: Mutex::new(None), direct_bytes_max: 0 };
         published.store(wire.fd, Ordering::Release);
         loop {
             // SAFETY: addr/length describe a valid address.
@@ -137,6 +154,15 @@ impl Wire {
                 std::mem::size_of::<c_int>() as libc::socklen_t,
             )
         };
+    }
+
+    /// An int socket option (0 if it cannot be read).
+    fn int_option(&self, level: c_int, name: c_int) -> usize {
+        let mut value: c_int = 0;
+        let mut length = std::mem::size_of::<c_int>() as libc::socklen_t;
+        // SAFETY: one int option of our fd into a live int.
+        let got = unsafe { (real().getsockopt)(self.fd, level, name, (&mut value as *mut c_int).cast(), &mut length) };
+        if got == 0 { value.max(0) as usize } else { 0 }
     }
 
     fn set_read_timeout(&self, timeout: Option<Duration>) {
@@ -177,12 +203,27 @@ impl Wire {
         Ok(())
     }
 
-    /// Does the connection take more bytes now (a write of a small frame does not wait)?
-    pub fn writable_now(&self) -> bool {
+    /// How many bytes of frame a sender may write on this connection now without the write
+    /// waiting: 0 over TCP, or while the socket does not poll writable.
+    pub fn direct_room(&self) -> usize {
+        if self.direct_bytes_max == 0 {
+            return 0;
+        }
         let mut poll = libc::pollfd { fd: self.fd, events: libc::POLLOUT, revents: 0 };
         // SAFETY: one pollfd on our fd, no wait.
         let ready = unsafe { (real().poll)(&mut poll, 1, 0) };
-        ready == 1 && poll.revents & libc::POLLOUT != 0 && poll.revents & (libc::POLLERR | libc::POLLHUP) == 0
+        let writable =
+            ready == 1 && poll.revents & libc::POLLOUT != 0 && poll.revents & (libc::POLLERR | libc::POLLHUP) == 0;
+        if writable { self.direct_bytes_max } else { 0 }
+    }
+
+    /// The session's sealer, unless another thread is writing a frame.
+    pub fn try_sealer(&self) -> Option<MutexGuard<'_, Option<FrameSealer>>> {
+        match self.sealer.try_lock() {
+            Ok(sealer) => Some(sealer),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 
     /// Wakes a reader blocked on this connection and fails later writes.
@@ -456,8 +497,13 @@ impl Link {
     /// Writes one sealed frame on `wire`; a failed write ends the connection (the link thread
     /// reconnects).
     pub fn send(&self, wire: &Wire, frame: &Frame) -> bool {
+        self.write_sealed(wire, &mut lock(&wire.sealer), frame)
+    }
+
+    /// Seals `frame` with `sealer` (the wire's, locked by the caller) and writes it; a failed write
+    /// ends the connection.
+    pub fn write_sealed(&self, wire: &Wire, sealer: &mut Option<FrameSealer>, frame: &Frame) -> bool {
         let mut bytes = frame.encode();
-        let mut sealer = lock(&wire.sealer);
         let Some(sealer) = sealer.as_mut() else { return false };
         let tag = sealer.seal(&bytes);
         bytes.extend_from_slice(&tag);
@@ -473,13 +519,18 @@ impl Link {
 
     /// Sends a packets batch (the flusher's).
     pub fn send_packets(&self, wire: &Wire, batch_seq: u64, packets: &[Packet]) -> bool {
+        self.send(wire, &self.packets_frame(batch_seq, packets))
+    }
+
+    /// The frame of a packets batch.
+    pub fn packets_frame(&self, batch_seq: u64, packets: &[Packet]) -> Frame {
         let header =
             BatchHeader { kind: BatchKind::Packets, node: self.node.clone(), epoch: self.epoch, batch_seq, flags: 0 };
         let mut encoder = BatchEncoder::new(&header);
         for packet in packets {
             encoder.push(&Record::Packet(packet.clone()));
         }
-        self.send(wire, &Frame::Packets(encoder.finish()))
+        Frame::Packets(encoder.finish())
     }
 
     /// Sends receipts; returns the ones that could not be sent (not connected, or the write failed).

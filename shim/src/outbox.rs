@@ -13,7 +13,7 @@
 //! (bounded, and still counted in the ring's byte bound) and is sent again after a reconnect.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard, TryLockError};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
@@ -36,9 +36,6 @@ pub const RING_BYTES_MAX: usize = 16 * 1024 * 1024;
 const BATCH_FILE_BYTES_MAX: usize = BATCH_BYTES_MAX / 4;
 /// Packets sent over the fabric and not yet acked; the flusher takes no more from the ring beyond.
 pub const UNACKED_PACKETS_MAX: usize = RING_PACKETS_MAX;
-/// Most bytes a sender writes in its own frame over the fabric (the rest is the flusher's): well
-/// within what a connection that polls writable takes without waiting.
-const DIRECT_SEND_BYTES_MAX: usize = 64 * 1024;
 /// Failed batches remembered so that their senders can be told; older ones have no waiter left.
 const FAILURES_MAX: usize = 64;
 /// Most packets the flusher waits to gather for one batch.
@@ -404,10 +401,12 @@ impl Outbox {
             }
             drop(send);
             self.wait_fabric_work();
+            // A sender may have sent them meanwhile. A connection that changed meanwhile first
+            // gets the unacked again (the loop's top).
+            let Some((wire, generation)) = link.current() else { continue };
             let mut send = self.lock_fabric_send();
-            // A sender may have sent them meanwhile, or the connection changed (looked at above).
             if send.sent_generation == generation {
-                self.send_fabric_batch(&mut send, link, &wire, BATCH_FILE_BYTES_MAX);
+                self.send_fabric_batch(&mut send, link, &wire);
             }
         }
     }
@@ -416,15 +415,32 @@ impl Outbox {
     /// when no one else is sending and the connection is up and caught up: one thread wakeup less
     /// on its round trip. Returns false if it did not leave the ring empty (the flusher must look).
     pub fn send_fabric_now(&self, link: &Link) -> bool {
+        // Before any lock: a handler that sends must not find this thread's locks held.
         let _signals = SignalsHeld::hold();
-        let Ok(mut send) = self.fabric_send.try_lock() else { return false };
+        let mut send = match self.fabric_send.try_lock() {
+            Ok(send) => send,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return false,
+        };
         let Some((wire, generation)) = link.current() else { return false };
-        // Only a small frame into a connection with room: the write does not wait, so the app's
-        // thread never waits on the server with its signals held.
-        if generation != send.sent_generation || !wire.writable_now() {
+        if generation != send.sent_generation {
             return false;
         }
-        self.send_fabric_batch(&mut send, link, &wire, DIRECT_SEND_BYTES_MAX);
+        // Only a frame the connection takes at once, and only if no other thread is writing on
+        // it: the app's thread never waits on the server or on another writer with its signals
+        // held (see `Wire::direct_room`).
+        let room = wire.direct_room();
+        if room == 0 {
+            return false;
+        }
+        let Some(mut sealer) = wire.try_sealer() else { return false };
+        let packets = self.take_fabric_packets(room, true);
+        if !packets.is_empty() {
+            send.batch_seq += 1;
+            // A failed write ends the connection; the packets are unacked and go again.
+            link.write_sealed(&wire, &mut sealer, &link.packets_frame(send.batch_seq, &packets));
+        }
+        drop(sealer);
         self.lock().producer.occupied_len() == 0
     }
 
@@ -437,25 +453,33 @@ impl Outbox {
         self.fabric_send.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Takes a batch of up to `bytes_max` (as much as the unacked window has room for) and sends
-    /// it. A failed write leaves them unacked; they go again on the next connection.
-    fn send_fabric_batch(&self, send: &mut FabricSend, link: &Link, wire: &Wire, bytes_max: usize) {
+    /// Takes a batch (as much as the unacked window has room for) and sends it. A failed write
+    /// leaves them unacked; they go again on the next connection.
+    fn send_fabric_batch(&self, send: &mut FabricSend, link: &Link, wire: &Wire) {
+        let packets = self.take_fabric_packets(BATCH_FILE_BYTES_MAX, false);
+        if !packets.is_empty() {
+            send.batch_seq += 1;
+            link.send_packets(wire, send.batch_seq, &packets);
+        }
+    }
+
+    /// Takes packets for a fabric frame of up to `bytes_max` (with `strict`, the first packet must
+    /// fit too; otherwise it is taken whatever its size), as many as the unacked window has room
+    /// for, and records them as unacked. The caller holds `fabric_send`.
+    fn take_fabric_packets(&self, bytes_max: usize, strict: bool) -> Vec<Packet> {
         let packets = {
             let mut consumer = self.consumer.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let room = UNACKED_PACKETS_MAX.saturating_sub(self.lock().unacked.len());
-            Self::take_from(&mut consumer, room, bytes_max)
+            Self::take_from(&mut consumer, room, bytes_max, strict)
         };
-        if packets.is_empty() {
-            return;
+        if let Some(last) = packets.last() {
+            let mut state = self.lock();
+            state.taken_seq = last.id.seq;
+            for packet in &packets {
+                state.unacked.insert(packet.id.seq, packet.clone());
+            }
         }
-        let mut state = self.lock();
-        state.taken_seq = packets[packets.len() - 1].id.seq;
-        for packet in &packets {
-            state.unacked.insert(packet.id.seq, packet.clone());
-        }
-        drop(state);
-        send.batch_seq += 1;
-        link.send_packets(wire, send.batch_seq, &packets);
+        packets
     }
 
     /// Wakes the fabric flusher to look at the link (it reconnected).
@@ -524,18 +548,19 @@ impl Outbox {
         }
         state.wake_at = 1;
         drop(state);
-        Self::take_from(&mut consumer, usize::MAX, BATCH_FILE_BYTES_MAX)
+        Self::take_from(&mut consumer, usize::MAX, BATCH_FILE_BYTES_MAX, false)
     }
 
-    /// Takes up to `count` packets from the ring, as many as fit one batch.
-    fn take_from(consumer: &mut HeapCons<Packet>, count: usize, bytes_max: usize) -> Vec<Packet> {
+    /// Takes up to `count` packets from the ring, as many as fit `bytes_max` (the first one
+    /// whatever its size, unless `strict`).
+    fn take_from(consumer: &mut HeapCons<Packet>, count: usize, bytes_max: usize, strict: bool) -> Vec<Packet> {
         let mut packets = Vec::new();
         let mut bytes = 0;
         while packets.len() < count
             && let Some(packet) = consumer.try_peek()
         {
             let size = batch_bytes(packet);
-            if !packets.is_empty() && bytes + size > bytes_max {
+            if (strict || !packets.is_empty()) && bytes + size > bytes_max {
                 break;
             }
             bytes += size;
