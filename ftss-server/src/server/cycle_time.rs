@@ -5,16 +5,19 @@
 //!
 //! The steps, in the order a cycle takes them:
 //! - `gather`: waiting for the fabric packets of senders that were just acked (see
-//!   `Server::gather_fabric`);
+//!   `Server::gather_fabric`; the wait ends when they came or at its deadline);
 //! - `read`: planning the volume's reads, draining outboxes, logs and fabric connections, taking
 //!   receipts, and appending their records to the queue;
 //! - `deliver_early`: inbox files written before the sync (`Server::deliver_early`);
-//! - `sync`: the group commit (the write of what was appended and the `fdatasync` of every
-//!   mirror);
-//! - `complete`: after the sync: acks, the index, receipts applied, outbox files removed;
-//! - `deliver`: deliveries after the sync (inbox files, fabric frames, the gateway), with the
-//!   bells rung for them;
-//! - `other`: the rest of the cycle (bookkeeping, dead letters, ack files, reclaim, status);
+//! - `sync`: the group commit of the cycle's packets and receipts (the write of what was
+//!   appended and the `fdatasync` of every mirror). The other syncs (dead letters, log cursors,
+//!   gateway egress records) fall in the step they are part of; `ftss_sync_seconds` counts them
+//!   all;
+//! - `complete`: after that sync: acks, the index, receipts applied, outbox files removed, and the
+//!   bells rung for the acks;
+//! - `deliver`: deliveries after the sync (inbox files, fabric frames, the gateway);
+//! - `other`: the rest of the cycle: volume events, the node registry, fabric admissions and
+//!   port lists, a failed group's undoing, dead letters, ack files, reclaim, status;
 //! - `idle`: between cycles, waiting for work (not part of a cycle).
 
 use std::time::Instant;

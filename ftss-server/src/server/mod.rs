@@ -338,8 +338,10 @@ impl Server {
             return false;
         }
         // "stored" acks are announced before the cycle spends time delivering.
-        let delivering = Instant::now();
+        let announcing = Instant::now();
         self.ring_bells();
+        self.clock.add(CycleStep::Complete, announcing);
+        let delivering = Instant::now();
         match self.deliver() {
             Ok(count) => work += count,
             Err(error) => self.report("delivering", error),
