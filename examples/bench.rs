@@ -8,6 +8,9 @@
 //! - `ack-limit`: closed-loop senders on unix sockets to one thread that group-commits with one
 //!   write and fdatasync on the volume's disk and then acks, with nothing else (the physical limit
 //!   of any transport that acks after its sync, ftss-fabric and redis-stream among them).
+//! - `deliver-limit`: the same, where the server also writes each synced group to a receiver
+//!   thread, which sends receipts back once a millisecond for the next group to sync (the
+//!   ceiling of a transport that stores, acks, delivers and takes receipts durably).
 //! - `udp-raw`: loopback UDP between two `loadgen` processes (the ceiling).
 //! - `shim-passthrough`: the same under the shim, destination outside FTSS_ROUTES.
 //! - `ftss-async`, `ftss-volume`, `ftss-guaranteed`: end to end through a real ftss-server on a
@@ -77,9 +80,10 @@ use report::{Measurement, TABLE_HEADER, table_row};
 const PAYLOADS: [usize; 3] = [64, 512, 8192];
 const SENDERS: [usize; 2] = [1, 8];
 /// Every scenario, in the order they run.
-const SCENARIOS: [&str; 24] = [
+const SCENARIOS: [&str; 25] = [
     "fsync-limit",
     "ack-limit",
+    "deliver-limit",
     "udp-raw",
     "shim-passthrough",
     "ftss-async",
@@ -319,11 +323,16 @@ fn run(options: Options) -> Result<bool, String> {
             }));
         }
     }
-    if selected("ack-limit") {
+    for (name, deliver) in [("ack-limit", false), ("deliver-limit", true)] {
+        if !selected(name) {
+            continue;
+        }
         for run in grid(&plan.payloads) {
-            let dir = bench.run_dir("ack-limit")?;
-            emit(outcome("ack-limit", run.payload, run.senders, true, || {
-                median_of(plan.repeats, || ack_limit::ack_limit(&dir.0, run.payload, run.senders, run.duration))
+            let dir = bench.run_dir(name)?;
+            emit(outcome(name, run.payload, run.senders, true, || {
+                median_of(plan.repeats, || {
+                    ack_limit::ack_limit(&dir.0, run.payload, run.senders, run.duration, deliver)
+                })
             }));
         }
     }

@@ -6,9 +6,10 @@ mod common;
 use std::collections::BTreeSet;
 use std::process::Command;
 
-const SCENARIOS: [&str; 24] = [
+const SCENARIOS: [&str; 25] = [
     "fsync-limit",
     "ack-limit",
+    "deliver-limit",
     "udp-raw",
     "shim-passthrough",
     "ftss-async",
@@ -66,10 +67,16 @@ fn bench_smoke_prints_one_json_object_per_scenario_line() {
             Some(why) => assert!(!why.as_str().unwrap_or("").starts_with("failed"), "{line}"),
             None => assert!(object["packets"].as_u64().is_some_and(|packets| packets > 0), "nothing measured: {line}"),
         }
-        if scenario == "ack-limit" {
+        if scenario == "ack-limit" || scenario == "deliver-limit" {
             // Every ack follows a sync that carried at least the acked message.
             let per_sync = object["packets_per_sync"].as_f64().unwrap_or(0.0);
-            assert!(per_sync >= 1.0, "ack-limit acked {per_sync} messages a sync: {line}");
+            assert!(per_sync >= 1.0, "{scenario} acked {per_sync} messages a sync: {line}");
+        }
+        if scenario == "deliver-limit" {
+            // Only acked messages are delivered, and the receiver got some.
+            let delivered = object["delivered"].as_u64().unwrap_or(0);
+            let packets = object["packets"].as_u64().unwrap_or(0);
+            assert!(delivered >= 1 && delivered <= packets, "delivered {delivered} of {packets} acked: {line}");
         }
         seen.insert(scenario.to_owned());
     }

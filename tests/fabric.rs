@@ -217,6 +217,43 @@ fn threads_sharing_a_fabric_connection_through_server_kills_lose_nothing_acknowl
     assert!(sender.errors().is_empty(), "{:?}", sender.errors());
 }
 
+/// After a group's acks the server waits for those senders' next packets, so that one sync takes
+/// them all: spinning by default, or sleeping in poll with `--fabric-gather sleep`. Either way
+/// every packet arrives exactly once, every send is acked, and status counts the waits.
+#[test]
+fn the_wait_for_acked_fabric_senders_spins_or_sleeps_and_status_counts_it() {
+    for mode in ["spin", "sleep"] {
+        let mut fabric = Fabric::new(&format!("fabric-gather-{mode}"));
+        let unix = unix_endpoint(&fabric);
+        fabric.start_server_with(&["--fabric-listen", unix.as_str(), "--fabric-gather", mode]);
+        fabric.use_fabric("a", &unix);
+        fabric.use_fabric("b", &unix);
+        let receiver = Receiver::start(&fabric, 9420);
+        let (threads, each) = (4, 500);
+        let mut sender = Sender::start_threads(&fabric, 9420, mode, threads, each);
+        assert!(sender.proc.wait_exit(Duration::from_secs(120)), "{mode}: sender did not finish");
+        assert_eq!(sender.acknowledged().len(), threads * each, "{mode}: errors: {:?}", sender.errors());
+        assert!(
+            wait_until(Duration::from_secs(60), || receiver.payloads().len() >= threads * each),
+            "{mode}: {} of {} received",
+            receiver.payloads().len(),
+            threads * each
+        );
+        std::thread::sleep(Duration::from_secs(1));
+        let mut history = History::new();
+        sender.record(&mut history, Ack::Volume);
+        receiver.record(&mut history, "receiver");
+        history.check().assert_ok(&format!("fabric senders with --fabric-gather {mode}"));
+        let counters = fabric.status()["counters"].clone();
+        let met = counters["fabric_gathers_met"].as_u64().unwrap_or(0);
+        let ran_out = counters["fabric_gathers_ran_out"].as_u64().unwrap_or(0);
+        // Every cycle that acked fabric packets waits once; closed-loop senders of 2,000 packets
+        // need at least 500 such cycles (at most one packet of each thread in each).
+        assert!(met + ran_out >= each as u64 / 2, "{mode}: {counters}");
+        assert!(met >= 1, "{mode}: no wait ever saw its senders come back: {counters}");
+    }
+}
+
 /// A sender writes its own frame only into a connection with room: with the server stopped (its
 /// socket full of unread frames), a single-threaded app's send still fails after FTSS_TIMEOUT,
 /// having waited for its ack with its signals deliverable, and its thread dies at once on a

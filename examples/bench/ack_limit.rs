@@ -6,6 +6,13 @@
 //! only then acks each message. That is a group commit with one event loop, Redis's shape, with
 //! no parsing, checksums, index, delivery or spool: the floor under ftss-fabric and redis-stream
 //! alike (both add their own work to the same sync and the same two thread crossings).
+//!
+//! `deliver-limit` is the same loop with the rest of what ftss-fabric and redis-stream do for each
+//! message: after the acks the server writes the group's messages to a receiver thread on a unix
+//! socket of its own, and the receiver sends back an 8-byte receipt for each message, at most
+//! once a millisecond (as the shim sends its receipts at FTSS_POLL_MS), which the server appends
+//! to its next group and syncs with it. Still no parsing, checksums, index or spool: the ceiling
+//! of a transport that stores, acks, delivers and takes receipts durably, on this machine.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -24,6 +31,56 @@ const ZEROS_AHEAD_BYTES: u64 = 1024 * 1024;
 const SAMPLES_PER_SENDER_MAX: usize = 1_000_000;
 /// Bytes a sender's socket may hold unread at the server: one message each is all a closed loop has.
 const READ_BYTES_MAX: usize = 256 * 1024;
+/// Bytes of delivered messages the server holds for a receiver that has not read them; beyond it
+/// the run fails (a closed loop of senders never gets near it unless the receiver stalls).
+const DELIVERY_BACKLOG_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// How often the receiver sends its receipts (the bench's FTSS_POLL_MS for the shims).
+const RECEIPT_INTERVAL: Duration = Duration::from_millis(1);
+/// Bytes of one receipt, and of one ack.
+const RECEIPT_BYTES: usize = 8;
+
+/// The server's side of the receiver (deliver-limit): messages not yet written to it, and the
+/// bytes of a receipt read so far.
+struct Delivery {
+    stream: UnixStream,
+    backlog: Vec<u8>,
+    partial: usize,
+}
+
+impl Delivery {
+    /// Writes as much of the backlog as the socket takes now.
+    fn flush(&mut self) -> io::Result<()> {
+        while !self.backlog.is_empty() {
+            match self.stream.write(&self.backlog) {
+                Ok(written) => {
+                    self.backlog.drain(..written);
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the receipts that came; appends one 8-byte record per whole receipt to `group`.
+    fn read_receipts(&mut self, buffer: &mut [u8], group: &mut Vec<u8>) -> io::Result<bool> {
+        loop {
+            match self.stream.read(buffer) {
+                Ok(0) => return Ok(false),
+                Ok(read) => {
+                    let bytes = self.partial + read;
+                    let whole = bytes / RECEIPT_BYTES;
+                    self.partial = bytes % RECEIPT_BYTES;
+                    group.extend(std::iter::repeat_n(0x72_u8, whole * RECEIPT_BYTES));
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+    }
+}
 
 /// The server's side of one sender: bytes of a message read so far, whole messages waiting for
 /// the sync.
@@ -33,7 +90,13 @@ struct Peer {
     waiting: usize,
 }
 
-fn serve(mut peers: Vec<Peer>, payload: usize, file: File, stop: &AtomicBool) -> io::Result<u64> {
+fn serve(
+    mut peers: Vec<Peer>,
+    mut delivery: Option<Delivery>,
+    payload: usize,
+    file: File,
+    stop: &AtomicBool,
+) -> io::Result<u64> {
     let mut buffer = vec![0_u8; READ_BYTES_MAX];
     let mut group = Vec::with_capacity(READ_BYTES_MAX);
     let mut offset = 0_u64;
@@ -43,11 +106,23 @@ fn serve(mut peers: Vec<Peer>, payload: usize, file: File, stop: &AtomicBool) ->
     for peer in &peers {
         peer.stream.set_nonblocking(true)?;
     }
+    if let Some(delivery) = &delivery {
+        delivery.stream.set_nonblocking(true)?;
+    }
     let mut fds: Vec<libc::pollfd> = peers
         .iter()
         .map(|peer| libc::pollfd { fd: peer.stream.as_raw_fd(), events: libc::POLLIN, revents: 0 })
         .collect();
+    // The receiver's socket is polled last: receipts in, and room for the backlog out.
+    if let Some(delivery) = &delivery {
+        fds.push(libc::pollfd { fd: delivery.stream.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+    }
+    let mut delivered = Vec::with_capacity(READ_BYTES_MAX);
     while !stop.load(Ordering::Relaxed) {
+        if let Some(delivery) = &delivery {
+            let last = fds.len() - 1;
+            fds[last].events = if delivery.backlog.is_empty() { libc::POLLIN } else { libc::POLLIN | libc::POLLOUT };
+        }
         // SAFETY: fds is a valid array of pollfd of the given length.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
         if ready < 0 {
@@ -58,6 +133,17 @@ fn serve(mut peers: Vec<Peer>, payload: usize, file: File, stop: &AtomicBool) ->
             return Err(error);
         }
         group.clear();
+        delivered.clear();
+        if let Some(delivery) = delivery.as_mut()
+            && fds[fds.len() - 1].revents != 0
+        {
+            delivery.flush()?;
+            if !delivery.read_receipts(&mut buffer, &mut group)? {
+                // The receiver finished.
+                let last = fds.len() - 1;
+                fds[last].fd = -1;
+            }
+        }
         for (peer, fd) in peers.iter_mut().zip(&mut fds) {
             if fd.revents == 0 {
                 continue;
@@ -71,6 +157,9 @@ fn serve(mut peers: Vec<Peer>, payload: usize, file: File, stop: &AtomicBool) ->
                     }
                     Ok(read) => {
                         group.extend_from_slice(&buffer[..read]);
+                        if delivery.is_some() {
+                            delivered.extend_from_slice(&buffer[..read]);
+                        }
                         let bytes = peer.partial + read;
                         peer.waiting += bytes / payload;
                         peer.partial = bytes % payload;
@@ -91,7 +180,10 @@ fn serve(mut peers: Vec<Peer>, payload: usize, file: File, stop: &AtomicBool) ->
             file.write_all_at(&vec![0; (zeroed_end - end) as usize], end)?;
         }
         file.sync_data()?;
-        syncs += 1;
+        // Syncs that acked messages (deliver-limit also syncs groups of receipts alone).
+        if peers.iter().any(|peer| peer.waiting > 0) {
+            syncs += 1;
+        }
         offset = end;
         for peer in &mut peers {
             let mut left = peer.waiting * 8;
@@ -107,12 +199,83 @@ fn serve(mut peers: Vec<Peer>, payload: usize, file: File, stop: &AtomicBool) ->
             }
             peer.waiting = 0;
         }
+        if let Some(delivery) = delivery.as_mut()
+            && !delivered.is_empty()
+        {
+            if delivery.backlog.len() + delivered.len() > DELIVERY_BACKLOG_BYTES_MAX {
+                return Err(io::Error::other("the receiver fell more than the backlog's bound behind"));
+            }
+            delivery.backlog.extend_from_slice(&delivered);
+            delivery.flush()?;
+        }
     }
     Ok(syncs)
 }
 
-pub fn ack_limit(dir: &Path, payload: usize, senders: usize, duration: Duration) -> Result<Measurement, String> {
-    let path = dir.join("ack-limit.log");
+/// The receiver thread (deliver-limit): reads whole messages and sends a receipt for each, at most
+/// once per `RECEIPT_INTERVAL`; returns the messages it got.
+fn receive(mut stream: UnixStream, payload: usize, stop: &AtomicBool) -> io::Result<u64> {
+    let mut buffer = vec![0_u8; READ_BYTES_MAX];
+    let mut partial = 0;
+    let mut received = 0_u64;
+    let mut owed = 0_usize;
+    let mut last_sent = Instant::now();
+    let receipts = vec![0x72_u8; 64 * 1024];
+    stream.set_nonblocking(true)?;
+    loop {
+        let wait_ms =
+            if owed > 0 { RECEIPT_INTERVAL.saturating_sub(last_sent.elapsed()).as_millis() as i32 } else { 100 };
+        let mut fd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut fd, 1, wait_ms) } < 0 {
+            let error = io::Error::last_os_error();
+            if error.kind() != io::ErrorKind::Interrupted {
+                return Err(error);
+            }
+        }
+        loop {
+            match stream.read(&mut buffer) {
+                Ok(0) => return Ok(received),
+                Ok(read) => {
+                    let bytes = partial + read;
+                    received += (bytes / payload) as u64;
+                    owed += bytes / payload;
+                    partial = bytes % payload;
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+        if owed > 0 && last_sent.elapsed() >= RECEIPT_INTERVAL {
+            let mut left = owed * RECEIPT_BYTES;
+            while left > 0 {
+                match stream.write(&receipts[..left.min(receipts.len())]) {
+                    Ok(written) => left -= written,
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                    Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                    Err(error) => return Err(error),
+                }
+            }
+            owed = 0;
+            last_sent = Instant::now();
+        }
+        if stop.load(Ordering::Relaxed) {
+            return Ok(received);
+        }
+    }
+}
+
+/// `ack-limit`, or with `deliver` `deliver-limit`.
+pub fn ack_limit(
+    dir: &Path,
+    payload: usize,
+    senders: usize,
+    duration: Duration,
+    deliver: bool,
+) -> Result<Measurement, String> {
+    let name = if deliver { "deliver-limit" } else { "ack-limit" };
+    let path = dir.join(format!("{name}.log"));
     let file = OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -127,11 +290,19 @@ pub fn ack_limit(dir: &Path, payload: usize, senders: usize, duration: Duration)
         clients.push(client);
         peers.push(Peer { stream: server, partial: 0, waiting: 0 });
     }
+    let (delivery, receiver_end) = if deliver {
+        let (server_end, receiver_end) = UnixStream::pair().map_err(|error| error.to_string())?;
+        (Some(Delivery { stream: server_end, backlog: Vec::new(), partial: 0 }), Some(receiver_end))
+    } else {
+        (None, None)
+    };
     let stop = AtomicBool::new(false);
+    let receiver_stop = AtomicBool::new(false);
     let message = vec![0x5a_u8; payload];
     let started = Instant::now();
-    let (syncs, results) = std::thread::scope(|scope| {
-        let server = scope.spawn(|| serve(peers, payload, file, &stop));
+    let (syncs, results, received) = std::thread::scope(|scope| {
+        let receiver = receiver_end.map(|stream| scope.spawn(|| receive(stream, payload, &receiver_stop)));
+        let server = scope.spawn(|| serve(peers, delivery, payload, file, &stop));
         let workers: Vec<_> = clients
             .into_iter()
             .map(|mut client| {
@@ -158,20 +329,29 @@ pub fn ack_limit(dir: &Path, payload: usize, senders: usize, duration: Duration)
             .map(|worker| worker.join().unwrap_or_else(|_| Err(io::Error::other("panicked"))))
             .collect();
         stop.store(true, Ordering::Relaxed);
-        (server.join().unwrap_or_else(|_| Err(io::Error::other("server panicked"))), results)
+        let syncs = server.join().unwrap_or_else(|_| Err(io::Error::other("server panicked")));
+        receiver_stop.store(true, Ordering::Relaxed);
+        let received = receiver.map(|receiver| receiver.join().unwrap_or_else(|_| Err(io::Error::other("panicked"))));
+        (syncs, results, received)
     });
     let elapsed = started.elapsed();
     let _ = std::fs::remove_file(&path);
-    let syncs = syncs.map_err(|error| format!("ack-limit server: {error}"))?;
+    let syncs = syncs.map_err(|error| format!("{name} server: {error}"))?;
     let mut operations = 0;
     let mut samples = Vec::new();
     for result in results {
-        let (done, taken) = result.map_err(|error| format!("ack-limit sender: {error}"))?;
+        let (done, taken) = result.map_err(|error| format!("{name} sender: {error}"))?;
         operations += done;
         samples.extend(taken);
     }
     samples.sort_unstable();
-    let mut measurement = Measurement::new("ack-limit", payload, senders, true);
+    let mut measurement = Measurement::new(name, payload, senders, true);
+    if let Some(received) = received {
+        let received = received.map_err(|error| format!("{name} receiver: {error}"))?;
+        // Every message acked was delivered, except what was still on its way when the run
+        // stopped (the server stops first).
+        measurement.extra.push(("delivered", serde_json::json!(received)));
+    }
     measurement.packets = operations;
     measurement.pps = Some(operations as f64 / elapsed.as_secs_f64());
     measurement.p50_us = percentile(&samples, 0.50);

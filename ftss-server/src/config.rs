@@ -40,6 +40,7 @@ pub struct FileSettings {
     pub fabric_listen: Option<Vec<String>>,
     pub fabric_keys: Option<PathBuf>,
     pub partitions: Option<u32>,
+    pub fabric_gather: Option<String>,
 }
 
 /// The same settings as given on the command line (all optional there too).
@@ -123,6 +124,13 @@ pub struct FlagSettings {
     /// partitions it holds, taking its fair share of them, and the rest fail over [default: 1].
     #[arg(long)]
     pub partitions: Option<u32>,
+    /// How the server waits, after acking packets that came over the fabric, for those senders'
+    /// next packets (at most the last sync's time, so that one sync takes them all): `spin` looks
+    /// at the connections without sleeping, yielding the CPU to any other runnable thread (a
+    /// faster round trip for the nodes, for up to that time of a CPU a cycle); `sleep` sleeps in
+    /// poll [default: spin].
+    #[arg(long)]
+    pub fabric_gather: Option<String>,
 }
 
 /// High-availability settings.
@@ -230,6 +238,11 @@ pub fn resolve(flags: FlagSettings) -> Result<RunSettings, String> {
         ingress: list::<IngressRule>("ingress", flags.ingress, file.ingress, &[])?,
         fabric_listen: list::<Endpoint>("fabric-listen", flags.fabric_listen, file.fabric_listen, &[])?,
         partition: crate::server::Partition::default(),
+        fabric_gather: flags
+            .fabric_gather
+            .or(file.fabric_gather)
+            .map_or(Ok(crate::server::GatherWait::Spin), |text| text.parse())
+            .map_err(|error| format!("fabric-gather: {error}"))?,
         fabric_keys: flags
             .fabric_keys
             .or(file.fabric_keys)
@@ -292,5 +305,19 @@ mod tests {
         assert!(error.starts_with("ingress:"), "{error}");
         let missing = resolve(FlagSettings::default()).unwrap_err();
         assert!(missing.starts_with("volume:"), "{missing}");
+    }
+
+    #[test]
+    fn the_wait_for_fabric_senders_spins_unless_told_to_sleep() {
+        let base =
+            || FlagSettings { volume: Some("/v".into()), queue_dir: vec!["/q".into()], ..FlagSettings::default() };
+        assert_eq!(resolve(base()).unwrap().config.fabric_gather, crate::server::GatherWait::Spin);
+        let sleep = file("volume = \"/v\"\nqueue-dir = [\"/q\"]\nfabric-gather = \"sleep\"\n");
+        let settings = resolve(FlagSettings { config: Some(sleep.clone()), ..FlagSettings::default() }).unwrap();
+        assert_eq!(settings.config.fabric_gather, crate::server::GatherWait::Sleep);
+        let flags = FlagSettings { config: Some(sleep), fabric_gather: Some("spin".into()), ..FlagSettings::default() };
+        assert_eq!(resolve(flags).unwrap().config.fabric_gather, crate::server::GatherWait::Spin);
+        let error = resolve(FlagSettings { fabric_gather: Some("fast".into()), ..base() }).unwrap_err();
+        assert!(error.starts_with("fabric-gather:") && error.contains("fast"), "{error}");
     }
 }

@@ -62,24 +62,44 @@ impl Server {
     /// datagrams and volume events wait for the next cycle (at most the bound). The hub's
     /// wakeups taken here are signalled again on the way out: port lists, receipts and closes
     /// that came meanwhile are the next cycle's, and the main loop must not sleep on them.
+    ///
+    /// With [`GatherWait::Spin`] the wait looks at the connections without sleeping and yields
+    /// the CPU between looks. On a closed loop the senders come back one after another over
+    /// about a sync's time; sleeping in `poll`, the server is woken by each of their frames, each
+    /// sender's write pays for that wakeup, and the server's CPU goes idle in between, which a
+    /// virtual machine's vCPU leaves slowly. A wait that ran out makes the next one sleep.
     pub(super) fn gather_fabric(&mut self) {
         let Some(gather) = self.gather.take() else { return };
         let Some(hub) = &self.fabric else { return };
+        let spin = self.config.fabric_gather == GatherWait::Spin && !self.gather_ran_out;
         let mut took_wakeup = false;
-        loop {
+        let met = loop {
             let queued = hub.queued_packets();
-            let now = Instant::now();
-            if queued >= gather.expected || now >= gather.until || !hub.pending().is_empty() {
-                break;
+            if queued >= gather.expected || !hub.pending().is_empty() {
+                break true;
             }
-            match hub.poll_read(Some(hub.wake_fd()), gather.until - now) {
-                None => break,
-                Some(false) => {}
+            let now = Instant::now();
+            if now >= gather.until {
+                break false;
+            }
+            let wait = if spin { Duration::ZERO } else { gather.until - now };
+            match hub.poll_read(Some(hub.wake_fd()), wait) {
+                None if !spin => break false,
+                None | Some(false) => {}
                 Some(true) => {
                     hub.clear_wake();
                     took_wakeup = true;
                 }
             }
+            if spin {
+                // Another runnable thread on this CPU (a sender, on a small machine) goes first.
+                std::thread::yield_now();
+            }
+        };
+        self.gather_ran_out = !met;
+        match met {
+            true => self.counters.fabric_gathers_met += 1,
+            false => self.counters.fabric_gathers_ran_out += 1,
         }
         if took_wakeup {
             hub.wake_again();

@@ -22,6 +22,7 @@ fn config(dir: &std::path::Path) -> Config {
         fabric_keys: dir.join("keys"),
         partition: Partition::default(),
         log_abandon_after: Duration::from_secs(600),
+        fabric_gather: GatherWait::Spin,
     }
 }
 

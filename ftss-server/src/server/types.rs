@@ -28,6 +28,34 @@ pub struct Config {
     pub partition: Partition,
     /// Remove an unsealed outbox log segment read to its end and unchanged this long.
     pub log_abandon_after: Duration,
+    /// How the cycle after a group acked over the fabric waits for those senders' next packets.
+    pub fabric_gather: GatherWait,
+}
+
+/// How the server waits for the fabric senders it just acked (see `Server::gather_fabric`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GatherWait {
+    /// Looks at the connections without sleeping, giving the CPU to any other runnable thread
+    /// between looks, for at most the wait's bound (the last sync's time): no thread wakeup on
+    /// the server's side, and none for the senders' writes to pay for. After a wait that ran out
+    /// the next one sleeps, so senders that do not come back cost a spin at most every other
+    /// cycle.
+    Spin,
+    /// Sleeps in `poll` until the packets come or the bound passes.
+    Sleep,
+}
+
+impl std::str::FromStr for GatherWait {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<GatherWait, String> {
+        match text {
+            "spin" => Ok(GatherWait::Spin),
+            "sleep" => Ok(GatherWait::Sleep),
+            other => Err(format!("{other:?} is not spin or sleep")),
+        }
+    }
 }
 
 /// A share of the nodes: those whose name hashes to `index` of `count` partitions.
@@ -86,6 +114,10 @@ pub struct Counters {
     pub dead_lettered: u64,
     pub quarantined: u64,
     pub syncs: u64,
+    /// Waits for acked fabric senders (see `Server::gather_fabric`) that ended with every
+    /// expected packet in, and that ran out first.
+    pub fabric_gathers_met: u64,
+    pub fabric_gathers_ran_out: u64,
     pub read_repairs: u64,
     pub backpressure_events: u64,
     pub errors: u64,

@@ -180,6 +180,7 @@ impl World {
             fabric_keys: PathBuf::from("/keys"),
             partition: Partition::default(),
             log_abandon_after: Duration::from_secs(30),
+            fabric_gather: crate::server::GatherWait::Sleep,
         };
         let node_count = rng.pick(&[2, 3]);
         let nodes = (0..node_count)
