@@ -212,6 +212,11 @@ fn serve(
     Ok(syncs)
 }
 
+/// Did the server's end close (it stops before the receiver)?
+fn ended(error: &io::Error) -> bool {
+    matches!(error.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe)
+}
+
 /// The receiver thread (deliver-limit): reads whole messages and sends a receipt for each, at most
 /// once per `RECEIPT_INTERVAL`; returns the messages it got.
 fn receive(mut stream: UnixStream, payload: usize, stop: &AtomicBool) -> io::Result<u64> {
@@ -236,6 +241,8 @@ fn receive(mut stream: UnixStream, payload: usize, stop: &AtomicBool) -> io::Res
         loop {
             match stream.read(&mut buffer) {
                 Ok(0) => return Ok(received),
+                // The server stops first and may leave receipts unread: that closes with a reset.
+                Err(error) if ended(&error) => return Ok(received),
                 Ok(read) => {
                     let bytes = partial + read;
                     received += (bytes / payload) as u64;
@@ -254,6 +261,7 @@ fn receive(mut stream: UnixStream, payload: usize, stop: &AtomicBool) -> io::Res
                     Ok(written) => left -= written,
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
                     Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                    Err(error) if ended(&error) => return Ok(received),
                     Err(error) => return Err(error),
                 }
             }
