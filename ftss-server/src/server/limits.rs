@@ -14,6 +14,9 @@ pub(super) const DRAIN_FILES_PER_NODE_MAX: usize = 256;
 /// Longest the cycle after a group acked over the fabric waits for those senders to send again
 /// (at most the last sync's time), so that one sync takes them all; see `Server::gather_fabric`.
 pub(super) const FABRIC_GATHER_WAIT_MAX: Duration = Duration::from_micros(200);
+/// Waits for acked fabric senders in a row that ran out, after which the waits sleep instead of
+/// spinning (`GatherWait::Spin`) until one sees its senders back.
+pub(super) const GATHER_RUN_OUTS_BEFORE_SLEEP: u32 = 3;
 /// How soon an idle main loop looks again at a fabric connection whose next frame waits for
 /// inbound room (other connections' frames taken from the queue make it).
 pub(super) const HELD_FRAME_RECHECK: Duration = Duration::from_millis(50);

@@ -67,11 +67,13 @@ impl Server {
     /// the CPU between looks. On a closed loop the senders come back one after another over
     /// about a sync's time; sleeping in `poll`, the server is woken by each of their frames, each
     /// sender's write pays for that wakeup, and the server's CPU goes idle in between, which a
-    /// virtual machine's vCPU leaves slowly. A wait that ran out makes the next one sleep.
+    /// virtual machine's vCPU leaves slowly. After [`GATHER_RUN_OUTS_BEFORE_SLEEP`] waits in a row
+    /// ran out (senders that do not come back within a sync's time, such as apps that pause
+    /// between sends) the waits sleep, until one sees its senders back.
     pub(super) fn gather_fabric(&mut self) {
         let Some(gather) = self.gather.take() else { return };
         let Some(hub) = &self.fabric else { return };
-        let spin = self.config.fabric_gather == GatherWait::Spin && !self.gather_ran_out;
+        let spin = self.config.fabric_gather == GatherWait::Spin && self.gathers_ran_out < GATHER_RUN_OUTS_BEFORE_SLEEP;
         let mut took_wakeup = false;
         let met = loop {
             let queued = hub.queued_packets();
@@ -96,7 +98,7 @@ impl Server {
                 std::thread::yield_now();
             }
         };
-        self.gather_ran_out = !met;
+        self.gathers_ran_out = if met { 0 } else { self.gathers_ran_out.saturating_add(1) };
         match met {
             true => self.counters.fabric_gathers_met += 1,
             false => self.counters.fabric_gathers_ran_out += 1,

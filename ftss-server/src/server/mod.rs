@@ -143,8 +143,8 @@ pub struct Server {
     inbox_files: HashMap<(NodeName, u16), VecDeque<u64>>,
     /// Set when packets were acked over the fabric: how many packets the next group may wait for.
     gather: Option<Gather>,
-    /// The last wait for acked fabric senders ran out before they all came back.
-    gather_ran_out: bool,
+    /// Waits for acked fabric senders in a row that ran out before they all came back.
+    gathers_ran_out: u32,
     /// How long the last group commit took.
     last_sync: Duration,
     /// The last group commit failed: nothing goes out ahead of a sync until one succeeds (a queue

@@ -69,7 +69,7 @@ impl Server {
             logs: Logs::default(),
             inbox_files: HashMap::default(),
             gather: None,
-            gather_ran_out: false,
+            gathers_ran_out: 0,
             last_sync: Duration::ZERO,
             commit_failed: false,
             early_aborted: HashMap::default(),
