@@ -251,6 +251,11 @@ fn the_wait_for_acked_fabric_senders_spins_or_sleeps_and_status_counts_it() {
         // need at least 500 such cycles (at most one packet of each thread in each).
         assert!(met + ran_out >= each as u64 / 2, "{mode}: {counters}");
         assert!(met >= 1, "{mode}: no wait ever saw its senders come back: {counters}");
+        let spun = counters["fabric_gathers_spun"].as_u64().unwrap_or(0);
+        match mode {
+            "spin" => assert!(spun >= 1, "{mode}: no wait spun: {counters}"),
+            _ => assert_eq!(spun, 0, "{mode}: a wait spun: {counters}"),
+        }
     }
 }
 

@@ -43,17 +43,23 @@ const RECEIPT_BYTES: usize = 8;
 /// bytes of a receipt read so far.
 struct Delivery {
     stream: UnixStream,
+    /// Bytes for the receiver; those before `written` went out already.
     backlog: Vec<u8>,
+    written: usize,
     partial: usize,
 }
 
 impl Delivery {
     /// Writes as much of the backlog as the socket takes now.
     fn flush(&mut self) -> io::Result<()> {
-        while !self.backlog.is_empty() {
-            match self.stream.write(&self.backlog) {
+        while self.written < self.backlog.len() {
+            match self.stream.write(&self.backlog[self.written..]) {
                 Ok(written) => {
-                    self.backlog.drain(..written);
+                    self.written += written;
+                    if self.written == self.backlog.len() {
+                        self.backlog.clear();
+                        self.written = 0;
+                    }
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
@@ -121,7 +127,8 @@ fn serve(
     while !stop.load(Ordering::Relaxed) {
         if let Some(delivery) = &delivery {
             let last = fds.len() - 1;
-            fds[last].events = if delivery.backlog.is_empty() { libc::POLLIN } else { libc::POLLIN | libc::POLLOUT };
+            fds[last].events =
+                if delivery.written == delivery.backlog.len() { libc::POLLIN } else { libc::POLLIN | libc::POLLOUT };
         }
         // SAFETY: fds is a valid array of pollfd of the given length.
         let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
@@ -202,8 +209,13 @@ fn serve(
         if let Some(delivery) = delivery.as_mut()
             && !delivered.is_empty()
         {
-            if delivery.backlog.len() + delivered.len() > DELIVERY_BACKLOG_BYTES_MAX {
+            if delivery.backlog.len() - delivery.written + delivered.len() > DELIVERY_BACKLOG_BYTES_MAX {
                 return Err(io::Error::other("the receiver fell more than the backlog's bound behind"));
+            }
+            if delivery.written > 0 && delivery.written * 2 >= delivery.backlog.len() {
+                // What went out is dropped now and then, not at every write.
+                delivery.backlog.drain(..delivery.written);
+                delivery.written = 0;
             }
             delivery.backlog.extend_from_slice(&delivered);
             delivery.flush()?;
@@ -228,8 +240,12 @@ fn receive(mut stream: UnixStream, payload: usize, stop: &AtomicBool) -> io::Res
     let receipts = vec![0x72_u8; 64 * 1024];
     stream.set_nonblocking(true)?;
     loop {
-        let wait_ms =
-            if owed > 0 { RECEIPT_INTERVAL.saturating_sub(last_sent.elapsed()).as_millis() as i32 } else { 100 };
+        // Rounded up: a wait of 0 ms would spin until the receipts are due.
+        let wait_ms = if owed > 0 {
+            RECEIPT_INTERVAL.saturating_sub(last_sent.elapsed()).as_micros().div_ceil(1000) as i32
+        } else {
+            100
+        };
         let mut fd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd.
         if unsafe { libc::poll(&mut fd, 1, wait_ms) } < 0 {
@@ -300,7 +316,7 @@ pub fn ack_limit(
     }
     let (delivery, receiver_end) = if deliver {
         let (server_end, receiver_end) = UnixStream::pair().map_err(|error| error.to_string())?;
-        (Some(Delivery { stream: server_end, backlog: Vec::new(), partial: 0 }), Some(receiver_end))
+        (Some(Delivery { stream: server_end, backlog: Vec::new(), written: 0, partial: 0 }), Some(receiver_end))
     } else {
         (None, None)
     };

@@ -69,39 +69,50 @@ impl Server {
     /// sender's write pays for that wakeup, and the server's CPU goes idle in between, which a
     /// virtual machine's vCPU leaves slowly. After [`GATHER_RUN_OUTS_BEFORE_SLEEP`] waits in a row
     /// ran out (senders that do not come back within a sync's time, such as apps that pause
-    /// between sends) the waits sleep, until one sees its senders back.
+    /// between sends) the waits sleep, until one sees its senders back (see [`gather_spins`]).
     pub(super) fn gather_fabric(&mut self) {
         let Some(gather) = self.gather.take() else { return };
         let Some(hub) = &self.fabric else { return };
-        let spin = self.config.fabric_gather == GatherWait::Spin && self.gathers_ran_out < GATHER_RUN_OUTS_BEFORE_SLEEP;
+        let spin = gather_spins(self.config.fabric_gather, self.gathers_ran_out);
         let mut took_wakeup = false;
-        let met = loop {
-            let queued = hub.queued_packets();
-            if queued >= gather.expected || !hub.pending().is_empty() {
-                break true;
+        // Some(met), or None when a connection waiting for admission cut the wait short.
+        let outcome = loop {
+            if hub.queued_packets() >= gather.expected {
+                break Some(true);
+            }
+            if !hub.pending().is_empty() {
+                break None;
             }
             let now = Instant::now();
-            if now >= gather.until {
-                break false;
+            // At the deadline one last look, whatever the wait did before (a sync that took
+            // microseconds leaves a wait that would otherwise end before it looked at all).
+            let expired = now >= gather.until;
+            let wait = if spin || expired { Duration::ZERO } else { gather.until - now };
+            if hub.poll_read(Some(hub.wake_fd()), wait) == Some(true) {
+                hub.clear_wake();
+                took_wakeup = true;
             }
-            let wait = if spin { Duration::ZERO } else { gather.until - now };
-            match hub.poll_read(Some(hub.wake_fd()), wait) {
-                None if !spin => break false,
-                None | Some(false) => {}
-                Some(true) => {
-                    hub.clear_wake();
-                    took_wakeup = true;
-                }
+            if expired {
+                break Some(hub.queued_packets() >= gather.expected);
             }
             if spin {
                 // Another runnable thread on this CPU (a sender, on a small machine) goes first.
                 std::thread::yield_now();
             }
         };
-        self.gathers_ran_out = if met { 0 } else { self.gathers_ran_out.saturating_add(1) };
-        match met {
-            true => self.counters.fabric_gathers_met += 1,
-            false => self.counters.fabric_gathers_ran_out += 1,
+        match outcome {
+            Some(true) => {
+                self.gathers_ran_out = 0;
+                self.counters.fabric_gathers_met += 1;
+            }
+            Some(false) => {
+                self.gathers_ran_out = self.gathers_ran_out.saturating_add(1);
+                self.counters.fabric_gathers_ran_out += 1;
+            }
+            None => {}
+        }
+        if spin {
+            self.counters.fabric_gathers_spun += 1;
         }
         if took_wakeup {
             hub.wake_again();
@@ -249,4 +260,10 @@ impl Server {
             self.backpressure.reasons.push(reason);
         }
     }
+}
+
+/// Does the next wait for acked fabric senders spin (see [`Server::gather_fabric`]), after
+/// `run_outs` waits in a row that ran out?
+pub(super) fn gather_spins(mode: GatherWait, run_outs: u32) -> bool {
+    mode == GatherWait::Spin && run_outs < GATHER_RUN_OUTS_BEFORE_SLEEP
 }

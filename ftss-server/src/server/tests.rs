@@ -697,3 +697,13 @@ fn while_group_commits_fail_nothing_goes_out_ahead_of_them() {
     );
     assert_eq!(server.index.len(), 0);
 }
+
+#[test]
+fn the_wait_for_fabric_senders_spins_until_three_in_a_row_ran_out() {
+    use super::links::gather_spins;
+    assert!(gather_spins(GatherWait::Spin, 0));
+    assert!(gather_spins(GatherWait::Spin, 2));
+    assert!(!gather_spins(GatherWait::Spin, 3));
+    assert!(!gather_spins(GatherWait::Spin, u32::MAX));
+    assert!(!gather_spins(GatherWait::Sleep, 0));
+}

@@ -38,9 +38,9 @@ pub struct Config {
 pub enum GatherWait {
     /// Looks at the connections without sleeping, giving the CPU to any other runnable thread
     /// between looks, for at most the wait's bound (the last sync's time): no thread wakeup on
-    /// the server's side, and none for the senders' writes to pay for. After a wait that ran out
-    /// the next one sleeps, so senders that do not come back cost a spin at most every other
-    /// cycle.
+    /// the server's side, and none for the senders' writes to pay for. After three waits in a
+    /// row that ran out the waits sleep until one sees its senders back, so senders that do not
+    /// come back within a sync's time cost at most three spins each time they did.
     Spin,
     /// Sleeps in `poll` until the packets come or the bound passes.
     Sleep,
@@ -115,9 +115,11 @@ pub struct Counters {
     pub quarantined: u64,
     pub syncs: u64,
     /// Waits for acked fabric senders (see `Server::gather_fabric`) that ended with every
-    /// expected packet in, and that ran out first.
+    /// expected packet in, that ran out first, and that spun rather than slept (a wait cut short
+    /// by a connection waiting for admission is neither met nor ran out).
     pub fabric_gathers_met: u64,
     pub fabric_gathers_ran_out: u64,
+    pub fabric_gathers_spun: u64,
     pub read_repairs: u64,
     pub backpressure_events: u64,
     pub errors: u64,
