@@ -73,12 +73,15 @@ fn a_full_volume_gives_senders_a_clear_errno_and_traffic_resumes_when_space_retu
     let mut fabric = Fabric::new("volume-full");
     let disk = SmallDisk::mount(&fabric.volume, "16m");
     fabric.start_server();
-    let receiver = Receiver::start(&fabric, 7900);
     // Enough bytes that the sender is still sending when the disk fills up, whatever its speed: a
     // local outbox log writes up to 1 MiB of zeros ahead of itself, and sends into that space
     // still succeed after the fill (20,000 bare datagrams fit there, and a CI run saw all of them
     // succeed). 20,000 of 256 B are about 5.5 MiB, several times what can be reserved, and less
     // than a log segment, so no drained segment is deleted to give space back.
+    // The receiver starts only once the space is back: a receiver deletes the inbox files it has
+    // read, and on a full tmpfs each page it frees lets the sender append a few more datagrams
+    // (a CI run saw all 20,000 succeed after the fill, most likely that way: the server and the
+    // sender taking turns at the pages the receiver freed).
     let count = 20_000;
     let pad = 256;
     let mut sender = Sender::start(&fabric, 7900, "v", count, pad);
@@ -99,6 +102,7 @@ fn a_full_volume_gives_senders_a_clear_errno_and_traffic_resumes_when_space_retu
         fabric.node_log("a")
     );
     std::fs::remove_file(&filler).unwrap();
+    let receiver = Receiver::start(&fabric, 7900);
     assert!(sender.proc.wait_exit(Duration::from_secs(120)), "traffic did not resume");
     let acknowledged = sender.acknowledged();
     assert_eq!(acknowledged.len(), count);
