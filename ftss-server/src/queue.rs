@@ -137,6 +137,10 @@ pub enum QueueError {
     /// packet) in each: its bytes are bad, and no retry will change that.
     #[error("packet at segment {segment} offset {offset} is damaged in every mirror: {reason}")]
     Damaged { segment: u64, offset: u64, reason: String },
+    /// A sync made on the way (by a delivery recording its outcome) failed and threw away this
+    /// group's records with its own: nothing of the group may be acked.
+    #[error("an earlier sync in this cycle failed and rolled the group back")]
+    RolledBack,
     /// Another instance fenced the queue at a later epoch: this one is deposed.
     #[error("the queue is fenced at epoch {fenced}, not below this instance's {epoch}: another instance took over")]
     Deposed { epoch: u64, fenced: u64 },
@@ -278,6 +282,8 @@ pub struct Queue {
     formats: BTreeMap<u64, Format>,
     /// Mirror failures counted so far (see the module notes), as in every healthy mirror's file.
     events: u64,
+    /// Appends thrown away by a failed sync, counted: see [`Queue::rollbacks`].
+    rollbacks: u64,
 }
 
 /// Bytes kept of the last syncs (up to twice this between trims).
@@ -795,6 +801,7 @@ impl Queue {
             rotation_failing: false,
             formats,
             events,
+            rollbacks: 0,
         };
         for (index, failure) in failures.iter().enumerate() {
             if let Some(reason) = failure {
@@ -1004,6 +1011,14 @@ impl Queue {
     }
 
     /// Has anything been appended since the last sync?
+    /// How many times a failed sync threw away the appends it was given. A caller that appended
+    /// records and then let other code sync (and perhaps fail) before its own sync compares this
+    /// before and after: if it moved, its records are gone, though its own sync finds nothing
+    /// left to write and succeeds.
+    pub fn rollbacks(&self) -> u64 {
+        self.rollbacks
+    }
+
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
     }
@@ -1109,6 +1124,7 @@ impl Queue {
     /// never acked (done records among them, which would then retire packets whose receipt
     /// failed). A mirror that cannot be cut back fails: its segment no longer matches the others.
     fn roll_back(&mut self, committed: u64) {
+        self.rollbacks += 1;
         self.pending.clear();
         self.pending_records = 0;
         for index in self.healthy().collect::<Vec<_>>() {

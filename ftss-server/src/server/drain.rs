@@ -222,7 +222,8 @@ impl Server {
         }
     }
 
-    /// The group is durable: index its packets, ack them, remove the outbox files.
+    /// The group is durable: index its packets, ack them, remove the outbox files. (Those from
+    /// fabric connections were acked already, first thing after the sync: see `Server::store`.)
     pub(super) fn complete_drain(&mut self, mut group: DrainGroup) -> Result<usize, fsbridge::SpoolError> {
         let total = group.packets().count();
         let fresh = group.locations.iter().flatten().count();
@@ -244,8 +245,6 @@ impl Server {
                 }
             }
         }
-        self.ack_fabric(&group.from_fabric);
-        self.expect_fabric(group.from_fabric.iter().map(|taken| taken.packets.len()).sum());
         // Log cursors first: they are durable already, and an error removing outbox files below
         // must not leave the in-memory cursors behind the queue's.
         for batch in &group.drained {

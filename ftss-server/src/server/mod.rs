@@ -157,6 +157,8 @@ pub struct Server {
     early_aborted_order: VecDeque<PacketId>,
     /// Packets this cycle wrote out ahead of its sync, counted against the cycle's delivery bound.
     delivered_ahead: usize,
+    /// This cycle's deliveries, made before its sync (the receivers work while it runs).
+    delivered_before_sync: Option<Result<usize, QueueError>>,
 }
 
 /// What the next group commit waits for, up to a deadline: the fabric packets queued when the
@@ -344,7 +346,11 @@ impl Server {
         self.ring_bells();
         self.clock.add(CycleStep::Complete, announcing);
         let delivering = Instant::now();
-        match self.deliver() {
+        let delivered = match self.delivered_before_sync.take() {
+            Some(delivered) => delivered,
+            None => self.deliver(),
+        };
+        match delivered {
             Ok(count) => work += count,
             Err(error) => self.report("delivering", error),
         }
@@ -406,6 +412,7 @@ impl Server {
     /// released. Returns how much was done.
     fn store(&mut self) -> usize {
         let gathering = Instant::now();
+        let gathered = self.gather.is_some();
         self.gather_fabric();
         self.clock.add(CycleStep::Gather, gathering);
         let reading = Instant::now();
@@ -419,15 +426,29 @@ impl Server {
             None
         });
         let appended = drain.is_some() || receipts.as_ref().is_some_and(|group| !group.done.is_empty());
+        // Whatever syncs the queue before this group's own sync (a delivery that records its
+        // outcome) syncs the group with it; if that sync fails, the group's records are gone.
+        let rollbacks = self.queue.rollbacks();
         self.clock.add(CycleStep::Read, reading);
         if let Some(group) = drain.as_mut() {
             let delivering = Instant::now();
             self.deliver_early(group);
             self.clock.add(CycleStep::DeliverEarly, delivering);
         }
+        // With fabric senders waiting on this group, the cycle's deliveries (of packets stored
+        // earlier) go out before its sync: their receivers run while the sync does, not while
+        // those senders turn round after their acks, on the same CPUs.
+        if appended && gathered {
+            let delivering = Instant::now();
+            self.delivered_before_sync = Some(self.deliver());
+            self.clock.add(CycleStep::Deliver, delivering);
+        }
         if appended {
             let syncing = Instant::now();
-            let synced = self.sync_queue();
+            let mut synced = self.sync_queue();
+            if synced.is_ok() && self.queue.rollbacks() != rollbacks {
+                synced = Err(QueueError::RolledBack);
+            }
             self.clock.add(CycleStep::Sync, syncing);
             if let Err(error) = &synced {
                 self.push_back(format!("queue: {error}"));
@@ -443,6 +464,13 @@ impl Server {
             }
         }
         let completing = Instant::now();
+        if let Some(group) = drain.as_ref() {
+            // Fabric senders waiting for their "stored" ack are the next group: they get it before
+            // any of the cycle's bookkeeping (receipts, the index), which needs nothing from them.
+            // The next cycle's duplicate check runs after that bookkeeping, in this thread.
+            self.ack_fabric(&group.from_fabric);
+            self.expect_fabric(group.from_fabric.iter().map(|taken| taken.packets.len()).sum());
+        }
         let mut work = 0;
         if let Some(group) = receipts {
             match self.complete_receipts(group) {

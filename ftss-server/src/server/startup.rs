@@ -75,6 +75,7 @@ impl Server {
             early_aborted: HashMap::default(),
             early_aborted_order: VecDeque::new(),
             delivered_ahead: 0,
+            delivered_before_sync: None,
         };
         server.replay(recovered);
         // Stretches of the queue recovery found damaged (now skipped) are kept for the operator.

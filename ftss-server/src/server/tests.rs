@@ -707,3 +707,60 @@ fn the_wait_for_fabric_senders_spins_until_three_in_a_row_ran_out() {
     assert!(!gather_spins(GatherWait::Spin, u32::MAX));
     assert!(!gather_spins(GatherWait::Sleep, 0));
 }
+
+/// With fabric senders waiting on a group, the cycle's deliveries go out before the group's sync.
+/// A delivery through the gateway records its outcome with a sync of its own, which takes the
+/// group's records with it; when that sync fails, they are rolled back with its own. The group
+/// must then count as not stored (its own sync, finding nothing left to write, succeeds): nothing
+/// acked, the outbox file kept, and the packets stored by a later cycle, as a restart shows.
+#[test]
+fn a_delivery_sync_that_fails_before_the_group_sync_leaves_the_group_unacked() {
+    use fsbridge::disk::sim::Call;
+    let mut world = SimWorld::new();
+    let config = config(&world.dir);
+    let poll_us = config.poll.as_micros() as u64;
+    let mut server = Server::open(config.clone()).unwrap();
+    register_a_and_b(&server.volume);
+    let segment = world.disk.files_in(&world.dir.join("queue"))[0].0.clone();
+    let a = NodeName::new("a").unwrap();
+    // A datagram for an address outside the fabric (the gateway's; loopback here).
+    let header = BatchHeader { kind: BatchKind::Packets, node: a.clone(), epoch: 7, batch_seq: 1, flags: 0 };
+    let mut encoder = BatchEncoder::new(&header);
+    let external = PacketId { origin: a.clone(), epoch: 7, seq: 1001 };
+    encoder.push(&Record::Packet(Packet {
+        id: external.clone(),
+        source: "10.77.0.1:5000".parse().unwrap(),
+        destination: "127.0.0.1:9".parse().unwrap(),
+        sent_unix_us: 1,
+        payload: vec![b'x'; 10],
+    }));
+    server.volume.outbox(&a).publish(&batch_file_name(7, 1, "pkt"), &encoder.finish()).unwrap();
+    // The cycles of a closed loop of fabric senders (each acked the last cycle's).
+    let gathering = |server: &mut Server| server.gather = Some(Gather { expected: 0, until: Instant::now() });
+    gathering(&mut server);
+    server.cycle();
+    // Stored, and not sent yet (sent, it would be done and out of the index).
+    assert_eq!(server.index.len(), 1, "the gateway's datagram was not stored, or went out in the cycle that stored it");
+
+    let outbox = outbox_batch(&server.volume, 2, 3);
+    world.disk.fail_next(&segment, Call::Sync, libc::ENOSPC);
+    world.tick(poll_us);
+    gathering(&mut server);
+    server.cycle();
+    assert!(world.disk.peek(&outbox).is_some(), "the outbox file went (acked) though its records were rolled back");
+    assert!(server.commit_failed, "the rolled-back group commit does not count as failed");
+    for seq in 2001..=2003 {
+        let id = PacketId { origin: a.clone(), epoch: 7, seq };
+        assert!(!server.index.seen(&id), "packet {seq}, rolled back, is indexed as stored");
+    }
+
+    world.tick(poll_us);
+    server.cycle();
+    assert!(world.disk.peek(&outbox).is_none(), "the outbox file was not acked once its packets were durable");
+    drop(server);
+    let server = Server::open(config).unwrap();
+    for seq in 2001..=2003 {
+        let id = PacketId { origin: a.clone(), epoch: 7, seq };
+        assert!(server.index.seen(&id), "packet {seq} was acked and is not in the queue after a restart");
+    }
+}
