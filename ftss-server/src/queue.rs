@@ -1010,7 +1010,6 @@ impl Queue {
         Location { segment: self.active_segment, offset, length: (self.pending.len() - start) as u32 }
     }
 
-    /// Has anything been appended since the last sync?
     /// How many times a failed sync threw away the appends it was given. A caller that appended
     /// records and then let other code sync (and perhaps fail) before its own sync compares this
     /// before and after: if it moved, its records are gone, though its own sync finds nothing
@@ -1019,6 +1018,7 @@ impl Queue {
         self.rollbacks
     }
 
+    /// Has anything been appended since the last sync?
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
     }

@@ -9,13 +9,17 @@
 //! - `read`: planning the volume's reads, draining outboxes, logs and fabric connections, taking
 //!   receipts, and appending their records to the queue;
 //! - `deliver_early`: inbox files written before the sync (`Server::deliver_early`);
+//! - `deliver`, in a cycle that waited for fabric senders and has something to store: the
+//!   cycle's deliveries (inbox files, fabric frames, the gateway), made before its sync (see
+//!   `Server::store`);
 //! - `sync`: the group commit of the cycle's packets and receipts (the write of what was
 //!   appended and the `fdatasync` of every mirror). The other syncs (dead letters, log cursors,
 //!   gateway egress records) fall in the step they are part of; `ftss_sync_seconds` counts them
-//!   all;
+//!   all. One of those made by a delivery before the sync writes the group's records too, and
+//!   leaves this step little to do;
 //! - `complete`: after that sync: acks, the index, receipts applied, outbox files removed, and the
 //!   bells rung for the acks;
-//! - `deliver`: deliveries after the sync (inbox files, fabric frames, the gateway);
+//! - `deliver`, in the other cycles: the deliveries, after the sync;
 //! - `other`: the rest of the cycle: volume events, the node registry, fabric admissions and
 //!   port lists, a failed group's undoing, dead letters, ack files, reclaim, status;
 //! - `idle`: between cycles, waiting for work (not part of a cycle).

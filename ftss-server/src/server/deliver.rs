@@ -32,6 +32,12 @@ impl Server {
         let mut claims: HashMap<(NodeName, u16), HashSet<String>> = HashMap::default();
         let mut over_fabric: HashMap<(NodeName, u16), bool> = HashMap::default();
         for key in self.index.due_again(now, self.config.redeliver_after, DELIVER_PACKETS_PER_CYCLE_MAX) {
+            if self.receipted_unsynced.contains(&key) {
+                // Receipted this cycle, not yet durably: no copy goes out; it is done once the
+                // receipt is, and due again later if the receipt is lost with a failed sync.
+                self.index.postpone(key, now);
+                continue;
+            }
             let (entry, file) = self.index.in_flight(key).expect("due packets are in flight");
             let port = entry.destination.port();
             let Some(node) = self.registry.node(entry.destination.ip()).cloned() else {
@@ -96,7 +102,7 @@ impl Server {
                 IN_FLIGHT_PER_PORT_MAX,
                 &held,
             );
-            for (key, entry) in next {
+            for (key, entry) in next.into_iter().filter(|(key, _)| !self.receipted_unsynced.contains(key)) {
                 due.entry((node.clone(), entry.destination.port())).or_default().push((key, entry));
                 *count += 1;
             }
@@ -236,7 +242,9 @@ impl Server {
     /// delivered early). Fabric senders always wait, so this is the volume's traffic and the
     /// gateway's. And only for a port with no older packet waiting (the order per port stays the
     /// store order, up to the first packet that must wait), with room in flight, its inbox not
-    /// backlogged and no fabric connection for it. The rest goes the usual way after the sync.
+    /// backlogged and no fabric connection for it. The rest goes the usual way: after the sync,
+    /// or, in a cycle that waited for fabric senders, in the next cycle's deliveries before its
+    /// sync (see `Server::store`).
     pub(super) fn deliver_early(&mut self, group: &mut DrainGroup) {
         // Not after a failed commit (until one succeeds), and not by an instance that may no
         // longer act (its successor delivers, in its own order).
@@ -314,7 +322,7 @@ impl Server {
                 packets.push((packet.id.clone(), entry(packet, location, group.stored_unix_us)));
             }
             if !self.publish_inbox_file(&node, port, file_seq, &encoder.finish()) {
-                // Delivered after the sync, the usual way.
+                // Delivered the usual way (see `deliver_early`'s notes).
                 continue;
             }
             *ahead.entry(ip).or_default() += packets.len();

@@ -208,7 +208,8 @@ impl Server {
         }
     }
 
-    /// The cycle's sync failed: nothing of the group is durable. No ack; the outbox files stay and
+    /// The cycle's sync failed (or an earlier sync in the cycle, which rolled the group's records
+    /// back with its own: see `Server::store`): nothing of the group is durable. No ack; the outbox files stay and
     /// are listed again (in order) next cycle; fabric frames go back in front of their
     /// connections' queues, in order; gateway arrivals are kept for the next cycle.
     pub(super) fn abort_drain(&mut self, group: DrainGroup) {

@@ -159,6 +159,8 @@ pub struct Server {
     delivered_ahead: usize,
     /// This cycle's deliveries, made before its sync (the receivers work while it runs).
     delivered_before_sync: Option<Result<usize, QueueError>>,
+    /// While those deliveries are made: the packets whose receipts the cycle's group takes.
+    receipted_unsynced: HashSet<Key>,
 }
 
 /// What the next group commit waits for, up to a deadline: the fabric packets queued when the
@@ -341,7 +343,8 @@ impl Server {
             // Found at the group commit: it writes out nothing more.
             return false;
         }
-        // "stored" acks are announced before the cycle spends time delivering.
+        // "stored" acks are announced before the cycle spends time delivering (in a cycle that
+        // delivered before its sync, there is nothing left to deliver).
         let announcing = Instant::now();
         self.ring_bells();
         self.clock.add(CycleStep::Complete, announcing);
@@ -409,12 +412,17 @@ impl Server {
 
     /// Drains new packets and takes receipts with one group commit for both: every record of the
     /// cycle is appended, then one sync, and only then are packets acked and receipted ones
-    /// released. Returns how much was done.
+    /// released. Deliveries made before that sync (see below) may sync the queue on their own
+    /// way, and so the group with them; the group counts as stored only if no sync rolled the
+    /// queue back meanwhile. Returns how much was done.
     fn store(&mut self) -> usize {
         let gathering = Instant::now();
         let gathered = self.gather.is_some();
         self.gather_fabric();
         self.clock.add(CycleStep::Gather, gathering);
+        // Whatever syncs the queue before this group's own sync (a delivery that records its
+        // outcome) syncs the group with it; if that sync fails, the group's records are gone.
+        let rollbacks = self.queue.rollbacks();
         let reading = Instant::now();
         let plan = self.volume_plan();
         let mut drain = self.stage_drain(&plan).unwrap_or_else(|error| {
@@ -426,9 +434,6 @@ impl Server {
             None
         });
         let appended = drain.is_some() || receipts.as_ref().is_some_and(|group| !group.done.is_empty());
-        // Whatever syncs the queue before this group's own sync (a delivery that records its
-        // outcome) syncs the group with it; if that sync fails, the group's records are gone.
-        let rollbacks = self.queue.rollbacks();
         self.clock.add(CycleStep::Read, reading);
         if let Some(group) = drain.as_mut() {
             let delivering = Instant::now();
@@ -437,10 +442,20 @@ impl Server {
         }
         // With fabric senders waiting on this group, the cycle's deliveries (of packets stored
         // earlier) go out before its sync: their receivers run while the sync does, not while
-        // those senders turn round after their acks, on the same CPUs.
-        if appended && gathered {
+        // those senders turn round after their acks, on the same CPUs. Not by an instance that
+        // may no longer act (its successor delivers), and none of the packets whose receipts
+        // this group takes (the receiver has them; they are done once the receipts are durable).
+        if appended && gathered && self.may_act() {
             let delivering = Instant::now();
+            if let Some(group) = &receipts {
+                let done = group.done.iter().filter_map(|id| self.index.key(id));
+                let requeued = group.requeued.iter().flat_map(|(_, keys)| keys.iter().copied());
+                self.receipted_unsynced = done.chain(requeued).collect();
+            }
             self.delivered_before_sync = Some(self.deliver());
+            self.receipted_unsynced.clear();
+            // Receivers of inbox files are told now, not after the sync.
+            self.ring_bells();
             self.clock.add(CycleStep::Deliver, delivering);
         }
         if appended {

@@ -76,6 +76,7 @@ impl Server {
             early_aborted_order: VecDeque::new(),
             delivered_ahead: 0,
             delivered_before_sync: None,
+            receipted_unsynced: HashSet::default(),
         };
         server.replay(recovered);
         // Stretches of the queue recovery found damaged (now skipped) are kept for the operator.

@@ -78,12 +78,17 @@ fn outbox_batch(volume: &Volume, batch: u64, count: u64) -> PathBuf {
 /// An outbox batch of node `from` (a or b) with `count` packets for the other node's port 9000
 /// (epoch 7, ids `batch * 1000 + 1…`).
 fn packet_batch(from: &str, batch: u64, count: u64) -> Vec<u8> {
+    packet_batch_with_flags(from, batch, count, 0)
+}
+
+/// [`packet_batch`] with the header's `flags` (whether the sender wants acks).
+fn packet_batch_with_flags(from: &str, batch: u64, count: u64, flags: u8) -> Vec<u8> {
     let node = NodeName::new(from).unwrap();
     let (source, destination) = match from {
         "a" => ("10.77.0.1:5000", "10.77.0.2:9000"),
         _ => ("10.77.0.2:5000", "10.77.0.1:9000"),
     };
-    let header = BatchHeader { kind: BatchKind::Packets, node: node.clone(), epoch: 7, batch_seq: batch, flags: 0 };
+    let header = BatchHeader { kind: BatchKind::Packets, node: node.clone(), epoch: 7, batch_seq: batch, flags };
     let mut encoder = BatchEncoder::new(&header);
     for seq in batch * 1000 + 1..=batch * 1000 + count {
         encoder.push(&Record::Packet(Packet {
@@ -735,9 +740,7 @@ fn a_delivery_sync_that_fails_before_the_group_sync_leaves_the_group_unacked() {
         payload: vec![b'x'; 10],
     }));
     server.volume.outbox(&a).publish(&batch_file_name(7, 1, "pkt"), &encoder.finish()).unwrap();
-    // The cycles of a closed loop of fabric senders (each acked the last cycle's).
-    let gathering = |server: &mut Server| server.gather = Some(Gather { expected: 0, until: Instant::now() });
-    gathering(&mut server);
+    after_acking_fabric_senders(&mut server);
     server.cycle();
     // Stored, and not sent yet (sent, it would be done and out of the index).
     assert_eq!(server.index.len(), 1, "the gateway's datagram was not stored, or went out in the cycle that stored it");
@@ -745,7 +748,7 @@ fn a_delivery_sync_that_fails_before_the_group_sync_leaves_the_group_unacked() {
     let outbox = outbox_batch(&server.volume, 2, 3);
     world.disk.fail_next(&segment, Call::Sync, libc::ENOSPC);
     world.tick(poll_us);
-    gathering(&mut server);
+    after_acking_fabric_senders(&mut server);
     server.cycle();
     assert!(world.disk.peek(&outbox).is_some(), "the outbox file went (acked) though its records were rolled back");
     assert!(server.commit_failed, "the rolled-back group commit does not count as failed");
@@ -763,4 +766,69 @@ fn a_delivery_sync_that_fails_before_the_group_sync_leaves_the_group_unacked() {
         let id = PacketId { origin: a.clone(), epoch: 7, seq };
         assert!(server.index.seen(&id), "packet {seq} was acked and is not in the queue after a restart");
     }
+}
+
+/// Makes the server's next cycle one of a closed loop of fabric senders: it waits for the senders
+/// the last cycle acked (none here: the server has no fabric), and delivers before its sync.
+fn after_acking_fabric_senders(server: &mut Server) {
+    server.gather = Some(Gather { expected: 0, until: Instant::now() });
+}
+
+/// An instance that finds at its group commit that it may no longer act delivers nothing more:
+/// its successor delivers, in its own order. That holds for the deliveries a cycle with fabric
+/// senders makes before its sync as for those made after it.
+#[test]
+fn a_deposed_instance_delivers_nothing_before_its_group_commit_either() {
+    let (mut world, mut server, poll_us) = sim_server_after_one_cycle();
+    // From a sender that waits for its acks, so not written out ahead of the sync.
+    let bytes = packet_batch_with_flags("a", 1, 3, fsbridge::format::FLAG_WANTS_ACKS);
+    let a = NodeName::new("a").unwrap();
+    server.volume.outbox(&a).publish(&batch_file_name(7, 1, "pkt"), &bytes).unwrap();
+    world.tick(poll_us);
+    after_acking_fabric_senders(&mut server);
+    server.cycle();
+    assert_eq!(server.index.len(), 3);
+    assert_eq!(server.counters.delivered, 0, "delivered in the cycle that stored them, with fabric senders waiting");
+
+    let outbox = outbox_batch(&server.volume, 2, 3);
+    server.set_gate(|| false);
+    world.tick(poll_us);
+    after_acking_fabric_senders(&mut server);
+    server.cycle();
+    assert!(server.deposed());
+    assert!(world.disk.peek(&outbox).is_some(), "a deposed instance acked an outbox file");
+    assert_eq!(server.counters.delivered, 0, "a deposed instance delivered");
+    assert!(inbox_packets(&server.volume, "b").is_empty(), "a deposed instance wrote an inbox file");
+}
+
+/// A cycle with fabric senders delivers before its sync, while the receipts it took wait for that
+/// sync to be applied. A packet whose receipt is among them must not go out again meanwhile,
+/// though its redelivery is due: the receiver has it, and a second copy could reach a sibling
+/// process on the same port, whose duplicate filter is not the first one's.
+#[test]
+fn a_packet_receipted_in_the_cycle_is_not_delivered_again_before_its_receipt_is_durable() {
+    let (mut world, mut server, poll_us) = sim_server_after_one_cycle();
+    outbox_batch(&server.volume, 1, 3);
+    world.tick(poll_us);
+    server.cycle();
+    assert_eq!(inbox_packets(&server.volume, "b"), vec![ids_1001_to_1003()]);
+    // The receiver took the file, and its receipts come late, after the redelivery time.
+    let b = NodeName::new("b").unwrap();
+    let inbox = server.volume.inbox(&b, 9000);
+    for name in fsbridge::disk::read_dir_names(inbox.new_dir()).unwrap() {
+        fsbridge::disk::remove_file(inbox.new_dir().join(name)).unwrap();
+    }
+    world.tick(server.config.redeliver_after.as_micros() as u64 + poll_us);
+    let header = BatchHeader { kind: BatchKind::Receipts, node: b.clone(), epoch: 9, batch_seq: 1, flags: 0 };
+    let mut encoder = BatchEncoder::new(&header);
+    for id in ids_1001_to_1003() {
+        encoder.push(&Record::Receipt(id));
+    }
+    server.volume.receipts(&b).publish(&batch_file_name(9, 1, "rcpt"), &encoder.finish()).unwrap();
+    after_acking_fabric_senders(&mut server);
+    server.cycle();
+    assert_eq!(server.counters.receipted, 3);
+    assert_eq!(server.counters.redelivered, 0, "receipted packets were delivered again");
+    assert!(inbox_packets(&server.volume, "b").is_empty(), "a receipted packet went out again");
+    assert_eq!(server.index.len(), 0);
 }
