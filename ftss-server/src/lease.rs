@@ -138,7 +138,8 @@ impl Lease {
     }
 
     /// May this instance still act (ack, remove, rotate)? Its term has not run out by its own
-    /// clock, and no later epoch exists. Asked after every group commit.
+    /// clock, and no later epoch exists. Asked after every group commit, and before a cycle's
+    /// deliveries ahead of its sync.
     pub fn still_acting(&self) -> bool {
         self.valid() && !self.superseded()
     }

@@ -23,8 +23,9 @@ impl Server {
         }
     }
 
-    /// Packets whose redelivery came due, per (node, port), except those still waiting in an inbox
-    /// or held claimed by a live receiver (postponed).
+    /// Packets whose redelivery came due, per (node, port), except those still waiting in an inbox,
+    /// held claimed by a live receiver, or receipted by the group whose sync is still to come
+    /// (`receipted_unsynced`; all postponed).
     pub(super) fn redeliveries_due(&mut self, now: Time) -> Due {
         let mut due = Due::new();
         let mut still_in_inbox: HashMap<(NodeName, u16, u64), bool> = HashMap::default();
@@ -70,7 +71,9 @@ impl Server {
     }
 
     /// Adds packets not delivered yet (within the cycle's and the in-flight bounds) to `due`, and
-    /// sends those for external addresses through the gateway. Returns the last error.
+    /// sends those for external addresses through the gateway. Returns the last error. Packets
+    /// receipted by the group whose sync is still to come (requeued ones: their receiver had them
+    /// before a restart) stay where they are, done once that sync is.
     pub(super) fn first_deliveries_due(&mut self, due: &mut Due, count: &mut usize) -> Option<QueueError> {
         let mut failure = None;
         for destination in self.index.destinations() {
@@ -247,8 +250,8 @@ impl Server {
     /// sync (see `Server::store`).
     pub(super) fn deliver_early(&mut self, group: &mut DrainGroup) {
         // Not after a failed commit (until one succeeds), and not by an instance that may no
-        // longer act (its successor delivers, in its own order).
-        if self.commit_failed || !self.may_act() {
+        // longer act (its successor delivers, in its own order; `store` asked the gate).
+        if self.commit_failed || self.deposed {
             return;
         }
         // Per packet of the group (in its order): does its sender wait for its ack?

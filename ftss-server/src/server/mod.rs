@@ -77,8 +77,9 @@ pub struct Server {
     node_errors: HashMap<NodeName, BTreeMap<NodeStep, String>>,
     /// When each address with packets queued and no owner was found so (the hold counts from then).
     holds: Holds,
-    /// Asked after every group commit, before anything is acked or removed: may this instance still
-    /// act? (With `--ha`: does it still hold the lease?) Once it says no, the server stops.
+    /// Asked after every group commit, before anything is acked or removed, and once before a
+    /// cycle's deliveries ahead of its sync: may this instance still act? (With `--ha`: does it
+    /// still hold the lease?) Once it says no, the server stops.
     gate: Option<Box<dyn FnMut() -> bool>>,
     deposed: bool,
     /// Outbox names listed but not yet drained, per node, in name order.
@@ -196,7 +197,8 @@ fn entry(packet: &Packet, location: Location, stored_unix_us: u64) -> Entry {
 }
 
 impl Server {
-    /// Sets the gate asked after every group commit (see the field).
+    /// Sets the gate asked after every group commit and before deliveries ahead of one (see the
+    /// field).
     pub fn set_gate(&mut self, gate: impl FnMut() -> bool + 'static) {
         self.gate = Some(Box::new(gate));
     }
@@ -435,6 +437,12 @@ impl Server {
         });
         let appended = drain.is_some() || receipts.as_ref().is_some_and(|group| !group.done.is_empty());
         self.clock.add(CycleStep::Read, reading);
+        let deliver_first = appended && gathered;
+        // Before anything goes out ahead of the sync: once a cycle, as each ask may read the
+        // volume (the lease, with `--ha`).
+        if drain.is_some() || deliver_first {
+            self.may_act();
+        }
         if let Some(group) = drain.as_mut() {
             let delivering = Instant::now();
             self.deliver_early(group);
@@ -444,13 +452,13 @@ impl Server {
         // earlier) go out before its sync: their receivers run while the sync does, not while
         // those senders turn round after their acks, on the same CPUs. Not by an instance that
         // may no longer act (its successor delivers), and none of the packets whose receipts
-        // this group takes (the receiver has them; they are done once the receipts are durable).
-        if appended && gathered && self.may_act() {
+        // this group takes (the receiver has them; they are done once the receipts are durable;
+        // the requeued ones are among `done`).
+        if deliver_first && !self.deposed {
             let delivering = Instant::now();
             if let Some(group) = &receipts {
                 let done = group.done.iter().filter_map(|id| self.index.key(id));
-                let requeued = group.requeued.iter().flat_map(|(_, keys)| keys.iter().copied());
-                self.receipted_unsynced = done.chain(requeued).collect();
+                self.receipted_unsynced.extend(done);
             }
             self.delivered_before_sync = Some(self.deliver());
             self.receipted_unsynced.clear();

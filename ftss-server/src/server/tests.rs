@@ -774,9 +774,9 @@ fn after_acking_fabric_senders(server: &mut Server) {
     server.gather = Some(Gather { expected: 0, until: Instant::now() });
 }
 
-/// An instance that finds at its group commit that it may no longer act delivers nothing more:
-/// its successor delivers, in its own order. That holds for the deliveries a cycle with fabric
-/// senders makes before its sync as for those made after it.
+/// An instance that may no longer act delivers nothing more: its successor delivers, in its own
+/// order. A cycle with fabric senders asks the gate before the deliveries it makes ahead of its
+/// sync, as before writing packets out early, and makes none once the answer is no.
 #[test]
 fn a_deposed_instance_delivers_nothing_before_its_group_commit_either() {
     let (mut world, mut server, poll_us) = sim_server_after_one_cycle();
